@@ -6,5 +6,13 @@ from qcompile.numerics.dyadic import (
     requantize,
     rounding_shift,
 )
+from qcompile.numerics.specs import pack_int4, unpack_int4
 
-__all__ = ["MultiplierRangeError", "quantize_multiplier", "requantize", "rounding_shift"]
+__all__ = [
+    "MultiplierRangeError",
+    "pack_int4",
+    "quantize_multiplier",
+    "requantize",
+    "rounding_shift",
+    "unpack_int4",
+]
