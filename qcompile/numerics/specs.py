@@ -10,6 +10,8 @@ per byte for the kernels.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 # ---------------------------------------------------------------------------------------
@@ -54,3 +56,226 @@ def unpack_int4(p: torch.Tensor) -> torch.Tensor:
     hi = hi - ((hi & 0x8) << 1)
     out = torch.stack((lo, hi), dim=-1)  # [..., K // 2, 2]
     return out.reshape(*p.shape[:-1], p.shape[-1] * 2).to(torch.int8)
+
+
+# ---------------------------------------------------------------------------------------
+# QuantSpec
+# ---------------------------------------------------------------------------------------
+
+GRANULARITIES = ("per_tensor", "per_channel", "per_token", "per_group")
+
+# Smallest scale compute_qparams returns (the float32 machine epsilon, as PyTorch's
+# observers use): an all-zero tensor or channel still gets a finite, invertible scale.
+SCALE_EPS = float(torch.finfo(torch.float32).eps)
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one tensor is quantized.
+
+    Integer range (both modes): the full signed range [-2**(b-1), 2**(b-1) - 1].
+      symmetric:  zero_point = 0, scale = absmax / (2**(b-1) - 1). Observed values map into
+                  [-qmax, qmax]; the extra code qmin = -2**(b-1) is only reached by values
+                  beyond the calibrated range (they clamp to it rather than to -qmax).
+      asymmetric: scale = (max - min) / (qmax - qmin) over a range stretched to include 0,
+                  zero_point = qmin - round(min / scale), in [qmin, qmax], so 0.0 is exact.
+    Granularity and the shape of scale / zero_point for x [..., K]:
+      per_tensor:  []                         one pair for the tensor
+      per_channel: [x.shape[axis]]            axis 0 of a weight [N, K] = output channels
+      per_token:   x.shape[:-1]               one pair per row (all dims but the last)
+      per_group:   x.shape[:-1] + (K // g,)   groups of group_size along the last dim
+    Storage: int8 tensors for every bits <= 8 (int4 values in [-8, 7] until pack_int4).
+    """
+
+    bits: int = 8
+    symmetric: bool = True
+    granularity: str = "per_tensor"
+    group_size: int | None = None
+    axis: int = 0  # only for per_channel: the channel axis of the quantized tensor
+
+    def __post_init__(self):
+        if not 2 <= self.bits <= 8:
+            raise ValueError(f"QuantSpec.bits must be in 2..8 (int8 storage), got {self.bits}")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(
+                f"unknown granularity {self.granularity!r}; known: {', '.join(GRANULARITIES)}"
+            )
+        if self.granularity == "per_group":
+            if self.group_size is None or self.group_size <= 0:
+                raise ValueError(f"per_group needs a positive group_size, got {self.group_size}")
+        elif self.group_size is not None:
+            raise ValueError(f"group_size is only meaningful for per_group, not {self.granularity}")
+
+    @property
+    def qmin(self) -> int:
+        return -(1 << (self.bits - 1))
+
+    @property
+    def qmax(self) -> int:
+        return (1 << (self.bits - 1)) - 1
+
+
+def weight_spec(bits: int = 8, *, group_size: int | None = None, symmetric: bool = True):
+    """The usual spec for a linear weight [N, K]: per output channel for 8 bits, group-wise
+    (group_size, 128 by default) below 8 bits, where one scale per row loses too much."""
+    if group_size is None and bits < 8:
+        group_size = 128
+    if group_size is None:
+        return QuantSpec(bits=bits, symmetric=symmetric, granularity="per_channel", axis=0)
+    return QuantSpec(bits=bits, symmetric=symmetric, granularity="per_group", group_size=group_size)
+
+
+# ---------------------------------------------------------------------------------------
+# Ranges and quantization parameters
+# ---------------------------------------------------------------------------------------
+
+
+def _channel_axis(x_dim: int, spec: QuantSpec) -> int:
+    axis = spec.axis + x_dim if spec.axis < 0 else spec.axis
+    if not 0 <= axis < x_dim:
+        raise ValueError(f"per_channel axis {spec.axis} is out of range for a {x_dim}-d tensor")
+    return axis
+
+
+def _grouped(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """View x [..., K] as [..., K // g, g]; a clear error when g does not divide K."""
+    k, g = x.shape[-1], spec.group_size
+    if k % g != 0:
+        raise ValueError(f"per_group: group_size {g} does not divide the last dimension {k}")
+    return x.reshape(*x.shape[:-1], k // g, g)
+
+
+def reduce_min_max(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """(min, max) of x in float32, reduced to the scale shape the spec's granularity defines."""
+    x = x.detach().float()
+    if x.numel() == 0:
+        raise ValueError("cannot choose quantization parameters for an empty tensor")
+    if spec.granularity == "per_tensor":
+        return x.amin(), x.amax()
+    if spec.granularity == "per_channel":
+        axis = _channel_axis(x.dim(), spec)
+        flat = x.movedim(axis, 0).reshape(x.shape[axis], -1)  # [C, rest]
+        return flat.amin(dim=1), flat.amax(dim=1)
+    if spec.granularity == "per_token":
+        return x.amin(dim=-1), x.amax(dim=-1)
+    g = _grouped(x, spec)  # [..., G, g]
+    return g.amin(dim=-1), g.amax(dim=-1)
+
+
+def compute_qparams(
+    min_val: torch.Tensor | float, max_val: torch.Tensor | float, spec: QuantSpec
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale float32, zero_point int32) from a range; shapes follow min_val / max_val.
+
+    The range is first stretched to include 0 (so 0.0 quantizes exactly, which zero
+    padding and ReLU outputs need). scale >= SCALE_EPS always.
+    """
+    lo = torch.as_tensor(min_val, dtype=torch.float32).detach().float()
+    hi = torch.as_tensor(max_val, dtype=torch.float32, device=lo.device).detach().float()
+    if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+        raise ValueError("quantization range must be finite (an observer saw inf or NaN)")
+    if (lo > hi).any():
+        raise ValueError("quantization range has min > max (did the observer see any data?)")
+    lo = torch.clamp(lo, max=0.0)
+    hi = torch.clamp(hi, min=0.0)
+    if spec.symmetric:
+        scale = torch.maximum(-lo, hi) / spec.qmax
+        scale = torch.clamp(scale, min=SCALE_EPS)
+        zero_point = torch.zeros_like(scale, dtype=torch.int32)
+    else:
+        scale = (hi - lo) / float(spec.qmax - spec.qmin)
+        scale = torch.clamp(scale, min=SCALE_EPS)
+        zero_point = spec.qmin - torch.round(lo / scale)
+        zero_point = zero_point.clamp(spec.qmin, spec.qmax).to(torch.int32)
+    return scale.float(), zero_point
+
+
+def choose_qparams(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min-max quantization parameters of x itself (weights, dynamic activations)."""
+    return compute_qparams(*reduce_min_max(x, spec), spec)
+
+
+def dynamic_per_token_qparams(
+    x: torch.Tensor, spec: QuantSpec | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (scale, zero_point) of an activation x [..., K], both shaped x.shape[:-1].
+
+    The symmetric case is absmax / qmax per row, which the dynamic-activation kernels
+    compute the same way in float32.
+    """
+    spec = spec or QuantSpec(granularity="per_token")
+    if spec.granularity != "per_token":
+        raise ValueError(f"dynamic_per_token_qparams needs a per_token spec, got {spec}")
+    return choose_qparams(x, spec)
+
+
+def expand_qparam(t: torch.Tensor, x_shape: torch.Size | tuple, spec: QuantSpec) -> torch.Tensor:
+    """Reshape a scale or zero point of the spec's stored shape to broadcast against x_shape."""
+    t = torch.as_tensor(t)
+    ndim = len(x_shape)
+    if spec.granularity == "per_tensor":
+        if t.numel() != 1:
+            raise ValueError(f"per_tensor qparams must have one element, got {tuple(t.shape)}")
+        return t.reshape(())
+    if spec.granularity == "per_channel":
+        axis = _channel_axis(ndim, spec)
+        if t.shape != (x_shape[axis],):
+            raise ValueError(
+                f"per_channel qparams must have shape ({x_shape[axis]},) for axis {spec.axis} "
+                f"of {tuple(x_shape)}, got {tuple(t.shape)}"
+            )
+        return t.reshape([-1 if d == axis else 1 for d in range(ndim)])
+    if spec.granularity == "per_token":
+        if t.shape != tuple(x_shape[:-1]):
+            raise ValueError(
+                f"per_token qparams must have shape {tuple(x_shape[:-1])}, got {tuple(t.shape)}"
+            )
+        return t.unsqueeze(-1)
+    k, g = x_shape[-1], spec.group_size
+    want = (*x_shape[:-1], k // g) if k % g == 0 else None
+    if want is None or t.shape != want:
+        raise ValueError(
+            f"per_group qparams for {tuple(x_shape)} with group_size {g} must have shape "
+            f"{want}, got {tuple(t.shape)}"
+        )
+    return t.repeat_interleave(g, dim=-1)  # [..., K]: group j covers columns j*g .. j*g+g-1
+
+
+# ---------------------------------------------------------------------------------------
+# quantize / dequantize
+# ---------------------------------------------------------------------------------------
+
+
+def quantize(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec
+) -> torch.Tensor:
+    """int8 q = clamp(round(x / scale) + zero_point, qmin, qmax), computed in float32.
+
+    Rounding is torch.round: half to even (what PyTorch and torchao do for float -> int);
+    kernels that quantize floats must divide by the float32 scale and round the same way.
+    (Integer -> integer requantization is different: dyadic.requantize, ties away from 0.)
+    """
+    s = expand_qparam(scale, x.shape, spec).to(device=x.device, dtype=torch.float32)
+    z = expand_qparam(zero_point, x.shape, spec).to(device=x.device, dtype=torch.float32)
+    q = torch.round(x.detach().float() / s) + z
+    return q.clamp(spec.qmin, spec.qmax).to(torch.int8)
+
+
+def dequantize(
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    spec: QuantSpec,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """(q - zero_point) * scale, computed in float32, returned as dtype."""
+    s = expand_qparam(scale, q.shape, spec).to(device=q.device, dtype=torch.float32)
+    z = expand_qparam(zero_point, q.shape, spec).to(device=q.device, dtype=torch.float32)
+    return ((q.float() - z) * s).to(dtype)
+
+
+def fake_quantize(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec
+) -> torch.Tensor:
+    """dequantize(quantize(x)) in x's dtype: the float simulation of a quantized tensor."""
+    return dequantize(quantize(x, scale, zero_point, spec), scale, zero_point, spec, x.dtype)
