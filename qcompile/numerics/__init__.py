@@ -6,6 +6,19 @@ from qcompile.numerics.dyadic import (
     requantize,
     rounding_shift,
 )
+from qcompile.numerics.observers import (
+    OBSERVERS,
+    HessianObserver,
+    MinMaxObserver,
+    MovingAverageMinMaxObserver,
+    MSEObserver,
+    Observer,
+    PercentileObserver,
+    PerChannelAbsMaxObserver,
+    PerChannelMinMaxObserver,
+    RangeObserver,
+    observer_for,
+)
 from qcompile.numerics.specs import (
     SCALE_EPS,
     QuantSpec,
@@ -23,6 +36,17 @@ from qcompile.numerics.specs import (
 )
 
 __all__ = [
+    "OBSERVERS",
+    "HessianObserver",
+    "MinMaxObserver",
+    "MovingAverageMinMaxObserver",
+    "MSEObserver",
+    "Observer",
+    "PercentileObserver",
+    "PerChannelAbsMaxObserver",
+    "PerChannelMinMaxObserver",
+    "RangeObserver",
+    "observer_for",
     "SCALE_EPS",
     "MultiplierRangeError",
     "QuantSpec",

@@ -1,0 +1,423 @@
+"""Calibration observers: they watch activations and turn what they saw into qparams.
+
+Every observer has `update(x)` (x float32 or bf16, any leading dims; called once per
+calibration batch), `stats` (a dict of what it accumulated, for reports) and `count`
+(elements or rows seen). Range observers add `range(spec) -> (min, max)` and
+`qparams(spec) -> (scale, zero_point)`, which always goes through specs.compute_qparams,
+so observers decide a range and never their own rounding or integer range.
+
+Memory is bounded whatever the amount of calibration data: running min/max, a
+fixed-size histogram, a fixed-size uniform sample, or a K x K Hessian.
+Names for `observer_for`: see OBSERVERS at the bottom.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from qcompile.numerics.specs import QuantSpec, compute_qparams, fake_quantize
+
+
+def _as_float(x: torch.Tensor) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:
+        raise TypeError(f"observers take floating-point tensors, got {type(x).__name__}")
+    return x.detach().float()
+
+
+class Observer:
+    """Base: counts what it has seen. Subclasses implement `_update` and `stats`."""
+
+    def __init__(self):
+        self.count = 0
+
+    def update(self, x: torch.Tensor) -> None:
+        x = _as_float(x)
+        if x.numel() == 0:
+            return
+        self._update(x)
+        self.count += x.numel()
+
+    def _update(self, x: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    @property
+    def stats(self) -> dict:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(count={self.count})"
+
+
+class RangeObserver(Observer):
+    """An observer that ends in a quantization range for a per_tensor spec."""
+
+    granularities: tuple[str, ...] = ("per_tensor",)
+
+    def range(self, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def qparams(self, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+        if spec.granularity not in self.granularities:
+            hint = (
+                " (per_token parameters are dynamic: use dynamic_per_token_qparams)"
+                if spec.granularity == "per_token"
+                else ""
+            )
+            raise ValueError(
+                f"{type(self).__name__} gives {'/'.join(self.granularities)} parameters, "
+                f"not {spec.granularity}{hint}"
+            )
+        if self.count == 0:
+            raise RuntimeError(f"{type(self).__name__} has seen no data: run calibration first")
+        return compute_qparams(*self.range(spec), spec)
+
+
+class MinMaxObserver(RangeObserver):
+    """Running min and max over everything seen."""
+
+    def __init__(self):
+        super().__init__()
+        self.min_val: torch.Tensor | None = None
+        self.max_val: torch.Tensor | None = None
+
+    def _update(self, x):
+        lo, hi = x.amin(), x.amax()
+        if self.min_val is None:
+            self.min_val, self.max_val = lo, hi
+        else:
+            self.min_val = torch.minimum(self.min_val, lo)
+            self.max_val = torch.maximum(self.max_val, hi)
+
+    def range(self, spec):
+        return self.min_val, self.max_val
+
+    @property
+    def stats(self):
+        return {"min": self.min_val, "max": self.max_val, "count": self.count}
+
+
+class MovingAverageMinMaxObserver(MinMaxObserver):
+    """Exponential moving average of each batch's min and max (the first batch sets them),
+    so one outlier batch moves the range by only averaging_constant of its excess."""
+
+    def __init__(self, averaging_constant: float = 0.01):
+        super().__init__()
+        if not 0.0 < averaging_constant <= 1.0:
+            raise ValueError(f"averaging_constant must be in (0, 1], got {averaging_constant}")
+        self.averaging_constant = averaging_constant
+
+    def _update(self, x):
+        lo, hi = x.amin(), x.amax()
+        if self.min_val is None:
+            self.min_val, self.max_val = lo, hi
+        else:
+            c = self.averaging_constant
+            self.min_val = self.min_val + c * (lo - self.min_val)
+            self.max_val = self.max_val + c * (hi - self.max_val)
+
+
+class PerChannelMinMaxObserver(RangeObserver):
+    """Min and max per channel of `axis` (reducing over every other dim), for per_channel
+    activation specs; the spec's axis must name the same dim of the quantized tensor."""
+
+    granularities = ("per_channel",)
+
+    def __init__(self, axis: int = -1):
+        super().__init__()
+        self.axis = axis
+        self.min_val: torch.Tensor | None = None
+        self.max_val: torch.Tensor | None = None
+
+    def _channels(self, x: torch.Tensor) -> torch.Tensor:
+        return x.movedim(self.axis, 0).reshape(x.shape[self.axis], -1)  # [C, rest]
+
+    def _update(self, x):
+        flat = self._channels(x)
+        lo, hi = flat.amin(dim=1), flat.amax(dim=1)
+        if self.min_val is None:
+            self.min_val, self.max_val = lo, hi
+        elif lo.shape != self.min_val.shape:
+            raise ValueError(
+                f"{type(self).__name__}: channel count changed from {self.min_val.numel()} "
+                f"to {lo.numel()}"
+            )
+        else:
+            self.min_val = torch.minimum(self.min_val, lo)
+            self.max_val = torch.maximum(self.max_val, hi)
+
+    def range(self, spec):
+        return self.min_val, self.max_val
+
+    @property
+    def stats(self):
+        return {"min": self.min_val, "max": self.max_val, "count": self.count}
+
+
+class PerChannelAbsMaxObserver(PerChannelMinMaxObserver):
+    """max |x| per channel of `axis` (default: the last dim, the input features of a
+    linear). This is the activation statistic SmoothQuant balances against the weights;
+    as a range it is symmetric, [-absmax, absmax]."""
+
+    def _update(self, x):
+        super()._update(x.abs())
+
+    @property
+    def absmax(self) -> torch.Tensor | None:
+        return self.max_val
+
+    def range(self, spec):
+        return -self.max_val, self.max_val
+
+    @property
+    def stats(self):
+        return {"absmax": self.max_val, "count": self.count}
+
+
+class PercentileObserver(RangeObserver):
+    """Clips the range at a percentile of the data, from a fixed-size histogram.
+
+    The histogram covers [-R, R] with `bins` equal bins, R a power of two. When data
+    exceeds R, R grows by a power of two and existing bins merge exactly (old bin edges
+    are new bin edges), so every value seen counts and memory stays `bins` counters.
+    Symmetric specs clip |x| at the percentile; asymmetric ones clip min at
+    (100 - percentile) and max at percentile. Within a bin the value is interpolated.
+    """
+
+    def __init__(self, percentile: float = 99.99, bins: int = 4096):
+        super().__init__()
+        if not 0.0 < percentile <= 100.0:
+            raise ValueError(f"percentile must be in (0, 100], got {percentile}")
+        if bins < 2 or bins % 2:
+            raise ValueError(f"bins must be even and >= 2, got {bins}")
+        self.percentile = percentile
+        self.bins = bins
+        self.radius: float | None = None
+        self.hist: torch.Tensor | None = None  # float64 counts, [bins]
+        self.min_val: torch.Tensor | None = None
+        self.max_val: torch.Tensor | None = None
+
+    def _grow(self, radius: float) -> None:
+        factor = radius / self.radius  # a power of two
+        half = self.bins // 2
+        # Old bin i covers [(i - half) w, (i - half + 1) w); with the new width factor * w it
+        # falls wholly inside new bin floor((i - half) / factor) + half.
+        old = torch.arange(self.bins, device=self.hist.device, dtype=torch.float64)
+        idx = (torch.floor((old - half) / factor) + half).long()
+        merged = torch.zeros_like(self.hist)
+        merged.index_add_(0, idx, self.hist)
+        self.hist, self.radius = merged, radius
+
+    def _update(self, x):
+        lo, hi = x.amin(), x.amax()
+        absmax = max(-float(lo), float(hi))
+        if not math.isfinite(absmax):
+            raise ValueError(f"{type(self).__name__} saw inf or NaN")
+        # The smallest power of two strictly above absmax (1.0 for all-zero data).
+        radius = 2.0 ** math.frexp(absmax)[1] if absmax > 0 else 1.0
+        if self.hist is None:
+            self.hist = torch.zeros(self.bins, dtype=torch.float64, device=x.device)
+            self.radius = radius
+            self.min_val, self.max_val = lo, hi
+        else:
+            if radius > self.radius:
+                self._grow(radius)
+            self.min_val = torch.minimum(self.min_val, lo)
+            self.max_val = torch.maximum(self.max_val, hi)
+        width = 2.0 * self.radius / self.bins
+        idx = torch.floor((x.reshape(-1) + self.radius) / width).long().clamp(0, self.bins - 1)
+        self.hist += torch.bincount(idx, minlength=self.bins).to(torch.float64)
+
+    @staticmethod
+    def _quantile(hist: torch.Tensor, left: float, width: float, fraction: float) -> float:
+        """Value below which `fraction` of the histogram's mass lies, linear within a bin."""
+        cdf = torch.cumsum(hist, 0)
+        target = fraction * float(cdf[-1])
+        i = int(torch.searchsorted(cdf, torch.tensor([target], dtype=cdf.dtype, device=cdf.device)))
+        i = min(i, hist.numel() - 1)
+        before = float(cdf[i - 1]) if i > 0 else 0.0
+        inside = float(hist[i])
+        frac = (target - before) / inside if inside > 0 else 1.0
+        return left + (i + min(max(frac, 0.0), 1.0)) * width
+
+    def range(self, spec):
+        width = 2.0 * self.radius / self.bins
+        p = self.percentile / 100.0
+        if spec.symmetric:
+            half = self.bins // 2
+            # Fold [-R, R] onto |x| in [0, R]: bin half + j and bin half - 1 - j hold |x| in
+            # [j w, (j + 1) w).
+            folded = self.hist[half:] + self.hist[:half].flip(0)
+            a = self._quantile(folded, 0.0, width, p)
+            absmax = max(-float(self.min_val), float(self.max_val))
+            a = torch.tensor(min(a, absmax), dtype=torch.float32, device=self.min_val.device)
+            return -a, a
+        lo = self._quantile(self.hist, -self.radius, width, 1.0 - p)
+        hi = self._quantile(self.hist, -self.radius, width, p)
+        lo = torch.tensor(
+            max(lo, float(self.min_val)), dtype=torch.float32, device=self.min_val.device
+        )
+        hi = torch.tensor(
+            min(hi, float(self.max_val)), dtype=torch.float32, device=self.min_val.device
+        )
+        return lo, hi
+
+    @property
+    def stats(self):
+        return {
+            "min": self.min_val,
+            "max": self.max_val,
+            "percentile": self.percentile,
+            "radius": self.radius,
+            "count": self.count,
+        }
+
+
+class _UniformSample:
+    """A uniform sample without replacement of at most `size` values from a stream.
+
+    Every value gets an independent uniform random key; the sample is the `size` values
+    with the smallest keys so far (bottom-k), which is a uniform sample of everything
+    seen. Seeded generator: the same data in the same order gives the same sample.
+    """
+
+    def __init__(self, size: int, seed: int):
+        self.size = size
+        self.seed = seed
+        self.generator: torch.Generator | None = None
+        self.values: torch.Tensor | None = None
+        self.keys: torch.Tensor | None = None
+
+    def add(self, x: torch.Tensor) -> None:
+        flat = x.reshape(-1)
+        if self.generator is None:
+            self.generator = torch.Generator(device=flat.device).manual_seed(self.seed)
+        keys = torch.rand(flat.numel(), generator=self.generator, device=flat.device)
+        if self.values is not None:
+            flat = torch.cat((self.values, flat))
+            keys = torch.cat((self.keys, keys))
+        if flat.numel() > self.size:
+            keys, idx = torch.topk(keys, self.size, largest=False, sorted=False)
+            flat = flat[idx]
+        self.values, self.keys = flat, keys
+
+
+class MSEObserver(RangeObserver):
+    """Chooses the clipping range that minimises quantization MSE on the data seen.
+
+    Candidate ranges are ratio * (min, max) for `grid` ratios in [min_ratio, 1]; each is
+    scored by the MSE of fake-quantizing a bounded uniform sample (`sample_size` values)
+    with exactly the qparams it would produce. Exact min and max are tracked separately,
+    so ratio 1 is the min-max range.
+    """
+
+    def __init__(
+        self,
+        grid: int = 100,
+        min_ratio: float = 0.2,
+        sample_size: int = 1 << 15,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if grid < 1 or not 0.0 < min_ratio <= 1.0:
+            raise ValueError(f"need grid >= 1 and min_ratio in (0, 1], got {grid}, {min_ratio}")
+        self.grid = grid
+        self.min_ratio = min_ratio
+        self.sample = _UniformSample(sample_size, seed)
+        self.min_val: torch.Tensor | None = None
+        self.max_val: torch.Tensor | None = None
+        self.best_ratio: float | None = None
+
+    def _update(self, x):
+        lo, hi = x.amin(), x.amax()
+        if self.min_val is None:
+            self.min_val, self.max_val = lo, hi
+        else:
+            self.min_val = torch.minimum(self.min_val, lo)
+            self.max_val = torch.maximum(self.max_val, hi)
+        self.sample.add(x)
+
+    def range(self, spec):
+        data = self.sample.values
+        best = None
+        for ratio in torch.linspace(self.min_ratio, 1.0, self.grid, dtype=torch.float64).tolist():
+            lo, hi = self.min_val * ratio, self.max_val * ratio
+            scale, zp = compute_qparams(lo, hi, spec)
+            err = float((fake_quantize(data, scale, zp, spec) - data).square().mean())
+            # Strict '<' keeps the smallest ratio on exact ties: deterministic.
+            if best is None or err < best[0]:
+                best = (err, ratio, lo, hi)
+        self.best_ratio = best[1]
+        return best[2], best[3]
+
+    @property
+    def stats(self):
+        return {
+            "min": self.min_val,
+            "max": self.max_val,
+            "best_ratio": self.best_ratio,
+            "count": self.count,
+        }
+
+
+class HessianObserver(Observer):
+    """H = 2/n * sum over rows of x^T x for a linear input x [..., K], in float64 (GPTQ).
+
+    Keeps the float64 sum and the row count n; `hessian` divides on demand, so the result
+    does not depend on how the rows were split into batches (up to float64 rounding).
+    `count` here is rows, not elements.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.xtx: torch.Tensor | None = None
+
+    def update(self, x: torch.Tensor) -> None:
+        x = _as_float(x)
+        if x.numel() == 0:
+            return
+        rows = x.reshape(-1, x.shape[-1]).double()  # [n, K]
+        if self.xtx is None:
+            self.xtx = torch.zeros(
+                rows.shape[1], rows.shape[1], dtype=torch.float64, device=rows.device
+            )
+        elif self.xtx.shape[0] != rows.shape[1]:
+            raise ValueError(
+                f"HessianObserver: input features changed from {self.xtx.shape[0]} "
+                f"to {rows.shape[1]}"
+            )
+        self.xtx += rows.T @ rows
+        self.count += rows.shape[0]
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        if self.count == 0:
+            raise RuntimeError("HessianObserver has seen no data: run calibration first")
+        return self.xtx * (2.0 / self.count)
+
+    @property
+    def stats(self):
+        return {"rows": self.count, "features": None if self.xtx is None else self.xtx.shape[0]}
+
+
+OBSERVERS: dict[str, type[Observer]] = {
+    "minmax": MinMaxObserver,
+    "moving_average_minmax": MovingAverageMinMaxObserver,
+    "percentile": PercentileObserver,
+    "mse": MSEObserver,
+    "per_channel_minmax": PerChannelMinMaxObserver,
+    "per_channel_absmax": PerChannelAbsMaxObserver,
+    "hessian": HessianObserver,
+}
+
+
+def observer_for(name: str, **kwargs) -> Observer:
+    """A new observer by name, with its constructor's keyword arguments."""
+    try:
+        cls = OBSERVERS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown observer {name!r}; known observers: {', '.join(sorted(OBSERVERS))}"
+        ) from None
+    return cls(**kwargs)
