@@ -1,3 +1,20 @@
-"""qcompile: a quantizing compiler for PyTorch (`torch.compile(model, backend="qcompile")`)."""
+"""qcompile: a quantizing compiler for PyTorch.
+
+    model = torch.compile(model, backend="qcompile", options={"recipe": "w8a8-static"})
+    with qcompile.calibrate(model):
+        for batch in calibration_batches:
+            model(batch)
+    y = model(x)
+    print(qcompile.report(model))
+"""
+
+from qcompile.calibration import CalibrationError, calibrate
+from qcompile.config import RECIPES, Options, QCompileConfigError, known_options
+from qcompile.debug import Captured, capture, capture_all, load_repro
+from qcompile.report import report
 
 __version__ = "0.1.0"
+__all__ = [
+    "RECIPES", "CalibrationError", "Captured", "Options", "QCompileConfigError", "calibrate",
+    "capture", "capture_all", "known_options", "load_repro", "report",
+]

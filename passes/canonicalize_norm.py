@@ -1,0 +1,191 @@
+"""canonicalize-norm: LayerNorm and RMSNorm become `F.layer_norm(x, shape, w, b, eps)` and
+`F.rms_norm(x, shape, w, eps)`, all arguments positional, w and b constants or None.
+
+Spellings: the functional / module calls (Dynamo shows nn.LayerNorm and nn.RMSNorm as
+the functional call), and the decomposed forms
+  RMSNorm:   x * rsqrt(mean(x^2, -1, keepdim) + eps) [* w]   (x^2 as pow(2), x*x, x**2;
+             rsqrt as torch.rsqrt / .rsqrt() / 1 / sqrt; weight on either side;
+             the fp32 round trip `.to(float32)` ... `.to(dtype)` of LLaMA-style code)
+  LayerNorm: (x - mean) * rsqrt(var + eps) [* w] [+ b]   (var as mean((x - mean)^2) or
+             x.var(-1, unbiased=False, keepdim=True); rsqrt spelled as above or / sqrt)
+Why: norm folding and LayerNorm -> RMSNorm conversion need to find every norm.
+Exactness: F.rms_norm is bit-identical to the fp32 decomposed form; a decomposed
+LayerNorm differs from F.layer_norm by float rounding only (about 1e-7 relative).
+Pre: freeze-params. Post: norms are in the canonical form (rule in verify.py).
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch.fx import GraphModule, Node
+
+from qcompile.fx_utils import erase_unused, get_constant, is_call, is_method, tensor_val
+from qcompile.pass_manager import PassContext, PassResult, graph_pass
+
+_LN_ORDER = ("input", "normalized_shape", "weight", "bias", "eps")
+_RMS_ORDER = ("input", "normalized_shape", "weight", "eps")
+
+
+def _normalize(node: Node, order: tuple[str, ...], defaults: dict) -> bool:
+    args = dict(zip(order, node.args))
+    args.update(node.kwargs)
+    new_args = tuple(args.get(k, defaults.get(k)) for k in order)
+    if node.args == new_args and not node.kwargs:
+        return False
+    node.args, node.kwargs = new_args, {}
+    return True
+
+
+def _strip_to(node):
+    """x.to(float32) / x.float() -> x (the fp32 upcast of LLaMA-style norms)."""
+    if is_method(node, "to", "float", "type_as") and isinstance(node.args[0], Node):
+        return node.args[0]
+    return node
+
+
+def _scalar(x) -> float | None:
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None
+
+
+def _is_square_of(node, x) -> bool:
+    if is_method(node, "pow") or is_call(node, torch.pow, operator.pow):
+        return node.args[0] is x and _scalar(node.args[1]) == 2.0
+    return is_call(node, operator.mul, torch.mul) and node.args[0] is x and node.args[1] is x
+
+
+def _is_mean_last(node, of=None) -> bool:
+    if not (is_method(node, "mean") or is_call(node, torch.mean)):
+        return False
+    dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+    keep = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
+    dim = dim[0] if isinstance(dim, (list, tuple)) and len(dim) == 1 else dim
+    val = tensor_val(node)
+    ok = isinstance(dim, int) and keep and val is not None and dim % val.dim() == val.dim() - 1
+    return ok and (of is None or node.args[0] is of)
+
+
+def _inv_sqrt_of(node):
+    """Returns (denominator node d, multiply?) where the norm divides by sqrt(d)."""
+    if is_call(node, torch.rsqrt) or is_method(node, "rsqrt"):
+        return node.args[0]
+    if is_call(node, operator.truediv) and _scalar(node.args[0]) == 1.0:
+        s = node.args[1]
+        if is_call(s, torch.sqrt) or is_method(s, "sqrt"):
+            return s.args[0]
+    return None
+
+
+def _var_plus_eps(node):
+    """(var node, eps) for var + eps, else None."""
+    if not is_call(node, operator.add, torch.add):
+        return None
+    a, b = node.args
+    if _scalar(b) is not None:
+        return a, _scalar(b)
+    if _scalar(a) is not None:
+        return b, _scalar(a)
+    return None
+
+
+def _affine_tail(gm, node: Node):
+    """Follow `* w` and `+ b` with 1-D constants. Returns (last node, w, b)."""
+    w = b = None
+    user = next(iter(node.users)) if len(node.users) == 1 else None
+    if user is not None and is_method(user, "to") and _single(user):
+        node, user = user, next(iter(user.users))  # .to(input dtype) before the weight
+    if is_call(user, operator.mul, torch.mul):
+        other = user.args[1] if user.args[0] is node else user.args[0]
+        if get_constant(gm, other) is not None and get_constant(gm, other).dim() == 1:
+            w, node = other, user
+            user = next(iter(node.users)) if len(node.users) == 1 else None
+    if is_call(user, operator.add, torch.add) and w is not None:
+        other = user.args[1] if user.args[0] is node else user.args[0]
+        if get_constant(gm, other) is not None and get_constant(gm, other).dim() == 1:
+            b, node = other, user
+    return node, w, b
+
+
+def _single(node) -> bool:
+    return len(node.users) == 1
+
+
+def _match_norm(gm: GraphModule, mul: Node):
+    """mul = centered * inv_sqrt(var + eps) (or centered / sqrt(...)).
+
+    Returns (kind, x, eps, tail node, w, b) or None."""
+    if is_call(mul, operator.truediv):
+        centered, s = mul.args
+        denom = s.args[0] if (is_call(s, torch.sqrt) or is_method(s, "sqrt")) else None
+    elif is_call(mul, operator.mul, torch.mul):
+        centered, r = mul.args
+        denom = _inv_sqrt_of(r)
+        if denom is None:
+            r, centered = mul.args
+            denom = _inv_sqrt_of(r)
+    else:
+        return None
+    found = _var_plus_eps(denom) if denom is not None else None
+    if found is None:
+        return None
+    var, eps = found
+    x = _strip_to(centered)
+    if is_call(centered, operator.sub, torch.sub):  # LayerNorm: x - mean(x)
+        x, mean = centered.args
+        if not _is_mean_last(mean, of=x):
+            return None
+        ok_var = (_is_mean_last(var) and _is_square_of(var.args[0], centered)) or (
+            (is_method(var, "var") or is_call(var, torch.var))
+            and var.args[0] is x and var.kwargs.get("unbiased", var.kwargs.get("correction"))
+            in (False, 0) and var.kwargs.get("keepdim", False)
+        )
+        kind = "layer_norm" if ok_var else None
+    else:  # RMSNorm: mean(x^2)
+        ok = _is_mean_last(var) and _is_square_of(var.args[0], centered)
+        kind = "rms_norm" if ok else None
+    if kind is None:
+        return None
+    val = tensor_val(x)
+    if val is None or val.dtype not in (torch.float32, torch.float64):
+        return None  # low-precision decomposed norms keep their own casts
+    tail, w, b = _affine_tail(gm, mul)
+    if kind == "rms_norm" and b is not None:
+        return None
+    return kind, _strip_to(x), eps, tail, w, b
+
+
+@graph_pass("canonicalize-norm", requires=("freeze-params",))
+def canonicalize_norm(gm: GraphModule, ctx: PassContext) -> PassResult:
+    counters: dict[str, int] = {}
+
+    def bump(key):
+        counters[key] = counters.get(key, 0) + 1
+
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" and node.op != "call_method":
+            continue
+        if is_call(node, F.layer_norm):
+            if _normalize(node, _LN_ORDER, {"weight": None, "bias": None, "eps": 1e-5}):
+                bump("layer_norm_normalized")
+            continue
+        if is_call(node, F.rms_norm):
+            if _normalize(node, _RMS_ORDER, {"weight": None, "eps": None}):
+                bump("rms_norm_normalized")
+            continue
+        found = _match_norm(gm, node)
+        if found is None:
+            continue
+        kind, x, eps, tail, w, b = found
+        shape = (tensor_val(x).shape[-1],)
+        with gm.graph.inserting_after(tail):
+            if kind == "layer_norm":
+                new = gm.graph.call_function(F.layer_norm, (x, shape, w, b, eps))
+            else:
+                new = gm.graph.call_function(F.rms_norm, (x, shape, w, eps))
+        tail.replace_all_uses_with(new)
+        bump(f"decomposed_{kind}")
+    if any(k.startswith("decomposed") for k in counters):
+        erase_unused(gm)
+    return PassResult(gm, modified=bool(counters), counters=counters)

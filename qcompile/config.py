@@ -1,0 +1,185 @@
+"""Options and recipes: the one configuration object, read once per compile.
+
+`Options.from_user(mode, options)` validates what torch.compile hands the backend. Unknown
+options, recipes, modes or values are errors that list what is known. The only
+environment variables qcompile reads are read here, when an Options is built (never at
+import time): QCOMPILE_DEBUG_DIR (same as options["debug_dir"]) and QCOMPILE_VERIFY=1
+(run the stage verifier after every pass, as the tests do).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class QCompileConfigError(ValueError):
+    """A bad option, recipe or mode given to the qcompile backend."""
+
+
+@dataclass(frozen=True)
+class WeightQuant:
+    bits: int  # 8 or 4
+    group_size: int | None = None  # None: per output channel
+
+
+@dataclass(frozen=True)
+class ActQuant:
+    bits: int  # 8 or 4
+    dynamic: bool  # True: per-token scales computed at run time; False: static per-tensor
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A whole quantization configuration; every transform is switchable in options."""
+
+    name: str
+    weight: WeightQuant | None
+    act: ActQuant | None
+    requant: str | None  # "float" epilogue, "dyadic" integer-only, or None (nothing)
+    smooth: bool = False
+    rotate: bool = False
+    online_hadamard: bool = False
+    gptq: bool = False
+    integer_nonlinear: bool = False
+    description: str = ""
+
+    @property
+    def quantizes(self) -> bool:
+        return self.weight is not None
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Static activation scales and GPTQ Hessians both come from calibration batches."""
+        return (self.act is not None and not self.act.dynamic) or self.gptq or self.smooth
+
+
+RECIPES: dict[str, Recipe] = {
+    r.name: r
+    for r in (
+        Recipe("w8a8", WeightQuant(8), ActQuant(8, dynamic=True), "float",
+               description="int8 per-channel weights, int8 per-token dynamic activations, "
+                           "float epilogue; no calibration (default)"),
+        Recipe("w8a8-static", WeightQuant(8), ActQuant(8, dynamic=False), "dyadic",
+               description="int8 per-channel weights, int8 per-tensor static activations, "
+                           "integer-only dyadic requantization; needs calibration"),
+        Recipe("w4a16", WeightQuant(4, group_size=128), None, None,
+               description="int4 group-wise (128) weights, float activations"),
+        Recipe("w4a8", WeightQuant(4), ActQuant(8, dynamic=False), "dyadic", rotate=True,
+               online_hadamard=True,
+               description="int4 per-channel weights, int8 static activations, rotations on"),
+        Recipe("w4a4", WeightQuant(4), ActQuant(4, dynamic=False), "dyadic", rotate=True,
+               online_hadamard=True, gptq=True,
+               description="int4 weights (GPTQ), int4 activations, rotations on"),
+        Recipe("float", None, None, None,
+               description="capture and canonicalize only; nothing is quantized (debugging)"),
+    )
+}
+DEFAULT_RECIPE = "w8a8"
+
+OBSERVERS = ("minmax", "moving-minmax", "percentile", "mse")
+MODES = (None, "default", "max-autotune", "max-autotune-no-cudagraphs")
+PRINT_AFTER = (None, "all", "change")
+
+
+@dataclass
+class Options:
+    """Every knob the backend accepts. Field docs are what `known_options()` prints."""
+
+    recipe: str = DEFAULT_RECIPE
+    # transforms (None: the recipe's default)
+    smooth: bool | None = None
+    smooth_alpha: float = 0.5
+    rotate: bool | None = None
+    online_hadamard: bool | None = None
+    gptq: bool | None = None
+    integer_nonlinear: bool | None = None
+    observer: str = "minmax"
+    skip: tuple[str, ...] = ()  # fnmatch patterns of layer names left in float
+    # debugging
+    debug_dir: str | None = None
+    print_after: str | None = None
+    verify: bool = False
+    stop_after: str | None = None  # run the pipeline up to this pass only
+    # lowering
+    inductor: bool = False  # hand the float remainder of the graph to Inductor
+    autotune: bool = False  # set by mode="max-autotune"
+    kernel_cache_dir: str | None = None
+    seed: int = 0  # random Hadamard signs and orthogonal fallbacks
+
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def recipe_obj(self) -> Recipe:
+        return RECIPES[self.recipe]
+
+    def transform_on(self, name: str) -> bool:
+        """A transform's switch: the option where given, else the recipe's default."""
+        value = getattr(self, name)
+        return getattr(self.recipe_obj, name) if value is None else bool(value)
+
+    @property
+    def needs_calibration(self) -> bool:
+        r = self.recipe_obj
+        static_act = r.act is not None and not r.act.dynamic
+        return static_act or self.transform_on("gptq") or self.transform_on("smooth")
+
+    @classmethod
+    def from_user(cls, mode: str | None = None, options: dict[str, Any] | None = None) -> Options:
+        options = dict(options or {})
+        known = known_options()
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            raise QCompileConfigError(
+                f"unknown qcompile option(s) {unknown}; known options: {sorted(known)}"
+            )
+        if mode not in MODES:
+            raise QCompileConfigError(
+                f"unsupported mode {mode!r} for backend 'qcompile'; supported: "
+                f"{[m for m in MODES if m]}"
+            )
+        recipe = options.get("recipe", DEFAULT_RECIPE)
+        if recipe not in RECIPES:
+            raise QCompileConfigError(
+                f"unknown recipe {recipe!r}; known recipes: {sorted(RECIPES)}"
+            )
+        if "skip" in options:
+            skip = options["skip"]
+            options["skip"] = (skip,) if isinstance(skip, str) else tuple(skip)
+        opts = cls(**options)
+        if mode and mode.startswith("max-autotune"):
+            opts.autotune = True
+        if opts.debug_dir is None:
+            opts.debug_dir = os.environ.get("QCOMPILE_DEBUG_DIR") or None
+        if os.environ.get("QCOMPILE_VERIFY") == "1":
+            opts.verify = True
+        opts._validate()
+        return opts
+
+    def _validate(self) -> None:
+        if self.observer not in OBSERVERS:
+            raise QCompileConfigError(
+                f"unknown observer {self.observer!r}; known observers: {list(OBSERVERS)}"
+            )
+        if self.print_after not in PRINT_AFTER:
+            raise QCompileConfigError(
+                f"print_after must be one of {list(PRINT_AFTER)}, got {self.print_after!r}"
+            )
+        if not 0.0 <= self.smooth_alpha <= 1.0:
+            raise QCompileConfigError(f"smooth_alpha must be in [0, 1], got {self.smooth_alpha}")
+        for name in ("smooth", "rotate", "online_hadamard", "gptq", "integer_nonlinear"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, bool):
+                raise QCompileConfigError(f"option {name!r} takes True/False, got {value!r}")
+        if not self.recipe_obj.quantizes:
+            on = [n for n in ("smooth", "rotate", "gptq") if getattr(self, n)]
+            if on:
+                raise QCompileConfigError(
+                    f"recipe 'float' quantizes nothing; options {on} need a quantizing recipe"
+                )
+
+
+def known_options() -> list[str]:
+    return [f.name for f in dataclasses.fields(Options) if f.name != "extra"]

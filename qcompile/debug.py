@@ -1,0 +1,97 @@
+"""Pass-by-pass debugging: capture a model, run the pipeline up to (or from) a named
+pass, run a single pass, and look at the GraphModule in between.
+
+    cap = qcompile.capture(model, x, options={"recipe": "float"})
+    gm = cap.run(until="canonicalize-linear")     # capture .. canonicalize-linear
+    gm = cap.run_pass("canonicalize-norm")         # one more pass
+    print(cap.gm.code, cap.ctx.counters)
+
+Prerequisites are checked against what already ran on this capture; nothing is reordered.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.fx import GraphModule
+
+from qcompile.config import Options
+from qcompile.fx_utils import copy_graph_module, graph_fake_mode, seed_meta_from_dynamo
+from qcompile.pass_manager import PassContext, PassManager, get_pass, pass_name
+from qcompile.pipeline import all_passes
+
+
+class Captured:
+    """One Dynamo graph of a model, with its real example inputs and a pass context."""
+
+    def __init__(self, gm: GraphModule, example_inputs: list, options: Options, name: str):
+        self.source_gm = gm
+        self.example_inputs = example_inputs
+        self.options = options
+        self.ctx = PassContext(options, fake_mode=graph_fake_mode(gm), name=name)
+        self.ctx.analysis["example_inputs"] = example_inputs
+        self.gm = copy_graph_module(gm)
+        seed_meta_from_dynamo(self.gm)
+        for node in self.gm.graph.nodes:
+            node.meta["qc_pass"] = "capture"
+
+    @property
+    def pipeline(self) -> list[str]:
+        return [pass_name(p) for p in all_passes(self.options)]
+
+    def run(self, *, until: str | None = None, start: str | None = None) -> GraphModule:
+        """Run the pipeline's passes from `start` (default: the next one) to `until`."""
+        passes = all_passes(self.options)
+        names = [pass_name(p) for p in passes]
+        for bound in (until, start):
+            if bound is not None and bound not in names:
+                raise KeyError(f"no pass {bound!r} in this pipeline; passes: {names}")
+        lo = names.index(start) if start else len(self.ctx.history)
+        hi = names.index(until) + 1 if until else len(names)
+        self.gm = PassManager(passes[lo:hi], self.ctx).run(self.gm)
+        return self.gm
+
+    def run_pass(self, name: str) -> GraphModule:
+        self.gm = PassManager([get_pass(name)], self.ctx).run(self.gm)
+        return self.gm
+
+    def inputs(self) -> list:
+        """The example inputs the current graph takes (frozen parameters removed)."""
+        frozen = set(self.ctx.frozen.get("indices", ()))
+        return [x for i, x in enumerate(self.example_inputs) if i not in frozen]
+
+    def __call__(self, *args):
+        with torch.no_grad():
+            return self.gm(*(args or self.inputs()))
+
+
+def capture(model: torch.nn.Module, *example_inputs: Any, options: dict | None = None,
+            dynamic: bool | None = None, **kwargs: Any) -> Captured:
+    """Trace `model(*example_inputs, **kwargs)` with Dynamo; returns the first graph.
+    `capture_all` returns every graph when user code has graph breaks."""
+    graphs = capture_all(model, *example_inputs, options=options, dynamic=dynamic, **kwargs)
+    if not graphs:
+        raise RuntimeError("Dynamo produced no graph for this model and input")
+    return graphs[0]
+
+
+def capture_all(model, *example_inputs, options=None, dynamic=None, **kwargs) -> list[Captured]:
+    opts = Options.from_user(None, options)
+    graphs: list[Captured] = []
+
+    def collect(gm, inputs, **_):
+        graphs.append(Captured(gm, list(inputs), opts, name=f"captured_{len(graphs):03d}"))
+        return gm.forward
+
+    compiled = torch.compile(model, backend=collect, dynamic=dynamic)
+    with torch.no_grad():
+        compiled(*example_inputs, **kwargs)
+    return graphs
+
+
+def load_repro(path: str) -> dict:
+    """Load what a failing pass left behind (see PassError): graph module, pass, options."""
+    import os
+
+    return torch.load(os.path.join(path, "repro.pt"), weights_only=False)

@@ -1,0 +1,76 @@
+"""What was quantized, how, and why not: `qcompile.report(compiled_model)`.
+
+Per graph: the passes that ran (time, whether they changed the graph, their counters),
+notes (transforms skipped and why), and per layer: quantized or not and why, transforms
+applied, SQNR against float, kernel and config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from qcompile.pass_manager import LayerRecord, PassRecord
+from qcompile.state import state_for_model
+
+
+@dataclass
+class GraphReport:
+    name: str
+    recipe: str
+    passes: list[PassRecord]
+    layers: list[LayerRecord]
+    notes: list[str] = field(default_factory=list)
+    counters: dict[str, int] = field(default_factory=dict)
+
+    def to_text(self) -> str:
+        lines = [f"== {self.name} (recipe {self.recipe}) =="]
+        q = sum(1 for layer in self.layers if layer.quantized)
+        lines.append(f"layers: {len(self.layers)}, quantized: {q}, float: {len(self.layers) - q}")
+        lines.append(f"{'layer':<48} {'kind':<9} {'quant':<5} {'SQNR dB':>8}  kernel / reason")
+        for layer in self.layers:
+            sqnr = f"{layer.sqnr_db:8.2f}" if layer.sqnr_db is not None else f"{'-':>8}"
+            what = layer.kernel or "" if layer.quantized else layer.reason
+            if layer.quantized and layer.config:
+                what += f" [{layer.config}]"
+            if layer.transforms:
+                what += f" (transforms: {', '.join(layer.transforms)})"
+            lines.append(f"{layer.name[:48]:<48} {layer.kind:<9} "
+                         f"{'yes' if layer.quantized else 'no':<5} {sqnr}  {what}")
+        lines.append("passes:")
+        for rec in self.passes:
+            counters = ", ".join(f"{k}={v}" for k, v in rec.counters.items() if v)
+            lines.append(f"  {rec.name:<28} {rec.seconds * 1e3:8.2f} ms "
+                         f"{'changed' if rec.modified else 'unchanged':<9} {counters}")
+        for note in self.notes:
+            lines.append(f"note: {note}")
+        return "\n".join(lines)
+
+
+@dataclass
+class Report:
+    graphs: list[GraphReport]
+
+    @property
+    def layers(self) -> list[LayerRecord]:
+        return [layer for g in self.graphs for layer in g.layers]
+
+    @property
+    def quantized(self) -> list[LayerRecord]:
+        return [layer for layer in self.layers if layer.quantized]
+
+    def __str__(self) -> str:
+        if not self.graphs:
+            return "qcompile report: no graph has been compiled yet (run the model once)"
+        return "\n\n".join(g.to_text() for g in self.graphs)
+
+
+def graph_report(artifact) -> GraphReport:
+    ctx = artifact.ctx
+    return GraphReport(artifact.name, artifact.options.recipe, list(ctx.history),
+                       list(ctx.layers.values()), list(ctx.notes), dict(ctx.counters))
+
+
+def report(model) -> Report:
+    state = state_for_model(model)
+    artifacts = sorted(state.artifacts, key=lambda a: a.name)
+    return Report([graph_report(a) for a in artifacts])

@@ -1,0 +1,81 @@
+"""Per-model state shared by every graph compiled from one model.
+
+Dynamo compiles a model into several graphs (graph breaks) and compiles again for new
+shapes; all of them belong to the same model and share one ModelState: its calibration
+observers and quantization parameters, keyed by stable site names (parameter paths),
+so a recompile for a new sequence length reuses the calibration. Two models have
+disjoint parameters and therefore disjoint states: nothing leaks between them.
+
+The state is found through the model's parameter tensors (by identity, weakly), because
+the backend never sees the nn.Module, only the parameters Dynamo passes as inputs.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import torch
+
+
+class ModelState:
+    def __init__(self) -> None:
+        self.artifacts: weakref.WeakSet = weakref.WeakSet()
+        self.calibrating = False
+        self.calibrated = False
+        self.batches = 0
+        self.observers: dict[str, Any] = {}  # site -> observer
+        self.qparams: dict[str, Any] = {}  # site -> frozen quantization parameters
+        self.stats: dict[str, Any] = {}  # site -> per-channel statistics, Hessians
+
+    def observer(self, site: str, factory) -> Any:
+        if site not in self.observers:
+            self.observers[site] = factory()
+        return self.observers[site]
+
+
+# id(tensor) -> (weakref to the tensor, state); entries die with their tensors.
+_BY_TENSOR: dict[int, tuple[weakref.ref, ModelState]] = {}
+
+
+def _lookup(t: torch.Tensor) -> ModelState | None:
+    entry = _BY_TENSOR.get(id(t))
+    if entry is not None and entry[0]() is t:
+        return entry[1]
+    return None
+
+
+def _register(t: torch.Tensor, state: ModelState) -> None:
+    key = id(t)
+    _BY_TENSOR[key] = (weakref.ref(t, lambda _r, key=key: _BY_TENSOR.pop(key, None)), state)
+
+
+def state_for_tensors(tensors: list[torch.Tensor]) -> ModelState:
+    """The state owning these parameter tensors, created (and registered) if new."""
+    for t in tensors:
+        state = _lookup(t)
+        if state is not None:
+            break
+    else:
+        state = ModelState()
+    for t in tensors:
+        if _lookup(t) is not state:
+            _register(t, state)
+    return state
+
+
+def model_tensors(model: Any) -> list[torch.Tensor]:
+    module = getattr(model, "_orig_mod", model)
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(
+            f"expected the model returned by torch.compile (or its nn.Module), got "
+            f"{type(model).__name__}"
+        )
+    return [*module.parameters(), *module.buffers()]
+
+
+def state_for_model(model: Any) -> ModelState:
+    tensors = model_tensors(model)
+    if not tensors:
+        raise ValueError("this model has no parameters or buffers: nothing to quantize")
+    return state_for_tensors(tensors)

@@ -1,0 +1,108 @@
+"""Stage contracts as data: each rule holds from the pass that establishes it onwards.
+
+`verify_graph(gm, ctx, after=name)` checks every rule whose `since` pass has run (the
+current one included). The pass manager calls it after every pass when
+`options.verify` is on; the test suite turns that on for every compile.
+Passes append their own rules with `register_rule` next to the pass that establishes them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.fx import GraphModule, Node
+
+from qcompile.fx_utils import get_constant, is_call
+
+
+class GraphVerificationError(AssertionError):
+    pass
+
+
+@dataclass(frozen=True)
+class Rule:
+    since: str  # the pass after which the rule must hold
+    what: str  # what must hold, as the error message states it
+    check: Callable[[GraphModule, Node], bool]  # per node: True when the node is fine
+
+
+RULES: list[Rule] = []
+
+
+def register_rule(since: str, what: str) -> Callable:
+    def wrap(check: Callable[[GraphModule, Node], bool]):
+        RULES.append(Rule(since, what, check))
+        return check
+
+    return wrap
+
+
+@register_rule("freeze-params", "every node has shape/dtype metadata (meta['val'])")
+def _has_val(gm: GraphModule, node: Node) -> bool:
+    return node.op == "output" or "val" in node.meta
+
+
+@register_rule("freeze-params", "no placeholder is a model parameter or buffer")
+def _no_param_placeholders(gm: GraphModule, node: Node) -> bool:
+    return node.op != "placeholder" or not node.meta.get("qc_is_param", False)
+
+
+@register_rule("freeze-params", "every node records the pass that made it (meta['qc_pass'])")
+def _provenance(gm: GraphModule, node: Node) -> bool:
+    return node.op == "output" or "qc_pass" in node.meta
+
+
+@register_rule("canonicalize-linear", "linear weights are 2-D constants (get_attr)")
+def _linear_weight_const(gm: GraphModule, node: Node) -> bool:
+    if not is_call(node, F.linear):
+        return True
+    w = get_constant(gm, node.args[1])
+    return w is not None and w.dim() == 2
+
+
+@register_rule("canonicalize-linear", "no addmm / matmul / mm left against a constant weight")
+def _no_matmul_against_const(gm: GraphModule, node: Node) -> bool:
+    if not is_call(node, torch.addmm, torch.matmul, torch.mm, __import__("operator").matmul):
+        return True
+    from qcompile.passes.canonicalize_linear import constant_weight_of
+
+    rhs = node.args[2] if node.target is torch.addmm else node.args[1]
+    return constant_weight_of(gm, rhs) is None
+
+
+@register_rule("canonicalize-attention", "attention is sdpa with q, k, v positional and "
+               "attn_mask, dropout_p, is_causal, scale, enable_gqa as keywords")
+def _sdpa_normal(gm: GraphModule, node: Node) -> bool:
+    if not is_call(node, F.scaled_dot_product_attention):
+        return True
+    keys = {"attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"}
+    return len(node.args) == 3 and set(node.kwargs) == keys
+
+
+@register_rule("canonicalize-norm", "norms are F.layer_norm(x, shape, w, b, eps) or "
+               "F.rms_norm(x, shape, w, eps), all positional")
+def _norm_normal(gm: GraphModule, node: Node) -> bool:
+    if is_call(node, F.layer_norm):
+        return len(node.args) == 5 and not node.kwargs
+    if is_call(node, F.rms_norm):
+        return len(node.args) == 4 and not node.kwargs
+    return True
+
+
+def verify_graph(gm: GraphModule, ctx, *, after: str) -> None:
+    active = set(ctx.passes_run) | {after}
+    rules = [r for r in RULES if r.since in active]
+    problems = []
+    for node in gm.graph.nodes:
+        for rule in rules:
+            if not rule.check(gm, node):
+                problems.append(f"  {node.format_node()}\n    violates: {rule.what} "
+                                f"(holds since {rule.since!r})")
+    if problems:
+        raise GraphVerificationError(
+            f"graph {ctx.name!r} after pass {after!r} breaks {len(problems)} stage rule(s):\n"
+            + "\n".join(problems[:20])
+        )
