@@ -1,0 +1,93 @@
+"""Fast Walsh-Hadamard transform: Triton kernel (interpreter on CPU) vs torch paths.
+
+The kernel and the torch FWHT run the same float32 operations in the same order, so they
+must agree bit for bit. Against the float64 reference x @ H^T / sqrt(n) only rounding
+differs: each output is a sum of n terms of size |x| / sqrt(n) formed in log2(n) + m
+float32 additions, so the error is below ~(log2(n) + m) * 2**-24 * max|x| * sqrt(n)
+(we assert a 1e-5 relative bound on float32, one output ulp on half types).
+"""
+
+import math
+
+import pytest
+import torch
+from qcompile.lowering.kernels.hadamard import (
+    hadamard_transform,
+    hadamard_transform_cpu,
+    hadamard_transform_ref,
+    hadamard_transform_triton,
+)
+
+from qcompile.hadamard import hadamard_matrix
+
+SIZES = [16, 64, 48, 40, 12, 1, 2]
+
+
+def _tol(n: int, x: torch.Tensor) -> float:
+    return 4e-7 * (math.log2(n) + 12) * float(x.abs().max()) * math.sqrt(n) + 1e-30
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_kernel_matches_cpu_bitwise_and_reference(n):
+    x = torch.randn(5, n, generator=torch.Generator().manual_seed(n))
+    y = hadamard_transform_triton(x)
+    assert torch.equal(y, hadamard_transform_cpu(x))
+    ref = hadamard_transform_ref(x, torch.float64)
+    assert (y.double() - ref).abs().max() <= _tol(n, x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_dtypes(dtype):
+    x = torch.randn(3, 40, generator=torch.Generator().manual_seed(1)).to(dtype)
+    y = hadamard_transform_triton(x)
+    assert y.dtype == dtype
+    assert torch.equal(y, hadamard_transform_cpu(x))
+    # One rounding to the output type on top of a float32-accurate value.
+    torch.testing.assert_close(y, hadamard_transform_ref(x), atol=0, rtol=2 * 2.0**-8)
+
+
+def test_non_contiguous_and_batched():
+    base = torch.randn(4, 2, 96, generator=torch.Generator().manual_seed(2))
+    x = base[:, 1, ::2]  # [4, 48], row stride 192, element stride 2
+    y = hadamard_transform_triton(x)
+    assert y.shape == (4, 48)
+    assert torch.equal(y, hadamard_transform_cpu(x.contiguous()))
+    x3 = torch.randn(2, 3, 16)
+    assert torch.equal(hadamard_transform_triton(x3), hadamard_transform_cpu(x3))
+
+
+def test_out_dtype_and_orthogonality():
+    x = torch.randn(2, 64).to(torch.float16)
+    y = hadamard_transform_triton(x, out_dtype=torch.float32)
+    assert y.dtype == torch.float32
+    # Orthonormal: applying it twice is the identity (H H^T = n I, and H_64 is symmetric).
+    torch.testing.assert_close(hadamard_transform_cpu(y), x.float(), atol=1e-5, rtol=0)
+
+
+def test_matches_explicit_matrix():
+    # Independent of the factorisation the kernel uses: compare with the dense matrix.
+    n = 20
+    x = torch.eye(n)
+    y = hadamard_transform_triton(x)
+    torch.testing.assert_close(y, hadamard_matrix(n, torch.float32).T / math.sqrt(n))
+
+
+def test_dispatch_and_errors():
+    x = torch.randn(2, 12)
+    assert torch.equal(hadamard_transform(x), hadamard_transform_cpu(x))
+    with pytest.raises(ValueError):
+        hadamard_transform_triton(torch.randn(2, 10))
+    with pytest.raises(TypeError):
+        hadamard_transform_cpu(torch.ones(2, 4, dtype=torch.int32))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("n", [4096, 11008, 14336, 5120, 172 * 4])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_cuda_large(n, dtype):
+    x = torch.randn(33, n, device="cuda").to(dtype)
+    y = hadamard_transform(x)
+    assert torch.equal(y.cpu(), hadamard_transform_cpu(x.cpu()))
+    ref = hadamard_transform_ref(x, torch.float64)
+    rtol = 1e-5 if dtype == torch.float32 else 2 * 2.0**-8
+    torch.testing.assert_close(y.double(), ref, atol=_tol(n, x.float()), rtol=rtol)
