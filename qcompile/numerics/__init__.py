@@ -34,6 +34,7 @@ from qcompile.numerics.specs import (
     unpack_int4,
     weight_spec,
 )
+from qcompile.numerics.weights import QuantizedWeight, gptq_quantize, quantize_weight_rtn
 
 __all__ = [
     "OBSERVERS",
@@ -64,4 +65,7 @@ __all__ = [
     "rounding_shift",
     "unpack_int4",
     "weight_spec",
+    "QuantizedWeight",
+    "gptq_quantize",
+    "quantize_weight_rtn",
 ]

@@ -1,0 +1,208 @@
+"""Weight quantization for linear weights [N, K]: round-to-nearest and GPTQ.
+
+Both return a QuantizedWeight: int8 values (int4 values in [-8, 7] for 4 bits; pack them
+with .packed()), float32 scales and int32 zero points in the shapes QuantSpec documents
+(per_channel: [N]; per_group: [N, K // group_size], group j = columns j*g .. j*g+g-1 of
+the ORIGINAL column order; per_tensor: []). Every integer comes from specs.quantize.
+
+GPTQ (Frantar et al., 2022, "GPTQ: Accurate Post-Training Quantization for Generative
+Pre-trained Transformers") quantizes one column at a time and spreads each column's
+rounding error over the columns not yet quantized, weighted by the inverse Hessian of the
+layer's reconstruction loss ||X W^T - X Q^T||^2 (H = 2/n X^T X, from HessianObserver).
+With U the upper Cholesky factor of H^-1, column i's error e = (w_i - q_i) / U[i, i]
+updates the remaining columns j > i by -e * U[i, j]. Updates are applied lazily: inside a
+block of columns at once, to the columns after the block once per block (one matmul).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from qcompile.numerics.specs import (
+    QuantSpec,
+    choose_qparams,
+    compute_qparams,
+    dequantize,
+    pack_int4,
+    quantize,
+    weight_spec,
+)
+
+WEIGHT_GRANULARITIES = ("per_tensor", "per_channel", "per_group")
+
+
+@dataclass(frozen=True, eq=False)
+class QuantizedWeight:
+    """A quantized linear weight: dequantize() ~= the float weight it came from."""
+
+    qweight: torch.Tensor  # int8 [N, K]
+    scale: torch.Tensor  # float32, shape per spec.granularity (see module docstring)
+    zero_point: torch.Tensor  # int32, same shape as scale
+    spec: QuantSpec
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize(self.qweight, self.scale, self.zero_point, self.spec, dtype)
+
+    def packed(self) -> torch.Tensor:
+        """uint8 [N, K // 2]: two int4 values per byte along K (specs.pack_int4 layout)."""
+        if self.spec.bits > 4:
+            raise ValueError(f"only weights of <= 4 bits pack two per byte, not {self.spec.bits}")
+        return pack_int4(self.qweight)
+
+
+def _check_weight(w: torch.Tensor, spec: QuantSpec) -> None:
+    if w.dim() != 2 or not w.dtype.is_floating_point:
+        raise ValueError(f"expected a float weight [N, K], got {w.dtype} {tuple(w.shape)}")
+    if spec.granularity not in WEIGHT_GRANULARITIES:
+        raise ValueError(
+            f"weights take {', '.join(WEIGHT_GRANULARITIES)} specs, not {spec.granularity} "
+            "(one scale per output row is per_channel with axis 0)"
+        )
+    if spec.granularity == "per_channel" and spec.axis not in (0, -2):
+        raise ValueError(f"weight per_channel scales are per output row (axis 0), not {spec.axis}")
+    if spec.granularity == "per_group" and w.shape[1] % spec.group_size != 0:
+        raise ValueError(
+            f"group_size {spec.group_size} does not divide the input dimension K={w.shape[1]}"
+        )
+
+
+def quantize_weight_rtn(w: torch.Tensor, spec: QuantSpec | None = None) -> QuantizedWeight:
+    """Round-to-nearest with min-max scales; spec defaults to int8 per output channel.
+
+    Every element is within scale / 2 of its dequantized value.
+    """
+    spec = spec or weight_spec(8)
+    _check_weight(w, spec)
+    scale, zero_point = choose_qparams(w, spec)
+    return QuantizedWeight(quantize(w, scale, zero_point, spec), scale, zero_point, spec)
+
+
+def _inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor U of (H + damp * mean(diag H) * I)^-1, so H^-1 = U^T U."""
+    h = h.clone()
+    h.diagonal().add_(damp * float(h.diagonal().mean()))
+    chol, info = torch.linalg.cholesky_ex(h)
+    if int(info) != 0:
+        raise ValueError(
+            f"GPTQ: the damped Hessian is not positive definite (damp={damp}); "
+            "use a larger damp or more calibration data"
+        )
+    hinv = torch.cholesky_inverse(chol)
+    return torch.linalg.cholesky(hinv, upper=True)
+
+
+def gptq_quantize(
+    w: torch.Tensor,
+    H: torch.Tensor,
+    spec: QuantSpec | None = None,
+    *,
+    damp: float = 0.01,
+    act_order: bool = False,
+    block_size: int = 128,
+) -> QuantizedWeight:
+    """GPTQ-quantize a linear weight w [N, K] given the Hessian H [K, K] of its input.
+
+    damp: fraction of mean(diag H) added to the diagonal (numerical stability).
+    act_order: quantize columns in order of descending diag(H) (most important first).
+      The result is returned in the original column order, and group parameters still
+      belong to the original column groups: a group's scale and zero point are chosen
+      when the first of its columns is reached, from the current (error-updated) values
+      of all its columns. Without act_order this is standard GPTQ's group behaviour.
+    Dead inputs (H[i, i] == 0: the column never sees a nonzero input) get weight 0.
+    Per-channel / per-tensor parameters come from the (dead-zeroed) weight before any
+    update. Deterministic: float64 throughout, no randomness.
+    """
+    spec = spec or weight_spec(8)
+    _check_weight(w, spec)
+    n, k = w.shape
+    if H.shape != (k, k):
+        raise ValueError(f"Hessian must be [K, K] = [{k}, {k}] for weight {tuple(w.shape)}")
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    weight = w.detach().to(torch.float64).clone()  # [N, K]
+    h = H.detach().to(device=weight.device, dtype=torch.float64).clone()  # [K, K]
+    if not torch.isfinite(h).all():
+        raise ValueError("GPTQ: Hessian has inf or NaN entries")
+
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1.0  # any positive value: these columns are zero and see no input
+    weight[:, dead] = 0.0
+
+    if spec.granularity == "per_group":
+        g = spec.group_size
+        scale = torch.empty(n, k // g, dtype=torch.float32, device=weight.device)
+        zero_point = torch.empty(n, k // g, dtype=torch.int32, device=weight.device)
+        group_ready = [False] * (k // g)
+    else:
+        scale, zero_point = choose_qparams(weight.float(), spec)
+    # Per column the parameters are a vector over rows (or one scalar).
+    col_spec = spec if spec.granularity == "per_tensor" else _row_spec(spec)
+
+    if act_order:
+        perm = torch.argsort(h.diagonal(), descending=True, stable=True)
+    else:
+        perm = torch.arange(k, device=weight.device)
+    inv_perm = torch.argsort(perm)
+    weight = weight[:, perm]
+    u = _inverse_hessian_factor(h[perm][:, perm], damp)  # [K, K] upper triangular
+    perm_list = perm.tolist()
+
+    qweight = torch.empty(n, k, dtype=torch.int8, device=weight.device)  # permuted order
+    for b0 in range(0, k, block_size):
+        b1 = min(b0 + block_size, k)
+        block = weight[:, b0:b1].clone()  # [N, B], updated in place as columns are done
+        err = torch.zeros_like(block)  # [N, B] scaled errors of the block's columns
+        for j in range(b1 - b0):
+            i = b0 + j
+            if spec.granularity == "per_group":
+                gi = perm_list[i] // g
+                if not group_ready[gi]:
+                    cur = _current_columns(
+                        weight, block, err, u, inv_perm[gi * g : (gi + 1) * g], b0, b1, j
+                    )
+                    scale[:, gi], zero_point[:, gi] = compute_qparams(
+                        cur.amin(dim=1), cur.amax(dim=1), spec
+                    )
+                    group_ready[gi] = True
+                s, z = scale[:, gi], zero_point[:, gi]
+            else:
+                s, z = scale, zero_point
+            col = block[:, j : j + 1]  # [N, 1]
+            q = quantize(col, s, z, col_spec)
+            qweight[:, i] = q[:, 0]
+            deq = dequantize(q, s, z, col_spec).to(torch.float64)
+            e = (col - deq)[:, 0] / u[i, i]  # [N]
+            block[:, j + 1 :] -= e[:, None] * u[i, i + 1 : b1][None, :]
+            err[:, j] = e
+        weight[:, b1:] -= err @ u[b0:b1, b1:]
+    return QuantizedWeight(qweight[:, inv_perm], scale, zero_point, spec)
+
+
+def _row_spec(spec: QuantSpec) -> QuantSpec:
+    """The spec of one weight column [N, 1] quantized with one parameter pair per row."""
+    return dataclasses.replace(spec, granularity="per_channel", group_size=None, axis=0)
+
+
+def _current_columns(
+    weight: torch.Tensor,
+    block: torch.Tensor,
+    err: torch.Tensor,
+    u: torch.Tensor,
+    positions: torch.Tensor,
+    b0: int,
+    b1: int,
+    j: int,
+) -> torch.Tensor:
+    """Current values [N, len(positions)] of not-yet-quantized columns (permuted positions
+    >= b0 + j), including the updates from block columns b0 .. b0+j-1 that columns after
+    the block have not received yet (they get them lazily at the block's end)."""
+    out = torch.empty(weight.shape[0], positions.numel(), dtype=weight.dtype, device=weight.device)
+    for c, pos in enumerate(positions.tolist()):
+        if pos < b1:
+            out[:, c] = block[:, pos - b0]
+        else:
+            out[:, c] = weight[:, pos] - err[:, :j] @ u[b0 : b0 + j, pos]
+    return out

@@ -1,0 +1,226 @@
+"""Tests for qcompile.numerics.weights: RTN bounds, GPTQ against an independent OBQ-style
+reference, GPTQ beating RTN on correlated inputs, act_order, groups, dead columns."""
+
+import time
+
+import pytest
+import torch
+
+from qcompile.numerics.specs import (
+    QuantSpec,
+    compute_qparams,
+    dequantize,
+    expand_qparam,
+    pack_int4,
+    quantize,
+    weight_spec,
+)
+from qcompile.numerics.weights import gptq_quantize, quantize_weight_rtn
+
+RTN_SPECS = [
+    weight_spec(8),
+    weight_spec(8, symmetric=False),
+    weight_spec(4, group_size=32),
+    weight_spec(4, group_size=16, symmetric=False),
+    QuantSpec(bits=4),
+]
+
+
+def _problem(seed, n=64, k=128, rows=1024, outliers=4):
+    """A weight [n, k] and correlated inputs [rows, k] with a few large channels, like LLM
+    activations; returns (w, x, H = 2/rows x^T x)."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(k, k, generator=g) / k**0.5 + 0.2 * torch.eye(k)
+    x = torch.randn(rows, k, generator=g) @ mix
+    x[:, :outliers] *= 10.0
+    w = torch.randn(n, k, generator=g) * 0.05
+    xd = x.double()
+    return w, x, 2.0 / rows * xd.T @ xd
+
+
+def _output_error(x, w, qw):
+    return (x @ w.T - x @ qw.dequantize().T).norm().item()
+
+
+# ---------------------------------------------------------------------------------------
+# RTN
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec", RTN_SPECS, ids=lambda s: f"{s.bits}b-{s.granularity}")
+def test_rtn_error_is_at_most_half_a_step(spec):
+    w = torch.randn(24, 64, generator=torch.Generator().manual_seed(0)) * 0.1
+    qw = quantize_weight_rtn(w, spec)
+    assert qw.qweight.dtype == torch.int8 and qw.qweight.shape == w.shape
+    assert int(qw.qweight.min()) >= spec.qmin and int(qw.qweight.max()) <= spec.qmax
+    expected_shape = {"per_tensor": (), "per_channel": (24,)}.get(
+        spec.granularity, (24, 64 // (spec.group_size or 1))
+    )
+    assert qw.scale.shape == expected_shape and qw.zero_point.shape == expected_shape
+    step = expand_qparam(qw.scale, w.shape, spec)
+    assert ((w - qw.dequantize()).abs() <= step * (0.5 + 1e-5)).all()
+
+
+def test_rtn_group_scales_are_per_row_per_group():
+    w = torch.zeros(2, 8)
+    w[0, 5] = 7.0  # row 0, group 1 (columns 4..7)
+    w[1, 0] = -3.5  # row 1, group 0
+    qw = quantize_weight_rtn(w, weight_spec(4, group_size=4))
+    assert qw.scale[0, 1].item() == 1.0 and qw.scale[1, 0].item() == 0.5
+    assert qw.qweight[0, 5].item() == 7 and qw.qweight[1, 0].item() == -7
+    assert torch.equal(qw.dequantize(), w)
+
+
+def test_rtn_packed_and_errors():
+    w = torch.randn(8, 32)
+    qw4 = quantize_weight_rtn(w, weight_spec(4, group_size=16))
+    assert torch.equal(qw4.packed(), pack_int4(qw4.qweight))
+    with pytest.raises(ValueError, match="two per byte"):
+        quantize_weight_rtn(w).packed()
+    with pytest.raises(ValueError, match="per_channel"):
+        quantize_weight_rtn(w, QuantSpec(granularity="per_token"))
+    with pytest.raises(ValueError, match="does not divide"):
+        quantize_weight_rtn(w, weight_spec(4))  # default group 128 > K = 32
+    with pytest.raises(ValueError, match=r"\[N, K\]"):
+        quantize_weight_rtn(torch.randn(8))
+
+
+# ---------------------------------------------------------------------------------------
+# GPTQ against an independent reference
+# ---------------------------------------------------------------------------------------
+
+
+def _obq_reference(w, h, spec, damp, act_order):
+    """GPTQ in its original OBQ form: no Cholesky, no blocks. After each column the full
+    inverse Hessian is updated to drop that column (Gaussian elimination), and every
+    remaining column takes -err / Hinv[c, c] * Hinv[c, :]. Exact arithmetic gives the
+    same result as the Cholesky/blocked algorithm."""
+    w = w.double().clone()
+    h = h.double().clone()
+    n, k = w.shape
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h += damp * h.diagonal().mean() * torch.eye(k, dtype=torch.float64)
+    hinv = torch.linalg.inv(h)
+    order = torch.argsort(h.diagonal(), descending=True, stable=True) if act_order else None
+    order = order.tolist() if order is not None else list(range(k))
+    row_spec = QuantSpec(bits=spec.bits, symmetric=spec.symmetric, granularity="per_channel")
+    if spec.granularity == "per_group":
+        g = spec.group_size
+        params = {}
+    else:
+        scale, zp = compute_qparams(w.float().amin(1), w.float().amax(1), row_spec)
+    q = torch.empty(n, k, dtype=torch.int8)
+    for c in order:
+        if spec.granularity == "per_group":
+            gi = c // g
+            if gi not in params:
+                cols = w[:, gi * g : (gi + 1) * g]
+                params[gi] = compute_qparams(cols.amin(1), cols.amax(1), row_spec)
+            scale, zp = params[gi]
+        col = w[:, c : c + 1]
+        q[:, c : c + 1] = quantize(col, scale, zp, row_spec)
+        deq = dequantize(q[:, c : c + 1], scale, zp, row_spec).double()
+        d = hinv[c, c]
+        w -= ((col - deq) / d) @ hinv[c : c + 1, :]
+        hinv = hinv - hinv[:, c : c + 1] @ hinv[c : c + 1, :] / d
+    return q
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize(
+    "spec",
+    [weight_spec(8), weight_spec(4, group_size=16), weight_spec(4, group_size=8, symmetric=False)],
+    ids=["8b-channel", "4b-g16", "4b-g8-asym"],
+)
+@pytest.mark.parametrize("block_size", [1, 7, 16, 128])
+def test_gptq_matches_obq_reference(spec, act_order, block_size):
+    w, _, h = _problem(seed=1, n=16, k=48, rows=256)
+    ref = _obq_reference(w, h, spec, 0.01, act_order)
+    qw = gptq_quantize(w, h, spec, act_order=act_order, block_size=block_size)
+    # Same algorithm in exact arithmetic; float64 leaves rounding decisions identical.
+    assert torch.equal(qw.qweight, ref)
+
+
+@pytest.mark.parametrize("group_size", [16, 48])
+def test_gptq_with_diagonal_hessian_is_rtn(group_size):
+    # No correlation between inputs: nothing to compensate, so GPTQ must reduce to RTN, even
+    # with act_order reordering columns (which checks un-permutation and that group
+    # parameters land on the original column groups).
+    w = torch.randn(12, 96, generator=torch.Generator().manual_seed(2))
+    h = torch.diag(torch.linspace(0.1, 5.0, 96, dtype=torch.float64).flip(0).roll(37))
+    spec = weight_spec(4, group_size=group_size)
+    rtn = quantize_weight_rtn(w, spec)
+    qw = gptq_quantize(w, h, spec, act_order=True, block_size=40)
+    assert torch.equal(qw.qweight, rtn.qweight)
+    assert torch.equal(qw.scale, rtn.scale) and torch.equal(qw.zero_point, rtn.zero_point)
+
+
+# ---------------------------------------------------------------------------------------
+# GPTQ quality, dead columns, determinism
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "spec,act_order",
+    [
+        (weight_spec(4, group_size=64), False),
+        (weight_spec(4, group_size=64), True),
+        (QuantSpec(bits=4, granularity="per_channel"), True),
+        (weight_spec(8), False),
+    ],
+    ids=["4b-g64", "4b-g64-act", "4b-channel-act", "8b-channel"],
+)
+def test_gptq_beats_rtn_on_correlated_inputs(spec, act_order):
+    w, x, h = _problem(seed=3)
+    gptq = gptq_quantize(w, h, spec, act_order=act_order)
+    rtn = quantize_weight_rtn(w, spec)
+    assert _output_error(x, w, gptq) < 0.9 * _output_error(x, w, rtn)
+
+
+def test_gptq_dead_columns():
+    w, x, h = _problem(seed=4, k=64)
+    dead = [0, 5, 33, 63]
+    x[:, dead] = 0.0
+    h = 2.0 / x.shape[0] * x.double().T @ x.double()
+    spec = weight_spec(4, group_size=32, symmetric=False)
+    qw = gptq_quantize(w, h, spec, act_order=True)
+    deq = qw.dequantize()
+    assert torch.isfinite(deq).all() and torch.isfinite(qw.scale).all()
+    assert (deq[:, dead] == 0).all()
+    assert _output_error(x, w, qw) < 0.9 * _output_error(x, w, quantize_weight_rtn(w, spec))
+    # A fully dead group (all zero) still gets a usable scale.
+    h[:32, :] = 0.0
+    h[:, :32] = 0.0
+    qw = gptq_quantize(w, h, spec)
+    assert torch.isfinite(qw.scale).all() and (qw.dequantize()[:, :32] == 0).all()
+
+
+def test_gptq_is_deterministic():
+    w, _, h = _problem(seed=5)
+    spec = weight_spec(4, group_size=32)
+    a = gptq_quantize(w, h, spec, act_order=True)
+    b = gptq_quantize(w.clone(), h.clone(), spec, act_order=True)
+    assert torch.equal(a.qweight, b.qweight) and torch.equal(a.scale, b.scale)
+
+
+def test_gptq_errors():
+    w = torch.randn(4, 2)
+    with pytest.raises(ValueError, match="Hessian must be"):
+        gptq_quantize(w, torch.eye(3))
+    indefinite = torch.tensor([[1.0, 2.0], [2.0, 1.0]], dtype=torch.float64)
+    with pytest.raises(ValueError, match="positive definite"):
+        gptq_quantize(w, indefinite, damp=0.0)
+
+
+def test_gptq_speed_1536x384():
+    w, _, h = _problem(seed=6, n=1536, k=384, rows=512)
+    spec = weight_spec(4)
+    gptq_quantize(w, h, spec)  # first LAPACK / thread-pool use carries a one-off cost
+    times = []
+    for _ in range(2):  # best of two: the CPU is shared with other test processes
+        start = time.perf_counter()
+        gptq_quantize(w, h, spec, act_order=True)
+        times.append(time.perf_counter() - start)
+    assert min(times) < 1.0
