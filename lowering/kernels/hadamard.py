@@ -27,6 +27,7 @@ import math
 import torch
 import triton
 import triton.language as tl
+from qcompile.lowering.device import check_can_launch, triton_target
 
 from qcompile.hadamard import hadamard_factor, hadamard_matrix
 
@@ -34,12 +35,12 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @functools.cache
-def _small_hadamard(m: int, device: torch.device) -> torch.Tensor:
+def small_hadamard(m: int, device: torch.device) -> torch.Tensor:
     """H_m as float32 [m, m] on device, cached: the kernels read it (it is tiny)."""
     return hadamard_matrix(m, torch.float32).to(device)
 
 
-def _norm(n: int) -> float:
+def norm_factor(n: int) -> float:
     # Rounded to float32 once, on the host, so the kernel and the CPU path multiply by the
     # same float32 number.
     return float(torch.tensor(1.0 / math.sqrt(n), dtype=torch.float32))
@@ -65,7 +66,7 @@ def cast_rne(y, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _hadamard_tile(
+def hadamard_tile(
     row_ptr,  # first element of one row x [n]
     h_ptr,  # H_m, float32 [m, m] row-major
     stride_k,
@@ -119,7 +120,7 @@ def _hadamard_kernel(
     DENSE: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    y = _hadamard_tile(x_ptr + row * stride_xm, h_ptr, stride_xk, m, P, MP, LOG_P, DENSE)
+    y = hadamard_tile(x_ptr + row * stride_xm, h_ptr, stride_xk, m, P, MP, LOG_P, DENSE)
     y = y * norm
     offs_p = tl.arange(0, P)[:, None]
     offs_i = tl.arange(0, MP)[None, :]
@@ -127,7 +128,7 @@ def _hadamard_kernel(
     tl.store(out, cast_rne(y, y_ptr.dtype.element_ty), mask=offs_i < m)
 
 
-def _launch_meta(n: int) -> dict:
+def hadamard_launch_meta(n: int) -> dict:
     pow2, m = hadamard_factor(n)
     mp = triton.next_power_of_2(m)
     # The whole row lives in registers: more warps for longer rows (~16 floats a thread).
@@ -140,17 +141,18 @@ def hadamard_transform_triton(x: torch.Tensor, out_dtype: torch.dtype | None = N
     """The Triton kernel (CUDA, or CPU tensors under TRITON_INTERPRET=1). x [..., n]."""
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"hadamard_transform takes float16/bfloat16/float32, got {x.dtype}")
+    check_can_launch(x)
     n = x.shape[-1]
-    meta, m = _launch_meta(n)
+    meta, m = hadamard_launch_meta(n)
     x2 = x.reshape(-1, n)  # [M, n]; a view when possible, strides passed as they are
     y = torch.empty(x2.shape, dtype=out_dtype or x.dtype, device=x.device)
     if x2.shape[0]:
         _hadamard_kernel[(x2.shape[0],)](
             x2,
-            _small_hadamard(m, x.device),
+            small_hadamard(m, x.device),
             y,
             m,
-            _norm(n),
+            norm_factor(n),
             x2.stride(0),
             x2.stride(1),
             y.stride(0),
@@ -172,7 +174,7 @@ def hadamard_transform_cpu(x: torch.Tensor, out_dtype: torch.dtype | None = None
     lead = x.shape[:-1]
     xt = x.reshape(-1, pow2, m).to(torch.float32)  # [M, P, m]
     if m > 1:
-        h = _small_hadamard(m, x.device)
+        h = small_hadamard(m, x.device)
         y = torch.zeros_like(xt)
         for j in range(m):  # ascending j, as the kernel accumulates
             y = y + xt[:, :, j : j + 1] * h[:, j]
@@ -184,7 +186,7 @@ def hadamard_transform_cpu(x: torch.Tensor, out_dtype: torch.dtype | None = None
         a, b = y[:, :, 0], y[:, :, 1]
         y = torch.stack((a + b, a - b), dim=2)
         half *= 2
-    y = y.reshape(-1, n) * torch.tensor(_norm(n), dtype=torch.float32)
+    y = y.reshape(-1, n) * torch.tensor(norm_factor(n), dtype=torch.float32)
     return y.reshape(*lead, n).to(out_dtype or x.dtype)
 
 
@@ -197,7 +199,7 @@ def hadamard_transform_ref(x: torch.Tensor, out_dtype: torch.dtype | None = None
 
 def hadamard_transform(x: torch.Tensor, out_dtype: torch.dtype | None = None):
     """y = x @ H_n^T / sqrt(n) over the last dim: Triton on CUDA, the torch FWHT elsewhere."""
-    if x.is_cuda:
+    if x.is_cuda and triton_target() == "cuda":
         return hadamard_transform_triton(x, out_dtype)
     return hadamard_transform_cpu(x, out_dtype)
 

@@ -1,0 +1,389 @@
+"""Activation quantization kernels: static per-tensor, dyadic requantization, dynamic
+per-token, and per-token after an online Hadamard transform.
+
+What, for x [..., K]:
+- `quantize_per_tensor(x, scale, zp)`: q = clamp(round(x / scale) + zp), float scale
+  (static, calibrated). Same arithmetic as qcompile.numerics.specs.quantize: float32
+  IEEE division by the float32 scale, round half to even.
+- `requantize_int(acc, q, shift, zp)`: int32 -> int8 by the dyadic contract
+  (qcompile.numerics.dyadic.requantize), in int64 integer arithmetic only.
+- `quantize_per_token(x)`: symmetric dynamic per-row quantization in one pass over x:
+  scale[m] = max(absmax(x[m]) / qmax, eps) exactly as specs.dynamic_per_token_qparams,
+  then q as above. Returns (int8 [..., K], float32 scale [...]).
+- `hadamard_quantize_per_token(x)`: quantize_per_token(H x / sqrt(K)) fused: the row is
+  rotated in registers (lowering/kernels/hadamard.py) and never written in float.
+
+Why: these sit in front of every integer GEMM; fusing absmax, scale and rounding (and the
+rotation) into one read of x keeps them memory-bound at one pass.
+
+Rounding inside the kernels is done on |y| with floor and an explicit tie test, because
+Triton has no portable rint and the (y + 0.5) trick is wrong just below 0.5. Division is
+tl.math.div_rn (IEEE), not `/`, which compiles to the approximate div.full.f32 on NVIDIA.
+
+Every op has `<op>_ref` (pure torch, the definition), `<op>_cpu` (the CPU path) and
+`<op>_triton` (the kernel, CUDA or interpreter); `<op>` dispatches on the device.
+Integer outputs of all three are bit-identical.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from qcompile.lowering.device import check_can_launch, triton_target
+from qcompile.lowering.kernels.hadamard import (
+    hadamard_launch_meta,
+    hadamard_tile,
+    hadamard_transform_cpu,
+    norm_factor,
+    small_hadamard,
+)
+
+from qcompile.numerics import specs
+from qcompile.numerics.dyadic import requantize
+
+SCALE_EPS = specs.SCALE_EPS
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_ONE_PASS_MAX_K = 16384  # longest row quantize_per_token holds in registers
+
+
+def _range(bits: int) -> tuple[int, int]:
+    if not 2 <= bits <= 8:
+        raise ValueError(f"bits must be in 2..8 (int8 storage), got {bits}")
+    return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+
+
+def _use_triton(x: torch.Tensor) -> bool:
+    return x.is_cuda and triton_target() == "cuda"
+
+
+def _check_float(x: torch.Tensor) -> None:
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"expected a float16/bfloat16/float32 activation, got {x.dtype}")
+
+
+# --------------------------------------------------------------------------- Triton
+
+
+@triton.jit
+def round_half_even(y):
+    """round(y) for float32 y, ties to even, exact for every finite y (as torch.round)."""
+    a = tl.abs(y)
+    r = tl.floor(a)
+    d = a - r  # exact: r <= a < r + 1, and r >= a / 2 when a >= 1
+    odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
+    r = tl.where((d > 0.5) | ((d == 0.5) & odd), r + 1.0, r)
+    return tl.where(y < 0, -r, r)
+
+
+@triton.jit
+def quantize_value(x, scale, zero_point, QMIN: tl.constexpr, QMAX: tl.constexpr):
+    """int8 clamp(round(x / scale) + zp) for float32 x, as specs.quantize."""
+    q = round_half_even(tl.math.div_rn(x, scale)) + zero_point
+    return tl.minimum(tl.maximum(q, QMIN), QMAX).to(tl.int8)
+
+
+@triton.jit
+def _quantize_per_tensor_kernel(
+    # pointers
+    x_ptr,
+    q_ptr,
+    # shapes and parameters
+    M,
+    K,
+    scale,  # float32
+    zero_point,
+    # strides
+    stride_xm,
+    stride_xk,
+    stride_qm,
+    stride_qk,
+    # meta-parameters
+    QMIN: tl.constexpr,
+    QMAX: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    offs_m = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)[:, None]
+    offs_k = (tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)[None, :]
+    mask = (offs_m < M) & (offs_k < K)
+    x = tl.load(x_ptr + offs_m * stride_xm + offs_k * stride_xk, mask=mask).to(tl.float32)
+    q = quantize_value(x, scale, zero_point, QMIN, QMAX)  # int zp promotes to float32
+    tl.store(q_ptr + offs_m * stride_qm + offs_k * stride_qk, q, mask=mask)
+
+
+@triton.jit
+def requantize_value(acc, q, shift, zero_point, QMIN: tl.constexpr, QMAX: tl.constexpr):
+    """The dyadic contract on int64: clamp(round_half_away(acc * q / 2**shift) + zp)."""
+    p = acc.to(tl.int64) * q.to(tl.int64)
+    shift = shift.to(tl.int64)
+    half = tl.full(p.shape, 1, tl.int64) << (shift - 1)
+    mag = (tl.abs(p) + half) >> shift  # |p| < 2**62, so |p| + 2**61 does not overflow
+    y = tl.where(p < 0, -mag, mag) + zero_point
+    return tl.minimum(tl.maximum(y, QMIN), QMAX)
+
+
+@triton.jit
+def _requantize_kernel(
+    # pointers
+    acc_ptr,
+    q_ptr,  # int64 [N] (PER_CHANNEL) or [1]
+    shift_ptr,  # int64, like q
+    out_ptr,
+    # shapes and parameters
+    M,
+    N,
+    zero_point,
+    # strides
+    stride_am,
+    stride_an,
+    stride_om,
+    stride_on,
+    # meta-parameters
+    PER_CHANNEL: tl.constexpr,
+    QMIN: tl.constexpr,
+    QMAX: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    offs_m = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)[:, None]
+    offs_n = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)[None, :]
+    mask = (offs_m < M) & (offs_n < N)
+    acc = tl.load(acc_ptr + offs_m * stride_am + offs_n * stride_an, mask=mask, other=0)
+    if PER_CHANNEL:
+        q = tl.load(q_ptr + offs_n, mask=offs_n < N, other=0)  # [1, BLOCK_N]
+        shift = tl.load(shift_ptr + offs_n, mask=offs_n < N, other=1)
+    else:
+        q = tl.load(q_ptr)
+        shift = tl.load(shift_ptr)
+    y = requantize_value(acc, q, shift, zero_point, QMIN, QMAX)
+    tl.store(out_ptr + offs_m * stride_om + offs_n * stride_on, y.to(tl.int8), mask=mask)
+
+
+@triton.jit
+def _quantize_per_token_kernel(
+    # pointers
+    x_ptr,
+    q_ptr,
+    scale_ptr,
+    # shapes
+    K,
+    # strides
+    stride_xm,
+    stride_xk,
+    stride_qm,
+    stride_qk,
+    # meta-parameters
+    QMIN: tl.constexpr,
+    QMAX: tl.constexpr,
+    EPS: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    ONE_PASS: tl.constexpr,  # BLOCK_K >= K: the row is read once and kept in registers
+):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_xm
+    q_row = q_ptr + row * stride_qm
+    offs = tl.arange(0, BLOCK_K)
+    if ONE_PASS:
+        x = tl.load(x_row + offs * stride_xk, mask=offs < K, other=0.0).to(tl.float32)
+        amax = tl.max(tl.abs(x), axis=0)
+    else:
+        amax = tl.zeros((), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            x = tl.load(x_row + (k0 + offs) * stride_xk, mask=k0 + offs < K, other=0.0)
+            amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), axis=0))
+    scale = tl.maximum(tl.math.div_rn(amax, QMAX * 1.0), EPS)
+    tl.store(scale_ptr + row, scale)
+    if ONE_PASS:
+        tl.store(q_row + offs * stride_qk, quantize_value(x, scale, 0.0, QMIN, QMAX), offs < K)
+    else:
+        for k0 in range(0, K, BLOCK_K):
+            x = tl.load(x_row + (k0 + offs) * stride_xk, mask=k0 + offs < K, other=0.0)
+            q = quantize_value(x.to(tl.float32), scale, 0.0, QMIN, QMAX)
+            tl.store(q_row + (k0 + offs) * stride_qk, q, mask=k0 + offs < K)
+
+
+@triton.jit
+def _hadamard_quantize_kernel(
+    # pointers
+    x_ptr,
+    h_ptr,
+    q_ptr,
+    scale_ptr,
+    # shapes
+    m,
+    norm,
+    # strides
+    stride_xm,
+    stride_xk,
+    stride_qm,
+    # meta-parameters
+    QMIN: tl.constexpr,
+    QMAX: tl.constexpr,
+    EPS: tl.constexpr,
+    P: tl.constexpr,
+    MP: tl.constexpr,
+    LOG_P: tl.constexpr,
+    DENSE: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    y = hadamard_tile(x_ptr + row * stride_xm, h_ptr, stride_xk, m, P, MP, LOG_P, DENSE)
+    y = y * norm  # [P, MP], padding columns are 0 and do not move the absmax
+    amax = tl.max(tl.max(tl.abs(y), axis=1), axis=0)
+    scale = tl.maximum(tl.math.div_rn(amax, QMAX * 1.0), EPS)
+    tl.store(scale_ptr + row, scale)
+    offs_p = tl.arange(0, P)[:, None]
+    offs_i = tl.arange(0, MP)[None, :]
+    q = quantize_value(y, scale, 0.0, QMIN, QMAX)
+    tl.store(q_ptr + row * stride_qm + offs_p * m + offs_i, q, mask=offs_i < m)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x [..., K] as [M, K], a view when the strides allow (the kernels take strides)."""
+    return x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
+
+
+def quantize_per_tensor_triton(x, scale, zero_point=0, *, bits=8):
+    check_can_launch(x)
+    _check_float(x)
+    qmin, qmax = _range(bits)
+    x2 = _rows(x)  # [M, K]
+    q = torch.empty(x2.shape, dtype=torch.int8, device=x.device)
+    M, K = x2.shape
+    block_m, block_k = 16, min(1024, triton.next_power_of_2(max(K, 1)))
+    grid = (triton.cdiv(M, block_m), triton.cdiv(K, block_k))
+    if x2.numel():
+        _quantize_per_tensor_kernel[grid](
+            x2, q, M, K, float(torch.tensor(float(scale), dtype=torch.float32)),
+            int(zero_point), x2.stride(0), x2.stride(1), q.stride(0), q.stride(1),
+            QMIN=qmin, QMAX=qmax, BLOCK_M=block_m, BLOCK_K=block_k,
+        )  # fmt: skip
+    return q.reshape(x.shape)
+
+
+def requantize_int_triton(acc, q, shift, zero_point=0, qmin=-128, qmax=127):
+    check_can_launch(acc)
+    if acc.dtype != torch.int32:
+        raise TypeError(f"requantize_int takes int32 accumulators, got {acc.dtype}")
+    q_t = torch.as_tensor(q, dtype=torch.int64, device=acc.device).reshape(-1)
+    s_t = torch.as_tensor(shift, dtype=torch.int64, device=acc.device).reshape(-1)
+    a2 = _rows(acc)  # [M, N]
+    M, N = a2.shape
+    per_channel = q_t.numel() != 1
+    if per_channel and (q_t.numel() != N or s_t.numel() != N):
+        raise ValueError(f"per-channel q/shift must have {N} elements, got {q_t.numel()}")
+    out = torch.empty(a2.shape, dtype=torch.int8, device=acc.device)
+    block_m, block_n = 16, min(256, triton.next_power_of_2(max(N, 1)))
+    grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
+    if a2.numel():
+        _requantize_kernel[grid](
+            a2, q_t, s_t, out, M, N, int(zero_point),
+            a2.stride(0), a2.stride(1), out.stride(0), out.stride(1),
+            PER_CHANNEL=per_channel, QMIN=qmin, QMAX=qmax, BLOCK_M=block_m, BLOCK_N=block_n,
+        )  # fmt: skip
+    return out.reshape(acc.shape)
+
+
+def quantize_per_token_triton(x, *, bits=8, block_k=None):
+    """block_k below K forces the two-pass (long-row) variant; tests use it."""
+    check_can_launch(x)
+    _check_float(x)
+    qmin, qmax = _range(bits)
+    x2 = _rows(x)  # [M, K]
+    M, K = x2.shape
+    q = torch.empty(x2.shape, dtype=torch.int8, device=x.device)
+    scale = torch.empty(M, dtype=torch.float32, device=x.device)
+    if block_k is None:
+        block_k = min(triton.next_power_of_2(max(K, 1)), _ONE_PASS_MAX_K)
+    if M:
+        _quantize_per_token_kernel[(M,)](
+            x2, q, scale, K, x2.stride(0), x2.stride(1), q.stride(0), q.stride(1),
+            QMIN=qmin, QMAX=qmax, EPS=SCALE_EPS, BLOCK_K=block_k, ONE_PASS=block_k >= K,
+            num_warps=min(16, max(1, block_k // 512)),
+        )  # fmt: skip
+    return q.reshape(x.shape), scale.reshape(x.shape[:-1])
+
+
+def hadamard_quantize_per_token_triton(x, *, bits=8):
+    check_can_launch(x)
+    _check_float(x)
+    qmin, qmax = _range(bits)
+    n = x.shape[-1]
+    meta, m = hadamard_launch_meta(n)
+    x2 = _rows(x)  # [M, n]
+    M = x2.shape[0]
+    q = torch.empty(x2.shape, dtype=torch.int8, device=x.device)
+    scale = torch.empty(M, dtype=torch.float32, device=x.device)
+    if M:
+        _hadamard_quantize_kernel[(M,)](
+            x2, small_hadamard(m, x.device), q, scale, m, norm_factor(n),
+            x2.stride(0), x2.stride(1), q.stride(0),
+            QMIN=qmin, QMAX=qmax, EPS=SCALE_EPS, **meta,
+        )  # fmt: skip
+    return q.reshape(x.shape), scale.reshape(x.shape[:-1])
+
+
+# --------------------------------------------------------------------------- torch
+
+
+def quantize_per_tensor_ref(x, scale, zero_point=0, *, bits=8):
+    """specs.quantize with a per-tensor spec: clamp(round(x / scale) + zp), float32."""
+    spec = specs.QuantSpec(bits=bits, symmetric=zero_point == 0)
+    s = torch.tensor(float(scale), dtype=torch.float32)
+    return specs.quantize(x, s, torch.tensor(int(zero_point), dtype=torch.int32), spec)
+
+
+def requantize_int_ref(acc, q, shift, zero_point=0, qmin=-128, qmax=127):
+    """qcompile.numerics.dyadic.requantize (per-tensor ints or per-channel [N] tensors)."""
+    return requantize(acc, q, shift, zero_point, qmin, qmax)
+
+
+def quantize_per_token_ref(x, *, bits=8):
+    """specs.dynamic_per_token_qparams + specs.quantize: (int8 [..., K], float32 [...])."""
+    spec = specs.QuantSpec(bits=bits, granularity="per_token")
+    scale, zp = specs.dynamic_per_token_qparams(x, spec)
+    return specs.quantize(x, scale, zp, spec), scale
+
+
+def hadamard_quantize_per_token_ref(x, *, bits=8):
+    """quantize_per_token_ref of the float32 rotation (the kernel's rotation is bit-identical
+    to hadamard_transform_cpu, so the integer outputs are too)."""
+    return quantize_per_token_ref(hadamard_transform_cpu(x, torch.float32), bits=bits)
+
+
+# The CPU paths are the references: vectorised torch, no per-element Python.
+quantize_per_tensor_cpu = quantize_per_tensor_ref
+requantize_int_cpu = requantize_int_ref
+quantize_per_token_cpu = quantize_per_token_ref
+hadamard_quantize_per_token_cpu = hadamard_quantize_per_token_ref
+
+
+# --------------------------------------------------------------------------- dispatch
+
+
+def quantize_per_tensor(x, scale, zero_point=0, *, bits=8):
+    """Static per-tensor quantization of a float activation to int8 storage."""
+    if _use_triton(x):
+        return quantize_per_tensor_triton(x, scale, zero_point, bits=bits)
+    return quantize_per_tensor_cpu(x, scale, zero_point, bits=bits)
+
+
+def requantize_int(acc, q, shift, zero_point=0, qmin=-128, qmax=127):
+    """int32 -> int8 by the dyadic contract; q/shift ints or per-channel [N] tensors."""
+    if _use_triton(acc):
+        return requantize_int_triton(acc, q, shift, zero_point, qmin, qmax)
+    return requantize_int_cpu(acc, q, shift, zero_point, qmin, qmax)
+
+
+def quantize_per_token(x, *, bits=8):
+    """Dynamic symmetric per-row quantization: (int8 [..., K], float32 scale [...])."""
+    if _use_triton(x):
+        return quantize_per_token_triton(x, bits=bits)
+    return quantize_per_token_cpu(x, bits=bits)
+
+
+def hadamard_quantize_per_token(x, *, bits=8):
+    """quantize_per_token(x @ H^T / sqrt(K)), the rotation fused in (online Hadamard)."""
+    if _use_triton(x):
+        return hadamard_quantize_per_token_triton(x, bits=bits)
+    return hadamard_quantize_per_token_cpu(x, bits=bits)
