@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
-from qcompile.fx_utils import add_constant, get_constant, is_call, is_method
+from qcompile.fx_utils import add_constant, erase_unused, get_constant, is_call, is_method
 from qcompile.pass_manager import PassContext, PassResult, graph_pass
 
 
@@ -85,31 +85,41 @@ def _bias_ok(gm: GraphModule, bias, n_out: int) -> bool:
     return value is not None and value.dim() == 1 and value.shape[0] == n_out
 
 
+def match_linear(gm: GraphModule, node: Node):
+    """(x, bias, base get_attr, weight [N, K], weight is base?) when `node` is a spelling of
+    linear against a constant weight that is not yet canonical, else None."""
+    if node.op != "call_function" or node.target not in _SPELLINGS:
+        return None
+    xi, ri, bi, rhs_is_nk = _SPELLINGS[node.target]
+    names = _KW.get(node.target, (None, None, None))
+    x, rhs, bias = _arg(node, xi, names[0]), _arg(node, ri, names[1]), _arg(node, bi, names[2])
+    if node.target is torch.addmm and (node.kwargs.get("alpha", 1) != 1
+                                       or node.kwargs.get("beta", 1) != 1):
+        return None
+    found = constant_weight_of(gm, rhs)
+    if found is None:
+        return None
+    base, value, flipped = found
+    weight_nk = value if rhs_is_nk else value.t()  # [N, K]
+    if not _bias_ok(gm, bias, weight_nk.shape[0]):
+        return None
+    x_val = x.meta.get("val") if isinstance(x, Node) else None
+    if x_val is None or x_val.dim() < (2 if node.target in (torch.mm, torch.addmm) else 1):
+        return None
+    if node.target is F.linear and rhs is base and len(node.args) == 3 and not node.kwargs:
+        return None  # already canonical
+    weight_is_base = rhs_is_nk != flipped
+    return x, bias, base, weight_nk, weight_is_base
+
+
 @graph_pass("canonicalize-linear", requires=("freeze-params",))
 def canonicalize_linear(gm: GraphModule, ctx: PassContext) -> PassResult:
     counters: dict[str, int] = {}
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target not in _SPELLINGS:
-            continue
-        xi, ri, bi, rhs_is_nk = _SPELLINGS[node.target]
-        names = _KW.get(node.target, (None, None, None))
-        x, rhs, bias = _arg(node, xi, names[0]), _arg(node, ri, names[1]), _arg(node, bi, names[2])
-        if node.target is torch.addmm and (node.kwargs.get("alpha", 1) != 1
-                                           or node.kwargs.get("beta", 1) != 1):
-            continue
-        found = constant_weight_of(gm, rhs)
+        found = match_linear(gm, node)
         if found is None:
             continue
-        base, value, flipped = found
-        weight_nk = value if rhs_is_nk else value.t()  # [N, K]
-        if not _bias_ok(gm, bias, weight_nk.shape[0]):
-            continue
-        x_val = x.meta.get("val") if isinstance(x, Node) else None
-        if x_val is None or x_val.dim() < (2 if node.target in (torch.mm, torch.addmm) else 1):
-            continue
-        if node.target is F.linear and rhs is base and len(node.args) == 3 and not node.kwargs:
-            continue  # already canonical
-        weight_is_base = (rhs_is_nk and not flipped) or (not rhs_is_nk and flipped)
+        x, bias, base, weight_nk, weight_is_base = found
         if weight_is_base:
             w_node = base
         else:
@@ -124,7 +134,5 @@ def canonicalize_linear(gm: GraphModule, ctx: PassContext) -> PassResult:
         key = new.meta["qc_spelling"]
         counters[key] = counters.get(key, 0) + 1
     if counters:
-        from qcompile.fx_utils import erase_unused
-
         erase_unused(gm)
     return PassResult(gm, modified=bool(counters), counters=counters)

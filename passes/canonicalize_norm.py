@@ -1,8 +1,8 @@
 """canonicalize-norm: LayerNorm and RMSNorm become `F.layer_norm(x, shape, w, b, eps)` and
 `F.rms_norm(x, shape, w, eps)`, all arguments positional, w and b constants or None.
 
-Spellings: the functional / module calls (Dynamo shows nn.LayerNorm and nn.RMSNorm as
-the functional call), and the decomposed forms
+Spellings: the functional / module calls (Dynamo shows nn.LayerNorm as F.layer_norm
+and nn.RMSNorm as torch.rms_norm), torch.layer_norm, and the decomposed forms
   RMSNorm:   x * rsqrt(mean(x^2, -1, keepdim) + eps) [* w]   (x^2 as pow(2), x*x, x**2;
              rsqrt as torch.rsqrt / .rsqrt() / 1 / sqrt; weight on either side;
              the fp32 round trip `.to(float32)` ... `.to(dtype)` of LLaMA-style code)
@@ -166,12 +166,17 @@ def canonicalize_norm(gm: GraphModule, ctx: PassContext) -> PassResult:
     for node in list(gm.graph.nodes):
         if node.op != "call_function" and node.op != "call_method":
             continue
-        if is_call(node, F.layer_norm):
-            if _normalize(node, _LN_ORDER, {"weight": None, "bias": None, "eps": 1e-5}):
+        if is_call(node, F.layer_norm, torch.layer_norm):
+            changed = node.target is not F.layer_norm
+            node.target = F.layer_norm  # torch.layer_norm's trailing cudnn flag is dropped
+            node.args = node.args[:5]
+            if _normalize(node, _LN_ORDER, {"weight": None, "bias": None, "eps": 1e-5}) or changed:
                 bump("layer_norm_normalized")
             continue
-        if is_call(node, F.rms_norm):
-            if _normalize(node, _RMS_ORDER, {"weight": None, "eps": None}):
+        if is_call(node, F.rms_norm, torch.rms_norm):
+            changed = node.target is not F.rms_norm
+            node.target = F.rms_norm
+            if _normalize(node, _RMS_ORDER, {"weight": None, "eps": None}) or changed:
                 bump("rms_norm_normalized")
             continue
         found = _match_norm(gm, node)

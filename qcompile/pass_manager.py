@@ -119,11 +119,22 @@ def graph_pass(name: str, *, requires: tuple[str, ...] = ()) -> Callable[[PassFn
 
 
 def get_pass(name: str) -> PassFn:
-    import qcompile.pipeline  # noqa: F401  (registers every pass)
+    _import_all_passes()
 
     if name not in _REGISTRY:
         raise KeyError(f"no pass named {name!r}; known passes: {sorted(_REGISTRY)}")
     return _REGISTRY[name]
+
+
+def _import_all_passes() -> None:
+    """Passes register themselves on import; one module per pass in qcompile.passes."""
+    import importlib
+    import pkgutil
+
+    import qcompile.passes
+
+    for info in pkgutil.iter_modules(qcompile.passes.__path__):
+        importlib.import_module(f"qcompile.passes.{info.name}")
 
 
 def pass_name(fn: PassFn) -> str:

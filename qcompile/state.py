@@ -51,17 +51,34 @@ def _register(t: torch.Tensor, state: ModelState) -> None:
 
 
 def state_for_tensors(tensors: list[torch.Tensor]) -> ModelState:
-    """The state owning these parameter tensors, created (and registered) if new."""
+    """The state owning these parameter tensors, created (and registered) if new.
+
+    A graph break gives each graph only its own parameters, so one model can start out
+    with several states; any lookup that finds more than one merges them into one."""
+    found: list[ModelState] = []
     for t in tensors:
         state = _lookup(t)
-        if state is not None:
-            break
-    else:
-        state = ModelState()
+        if state is not None and all(state is not f for f in found):
+            found.append(state)
+    state = found[0] if found else ModelState()
+    for other in found[1:]:
+        _merge(state, other)
     for t in tensors:
         if _lookup(t) is not state:
             _register(t, state)
     return state
+
+
+def _merge(into: ModelState, other: ModelState) -> None:
+    for artifact in list(other.artifacts):
+        into.artifacts.add(artifact)
+        artifact.state = artifact.ctx.state = into
+    for name in ("observers", "qparams", "stats"):
+        getattr(into, name).update(getattr(other, name))
+    into.calibrated = into.calibrated or other.calibrated
+    for key, (ref, st) in list(_BY_TENSOR.items()):
+        if st is other:
+            _BY_TENSOR[key] = (ref, into)
 
 
 def model_tensors(model: Any) -> list[torch.Tensor]:

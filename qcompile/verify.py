@@ -63,14 +63,12 @@ def _linear_weight_const(gm: GraphModule, node: Node) -> bool:
     return w is not None and w.dim() == 2
 
 
-@register_rule("canonicalize-linear", "no addmm / matmul / mm left against a constant weight")
-def _no_matmul_against_const(gm: GraphModule, node: Node) -> bool:
-    if not is_call(node, torch.addmm, torch.matmul, torch.mm, __import__("operator").matmul):
-        return True
-    from qcompile.passes.canonicalize_linear import constant_weight_of
+@register_rule("canonicalize-linear", "no spelling of linear against a constant weight "
+               "(addmm / matmul / mm / keyword linear) is left")
+def _no_linear_spellings(gm: GraphModule, node: Node) -> bool:
+    from qcompile.passes.canonicalize_linear import match_linear
 
-    rhs = node.args[2] if node.target is torch.addmm else node.args[1]
-    return constant_weight_of(gm, rhs) is None
+    return match_linear(gm, node) is None
 
 
 @register_rule("canonicalize-attention", "attention is sdpa with q, k, v positional and "

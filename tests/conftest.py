@@ -11,3 +11,16 @@ except ImportError:  # pragma: no cover
     pass
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Every compile in the tests runs the stage verifier after every pass.
+os.environ.setdefault("QCOMPILE_VERIFY", "1")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Each test compiles from scratch: no cache entries (or recompile limits) carry over."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    yield

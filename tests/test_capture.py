@@ -1,0 +1,95 @@
+"""Capture and the compiled artifact: frozen weights, identity/version checks, inference
+only, dynamic shapes, graph breaks."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import qcompile
+from qcompile.artifact import InferenceOnlyError
+from qcompile.passes.freeze_params import TrainingModeError
+from tests.helpers import TinyMLP
+
+FLOAT = {"recipe": "float"}
+
+
+def test_parameters_become_constants_with_module_paths():
+    cap = qcompile.capture(TinyMLP().eval(), torch.randn(2, 16), options=FLOAT)
+    cap.run(until="freeze-params")
+    placeholders = [n for n in cap.gm.graph.nodes if n.op == "placeholder"]
+    assert len(placeholders) == 1
+    names = sorted(n.meta["qc_param_name"] for n in cap.gm.graph.nodes if n.op == "get_attr")
+    assert names == ["fc1.bias", "fc1.weight", "fc2.bias", "fc2.weight"]
+    for node in cap.gm.graph.nodes:
+        if node.op != "output":
+            assert isinstance(node.meta["val"], torch.Tensor)
+
+
+def test_another_instance_uses_its_own_weights():
+    a, b = TinyMLP().eval(), TinyMLP().eval()
+    x = torch.randn(3, 16)
+    ca, cb = (torch.compile(m, backend="qcompile", options=FLOAT) for m in (a, b))
+    with torch.no_grad():
+        assert torch.equal(ca(x), a(x))
+        assert torch.equal(cb(x), b(x))  # Dynamo may reuse a's graph: weights must differ
+        assert torch.equal(ca(x), a(x))
+
+
+def test_weights_changed_in_place_are_noticed():
+    m = TinyMLP().eval()
+    cm = torch.compile(m, backend="qcompile", options=FLOAT)
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        cm(x)
+        m.fc1.weight.mul_(2.0)
+        assert torch.equal(cm(x), m(x))
+
+
+def test_training_mode_is_rejected():
+    class Drop(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(8, 8)
+            self.drop = torch.nn.Dropout(0.1)
+
+        def forward(self, x):
+            return self.drop(self.fc(x))
+
+    cm = torch.compile(Drop().train(), backend="qcompile", options=FLOAT)
+    with pytest.raises(Exception, match="model.eval\\(\\)") as info:
+        cm(torch.randn(2, 8))
+    assert isinstance(info.value.__cause__ or info.value, (TrainingModeError, Exception))
+
+
+def test_input_requiring_grad_is_rejected():
+    cm = torch.compile(TinyMLP().eval(), backend="qcompile", options=FLOAT)
+    with pytest.raises(InferenceOnlyError, match="no_grad"):
+        cm(torch.randn(2, 16, requires_grad=True))
+
+
+def test_dynamic_batch_and_sequence():
+    m = TinyMLP().eval()
+    cm = torch.compile(m, backend="qcompile", options=FLOAT, dynamic=True)
+    with torch.no_grad():
+        for shape in [(2, 3, 16), (5, 7, 16), (1, 1, 16)]:
+            x = torch.randn(shape)
+            assert torch.equal(cm(x), m(x))
+
+
+def test_graph_breaks_compile_each_subgraph():
+    class Breaks(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            y = self.a(x)
+            torch._dynamo.graph_break()
+            return self.b(F.relu(y))
+
+    m = Breaks().eval()
+    cm = torch.compile(m, backend="qcompile", options=FLOAT)
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        assert torch.equal(cm(x), m(x))
+    assert len(qcompile.report(cm).graphs) == 2

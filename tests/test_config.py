@@ -1,0 +1,51 @@
+"""Options: unknown options, recipes and modes are errors that list what is known."""
+
+import pytest
+import torch
+
+from qcompile.config import RECIPES, Options, QCompileConfigError, known_options
+from tests.helpers import TinyMLP
+
+
+def test_unknown_option_lists_known():
+    with pytest.raises(QCompileConfigError) as info:
+        Options.from_user(None, {"recipee": "w8a8"})
+    for name in ("recipe", "debug_dir", "smooth", "rotate"):
+        assert name in str(info.value)
+
+
+def test_unknown_recipe_lists_recipes():
+    with pytest.raises(QCompileConfigError) as info:
+        Options.from_user(None, {"recipe": "w3a3"})
+    for name in RECIPES:
+        assert name in str(info.value)
+
+
+def test_unknown_mode():
+    with pytest.raises(QCompileConfigError, match="max-autotune"):
+        Options.from_user("reduce-overhead", {})
+
+
+def test_bad_values():
+    with pytest.raises(QCompileConfigError, match="observer"):
+        Options.from_user(None, {"observer": "magic"})
+    with pytest.raises(QCompileConfigError, match="True/False"):
+        Options.from_user(None, {"rotate": "yes"})
+    with pytest.raises(QCompileConfigError, match="smooth_alpha"):
+        Options.from_user(None, {"smooth_alpha": 2.0})
+
+
+def test_recipe_defaults_and_switches():
+    opts = Options.from_user(None, {"recipe": "w4a4"})
+    assert opts.transform_on("rotate") and opts.transform_on("gptq") and opts.needs_calibration
+    opts = Options.from_user(None, {"recipe": "w4a4", "gptq": False, "rotate": False})
+    assert not opts.transform_on("gptq") and not opts.transform_on("rotate")
+    assert not Options.from_user(None, {}).needs_calibration  # w8a8 is dynamic
+    assert Options.from_user("max-autotune", {}).autotune
+    assert "recipe" in known_options()
+
+
+def test_backend_rejects_unknown_option_through_torch_compile():
+    cm = torch.compile(TinyMLP().eval(), backend="qcompile", options={"nope": 1})
+    with pytest.raises(Exception, match="known options"):
+        cm(torch.randn(2, 16))
