@@ -1,0 +1,154 @@
+"""Fused int8 attention: kernel (interpreter on CPU) vs the float64 reference of the same
+quantization (tight: only P's float16 rounding and float32 sums differ) and vs float SDPA
+on the unquantized tensors (loose: int8 quantization error of q, k, v)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from qcompile.lowering.kernels.attention import (
+    quantized_attention,
+    quantized_attention_cpu,
+    quantized_attention_ref,
+    quantized_attention_triton,
+)
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # -inf - -inf in numpy
+
+
+def _quant_per_head(x):
+    """Symmetric per-head int8: [B, H, S, D] -> (int8, float32 scale [H])."""
+    s = x.abs().amax(dim=(0, 2, 3)) / 127
+    q = torch.round(x / s[None, :, None, None]).clamp(-127, 127).to(torch.int8)
+    return q, s
+
+
+def _inputs(b, hq, hkv, sq, sk, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    qf = torch.randn(b, hq, sq, d, generator=g)
+    kf = torch.randn(b, hkv, sk, d, generator=g)
+    vf = torch.randn(b, hkv, sk, d, generator=g)
+    return (qf, kf, vf), (*_quant_per_head(qf), *_quant_per_head(kf), *_quant_per_head(vf))
+
+
+def _run_all(quant, **kw):
+    q, qs, k, ks, v, vs = quant
+    out = quantized_attention_triton(q, k, v, qs, ks, vs, out_dtype=torch.float32, **kw)
+    ref = quantized_attention_ref(q, k, v, qs, ks, vs, out_dtype=torch.float64, **kw)
+    cpu = quantized_attention_cpu(q, k, v, qs, ks, vs, out_dtype=torch.float32, **kw)
+    # P in float16 carries 2**-11 relative error per probability: the output error is at
+    # most ~2**-11 * max|v| * (1 + float32 noise).
+    tol = 2.0**-10 * float(vs.max()) * 127
+    assert (out.double() - ref).abs().max() <= tol
+    assert (cpu.double() - ref).abs().max() <= 1e-5 * float(vs.max()) * 127
+    return out
+
+
+def _sdpa(floats, mask=None, causal=False):
+    qf, kf, vf = floats
+    rep = qf.shape[1] // kf.shape[1]
+    kf, vf = kf.repeat_interleave(rep, 1), vf.repeat_interleave(rep, 1)
+    return F.scaled_dot_product_attention(qf, kf, vf, attn_mask=mask, is_causal=causal)
+
+
+def _rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+@pytest.mark.parametrize(
+    "b, hq, hkv, sq, sk, d",
+    [(1, 2, 2, 16, 16, 16), (2, 4, 2, 19, 37, 32), (1, 4, 1, 5, 40, 24), (1, 2, 1, 33, 7, 64)],
+)
+def test_matches_reference_and_sdpa(b, hq, hkv, sq, sk, d):
+    floats, quant = _inputs(b, hq, hkv, sq, sk, d, seed=sq * sk)
+    out = _run_all(quant)
+    assert _rel(out, _sdpa(floats)) < 2e-2
+
+
+@pytest.mark.parametrize("sq, sk", [(21, 21), (9, 30)])
+def test_causal(sq, sk):
+    floats, quant = _inputs(1, 4, 2, sq, sk, 32, seed=sk)
+    out = _run_all(quant, causal=True)
+    assert _rel(out, _sdpa(floats, causal=True)) < 2e-2
+    # Query 0 sees key 0 only: its output is v[0] dequantized (up to P = 1 exactly).
+    q, qs, k, ks, v, vs = quant
+    torch.testing.assert_close(out[0, 0, 0], v[0, 0, 0].float() * vs[0], rtol=1e-6, atol=1e-6)
+
+
+def test_additive_and_bool_masks():
+    floats, quant = _inputs(2, 4, 2, 13, 29, 32, seed=5)
+    g = torch.Generator().manual_seed(6)
+    add = torch.randn(2, 1, 13, 29, generator=g)  # broadcast over heads
+    out = _run_all(quant, attn_mask=add)
+    assert _rel(out, _sdpa(floats, mask=add)) < 2e-2
+    keep = torch.rand(2, 4, 13, 29, generator=g) > 0.3  # per head, bool = keep
+    keep[..., 0] = True
+    out = _run_all(quant, attn_mask=keep)
+    assert _rel(out, _sdpa(floats, mask=keep)) < 2e-2
+    # causal combined with a mask: SDPA takes the two merged into one.
+    both = keep & torch.ones(13, 29, dtype=torch.bool).tril()
+    out = _run_all(quant, attn_mask=keep, causal=True)
+    assert _rel(out, _sdpa(floats, mask=both)) < 2e-2
+
+
+def test_key_padding_and_empty_rows():
+    floats, quant = _inputs(2, 2, 2, 8, 24, 16, seed=7)
+    kpm = torch.zeros(2, 24, dtype=torch.bool)
+    kpm[0, 17:] = True
+    kpm[1, :] = True  # batch 1 sees nothing: output 0 (SDPA would give NaN)
+    out = _run_all(quant, key_padding_mask=kpm)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    ref0 = _sdpa([t[:1] for t in floats], mask=~kpm[:1, None, None, :])
+    assert _rel(out[:1], ref0) < 2e-2
+
+
+def test_gqa_equals_repeated_heads():
+    _, quant = _inputs(1, 4, 2, 17, 20, 32, seed=8)
+    q, qs, k, ks, v, vs = quant
+    gqa = quantized_attention_triton(q, k, v, qs, ks, vs, out_dtype=torch.float32)
+    mha = quantized_attention_triton(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), qs,
+                                     ks.repeat_interleave(2), vs.repeat_interleave(2),
+                                     out_dtype=torch.float32)  # fmt: skip
+    assert torch.equal(gqa, mha)
+
+
+def test_non_contiguous_per_tensor_scales_and_dtypes():
+    g = torch.Generator().manual_seed(9)
+    # [B, S, H, D] storage viewed as [B, H, S, D], as transformers lays q/k/v out.
+    q = torch.randint(-127, 128, (1, 18, 2, 16), generator=g, dtype=torch.int8).transpose(1, 2)
+    k = torch.randint(-127, 128, (1, 23, 2, 16), generator=g, dtype=torch.int8).transpose(1, 2)
+    v = torch.randint(-127, 128, (1, 23, 2, 16), generator=g, dtype=torch.int8).transpose(1, 2)
+    args = (q, k, v, 0.02, 0.03, 0.01)
+    ref = quantized_attention_ref(*args, out_dtype=torch.float64)
+    for dtype in (torch.float16, torch.bfloat16):
+        out = quantized_attention_triton(*args, out_dtype=dtype)
+        assert out.dtype == dtype
+        torch.testing.assert_close(out.double(), ref, atol=2.0**-10 * 1.27, rtol=2 * 2.0**-8)
+    cont = quantized_attention_triton(q.contiguous(), k.contiguous(), v.contiguous(), 0.02, 0.03,
+                                      0.01, out_dtype=torch.float32)  # fmt: skip
+    assert torch.equal(quantized_attention_triton(*args, out_dtype=torch.float32), cont)
+    assert torch.equal(quantized_attention(*args), quantized_attention_cpu(*args))
+
+
+def test_errors():
+    x = torch.zeros(1, 3, 4, 16, dtype=torch.int8)
+    kv = torch.zeros(1, 2, 4, 16, dtype=torch.int8)
+    with pytest.raises(ValueError):
+        quantized_attention_triton(x, kv, kv, 1.0, 1.0, 1.0)  # 3 q heads, 2 kv heads
+    with pytest.raises(TypeError):
+        quantized_attention_triton(x.float(), x, x, 1.0, 1.0, 1.0)
+    with pytest.raises(ValueError):
+        quantized_attention_triton(x, x, x, torch.ones(2), 1.0, 1.0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("hq, hkv, d", [(32, 8, 128), (12, 12, 64)])
+def test_cuda_large(causal, hq, hkv, d):
+    floats, quant = _inputs(2, hq, hkv, 300, 300, d, seed=1)
+    quant = [t.cuda() for t in quant]
+    q, qs, k, ks, v, vs = quant
+    out = quantized_attention(q, k, v, qs, ks, vs, causal=causal, out_dtype=torch.float32)
+    ref = quantized_attention_ref(*[t.cpu() for t in quant], causal=causal,
+                                  out_dtype=torch.float64)  # fmt: skip
+    assert (out.cpu().double() - ref).abs().max() <= 2.0**-10 * float(vs.max()) * 127
+    assert _rel(out.cpu(), _sdpa(floats, causal=causal)) < 2e-2
