@@ -1,0 +1,200 @@
+"""Pure-torch integer reference for the int8 GEMM and its epilogues, and the range checks.
+
+What: `gemm_int8_ref(a, w, epilogue, **values)` computes acc = A @ W^T exactly in int64,
+then applies the epilogue steps in int64, requantizing through
+qcompile.numerics.dyadic.requantize (the one implementation of the contract). Float
+epilogues use the op order every kernel must follow:
+((float32(acc) * row_scale[m]) * col_scale[c]) + float_bias[c], then one cast.
+
+Why: every kernel (generated Triton, CPU) is tested against this bit for bit; the CPU
+path reuses `apply_epilogue_ref` itself so the arithmetic exists once.
+
+Range: int8 x int8 products are at most 128 * 128 = 2**14 in magnitude, so an int32 sum
+of K of them is exact for K <= 131071 (2**14 * 131071 < 2**31). `check_accumulator_range`
+is the compile-time proof; a tighter, weight-aware bound also covers bias and zero-point
+terms so that |acc + bias - zp_term| <= 2**31, as the dyadic contract requires.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from qcompile.lowering.epilogue import (
+    Bias,
+    Dequantize,
+    Epilogue,
+    InputZeroPoint,
+    Requantize,
+    bind_operands,
+)
+
+from qcompile.numerics.dyadic import requantize
+
+MAX_SAFE_K = 131071  # 2**14 * K < 2**31
+ACC_LIMIT = 2**31  # |acc| bound of the dyadic contract
+
+
+class AccumulatorRangeError(ValueError):
+    """int32 accumulation (or the requantization input) could overflow for this GEMM."""
+
+
+def check_k(k: int) -> None:
+    """Reject a reduction length whose int32 accumulation could overflow."""
+    if k > MAX_SAFE_K:
+        raise AccumulatorRangeError(
+            f"K = {k} > {MAX_SAFE_K}: an int8 x int8 dot product over K could overflow int32 "
+            "(128 * 128 * K >= 2**31); split K into chunks of at most 131071 and add the "
+            "partial products in int64"
+        )
+
+
+def accumulator_bound(
+    w: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    zp_term: torch.Tensor | None = None,
+    a_absmax: int = 128,
+) -> int:
+    """Largest possible |acc + bias - zp_term| over all int8 inputs, per the actual weights.
+
+    Per channel c: a_absmax * sum_k |W[c, k]| + |bias[c]| + |zp_term[c]| (triangle bound).
+    """
+    bound = a_absmax * w.to(torch.int64).abs().sum(dim=1)  # [N]
+    if bias is not None:
+        bound = bound + bias.to(torch.int64).abs().reshape(-1)
+    if zp_term is not None:
+        bound = bound + zp_term.to(torch.int64).abs().reshape(-1)
+    return int(bound.max()) if bound.numel() else 0
+
+
+def check_accumulator_range(
+    k: int,
+    w: torch.Tensor | None = None,
+    *,
+    bias: torch.Tensor | None = None,
+    zp_term: torch.Tensor | None = None,
+) -> None:
+    """Compile-time proof that accumulation and requantization cannot overflow.
+
+    Without weights only K is checked; with them the bound covers bias and zero-point terms.
+    """
+    check_k(k)
+    if w is None:
+        return
+    bound = accumulator_bound(w, bias=bias, zp_term=zp_term)
+    if bound > ACC_LIMIT:
+        raise AccumulatorRangeError(
+            f"|acc + bias - zp_term| can reach {bound} > 2**31 for these weights; the dyadic "
+            "requantization needs |acc| <= 2**31 (lower the bias/zero point or split K)"
+        )
+
+
+def check_requant_params(q: torch.Tensor | int, shift: torch.Tensor | int) -> None:
+    """q in [0, 2**31) and shift in 1..62 (per tensor or per channel), as made by
+    dyadic.quantize_multiplier; call once at compile time."""
+    q_t = torch.as_tensor(q, dtype=torch.int64)
+    s_t = torch.as_tensor(shift, dtype=torch.int64)
+    if q_t.numel() and (int(q_t.min()) < 0 or int(q_t.max()) >= 2**31):
+        raise ValueError("requantization multiplier q must lie in [0, 2**31)")
+    if s_t.numel() and (int(s_t.min()) < 1 or int(s_t.max()) > 62):
+        raise ValueError("requantization shift must lie in 1..62")
+
+
+def input_zero_point_term(w: torch.Tensor, zp_x: int) -> torch.Tensor:
+    """zp_x * colsum(W)[c] as int32 [N]: what an input zero point removes from acc."""
+    term = int(zp_x) * w.to(torch.int64).sum(dim=1)  # [N]
+    if term.numel() and int(term.abs().max()) >= 2**31:
+        raise AccumulatorRangeError("zp_x * colsum(W) does not fit in int32")
+    return term.to(torch.int32)
+
+
+def apply_epilogue_ref(acc: torch.Tensor, epilogue: Epilogue, **values: Any) -> torch.Tensor:
+    """Apply the steps to an exact accumulator acc [M, N] (int32 or int64); values bound
+    with epilogue.bind_operands (already-bound values pass through unchanged)."""
+    m, n = acc.shape
+    v = bind_operands(epilogue, m, n, acc.device, values)
+    return apply_bound_epilogue(acc, epilogue, v)
+
+
+def apply_bound_epilogue(acc: torch.Tensor, epilogue: Epilogue, v: dict[str, Any]) -> torch.Tensor:
+    """The arithmetic of the steps, on already-bound values (see bind_operands).
+
+    Per-tensor q, shift, zero point and bounds may be Python ints or 0-d int64 tensors (the
+    CPU path passes tensors: compiled code must not see them as symbolic ints).
+    """
+    x = acc.to(torch.int64)  # [M, N]; exact: |acc + bias - zp_term| <= 2**31
+    for step in epilogue.steps:
+        if isinstance(step, InputZeroPoint):
+            x = x - v["zp_term"].to(torch.int64)
+        elif isinstance(step, Bias):
+            x = x + v["bias"].to(torch.int64)
+        elif isinstance(step, Requantize):
+            return requantize(
+                x, v["q"], v["shift"], v["out_zero_point"], v["qmin"], v["qmax"],
+                out_dtype=torch.int8,
+            )
+        elif isinstance(step, Dequantize):
+            # The op order every kernel follows; each product rounds to float32 once.
+            y = x.to(torch.float32) * v["row_scale"][:, None]
+            y = y * v["col_scale"][None, :]
+            if step.has_bias:
+                y = y + v["float_bias"][None, :]
+            return y.to(epilogue.out_dtype)
+    return x.to(torch.int32)
+
+
+def gemm_int8_ref(
+    a: torch.Tensor, w: torch.Tensor, epilogue: Epilogue | None = None, **values: Any
+) -> torch.Tensor:
+    """Reference int8 GEMM: epilogue(A[M, K] @ W[N, K]^T), accumulation exact in int64.
+
+    Computes on CPU (int64 matmul) and returns on a's device.
+    """
+    epilogue = epilogue if epilogue is not None else Epilogue()
+    if a.dtype != torch.int8 or w.dtype != torch.int8:
+        raise TypeError(f"gemm_int8_ref takes int8 A and W, got {a.dtype}, {w.dtype}")
+    if a.dim() != 2 or w.dim() != 2 or a.shape[1] != w.shape[1]:
+        raise ValueError(f"need A [M, K], W [N, K]; got {tuple(a.shape)}, {tuple(w.shape)}")
+    check_k(a.shape[1])
+    acc = a.cpu().to(torch.int64) @ w.cpu().to(torch.int64).T  # [M, N], exact
+    values = {k: (t.cpu() if isinstance(t, torch.Tensor) else t) for k, t in values.items()}
+    return apply_epilogue_ref(acc, epilogue, **values).to(a.device)
+
+
+def random_operands(
+    epilogue: Epilogue, m: int, n: int, k: int, *, seed: int = 0, device: str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """A random problem for `epilogue`: A [M, K], W [N, K] int8 and plausible values.
+
+    Requantization multipliers come from dyadic.quantize_multiplier for scales that keep
+    outputs mostly inside int8 (so tests see rounding, not only saturation).
+    """
+    from qcompile.numerics.dyadic import quantize_multiplier
+
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=g)
+    w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    values: dict[str, Any] = {}
+    spread = 40.0 * max(1, k) ** 0.5 * 70.0  # ~ std of acc for uniform int8 inputs
+    for name in epilogue.operand_names():
+        if name == "bias":
+            values[name] = torch.randint(-2**16, 2**16, (n,), dtype=torch.int32, generator=g)
+        elif name == "zp_term":
+            values[name] = input_zero_point_term(w, int(torch.randint(-20, 20, (1,), generator=g)))
+        elif name == "q":
+            mult = (0.5 + torch.rand(n if epilogue.requantize.per_channel else 1, generator=g))
+            q, s = quantize_multiplier((mult * 100.0 / spread).to(torch.float64))
+            values["q"], values["shift"] = (q, s) if epilogue.requantize.per_channel else (
+                int(q[0]), int(s[0]))
+        elif name == "out_zero_point":
+            values[name] = int(torch.randint(-10, 10, (1,), generator=g))
+        elif name == "row_scale":
+            values[name] = torch.rand(m, generator=g) * 0.02 + 1e-3
+        elif name == "col_scale":
+            values[name] = torch.rand(n, generator=g) * 0.02 + 1e-3
+        elif name == "float_bias":
+            values[name] = torch.randn(n, generator=g)
+    return a.to(device), w.to(device), {
+        k_: (v.to(device) if isinstance(v, torch.Tensor) else v) for k_, v in values.items()
+    }
