@@ -1,0 +1,295 @@
+"""Autotuning of GEMM kernel configs, with a persistent per-device cache.
+
+What: per-kernel config spaces (BLOCK_M/N/K, GROUP_M, num_warps, num_stages) for Hopper
+(sm90+) and older GPUs; `get_config` looks a shape up by
+key = (device name, kernel, epilogue signature, N, K, power-of-two bucket of M), tunes on
+a miss with triton.testing.do_bench, and stores the winner (with every candidate's time)
+in a JSON file (default ~/.cache/qcompile/autotune.json) written atomically, so later
+processes reuse it without tuning.
+
+Without a GPU the same path runs but times nothing: a miss yields a deterministic
+default config (small blocks suited to the Triton interpreter), persisted under the
+device name "cpu" so the cache and its keys behave the same everywhere.
+
+CLI: python -m qcompile.lowering.autotune --shapes 128x4096x4096,1x4096x11008 [--cache DIR]
+(shapes are M x K x N) prints the chosen configs and their timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from qcompile.lowering import device as qdevice
+
+CACHE_VERSION = 1
+M_BUCKET_MAX = 16384  # every M above shares one config: tiles are saturated long before
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    """One launch configuration of a tiled GEMM kernel."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int = 8
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def __str__(self) -> str:
+        return (
+            f"{self.block_m}x{self.block_n}x{self.block_k} g{self.group_m} "
+            f"w{self.num_warps} s{self.num_stages}"
+        )
+
+    @classmethod
+    def from_dict(cls, d: dict) -> GemmConfig:
+        return cls(**{k: int(d[k]) for k in cls.__dataclass_fields__})
+
+
+@dataclass
+class TuneResult:
+    """The config for one key; source is "cache", "tuned" or "default"."""
+
+    key: str
+    config: GemmConfig
+    source: str
+    ms: float | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _c(bm, bn, bk, g, w, s) -> GemmConfig:
+    return GemmConfig(bm, bn, bk, g, w, s)
+
+
+# Hopper: larger K tiles and deep pipelines feed int8 wgmma; small-M tiles for decode.
+SM90_CONFIGS = (
+    _c(128, 256, 128, 8, 8, 3), _c(256, 128, 128, 8, 8, 3), _c(128, 128, 128, 8, 8, 4),
+    _c(128, 128, 128, 8, 4, 4), _c(128, 64, 128, 8, 4, 4), _c(64, 128, 128, 8, 4, 4),
+    _c(64, 64, 128, 8, 4, 5), _c(64, 128, 256, 8, 4, 3), _c(32, 64, 128, 8, 4, 5),
+    _c(32, 128, 256, 8, 4, 3), _c(16, 64, 256, 1, 4, 4), _c(16, 128, 128, 1, 4, 4),
+    _c(16, 64, 128, 1, 2, 5), _c(16, 32, 256, 1, 2, 5),
+)
+# Ampere and older: the Triton matmul tutorial's int8 space (BLOCK_K 64/128, 3-5 stages).
+SM80_CONFIGS = (
+    _c(128, 256, 64, 8, 8, 3), _c(256, 128, 64, 8, 8, 3), _c(128, 128, 64, 8, 4, 4),
+    _c(128, 64, 64, 8, 4, 4), _c(64, 128, 64, 8, 4, 4), _c(64, 64, 64, 8, 4, 4),
+    _c(128, 128, 128, 8, 8, 3), _c(64, 64, 128, 8, 4, 3), _c(32, 64, 64, 8, 4, 5),
+    _c(32, 32, 128, 8, 2, 5), _c(16, 64, 128, 1, 4, 4), _c(16, 128, 64, 1, 4, 4),
+)
+
+
+def _pow2(x: int) -> int:
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+def m_bucket(m: int) -> int:
+    """Smallest power of two >= M (1 for M <= 1), capped at M_BUCKET_MAX."""
+    return min(_pow2(max(1, m)), M_BUCKET_MAX)
+
+
+def tune_key(device: str, kernel: str, signature: str, m: int, n: int, k: int) -> str:
+    """The cache key: device, kernel, epilogue signature, N, K and the bucket of M."""
+    return f"{device}|{kernel}|{signature}|N={n}|K={k}|M<={m_bucket(m)}"
+
+
+def config_space(capability: tuple[int, int] | None, m: int, n: int, k: int) -> list[GemmConfig]:
+    """Candidate configs for a shape on a GPU of that capability, pruned to fit the shape."""
+    if capability is None:
+        return [default_config(None, m, n, k)]
+    base = SM90_CONFIGS if capability >= (9, 0) else SM80_CONFIGS
+    # Tiles much larger than the problem only waste work: cap each block at the problem's
+    # power-of-two size (but keep at least 16, the smallest tl.dot, and 32 along K for int8).
+    fits = [
+        c for c in base
+        if c.block_m <= max(16, m_bucket(m)) and c.block_n <= max(16, _pow2(n))
+        and c.block_k <= max(32, _pow2(k))
+    ]
+    return fits or [min(base, key=lambda c: (c.block_m, c.block_n, c.block_k))]
+
+
+def default_config(capability: tuple[int, int] | None, m: int, n: int, k: int) -> GemmConfig:
+    """A deterministic config without timing anything.
+
+    Interpreter (capability None): blocks of 16..64 covering small test shapes with few
+    programs (each program is a Python-level loop). GPU: a middle-of-the-road tile.
+    """
+    if capability is None:
+        clamp = lambda x: min(64, max(16, _pow2(x)))
+        return GemmConfig(clamp(m), clamp(n), clamp(k), group_m=8, num_warps=4, num_stages=2)
+    bm = 16 if m <= 16 else 64 if m <= 64 else 128
+    return GemmConfig(bm, 128, 128 if k >= 128 else 64, 8 if bm > 16 else 1, 4, 3)
+
+
+def default_cache_dir() -> Path:
+    """~/.cache/qcompile (resolved when called, not at import)."""
+    return Path.home() / ".cache" / "qcompile"
+
+
+class AutotuneCache:
+    """The JSON file of tuned configs: {"version": 1, "entries": {key: entry}}.
+
+    Reads are memoised per process; writes merge with what is on disk (another process
+    may have tuned other shapes meanwhile) and replace the file atomically.
+    """
+
+    def __init__(self, cache_dir: str | os.PathLike | None = None):
+        self.path = Path(cache_dir or default_cache_dir()).expanduser() / "autotune.json"
+        self._entries: dict[str, dict] | None = None
+
+    def _read(self) -> dict[str, dict]:
+        try:
+            data = json.loads(self.path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {}
+        if data.get("version") != CACHE_VERSION:
+            return {}  # an older layout: tune again rather than misread it
+        return dict(data.get("entries", {}))
+
+    def get(self, key: str, *, refresh: bool = False) -> dict | None:
+        """The entry for key; refresh re-reads the file (another process may have tuned)."""
+        if self._entries is None or refresh:
+            self._entries = self._read()
+        return self._entries.get(key)
+
+    def put(self, key: str, entry: dict) -> None:
+        entries = self._read()
+        entries[key] = entry
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix="autotune.", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump({"version": CACHE_VERSION, "entries": entries}, f, indent=1, sort_keys=True)
+        os.replace(tmp, self.path)
+        self._entries = entries
+
+
+_LOCK = threading.Lock()
+_CACHES: dict[str, AutotuneCache] = {}
+_MEMO: dict[tuple[str, str], TuneResult] = {}
+TUNE_COUNT = 0  # how many keys this process has timed (tests check reuse with it)
+
+
+def _cache(cache_dir: str | os.PathLike | None) -> AutotuneCache:
+    path = str(Path(cache_dir or default_cache_dir()).expanduser().resolve())
+    if path not in _CACHES:
+        _CACHES[path] = AutotuneCache(path)
+    return _CACHES[path]
+
+
+def time_ms(fn: Callable[[], object]) -> float:
+    """Median time of fn in milliseconds on the GPU (triton.testing.do_bench)."""
+    from triton.testing import do_bench
+
+    return float(do_bench(fn, warmup=10, rep=50))
+
+
+def get_config(
+    kernel: str,
+    signature: str,
+    m: int,
+    n: int,
+    k: int,
+    *,
+    run: Callable[[GemmConfig], object] | None = None,
+    device: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> TuneResult:
+    """The config for this GEMM: from memory, the JSON cache, tuning, or the default.
+
+    run(config) launches the kernel once with config; given on CUDA, a cache miss times
+    every candidate with it and persists the winner. Without CUDA nothing is timed: the
+    default config is persisted instead. With CUDA but no `run`, the default is returned
+    and not persisted (no measurement stands behind it).
+    """
+    global TUNE_COUNT
+    cap = qdevice.cuda_capability() if qdevice.triton_target() == "cuda" else None
+    dev = device or (qdevice.device_name() if cap is not None else "cpu")
+    key = tune_key(dev, kernel, signature, m, n, k)
+    cache = _cache(cache_dir)
+    memo_key = (str(cache.path), key)
+    with _LOCK:
+        if memo_key in _MEMO:
+            return _MEMO[memo_key]
+        hit = cache.get(key) or cache.get(key, refresh=True)
+        if hit is not None:
+            result = TuneResult(key, GemmConfig.from_dict(hit["config"]), "cache", hit.get("ms"),
+                                hit.get("timings", {}))
+        elif cap is None:
+            result = TuneResult(key, default_config(None, m, n, k), "default")
+            cache.put(key, {"config": asdict(result.config), "ms": None, "timings": {},
+                            "note": "no GPU: default config, nothing timed"})
+        elif run is None:
+            return TuneResult(key, default_config(cap, m, n, k), "default")
+        else:
+            result = _tune(key, config_space(cap, m, n, k), run)
+            TUNE_COUNT += 1
+            cache.put(key, {"config": asdict(result.config), "ms": result.ms,
+                            "timings": result.timings,
+                            "tuned_at": time.strftime("%Y-%m-%d %H:%M:%S")})
+        _MEMO[memo_key] = result
+        return result
+
+
+def _tune(
+    key: str, candidates: list[GemmConfig], run: Callable[[GemmConfig], object]
+) -> TuneResult:
+    timings: dict[str, float] = {}
+    best: tuple[float, GemmConfig] | None = None
+    for cfg in candidates:
+        try:
+            ms = time_ms(lambda cfg=cfg: run(cfg))
+        except Exception as e:  # noqa: BLE001 - e.g. OutOfResources: too much shared memory
+            timings[str(cfg)] = float("inf")
+            print(f"qcompile autotune: {cfg} failed on {key}: {type(e).__name__}")
+            continue
+        timings[str(cfg)] = ms
+        if best is None or ms < best[0]:
+            best = (ms, cfg)
+    if best is None:
+        raise RuntimeError(f"every candidate config failed for {key}")
+    return TuneResult(key, best[1], "tuned", best[0], timings)
+
+
+def _parse_shapes(text: str) -> list[tuple[int, int, int]]:
+    shapes = []
+    for item in text.split(","):
+        parts = item.lower().strip().split("x")
+        if len(parts) != 3:
+            raise argparse.ArgumentTypeError(f"shape {item!r} is not MxKxN")
+        shapes.append(tuple(int(p) for p in parts))
+    return shapes
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m qcompile.lowering.autotune", description=__doc__)
+    p.add_argument("--shapes", required=True, type=_parse_shapes, help="MxKxN[,MxKxN...]")
+    p.add_argument("--cache", default=None, help="cache directory (default ~/.cache/qcompile)")
+    p.add_argument("--epilogue", default="requant", choices=["requant", "dequant", "int32"])
+    args = p.parse_args(argv)
+    from qcompile.lowering.gemm import example_epilogue, tune_gemm  # gemm imports this module
+
+    epilogue = example_epilogue(args.epilogue)
+    if qdevice.triton_target() != "cuda":
+        print("no GPU found: showing the default configs (nothing is timed)")
+    print(f"epilogue {epilogue.signature()}, cache {_cache(args.cache).path}")
+    print(f"{'M x K x N':>20} {'M bucket':>8} {'config':>26} {'ms':>9} {'TOPS':>7} {'source':>8}")
+    for m, k, n in args.shapes:
+        kernels = Path(args.cache) / "kernels" if args.cache else None
+        r = tune_gemm(m, n, k, epilogue, cache_dir=args.cache, kernel_cache_dir=kernels)
+        ms = f"{r.ms:.4f}" if r.ms else "-"
+        tops = f"{2 * m * n * k / (r.ms * 1e-3) / 1e12:.1f}" if r.ms else "-"
+        print(f"{f'{m}x{k}x{n}':>20} {m_bucket(m):>8} {str(r.config):>26} {ms:>9} {tops:>7} "
+              f"{r.source:>8}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
