@@ -2,8 +2,9 @@
 
 What: `gemm_int8(a, w, epilogue, **values)` (1) checks shapes, dtypes and devices, (2)
 allocates the output, (3) loads the kernel generated for the epilogue's signature and
-launches it with the autotuned (or given) config. `tune_gemm` tunes one shape on random
-data (the autotune CLI and the benchmarks use it).
+launches it with the autotuned (or given) config. `plan_gemm_int8` does (1)-(3) once and
+returns a launcher, for repeated launches without the Python checks. `tune_gemm` tunes
+one shape on random data (the autotune CLI and the benchmarks use it).
 
 Pre: A int8 [M, K] with any strides (a transposed or sliced view is fine), W int8 [N, K]
 (the nn.Linear layout; any strides too, contiguous is fastest), K <= 131071, epilogue
@@ -14,6 +15,7 @@ Triton interpreter (tests). Post: the output equals reference.gemm_int8_ref bit 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -96,15 +98,38 @@ def gemm_int8(
     served (it goes in the generated file's header); config None autotunes (on CUDA) or
     takes the deterministic default (interpreter).
     """
+    values = dict(
+        bias=bias, zp_term=zp_term, q=q, shift=shift, out_zero_point=out_zero_point,
+        qmin=qmin, qmax=qmax, row_scale=row_scale, col_scale=col_scale, float_bias=float_bias,
+    )
+    return plan_gemm_int8(
+        a, w, epilogue, out=out, config=config, origin=origin,
+        kernel_cache_dir=kernel_cache_dir, autotune_cache_dir=autotune_cache_dir, **values,
+    )()
+
+
+def plan_gemm_int8(
+    a: torch.Tensor,
+    w: torch.Tensor,
+    epilogue: Epilogue | None = None,
+    *,
+    out: torch.Tensor | None = None,
+    config: GemmConfig | None = None,
+    origin: str = "",
+    kernel_cache_dir: str | os.PathLike | None = None,
+    autotune_cache_dir: str | os.PathLike | None = None,
+    **values: Any,
+) -> Callable[[], torch.Tensor]:
+    """Check, bind, allocate, load and tune once; return a callable that only launches.
+
+    For callers that run the same GEMM on the same buffers repeatedly (benchmarks, CUDA
+    graphs): each call relaunches into `out` and returns it. gemm_int8 is this, called once.
+    """
     epilogue = epilogue if epilogue is not None else Epilogue()
     # (1) check
     _check_inputs(a, w)
     m, k = a.shape
     n = w.shape[0]
-    values = dict(
-        bias=bias, zp_term=zp_term, q=q, shift=shift, out_zero_point=out_zero_point,
-        qmin=qmin, qmax=qmax, row_scale=row_scale, col_scale=col_scale, float_bias=float_bias,
-    )
     v = bind_operands(epilogue, m, n, a.device, values)
     # (2) allocate
     if out is None:
@@ -115,7 +140,7 @@ def gemm_int8(
             f"{tuple(out.shape)} on {out.device}"
         )
     if m == 0 or n == 0:
-        return out
+        return lambda: out
     # (3) launch
     spec = load_kernel(epilogue, origin=origin, cache_dir=kernel_cache_dir)
     if config is None:
@@ -123,8 +148,12 @@ def gemm_int8(
             KERNEL_NAME, spec.signature, m, n, k,
             run=lambda cfg: _launch(spec, a, w, out, v, cfg), cache_dir=autotune_cache_dir,
         ).config
-    _launch(spec, a, w, out, v, config)
-    return out
+
+    def launch() -> torch.Tensor:
+        _launch(spec, a, w, out, v, config)
+        return out
+
+    return launch
 
 
 def example_epilogue(kind: str) -> Epilogue:
@@ -161,4 +190,4 @@ def tune_gemm(
     )
 
 
-__all__ = ["gemm_int8", "example_epilogue", "tune_gemm"]
+__all__ = ["gemm_int8", "plan_gemm_int8", "example_epilogue", "tune_gemm"]
