@@ -386,9 +386,29 @@ def w4a16_gemm_ref(x, w_packed, scales, zeros=None, group_size=128, bias=None):
     return y.to(x.dtype)
 
 
+def _unpack_int4_fast(w_packed):
+    """specs.unpack_int4 with int8 shifts only (4x faster on CPU): the low nibble is
+    sign-extended by shifting it to the top of the byte and back (arithmetic shift)."""
+    u = w_packed.view(torch.int8)
+    lo = torch.bitwise_right_shift(torch.bitwise_left_shift(u, 4), 4)
+    hi = torch.bitwise_right_shift(u, 4)
+    return torch.stack((lo, hi), dim=-1).reshape(w_packed.shape[0], -1)  # [N, K]
+
+
 def w4a16_gemm_cpu(x, w_packed, scales, zeros=None, group_size=128, bias=None):
-    w = dequantize_w4(w_packed, scales, zeros, group_size).to(x.dtype)
-    y = x.to(torch.float32) @ w.to(torch.float32).T
+    """Dequantize (same float32 arithmetic as specs.dequantize, in place, per group by
+    broadcasting instead of repeat_interleave) and multiply in float32."""
+    _check_weight(x, w_packed)
+    (n, k), g = (w_packed.shape[0], x.shape[1]), group_size
+    _check_groups(k, scales, zeros, g)
+    w = _unpack_int4_fast(w_packed).view(n, k // g, g).to(torch.float32)  # [N, G, g]
+    if zeros is not None:
+        w.sub_(zeros.to(torch.float32)[:, :, None])
+    w.mul_(scales.to(torch.float32)[:, :, None])
+    w = w.view(n, k)
+    if x.dtype != torch.float32:
+        w = w.to(x.dtype).to(torch.float32)  # the kernel's operand rounding
+    y = x.to(torch.float32) @ w.T
     if bias is not None:
         y = y + bias.to(torch.float32)
     return y.to(x.dtype)
@@ -401,7 +421,7 @@ def w4a8_acc_ref(x, w_packed):
 
 def _w4a8_acc_cpu(x, w_packed):
     # torch._int_mm accumulates in int32 (exact: K < 2**21 keeps |acc| < 2**31).
-    return torch._int_mm(x.contiguous(), specs.unpack_int4(w_packed).T.contiguous())
+    return torch._int_mm(x.contiguous(), _unpack_int4_fast(w_packed).T.contiguous())
 
 
 def _requant_epilogue(acc, q, shift, zero_point, bias, qmin, qmax):

@@ -209,3 +209,10 @@ def test_cuda_w4a8(m):
     xs, ws = torch.rand(m) * 0.01, torch.rand(n) * 0.01
     y = w4a8_gemm_dequant(x.cuda(), wp.cuda(), xs.cuda(), ws.cuda(), None, torch.bfloat16)
     assert torch.equal(y.cpu(), w4a8_gemm_dequant_ref(x, wp, xs, ws, None, torch.bfloat16))
+
+
+def test_fast_unpack_matches_specs():
+    from qcompile.lowering.kernels.w4 import _unpack_int4_fast
+
+    every_byte = torch.arange(256, dtype=torch.int32).to(torch.uint8).reshape(4, 64)
+    assert torch.equal(_unpack_int4_fast(every_byte), specs.unpack_int4(every_byte))
