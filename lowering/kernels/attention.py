@@ -209,7 +209,7 @@ def quantized_attention_triton(
     mask = _additive_mask(attn_mask, (B, Hq, Sq, Sk), q.device)
     kpm = None if key_padding_mask is None else key_padding_mask.to(q.device, torch.int8)
     out = torch.empty((B, Hq, Sq, D), dtype=out_dtype, device=q.device)
-    block_d = max(16, triton.next_power_of_2(D))
+    block_d = max(32, triton.next_power_of_2(D))  # int8 mma wants K >= 32
     block_m = block_m or (64 if triton_target() == "cuda" else 16)
     block_n = block_n or (64 if triton_target() == "cuda" else 16)
     ms = mask.stride() if mask is not None else (0, 0, 0, 0)

@@ -188,7 +188,7 @@ def _quantize_per_token_kernel(
         x = tl.load(x_row + offs * stride_xk, mask=offs < K, other=0.0).to(tl.float32)
         amax = tl.max(tl.abs(x), axis=0)
     else:
-        amax = tl.zeros((), dtype=tl.float32)
+        amax = tl.max(tl.zeros((BLOCK_K,), dtype=tl.float32), axis=0)  # a 0-d float32
         for k0 in range(0, K, BLOCK_K):
             x = tl.load(x_row + (k0 + offs) * stride_xk, mask=k0 + offs < K, other=0.0)
             amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), axis=0))
