@@ -19,6 +19,7 @@ from qcompile.config import Options
 from qcompile.fx_utils import copy_graph_module, graph_fake_mode, seed_meta_from_dynamo
 from qcompile.pass_manager import PassContext, PassManager, pass_name
 from qcompile.pipeline import compile_phase, finalize_phase
+from qcompile.sites import attention_site
 from qcompile.state import ModelState, state_for_tensors
 
 _GRAPH_IDS = itertools.count()
@@ -61,17 +62,23 @@ class CompiledArtifact:
         ctx.state = self.state
         self.state.artifacts.add(self)
         self.builds += 1
+        self.calls_calibrating = 0
+        self._sample = [example_inputs[i] for i in self._live]
         self.finalized = False
         if self.options.stop_after is not None:
             self.finalized = True  # debugging: run the graph as it stands
-        elif not self.options.needs_calibration or self.state.calibrated:
+        elif not self.options.needs_calibration or (
+                self.options.fingerprint() in self.state.calibrated):
             self.finalize()
 
     def finalize(self) -> None:
         """Quantization parameters exist: quantize weights, rewrite, lower."""
         if self.finalized:
             return
+        self.ctx.analysis["float_gm"] = copy_graph_module(self.gm)  # for per-layer SQNR
+        self.ctx.analysis["sample_inputs"] = self._sample
         self.gm = PassManager(finalize_phase(self.options), self.ctx).run(self.gm)
+        del self.ctx.analysis["float_gm"], self.ctx.analysis["sample_inputs"]
         self.finalized = True
         self._describe_float_layers()
 
@@ -90,7 +97,7 @@ class CompiledArtifact:
                 if not rec.quantized:
                     left.append(rec.name)
             if node.op == "call_function" and node.target is F.scaled_dot_product_attention:
-                rec = self.ctx.layer(f"attention:{node.name}", "attention")
+                rec = self.ctx.layer(attention_site(node), "attention")
                 if not rec.quantized and not rec.reason:
                     rec.reason = (f"recipe {recipe.name!r} quantizes nothing" if not
                                   recipe.quantizes else "no quantized attention rewrite ran")
@@ -118,7 +125,14 @@ class CompiledArtifact:
                         "with another backend to train."
                     )
         if not self.finalized:
-            if not self.state.calibrating:
+            if self.state.calibrating:
+                self.calls_calibrating += 1
+                self.state.batches = max(self.state.batches, self.calls_calibrating)
+                self._sample = [args[i] for i in self._live]  # the last batch, for SQNR
+                progress = getattr(self.state, "progress", None)
+                if progress is not None:
+                    progress.update(self.state.batches)
+            else:
                 raise CalibrationRequiredError(
                     f"recipe {self.options.recipe!r} needs calibration before it can run. "
                     "Run a few representative batches first:\n"

@@ -59,6 +59,8 @@ def calibrate(model, *, progress: bool | None = None):
                 "block; call compiled_model(batch) for a few representative batches"
             )
         state.progress.close(state.batches)
-        state.calibrated = True
-        for artifact in sorted(state.artifacts, key=lambda a: a.name):
-            artifact.finalize()
+        artifacts = sorted(state.artifacts, key=lambda a: a.name)
+        state.calibrated |= {a.options.fingerprint() for a in artifacts if a.calls_calibrating}
+        for artifact in artifacts:
+            if artifact.options.fingerprint() in state.calibrated:
+                artifact.finalize()

@@ -80,6 +80,7 @@ RECIPES: dict[str, Recipe] = {
 DEFAULT_RECIPE = "w8a8"
 
 OBSERVERS = ("minmax", "moving-minmax", "percentile", "mse")
+KERNELS = ("auto", "triton", "cpu", "reference")
 MODES = (None, "default", "max-autotune", "max-autotune-no-cudagraphs")
 PRINT_AFTER = (None, "all", "change")
 
@@ -106,6 +107,7 @@ class Options:
     # lowering
     inductor: bool = False  # hand the float remainder of the graph to Inductor
     autotune: bool = False  # set by mode="max-autotune"
+    kernels: str = "auto"  # "auto" | "triton" | "cpu" | "reference"
     kernel_cache_dir: str | None = None
     seed: int = 0  # random Hadamard signs and orthogonal fallbacks
 
@@ -125,6 +127,13 @@ class Options:
         r = self.recipe_obj
         static_act = r.act is not None and not r.act.dynamic
         return static_act or self.transform_on("gptq") or self.transform_on("smooth")
+
+    def fingerprint(self) -> str:
+        """What calibration depends on: two compiles of one model with the same fingerprint
+        share calibration statistics, with different ones never do."""
+        keys = ("recipe", "smooth", "smooth_alpha", "rotate", "online_hadamard", "gptq",
+                "integer_nonlinear", "observer", "skip", "seed")
+        return ";".join(f"{k}={getattr(self, k)!r}" for k in keys)
 
     @classmethod
     def from_user(cls, mode: str | None = None, options: dict[str, Any] | None = None) -> Options:
@@ -162,6 +171,10 @@ class Options:
         if self.observer not in OBSERVERS:
             raise QCompileConfigError(
                 f"unknown observer {self.observer!r}; known observers: {list(OBSERVERS)}"
+            )
+        if self.kernels not in KERNELS:
+            raise QCompileConfigError(
+                f"kernels must be one of {list(KERNELS)}, got {self.kernels!r}"
             )
         if self.print_after not in PRINT_AFTER:
             raise QCompileConfigError(

@@ -1,8 +1,9 @@
 """The stages after canonicalization, per phase and per option (see qcompile/pipeline.py).
 
-Compile phase (data-free):  analysis, equivalence transforms, observers.
-Finalize phase (needs quantization parameters): calibration-driven transforms, weight
-quantization, rewrite to quantized ops, dyadic multipliers, lowering.
+Compile phase (data-free):  equivalence transforms, layer selection, observers.
+Finalize phase (needs quantization parameters): calibration results, weight
+quantization, rewrite to quantized ops, integer dataflow, dyadic multipliers, lowering,
+and the per-layer error measurement for the report.
 """
 
 from __future__ import annotations
@@ -17,7 +18,45 @@ def transform_passes(options: Options) -> list[PassFn]:
     return []
 
 
+def compile_passes(options: Options) -> list[PassFn]:
+    from qcompile.passes.insert_observers import insert_observers
+    from qcompile.passes.select_layers import select_layers
+
+    passes = transform_passes(options) if options.recipe_obj.quantizes else []
+    # which linears are quantized, and why not the others: every later pass agrees on it
+    passes.append(select_layers)
+    if options.needs_calibration:
+        # identity observers on every activation to be quantized: calibration feeds them
+        passes.append(insert_observers)
+    return passes
+
+
+def finalize_passes(options: Options) -> list[PassFn]:
+    if not options.recipe_obj.quantizes:
+        return []
+    from qcompile.passes.calibrate_qparams import calibrate_qparams
+    from qcompile.passes.compute_dyadic import compute_dyadic
+    from qcompile.passes.integer_dataflow import integer_dataflow
+    from qcompile.passes.lower import lower
+    from qcompile.passes.measure_sqnr import measure_sqnr
+    from qcompile.passes.quantize_weights import quantize_weights
+    from qcompile.passes.rewrite_attention import rewrite_attention
+    from qcompile.passes.rewrite_linear import rewrite_linear
+
+    passes: list[PassFn] = []
+    if options.needs_calibration:
+        passes.append(calibrate_qparams)  # observers -> scales, Hessians; observers leave
+    passes += [
+        quantize_weights,  # RTN or GPTQ, per channel / per group
+        rewrite_linear,  # linear -> quantized linear; quantize/dequantize at its boundary
+        rewrite_attention,  # sdpa -> int8 attention (float softmax inside the kernel)
+        integer_dataflow,  # drop float round trips between integer ops; int8 residual adds
+        compute_dyadic,  # float multipliers -> integer multiplier and shift
+        lower,  # bind each op to Triton / CPU / reference kernels
+        measure_sqnr,  # per-layer error against the float graph, for the report
+    ]
+    return passes
+
+
 def passes_for(options: Options, phase: str) -> list[PassFn]:
-    if phase == "compile":
-        return transform_passes(options)
-    return []
+    return compile_passes(options) if phase == "compile" else finalize_passes(options)

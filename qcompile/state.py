@@ -22,9 +22,9 @@ class ModelState:
     def __init__(self) -> None:
         self.artifacts: weakref.WeakSet = weakref.WeakSet()
         self.calibrating = False
-        self.calibrated = False
+        self.calibrated: set[str] = set()  # option fingerprints with finished calibration
         self.batches = 0
-        self.observers: dict[str, Any] = {}  # site -> observer
+        self.observers: dict[str, Any] = {}  # "<options fingerprint>|<site>|<kind>" -> observer
         self.qparams: dict[str, Any] = {}  # site -> frozen quantization parameters
         self.stats: dict[str, Any] = {}  # site -> per-channel statistics, Hessians
 
@@ -75,7 +75,7 @@ def _merge(into: ModelState, other: ModelState) -> None:
         artifact.state = artifact.ctx.state = into
     for name in ("observers", "qparams", "stats"):
         getattr(into, name).update(getattr(other, name))
-    into.calibrated = into.calibrated or other.calibrated
+    into.calibrated |= other.calibrated
     for key, (ref, st) in list(_BY_TENSOR.items()):
         if st is other:
             _BY_TENSOR[key] = (ref, into)

@@ -1,0 +1,315 @@
+"""Quantized ops as `torch.library` custom ops (namespace `qcompile`), with fake impls.
+
+The rewrite passes put these ops in the graph; each takes an `impl` string chosen by the
+`lower` pass: "triton" (generated Triton kernels: compiled on CUDA, the interpreter on
+CPU tensors), "cpu" (torch._int_mm and integer epilogues in torch), or "reference" (the
+exact int64 reference: the simulated path the others are checked against). All three
+give identical integers for the same quantization parameters. Because they are custom
+ops with fake implementations, a lowered graph still propagates shapes symbolically and
+can be handed to Inductor, which treats them as opaque calls.
+
+Integer-only ops (no float anywhere between int8 input and int8 output):
+  linear_int8      int8 x int8 -> int32 -> bias, input zero point, dyadic requant -> int8
+  linear_w4a8      int8 x packed int4 -> the same epilogue -> int8
+  requant_int8     int8 -> int8 at another scale (replaces dequantize -> quantize)
+  add_int8         two int8 tensors, each side rescaled dyadically, one rounding -> int8
+Boundary ops (float islands start and end here):
+  quantize         float -> int8 (static per-tensor scale, round half to even)
+  dequantize       int8 -> float
+Float-output ops:
+  attention_int8   int8 q, k, v -> fused attention with a float softmax -> float
+  linear_dynamic   per-token dynamic int8 activations, int8 weights, float epilogue
+  linear_w4a16     int4 group-wise weights dequantized in the kernel, float activations
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from qcompile.lowering.epilogue import Bias, Dequantize, Epilogue, InputZeroPoint, Requantize
+from qcompile.numerics.dyadic import rounding_shift
+
+IMPLS = ("triton", "cpu", "reference")
+_LIB = "qcompile"
+
+
+def _check_impl(impl: str) -> None:
+    if impl not in IMPLS:
+        raise ValueError(f"unknown kernel implementation {impl!r}; known: {list(IMPLS)}")
+
+
+def _rows(x: Tensor) -> Tensor:
+    return x.reshape(-1, x.shape[-1])  # [..., K] -> [M, K]
+
+
+def _gemm(impl: str, a: Tensor, w: Tensor, epilogue: Epilogue, origin: str, **values):
+    """One int8 GEMM [M, K] x [N, K]^T with an epilogue, by the chosen implementation."""
+    if impl == "triton":
+        from qcompile.lowering.gemm import gemm_int8
+
+        return gemm_int8(a.contiguous(), w, epilogue, origin=origin, **values)
+    if impl == "cpu":
+        from qcompile.lowering.cpu import cpu_gemm_int8
+
+        return cpu_gemm_int8(a, w, epilogue, **values)
+    from qcompile.lowering.reference import gemm_int8_ref
+
+    return gemm_int8_ref(a, w, epilogue, **values)
+
+
+# ---------------------------------------------------------------- boundary: float <-> int8
+
+
+@torch.library.custom_op(f"{_LIB}::quantize", mutates_args=())
+def quantize(x: Tensor, scale: float, zero_point: int, qmin: int, qmax: int, impl: str) -> Tensor:
+    """int8 = clamp(round_half_even(x / scale) + zero_point, qmin, qmax), in float32."""
+    _check_impl(impl)
+    if impl == "triton":
+        from qcompile.lowering.kernels.quantize import quantize_per_tensor_triton
+
+        bits = 4 if qmax <= 7 else 8
+        return quantize_per_tensor_triton(x.contiguous(), scale, zero_point, bits=bits)
+    from qcompile.numerics.specs import QuantSpec
+    from qcompile.numerics.specs import quantize as quantize_spec
+
+    spec = QuantSpec(bits=4 if qmax <= 7 else 8, symmetric=zero_point == 0)
+    return quantize_spec(x, torch.tensor(scale), torch.tensor(zero_point), spec)
+
+
+@quantize.register_fake
+def _(x, scale, zero_point, qmin, qmax, impl):
+    return torch.empty_like(x, dtype=torch.int8)
+
+
+@torch.library.custom_op(f"{_LIB}::dequantize", mutates_args=())
+def dequantize(q: Tensor, scale: float, zero_point: int, dtype: torch.dtype) -> Tensor:
+    """(q - zero_point) * scale in float32, cast to dtype."""
+    return ((q.float() - zero_point) * torch.tensor(scale, dtype=torch.float32)).to(dtype)
+
+
+@dequantize.register_fake
+def _(q, scale, zero_point, dtype):
+    return torch.empty_like(q, dtype=dtype)
+
+
+# ---------------------------------------------------------------- integer-only ops
+
+
+def _requant_epilogue(bias, zp_term, per_channel: bool) -> Epilogue:
+    steps = []
+    if zp_term is not None:
+        steps.append(InputZeroPoint())
+    if bias is not None:
+        steps.append(Bias())
+    steps.append(Requantize(per_channel=per_channel))
+    return Epilogue(tuple(steps))
+
+
+def _requant_values(bias, zp_term, q, shift, out_zp, qmin, qmax) -> dict:
+    per_channel = q.numel() > 1
+    values = dict(q=q if per_channel else int(q), shift=shift if per_channel else int(shift),
+                  out_zero_point=out_zp, qmin=qmin, qmax=qmax)
+    if bias is not None:
+        values["bias"] = bias
+    if zp_term is not None:
+        values["zp_term"] = zp_term
+    return values
+
+
+@torch.library.custom_op(f"{_LIB}::linear_int8", mutates_args=())
+def linear_int8(x: Tensor, w: Tensor, bias: Tensor | None, zp_term: Tensor | None, q: Tensor,
+                shift: Tensor, out_zp: int, qmin: int, qmax: int, impl: str,
+                origin: str) -> Tensor:
+    """y int8 [..., N] = requant(x int8 [..., K] @ w int8 [N, K]^T - zp_term + bias)."""
+    _check_impl(impl)
+    epilogue = _requant_epilogue(bias, zp_term, q.numel() > 1)
+    values = _requant_values(bias, zp_term, q, shift, out_zp, qmin, qmax)
+    y = _gemm(impl, _rows(x), w, epilogue, origin, **values)
+    return y.reshape(*x.shape[:-1], w.shape[0])
+
+
+@linear_int8.register_fake
+def _(x, w, bias, zp_term, q, shift, out_zp, qmin, qmax, impl, origin):
+    return x.new_empty((*x.shape[:-1], w.shape[0]), dtype=torch.int8)
+
+
+@torch.library.custom_op(f"{_LIB}::linear_w4a8", mutates_args=())
+def linear_w4a8(x: Tensor, w_packed: Tensor, bias: Tensor | None, zp_term: Tensor | None,
+                q: Tensor, shift: Tensor, out_zp: int, qmin: int, qmax: int, impl: str,
+                origin: str) -> Tensor:
+    """linear_int8 with int4 weights packed two per byte along K (uint8 [N, K // 2])."""
+    _check_impl(impl)
+    rows = _rows(x)
+    if impl == "triton" or zp_term is not None:
+        # the Triton W4A8 kernel has no input zero-point step: unpack and use the int8 GEMM
+        from qcompile.numerics.specs import unpack_int4
+
+        w = unpack_int4(w_packed)
+        return linear_int8(x, w, bias, zp_term, q, shift, out_zp, qmin, qmax, impl, origin)
+    from qcompile.lowering.kernels import w4
+
+    qv = q if q.numel() > 1 else int(q)
+    sv = shift if shift.numel() > 1 else int(shift)
+    fn = w4.w4a8_gemm_requant_cpu if impl == "cpu" else w4.w4a8_gemm_requant_ref
+    y = fn(rows, w_packed, qv, sv, out_zp, bias, qmin, qmax)
+    return y.reshape(*x.shape[:-1], w_packed.shape[0])
+
+
+@linear_w4a8.register_fake
+def _(x, w_packed, bias, zp_term, q, shift, out_zp, qmin, qmax, impl, origin):
+    return x.new_empty((*x.shape[:-1], w_packed.shape[0]), dtype=torch.int8)
+
+
+@torch.library.custom_op(f"{_LIB}::add_int8", mutates_args=())
+def add_int8(a: Tensor, b: Tensor, a_zp: int, b_zp: int, qa: int, sa: int, qb: int, sb: int,
+             out_zp: int, qmin: int, qmax: int) -> Tensor:
+    """y = clamp(round_half_away((a - a_zp) * qa / 2**sa + (b - b_zp) * qb / 2**sb) + zp).
+
+    Both sides are brought to the larger shift s = max(sa, sb) so the sum is rounded once:
+    |a - a_zp| <= 255 and q < 2**31 leave 23 bits of headroom in int64 for the alignment;
+    `add_multipliers` (which computes qa, sa, qb, sb) keeps |sa - sb| <= 23.
+    """
+    s = max(sa, sb)
+    pa = (a.to(torch.int64) - a_zp) * (qa << (s - sa))
+    pb = (b.to(torch.int64) - b_zp) * (qb << (s - sb))
+    y = rounding_shift(pa + pb, s) + out_zp
+    return y.clamp(qmin, qmax).to(torch.int8)
+
+
+@add_int8.register_fake
+def _(a, b, a_zp, b_zp, qa, sa, qb, sb, out_zp, qmin, qmax):
+    return torch.empty(torch.broadcast_shapes(a.shape, b.shape), dtype=torch.int8,
+                       device=a.device)
+
+
+def add_multipliers(ma: float, mb: float) -> tuple[int, int, int, int]:
+    """(qa, sa, qb, sb) for add_int8 with real multipliers ma = s_a / s_y, mb = s_b / s_y.
+
+    The side with the smaller multiplier loses low bits of q when the shifts are more than
+    23 apart (its contribution is then below 2**-23 of the other's anyway)."""
+    from qcompile.numerics.dyadic import quantize_multiplier
+
+    (qa, sa), (qb, sb) = quantize_multiplier(ma), quantize_multiplier(mb)
+    if sa - sb > 23:
+        drop = sa - sb - 23
+        qa, sa = (qa + (1 << (drop - 1))) >> drop, sa - drop
+    elif sb - sa > 23:
+        drop = sb - sa - 23
+        qb, sb = (qb + (1 << (drop - 1))) >> drop, sb - drop
+    return qa, sa, qb, sb
+
+
+@torch.library.custom_op(f"{_LIB}::requant_int8", mutates_args=())
+def requant_int8(x: Tensor, in_zp: int, q: int, shift: int, out_zp: int, qmin: int,
+                 qmax: int) -> Tensor:
+    """int8 -> int8 at another scale: clamp(round_half_away((x - in_zp) * q / 2**shift)
+    + out_zp): the integer-only replacement of dequantize -> quantize."""
+    y = rounding_shift((x.to(torch.int64) - in_zp) * q, shift) + out_zp
+    return y.clamp(qmin, qmax).to(torch.int8)
+
+
+@requant_int8.register_fake
+def _(x, in_zp, q, shift, out_zp, qmin, qmax):
+    return torch.empty_like(x, dtype=torch.int8)
+
+
+# ---------------------------------------------------------------- float-output ops
+
+
+@torch.library.custom_op(f"{_LIB}::linear_dynamic", mutates_args=())
+def linear_dynamic(x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None, impl: str,
+                   origin: str) -> Tensor:
+    """W8A8 dynamic: per-token symmetric int8 x, int8 w [N, K] with per-channel scales,
+    acc * x_scale[m] * w_scale[n] (+ bias) in float32, cast to x.dtype."""
+    _check_impl(impl)
+    from qcompile.lowering.kernels.quantize import quantize_per_token_ref, quantize_per_token_triton
+
+    rows = _rows(x)
+    quant = quantize_per_token_triton if impl == "triton" else quantize_per_token_ref
+    xq, x_scale = quant(rows.contiguous() if impl == "triton" else rows)
+    epilogue = Epilogue((Dequantize(out_dtype="float32", has_bias=bias is not None),))
+    values = dict(row_scale=x_scale.float(), col_scale=w_scale.float())
+    if bias is not None:
+        values["float_bias"] = bias.float()
+    y = _gemm(impl, xq, w, epilogue, origin, **values)
+    return y.to(x.dtype).reshape(*x.shape[:-1], w.shape[0])
+
+
+@linear_dynamic.register_fake
+def _(x, w, w_scale, bias, impl, origin):
+    return x.new_empty((*x.shape[:-1], w.shape[0]))
+
+
+@torch.library.custom_op(f"{_LIB}::linear_w4a16", mutates_args=())
+def linear_w4a16(x: Tensor, w_packed: Tensor, scales: Tensor, zeros: Tensor | None,
+                 group_size: int, bias: Tensor | None, impl: str) -> Tensor:
+    """Float x [..., K] times int4 group-wise weights, dequantized inside the kernel."""
+    _check_impl(impl)
+    from qcompile.lowering.kernels import w4
+
+    fn = {"triton": w4.w4a16_gemm_triton, "cpu": w4.w4a16_gemm_cpu,
+          "reference": w4.w4a16_gemm_ref}[impl]
+    rows = _rows(x)
+    y = fn(rows.contiguous() if impl == "triton" else rows, w_packed, scales, zeros,
+           group_size, bias)
+    return y.to(x.dtype).reshape(*x.shape[:-1], w_packed.shape[0])
+
+
+@linear_w4a16.register_fake
+def _(x, w_packed, scales, zeros, group_size, bias, impl):
+    return x.new_empty((*x.shape[:-1], w_packed.shape[0]))
+
+
+# ---------------------------------------------------------------- attention
+
+
+@torch.library.custom_op(f"{_LIB}::quantize_absmax", mutates_args=())
+def quantize_absmax(x: Tensor, qmax: int) -> tuple[Tensor, Tensor]:
+    """Dynamic symmetric per-tensor quantization: (int8 round_half_even(x / s), s) with
+    s = max|x| / qmax (float32), for attention inputs under the dynamic recipe."""
+    from qcompile.numerics.specs import SCALE_EPS
+
+    scale = (x.detach().abs().amax().float() / qmax).clamp(min=SCALE_EPS)
+    q = torch.round(x.float() / scale).clamp(-qmax - 1, qmax).to(torch.int8)
+    return q, scale
+
+
+@quantize_absmax.register_fake
+def _(x, qmax):
+    return torch.empty_like(x, dtype=torch.int8), x.new_empty((), dtype=torch.float32)
+
+
+@torch.library.custom_op(f"{_LIB}::attention_int8", mutates_args=())
+def attention_int8(q: Tensor, k: Tensor, v: Tensor, q_scale: Tensor, k_scale: Tensor,
+                   v_scale: Tensor, attn_mask: Tensor | None, is_causal: bool,
+                   scale: float | None, out_dtype: torch.dtype, impl: str) -> Tensor:
+    """softmax(scale * Q K^T + mask) V on int8 q [B, Hq, Sq, D], k, v [B, Hkv, Sk, D]:
+    int32 Q K^T, dequantization and softmax scale folded into one multiplier, float
+    softmax, P V with P in float16 (lowering/kernels/attention.py)."""
+    _check_impl(impl)
+    from qcompile.lowering.kernels import attention as att
+
+    fn = {"triton": att.quantized_attention_triton, "cpu": att.quantized_attention_cpu,
+          "reference": att.quantized_attention_ref}[impl]
+    return fn(q, k, v, q_scale, k_scale, v_scale, causal=is_causal, attn_mask=attn_mask,
+              sm_scale=scale, out_dtype=out_dtype)
+
+
+@attention_int8.register_fake
+def _(q, k, v, q_scale, k_scale, v_scale, attn_mask, is_causal, scale, out_dtype, impl):
+    return q.new_empty((*q.shape[:-1], v.shape[-1]), dtype=out_dtype)
+
+
+# Graph targets: the OpOverloads (what Inductor and fake-tensor propagation expect).
+QUANTIZE = torch.ops.qcompile.quantize.default
+DEQUANTIZE = torch.ops.qcompile.dequantize.default
+LINEAR_INT8 = torch.ops.qcompile.linear_int8.default
+LINEAR_W4A8 = torch.ops.qcompile.linear_w4a8.default
+LINEAR_DYNAMIC = torch.ops.qcompile.linear_dynamic.default
+LINEAR_W4A16 = torch.ops.qcompile.linear_w4a16.default
+ADD_INT8 = torch.ops.qcompile.add_int8.default
+REQUANT_INT8 = torch.ops.qcompile.requant_int8.default
+QUANTIZE_ABSMAX = torch.ops.qcompile.quantize_absmax.default
+ATTENTION_INT8 = torch.ops.qcompile.attention_int8.default
+REQUANT_OPS = (LINEAR_INT8, LINEAR_W4A8)

@@ -1,0 +1,68 @@
+"""calibrate-qparams: observers become quantization parameters, and leave the graph.
+
+What: for every Observe node, the site's range observer gives a static per-tensor
+(scale, zero point) for the recipe's activation bits (asymmetric, full signed range); the
+per-channel ranges (smoothing) and Hessians (GPTQ) are kept for the passes that need them.
+A site that saw no calibration data gets no parameters: the layers that need it stay in
+float, and the report says so. Each Observe node is replaced by its input.
+Pre: insert-observers, and calibration ran (ctx.state). Post: no Observe node remains;
+ctx.analysis["calib"][site] holds a CalibSite.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.fx import GraphModule
+
+from qcompile.numerics.specs import QuantSpec
+from qcompile.passes.insert_observers import observer_key
+from qcompile.pass_manager import PassContext, PassResult, graph_pass
+
+
+@dataclass
+class CalibSite:
+    scale: float | None = None
+    zero_point: int | None = None
+    channel_range: tuple[torch.Tensor, torch.Tensor] | None = None  # per-channel min, max
+    hessian: torch.Tensor | None = None
+    seen: bool = False
+
+
+def activation_spec(ctx: PassContext) -> QuantSpec:
+    act = ctx.options.recipe_obj.act
+    return QuantSpec(bits=act.bits if act is not None else 8, symmetric=False)
+
+
+@graph_pass("calibrate-qparams", requires=("insert-observers",))
+def calibrate_qparams(gm: GraphModule, ctx: PassContext) -> PassResult:
+    state = ctx.state
+    spec = activation_spec(ctx)
+    calib: dict[str, CalibSite] = ctx.analysis.setdefault("calib", {})
+    counters = {"sites": 0, "no_data": 0}
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or not node.target.startswith("observe_"):
+            continue
+        module = gm.get_submodule(node.target)
+        site = calib.setdefault(module.site, CalibSite())
+        for kind in module.kinds:
+            obs = state.observers.get(observer_key(ctx, module.site, kind)) if state else None
+            if obs is None or obs.count == 0:
+                continue
+            site.seen = True
+            if kind == "range":
+                scale, zp = obs.qparams(spec)
+                site.scale, site.zero_point = float(scale), int(zp)
+            elif kind == "channels":
+                site.channel_range = obs.range(QuantSpec(granularity="per_channel", axis=-1))
+            elif kind == "hessian":
+                site.hessian = obs.hessian
+        counters["sites"] += 1
+        counters["no_data"] += not site.seen
+        if not site.seen:
+            ctx.note(f"site {module.site!r} saw no calibration data; its layers stay in float")
+        node.replace_all_uses_with(node.args[0])
+        gm.graph.erase_node(node)
+        gm.delete_submodule(node.target)
+    return PassResult(gm, modified=counters["sites"] > 0, counters=counters)

@@ -1,0 +1,142 @@
+"""insert-observers: observers on every activation a static recipe quantizes.
+
+What: for each linear chosen by select-layers, an `Observe` call on its input (site
+"in:<layer>") and on its output ("out:<layer>"); for attention, on q, k and v
+("attn:<v layer>:q|k|v"); for a residual add of a quantized linear's output and another
+quantized activation, on the sum ("add:<layer>"). Which statistics each keeps depends on
+the options: a range observer (options.observer) always; per-channel min/max when
+smoothing is on (SmoothQuant needs max|X_j|); the Hessian X^T X when GPTQ is on.
+Observers are identity functions in the graph: the model computes in float while
+calibrating. They store into the model's ModelState (ctx.state), keyed by site, so every
+graph of the model and every recompile shares them.
+Why: static activation scales and GPTQ need data; this is where it is collected.
+Pre: select-layers. Post: observed nodes carry meta["qc_in_site"] / ["qc_out_site"];
+calibrate-qparams turns the observers into parameters and removes them.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensor
+from torch.fx import GraphModule, Node
+
+from qcompile.fx_utils import is_call
+from qcompile.numerics.observers import observer_for
+from qcompile.pass_manager import PassContext, PassResult, graph_pass
+from qcompile.sites import attention_site, producer_through_layout
+
+_OBSERVER_NAMES = {"minmax": "minmax", "moving-minmax": "moving_average_minmax",
+                   "percentile": "percentile", "mse": "mse"}
+
+
+class Observe(torch.nn.Module):
+    """Identity that feeds the site's observers while the model is being calibrated."""
+
+    def __init__(self, ctx: PassContext, site: str, kinds: tuple[str, ...]):
+        super().__init__()
+        self.ctx, self.site, self.kinds = ctx, site, kinds
+
+    def forward(self, x):
+        state = self.ctx.state
+        if state is not None and state.calibrating and not isinstance(x, FakeTensor):
+            for kind in self.kinds:
+                key = observer_key(self.ctx, self.site, kind)
+                state.observer(key, lambda k=kind: _make(k, self.ctx)).update(x.detach())
+        return x
+
+
+def observer_key(ctx: PassContext, site: str, kind: str) -> str:
+    """Observers are per model, per options fingerprint, per site and statistic."""
+    return f"{ctx.options.fingerprint()}|{site}|{kind}"
+
+
+def _make(kind: str, ctx: PassContext):
+    if kind == "range":
+        return observer_for(_OBSERVER_NAMES[ctx.options.observer])
+    if kind == "channels":
+        return observer_for("per_channel_minmax", axis=-1)
+    if kind == "hessian":
+        return observer_for("hessian")
+    raise ValueError(kind)
+
+
+def _observe(gm: GraphModule, ctx: PassContext, node: Node, site: str, kinds: tuple[str, ...],
+             meta_key: str) -> bool:
+    if node.meta.get(meta_key) == site:
+        return False
+    name = "observe_" + "".join(c if c.isalnum() else "_" for c in site)
+    while hasattr(gm, name):
+        name += "_"
+    gm.add_submodule(name, Observe(ctx, site, kinds))
+    with gm.graph.inserting_after(node):
+        obs = gm.graph.call_module(name, (node,))
+    node.replace_all_uses_with(obs, delete_user_cb=lambda user: user is not obs)
+    node.meta[meta_key] = site
+    return True
+
+
+def _input_kinds(ctx: PassContext) -> tuple[str, ...]:
+    kinds = ["range"]
+    if ctx.options.transform_on("smooth"):
+        kinds.append("channels")
+    if ctx.options.transform_on("gptq"):
+        kinds.append("hessian")
+    return tuple(kinds)
+
+
+@graph_pass("insert-observers", requires=("select-layers",))
+def insert_observers(gm: GraphModule, ctx: PassContext) -> PassResult:
+    counters = {"inputs": 0, "outputs": 0, "attention": 0, "residual_adds": 0}
+    static = ctx.options.recipe_obj.act is not None and not ctx.options.recipe_obj.act.dynamic
+    linears = [n for n in gm.graph.nodes if is_call(n, F.linear) and n.meta.get("qc_quantize")]
+    for node in linears:
+        layer = node.meta["qc_layer"]
+        x = node.args[0]
+        kinds = _input_kinds(ctx) if static else tuple(k for k in _input_kinds(ctx)
+                                                       if k != "range")
+        if kinds and "qc_in_site" not in x.meta:
+            counters["inputs"] += _observe(gm, ctx, x, f"in:{layer}", kinds, "qc_in_site")
+        if static:
+            counters["outputs"] += _observe(gm, ctx, node, f"out:{layer}", ("range",),
+                                            "qc_out_site")
+    if static:
+        for node in list(gm.graph.nodes):
+            if is_call(node, F.scaled_dot_product_attention):
+                site = attention_site(node)
+                for i, part in enumerate("qkv"):
+                    arg = node.args[i]
+                    if isinstance(arg, Node):
+                        counters["attention"] += _observe(gm, ctx, arg, f"{site}:{part}",
+                                                          ("range",), f"qc_attn_{part}_site")
+        for node in list(gm.graph.nodes):
+            layer = _residual_writer(node)
+            if layer is not None:
+                counters["residual_adds"] += _observe(gm, ctx, node, f"add:{layer}", ("range",),
+                                                      "qc_add_site")
+    modified = any(counters.values())
+    return PassResult(gm, modified=modified, counters=counters)
+
+
+def _residual_writer(node: Node) -> str | None:
+    """The layer writing a residual add whose other side is also quantized, else None."""
+    if not is_call(node, operator.add, torch.add) or len(node.args) != 2:
+        return None
+    sides = [producer_through_layout(_unobserved(a)) for a in node.args]
+    if not all(isinstance(s, Node) for s in sides):
+        return None
+    for i, s in enumerate(sides):
+        other = _unobserved(node.args[1 - i])
+        if (is_call(s, F.linear) and s.meta.get("qc_quantize")
+                and "qc_in_site" in other.meta):
+            return s.meta["qc_layer"]
+    return None
+
+
+def _unobserved(node):
+    while isinstance(node, Node) and node.op == "call_module" and node.target.startswith(
+            "observe_"):
+        node = node.args[0]
+    return node

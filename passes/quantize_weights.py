@@ -1,0 +1,61 @@
+"""quantize-weights: every selected linear's weight becomes integers with scales.
+
+What: round-to-nearest, or GPTQ where the recipe or options turn it on and calibration
+gathered the input's Hessian. 8-bit: symmetric per output channel. 4-bit with integer
+activations (w4a8, w4a4): symmetric per output channel, so the accumulator has one scale
+per channel and dyadic requantization applies. 4-bit weight-only (w4a16): group-wise,
+group 128 (one group per row when K is not a multiple of 128; the report says so).
+Pre: select-layers (and calibrate-qparams when GPTQ is on).
+Post: node.meta["qc_qweight"] is a numerics.weights.QuantizedWeight on each selected linear.
+The graph itself is unchanged; the rewrite passes use the quantized weights.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch.fx import GraphModule
+
+from qcompile.fx_utils import get_constant, is_call
+from qcompile.numerics.specs import QuantSpec
+from qcompile.numerics.weights import gptq_quantize, quantize_weight_rtn
+from qcompile.pass_manager import PassContext, PassResult, graph_pass
+
+
+def weight_spec_for(ctx: PassContext, k: int) -> tuple[QuantSpec, str | None]:
+    recipe = ctx.options.recipe_obj
+    bits = recipe.weight.bits
+    if recipe.weight.group_size is None:
+        return QuantSpec(bits=bits, granularity="per_channel", axis=0), None
+    g = recipe.weight.group_size
+    if k % g:
+        return (QuantSpec(bits=bits, granularity="per_group", group_size=k),
+                f"K={k} is not a multiple of {g}: one group per row")
+    return QuantSpec(bits=bits, granularity="per_group", group_size=g), None
+
+
+@graph_pass("quantize-weights", requires=("select-layers",))
+def quantize_weights(gm: GraphModule, ctx: PassContext) -> PassResult:
+    counters = {"rtn": 0, "gptq": 0}
+    calib = ctx.analysis.get("calib", {})
+    use_gptq = ctx.options.transform_on("gptq")
+    for node in gm.graph.nodes:
+        if not (is_call(node, F.linear) and node.meta.get("qc_quantize")):
+            continue
+        w = get_constant(gm, node.args[1]).detach().float()
+        spec, note = weight_spec_for(ctx, w.shape[1])
+        layer = ctx.layer(node.meta["qc_layer"], "linear")
+        if note:
+            layer.detail["weight_groups"] = note
+        site = calib.get(node.args[0].meta.get("qc_in_site"))  # q/k/v share one site
+        hessian = site.hessian if site is not None else None
+        if use_gptq and hessian is not None:
+            qw = gptq_quantize(w, hessian.to(w.device), spec)
+            counters["gptq"] += 1
+            layer.transforms.append("gptq")
+        else:
+            if use_gptq:
+                layer.detail["gptq"] = "no Hessian was gathered: round-to-nearest"
+            qw = quantize_weight_rtn(w, spec)
+            counters["rtn"] += 1
+        node.meta["qc_qweight"] = qw
+    return PassResult(gm, modified=False, counters=counters)

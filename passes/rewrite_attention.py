@@ -1,0 +1,98 @@
+"""rewrite-attention: sdpa -> quantized attention on int8 q, k, v.
+
+What: F.scaled_dot_product_attention(q, k, v, attn_mask, 0.0, is_causal, scale, gqa)
+becomes attention_int8(quantize(q), quantize(k), quantize(v), scales, ...): int32 Q K^T
+with the dequantization and softmax scale folded into one multiplier, float softmax,
+P V (lowering/kernels/attention.py). Static recipes quantize with the calibrated
+per-tensor scales of the sites "attn:<layer>:q|k|v" (symmetric, so the kernel needs no
+zero points); the dynamic recipe computes per-tensor scales at run time
+(quantize_absmax). Where v (or q, k) comes straight from a quantized linear through
+layout ops, integer-dataflow then removes the float round trip.
+Skipped (stays in float, with the reason in the report): dropout > 0, a query/key head
+size mismatch, w4a16 (weight-only recipes keep activations in float).
+Pre: canonicalize-attention (and calibrate-qparams for static recipes).
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch.fx import GraphModule
+
+from qcompile.fx_utils import add_constant, is_call, tensor_val
+from qcompile.lowering import ops
+from qcompile.pass_manager import PassContext, PassResult, graph_pass
+from qcompile.sites import attention_site
+
+
+def _symmetric_scale(site, qmax: int) -> float | None:
+    """A symmetric scale covering the calibrated range [lo, hi] (from the asymmetric
+    parameters: lo = (qmin - zp) * s, hi = (qmax - zp) * s)."""
+    if site is None or site.scale is None:
+        return None
+    lo = (-qmax - 1 - site.zero_point) * site.scale
+    hi = (qmax - site.zero_point) * site.scale
+    return max(abs(lo), abs(hi), 1e-12) / qmax
+
+
+@graph_pass("rewrite-attention", requires=("canonicalize-attention",))
+def rewrite_attention(gm: GraphModule, ctx: PassContext) -> PassResult:
+    recipe = ctx.options.recipe_obj
+    counters = {"static": 0, "dynamic": 0, "float": 0}
+    calib = ctx.analysis.get("calib", {})
+    for node in list(gm.graph.nodes):
+        if not is_call(node, F.scaled_dot_product_attention):
+            continue
+        site = attention_site(node)
+        rec = ctx.layer(site, "attention")
+        q, k, v = node.args
+        kw = node.kwargs
+        reason = None
+        if recipe.act is None:
+            reason = f"recipe {recipe.name!r} keeps activations in float"
+        elif kw["dropout_p"]:
+            reason = "attention dropout > 0"
+        elif tensor_val(q).shape[-1] != tensor_val(k).shape[-1]:
+            reason = "query and key head sizes differ"
+        if reason:
+            rec.reason = reason
+            counters["float"] += 1
+            continue
+        qmax = (1 << (recipe.act.bits - 1)) - 1
+        out_dtype = tensor_val(node).dtype
+        if recipe.act.dynamic:
+            parts = []
+            with gm.graph.inserting_before(node):
+                for t in (q, k, v):
+                    pair = gm.graph.call_function(ops.QUANTIZE_ABSMAX, (t, qmax))
+                    parts.append((gm.graph.call_function(operator.getitem, (pair, 0)),
+                                  gm.graph.call_function(operator.getitem, (pair, 1))))
+            counters["dynamic"] += 1
+        else:
+            scales = [_symmetric_scale(calib.get(f"{site}:{p}"), qmax) for p in "qkv"]
+            if any(s is None for s in scales):
+                rec.reason = "no calibration data reached this attention's inputs"
+                counters["float"] += 1
+                continue
+            parts = []
+            for t, s in zip((q, k, v), scales):
+                with gm.graph.inserting_before(node):
+                    tq = gm.graph.call_function(ops.QUANTIZE, (t, s, 0, -qmax - 1, qmax, "cpu"))
+                tq.meta["qc_qparams"] = (s, 0)
+                parts.append((tq, add_constant(gm, f"{site}_scale", torch.tensor(s), before=node)))
+            counters["static"] += 1
+        (qq, qs), (kq, ks), (vq, vs) = parts
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_function(
+                ops.ATTENTION_INT8,
+                (qq, kq, vq, qs, ks, vs, kw["attn_mask"], kw["is_causal"], kw["scale"],
+                 out_dtype, "cpu"))
+        new.meta["qc_layer"] = new.meta["qc_layer_out"] = site
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        rec.quantized, rec.kernel, rec.reason = True, "attention_int8", ""
+    modified = counters["static"] + counters["dynamic"] > 0
+    return PassResult(gm, modified=modified, counters={k: v for k, v in counters.items() if v})
+
