@@ -20,10 +20,11 @@ Constructions (nothing is pasted in as a table; everything is computed at first 
   periodic autocorrelations sum to zero (order 4t). The sequences are found at first use
   by a meet-in-the-middle search over sequences that are constant on the orbits of a
   cyclic multiplier group <g> of Z_t^* (the "cyclotomic" ansatz); it finishes in well
-  under a second for t = 43 (order 172) and in a few seconds for t = 39 (order 156).
+  under a second for t = 43 (order 172) and t = 39 (order 156).
 - Kronecker products of the above.
 
-Post: every matrix returned satisfies H @ H.T == n * I exactly (checked when built).
+Post: every matrix returned satisfies H @ H.T == n * I exactly (Sylvester and Kronecker
+by construction; Paley and Goethals-Seidel results are checked when built).
 """
 
 from __future__ import annotations
@@ -189,12 +190,14 @@ def _gs_search(t: int, g: int) -> np.ndarray | None:
 
 
 def _goethals_seidel(t: int) -> np.ndarray:
-    # Try each multiplier subgroup <g> once, fewest orbits (smallest search) first.
-    partitions: dict[int, int] = {}
+    # Try each multiplier subgroup <g> once (one g per orbit partition), fewest orbits (the
+    # smallest search) first.
+    partitions: dict[frozenset, int] = {}
     for g in range(2, t):
         if math.gcd(g, t) == 1:
-            partitions.setdefault(len(_orbits(t, g)), g)
-    for n_orbits, g in sorted(partitions.items()):
+            key = frozenset(frozenset(o) for o in _orbits(t, g))
+            partitions.setdefault(key, g)
+    for n_orbits, g in sorted((len(key), g) for key, g in partitions.items()):
         found = _gs_search(t, g) if n_orbits <= _GS_MAX_ORBITS else None
         if found is not None:
             break

@@ -8,6 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qcompile.hadamard import (
+    _GS_ORDERS,
+    _goethals_seidel,
     hadamard_factor,
     hadamard_matrix,
     is_hadamard_size,
@@ -115,3 +117,10 @@ def test_orthogonal_matrix(n, seed):
     torch.testing.assert_close(q @ q.T, eye, atol=1e-12, rtol=0)
     torch.testing.assert_close(q.T @ q, eye, atol=1e-12, rtol=0)
     assert torch.equal(q, orthogonal_matrix(n, seed))
+
+
+@pytest.mark.parametrize("t", sorted(_GS_ORDERS))
+def test_every_goethals_seidel_order_is_found(t):
+    # _GS_ORDERS promises the cyclotomic search succeeds for each of these.
+    h = torch.from_numpy(_goethals_seidel(t)).double()
+    _assert_hadamard(h, 4 * t)
