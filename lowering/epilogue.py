@@ -177,6 +177,11 @@ def _vector(name: str, v: Any, n: int, dtype: torch.dtype, device: torch.device)
         raise TypeError(f"{name} must be {dtype}, got {v.dtype}")
     if v.numel() != n or v.dim() > 2:
         raise ValueError(f"{name} must have {n} elements (shape [{n}]), got {tuple(v.shape)}")
+    if dtype == torch.int32 and v.dtype.itemsize > 4 and v.numel():
+        # Narrowing would wrap silently (a data check, but only on a dtype mismatch).
+        lo, hi = int(v.min()), int(v.max())
+        if lo < -(2**31) or hi >= 2**31:
+            raise ValueError(f"{name} does not fit in int32: values in [{lo}, {hi}]")
     return v.reshape(n).to(device=device, dtype=dtype).contiguous()
 
 

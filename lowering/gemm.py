@@ -88,6 +88,7 @@ def gemm_int8(
     out: torch.Tensor | None = None,
     config: GemmConfig | None = None,
     origin: str = "",
+    autotune: bool = True,
     kernel_cache_dir: str | os.PathLike | None = None,
     autotune_cache_dir: str | os.PathLike | None = None,
 ) -> torch.Tensor:
@@ -95,15 +96,16 @@ def gemm_int8(
 
     Values are those of `epilogue.operand_names()` (see qcompile.lowering.epilogue);
     passing one the epilogue does not use is an error. `origin` names the graph nodes
-    served (it goes in the generated file's header); config None autotunes (on CUDA) or
-    takes the deterministic default (interpreter).
+    served (it goes in the generated file's header). config None: the cached config for
+    this shape bucket, else on CUDA tune now (autotune=False: the default instead, not
+    stored), else (interpreter) the deterministic default.
     """
     values = dict(
         bias=bias, zp_term=zp_term, q=q, shift=shift, out_zero_point=out_zero_point,
         qmin=qmin, qmax=qmax, row_scale=row_scale, col_scale=col_scale, float_bias=float_bias,
     )
     return plan_gemm_int8(
-        a, w, epilogue, out=out, config=config, origin=origin,
+        a, w, epilogue, out=out, config=config, origin=origin, autotune=autotune,
         kernel_cache_dir=kernel_cache_dir, autotune_cache_dir=autotune_cache_dir, **values,
     )()
 
@@ -116,6 +118,7 @@ def plan_gemm_int8(
     out: torch.Tensor | None = None,
     config: GemmConfig | None = None,
     origin: str = "",
+    autotune: bool = True,
     kernel_cache_dir: str | os.PathLike | None = None,
     autotune_cache_dir: str | os.PathLike | None = None,
     **values: Any,
@@ -144,9 +147,9 @@ def plan_gemm_int8(
     # (3) launch
     spec = load_kernel(epilogue, origin=origin, cache_dir=kernel_cache_dir)
     if config is None:
+        run = (lambda cfg: _launch(spec, a, w, out, v, cfg)) if autotune else None
         config = get_config(
-            KERNEL_NAME, spec.signature, m, n, k,
-            run=lambda cfg: _launch(spec, a, w, out, v, cfg), cache_dir=autotune_cache_dir,
+            KERNEL_NAME, spec.signature, m, n, k, run=run, cache_dir=autotune_cache_dir
         ).config
 
     def launch() -> torch.Tensor:

@@ -81,6 +81,9 @@ def test_bind_operands_refuses_missing_and_unused_values():
     with pytest.raises(ValueError, match="shift"):
         bind_operands(ep, 4, 3, "cpu", {"bias": torch.zeros(3, dtype=torch.int32), "q": 1 << 30,
                                         "shift": 63})
+    with pytest.raises(ValueError, match="int32"):
+        bind_operands(ep, 4, 3, "cpu", {"bias": torch.tensor([0, 2**31, 0]), "q": 1 << 30,
+                                        "shift": 31})
     v = bind_operands(ep, 4, 3, "cpu", {"bias": torch.zeros(3, dtype=torch.int64),
                                         "q": torch.tensor(1 << 30), "shift": 31})
     assert v["bias"].dtype == torch.int32 and v["q"] == 1 << 30

@@ -5,6 +5,8 @@ TRITON_INTERPRET=1), so shapes stay small. The CUDA tests at the end run the com
 kernels on bigger shapes when a GPU is present.
 """
 
+import json
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -187,18 +189,36 @@ def test_cuda_kernels_match_reference(ep, mnk, kdir, tmp_path):
     m, n, k = mnk
     a, w, vals = random_operands(ep, m, n, k, seed=7, device="cuda")
     ref = gemm_int8_ref(a, w, ep, **vals)
-    # Autotuned, and every config of the space: a config must never change the result.
-    got = gemm_int8(a, w, ep, **vals, kernel_cache_dir=kdir, autotune_cache_dir=tmp_path)
+    # The untuned default and configs from both spaces: a config never changes the result.
+    got = gemm_int8(a, w, ep, **vals, autotune=False, kernel_cache_dir=kdir,
+                    autotune_cache_dir=tmp_path)
     assert torch.equal(got, ref)
     for cfg in [GemmConfig(16, 64, 128, 1, 4, 4), GemmConfig(128, 128, 64, 8, 4, 3)]:
         assert torch.equal(run(a, w, ep, vals, kdir, config=cfg), ref)
 
 
 @needs_cuda
+def test_cuda_autotune_persists_and_is_reused(kdir, tmp_path):
+    from qcompile.lowering import autotune
+
+    ep = Epilogue((Bias(), Requantize(per_channel=True)))
+    a, w, vals = random_operands(ep, 128, 1024, 1024, seed=8, device="cuda")
+    before = autotune.TUNE_COUNT
+    got = gemm_int8(a, w, ep, **vals, kernel_cache_dir=kdir, autotune_cache_dir=tmp_path)
+    assert torch.equal(got, gemm_int8_ref(a, w, ep, **vals))
+    assert autotune.TUNE_COUNT == before + 1
+    entries = json.loads((tmp_path / "autotune.json").read_text())["entries"]
+    (entry,) = entries.values()
+    assert entry["ms"] > 0 and len(entry["timings"]) > 1
+    gemm_int8(a[:100], w, ep, **vals, kernel_cache_dir=kdir, autotune_cache_dir=tmp_path)
+    assert autotune.TUNE_COUNT == before + 1  # same M bucket: no second tuning
+
+
+@needs_cuda
 def test_cuda_matches_int_mm_and_handles_strided_a(kdir):
     a = torch.randint(-128, 128, (512, 2048), dtype=torch.int8, device="cuda")
     w = torch.randint(-128, 128, (1024, 2048), dtype=torch.int8, device="cuda")
-    got = gemm_int8(a, w, kernel_cache_dir=kdir)
+    got = gemm_int8(a, w, kernel_cache_dir=kdir, autotune=False)
     assert torch.equal(got, torch._int_mm(a, w.t()))
     at = a.t().contiguous().t()
-    assert torch.equal(gemm_int8(at, w, kernel_cache_dir=kdir), got)
+    assert torch.equal(gemm_int8(at, w, kernel_cache_dir=kdir, autotune=False), got)
