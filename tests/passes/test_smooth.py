@@ -1,0 +1,124 @@
+"""smooth: SmoothQuant scales from per-channel statistics, folded into a norm, a linear
+or a gated product, or applied explicitly; exact function; skipped without statistics."""
+
+import operator
+
+import pytest
+import torch
+import torch.nn.functional as F
+from qcompile.passes.smooth import smoothing_scales
+
+from qcompile.fx_utils import get_constant
+from tests.passes.test_fold_norm_affine import (
+    PostNorm,
+    PreNorm,
+    assert_close,
+    linear_by_param,
+    nodes,
+    transformed,
+)
+
+
+class Gated(torch.nn.Module):
+    """norm -> gate/up -> silu(gate) * up -> down: the LLaMA MLP."""
+
+    def __init__(self, d=16, hidden=32):
+        super().__init__()
+        torch.manual_seed(0)
+        self.norm = torch.nn.RMSNorm(d)
+        self.gate = torch.nn.Linear(d, hidden, bias=False)
+        self.up = torch.nn.Linear(d, hidden, bias=False)
+        self.down = torch.nn.Linear(hidden, d, bias=False)
+
+    def forward(self, x):
+        h = self.norm(x)
+        return x + self.down(F.silu(self.gate(h)) * self.up(h))
+
+
+def _stats(cap, scale=10.0):
+    gen = torch.Generator().manual_seed(1)
+    return {n.args[1].meta["qc_param_name"]: torch.rand(n.args[1].meta["val"].shape[1],
+                                                        generator=gen) * scale
+            for n in nodes(cap.gm, F.linear)}
+
+
+def smoothed(model, x, stats=True, alpha=0.5):
+    cap, before = transformed(model, x, passes=[], smooth=True, smooth_alpha=alpha)
+    if stats:
+        cap.ctx.analysis["smooth_stats"] = _stats(cap)
+    w0 = {n.args[1].meta["qc_param_name"]: get_constant(cap.gm, n.args[1]).clone()
+          for n in nodes(cap.gm, F.linear)}
+    cap.run_pass("smooth")
+    return cap, before, w0
+
+
+def test_scales_formula():
+    ax = torch.tensor([4.0, 1.0, 0.0])
+    w = [torch.tensor([[1.0, 4.0, 2.0], [-2.0, 1.0, 1.0]])]
+    s = smoothing_scales(ax, w, alpha=0.5)
+    torch.testing.assert_close(s, torch.tensor([2.0 / 2 ** 0.5, 0.5, 1.0], dtype=s.dtype))
+
+
+def test_into_norm_gated_linear_and_columns():
+    cap, before, w0 = smoothed(Gated(), torch.randn(2, 5, 16))
+    rec = cap.ctx.history[-1]
+    assert rec.counters == {"groups": 2, "linears": 3, "into_norm": 1, "into_gated_linear": 1}
+    stats = cap.ctx.analysis["smooth_stats"]
+    gate = linear_by_param(cap.gm, "gate.weight")
+    ax = torch.maximum(stats["gate.weight"], stats["up.weight"]).double()  # one input
+    s = smoothing_scales(ax, [w0["gate.weight"], w0["up.weight"]], 0.5)
+    # Expected: consumers' columns * s, the norm's gamma / s
+    torch.testing.assert_close(get_constant(cap.gm, gate.args[1]), w0["gate.weight"] * s)
+    norm = nodes(cap.gm, F.rms_norm)[0]
+    torch.testing.assert_close(get_constant(cap.gm, norm.args[2]), 1 / s)
+    # the down projection's 1/s went into up's rows (silu(gate) * up is linear in up)
+    s_down = smoothing_scales(stats["down.weight"].double(), [w0["down.weight"]], 0.5)
+    up = linear_by_param(cap.gm, "up.weight")
+    torch.testing.assert_close(get_constant(cap.gm, up.args[1]),
+                               w0["up.weight"] * s[None, :] / s_down[:, None])
+    assert cap.ctx.layers["down"].transforms == ["smooth(alpha=0.5, into=gated linear)"]
+    assert_close(cap(), before)
+
+
+def test_explicit_scale_where_no_producer_can_absorb():
+    cap, before, _ = smoothed(PostNorm(), torch.randn(2, 5, 16))
+    muls = [n for n in nodes(cap.gm, operator.mul) if n.meta.get("qc_smooth")]
+    assert len(muls) == 4  # post-norm outputs also feed residual adds; gelu outputs
+    assert cap.ctx.history[-1].counters["explicit"] == 4
+    assert any("scaled explicitly" in n for n in cap.ctx.notes)
+    assert_close(cap(), before)
+
+
+def test_layernorm_bias_and_tied_head():
+    cap, before, _ = smoothed(PreNorm("layer"), torch.randint(0, 24, (2, 5)))
+    counters = cap.ctx.history[-1].counters
+    assert counters["into_norm"] == 3 and counters["explicit"] == 2  # down inputs: gelu
+    assert_close(cap(), before)
+
+
+@pytest.mark.parametrize("how", ["missing", "wrong-size"])
+def test_skipped_without_statistics(how):
+    cap, _ = transformed(Gated(), torch.randn(2, 5, 16), passes=[], smooth=True)
+    code = cap.gm.code
+    if how == "wrong-size":
+        cap.ctx.analysis["smooth_stats"] = {k: torch.ones(7) for k in _stats(cap)}
+    cap.run_pass("smooth")
+    assert not cap.ctx.history[-1].modified and cap.gm.code == code
+    reason = "no calibration statistics" if how == "missing" else "do not have the input's"
+    assert any(n.startswith("smooth") and reason in n for n in cap.ctx.notes)
+
+
+def test_statistics_from_observers_and_calibration_results():
+    from types import SimpleNamespace
+
+    from qcompile.numerics.observers import PerChannelAbsMaxObserver
+
+    cap, before = transformed(Gated(), torch.randn(2, 5, 16), passes=[], smooth=True)
+    obs = PerChannelAbsMaxObserver()
+    obs.update(torch.randn(4, 16) * 3)
+    cap.ctx.state = SimpleNamespace(stats={"gate.weight": obs})
+    hi = torch.rand(32) + 1
+    cap.ctx.analysis["calib"] = {"in:down": SimpleNamespace(channel_range=(-hi, hi))}
+    cap.run_pass("smooth")
+    assert cap.ctx.history[-1].counters["groups"] == 2
+    assert_close(cap(), before)
