@@ -33,6 +33,9 @@ from qcompile.lowering.reference import apply_bound_epilogue, check_k
 
 MODES = ("auto", "compiled", "eager")
 _CHUNK_ELEMENTS = 1 << 16  # eager fallback: rows per chunk so int64 temporaries fit in L2
+# "auto" runs epilogues over fewer elements eagerly: a cold Inductor compile costs seconds
+# per signature, the eager epilogue on 2**18 int64 elements about a millisecond.
+_COMPILE_MIN_ELEMENTS = 1 << 18
 _SCALARS = ("q", "shift", "out_zero_point", "qmin", "qmax")
 
 
@@ -95,7 +98,8 @@ def run_epilogue(
     if torch.compiler.is_compiling():
         # Inside an outer torch.compile: the outer compiler fuses the plain ops itself.
         return apply_bound_epilogue(acc, epilogue, v)
-    if mode == "eager" or (mode == "auto" and sig in _FAILED):
+    small = acc.numel() < _COMPILE_MIN_ELEMENTS  # compiling would cost more than it saves
+    if mode == "eager" or (mode == "auto" and (sig in _FAILED or small)):
         return _chunked_eager(acc, epilogue, v)
     tv = {k: torch.tensor(x, dtype=torch.int64) if k in _SCALARS and isinstance(x, int) else x
           for k, x in v.items()}
@@ -125,7 +129,8 @@ def cpu_gemm_int8(
 
     A: int8 [M, K], any strides. W: int8 [N, K], any strides (prepare_weight gives the
     layout _int_mm is fastest with for large M). mode: "compiled" (Inductor-fused
-    epilogue), "eager" (no compiler needed), "auto" (compiled, else eager with a warning).
+    epilogue), "eager" (no compiler needed), "auto" (compiled for M * N >= 2**18, else
+    eager; eager with a warning if compiling fails).
     """
     epilogue = epilogue if epilogue is not None else Epilogue()
     if a.dtype != torch.int8 or w.dtype != torch.int8:

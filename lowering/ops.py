@@ -25,9 +25,9 @@ Float-output ops:
 from __future__ import annotations
 
 import torch
+from qcompile.lowering.epilogue import Bias, Dequantize, Epilogue, InputZeroPoint, Requantize
 from torch import Tensor
 
-from qcompile.lowering.epilogue import Bias, Dequantize, Epilogue, InputZeroPoint, Requantize
 from qcompile.numerics.dyadic import rounding_shift
 
 IMPLS = ("triton", "cpu", "reference")

@@ -25,6 +25,7 @@ from torch.fx import GraphModule, Node
 
 from qcompile.fx_utils import is_call, is_method, only_user, tensor_val
 from qcompile.pass_manager import PassContext, PassResult, graph_pass
+from qcompile.sites import attention_site
 
 SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None,
                  "enable_gqa": False}
@@ -124,6 +125,7 @@ def canonicalize_attention(gm: GraphModule, ctx: PassContext) -> PassResult:
     for node in list(gm.graph.nodes):
         if is_call(node, F.scaled_dot_product_attention):
             counters["sdpa_normalized"] += _normalize_sdpa(node)
+            attention_site(node)  # pin the stable site name before any transform
             continue
         found = _match_explicit(node)
         if found is None:
@@ -132,6 +134,7 @@ def canonicalize_attention(gm: GraphModule, ctx: PassContext) -> PassResult:
         kwargs = dict(SDPA_DEFAULTS, attn_mask=mask, scale=scale)
         with gm.graph.inserting_before(node):
             new = gm.graph.call_function(F.scaled_dot_product_attention, (q, k, v), kwargs)
+        attention_site(new)
         node.replace_all_uses_with(new)
         for dead in chain:  # pv first, then towards q @ k^T
             if not dead.users:

@@ -35,9 +35,8 @@ _MODULE_STATE = re.compile(r"\._(parameters|buffers)\[")
 
 
 def source_name(node) -> str | None:
-    grapharg = node.meta.get("grapharg")
-    source = getattr(grapharg, "source", None)
-    return source.name if source is not None else None
+    """Dynamo's name for where a placeholder came from (set by seed_meta_from_dynamo)."""
+    return node.meta.get("qc_source")
 
 
 def param_path(source: str) -> str:

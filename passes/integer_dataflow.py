@@ -22,10 +22,10 @@ from __future__ import annotations
 import operator
 
 import torch
+from qcompile.lowering import ops
 from torch.fx import GraphModule, Node
 
 from qcompile.fx_utils import is_call
-from qcompile.lowering import ops
 from qcompile.pass_manager import PassContext, PassResult, graph_pass
 from qcompile.sites import is_layout
 

@@ -11,10 +11,10 @@ an unchosen implementation.
 
 from __future__ import annotations
 
+from qcompile.lowering import ops
 from torch.fx import GraphModule
 
 from qcompile.fx_utils import get_constant, replace_constant
-from qcompile.lowering import ops
 from qcompile.pass_manager import PassContext, PassResult, graph_pass
 
 # op -> position of its `impl` argument

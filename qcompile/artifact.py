@@ -1,18 +1,25 @@
 """The compiled artifact Dynamo calls: one per captured graph.
 
-It runs the compile phase at once, the finalize phase when quantization parameters exist,
-and on every call checks (cheaply: identity and `_version` of each frozen input) that the
-weights it compiled are the weights it is given. Another instance of the same module
-class, or weights changed in place, are compiled afresh: never another model's or stale
-weights.
+Dynamo reuses one compiled graph for every instance of a module class, and the weights
+arrive as inputs on every call. So the artifact keeps one compiled *variant* per set of
+weights (identity of each frozen input; a few, least recently used first out), and on
+every call checks cheaply (identity and `_version` of each frozen input) which variant
+the given weights belong to. Another instance, or weights changed in place, get a
+variant compiled afresh: never another model's or stale weights.
+
+A variant runs the compile phase when it is built and the finalize phase once
+quantization parameters exist (at once for dynamic and weight-only recipes, at the end
+of `qcompile.calibrate` for static ones). Each variant belongs to its model's ModelState.
 """
 
 from __future__ import annotations
 
 import itertools
 import warnings
+from collections import OrderedDict
 
 import torch
+import torch.nn.functional as F
 from torch.fx import GraphModule
 
 from qcompile.config import Options
@@ -23,6 +30,7 @@ from qcompile.sites import attention_site
 from qcompile.state import ModelState, state_for_tensors
 
 _GRAPH_IDS = itertools.count()
+MAX_VARIANTS = 4  # weight sets kept compiled per graph (model instances alternating)
 
 
 class CalibrationRequiredError(RuntimeError):
@@ -33,106 +41,83 @@ class InferenceOnlyError(RuntimeError):
     pass
 
 
-class CompiledArtifact:
-    def __init__(self, gm: GraphModule, example_inputs: list, options: Options):
-        self.options = options
-        self.source_gm = gm  # as Dynamo gave it; never modified
-        self.name = f"graph_{next(_GRAPH_IDS):03d}"
-        self.builds = 0
-        self._build(list(example_inputs))
+class GraphVariant:
+    """One graph compiled for one set of weights."""
 
-    # -- compilation ---------------------------------------------------------------
-    def _build(self, example_inputs: list) -> None:
-        ctx = PassContext(self.options, fake_mode=graph_fake_mode(self.source_gm),
-                          name=self.name)
+    def __init__(self, source_gm: GraphModule, example_inputs: list, options: Options,
+                 name: str):
+        self.options, self.name = options, name
+        ctx = PassContext(options, fake_mode=graph_fake_mode(source_gm), name=name)
         ctx.analysis["example_inputs"] = example_inputs
-        gm = copy_graph_module(self.source_gm)
-        seed_meta_from_dynamo(gm)
+        gm = copy_graph_module(source_gm)
         for node in gm.graph.nodes:
             node.meta["qc_pass"] = "capture"
-        passes = _until(compile_phase(self.options), self.options.stop_after)
+        passes = _until(compile_phase(options), options.stop_after)
         self.gm = PassManager(passes, ctx).run(gm)
         self.ctx = ctx
         frozen = ctx.frozen
-        self._frozen = list(zip(frozen["indices"], frozen["tensors"]))
-        self._versions = list(frozen["versions"])
+        self.frozen = list(zip(frozen["indices"], frozen["tensors"]))
+        self.versions = list(frozen["versions"])
         frozen_set = set(frozen["indices"])
-        self._live = [i for i in range(frozen["num_inputs"]) if i not in frozen_set]
+        self.live = [i for i in range(frozen["num_inputs"]) if i not in frozen_set]
         self.state: ModelState = state_for_tensors(frozen["tensors"])
         ctx.state = self.state
         self.state.artifacts.add(self)
-        self.builds += 1
         self.calls_calibrating = 0
-        self._sample = [example_inputs[i] for i in self._live]
+        self.sample = [_concrete(example_inputs[i]) for i in self.live]
         self.finalized = False
-        if self.options.stop_after is not None:
+        if options.stop_after is not None:
             self.finalized = True  # debugging: run the graph as it stands
-        elif not self.options.needs_calibration or (
-                self.options.fingerprint() in self.state.calibrated):
+        elif not options.needs_calibration or options.fingerprint() in self.state.calibrated:
             self.finalize()
+
+    def matches(self, args) -> bool:
+        return all(args[i] is t and t._version == v
+                   for (i, t), v in zip(self.frozen, self.versions))
 
     def finalize(self) -> None:
         """Quantization parameters exist: quantize weights, rewrite, lower."""
         if self.finalized:
             return
         self.ctx.analysis["float_gm"] = copy_graph_module(self.gm)  # for per-layer SQNR
-        self.ctx.analysis["sample_inputs"] = self._sample
+        self.ctx.analysis["sample_inputs"] = self.sample
         self.gm = PassManager(finalize_phase(self.options), self.ctx).run(self.gm)
         del self.ctx.analysis["float_gm"], self.ctx.analysis["sample_inputs"]
         self.finalized = True
         self._describe_float_layers()
 
     def _describe_float_layers(self) -> None:
-        import torch.nn.functional as F
-
         recipe = self.options.recipe_obj
         left = []
         for node in self.gm.graph.nodes:
-            if node.op == "call_function" and node.target is F.linear:
+            if node.op != "call_function":
+                continue
+            if node.target is F.linear:
                 name = node.args[1].meta.get("qc_param_name", node.args[1].target)
                 rec = self.ctx.layer(name.removesuffix(".weight"), "linear")
                 if not rec.quantized and not rec.reason:
-                    rec.reason = (f"recipe {recipe.name!r} quantizes nothing" if not
-                                  recipe.quantizes else "no quantization stage rewrote it")
-                if not rec.quantized:
-                    left.append(rec.name)
-            if node.op == "call_function" and node.target is F.scaled_dot_product_attention:
+                    rec.reason = "no quantization stage rewrote it"
+                left.append(rec.name)
+            elif node.target is F.scaled_dot_product_attention:
                 rec = self.ctx.layer(attention_site(node), "attention")
                 if not rec.quantized and not rec.reason:
                     rec.reason = (f"recipe {recipe.name!r} quantizes nothing" if not
                                   recipe.quantizes else "no quantized attention rewrite ran")
+            elif recipe.quantizes and getattr(node.target, "__name__", "") in _UNSUPPORTED:
+                kind = _UNSUPPORTED[node.target.__name__]
+                rec = self.ctx.layer(f"{kind}:{node.name}", kind.split()[-1])
+                rec.reason = f"{kind} is not quantized: qcompile rewrites linear and attention"
+                left.append(rec.name)
         if recipe.quantizes and left:
             warnings.warn(
-                f"qcompile ({self.name}): {len(left)} linear layer(s) stay in float "
+                f"qcompile ({self.name}): {len(left)} layer(s) stay in float "
                 f"(e.g. {left[:3]}); qcompile.report(model) says why",
-                stacklevel=2,
+                stacklevel=3,
             )
 
-    # -- running -----------------------------------------------------------------------
-    def __call__(self, *args):
-        for k, (i, tensor) in enumerate(self._frozen):
-            arg = args[i]
-            if arg is not tensor or arg._version != self._versions[k]:
-                self._build(list(args))  # another model instance, or weights changed
-                break
-        if torch.is_grad_enabled():
-            for i in self._live:
-                arg = args[i]
-                if isinstance(arg, torch.Tensor) and arg.requires_grad:
-                    raise InferenceOnlyError(
-                        "qcompile compiles for inference: an input requires grad. Run the "
-                        "model under torch.no_grad() / torch.inference_mode(), or compile "
-                        "with another backend to train."
-                    )
+    def run(self, args):
         if not self.finalized:
-            if self.state.calibrating:
-                self.calls_calibrating += 1
-                self.state.batches = max(self.state.batches, self.calls_calibrating)
-                self._sample = [args[i] for i in self._live]  # the last batch, for SQNR
-                progress = getattr(self.state, "progress", None)
-                if progress is not None:
-                    progress.update(self.state.batches)
-            else:
+            if not self.state.calibrating:
                 raise CalibrationRequiredError(
                     f"recipe {self.options.recipe!r} needs calibration before it can run. "
                     "Run a few representative batches first:\n"
@@ -141,9 +126,84 @@ class CompiledArtifact:
                     "            compiled_model(batch)\n"
                     "or choose the dynamic recipe 'w8a8', which needs none."
                 )
-        live = [args[i] for i in self._live]
+            self.calls_calibrating += 1
+            self.state.batches = max(self.state.batches, self.calls_calibrating)
+            self.sample = [args[i] for i in self.live]  # the last batch, for SQNR
+            progress = getattr(self.state, "progress", None)
+            if progress is not None:
+                progress.update(self.state.batches)
         with torch.no_grad():
-            return self.gm(*live)
+            return self.gm(*[args[i] for i in self.live])
+
+
+class CompiledArtifact:
+    def __init__(self, gm: GraphModule, example_inputs: list, options: Options):
+        self.options = options
+        self.source_gm = gm  # as Dynamo gave it; only its metadata is pinned, once
+        seed_meta_from_dynamo(gm)
+        self.base_name = f"graph_{next(_GRAPH_IDS):03d}"
+        self.builds = 0
+        self.variants: OrderedDict[tuple, GraphVariant] = OrderedDict()
+        self._current = self._build(list(example_inputs))
+
+    def _build(self, example_inputs: list) -> GraphVariant:
+        name = self.base_name if not self.builds else f"{self.base_name}_v{self.builds}"
+        variant = GraphVariant(self.source_gm, example_inputs, self.options, name)
+        self.builds += 1
+        key = tuple(id(t) for _, t in variant.frozen)
+        self.variants[key] = variant
+        while len(self.variants) > MAX_VARIANTS:
+            self.variants.popitem(last=False)
+        return variant
+
+    # the current variant's graph and context, for tests and debugging
+    @property
+    def gm(self) -> GraphModule:
+        return self._current.gm
+
+    @property
+    def ctx(self) -> PassContext:
+        return self._current.ctx
+
+    def __call__(self, *args):
+        variant = self._current
+        if not variant.matches(args):
+            variant = self._select(args)
+        if torch.is_grad_enabled():
+            for i in variant.live:
+                arg = args[i]
+                if isinstance(arg, torch.Tensor) and arg.requires_grad:
+                    raise InferenceOnlyError(
+                        "qcompile compiles for inference: an input requires grad. Run the "
+                        "model under torch.no_grad() / torch.inference_mode(), or compile "
+                        "with another backend to train."
+                    )
+        return variant.run(args)
+
+    def _select(self, args) -> GraphVariant:
+        """The variant compiled for these weights, or a new one (another instance of the
+        module, or weights changed in place since)."""
+        key = tuple(id(args[i]) for i, _ in self._current.frozen)
+        variant = self.variants.get(key)
+        if variant is None or not variant.matches(args):
+            variant = self._build(list(args))
+        self.variants.move_to_end(key)
+        self._current = variant
+        return variant
+
+
+def _concrete(x):
+    """Dynamo hands symbolic sizes as SymInts among the example inputs; a real run of
+    the graph (the SQNR probe) needs their example values."""
+    if isinstance(x, (torch.SymInt, torch.SymFloat)):
+        return x.node.hint
+    return x
+
+
+_UNSUPPORTED = {"conv1d": "convolution", "conv2d": "convolution", "conv3d": "convolution",
+                "conv_transpose1d": "transposed convolution",
+                "conv_transpose2d": "transposed convolution", "bmm": "batched matmul",
+                "baddbmm": "batched matmul", "einsum": "einsum"}
 
 
 def _until(passes: list, stop_after: str | None) -> list:

@@ -31,8 +31,8 @@ class Captured:
         self.options = options
         self.ctx = PassContext(options, fake_mode=graph_fake_mode(gm), name=name)
         self.ctx.analysis["example_inputs"] = example_inputs
+        seed_meta_from_dynamo(gm)
         self.gm = copy_graph_module(gm)
-        seed_meta_from_dynamo(self.gm)
         for node in self.gm.graph.nodes:
             node.meta["qc_pass"] = "capture"
 

@@ -13,8 +13,8 @@ import operator
 from typing import Any
 
 import torch
-from torch.fx import GraphModule, Interpreter, Node
 from torch._subclasses.fake_tensor import unset_fake_temporarily
+from torch.fx import GraphModule, Interpreter, Node
 from torch.utils._pytree import tree_map
 
 
@@ -124,10 +124,15 @@ def _num_placeholders(gm: GraphModule) -> int:
 
 
 def seed_meta_from_dynamo(gm: GraphModule) -> None:
-    """Dynamo's graph carries `example_value`; qcompile's passes read `val`."""
+    """Dynamo's graph carries `example_value` and, on placeholders, `grapharg` (whose source
+    names the parameter); qcompile's passes read `val` and `qc_source`. Dynamo drops its
+    keys after the backend returns, so this runs on the graph it hands over, once."""
     for node in gm.graph.nodes:
         if "val" not in node.meta and "example_value" in node.meta:
             node.meta["val"] = node.meta["example_value"]
+        source = getattr(node.meta.get("grapharg"), "source", None)
+        if source is not None:
+            node.meta.setdefault("qc_source", source.name)
 
 
 def users_of(node: Node) -> list[Node]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from qcompile.pass_manager import LayerRecord, PassRecord
-from qcompile.state import state_for_model
+from qcompile.state import compile_fingerprint, state_for_model
 
 
 @dataclass
@@ -73,4 +73,7 @@ def graph_report(artifact) -> GraphReport:
 def report(model) -> Report:
     state = state_for_model(model)
     artifacts = sorted(state.artifacts, key=lambda a: a.name)
+    fingerprint = compile_fingerprint(model)
+    if fingerprint is not None:  # only the graphs this compiled model made
+        artifacts = [a for a in artifacts if a.options.fingerprint() == fingerprint]
     return Report([graph_report(a) for a in artifacts])

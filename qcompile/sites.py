@@ -59,7 +59,10 @@ def producer_through_layout(node) -> Node:
 
 
 def attention_site(sdpa: Node) -> str:
-    v = producer_through_layout(sdpa.args[2])
-    if is_linear(v):
-        return f"attn:{linear_name(v)}"
-    return f"attn:{sdpa.name}"
+    """Named after the linear producing v, pinned on the node the first time it is asked
+    (canonicalize-attention does), so transforms that change the v path later do not
+    change the name."""
+    if "qc_site" not in sdpa.meta:
+        v = producer_through_layout(sdpa.args[2])
+        sdpa.meta["qc_site"] = f"attn:{linear_name(v)}" if is_linear(v) else f"attn:{sdpa.name}"
+    return sdpa.meta["qc_site"]

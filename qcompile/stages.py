@@ -15,7 +15,32 @@ from qcompile.pass_manager import PassFn
 def transform_passes(options: Options) -> list[PassFn]:
     """Equivalence transforms (issue 4): exact in real arithmetic, data-free.
     Each pass decides per graph whether it is valid, and records why when it is not."""
-    return []
+    rotate = options.transform_on("rotate")
+    online = options.transform_on("online_hadamard")
+    if not (rotate or online or options.transform_on("smooth")):
+        return []
+    from qcompile.passes.analyze_structure import analyze_structure
+
+    # norms, residual streams and their writers/readers, attention heads, MLP inputs
+    passes: list[PassFn] = [analyze_structure]
+    if rotate:
+        from qcompile.passes.fold_norm_affine import fold_norm_affine
+        from qcompile.passes.layernorm_to_rmsnorm import layernorm_to_rmsnorm
+        from qcompile.passes.rotate_heads import rotate_heads
+        from qcompile.passes.rotate_residual import rotate_residual
+
+        passes += [
+            fold_norm_affine,  # gamma/beta into the consumers: norms commute with rotations
+            layernorm_to_rmsnorm,  # zero-mean stream: LayerNorm readers become RMSNorm
+            rotate_residual,  # Q on the stream, folded into writers and readers
+            rotate_heads,  # per-head Hadamard on v / o_proj, folded offline
+        ]
+    if online:
+        from qcompile.passes.online_hadamard import online_hadamard
+
+        # where no offline fold is valid: MLP down input, q/k, post-norm linear inputs
+        passes.append(online_hadamard)
+    return passes
 
 
 def compile_passes(options: Options) -> list[PassFn]:

@@ -96,3 +96,23 @@ def state_for_model(model: Any) -> ModelState:
     if not tensors:
         raise ValueError("this model has no parameters or buffers: nothing to quantize")
     return state_for_tensors(tensors)
+
+
+def compile_fingerprint(model: Any) -> str | None:
+    """The options fingerprint `torch.compile(..., backend="qcompile", options=...)` gave
+    this compiled model, or None when it cannot be read (a plain module, or Dynamo's
+    internals moved): then callers act on every graph of the model."""
+    from qcompile.config import Options
+
+    obj = getattr(getattr(model, "dynamo_ctx", None), "callback", None)
+    for _ in range(8):
+        if obj is None:
+            return None
+        kwargs = getattr(obj, "kwargs", None)
+        if isinstance(kwargs, dict) and getattr(obj, "compiler_name", None) == "qcompile":
+            try:
+                return Options.from_user(kwargs.get("mode"), kwargs.get("options")).fingerprint()
+            except Exception:
+                return None
+        obj = getattr(obj, "_torchdynamo_orig_backend", None)
+    return None

@@ -8,10 +8,9 @@ Passes append their own rules with `register_rule` next to the pass that establi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
-import torch
 import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 

@@ -9,7 +9,13 @@ import torch.nn.functional as F
 
 import qcompile
 from qcompile.pass_manager import (
-    PassContext, PassError, PassManager, PassOrderError, PassResult, get_pass, graph_pass,
+    PassContext,
+    PassError,
+    PassManager,
+    PassOrderError,
+    PassResult,
+    get_pass,
+    graph_pass,
 )
 from tests.helpers import TinyMLP
 

@@ -97,6 +97,7 @@ def test_auto_mode_falls_back_loudly(monkeypatch):
 
     monkeypatch.setattr(cpu, "_compiled_epilogue", broken)
     monkeypatch.setattr(cpu, "_FAILED", set())
+    monkeypatch.setattr(cpu, "_COMPILE_MIN_ELEMENTS", 0)  # this small problem would run eagerly
     with pytest.warns(UserWarning, match="running it eagerly"):
         got = cpu_gemm_int8(a, w, ep, mode="auto", **vals)
     assert torch.equal(got, gemm_int8_ref(a, w, ep, **vals))
@@ -113,3 +114,18 @@ def test_input_checks():
                       mode="fast", bias=torch.zeros(3, dtype=torch.int32))
     with pytest.raises(TypeError, match="unexpected"):
         cpu_gemm_int8(a, torch.zeros(3, 8, dtype=torch.int8), q=5)
+
+
+def test_auto_mode_runs_small_problems_eagerly(monkeypatch):
+    """Below 2**18 outputs a cold Inductor compile costs more than it saves."""
+    from qcompile.lowering import cpu
+
+    ep = Epilogue((Bias(), Requantize(per_channel=True)))
+    a, w, vals = random_operands(ep, 16, 24, 40, seed=3)
+
+    def must_not_compile(_epilogue):
+        raise AssertionError("a small problem was compiled")
+
+    monkeypatch.setattr(cpu, "_compiled_epilogue", must_not_compile)
+    got = cpu_gemm_int8(a, w, ep, mode="auto", **vals)
+    assert torch.equal(got, gemm_int8_ref(a, w, ep, **vals))

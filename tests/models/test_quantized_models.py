@@ -1,0 +1,87 @@
+"""End to end: every architecture under every recipe runs quantized ops, with dynamic
+batch and sequence length, and stays close to float."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from qcompile.lowering import ops
+
+import qcompile
+from tests.models.zoo import MODELS, output
+
+pytest.importorskip("transformers")
+
+# minimum cosine similarity to float per output row (random weights, no rotations: the
+# 4-bit activation recipe is the one that needs the transforms of issue 4)
+CLOSE = {"w8a8": 0.999, "w8a8-static": 0.995, "w4a16": 0.97, "w4a8": 0.97, "w4a4": 0.85}
+STATIC = {"w8a8-static", "w4a8", "w4a4"}
+
+
+def compiled(name, recipe, **options):
+    build, make, key = MODELS[name]
+    torch.manual_seed(0)
+    model = build().eval()
+    cm = torch.compile(model, backend="qcompile", options={"recipe": recipe, **options},
+                       dynamic=True)
+    if recipe in STATIC:
+        with torch.no_grad(), qcompile.calibrate(cm):
+            for seq in (8, 9, 10):
+                cm(*make(2, seq))
+    return model, cm, make, key
+
+
+@pytest.mark.parametrize("recipe", list(CLOSE))
+@pytest.mark.parametrize("name", list(MODELS))
+def test_model_recipe(name, recipe):
+    model, cm, make, key = compiled(name, recipe)
+    with torch.no_grad():
+        for batch, seq in ((3, 11), (1, 6)):  # shapes never seen in calibration
+            x = make(batch, seq)
+            ref, out = output(model(*x), key), output(cm(*x), key)
+            assert out.shape == ref.shape
+            cos = F.cosine_similarity(ref.flatten(1).double(), out.flatten(1).double())
+            assert cos.min() > CLOSE[recipe], (name, recipe, cos)
+            assert not torch.equal(ref, out)  # it really is quantized
+    rep = qcompile.report(cm)
+    linears = [layer for layer in rep.layers if layer.kind == "linear"]
+    assert linears and all(layer.quantized for layer in linears), str(rep)
+    # per-layer SQNR is measured for every quantized linear; without rotations, 4-bit
+    # activations leave some LLaMA-family layers near 0 dB (issue 4's transforms fix that)
+    floor = 0.0 if recipe == "w4a4" else 10.0
+    assert all(layer.sqnr_db is not None and layer.sqnr_db > floor for layer in linears), [
+        (layer.name, layer.sqnr_db) for layer in linears]
+    attention = [layer for layer in rep.layers if layer.kind == "attention"]
+    if recipe == "w4a16":
+        assert all(not a.quantized and "float" in a.reason for a in attention)
+    else:
+        assert all(a.quantized for a in attention), str(rep)
+
+
+def test_static_recipe_is_integer_only_between_boundaries():
+    """w8a8-static on BERT: every linear input is int8 from an integer op or a quantize at
+    a float island boundary; residual adds are integer; no float linear is left."""
+    model, cm, make, key = compiled("bert", "w8a8-static")
+    with torch.no_grad():
+        cm(*make(2, 8))
+    from qcompile.state import state_for_model
+
+    (art,) = [a for a in state_for_model(cm).artifacts if a.finalized]
+    nodes = list(art.gm.graph.nodes)
+    assert not any(n.target is F.linear for n in nodes)
+    assert sum(n.target is ops.ADD_INT8 for n in nodes) == 4  # 2 layers x 2 residuals
+    assert sum(n.target is ops.REQUANT_INT8 for n in nodes) >= 6  # q, k, v stay integer
+    for n in nodes:
+        if n.target is ops.LINEAR_INT8:
+            assert n.args[0].meta["val"].dtype == torch.int8
+            assert art.gm.get_buffer(n.args[4].target).dtype == torch.int64  # dyadic q
+    counters = art.ctx.counters
+    assert counters["integer-dataflow.residual_adds"] == 4
+    assert counters["rewrite-attention.static"] == 2
+
+
+def test_missing_calibration_says_how():
+    build, make, _ = MODELS["bert"]
+    cm = torch.compile(build().eval(), backend="qcompile", options={"recipe": "w8a8-static"})
+    with pytest.raises(Exception, match="qcompile.calibrate"):
+        with torch.no_grad():
+            cm(*make(2, 8))

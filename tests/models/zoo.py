@@ -1,0 +1,102 @@
+"""Tiny random models of the architectures qcompile is tested on, with input makers.
+
+Each entry: name -> (build() -> model, make_inputs(batch, seq) -> tuple, output key).
+Sizes stay tiny so the whole matrix of models x recipes runs in CI on 2 cores.
+"""
+
+from __future__ import annotations
+
+import torch
+
+VOCAB = 96
+
+
+def _ids(b, s):
+    return (torch.randint(0, VOCAB, (b, s)),)
+
+
+def _hf(name):
+    import transformers
+
+    return getattr(transformers, name)
+
+
+def llama():
+    cfg = _hf("LlamaConfig")(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4)
+    return _hf("LlamaForCausalLM")(cfg)
+
+
+def mistral():
+    cfg = _hf("MistralConfig")(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                               num_hidden_layers=2, num_attention_heads=4,
+                               num_key_value_heads=2)
+    return _hf("MistralForCausalLM")(cfg)
+
+
+def qwen2():
+    cfg = _hf("Qwen2Config")(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    return _hf("Qwen2ForCausalLM")(cfg)
+
+
+def gpt2():
+    cfg = _hf("GPT2Config")(n_layer=2, n_embd=64, n_head=4, vocab_size=VOCAB, n_positions=64,
+                            bos_token_id=0, eos_token_id=0)
+    return _hf("GPT2LMHeadModel")(cfg)
+
+
+def opt():
+    cfg = _hf("OPTConfig")(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, ffn_dim=128,
+                           num_attention_heads=4, max_position_embeddings=64,
+                           word_embed_proj_dim=64, pad_token_id=1, bos_token_id=0,
+                           eos_token_id=0)
+    return _hf("OPTForCausalLM")(cfg)
+
+
+def bert():
+    cfg = _hf("BertConfig")(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, intermediate_size=128)
+    return _hf("BertModel")(cfg)
+
+
+def vit():
+    cfg = _hf("ViTConfig")(image_size=16, patch_size=4, num_channels=3, hidden_size=64,
+                           num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
+    return _hf("ViTModel")(cfg)
+
+
+class SmallCNN(torch.nn.Module):
+    """Convolutions (left in float, and reported) feeding a quantized classifier head."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(8, 16, 3, padding=1, stride=2)
+        self.fc1 = torch.nn.Linear(16 * 8 * 8, 64)
+        self.fc2 = torch.nn.Linear(64, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.conv1(x))
+        x = torch.relu(self.conv2(x))
+        return self.fc2(torch.relu(self.fc1(x.flatten(1))))
+
+
+def _pixels(b, s):
+    return (torch.randn(b, 3, 16, 16),)
+
+
+MODELS = {
+    "llama": (llama, _ids, "logits"),
+    "mistral": (mistral, _ids, "logits"),
+    "qwen2": (qwen2, _ids, "logits"),
+    "gpt2": (gpt2, _ids, "logits"),
+    "opt": (opt, _ids, "logits"),
+    "bert": (bert, _ids, "last_hidden_state"),
+    "vit": (vit, _pixels, "last_hidden_state"),
+    "cnn": (SmallCNN, _pixels, None),
+}
+
+
+def output(out, key):
+    return out if key is None else getattr(out, key)
