@@ -52,6 +52,7 @@ from qcompile.structure import (
     rope_map,
     size_at,
     tval,
+    value_users,
 )
 
 
@@ -161,11 +162,11 @@ def stream_from(gm: GraphModule, seed: Node, d: int) -> ResidualStream:
         if node in stream:
             for operand in combine_operands(node, d) or [keeps_last_dim(node)]:
                 visit(operand)
-        for user in node.users:
+        for user in value_users(node):
             if user not in stream and _joins(user, node, d):
                 visit(user)
     readers = [Reader(u, n, _reader_kind(u, n, d))
-               for n in (*stream, *writers) for u in n.users if u not in stream]
+               for n in (*stream, *writers) for u in value_users(n) if u not in stream]
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     return ResidualStream(d, sorted(stream, key=order.__getitem__),
                           sorted(writers.values(), key=lambda w: order[w.node]), readers)

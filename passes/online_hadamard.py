@@ -15,7 +15,9 @@ When it does not apply: a size with no Hadamard matrix (qcompile.hadamard), a si
 already has one; each skip is recorded (ctx.note, and per layer).
 Pre: analyze-structure. Post: the graph computes the same function (exactly in real
 arithmetic); inserted nodes carry meta["qc_online_hadamard"] = "down" | "q" | "k" |
-"input". The op has a fake implementation, so shapes propagate (symbolic ones too).
+"input"; linears record "online-hadamard(...)" in their report entry, attention nodes in
+meta["qc_transforms"]. The op has a fake implementation, so shapes propagate (symbolic
+ones too).
 """
 
 from __future__ import annotations
@@ -115,7 +117,9 @@ def _rotate_qk(gm: GraphModule, ctx: PassContext, sdpa: Node) -> str | None:
     hq = insert_hadamard(gm, q, before=sdpa, tag="q")
     hk = hq if k is q else insert_hadamard(gm, k, before=sdpa, tag="k")
     sdpa.args = (hq, hk, *sdpa.args[2:])
-    ctx.layer(f"attention:{sdpa.name}", "attention").transforms.append("online-hadamard(q,k)")
+    # attention layer records are named when the report is made (their site names change
+    # as rewrites replace the projections), so the transform is kept on the node
+    sdpa.meta.setdefault("qc_transforms", []).append("online-hadamard(q,k)")
     return None
 
 

@@ -105,7 +105,6 @@ def rotate_heads(gm: GraphModule, ctx: PassContext) -> PassResult:
     def skip(att: Attention, reason: str) -> None:
         counters["skipped"] += 1
         skips.add(att.sdpa.name, reason)
-        ctx.layer(f"attention:{att.sdpa.name}", "attention").detail["rotate-heads"] = reason
 
     for att in s.attention:
         d = att.head_dim
@@ -148,6 +147,8 @@ def rotate_heads(gm: GraphModule, ctx: PassContext) -> PassResult:
                                                  tag="unrotate")
             f.user.replace_input_with(f.source, made[f.source])
             counters["exits"] += 1
+        for sdpa in sdpas:
+            sdpa.meta.setdefault("qc_transforms", []).append("rotate-heads(v,o)")
         done.add((v_lin, att.v.offset))
         counters["v_proj"] += 1
         counters["heads_rotated"] += len(sdpas)

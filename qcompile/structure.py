@@ -155,13 +155,31 @@ def keeps_last_dim(node) -> Node | None:
     return None
 
 
+_METADATA_METHODS = ("size", "dim", "numel", "stride", "is_contiguous", "get_device",
+                     "is_floating_point")
+
+
+def is_metadata_use(user: Node) -> bool:
+    """A use that reads shape, dtype or device only (x.size(-1) for a symbolic reshape)."""
+    if is_method(user, *_METADATA_METHODS):
+        return True
+    if is_call(user, getattr) and len(user.args) > 1:
+        return user.args[1] in ("shape", "dtype", "device", "ndim", "is_cuda")
+    return is_call(user, torch.ops.aten.sym_size.int, torch.ops.aten.sym_numel.default,
+                   torch.numel)
+
+
+def value_users(node: Node) -> list[Node]:
+    return [u for u in node.users if not is_metadata_use(u)]
+
+
 def layout_consumers(node: Node) -> list[tuple[Node, Node]]:
     """(consumer, the node it reads) for every use of node's values, looking through
     layout ops (keeps_last_dim); the graph output counts as a consumer."""
     out, stack, seen = [], [node], set()
     while stack:
         n = stack.pop()
-        for user in n.users:
+        for user in value_users(n):
             if keeps_last_dim(user) is n:
                 if user not in seen:
                     seen.add(user)
@@ -363,7 +381,7 @@ def channel_flows(origin: Node, width: int, head_dim: int | None = None,
         def push(nxt, o=off, ww=w, h=hd, sc=scaled, r=rope):
             stack.append((nxt, o, ww, h, r, sc))
 
-        for user in list(node.users):
+        for user in value_users(node):
             if user in inner:
                 continue
             if hd is None and _head_split(user, node, w) is not None:
