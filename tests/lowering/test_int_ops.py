@@ -1,0 +1,220 @@
+"""Integer-only GELU, LayerNorm and softmax attention (lowering/int_ops.py, I-BERT).
+
+Three kinds of checks per op: (1) against an independent exact computation of the same
+integer algorithm (Python big ints / fractions, or int_softmax.py's I-BERT pieces), so
+any int64 overflow or off-by-one shows; (2) against float, with the documented error
+bounds; (3) the implementations (reference, cpu, Triton in the interpreter or on CUDA)
+give identical integers.
+"""
+
+import math
+from fractions import Fraction
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from qcompile.lowering import int_ops as io
+from qcompile.lowering.device import triton_target
+from qcompile.lowering.int_softmax import int_exp, int_gelu, int_softmax
+from qcompile.lowering.kernels.attention import quantized_attention_ref
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+DEV = "cuda" if triton_target() == "cuda" else "cpu"
+INT8 = torch.arange(-128, 128, dtype=torch.int8)
+scales = st.floats(min_value=1e-3, max_value=0.3)
+zps = st.integers(min_value=-40, max_value=40)
+
+
+def _round_half_away(fr: Fraction) -> int:
+    mag = math.floor(abs(fr) + Fraction(1, 2))
+    return mag if fr >= 0 else -mag
+
+
+def _requant_exact(values: list[int], q: int, shift: int, zp: int) -> list[int]:
+    return [min(127, max(-128, _round_half_away(Fraction(v * q, 2**shift)) + zp))
+            for v in values]
+
+
+# ---------------------------------------------------------------- i-sqrt
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(st.lists(st.integers(min_value=0, max_value=2**62 - 1), min_size=1, max_size=64))
+def test_isqrt_is_floor_sqrt(values):
+    n = torch.tensor(values + [0, 1, 2, 3, 4, 2**62 - 1, (2**31 - 1) ** 2], dtype=torch.int64)
+    assert io.isqrt(n).tolist() == [math.isqrt(v) for v in n.tolist()]
+    assert io.bit_length(n).tolist() == [v.bit_length() for v in n.tolist()]
+
+
+# ---------------------------------------------------------------- GELU
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(s_in=scales, zp_in=zps, s_out=scales, zp_out=zps)
+def test_gelu_int8_exact_and_close_to_float(s_in, zp_in, s_out, zp_out):
+    p = io.gelu_params(s_in, zp_in, s_out, zp_out)
+    y = io.gelu_int8(INT8, *p, "cpu")
+    # (1) the same integers as int_softmax.int_gelu (I-BERT) + an exact rational requant
+    g, s_g = int_gelu((INT8.long() - zp_in) << p.up, s_in / 2**p.up)
+    assert y.tolist() == _requant_exact(g.tolist(), p.q, p.shift, zp_out)
+    assert abs(p.q / 2**p.shift / (s_g / s_out) - 1) < 2**-20  # the multiplier: S_g / S_out
+    # (2) within i-GELU's polynomial error (I-BERT's fit: < 1.9e-2) + the output rounding
+    x = (INT8.double() - zp_in) * s_in
+    lo, hi = (-128 - zp_out) * s_out, (127 - zp_out) * s_out
+    for approximate in ("none", "tanh"):
+        ref = F.gelu(x, approximate=approximate).clamp(lo, hi)
+        err = ((y.double() - zp_out) * s_out - ref).abs().max().item()
+        assert err <= 1.9e-2 + 1e-3 * (approximate == "tanh") + 0.5 * s_out + 1e-9
+
+
+def test_gelu_int8_extreme_scales_fit_int64():
+    for s_in, s_out in ((1.0, 1e-3), (1e-4, 1e-4), (0.5, 0.5), (2e-3, 0.1)):
+        p = io.gelu_params(s_in, 0, s_out, 0)
+        g, _ = int_gelu(INT8.long() << p.up, s_in / 2**p.up)
+        assert int(g.abs().max()) * p.q < 2**62
+        exact = _requant_exact(g.tolist(), p.q, p.shift, 0)
+        assert io.gelu_int8(INT8, *p, "reference").tolist() == exact
+
+
+def test_gelu_int8_impls_bit_identical():
+    p = io.gelu_params(0.05, 3, 0.02, -60)
+    x = torch.randint(-128, 128, (3, 5, 333), dtype=torch.int8)
+    ref = io.gelu_int8(x, *p, "reference")
+    assert torch.equal(io.gelu_int8(x, *p, "cpu"), ref)
+    assert torch.equal(io.gelu_int8(x.to(DEV), *p, "triton").cpu(), ref)
+
+
+# ---------------------------------------------------------------- LayerNorm
+
+
+def _layernorm_exact(row: list[int], p: io.LayerNormParams) -> list[int]:
+    """The op's algorithm in Python integers (no overflow possible)."""
+    c = len(row)
+    x = [v - p.in_zp for v in row]
+    total = sum(x)
+    xc = [c * v - total for v in x]
+    v = sum(t * t for t in xc) + p.eps
+    std = max(1, math.isqrt((v << (2 * p.f)) // c))
+    out = []
+    for t, g, b in zip(xc, p.gamma.tolist(), p.beta.tolist()):
+        y = _round_half_away(Fraction(t << (p.f + p.frac), std))
+        o = _round_half_away(Fraction(y * g + b, 2**p.shift)) + p.out_zp
+        out.append(min(p.qmax, max(p.qmin, o)))
+    return out
+
+
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(c=st.sampled_from([8, 64, 384, 1024]), s_in=scales, zp_in=zps, s_out=scales,
+       zp_out=zps, seed=st.integers(0, 2**16), spread=st.sampled_from([1, 4, 127]))
+def test_layernorm_int8_exact_and_close_to_float(c, s_in, zp_in, s_out, zp_out, seed, spread):
+    g = torch.Generator().manual_seed(seed)
+    w, b = torch.randn(c, generator=g) * 0.5 + 1, torch.randn(c, generator=g) * 0.3
+    x = (torch.randint(-spread, spread + 1, (3, c), generator=g) + zp_in).clamp(-128, 127)
+    x = x.to(torch.int8)
+    p = io.layernorm_params(s_in, zp_in, c, w, b, 1e-5, s_out, zp_out)
+    y = io.layernorm_int8(x, *p, "cpu")
+    assert y.tolist() == [_layernorm_exact(r, p) for r in x.tolist()]
+    # LayerNorm is computed to >= 17 fractional bits: at most one output step off the
+    # float LayerNorm rounded to the output scale (a rounding tie away)
+    ref = F.layer_norm((x.double() - zp_in) * s_in, (c,), w.double(), b.double(), 1e-5)
+    ref_q = (torch.round(ref / s_out) + zp_out).clamp(-128, 127)
+    assert (y.double() - ref_q).abs().max() <= 1
+
+
+def test_layernorm_int8_impls_bit_identical():
+    c = 384
+    w, b = torch.randn(c) * 0.2 + 1, torch.randn(c) * 0.1
+    p = io.layernorm_params(0.03, 5, c, w, b, 1e-12, 0.04, -3)
+    x = torch.randint(-128, 128, (2, 7, c), dtype=torch.int8)
+    x[0, 0] = 5  # a constant row: zero variance, eps 0 -> all zeros, no division by 0
+    ref = io.layernorm_int8(x, *p, "reference")
+    assert torch.equal(io.layernorm_int8(x, *p, "cpu"), ref)
+    assert torch.equal(io.layernorm_int8(x.to(DEV), *p, "triton").cpu(), ref)
+    assert (ref[0, 0].long() - (-3) - torch.round(b / 0.04).long()).abs().max() <= 1
+
+
+def test_layernorm_params_reject_what_cannot_fit():
+    with pytest.raises(ValueError, match="overflow"):
+        io.layernorm_params(0.1, 0, 1 << 17, None, None, 1e-5, 0.1, 0)
+
+
+# ---------------------------------------------------------------- softmax attention
+
+
+def _quant(x):
+    s = x.abs().amax() / 127
+    return torch.round(x / s).clamp(-127, 127).to(torch.int8), s
+
+
+def _attention_inputs(b=2, hq=4, hkv=2, sq=19, sk=23, d=16, amp=2.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    (q, qs), (k, ks), (v, vs) = (_quant(torch.randn(b, h, s, d, generator=g) * a)
+                                 for h, s, a in ((hq, sq, amp), (hkv, sk, amp), (hkv, sk, 1)))
+    return q, k, v, qs, ks, vs
+
+
+def test_isoftmax_pieces_are_ibert():
+    z = torch.randint(-200_000, 1, (4, 50), dtype=torch.int64)
+    e, _ = int_exp(z, 2.0**-io.LOGIT_BITS)
+    assert torch.equal(io.i_exp(z), e)
+    p, _ = int_softmax(z, 2.0**-io.LOGIT_BITS, out_bits=io.SOFTMAX_BITS)
+    # the op's probabilities: the same rounding of e * 2**16 / sum(e) (ties up for e >= 0)
+    total = io.i_exp(z - z.amax(-1, keepdim=True)).sum(-1, keepdim=True)
+    mine = io._nonneg_round_div(io.i_exp(z - z.amax(-1, keepdim=True)) << 16, total)
+    assert torch.equal(mine, p)
+
+
+@pytest.mark.parametrize("amp", [0.5, 2.0, 8.0])
+def test_isoftmax_attention_close_to_float_softmax(amp):
+    q, k, v, qs, ks, vs = _attention_inputs(amp=amp, sq=40, sk=40)
+    ref = quantized_attention_ref(q, k, v, qs, ks, vs, out_dtype=torch.float64)
+    out = io.attention_int8_isoftmax(q, k, v, qs, ks, vs, None, False, None, torch.float32,
+                                     "cpu")
+    # output = sum_j p_j v_j: i-exp's ~3e-3 relative error per probability (plus 2**-17
+    # rounding) moves it by at most ~4e-3 of max |v|
+    assert (out.double() - ref).abs().max() <= 4e-3 * 127 * float(vs)
+
+
+MASKS = {
+    "none": lambda b, h, sq, sk: None,
+    "bool": lambda b, h, sq, sk: torch.rand(b, 1, sq, sk, generator=torch.Generator()
+                                            .manual_seed(1)) > 0.3,
+    "padding": lambda b, h, sq, sk: torch.zeros(b, 1, 1, sk).index_fill_(
+        -1, torch.arange(sk - 5, sk), torch.finfo(torch.float32).min),
+    "additive": lambda b, h, sq, sk: torch.randn(1, h, sq, sk, generator=torch.Generator()
+                                                 .manual_seed(2)),
+}
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("mask", list(MASKS))
+def test_isoftmax_attention_impls_bit_identical(mask, causal):
+    q, k, v, qs, ks, vs = _attention_inputs()
+    m = MASKS[mask](2, 4, q.shape[2], k.shape[2])
+    args = (qs, ks, vs, m, causal, 0.3, torch.float32)
+    ref = io.attention_int8_isoftmax(q, k, v, *args, "reference")
+    assert torch.equal(io.attention_int8_isoftmax(q, k, v, *args, "cpu"), ref)
+    dev_args = (qs, ks, vs, None if m is None else m.to(DEV), causal, 0.3, torch.float32)
+    tri = io.attention_int8_isoftmax(q.to(DEV), k.to(DEV), v.to(DEV), *dev_args, "triton")
+    assert torch.equal(tri.cpu(), ref)
+    if mask in ("none", "padding"):  # masked keys hidden exactly as the float path does
+        fl = quantized_attention_ref(q, k, v, qs, ks, vs, attn_mask=m, causal=causal,
+                                     sm_scale=0.3, out_dtype=torch.float64)
+        assert (ref.double() - fl).abs().max() <= 4e-3 * 127 * float(vs)
+
+
+def test_fake_impls_propagate_shapes():
+    p = io.gelu_params(0.05, 0, 0.05, 0)  # compile time: real tensors
+    lp = io.layernorm_params(0.05, 0, 8, None, None, 1e-5, 0.05, 0)
+    with FakeTensorMode() as mode:
+        x = mode.from_tensor(torch.zeros(2, 3, 8, dtype=torch.int8))
+        assert io.gelu_int8(x, *p, "cpu").dtype == torch.int8
+        g, b = mode.from_tensor(lp.gamma), mode.from_tensor(lp.beta)
+        assert io.layernorm_int8(x, g, b, *lp[2:], "cpu").shape == (2, 3, 8)
+        q = mode.from_tensor(torch.zeros(1, 2, 5, 8, dtype=torch.int8))
+        s = mode.from_tensor(torch.tensor(0.1))
+        out = io.attention_int8_isoftmax(q, q, q, s, s, s, None, True, None, torch.float16,
+                                         "cpu")
+        assert out.shape == (1, 2, 5, 8) and out.dtype == torch.float16
