@@ -11,7 +11,7 @@ an unchosen implementation.
 
 from __future__ import annotations
 
-from qcompile.lowering import ops
+from qcompile.lowering import int_ops, ops
 from torch.fx import GraphModule
 
 from qcompile.fx_utils import get_constant, replace_constant
@@ -19,7 +19,8 @@ from qcompile.pass_manager import PassContext, PassResult, graph_pass
 
 # op -> position of its `impl` argument
 IMPL_ARG = {ops.QUANTIZE: 5, ops.LINEAR_INT8: 9, ops.LINEAR_W4A8: 9, ops.LINEAR_DYNAMIC: 4,
-            ops.LINEAR_W4A16: 6, ops.ATTENTION_INT8: 10}
+            ops.LINEAR_W4A16: 6, ops.ATTENTION_INT8: 10,
+            **int_ops.IMPL_ARG}  # gelu_int8, layernorm_int8, attention_int8_isoftmax
 
 
 def choose_impl(ctx: PassContext, device) -> str:

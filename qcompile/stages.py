@@ -80,6 +80,12 @@ def finalize_passes(options: Options) -> list[PassFn]:
         lower,  # bind each op to Triton / CPU / reference kernels
         measure_sqnr,  # per-layer error against the float graph, for the report
     ]
+    if options.transform_on("integer_nonlinear") and options.recipe_obj.requant == "dyadic":
+        from qcompile.passes.integer_nonlinear import integer_nonlinear
+
+        # GELU / LayerNorm / softmax -> I-BERT integer ops; integer-dataflow then removes
+        # the float round trips they leave at their boundaries
+        passes.insert(passes.index(integer_dataflow), integer_nonlinear)
     return passes
 
 

@@ -1,0 +1,273 @@
+"""integer-nonlinear: GELU, LayerNorm and the attention softmax become integer-only ops.
+
+What (integer-only recipes, options["integer_nonlinear"]), after I-BERT (Kim et al.,
+"I-BERT: Integer-only BERT Quantization", ICML 2021; ops in lowering/int_ops.py):
+1. GELU: F.gelu (exact or approximate="tanh") or GPT-2's spelled-out tanh form
+   0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x**3))), reading dequantize(yq) and
+   quantized for a linear, becomes dequantize(gelu_int8(yq)) at that linear's input
+   scale (i-GELU approximates the exact GELU; the tanh form differs from it by < 1e-3).
+2. LayerNorm: F.layer_norm over the last dim whose input is int8 at a known scale
+   (dequantize(yq), an activation already quantized, or a residual add that calibration
+   observed: integer-dataflow makes it add_int8) and whose output is quantized for a
+   linear becomes dequantize(layernorm_int8(quantize(x))): integer mean and variance,
+   i-sqrt, gamma and beta as integers, one rounding to the consumer's scale.
+3. Softmax: attention_int8 becomes attention_int8_isoftmax (same arguments): i-exp on
+   the integer logits, 16-bit probabilities, integer P V.
+Each replacement ends in a dequantize at exactly the scale its consumers quantize to, so
+integer-dataflow (next) removes the quantize(dequantize(...)) pairs: the int8 values flow
+from op to op. Before it runs the graph still computes correctly (float round trips).
+Why: integer-only inference (no float unit) needs the non-linear islands in integers;
+the report and bench/integer_nonlinear_error.py measure what that costs against float.
+Stays in float, with the reason in ctx.note: an island whose input scale is unknown
+(e.g. BERT's embedding LayerNorm), whose output feeds no quantized linear (the final
+LayerNorm), a norm over several dims or with non-constant affine / eps.
+Pre: rewrite-linear, rewrite-attention; integer-dataflow after it. Post: the matched
+islands read and write int8 through the new ops; counters gelu / layernorm / softmax.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+
+import torch
+import torch.nn.functional as F
+from qcompile.lowering import int_ops, ops
+from torch.fx import GraphModule, Node
+
+from qcompile.fx_utils import add_constant, get_constant, is_call, is_method, tensor_val
+from qcompile.numerics.dyadic import MultiplierRangeError
+from qcompile.pass_manager import PassContext, PassResult, graph_pass
+from qcompile.sites import is_layout, producer_through_layout
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+
+# ---------------------------------------------------------------- matching helpers
+
+
+def _mul_by(gm, ctx, node, value: float) -> Node | None:
+    """x for node = value * x (either order; value known at compile time), else None."""
+    if not is_call(node, operator.mul, torch.mul):
+        return None
+    a, b = node.args[:2]
+    for c, x in ((a, b), (b, a)):
+        c = _compile_time_float(gm, ctx, c) if isinstance(c, Node) else c
+        if isinstance(c, (int, float)) and math.isclose(c, value, rel_tol=1e-6):
+            return x if isinstance(x, Node) else None
+    return None
+
+
+def _tanh_gelu_input(gm, ctx, node) -> Node | None:
+    """x for GPT-2's 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x**3))) ending at node."""
+    if not is_call(node, operator.mul, torch.mul):
+        return None
+    for half, rest in (node.args[:2], node.args[1::-1]):
+        x = _mul_by(gm, ctx, half, 0.5)
+        if x is None or not is_call(rest, operator.add, torch.add):
+            continue
+        tanh = next((a for a in rest.args if is_call(a, torch.tanh)), None)
+        if tanh is None or 1.0 not in rest.args:
+            continue
+        inner = _mul_by(gm, ctx, tanh.args[0], _SQRT_2_OVER_PI)
+        if not is_call(inner, operator.add, torch.add) or x not in inner.args:
+            continue
+        cube = _mul_by(gm, ctx, inner.args[1] if inner.args[0] is x else inner.args[0],
+                       0.044715)
+        if is_call(cube, torch.pow, operator.pow) and cube.args[0] is x and cube.args[1] == 3:
+            return x
+    return None
+
+
+def _gelu_input(gm, ctx, node) -> Node | None:
+    if is_call(node, F.gelu):
+        approx = node.kwargs.get("approximate", node.args[1] if len(node.args) > 1 else "none")
+        return node.args[0] if approx in ("none", "tanh") else None
+    return _tanh_gelu_input(gm, ctx, node)
+
+
+def _output_quantize(node: Node) -> Node | None:
+    """The quantize a linear reads node's value through (rewrite-linear made one), directly
+    or through layout ops (GPT-2's Conv1D views its input)."""
+    todo = list(node.users)
+    while todo:
+        user = todo.pop(0)
+        if user.target is ops.QUANTIZE:
+            return user
+        if is_layout(user):
+            todo.extend(user.users)
+    return None
+
+
+def _consumers(node: Node) -> list[str]:
+    q = _output_quantize(node)
+    return [u.meta["qc_layer"] for u in q.users if "qc_layer" in u.meta] if q else []
+
+
+def _int8_input(gm, ctx, x) -> tuple[Node, float, int] | None:
+    """(int8 node, scale, zero point) carrying x, or None where no scale is known.
+
+    x = dequantize(yq) gives yq itself. Otherwise a quantize at the scale x is known to
+    have is put on x: a dequantize behind layout ops, or a residual add that calibration
+    observed (integer-dataflow turns it into add_int8 at that very scale); integer-dataflow
+    then removes the quantize(dequantize(...)) it makes."""
+    if not isinstance(x, Node):
+        return None
+    if x.target is ops.DEQUANTIZE:
+        return x.args[0], x.args[1], x.args[2]
+    src = producer_through_layout(x)
+    if src.target is ops.DEQUANTIZE:
+        scale, zp = src.args[1], src.args[2]
+    else:
+        existing = next((u for u in x.users if u.target is ops.QUANTIZE), None)
+        if existing is not None:
+            return existing, existing.args[1], existing.args[2]
+        site = ctx.analysis.get("calib", {}).get(x.meta.get("qc_add_site"))
+        if site is None or site.scale is None:
+            return None
+        scale, zp = site.scale, site.zero_point
+    qmin, qmax = _act_range(ctx)
+    with gm.graph.inserting_after(x):
+        q = gm.graph.call_function(ops.QUANTIZE, (x, scale, zp, qmin, qmax, "cpu"))
+    q.meta["qc_qparams"] = (scale, zp)
+    q.meta["qc_int_nonlinear_input"] = True  # erased again if the rewrite gives up
+    return q, scale, zp
+
+
+def _act_range(ctx) -> tuple[int, int]:
+    bits = ctx.options.recipe_obj.act.bits
+    return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+
+
+_SCALAR_OPS = {operator.truediv: operator.truediv, operator.mul: operator.mul,
+               operator.add: operator.add, operator.sub: operator.sub,
+               operator.pow: operator.pow, operator.neg: operator.neg, math.sqrt: math.sqrt,
+               torch._sym_sqrt: math.sqrt}
+
+
+def _compile_time_float(gm, ctx, arg, depth: int = 0) -> float | None:
+    """A scalar known at compile time: a literal, a constant, (for floats Dynamo turns into
+    graph inputs, like LayerNorm's eps or math.pi) its value in the sample inputs, or
+    scalar arithmetic on those (GPT-2's sqrt(2 / math.pi) under dynamic shapes)."""
+    if isinstance(arg, (int, float)):
+        return float(arg)
+    if depth < 8 and isinstance(arg, Node) and arg.op == "call_function" and (
+            arg.target in _SCALAR_OPS):
+        vals = [_compile_time_float(gm, ctx, a, depth + 1) for a in arg.args]
+        return None if None in vals else float(_SCALAR_OPS[arg.target](*vals))
+    if is_method(arg, "item"):
+        arg = arg.args[0]
+    const = get_constant(gm, arg)
+    if const is not None and const.numel() == 1:
+        return float(const)
+    if isinstance(arg, Node) and arg.op == "placeholder":
+        sample = ctx.analysis.get("sample_inputs")
+        idx = [n for n in gm.graph.nodes if n.op == "placeholder"].index(arg)
+        value = sample[idx] if sample is not None and idx < len(sample) else None
+        if isinstance(value, (int, float)) or (isinstance(value, torch.Tensor)
+                                                and value.numel() == 1):
+            return float(value)
+    return None
+
+
+def _replace(gm, node, target, args, out_q: Node) -> Node:
+    """node -> dequantize(target(*args)) at out_q's scale, so integer-dataflow can drop
+    out_q's float round trip."""
+    s_out, zp_out = out_q.args[1], out_q.args[2]
+    with gm.graph.inserting_before(node):
+        yq = gm.graph.call_function(target, args)
+        y = gm.graph.call_function(ops.DEQUANTIZE, (yq, s_out, zp_out, tensor_val(node).dtype))
+    yq.meta["qc_out_qparams"] = (s_out, zp_out)
+    node.replace_all_uses_with(y)
+    gm.graph.erase_node(node)
+    return yq
+
+
+# ---------------------------------------------------------------- rewrites
+
+
+def _rewrite_gelu(gm, ctx, node) -> str | None:
+    """None on success, else why the GELU stays in float."""
+    out_q = _output_quantize(node)
+    if out_q is None:
+        return "its output is not quantized for a linear"
+    found = _int8_input(gm, ctx, _gelu_input(gm, ctx, node))
+    if found is None:
+        return "its input has no int8 scale (not a quantized op's output)"
+    xq, s_in, zp_in = found
+    try:
+        p = int_ops.gelu_params(s_in, zp_in, out_q.args[1], out_q.args[2], out_q.args[3],
+                                out_q.args[4], in_range=_act_range(ctx))
+    except MultiplierRangeError as exc:
+        return f"requantization out of range: {exc}"
+    _replace(gm, node, int_ops.GELU_INT8, (xq, *p, "cpu"), out_q)
+    return None
+
+
+def _rewrite_layernorm(gm, ctx, node) -> str | None:
+    x, shape, w, b, eps = node.args
+    val = tensor_val(x)
+    if val is None or len(shape) != 1 or shape[0] != val.shape[-1]:
+        return "LayerNorm over more than the last dim"
+    out_q = _output_quantize(node)
+    if out_q is None:
+        return "its output is not quantized for a linear"
+    weight, bias = get_constant(gm, w), get_constant(gm, b)
+    eps_value = _compile_time_float(gm, ctx, eps)
+    if (w is not None and weight is None) or (b is not None and bias is None) or (
+            eps_value is None):
+        return "affine weights or eps not known at compile time"
+    found = _int8_input(gm, ctx, x)
+    if found is None:
+        return "its input has no int8 scale (not a quantized op's output or an observed add)"
+    xq, s_in, zp_in = found
+    try:
+        p = int_ops.layernorm_params(s_in, zp_in, int(shape[0]), weight, bias, eps_value,
+                                     out_q.args[1], out_q.args[2], out_q.args[3],
+                                     out_q.args[4], in_range=_act_range(ctx))
+    except (ValueError, MultiplierRangeError) as exc:
+        return str(exc)
+    name = f"{node.name}_int"
+    g = add_constant(gm, f"{name}_gamma", p.gamma, before=node)
+    bt = add_constant(gm, f"{name}_beta", p.beta, before=node)
+    _replace(gm, node, int_ops.LAYERNORM_INT8, (xq, g, bt, *p[2:], "cpu"), out_q)
+    return None
+
+
+@graph_pass("integer-nonlinear", requires=("rewrite-linear",))
+def integer_nonlinear(gm: GraphModule, ctx: PassContext) -> PassResult:
+    recipe = ctx.options.recipe_obj
+    if recipe.requant != "dyadic" or not ctx.options.transform_on("integer_nonlinear"):
+        return PassResult(gm, False, {})
+    counters = {"gelu": 0, "layernorm": 0, "softmax": 0, "float": 0}
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target is ops.ATTENTION_INT8:
+            node.target = int_ops.ATTENTION_INT8_ISOFTMAX
+            ctx.layer(node.meta.get("qc_layer", node.name), "attention").transforms.append(
+                "int-softmax")
+            counters["softmax"] += 1
+            continue
+        if is_call(node, F.layer_norm):
+            kind, consumers = "layernorm", _consumers(node)
+            why = _rewrite_layernorm(gm, ctx, node)
+        elif _gelu_input(gm, ctx, node) is not None:
+            kind, consumers = "gelu", _consumers(node)
+            why = _rewrite_gelu(gm, ctx, node)
+        else:
+            continue
+        if why is None:
+            counters[kind] += 1
+            for layer in consumers:
+                ctx.layer(layer, "linear").transforms.append(f"int-{kind}")
+        else:
+            counters["float"] += 1
+            ctx.note(f"integer-nonlinear: {kind} {node.name} stays in float: {why}")
+    for node in list(gm.graph.nodes):
+        if node.meta.get("qc_int_nonlinear_input") and not node.users:
+            gm.graph.erase_node(node)
+    modified = counters["gelu"] + counters["layernorm"] + counters["softmax"] > 0
+    if modified:
+        gm.graph.eliminate_dead_code()  # GPT-2's spelled-out GELU leaves its pieces
+    return PassResult(gm, modified=modified, counters=counters)

@@ -1,0 +1,145 @@
+"""integer-nonlinear: GELU, LayerNorm and attention softmax as I-BERT integer ops between
+int8 ops (passes/integer_nonlinear.py), on BERT and on small graphs, with the error
+against float measured with and without the option."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from qcompile.lowering import int_ops, ops
+
+import qcompile
+from qcompile.config import Options
+from qcompile.pass_manager import pass_name
+from qcompile.stages import finalize_passes
+from qcompile.state import state_for_model
+from tests.models.zoo import MODELS, output
+
+
+def _compile(model, make, calib_shapes, **options):
+    cm = torch.compile(model, backend="qcompile", dynamic=True,
+                       options={"recipe": "w8a8-static", **options})
+    with torch.no_grad(), qcompile.calibrate(cm):
+        for shape in calib_shapes:
+            cm(*make(*shape))
+    return cm
+
+
+def _artifact(cm):
+    """The compiled graph with integer_nonlinear on (two compiles of one model share its
+    state, and so its list of graphs)."""
+    (art,) = [a for a in state_for_model(cm).artifacts
+              if a.finalized and a.options.integer_nonlinear]
+    return art
+
+
+def _cos(ref, out):
+    return F.cosine_similarity(ref.flatten(1).double(), out.flatten(1).double()).min().item()
+
+
+def _count(gm, target):
+    return sum(n.target is target for n in gm.graph.nodes)
+
+
+def test_pipeline_has_the_pass_only_when_asked_for_integer_recipes():
+    def names(**kw):
+        return [pass_name(p) for p in finalize_passes(Options.from_user(None, kw))]
+
+    on = names(recipe="w8a8-static", integer_nonlinear=True)
+    assert on.index("rewrite-attention") < on.index("integer-nonlinear")
+    assert on.index("integer-nonlinear") == on.index("integer-dataflow") - 1
+    assert "integer-nonlinear" in names(recipe="w4a8", integer_nonlinear=True)
+    assert "integer-nonlinear" not in names(recipe="w8a8-static")  # off by default
+    assert "integer-nonlinear" not in names(recipe="w8a8", integer_nonlinear=True)  # float
+
+
+pytest.importorskip("transformers")
+
+
+def test_bert_gelu_layernorm_softmax_become_integer():
+    build, make, key = MODELS["bert"]
+    torch.manual_seed(0)
+    model = build().eval()
+    calib = [(2, 8), (2, 9), (2, 10)]
+    cm_int = _compile(model, make, calib, integer_nonlinear=True)
+    cm_flt = _compile(model, make, calib)
+    torch.manual_seed(1)
+    x = make(3, 11)  # a shape never seen in calibration
+    with torch.no_grad():
+        ref = output(model(*x), key)
+        cos_int, cos_flt = _cos(ref, output(cm_int(*x), key)), _cos(ref, output(cm_flt(*x), key))
+    print(f"\nBERT w8a8-static output cosine vs float: integer islands {cos_int:.6f}, "
+          f"float islands {cos_flt:.6f}")
+    assert cos_int > 0.99 and cos_int > cos_flt - 5e-3
+
+    art = _artifact(cm_int)
+    gm, counters = art.gm, art.ctx.counters
+    assert counters["integer-nonlinear.gelu"] == 2
+    assert counters["integer-nonlinear.layernorm"] == 3  # 2 layers x 2, minus the last
+    assert counters["integer-nonlinear.softmax"] == 2
+    assert counters["integer-nonlinear.float"] == 2  # embedding LN (float input), final LN
+    assert _count(gm, F.gelu) == 0 and _count(gm, ops.ATTENTION_INT8) == 0
+    assert _count(gm, int_ops.GELU_INT8) == 2 and _count(gm, int_ops.LAYERNORM_INT8) == 3
+    assert _count(gm, int_ops.ATTENTION_INT8_ISOFTMAX) == 2
+    integer = {ops.LINEAR_INT8, ops.ADD_INT8, int_ops.GELU_INT8, int_ops.LAYERNORM_INT8}
+    for n in gm.graph.nodes:  # int8 straight from integer op to integer op
+        if n.target is int_ops.GELU_INT8:
+            assert n.args[0].target is ops.LINEAR_INT8
+            assert all(u.target is ops.LINEAR_INT8 for u in n.users)
+        if n.target is int_ops.LAYERNORM_INT8:
+            assert n.args[0].target is ops.ADD_INT8
+            assert all(u.target in integer for u in n.users)
+            assert n.args[-1] == "cpu"  # bound by lower
+    notes = "\n".join(art.ctx.notes)
+    assert "embeddings_2 stays in float: its input has no int8 scale" in notes
+    assert "its output is not quantized for a linear" in notes
+    rep = {layer.name: layer for layer in qcompile.report(cm_int).layers}
+    assert "int-gelu" in rep["encoder.layer.0.output.dense"].transforms
+    assert "int-layernorm" in rep["encoder.layer.1.attention.self.query"].transforms
+    assert any("int-softmax" in r.transforms for r in rep.values() if r.kind == "attention")
+
+
+class _Block(torch.nn.Module):
+    """linear -> GELU (tanh, or GPT-2's spelled-out form) -> linear -> LayerNorm -> linear,
+    plus a GELU whose output leaves the model (it must stay float)."""
+
+    def __init__(self, spelled: bool):
+        super().__init__()
+        self.spelled = spelled
+        self.fc1, self.fc2 = torch.nn.Linear(16, 32), torch.nn.Linear(32, 16)
+        self.norm, self.head = torch.nn.LayerNorm(16), torch.nn.Linear(16, 8)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        if self.spelled:
+            g = 0.5 * h * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (h + 0.044715 *
+                                                                          torch.pow(h, 3.0))))
+        else:
+            g = F.gelu(h, approximate="tanh")
+        y = self.head(self.norm(self.fc2(g)))
+        return y, F.gelu(self.head(x.new_ones(16)))
+
+
+@pytest.mark.parametrize("spelled", [False, True])
+def test_small_block(spelled):
+    torch.manual_seed(0)
+    model = _Block(spelled).eval()
+
+    def make(b, s):
+        return (torch.randn(b, s, 16),)
+
+    cm = _compile(model, make, [(4, 8), (4, 9)], integer_nonlinear=True)
+    x = make(3, 7)
+    with torch.no_grad():
+        ref, out = model(*x), cm(*x)
+    assert _cos(ref[0], out[0]) > 0.99
+    art = _artifact(cm)
+    counters = art.ctx.counters
+    assert counters["integer-nonlinear.gelu"] == 1
+    assert counters["integer-nonlinear.layernorm"] == 1  # input: fc2's dequantized int8
+    assert counters["integer-nonlinear.float"] == 1  # the GELU that leaves the model
+    assert _count(art.gm, torch.tanh) == 0
+    (ln,) = [n for n in art.gm.graph.nodes if n.target is int_ops.LAYERNORM_INT8]
+    assert ln.args[0].target is ops.LINEAR_INT8 and next(iter(ln.users)).target is (
+        ops.LINEAR_INT8)
