@@ -501,8 +501,7 @@ class Attention:
 
     @property
     def o_linears(self) -> list[Node]:
-        return [f.user for f in self.o_flows if f.head_dim is None
-                and is_linear_input(f.user, f.source)]
+        return [f.user for f in self.o_flows if is_linear_input(f.user, f.source)]
 
     @property
     def grouped(self) -> bool:
