@@ -14,7 +14,8 @@ Otherwise an explicit `x * (1/s)` is inserted in front of the linears (before th
 quantizer), and the report records it.
 Statistics (per consumer site, float [K]): ctx.analysis["smooth_stats"][site] (tests),
 ctx.state.stats[site], for site = the weight's parameter name, the layer name or
-"in:<layer>"; or calibrate-qparams' ctx.analysis["calib"]["in:<layer>"].channel_range.
+"in:<layer>"; or calibrate-qparams' ctx.analysis["calib"]["in:<layer>"].channel_range;
+or insert-observers' per-channel observer of "in:<layer>" in ctx.state.observers.
 A tensor, {"absmax": t} or {"min": t, "max": t}, or an observer (PerChannelAbsMaxObserver)
 are accepted. A linear group with no statistics is skipped, with the reason recorded.
 Why: activation outliers sit in a few channels; moving part of their range into the
@@ -82,6 +83,10 @@ def activation_absmax(ctx: PassContext, linear: Node) -> torch.Tensor | None:
     calib = (ctx.analysis.get("calib") or {}).get(f"in:{layer}")
     if getattr(calib, "channel_range", None) is not None:
         return _absmax(tuple(calib.channel_range))
+    # insert-observers' per-channel observer, keyed "<options>|in:<layer>|channels"
+    for key, obs in (getattr(state, "observers", None) or {}).items():
+        if key.endswith(f"in:{layer}|channels") and getattr(obs, "count", 1):
+            return _absmax(obs)
     return None
 
 

@@ -116,9 +116,17 @@ def test_statistics_from_observers_and_calibration_results():
     cap, before = transformed(Gated(), torch.randn(2, 5, 16), passes=[], smooth=True)
     obs = PerChannelAbsMaxObserver()
     obs.update(torch.randn(4, 16) * 3)
-    cap.ctx.state = SimpleNamespace(stats={"gate.weight": obs})
+    down = PerChannelAbsMaxObserver()
+    down.update(torch.randn(4, 32))
+    cap.ctx.state = SimpleNamespace(stats={"gate.weight": obs},
+                                    observers={"fingerprint|in:down|channels": down})
+    cap.run_pass("smooth")
+    assert cap.ctx.history[-1].counters["groups"] == 2
+    assert_close(cap(), before)
+
+    cap, before = transformed(Gated(), torch.randn(2, 5, 16), passes=[], smooth=True)
     hi = torch.rand(32) + 1
     cap.ctx.analysis["calib"] = {"in:down": SimpleNamespace(channel_range=(-hi, hi))}
     cap.run_pass("smooth")
-    assert cap.ctx.history[-1].counters["groups"] == 2
+    assert cap.ctx.history[-1].counters["groups"] == 1
     assert_close(cap(), before)
