@@ -14,6 +14,8 @@ Integer-only ops (no float anywhere between int8 input and int8 output):
   requant_int8     int8 -> int8 at another scale (replaces dequantize -> quantize)
   add_int8         two int8 tensors, each side rescaled dyadically, one rounding -> int8
 Boundary ops (float islands start and end here):
+  linear_int8_dq   int8 x int8 -> int32 -> dequantized to float (output enters a float
+                   island: no requantization to int8 needed)
   quantize         float -> int8 (static per-tensor scale, round half to even)
   dequantize       int8 -> float
 Float-output ops:
@@ -96,14 +98,26 @@ def _(q, scale, zero_point, dtype):
 # ---------------------------------------------------------------- integer-only ops
 
 
-def _requant_epilogue(bias, zp_term, per_channel: bool) -> Epilogue:
+def requant_epilogue(has_bias: bool, has_zp_term: bool, per_channel: bool) -> Epilogue:
+    """The epilogue of linear_int8 / linear_w4a8 (the lower pass prints its kernel)."""
     steps = []
-    if zp_term is not None:
+    if has_zp_term:
         steps.append(InputZeroPoint())
-    if bias is not None:
+    if has_bias:
         steps.append(Bias())
     steps.append(Requantize(per_channel=per_channel))
     return Epilogue(tuple(steps))
+
+
+def dequant_epilogue(has_bias: bool, has_zp_term: bool) -> Epilogue:
+    """The epilogue of linear_int8_dq: input zero point, then s_x * s_w[n] (+ bias)."""
+    steps = [InputZeroPoint()] if has_zp_term else []
+    return Epilogue((*steps, Dequantize(out_dtype="float32", has_bias=has_bias)))
+
+
+def dynamic_epilogue(has_bias: bool) -> Epilogue:
+    """The epilogue of linear_dynamic: per-token x per-channel scales, float32 out."""
+    return Epilogue((Dequantize(out_dtype="float32", has_bias=has_bias),))
 
 
 def _requant_values(bias, zp_term, q, shift, out_zp, qmin, qmax) -> dict:
@@ -123,7 +137,7 @@ def linear_int8(x: Tensor, w: Tensor, bias: Tensor | None, zp_term: Tensor | Non
                 origin: str) -> Tensor:
     """y int8 [..., N] = requant(x int8 [..., K] @ w int8 [N, K]^T - zp_term + bias)."""
     _check_impl(impl)
-    epilogue = _requant_epilogue(bias, zp_term, q.numel() > 1)
+    epilogue = requant_epilogue(bias is not None, zp_term is not None, q.numel() > 1)
     values = _requant_values(bias, zp_term, q, shift, out_zp, qmin, qmax)
     y = _gemm(impl, _rows(x), w, epilogue, origin, **values)
     return y.reshape(*x.shape[:-1], w.shape[0])
@@ -228,7 +242,7 @@ def linear_dynamic(x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None, i
     rows = _rows(x)
     quant = quantize_per_token_triton if impl == "triton" else quantize_per_token_ref
     xq, x_scale = quant(rows.contiguous() if impl == "triton" else rows)
-    epilogue = Epilogue((Dequantize(out_dtype="float32", has_bias=bias is not None),))
+    epilogue = dynamic_epilogue(bias is not None)
     values = dict(row_scale=x_scale.float(), col_scale=w_scale.float())
     if bias is not None:
         values["float_bias"] = bias.float()
@@ -259,6 +273,29 @@ def linear_w4a16(x: Tensor, w_packed: Tensor, scales: Tensor, zeros: Tensor | No
 @linear_w4a16.register_fake
 def _(x, w_packed, scales, zeros, group_size, bias, impl):
     return x.new_empty((*x.shape[:-1], w_packed.shape[0]))
+
+
+@torch.library.custom_op(f"{_LIB}::linear_int8_dq", mutates_args=())
+def linear_int8_dq(x: Tensor, w: Tensor, bias: Tensor | None, zp_term: Tensor | None,
+                   x_scale: float, w_scale: Tensor, out_dtype: torch.dtype, impl: str,
+                   origin: str) -> Tensor:
+    """A static int8 linear whose output enters a float island: the int32 accumulator
+    (minus the input zero-point term) is dequantized, acc * s_x * s_w[n] + bias, with no
+    requantization to int8 in between (there is no integer consumer to requantize for)."""
+    _check_impl(impl)
+    values = dict(row_scale=x_scale, col_scale=w_scale.float())
+    if bias is not None:
+        values["float_bias"] = bias.float()
+    if zp_term is not None:
+        values["zp_term"] = zp_term
+    epilogue = dequant_epilogue(bias is not None, zp_term is not None)
+    y = _gemm(impl, _rows(x), w, epilogue, origin, **values)
+    return y.to(out_dtype).reshape(*x.shape[:-1], w.shape[0])
+
+
+@linear_int8_dq.register_fake
+def _(x, w, bias, zp_term, x_scale, w_scale, out_dtype, impl, origin):
+    return x.new_empty((*x.shape[:-1], w.shape[0]), dtype=out_dtype)
 
 
 # ---------------------------------------------------------------- attention
@@ -306,6 +343,7 @@ QUANTIZE = torch.ops.qcompile.quantize.default
 DEQUANTIZE = torch.ops.qcompile.dequantize.default
 LINEAR_INT8 = torch.ops.qcompile.linear_int8.default
 LINEAR_W4A8 = torch.ops.qcompile.linear_w4a8.default
+LINEAR_INT8_DQ = torch.ops.qcompile.linear_int8_dq.default
 LINEAR_DYNAMIC = torch.ops.qcompile.linear_dynamic.default
 LINEAR_W4A16 = torch.ops.qcompile.linear_w4a16.default
 ADD_INT8 = torch.ops.qcompile.add_int8.default

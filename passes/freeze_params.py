@@ -9,9 +9,13 @@ Why: later passes fold transforms into weights and quantize them; they need the 
 
 Pre: a Dynamo graph with `example_value` on every node; ctx.example_inputs holds the real
 inputs in placeholder order.
+Module float attributes that Dynamo passes as 0-d tensors read through .item() (RMSNorm
+eps, attention scaling under dynamic=True) become plain numbers, so canonicalization sees
+the same graph with static and dynamic shapes.
 Post: no placeholder is a parameter or buffer (rule in verify.py); ctx.frozen records,
-per frozen input index, the tensor, its `_version` and its name, so the artifact can
-notice another instance of the module or weights changed in place. Inference only: a
+per frozen input index, the tensor, its `_version` and its name (and each folded scalar's
+value), so the artifact can notice another instance of the module or weights changed
+in place. Inference only: a
 graph with dropout or batch norm in training mode is rejected with a clear error.
 """
 
@@ -103,6 +107,20 @@ def freeze_params(gm: GraphModule, ctx: PassContext) -> PassResult:
         frozen_tensors.append(example)
         frozen_names.append(path)
         counters["frozen"] += 1
+    scalars = []
+    for idx, (node, example) in enumerate(zip(placeholders, example_inputs)):
+        if idx in frozen_idx or not _is_module_scalar(node, example):
+            continue
+        value = example.item()
+        for item in list(node.users):  # every use is x.item(): substitute the number
+            for user in list(item.users):
+                user.args = torch.fx.node.map_arg(user.args, lambda a, i=item: value if a is i else a)
+                user.kwargs = torch.fx.node.map_arg(user.kwargs,
+                                                    lambda a, i=item: value if a is i else a)
+            gm.graph.erase_node(item)
+        gm.graph.erase_node(node)
+        scalars.append((idx, value))
+        counters["scalars"] = counters.get("scalars", 0) + 1
     for node in list(gm.graph.nodes):
         if is_call(node, F.dropout, torch.dropout) and node.users is not None:
             counters["eval_dropout_removed"] += 1
@@ -113,7 +131,20 @@ def freeze_params(gm: GraphModule, ctx: PassContext) -> PassResult:
         "tensors": frozen_tensors,
         "versions": [t._version for t in frozen_tensors],
         "names": frozen_names,
+        "scalars": scalars,
         "num_inputs": len(placeholders),
     }
-    return PassResult(gm, modified=bool(frozen_idx) or counters["eval_dropout_removed"] > 0,
-                      counters=counters)
+    modified = bool(frozen_idx or scalars) or counters["eval_dropout_removed"] > 0
+    return PassResult(gm, modified=modified, counters=counters)
+
+
+def _is_module_scalar(node, example) -> bool:
+    """A module's float attribute (an RMSNorm eps, an attention scaling) that Dynamo passes
+    as a 0-d tensor input read only through .item() (it does so under dynamic=True)."""
+    source = source_name(node) or ""
+    if not (isinstance(example, torch.Tensor) and example.dim() == 0):
+        return False
+    if not source.startswith("L['self']") or _MODULE_STATE.search(source):
+        return False
+    return bool(node.users) and all(u.op == "call_method" and u.target == "item"
+                                    for u in node.users)

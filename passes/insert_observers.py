@@ -100,7 +100,9 @@ def insert_observers(gm: GraphModule, ctx: PassContext) -> PassResult:
         if kinds and "qc_in_site" not in x.meta:
             counters["inputs"] += _observe(gm, ctx, x, f"in:{layer}", kinds, "qc_in_site")
         if static:
-            counters["outputs"] += _observe(gm, ctx, node, f"out:{layer}", ("range",),
+            # smoothing may fold 1/s into this linear's output rows: keep channel ranges
+            out_kinds = ("range", "channels") if ctx.options.transform_on("smooth") else ("range",)
+            counters["outputs"] += _observe(gm, ctx, node, f"out:{layer}", out_kinds,
                                             "qc_out_site")
     if static:
         for node in list(gm.graph.nodes):

@@ -47,6 +47,9 @@ def rewrite_attention(gm: GraphModule, ctx: PassContext) -> PassResult:
             continue
         site = attention_site(node)
         rec = ctx.layer(site, "attention")
+        for t in node.meta.get("qc_transforms", ()):  # e.g. online Hadamard on q and k
+            if t not in rec.transforms:
+                rec.transforms.append(t)
         q, k, v = node.args
         kw = node.kwargs
         reason = None

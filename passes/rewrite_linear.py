@@ -116,6 +116,10 @@ def _rewrite_static(gm, ctx, node, qw, layer, cache):
                                                     tensor_val(node).dtype))
     _tag(yq, layer)
     yq.meta["qc_out_qparams"] = (out.scale, out.zero_point)
+    # what integer-dataflow needs if this output only feeds float islands
+    bias_f = get_constant(gm, b).float() if b is not None else None
+    yq.meta["qc_float_epilogue"] = (s_x, qw.scale.float().reshape(-1), bias_f,
+                                    wq.contiguous() if qw.spec.bits == 4 else None)
     y.meta["qc_layer_out"] = layer
     return _tag(y, layer), op._opname
 

@@ -23,7 +23,9 @@ weights makes both quantize well (SmoothQuant, Xiao et al. 2023). Exact in real 
 Runs in the finalize phase, after calibration. Note: per-tensor activation scales
 computed from the un-smoothed ranges are stale afterwards (the per-channel ranges / s
 give the new ones).
-Pre: analyze-structure. Post: same function; smoothed linears record "smooth(...)".
+Pre: analyze-structure. Post: same function; smoothed linears record "smooth(...)"; every
+node whose values were divided by s carries meta["qc_smooth_div"] = s, and the explicit
+multiply inherits x's quantization site (smooth-qparams rescales those sites).
 """
 
 from __future__ import annotations
@@ -111,6 +113,7 @@ def _fold_producer(ed: WeightEditor, x: Node, linears: list[Node], s: torch.Tens
     k = s.shape[0]
     if not _exclusive(p, linears) or last_size(p) != k:
         return None
+    x.meta["qc_smooth_div"] = s  # x's values are now x / s (smooth-qparams rescales)
     if is_call(p, *NORMS) and p.args[1] is not None and list(p.args[1]) == [k]:
         like = torch.empty(0, dtype=tval(p).dtype, device=tval(p).device)
         gamma = ed.get64(p, 2)
@@ -122,6 +125,7 @@ def _fold_producer(ed: WeightEditor, x: Node, linears: list[Node], s: torch.Tens
     if is_call(p, F.linear):
         w, b = linear_params(ed, p)
         set_linear(ed, p, weight=w / s[:, None], bias=None if b is None else b / s)
+        p.meta["qc_smooth_div"] = s
         return "linear"
     if is_call(p, operator.mul, torch.mul) and all(isinstance(a, Node) for a in p.args):
         for factor in p.args:
@@ -130,7 +134,9 @@ def _fold_producer(ed: WeightEditor, x: Node, linears: list[Node], s: torch.Tens
                     u is p for u, _ in layout_consumers(f)) and tval(factor).shape == tval(p).shape:
                 w, b = linear_params(ed, f)
                 set_linear(ed, f, weight=w / s[:, None], bias=None if b is None else b / s)
+                f.meta["qc_smooth_div"] = s
                 return "gated linear"
+    del x.meta["qc_smooth_div"]  # nothing absorbed 1/s: x keeps its values
     return None
 
 
@@ -140,6 +146,9 @@ def _explicit(gm: GraphModule, x: Node, linears: list[Node], s: torch.Tensor) ->
     with gm.graph.inserting_before(linears[0]):
         scaled = gm.graph.call_function(operator.mul, (x, inv))
     scaled.meta["qc_smooth"] = True
+    scaled.meta["qc_smooth_div"] = s
+    if "qc_in_site" in x.meta:  # the linears now read x / s: same site, rescaled
+        scaled.meta["qc_in_site"] = x.meta["qc_in_site"]
     for lin in linears:
         lin.replace_input_with(x, scaled)
 

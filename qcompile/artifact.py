@@ -15,6 +15,7 @@ of `qcompile.calibrate` for static ones). Each variant belongs to its model's Mo
 from __future__ import annotations
 
 import itertools
+import os
 import warnings
 from collections import OrderedDict
 
@@ -58,12 +59,14 @@ class GraphVariant:
         frozen = ctx.frozen
         self.frozen = list(zip(frozen["indices"], frozen["tensors"]))
         self.versions = list(frozen["versions"])
-        frozen_set = set(frozen["indices"])
+        self.scalars = list(frozen.get("scalars", ()))
+        frozen_set = set(frozen["indices"]) | {i for i, _ in self.scalars}
         self.live = [i for i in range(frozen["num_inputs"]) if i not in frozen_set]
         self.state: ModelState = state_for_tensors(frozen["tensors"])
         ctx.state = self.state
         self.state.artifacts.add(self)
         self.calls_calibrating = 0
+        self.run_graph = None  # Inductor's compiled graph, when options["inductor"]
         self.sample = [_concrete(example_inputs[i]) for i in self.live]
         self.finalized = False
         if options.stop_after is not None:
@@ -73,7 +76,8 @@ class GraphVariant:
 
     def matches(self, args) -> bool:
         return all(args[i] is t and t._version == v
-                   for (i, t), v in zip(self.frozen, self.versions))
+                   for (i, t), v in zip(self.frozen, self.versions)) and all(
+            float(args[i]) == value for i, value in self.scalars)
 
     def finalize(self) -> None:
         """Quantization parameters exist: quantize weights, rewrite, lower."""
@@ -85,6 +89,24 @@ class GraphVariant:
         del self.ctx.analysis["float_gm"], self.ctx.analysis["sample_inputs"]
         self.finalized = True
         self._describe_float_layers()
+        if self.options.inductor:
+            self._compile_float_remainder()
+        if self.options.debug_dir:
+            from qcompile.pass_manager import graph_dump_dir
+            from qcompile.report import graph_report
+
+            with open(os.path.join(graph_dump_dir(self.ctx), "report.txt"), "w") as f:
+                f.write(graph_report(self).to_text() + "\n")
+
+    def _compile_float_remainder(self) -> None:
+        """options["inductor"]: Inductor compiles the graph around the quantized ops, which
+        it calls as opaque custom ops (their fake implementations give it the shapes)."""
+        from torch._inductor.compile_fx import compile_fx
+
+        graph_module = self.gm
+        compiled = compile_fx(graph_module, list(self.sample))
+        self.run_graph = compiled
+        self.ctx.note("the float remainder of the graph runs compiled by Inductor")
 
     def _describe_float_layers(self) -> None:
         recipe = self.options.recipe_obj
@@ -133,7 +155,7 @@ class GraphVariant:
             if progress is not None:
                 progress.update(self.state.batches)
         with torch.no_grad():
-            return self.gm(*[args[i] for i in self.live])
+            return (self.run_graph or self.gm)(*[args[i] for i in self.live])
 
 
 class CompiledArtifact:

@@ -59,6 +59,7 @@ class Captured:
     def inputs(self) -> list:
         """The example inputs the current graph takes (frozen parameters removed)."""
         frozen = set(self.ctx.frozen.get("indices", ()))
+        frozen |= {i for i, _ in self.ctx.frozen.get("scalars", ())}
         return [x for i, x in enumerate(self.example_inputs) if i not in frozen]
 
     def __call__(self, *args):

