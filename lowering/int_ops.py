@@ -7,6 +7,10 @@ ICML 2021):
   gelu_int8                 int8 -> i-GELU (second-order erf polynomial) -> dyadic -> int8
   layernorm_int8            int8 -> integer mean / variance, i-sqrt, integer gamma and beta,
                             one rounding shift -> int8
+  linear_residual_layernorm_int8
+                            LayerNorm(linear(x) + residual) with the GEMM's int32
+                            accumulator and the residual added at a fine scale, as I-BERT
+                            (an int8 residual stream costs BERT-style models dearly)
   attention_int8_isoftmax   int8 q, k, v -> int32 Q K^T -> dyadic rescale to fixed-unit
                             logits -> i-exp softmax (16-bit probabilities) -> integer P V
                             -> dequantized like attention_int8 (same signature)
@@ -19,16 +23,21 @@ division only; the one float operation left is attention's final dequantization 
 attention_int8) and the conversion of a float additive mask to integer logit units.
 
 Implementations (`impl`, bound by the lower pass): "triton" (lowering/kernels/
-int_nonlinear.py), "cpu" and "reference" (torch int64 here). All three give identical
-integers; for attention "cpu" computes the integer matmuls exactly in float64 (every
-value is an integer below 2**53), "reference" in int64.
+int_nonlinear.py; the fused op runs the generated int8 GEMM with an int32 epilogue, the
+residual rescale in torch integer ops, then the LayerNorm kernel), "cpu" and
+"reference" (torch int64 here). All give identical integers; for attention "cpu"
+computes the integer matmuls exactly in float64 (every value an integer below 2**53),
+"reference" in int64.
 
-Error against float (tests/lowering/test_int_ops.py asserts the bounds; measured on
-all-MiniLM-L6-v2 activations by bench/integer_nonlinear_error.py): i-GELU's polynomial
-is within ~1.9e-2 of exact GELU (I-BERT's fit; worst near |x| ~ 1.8 and at 0+), plus the
-output's rounding; LayerNorm is exact up to the int8 rounding of input and output (its
-fixed point keeps >= 17 fractional bits); the softmax probabilities are within ~4e-3
-(i-exp's ~3e-3 relative error, plus 2**-17 rounding).
+Error against float (tests/lowering/test_int_ops.py asserts the bounds;
+bench/integer_nonlinear_error.py measures them on all-MiniLM-L6-v2's activations):
+i-GELU's polynomial is within 1.9e-2 of exact GELU (I-BERT's fit; worst near |x| ~ 1.8
+and at 0+) plus the output's rounding (MiniLM: <= 1.2 output steps from the float GELU
+of the same int8 input); LayerNorm is exact up to the rounding of its output (>= 17
+fractional bits inside; at most one step from float, a tie); the softmax probabilities
+are within ~4e-3 (i-exp's ~3e-3 relative error, plus 2**-17 rounding): attention outputs
+within 4e-3 * max|v| of the float softmax's (MiniLM: 2.7e-3 absolute, SQNR 60 dB).
+Additive mask values at or below -2**27 (in logit units) hide a key, as -inf does.
 """
 
 from __future__ import annotations
@@ -37,9 +46,9 @@ import math
 from typing import NamedTuple
 
 import torch
-from qcompile.lowering.int_softmax import A_ERF, A_EXP, B_ERF, B_EXP, C_EXP, EXP_MAX_SHIFT
 from torch import Tensor
 
+from qcompile.lowering.int_softmax import A_ERF, A_EXP, B_ERF, B_EXP, C_EXP, EXP_MAX_SHIFT
 from qcompile.numerics.dyadic import MultiplierRangeError, rounding_shift
 
 _LIB = "qcompile"
@@ -271,6 +280,57 @@ def _(x, gamma, beta, in_zp, eps, f, frac, shift, out_zp, qmin, qmax, impl):
     return torch.empty_like(x, dtype=torch.int8)
 
 
+def residual_sum(acc: Tensor, acc_q: Tensor, acc_shift: Tensor, r: Tensor, r_zp: int, r_q: int,
+                 r_shift: int, bound: int) -> Tensor:
+    """int64 h = acc * acc_q[c] / 2**acc_shift[c] + (r - r_zp) r_q / 2**r_shift, each side
+    rounded once, clamped to +-bound: a linear's int32 accumulator (scale s_x s_w[c]) and an
+    int8 residual brought to one fine scale s_h (I-BERT adds residuals in int32)."""
+    dev = acc.device
+    h = rounding_shift(acc.to(torch.int64) * acc_q.to(dev), acc_shift.to(dev))
+    h = h + rounding_shift((r.to(torch.int64) - r_zp) * r_q, r_shift)
+    return h.clamp(-bound, bound)
+
+
+@torch.library.custom_op(f"{_LIB}::linear_residual_layernorm_int8", mutates_args=())
+def linear_residual_layernorm_int8(
+    x: Tensor, w: Tensor, bias: Tensor | None, zp_term: Tensor | None, acc_q: Tensor,
+    acc_shift: Tensor, r: Tensor, r_zp: int, r_q: int, r_shift: int, bound: int,
+    gamma: Tensor, beta: Tensor, eps: int, f: int, frac: int, shift: int, out_zp: int,
+    qmin: int, qmax: int, impl: str, origin: str,
+) -> Tensor:  # fmt: skip
+    """LayerNorm(x @ w^T + b + r) for int8 x [..., K], w [N, K], residual r int8 [..., N]
+    -> int8, I-BERT's post-norm block end: the GEMM's int32 accumulator is never rounded
+    to int8; it and r meet at a fine scale (`residual_sum`), then integer LayerNorm
+    (layernorm_int8's algorithm, wide input). Constants: passes/integer_nonlinear.py."""
+    _check_impl(impl)
+    from qcompile.lowering.epilogue import Bias, Epilogue, InputZeroPoint
+    from qcompile.lowering.ops import _gemm, _rows
+
+    steps, values = [], {}
+    if zp_term is not None:
+        steps.append(InputZeroPoint())
+        values["zp_term"] = zp_term
+    if bias is not None:
+        steps.append(Bias())
+        values["bias"] = bias
+    acc = _gemm(impl, _rows(x), w, Epilogue(tuple(steps)), origin, **values)  # int32 [M, N]
+    h = residual_sum(acc, acc_q, acc_shift, _rows(r), r_zp, r_q, r_shift, bound)
+    p = LayerNormParams(gamma, beta, 0, eps, f, frac, shift, out_zp, qmin, qmax)
+    if impl == "triton":
+        from qcompile.lowering.kernels.int_nonlinear import layernorm_int8_triton
+
+        y = layernorm_int8_triton(h, p)
+    else:
+        y = layernorm_int8_torch(h, p)
+    return y.reshape(*x.shape[:-1], w.shape[0])
+
+
+@linear_residual_layernorm_int8.register_fake
+def _(x, w, bias, zp_term, acc_q, acc_shift, r, r_zp, r_q, r_shift, bound, gamma, beta, eps, f,
+      frac, shift, out_zp, qmin, qmax, impl, origin):
+    return x.new_empty((*x.shape[:-1], w.shape[0]), dtype=torch.int8)
+
+
 # ---------------------------------------------------------------- attention, i-softmax
 
 # i-exp's constants for logits in units of 2**-LOGIT_BITS (int_softmax.int_exp's formulas)
@@ -384,5 +444,7 @@ def _(q, k, v, q_scale, k_scale, v_scale, attn_mask, is_causal, scale, out_dtype
 GELU_INT8 = torch.ops.qcompile.gelu_int8.default
 LAYERNORM_INT8 = torch.ops.qcompile.layernorm_int8.default
 ATTENTION_INT8_ISOFTMAX = torch.ops.qcompile.attention_int8_isoftmax.default
+LINEAR_RESIDUAL_LAYERNORM_INT8 = torch.ops.qcompile.linear_residual_layernorm_int8.default
 # op -> position of its `impl` argument (passes/lower.py's IMPL_ARG lists them)
-IMPL_ARG = {GELU_INT8: 11, LAYERNORM_INT8: 11, ATTENTION_INT8_ISOFTMAX: 10}
+IMPL_ARG = {GELU_INT8: 11, LAYERNORM_INT8: 11, ATTENTION_INT8_ISOFTMAX: 10,
+            LINEAR_RESIDUAL_LAYERNORM_INT8: 20}

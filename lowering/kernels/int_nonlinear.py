@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from qcompile.lowering.device import check_can_launch
 from qcompile.lowering.int_ops import (
     EXP_B,

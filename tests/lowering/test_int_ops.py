@@ -15,11 +15,12 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch._subclasses.fake_tensor import FakeTensorMode
+
 from qcompile.lowering import int_ops as io
 from qcompile.lowering.device import triton_target
 from qcompile.lowering.int_softmax import int_exp, int_gelu, int_softmax
 from qcompile.lowering.kernels.attention import quantized_attention_ref
-from torch._subclasses.fake_tensor import FakeTensorMode
 
 DEV = "cuda" if triton_target() == "cuda" else "cpu"
 INT8 = torch.arange(-128, 128, dtype=torch.int8)
@@ -138,6 +139,60 @@ def test_layernorm_int8_impls_bit_identical():
 def test_layernorm_params_reject_what_cannot_fit():
     with pytest.raises(ValueError, match="overflow"):
         io.layernorm_params(0.1, 0, 1 << 17, None, None, 1e-5, 0.1, 0)
+
+
+def _residual_problem(seed=0, n=64, k=48):
+    """A linear (int8 x, w, int32 bias, input zero point) plus an int8 residual, and the
+    fused op's constants built as passes/integer_nonlinear.py builds them."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(-128, 128, (2, 5, k), generator=g, dtype=torch.int8)
+    w = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    s_x, zp_x, s_r, zp_r = 0.02, 3, 0.05, -7
+    s_w = torch.rand(n, generator=g, dtype=torch.float64) * 2e-3 + 1e-3
+    bias = torch.randint(-5000, 5000, (n,), generator=g, dtype=torch.int32)
+    zp_term = (zp_x * w.long().sum(1)).to(torch.int32)
+    r = torch.randint(-128, 128, (2, 5, n), generator=g, dtype=torch.int8)
+    gamma, beta = torch.randn(n, generator=g) * 0.3 + 1, torch.randn(n, generator=g) * 0.2
+    e, s_ref = 7, 0.1  # the sum's calibrated scale, refined by 2**7
+    s_h, bound = s_ref / 2**e, 1 << (9 + e)
+    p = io.layernorm_params(s_h, 0, n, gamma, beta, 1e-5, 0.03, 4, in_range=(-bound, bound))
+    pairs = [io.fit_multiplier(m, 1 << 31) for m in (s_x * s_w / s_h).tolist()]
+    acc_q, acc_shift = (torch.tensor(v, dtype=torch.int64) for v in zip(*pairs))
+    r_q, r_shift = io.fit_multiplier(s_r / s_h, 255)
+    args = (x, w, bias, zp_term, acc_q, acc_shift, r, zp_r, r_q, r_shift, bound, p.gamma, p.beta,
+            *p[3:])
+    floats = dict(x=(x.double() - zp_x) * s_x, w=w.double() * s_w[:, None], b=bias * s_x * s_w,
+                  r=(r.double() - zp_r) * s_r, gamma=gamma.double(), beta=beta.double())
+    return args, p, floats
+
+
+def test_linear_residual_layernorm_exact_and_close_to_float():
+    args, p, fl = _residual_problem()
+    x, w, bias, zp_term, acc_q, acc_shift, r, zp_r, r_q, r_shift, bound = args[:11]
+    y = io.linear_residual_layernorm_int8(*args, "reference", "test")
+    # (1) Python integers: accumulator, the two rounded rescales, then the LayerNorm steps
+    acc = (x.long().reshape(-1, x.shape[-1]) @ w.long().T) - zp_term.long() + bias.long()
+    rows = []
+    for a_row, r_row in zip(acc.tolist(), r.reshape(-1, r.shape[-1]).tolist()):
+        h = [_round_half_away(Fraction(a * q, 2**s)) + _round_half_away(
+            Fraction((v - zp_r) * r_q, 2**r_shift))
+            for a, q, s, v in zip(a_row, acc_q.tolist(), acc_shift.tolist(), r_row)]
+        rows.append(_layernorm_exact([min(bound, max(-bound, t)) for t in h], p))
+    assert y.reshape(-1, y.shape[-1]).tolist() == rows
+    # (2) float: LayerNorm(x W^T + b + r) rounded to the output scale, within one step
+    ref = F.layer_norm(fl["x"] @ fl["w"].T + fl["b"] + fl["r"], (w.shape[0],), fl["gamma"],
+                       fl["beta"], 1e-5)
+    ref_q = (torch.round(ref / 0.03) + 4).clamp(-128, 127)
+    assert (y.double() - ref_q).abs().max() <= 1
+
+
+def test_linear_residual_layernorm_impls_bit_identical():
+    args, _, _ = _residual_problem(seed=1)
+    ref = io.linear_residual_layernorm_int8(*args, "reference", "test")
+    assert torch.equal(io.linear_residual_layernorm_int8(*args, "cpu", "test"), ref)
+    dev_args = [a.to(DEV) if isinstance(a, torch.Tensor) else a for a in args]
+    out = io.linear_residual_layernorm_int8(*dev_args, "triton", "test")
+    assert torch.equal(out.cpu(), ref)
 
 
 # ---------------------------------------------------------------- softmax attention

@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from qcompile.lowering import int_ops, ops
 
 import qcompile
 from qcompile.config import Options
+from qcompile.lowering import int_ops, ops
 from qcompile.pass_manager import pass_name
 from qcompile.stages import finalize_passes
 from qcompile.state import state_for_model
@@ -77,26 +77,35 @@ def test_bert_gelu_layernorm_softmax_become_integer():
     gm, counters = art.gm, art.ctx.counters
     assert counters["integer-nonlinear.gelu"] == 2
     assert counters["integer-nonlinear.layernorm"] == 3  # 2 layers x 2, minus the last
+    assert counters["integer-nonlinear.residual_layernorm"] == 3  # all post-norm, fused
     assert counters["integer-nonlinear.softmax"] == 2
     assert counters["integer-nonlinear.float"] == 2  # embedding LN (float input), final LN
+    fused = int_ops.LINEAR_RESIDUAL_LAYERNORM_INT8
     assert _count(gm, F.gelu) == 0 and _count(gm, ops.ATTENTION_INT8) == 0
-    assert _count(gm, int_ops.GELU_INT8) == 2 and _count(gm, int_ops.LAYERNORM_INT8) == 3
+    assert _count(gm, int_ops.GELU_INT8) == 2 and _count(gm, fused) == 3
     assert _count(gm, int_ops.ATTENTION_INT8_ISOFTMAX) == 2
-    integer = {ops.LINEAR_INT8, ops.ADD_INT8, int_ops.GELU_INT8, int_ops.LAYERNORM_INT8}
+    assert _count(gm, ops.ADD_INT8) == 0  # the residual adds live inside the fused op
+    integer = {ops.LINEAR_INT8, int_ops.GELU_INT8, fused}
     for n in gm.graph.nodes:  # int8 straight from integer op to integer op
         if n.target is int_ops.GELU_INT8:
             assert n.args[0].target is ops.LINEAR_INT8
-            assert all(u.target is ops.LINEAR_INT8 for u in n.users)
-        if n.target is int_ops.LAYERNORM_INT8:
-            assert n.args[0].target is ops.ADD_INT8
-            assert all(u.target in integer for u in n.users)
-            assert n.args[-1] == "cpu"  # bound by lower
+            # output.dense: fused with the residual LayerNorm, or (last block, whose LN
+            # stays float) a quantized linear with a float output
+            assert all(str(u.target).startswith("qcompile.linear") for u in n.users)
+        if n.target is fused:
+            assert n.args[0].meta["val"].dtype == torch.int8  # the linear's input
+            assert n.args[6].meta["val"].dtype == torch.int8  # the residual
+            # integer consumers; the last block's output also enters the float final LN
+            assert all(u.target in integer | {ops.DEQUANTIZE} for u in n.users)
+            assert any(u.target in integer for u in n.users)
+            assert n.args[-2] == "cpu"  # bound by lower
     notes = "\n".join(art.ctx.notes)
     assert "embeddings_2 stays in float: its input has no int8 scale" in notes
     assert "its output is not quantized for a linear" in notes
     rep = {layer.name: layer for layer in qcompile.report(cm_int).layers}
     assert "int-gelu" in rep["encoder.layer.0.output.dense"].transforms
     assert "int-layernorm" in rep["encoder.layer.1.attention.self.query"].transforms
+    assert rep["encoder.layer.0.output.dense"].kernel == "linear_residual_layernorm_int8"
     assert any("int-softmax" in r.transforms for r in rep.values() if r.kind == "attention")
 
 
@@ -141,5 +150,5 @@ def test_small_block(spelled):
     assert counters["integer-nonlinear.float"] == 1  # the GELU that leaves the model
     assert _count(art.gm, torch.tanh) == 0
     (ln,) = [n for n in art.gm.graph.nodes if n.target is int_ops.LAYERNORM_INT8]
-    assert ln.args[0].target is ops.LINEAR_INT8 and next(iter(ln.users)).target is (
-        ops.LINEAR_INT8)
+    assert ln.args[0].target is ops.LINEAR_INT8  # no float round trip on either side
+    assert all(str(u.target).startswith("qcompile.linear") for u in ln.users)
