@@ -28,6 +28,7 @@ import warnings
 from typing import Any
 
 import torch
+from qcompile.lowering.device import inside_compiler
 from qcompile.lowering.epilogue import Epilogue, bind_operands
 from qcompile.lowering.reference import apply_bound_epilogue, check_k
 
@@ -95,8 +96,9 @@ def run_epilogue(
     if not epilogue.steps:
         return acc
     sig = epilogue.signature()
-    if torch.compiler.is_compiling():
-        # Inside an outer torch.compile: the outer compiler fuses the plain ops itself.
+    if inside_compiler():
+        # Inside an outer torch.compile (tracing, or a backend such as qcompile's running
+        # a probe): a nested compile would re-enter Dynamo, so run the plain ops.
         return apply_bound_epilogue(acc, epilogue, v)
     small = acc.numel() < _COMPILE_MIN_ELEMENTS  # compiling would cost more than it saves
     if mode == "eager" or (mode == "auto" and (sig in _FAILED or small)):

@@ -88,3 +88,11 @@ def cuda_capability(device: torch.device | str | None = None) -> tuple[int, int]
     if not has_cuda():
         return None
     return torch.cuda.get_device_capability(device)
+
+
+def inside_compiler() -> bool:
+    """True while Dynamo traces or a backend (ours included) compiles: a nested
+    torch.compile'd helper must then run eagerly (nesting re-enters Dynamo)."""
+    import torch._guards
+
+    return torch.compiler.is_compiling() or torch._guards.TracingContext.try_get() is not None

@@ -123,18 +123,30 @@ def insert_observers(gm: GraphModule, ctx: PassContext) -> PassResult:
 
 
 def _residual_writer(node: Node) -> str | None:
-    """The layer writing a residual add whose other side is also quantized, else None."""
+    """The layer writing a residual add whose other side is also quantized (a quantized
+    linear's input or output), else None."""
     if not is_call(node, operator.add, torch.add) or len(node.args) != 2:
         return None
-    sides = [producer_through_layout(_unobserved(a)) for a in node.args]
+    sides = [_source(a) for a in node.args]
     if not all(isinstance(s, Node) for s in sides):
         return None
+    def quantized_linear(n):
+        return is_call(n, F.linear) and n.meta.get("qc_quantize")
+
     for i, s in enumerate(sides):
         other = _unobserved(node.args[1 - i])
-        if (is_call(s, F.linear) and s.meta.get("qc_quantize")
-                and "qc_in_site" in other.meta):
+        if quantized_linear(s) and ("qc_in_site" in other.meta or quantized_linear(sides[1 - i])):
             return s.meta["qc_layer"]
     return None
+
+
+def _source(node):
+    """Up through layout ops and observers to the node that computed the values."""
+    while True:
+        up = producer_through_layout(_unobserved(node))
+        if up is node:
+            return node
+        node = up
 
 
 def _unobserved(node):

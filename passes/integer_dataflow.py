@@ -1,10 +1,10 @@
 """integer-dataflow: int8 values flow from integer op to integer op without float trips.
 
 What, for integer-only recipes after rewrite-linear:
-1. residual adds: add(dequantize(yq) [layout ops], b) where b is already quantized for a
-   linear (quantize(b) exists) and calibration observed the sum ("add:<layer>") becomes
-   dequantize(add_int8(yq [layout ops], quantize(b))): each side rescaled dyadically to
-   the sum's scale, one rounding.
+1. residual adds: add(dequantize(yq) [layout ops], b) where b is also held as int8 (it is
+   quantized for a linear, or it is another integer op's dequantized output) and
+   calibration observed the sum ("add:<layer>") becomes dequantize(add_int8(yq, b_int8)):
+   each side rescaled dyadically to the sum's scale, one rounding.
 2. round trips: quantize(dequantize(yq) [layout ops]) becomes the layout ops applied to
    yq itself (same scale and zero point: the identity on integers), followed by
    requant_int8 (another scale: a dyadic rescale, integer-only) otherwise.
@@ -34,6 +34,7 @@ from torch.fx import GraphModule, Node
 
 from qcompile.fx_utils import add_constant, erase_unused, is_call
 from qcompile.pass_manager import PassContext, PassResult, graph_pass
+from qcompile.passes.rewrite_linear import ACT as ACT_RANGE
 from qcompile.sites import is_layout
 
 
@@ -77,6 +78,19 @@ def _feeds_integers(node: Node) -> bool:
     return False
 
 
+def _int8_of(gm: GraphModule, value, before: Node):
+    """(an int8 node holding `value`, its (scale, zero point)), or None: the value's own
+    quantize node, or the integer output a dequantize (through layout ops) came from."""
+    if not isinstance(value, Node):
+        return None
+    found = _dequant_through_layout(value)
+    if found is not None:
+        dq, chain = found
+        return _replay(gm, chain, dq.args[0], before), (dq.args[1], dq.args[2])
+    q = _existing_quantize(value)
+    return (q, q.meta["qc_qparams"]) if q is not None else None
+
+
 def _residual_adds(gm: GraphModule, ctx: PassContext) -> int:
     calib = ctx.analysis.get("calib", {})
     done = 0
@@ -90,14 +104,14 @@ def _residual_adds(gm: GraphModule, ctx: PassContext) -> int:
             continue
         for i in (0, 1):
             found = _dequant_through_layout(node.args[i])
-            other = node.args[1 - i]
-            bq = _existing_quantize(other) if isinstance(other, Node) else None
-            if found is None or bq is None:
+            other = _int8_of(gm, node.args[1 - i], node)
+            if found is None or other is None:
                 continue
             dq, chain = found
             aq = _replay(gm, chain, dq.args[0], node)
-            (s_a, zp_a), (s_b, zp_b) = (dq.args[1], dq.args[2]), bq.meta["qc_qparams"]
-            qmin, qmax = bq.args[3], bq.args[4]
+            bq, (s_b, zp_b) = other
+            s_a, zp_a = dq.args[1], dq.args[2]
+            qmin, qmax = ACT_RANGE[ctx.options.recipe_obj.act.bits]
             with gm.graph.inserting_before(node):
                 yq = gm.graph.call_function(
                     ops.ADD_INT8, (aq, bq, zp_a, zp_b, 0, 1, 0, 1, out.zero_point, qmin, qmax))

@@ -1,0 +1,80 @@
+"""The `qcompile` command.
+
+    qcompile demo [--recipe R]            quantize all-MiniLM-L6-v2, report accuracy and speed
+    qcompile tune --shapes 128x4096x4096  tune GEMM shapes (M x K x N), print the configs
+    qcompile tune --model minilm          tune every GEMM of the compiled MiniLM at its shapes
+    qcompile recipes                      the recipes and what they do
+    qcompile options                      the options torch.compile(..., options=) accepts
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _tune(args) -> int:
+    if args.shapes:
+        from qcompile.lowering.autotune import main as tune_shapes
+
+        return tune_shapes(["--shapes", args.shapes] + (["--cache", args.cache] if args.cache
+                                                        else []))
+    import torch
+
+    import qcompile
+    from qcompile import minilm
+    from qcompile.lowering import device
+    from qcompile.tune import format_table, tune_model
+
+    model, tok = minilm.load()
+    calib, _ = minilm.sentences()
+    cm = torch.compile(model, backend="qcompile", options={"recipe": args.recipe})
+    with torch.no_grad():
+        if qcompile.Options.from_user(None, {"recipe": args.recipe}).needs_calibration:
+            with qcompile.calibrate(cm):
+                for ids, mask in minilm.batches(tok, calib, 16):
+                    cm(input_ids=ids, attention_mask=mask)
+        ids, mask = next(minilm.batches(tok, calib, 16))
+        cm(input_ids=ids, attention_mask=mask)
+    if device.triton_target() != "cuda":
+        print("no GPU found: showing the default configs (nothing is timed)")
+    print(format_table(tune_model(cm, rows=args.rows, cache_dir=args.cache)))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="qcompile", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="quantize all-MiniLM-L6-v2 and report")
+    demo.add_argument("rest", nargs=argparse.REMAINDER)
+    tune = sub.add_parser("tune", help="autotune GEMM kernel configs")
+    what = tune.add_mutually_exclusive_group(required=True)
+    what.add_argument("--shapes", help="MxKxN[,MxKxN...]")
+    what.add_argument("--model", choices=["minilm"], help="tune every GEMM of this model")
+    tune.add_argument("--recipe", default="w8a8-static")
+    tune.add_argument("--rows", type=int, default=32 * 128, help="M to tune for (tokens)")
+    tune.add_argument("--cache", default=None, help="autotune cache directory")
+    sub.add_parser("recipes", help="list the recipes")
+    sub.add_parser("options", help="list the options")
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        from qcompile.demo import main as demo_main
+
+        return demo_main(args.rest)
+    if args.command == "tune":
+        return _tune(args)
+    if args.command == "recipes":
+        from qcompile.config import RECIPES
+
+        for r in RECIPES.values():
+            print(f"{r.name:12} {r.description}")
+        return 0
+    from qcompile.config import known_options
+
+    print("\n".join(known_options()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""Autotuning a whole compiled model: every generated GEMM it runs, at its real shapes.
+
+`tune_model(compiled_model)` walks the model's quantized graphs, collects each int8 GEMM
+(M from the shape it last ran at, bucketed to a power of two as the cache keys are; K, N
+and the epilogue from the node), tunes each distinct one (on CUDA; without a GPU it looks
+up the deterministic default configs) and returns the table. Results land in the same
+persistent cache the kernels read at run time, so a later process does not tune again.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qcompile.lowering import ops
+from qcompile.state import state_for_model
+
+_GEMMS = (ops.LINEAR_INT8, ops.LINEAR_INT8_DQ, ops.LINEAR_DYNAMIC)
+
+
+def _epilogue(gm, node):
+    from qcompile.fx_utils import get_constant
+
+    if node.target is ops.LINEAR_DYNAMIC:
+        return ops.dynamic_epilogue(node.args[3] is not None)
+    if node.target is ops.LINEAR_INT8_DQ:
+        return ops.dequant_epilogue(node.args[2] is not None, node.args[3] is not None)
+    q = get_constant(gm, node.args[4])
+    return ops.requant_epilogue(node.args[2] is not None, node.args[3] is not None,
+                                q is not None and q.numel() > 1)
+
+
+def _hint(size) -> int:
+    return int(size.node.hint) if isinstance(size, torch.SymInt) else int(size)
+
+
+def gemm_shapes(model, rows: int | None = None) -> list[dict]:
+    """One entry per distinct (M, K, N, epilogue) the compiled model's graphs run."""
+    seen, out = set(), []
+    for variant in sorted(state_for_model(model).artifacts, key=lambda v: v.name):
+        if not variant.finalized:
+            continue
+        for node in variant.gm.graph.nodes:
+            if node.target not in _GEMMS:
+                continue
+            x = node.args[0].meta["val"]
+            m = rows if rows is not None else 1
+            if rows is None:
+                for d in x.shape[:-1]:
+                    m *= _hint(d)
+            k = _hint(x.shape[-1])
+            n = variant.gm.get_buffer(node.args[1].target).shape[0]
+            epilogue = _epilogue(variant.gm, node)
+            key = (m, k, n, epilogue.signature())
+            if key not in seen:
+                seen.add(key)
+                out.append({"m": m, "k": k, "n": n, "epilogue": epilogue,
+                            "layers": [node.meta.get("qc_layer")]})
+            else:
+                next(e for e in out if (e["m"], e["k"], e["n"], e["epilogue"].signature())
+                     == key)["layers"].append(node.meta.get("qc_layer"))
+    return out
+
+
+def tune_model(model, *, rows: int | None = None, cache_dir=None) -> list[dict]:
+    from qcompile.lowering.gemm import tune_gemm
+
+    table = []
+    for entry in gemm_shapes(model, rows):
+        result = tune_gemm(entry["m"], entry["n"], entry["k"], entry["epilogue"],
+                           cache_dir=cache_dir)
+        table.append({**entry, "config": result.config, "ms": result.ms,
+                      "source": result.source})
+    return table
+
+
+def format_table(table: list[dict]) -> str:
+    lines = [f"{'M x K x N':>18} {'epilogue':>22} {'config':>28} {'ms':>8} {'source':>8} layers"]
+    for e in table:
+        ms = f"{e['ms']:.4f}" if e.get("ms") else "-"
+        lines.append(f"{e['m']}x{e['k']}x{e['n']:<6} {e['epilogue'].signature():>22} "
+                     f"{str(e['config']):>28} {ms:>8} {e['source']:>8} {len(e['layers'])}")
+    return "\n".join(lines)
