@@ -1,0 +1,64 @@
+"""What options["debug_dir"] leaves behind, options["inductor"], and the CLI."""
+
+import os
+import subprocess
+import sys
+
+import torch
+from torch.testing import FileCheck
+
+import qcompile
+from tests.helpers import TinyMLP
+
+
+def test_debug_dir_has_graphs_kernels_and_report(tmp_path):
+    m = TinyMLP().eval()
+    cm = torch.compile(m, backend="qcompile",
+                       options={"recipe": "w8a8-static", "debug_dir": str(tmp_path)})
+    with torch.no_grad(), qcompile.calibrate(cm):
+        cm(torch.randn(8, 16))
+    (graph,) = os.listdir(tmp_path)
+    files = sorted(os.listdir(tmp_path / graph))
+    assert files[0] == "001_freeze-params.py" and "report.txt" in files
+    assert any(f.endswith("_lower.py") for f in files)
+    kernels = sorted(os.listdir(tmp_path / graph / "kernels"))
+    assert len(kernels) == 2  # fc1 and fc2: one generated GEMM each
+    for name in kernels:
+        src = (tmp_path / graph / "kernels" / name).read_text()
+        FileCheck().check("# serves:").check(f"{graph}:").check("@triton.jit").run(src)
+        if "requant" in name:  # fc1's int8 output feeds fc2: an integer-only epilogue
+            epilogue = src[src.index("# Epilogue, generated"):]
+            FileCheck().check("acc.to(tl.int64)").check_not("float").run(epilogue)
+    report = (tmp_path / graph / "report.txt").read_text()
+    assert "fc1" in report and "linear_int8" in report
+
+
+def test_inductor_compiles_the_float_remainder():
+    torch.manual_seed(0)
+    m = TinyMLP().eval()
+    x = torch.randn(8, 16)
+    outs = {}
+    for inductor in (False, True):
+        torch._dynamo.reset()
+        cm = torch.compile(m, backend="qcompile", options={"recipe": "w8a8", "inductor": inductor})
+        with torch.no_grad():
+            outs[inductor] = cm(x)
+        if inductor:
+            (variant,) = [v for v in qcompile.report(cm).graphs]
+            assert any("Inductor" in note for note in variant.notes)
+    torch.testing.assert_close(outs[True], outs[False], rtol=1e-5, atol=1e-5)
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "qcompile.cli", *args], capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_cli_lists_and_tunes():
+    out = _cli("recipes")
+    assert out.returncode == 0 and "w8a8-static" in out.stdout and "w4a4" in out.stdout
+    out = _cli("options")
+    assert out.returncode == 0 and "debug_dir" in out.stdout
+    out = _cli("tune", "--shapes", "64x128x96")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "64x128x96" in out.stdout
