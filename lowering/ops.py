@@ -68,6 +68,17 @@ def _requant_body(x, in_zp, q, shift, out_zp, qmin, qmax):
     return y.clamp(qmin, qmax).to(torch.int8)
 
 
+def _per_token_body(x, qmax, eps):
+    # numerics.specs.dynamic_per_token_qparams + quantize: scale = max(-min, max) / qmax
+    # over the row (the range stretched to include 0), at least eps; round half to even
+    xf = x.float()
+    lo = xf.amin(dim=-1, keepdim=True).clamp(max=0.0)
+    hi = xf.amax(dim=-1, keepdim=True).clamp(min=0.0)
+    scale = (torch.maximum(-lo, hi) / qmax).clamp(min=eps)
+    q = torch.round(xf / scale).clamp(-qmax - 1, qmax).to(torch.int8)
+    return q, scale.squeeze(-1)
+
+
 def _add_body(a, b, a_zp, b_zp, qa, qb, s, out_zp, qmin, qmax):
     pa = (a.to(torch.int64) - a_zp) * qa
     pb = (b.to(torch.int64) - b_zp) * qb
@@ -281,8 +292,14 @@ def linear_dynamic(x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None, i
     from qcompile.lowering.kernels.quantize import quantize_per_token_ref, quantize_per_token_triton
 
     rows = _rows(x)
-    quant = quantize_per_token_triton if impl == "triton" else quantize_per_token_ref
-    xq, x_scale = quant(rows.contiguous() if impl == "triton" else rows)
+    if impl == "cpu":
+        from qcompile.numerics.specs import SCALE_EPS
+
+        xq, x_scale = _elementwise(_per_token_body, rows.numel() >= _FUSE_MIN_ELEMENTS, rows,
+                                   127.0, SCALE_EPS)
+    else:
+        quant = quantize_per_token_triton if impl == "triton" else quantize_per_token_ref
+        xq, x_scale = quant(rows.contiguous() if impl == "triton" else rows)
     epilogue = dynamic_epilogue(bias is not None)
     values = dict(row_scale=x_scale.float(), col_scale=w_scale.float())
     if bias is not None:

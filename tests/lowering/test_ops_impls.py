@@ -75,3 +75,19 @@ def test_implementation_is_recorded_in_the_report():
     variant = _lowered("triton")
     kernels = {layer.kernel for layer in variant.ctx.layers.values() if layer.quantized}
     assert kernels == {"linear_int8:triton", "linear_int8_dq:triton"}
+
+
+@pytest.mark.parametrize("big", [False, True])
+def test_dynamic_linear_cpu_path_matches_reference(big):
+    """linear_dynamic on CPU (per-token quantization fused by Inductor on large inputs)
+    equals the reference path bit for bit, ties and all-zero rows included."""
+    torch.manual_seed(0)
+    rows = 4096 if big else 24
+    x = torch.randn(rows, 96) * 3
+    x[0] = 0.0  # all-zero row: the scale guard
+    x[1, :8] = torch.arange(8) + 0.5  # exact ties after scaling by 127/7.5
+    w = torch.randint(-127, 128, (64, 96), dtype=torch.int8)
+    ws, b = torch.rand(64) * 0.01, torch.randn(64)
+    ref = ops.linear_dynamic(x, w, ws, b, "reference", "")
+    cpu = ops.linear_dynamic(x, w, ws, b, "cpu", "")
+    assert torch.equal(ref, cpu)
