@@ -32,7 +32,9 @@ CONFIGS = {
     "w4a8 (rotations)": {"recipe": "w4a8"},
     "w4a4 RTN, no rotation": {"recipe": "w4a4", "rotate": False, "online_hadamard": False,
                               "gptq": False},
-    "w4a4 (rotations + GPTQ)": {"recipe": "w4a4"},
+    "w4a4 min-max ranges": {"recipe": "w4a4", "observer": "minmax"},
+    "w4a4 (rotations + GPTQ + MSE ranges)": {"recipe": "w4a4"},
+    "w8a8-static integer GELU/LN/softmax": {"recipe": "w8a8-static", "integer_nonlinear": True},
 }
 
 

@@ -4,7 +4,7 @@ What: for each linear chosen by select-layers, an `Observe` call on its input (s
 "in:<layer>") and on its output ("out:<layer>"); for attention, on q, k and v
 ("attn:<v layer>:q|k|v"); for a residual add of a quantized linear's output and another
 quantized activation, on the sum ("add:<layer>"). Which statistics each keeps depends on
-the options: a range observer (options.observer) always; per-channel min/max when
+the options: a range observer (options.observer, else the recipe's) always; per-channel min/max when
 smoothing is on (SmoothQuant needs max|X_j|); the Hessian X^T X when GPTQ is on.
 Observers are identity functions in the graph: the model computes in float while
 calibrating. They store into the model's ModelState (ctx.state), keyed by site, so every
@@ -55,7 +55,7 @@ def observer_key(ctx: PassContext, site: str, kind: str) -> str:
 
 def _make(kind: str, ctx: PassContext):
     if kind == "range":
-        return observer_for(_OBSERVER_NAMES[ctx.options.observer])
+        return observer_for(_OBSERVER_NAMES[ctx.options.observer_name])
     if kind == "channels":
         return observer_for("per_channel_minmax", axis=-1)
     if kind == "hessian":

@@ -54,7 +54,7 @@ def smooth_qparams(gm: GraphModule, ctx: PassContext) -> PassResult:
                 calib[new_site] = CalibSite(float(scale), int(zp), (lo, hi), hessian, True)
                 counters["sites"] += 1
             node.meta[key] = new_site
-    if ctx.options.observer != "minmax" and counters["sites"]:
+    if ctx.options.observer_name != "minmax" and counters["sites"]:
         ctx.note(f"smooth-qparams: smoothed sites use per-channel min-max ranges, not the "
-                 f"{ctx.options.observer!r} observer")
+                 f"{ctx.options.observer_name!r} observer")
     return PassResult(gm, modified=False, counters=counters)

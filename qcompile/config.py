@@ -44,6 +44,7 @@ class Recipe:
     online_hadamard: bool = False
     gptq: bool = False
     integer_nonlinear: bool = False
+    observer: str = "minmax"  # activation ranges; MSE clipping matters at 4 bits
     description: str = ""
 
     @property
@@ -71,7 +72,7 @@ RECIPES: dict[str, Recipe] = {
                online_hadamard=True,
                description="int4 per-channel weights, int8 static activations, rotations on"),
         Recipe("w4a4", WeightQuant(4), ActQuant(4, dynamic=False), "dyadic", rotate=True,
-               online_hadamard=True, gptq=True,
+               online_hadamard=True, gptq=True, observer="mse",
                description="int4 weights (GPTQ), int4 activations, rotations on"),
         Recipe("float", None, None, None,
                description="capture and canonicalize only; nothing is quantized (debugging)"),
@@ -97,7 +98,7 @@ class Options:
     online_hadamard: bool | None = None
     gptq: bool | None = None
     integer_nonlinear: bool | None = None
-    observer: str = "minmax"
+    observer: str | None = None  # None: the recipe's (min-max; MSE search for w4a4)
     skip: tuple[str, ...] = ()  # fnmatch patterns of layer names left in float
     # debugging
     debug_dir: str | None = None
@@ -117,6 +118,10 @@ class Options:
     def recipe_obj(self) -> Recipe:
         return RECIPES[self.recipe]
 
+    @property
+    def observer_name(self) -> str:
+        return self.observer or self.recipe_obj.observer
+
     def transform_on(self, name: str) -> bool:
         """A transform's switch: the option where given, else the recipe's default."""
         value = getattr(self, name)
@@ -132,7 +137,7 @@ class Options:
         """What calibration depends on: two compiles of one model with the same fingerprint
         share calibration statistics, with different ones never do."""
         keys = ("recipe", "smooth", "smooth_alpha", "rotate", "online_hadamard", "gptq",
-                "integer_nonlinear", "observer", "skip", "seed")
+                "integer_nonlinear", "observer_name", "skip", "seed")
         return ";".join(f"{k}={getattr(self, k)!r}" for k in keys)
 
     @classmethod
@@ -168,7 +173,7 @@ class Options:
         return opts
 
     def _validate(self) -> None:
-        if self.observer not in OBSERVERS:
+        if self.observer is not None and self.observer not in OBSERVERS:
             raise QCompileConfigError(
                 f"unknown observer {self.observer!r}; known observers: {list(OBSERVERS)}"
             )
