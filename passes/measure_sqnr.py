@@ -5,7 +5,9 @@ same sample inputs (the last calibration batch, or the compile-time example inpu
 for every quantized layer compares its float output with the quantized graph's output at
 the same point: SQNR = 10 log10(|y|^2 / |y - y_q|^2). Errors accumulate through the
 model, so a layer's figure includes the effect of the layers before it.
-Why: the report says, per layer, how much quantization costs.
+It also records, per linear, its input's max|x| and kurtosis before the transforms (the
+canonical graph) and after them, for the report's picture.
+Why: the report says, per layer, how much quantization costs and what transforms did.
 Pre: lower. Post: ctx.layers[name].sqnr_db set; the graph is unchanged.
 """
 
@@ -14,9 +16,12 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch.fx import GraphModule, Interpreter
 
+from qcompile.fx_utils import is_call
 from qcompile.pass_manager import PassContext, PassResult, graph_pass
+from qcompile.sites import linear_name
 
 
 class _Record(Interpreter):
@@ -64,4 +69,36 @@ def measure_sqnr(gm: GraphModule, ctx: PassContext) -> PassResult:
         if layer in test.seen and layer in ctx.layers:
             ctx.layers[layer].sqnr_db = sqnr_db(y, test.seen[layer])
             measured += 1
+    _activation_ranges(ctx, float_gm, inputs)
     return PassResult(gm, modified=False, counters={"layers": measured})
+
+
+class _Inputs(Interpreter):
+    """max|x| and kurtosis of every linear's input, keyed by layer name."""
+
+    def __init__(self, gm):
+        super().__init__(gm)
+        self.stats = {}
+
+    def run_node(self, n):
+        out = super().run_node(n)
+        if is_call(n, F.linear):
+            x = self.env[n.args[0]].detach().double().reshape(-1, n.args[0].meta["val"].shape[-1])
+            c = x - x.mean()
+            kurt = (c.pow(4).mean() / c.pow(2).mean().clamp(min=1e-30).pow(2)).item()
+            self.stats[linear_name(n)] = {"absmax": x.abs().max().item(), "kurtosis": kurt}
+        return out
+
+
+def _activation_ranges(ctx: PassContext, float_gm, inputs) -> None:
+    """Per-layer input range before the transforms (canonical graph) and after them
+    (the graph that was quantized), for the report and its picture."""
+    with torch.no_grad():
+        for key, graph in (("before", ctx.analysis.get("canonical_gm")), ("after", float_gm)):
+            if graph is None:
+                continue
+            probe = _Inputs(graph)
+            probe.run(*inputs)
+            for layer, stats in probe.stats.items():
+                if layer in ctx.layers:
+                    ctx.layers[layer].detail[f"input_{key}"] = stats

@@ -54,7 +54,13 @@ class GraphVariant:
         for node in gm.graph.nodes:
             node.meta["qc_pass"] = "capture"
         passes = _until(compile_phase(options), options.stop_after)
-        self.gm = PassManager(passes, ctx).run(gm)
+        names = [pass_name(p) for p in passes]
+        cut = names.index("canonicalize-norm") + 1 if "canonicalize-norm" in names else 0
+        gm = PassManager(passes[:cut], ctx).run(gm)
+        # the canonical graph before any transform: the report compares activation ranges
+        ctx.analysis["canonical_gm"] = copy_graph_module(gm) if options.recipe_obj.quantizes \
+            else None
+        self.gm = PassManager(passes[cut:], ctx).run(gm)
         self.ctx = ctx
         frozen = ctx.frozen
         self.frozen = list(zip(frozen["indices"], frozen["tensors"]))
@@ -86,7 +92,8 @@ class GraphVariant:
         self.ctx.analysis["float_gm"] = copy_graph_module(self.gm)  # for per-layer SQNR
         self.ctx.analysis["sample_inputs"] = self.sample
         self.gm = PassManager(finalize_phase(self.options), self.ctx).run(self.gm)
-        del self.ctx.analysis["float_gm"], self.ctx.analysis["sample_inputs"]
+        for key in ("float_gm", "sample_inputs", "canonical_gm"):
+            self.ctx.analysis.pop(key, None)
         self.finalized = True
         self._describe_float_layers()
         if self.options.inductor:

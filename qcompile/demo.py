@@ -93,6 +93,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"time per batch (32 x 128 tokens): float {float_ms:.1f} ms, qcompile {quant_ms:.1f} ms "
           f"({float_ms / quant_ms:.2f}x)")
     print(f"compile + calibrate + evaluate: {compile_s:.1f} s")
+    try:
+        picture = rep.plot(os.path.join(debug_dir, "report.png"))
+        print(f"picture of per-layer error and input ranges: {picture}")
+    except ImportError:
+        print("(install matplotlib for the report picture: pip install 'qcompile[plot]')")
     print(f"debug files (graph after every pass, generated kernels, report): {debug_dir}")
     print("full report: qcompile.report(compiled_model); first graph:")
     print("\n".join("  " + line for line in rep.graphs[0].to_text().splitlines()[:12]))

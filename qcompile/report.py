@@ -52,11 +52,53 @@ class Report:
 
     @property
     def layers(self) -> list[LayerRecord]:
-        return [layer for g in self.graphs for layer in g.layers]
+        """One record per layer name: a graph recompiled for new shapes repeats the layers
+        of the graph before it; the latest record stands for the layer."""
+        unique: dict[str, LayerRecord] = {}
+        for g in self.graphs:
+            for layer in g.layers:
+                unique[layer.name] = layer
+        return list(unique.values())
 
     @property
     def quantized(self) -> list[LayerRecord]:
         return [layer for layer in self.layers if layer.quantized]
+
+    def plot(self, path: str) -> str:
+        """A picture (PNG) of per-layer SQNR, and of each linear's input range and kurtosis
+        before and after the transforms. Needs matplotlib (pip install 'qcompile[plot]')."""
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError as exc:
+            raise ImportError("Report.plot needs matplotlib: pip install 'qcompile[plot]'") \
+                from exc
+        layers = [x for x in self.layers if x.kind == "linear"]
+        names = [x.name for x in layers]
+        pos = range(len(layers))
+        fig, axes = plt.subplots(3, 1, figsize=(max(8, 0.28 * len(layers)), 10), sharex=True)
+        sq = [x.sqnr_db if x.sqnr_db is not None and x.sqnr_db != float("inf") else 0.0
+              for x in layers]
+        axes[0].bar(pos, sq, color=["tab:blue" if x.quantized else "tab:gray" for x in layers])
+        axes[0].set_ylabel("SQNR vs float (dB)")
+        axes[0].set_title("qcompile: per-layer quantization error (gray: left in float)")
+        for ax, key, label in ((axes[1], "absmax", "input max|x|"),
+                               (axes[2], "kurtosis", "input kurtosis")):
+            for offset, when, color in ((-0.2, "before", "tab:red"), (0.2, "after", "tab:green")):
+                vals = [x.detail.get(f"input_{when}", {}).get(key, float("nan")) for x in layers]
+                ax.bar([p + offset for p in pos], vals, width=0.4, color=color,
+                       label=f"{when} transforms")
+            ax.set_yscale("log")
+            ax.set_ylabel(label)
+            ax.legend()
+        axes[2].set_xticks(list(pos))
+        axes[2].set_xticklabels(names, rotation=90, fontsize=6)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path
 
     def __str__(self) -> str:
         if not self.graphs:

@@ -62,3 +62,25 @@ def test_cli_lists_and_tunes():
     out = _cli("tune", "--shapes", "64x128x96")
     assert out.returncode == 0, out.stderr[-2000:]
     assert "64x128x96" in out.stdout
+
+
+def test_report_picture_and_transform_effect(tmp_path):
+    """On a LLaMA with an outlier channel, the report's before/after input statistics show
+    the rotations at work, and the picture is written."""
+    from tests.models.zoo import MODELS
+
+    build, make, _ = MODELS["llama"]
+    torch.manual_seed(0)
+    model = build().eval()
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, 5] *= 30.0  # one outlier channel
+    cm = torch.compile(model, backend="qcompile", options={"recipe": "w4a8"})
+    with torch.no_grad(), qcompile.calibrate(cm):
+        for seq in (8, 8):
+            cm(*make(2, seq))
+    rep = qcompile.report(cm)
+    q = next(x for x in rep.layers if x.name.endswith("layers.0.self_attn.q_proj"))
+    before, after = q.detail["input_before"], q.detail["input_after"]
+    assert after["kurtosis"] < before["kurtosis"] / 3  # the outlier is spread out
+    path = rep.plot(str(tmp_path / "report.png"))
+    assert os.path.getsize(path) > 10_000
