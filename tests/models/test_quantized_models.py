@@ -94,3 +94,31 @@ def test_missing_calibration_says_how():
     with pytest.raises(Exception, match="qcompile.calibrate"):
         with torch.no_grad():
             cm(*make(2, 8))
+
+
+class _Breaks(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(32, 64), torch.nn.Linear(64, 32)
+
+    def forward(self, x):
+        y = torch.relu(self.a(x))
+        torch._dynamo.graph_break()  # user code Dynamo cannot trace through
+        return self.b(y)
+
+
+@pytest.mark.parametrize("recipe", ["w8a8", "w8a8-static"])
+def test_graph_breaks_quantize_every_subgraph(recipe):
+    torch.manual_seed(0)
+    m = _Breaks().eval()
+    cm = torch.compile(m, backend="qcompile", options={"recipe": recipe})
+    with torch.no_grad():
+        if recipe in STATIC:
+            with qcompile.calibrate(cm):
+                cm(torch.randn(16, 32))
+        x = torch.randn(16, 32)
+        cos = F.cosine_similarity(cm(x).flatten(), m(x).flatten(), dim=0)
+    rep = qcompile.report(cm)
+    assert len(rep.graphs) == 2
+    assert {x.name for x in rep.quantized} == {"a", "b"}
+    assert cos > CLOSE[recipe]
