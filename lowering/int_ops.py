@@ -49,6 +49,7 @@ import torch
 from torch import Tensor
 
 from qcompile.lowering.int_softmax import A_ERF, A_EXP, B_ERF, B_EXP, C_EXP, EXP_MAX_SHIFT
+from qcompile.lowering.ops import attention_fake
 from qcompile.numerics.dyadic import MultiplierRangeError, rounding_shift
 
 _LIB = "qcompile"
@@ -436,9 +437,7 @@ def attention_int8_isoftmax(q: Tensor, k: Tensor, v: Tensor, q_scale: Tensor, k_
                                     "float64")
 
 
-@attention_int8_isoftmax.register_fake
-def _(q, k, v, q_scale, k_scale, v_scale, attn_mask, is_causal, scale, out_dtype, impl):
-    return q.new_empty((*q.shape[:-1], v.shape[-1]), dtype=out_dtype)
+attention_int8_isoftmax.register_fake(attention_fake)
 
 
 GELU_INT8 = torch.ops.qcompile.gelu_int8.default

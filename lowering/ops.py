@@ -29,10 +29,10 @@ from __future__ import annotations
 import functools
 
 import torch
-from qcompile.lowering.device import inside_compiler
-from qcompile.lowering.epilogue import Bias, Dequantize, Epilogue, InputZeroPoint, Requantize
 from torch import Tensor
 
+from qcompile.lowering.device import inside_compiler
+from qcompile.lowering.epilogue import Bias, Dequantize, Epilogue, InputZeroPoint, Requantize
 from qcompile.numerics.dyadic import rounding_shift
 
 IMPLS = ("triton", "cpu", "reference")
@@ -416,9 +416,13 @@ def _attention_cpu(q, k, v, q_scale, k_scale, v_scale, attn_mask, is_causal, sca
     return out.to(out_dtype)
 
 
-@attention_int8.register_fake
-def _(q, k, v, q_scale, k_scale, v_scale, attn_mask, is_causal, scale, out_dtype, impl):
+def attention_fake(q, k, v, q_scale, k_scale, v_scale, attn_mask, is_causal, scale, out_dtype,
+                   impl):
+    """Shapes of every quantized attention op: q [B, Hq, Sq, D], v [B, Hkv, Sk, Dv]."""
     return q.new_empty((*q.shape[:-1], v.shape[-1]), dtype=out_dtype)
+
+
+attention_int8.register_fake(attention_fake)
 
 
 # Graph targets: the OpOverloads (what Inductor and fake-tensor propagation expect).
