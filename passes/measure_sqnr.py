@@ -83,7 +83,8 @@ class _Inputs(Interpreter):
     def run_node(self, n):
         out = super().run_node(n)
         if is_call(n, F.linear):
-            x = self.env[n.args[0]].detach().double().reshape(-1, n.args[0].meta["val"].shape[-1])
+            x = self.env[n.args[0]].detach().double()
+            x = x.reshape(-1, x.shape[-1])  # real sizes: metadata may hold symbolic ones
             c = x - x.mean()
             kurt = (c.pow(4).mean() / c.pow(2).mean().clamp(min=1e-30).pow(2)).item()
             self.stats[linear_name(n)] = {"absmax": x.abs().max().item(), "kurtosis": kurt}
