@@ -413,7 +413,9 @@ def _attention_cpu(q, k, v, q_scale, k_scale, v_scale, attn_mask, is_causal, sca
         else attn_mask
     out = F.scaled_dot_product_attention(qf, kf, vf, attn_mask=mask, is_causal=is_causal,
                                          scale=scale, enable_gqa=gqa)
-    return out.to(out_dtype)
+    # the CPU flash kernel returns a [B, S, H, D] memory layout; the op promises (and
+    # Inductor checks) the contiguous [B, H, S, D] its fake implementation describes
+    return out.to(out_dtype).contiguous()
 
 
 def attention_fake(q, k, v, q_scale, k_scale, v_scale, attn_mask, is_causal, scale, out_dtype,

@@ -72,6 +72,13 @@ def lower(gm: GraphModule, ctx: PassContext) -> PassResult:
         args = list(node.args)
         args[pos] = impl
         node.args = tuple(args)
+        if impl == "cpu" and node.target is ops.LINEAR_W4A8:
+            # torch._int_mm has no int4 path: on CPU the int4 values run through the int8
+            # GEMM (same arguments, same integers); packing two per byte pays on GPUs
+            from qcompile.numerics.specs import unpack_int4
+
+            replace_constant(gm, node.args[1], unpack_int4(get_constant(gm, node.args[1])))
+            node.target = ops.LINEAR_INT8
         if impl == "cpu" and node.target in (ops.LINEAR_INT8, ops.LINEAR_DYNAMIC,
                                              ops.LINEAR_INT8_DQ):
             from qcompile.lowering.cpu import prepare_weight

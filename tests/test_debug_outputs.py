@@ -84,3 +84,17 @@ def test_report_picture_and_transform_effect(tmp_path):
     assert after["kurtosis"] < before["kurtosis"] / 3  # the outlier is spread out
     path = rep.plot(str(tmp_path / "report.png"))
     assert os.path.getsize(path) > 10_000
+
+
+def test_inductor_remainder_on_a_transformer():
+    """Inductor checks the strides the quantized ops' fake implementations promise."""
+    from tests.models.zoo import MODELS
+
+    build, make, key = MODELS["bert"]
+    torch.manual_seed(0)
+    m = build().eval()
+    cm = torch.compile(m, backend="qcompile", options={"recipe": "w8a8", "inductor": True})
+    x = make(2, 8)
+    with torch.no_grad():
+        out, ref = getattr(cm(*x), key), getattr(m(*x), key)
+    assert torch.nn.functional.cosine_similarity(out.flatten(1), ref.flatten(1)).min() > 0.999

@@ -91,3 +91,23 @@ def test_dynamic_linear_cpu_path_matches_reference(big):
     ref = ops.linear_dynamic(x, w, ws, b, "reference", "")
     cpu = ops.linear_dynamic(x, w, ws, b, "cpu", "")
     assert torch.equal(ref, cpu)
+
+
+def test_int4_weights_run_through_the_int8_gemm_on_cpu():
+    """w4a8 lowered to the CPU path: the packed int4 weights become int8 values for
+    torch._int_mm, and the integers equal the reference lowering's."""
+    outs = {}
+    for kernels in ("reference", "cpu"):
+        torch._dynamo.reset()
+        torch.manual_seed(0)  # the same weights and calibration data for both lowerings
+        model = IntegerChain().eval()
+        cm = torch.compile(model, backend="qcompile", options={
+            "recipe": "w4a8", "kernels": kernels, "rotate": False, "online_hadamard": False})
+        with torch.no_grad(), qcompile.calibrate(cm):
+            cm(torch.randn(3, 5, 24))
+        (variant,) = [v for v in state_for_model(cm).artifacts if v.finalized]
+        targets = [n.target for n in variant.gm.graph.nodes]
+        assert (ops.LINEAR_W4A8 in targets) == (kernels == "reference")
+        with torch.no_grad():
+            outs[kernels] = variant.gm(torch.linspace(-3, 3, 360).reshape(3, 5, 24))[0]
+    assert torch.equal(outs["reference"], outs["cpu"])
