@@ -49,6 +49,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+from _machine import cpu_model  # bench/_machine.py: scripts run from bench/
 
 import qcompile
 
@@ -122,12 +123,7 @@ def _machine() -> dict:
             "cpu": "unknown", "torch": torch.__version__,
             "transformers": transformers.__version__, "qcompile": qcompile.__version__,
             "python": sys.version.split()[0]}
-    try:
-        with open("/proc/cpuinfo") as f:
-            info["cpu"] = next(line.split(":", 1)[1].strip() for line in f
-                               if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    info["cpu"] = cpu_model() or info["cpu"]
     try:
         import triton
 

@@ -35,6 +35,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _machine import cpu_model  # bench/_machine.py: scripts run from bench/
+
 from qcompile.lowering.cpu import cpu_gemm_int8, int_mm, prepare_weight
 from qcompile.lowering.epilogue import Bias, Dequantize, Epilogue, Requantize
 from qcompile.lowering.kernels.quantize import quantize_per_token
@@ -158,12 +160,7 @@ def _machine() -> dict:
     info = {"host": socket.gethostname().split(".")[0] or "host",
             "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
             "torch": torch.__version__, "python": platform.python_version()}
-    try:
-        with open("/proc/cpuinfo") as f:
-            info["cpu"] = next(line.split(":", 1)[1].strip() for line in f
-                               if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    info["cpu"] = cpu_model() or info["cpu"]
     return info
 
 

@@ -57,6 +57,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _machine import cpu_model  # bench/_machine.py: scripts run from bench/
 
 import qcompile
 
@@ -481,12 +482,7 @@ def _machine(device: str) -> dict:
 
     info = {"host": socket.gethostname().split(".")[0] or "host", "cores": os.cpu_count(),
             "cpu": "unknown"}
-    try:
-        with open("/proc/cpuinfo") as f:
-            info["cpu"] = next(line.split(":", 1)[1].strip() for line in f
-                               if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    info["cpu"] = cpu_model() or info["cpu"]
     if device == "cuda":
         info["device"] = torch.cuda.get_device_name()
         info["capability"] = list(torch.cuda.get_device_capability())

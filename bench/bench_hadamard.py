@@ -21,6 +21,7 @@ import socket
 from pathlib import Path
 
 import torch
+
 from qcompile.lowering import device
 
 # Widths from LLaMA-7B/8B, Mistral and Qwen MLPs (down-projection inputs) and hidden sizes.
@@ -49,6 +50,7 @@ def _smoke() -> None:
 
 def _measure(m: int, n: int, dtype: torch.dtype) -> dict:
     import triton
+
     from qcompile.lowering.kernels.hadamard import hadamard_transform
     from qcompile.lowering.kernels.quantize import hadamard_quantize_per_token, quantize_per_token
 

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+
 from qcompile.lowering import device
 
 # LLaMA-7B projections: attention 4096 -> 4096, MLP up 4096 -> 11008, MLP down 11008 -> 4096.
@@ -87,6 +88,7 @@ def _time_cpu(m: int, k: int, n: int) -> None:
 
 def _measure(m, k, n) -> dict:
     import triton
+
     from qcompile.lowering.kernels import w4
 
     x, wp, s, z, w = _operands(m, k, n, "cuda")

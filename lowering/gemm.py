@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 import triton
+
 from qcompile.lowering import device as qdevice
 from qcompile.lowering.autotune import GemmConfig, TuneResult, get_config
 from qcompile.lowering.codegen import KernelSpec, load_kernel

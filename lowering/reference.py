@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+
 from qcompile.lowering.epilogue import (
     Bias,
     Dequantize,
@@ -28,7 +29,6 @@ from qcompile.lowering.epilogue import (
     Requantize,
     bind_operands,
 )
-
 from qcompile.numerics.dyadic import requantize
 
 MAX_SAFE_K = 131071  # 2**14 * K < 2**31

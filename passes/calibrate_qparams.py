@@ -14,11 +14,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from qcompile.passes.insert_observers import observer_key
 from torch.fx import GraphModule
 
 from qcompile.numerics.specs import QuantSpec
 from qcompile.pass_manager import PassContext, PassResult, graph_pass
+from qcompile.passes.insert_observers import observer_key
 
 
 @dataclass

@@ -12,10 +12,10 @@ q and shift constants (rule in verify.py): nothing float is left in the integer 
 from __future__ import annotations
 
 import torch
-from qcompile.lowering import ops
 from torch.fx import GraphModule
 
 from qcompile.fx_utils import get_constant, replace_constant
+from qcompile.lowering import ops
 from qcompile.numerics.dyadic import quantize_multiplier
 from qcompile.pass_manager import PassContext, PassResult, graph_pass
 from qcompile.verify import register_rule

@@ -16,11 +16,11 @@ graph computes the same function.
 
 from __future__ import annotations
 
-from qcompile.passes.analyze_structure import current
 from torch.fx import GraphModule
 
 from qcompile.fx_utils import erase_unused, get_constant
 from qcompile.pass_manager import PassContext, PassResult, graph_pass
+from qcompile.passes.analyze_structure import current
 from qcompile.structure import (
     NormSite,
     Skips,

@@ -113,10 +113,12 @@ def freeze_params(gm: GraphModule, ctx: PassContext) -> PassResult:
             continue
         value = example.item()
         for item in list(node.users):  # every use is x.item(): substitute the number
+            def substitute(a, i=item, v=value):
+                return v if a is i else a
+
             for user in list(item.users):
-                user.args = torch.fx.node.map_arg(user.args, lambda a, i=item: value if a is i else a)
-                user.kwargs = torch.fx.node.map_arg(user.kwargs,
-                                                    lambda a, i=item: value if a is i else a)
+                user.args = torch.fx.node.map_arg(user.args, substitute)
+                user.kwargs = torch.fx.node.map_arg(user.kwargs, substitute)
             gm.graph.erase_node(item)
         gm.graph.erase_node(node)
         scalars.append((idx, value))

@@ -29,10 +29,10 @@ from __future__ import annotations
 import operator
 
 import torch
-from qcompile.lowering import ops
 from torch.fx import GraphModule, Node
 
 from qcompile.fx_utils import add_constant, erase_unused, is_call
+from qcompile.lowering import ops
 from qcompile.pass_manager import PassContext, PassResult, graph_pass
 from qcompile.passes.rewrite_linear import ACT as ACT_RANGE
 from qcompile.sites import is_layout

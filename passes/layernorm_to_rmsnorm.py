@@ -26,10 +26,10 @@ import operator
 
 import torch
 import torch.nn.functional as F
-from qcompile.passes.analyze_structure import current
 from torch.fx import GraphModule
 
 from qcompile.pass_manager import PassContext, PassResult, graph_pass
+from qcompile.passes.analyze_structure import current
 from qcompile.structure import (
     ResidualStream,
     Skips,

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import os
 
-from qcompile.lowering import int_ops, ops
 from torch.fx import GraphModule
 
 from qcompile.fx_utils import get_constant, replace_constant
+from qcompile.lowering import int_ops, ops
 from qcompile.pass_manager import PassContext, PassResult, graph_pass
 
 # op -> position of its `impl` argument

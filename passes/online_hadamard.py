@@ -28,12 +28,12 @@ from collections import Counter
 
 import torch
 import torch.nn.functional as F
-from qcompile.passes.analyze_structure import current
 from torch.fx import GraphModule, Node
 
 from qcompile.fx_utils import is_call
 from qcompile.hadamard import hadamard_matrix, is_hadamard_size
 from qcompile.pass_manager import PassContext, PassResult, graph_pass
+from qcompile.passes.analyze_structure import current
 from qcompile.structure import (
     Skips,
     WeightEditor,

@@ -19,10 +19,10 @@ import operator
 
 import torch
 import torch.nn.functional as F
-from qcompile.lowering import ops
 from torch.fx import GraphModule
 
 from qcompile.fx_utils import add_constant, is_call, tensor_val
+from qcompile.lowering import ops
 from qcompile.pass_manager import PassContext, PassResult, graph_pass
 from qcompile.sites import attention_site
 

@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from qcompile.lowering import ops
-from qcompile.lowering.reference import AccumulatorRangeError, check_accumulator_range
 from torch.fx import GraphModule, Node
 
 from qcompile.fx_utils import add_constant, erase_unused, get_constant, is_call, tensor_val
+from qcompile.lowering import ops
+from qcompile.lowering.reference import AccumulatorRangeError, check_accumulator_range
 from qcompile.numerics.specs import pack_int4
 from qcompile.pass_manager import PassContext, PassResult, graph_pass
 

@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from qcompile.passes.analyze_structure import current
-from qcompile.passes.online_hadamard import insert_hadamard, normalized_hadamard
 from torch.fx import GraphModule, Node
 
 from qcompile.hadamard import is_hadamard_size
 from qcompile.pass_manager import PassContext, PassResult, graph_pass
+from qcompile.passes.analyze_structure import current
+from qcompile.passes.online_hadamard import insert_hadamard, normalized_hadamard
 from qcompile.structure import (
     Attention,
     Flow,

@@ -29,14 +29,14 @@ import operator
 
 import torch
 import torch.nn.functional as F
-from qcompile.passes.analyze_structure import current
-from qcompile.passes.layernorm_to_rmsnorm import edit_writer, stream_skip_reason
-from qcompile.passes.online_hadamard import insert_hadamard, normalized_hadamard
 from torch.fx import GraphModule, Node
 
 from qcompile.fx_utils import add_constant
 from qcompile.hadamard import is_hadamard_size, orthogonal_matrix, random_hadamard
 from qcompile.pass_manager import PassContext, PassResult, graph_pass
+from qcompile.passes.analyze_structure import current
+from qcompile.passes.layernorm_to_rmsnorm import edit_writer, stream_skip_reason
+from qcompile.passes.online_hadamard import insert_hadamard, normalized_hadamard
 from qcompile.structure import (
     Reader,
     ResidualStream,

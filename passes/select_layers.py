@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import fnmatch
 
-from qcompile.lowering.reference import MAX_SAFE_K
 from torch.fx import GraphModule
 
+from qcompile.lowering.reference import MAX_SAFE_K
 from qcompile.pass_manager import PassContext, PassResult, graph_pass
 from qcompile.sites import is_linear, linear_name
 

@@ -4,10 +4,10 @@ only, dynamic shapes, graph breaks."""
 import pytest
 import torch
 import torch.nn.functional as F
-from qcompile.passes.freeze_params import TrainingModeError
 
 import qcompile
 from qcompile.artifact import InferenceOnlyError
+from qcompile.passes.freeze_params import TrainingModeError
 from tests.helpers import TinyMLP
 
 FLOAT = {"recipe": "float"}

@@ -35,6 +35,7 @@ import math
 import torch
 import triton
 import triton.language as tl
+
 from qcompile.lowering.device import check_can_launch, triton_target
 from qcompile.lowering.kernels.hadamard import cast_rne
 

@@ -27,9 +27,9 @@ import math
 import torch
 import triton
 import triton.language as tl
-from qcompile.lowering.device import check_can_launch, triton_target
 
 from qcompile.hadamard import hadamard_factor, hadamard_matrix
+from qcompile.lowering.device import check_can_launch, triton_target
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from qcompile.lowering.device import check_can_launch, triton_target
 from qcompile.lowering.kernels.hadamard import (
     hadamard_launch_meta,
@@ -38,7 +39,6 @@ from qcompile.lowering.kernels.hadamard import (
     norm_factor,
     small_hadamard,
 )
-
 from qcompile.numerics import specs
 from qcompile.numerics.dyadic import requantize
 

@@ -32,10 +32,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from qcompile.lowering.device import check_can_launch, triton_target
 from qcompile.lowering.kernels.hadamard import cast_rne
 from qcompile.lowering.kernels.quantize import requantize_value
-
 from qcompile.numerics import specs
 from qcompile.numerics.dyadic import requantize
 

@@ -5,6 +5,7 @@ on the unquantized tensors (loose: int8 quantization error of q, k, v)."""
 import pytest
 import torch
 import torch.nn.functional as F
+
 from qcompile.lowering.int_softmax import (
     int_erf,
     int_exp,

@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import torch
+
 from qcompile.lowering import autotune
 from qcompile.lowering.autotune import (
     M_BUCKET_MAX,

@@ -9,6 +9,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from qcompile.lowering import cpu
 from qcompile.lowering.cpu import cpu_gemm_int8, int_mm, prepare_weight
 from qcompile.lowering.epilogue import Bias, Dequantize, Epilogue, InputZeroPoint, Requantize

@@ -4,6 +4,7 @@ from fractions import Fraction
 
 import pytest
 import torch
+
 from qcompile.lowering.epilogue import (
     Bias,
     Dequantize,

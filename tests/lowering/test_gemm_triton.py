@@ -11,13 +11,14 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.testing import FileCheck
+
 from qcompile.lowering import device as qdevice
 from qcompile.lowering.autotune import GemmConfig
 from qcompile.lowering.codegen import generated_source, kernel_path, load_kernel
 from qcompile.lowering.epilogue import Bias, Dequantize, Epilogue, InputZeroPoint, Requantize
 from qcompile.lowering.gemm import gemm_int8
 from qcompile.lowering.reference import gemm_int8_ref, random_operands
-from torch.testing import FileCheck
 
 pytestmark = pytest.mark.skipif(
     qdevice.triton_target() == "none", reason="needs CUDA or TRITON_INTERPRET=1"

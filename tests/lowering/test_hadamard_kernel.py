@@ -11,14 +11,14 @@ import math
 
 import pytest
 import torch
+
+from qcompile.hadamard import hadamard_matrix
 from qcompile.lowering.kernels.hadamard import (
     hadamard_transform,
     hadamard_transform_cpu,
     hadamard_transform_ref,
     hadamard_transform_triton,
 )
-
-from qcompile.hadamard import hadamard_matrix
 
 SIZES = [16, 64, 48, 40, 12, 1, 2]
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from qcompile.lowering.kernels.hadamard import hadamard_transform_ref
 from qcompile.lowering.kernels.quantize import (
     SCALE_EPS,
@@ -24,7 +25,6 @@ from qcompile.lowering.kernels.quantize import (
     requantize_int_ref,
     requantize_int_triton,
 )
-
 from qcompile.numerics.dyadic import quantize_multiplier
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

@@ -11,6 +11,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from qcompile.lowering.kernels.w4 import (
     dequantize_w4,
     w4a8_acc_ref,
@@ -27,7 +28,6 @@ from qcompile.lowering.kernels.w4 import (
     w4a16_gemm_ref,
     w4a16_gemm_triton,
 )
-
 from qcompile.numerics import specs
 from qcompile.numerics.dyadic import quantize_multiplier
 

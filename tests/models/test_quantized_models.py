@@ -4,9 +4,9 @@ batch and sequence length, and stays close to float."""
 import pytest
 import torch
 import torch.nn.functional as F
-from qcompile.lowering import ops
 
 import qcompile
+from qcompile.lowering import ops
 from tests.models.zoo import MODELS, output
 
 pytest.importorskip("transformers")

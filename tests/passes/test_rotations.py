@@ -5,10 +5,10 @@ without a Hadamard matrix, values used outside heads layout)."""
 import pytest
 import torch
 import torch.nn.functional as F
-from qcompile.passes.online_hadamard import HADAMARD, normalized_hadamard
-from qcompile.passes.rotate_residual import rotation
 
 from qcompile.fx_utils import get_constant
+from qcompile.passes.online_hadamard import HADAMARD, normalized_hadamard
+from qcompile.passes.rotate_residual import rotation
 from tests.passes.test_fold_norm_affine import (
     PostNorm,
     PreNorm,

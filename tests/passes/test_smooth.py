@@ -6,9 +6,9 @@ import operator
 import pytest
 import torch
 import torch.nn.functional as F
-from qcompile.passes.smooth import smoothing_scales
 
 from qcompile.fx_utils import get_constant
+from qcompile.passes.smooth import smoothing_scales
 from tests.passes.test_fold_norm_affine import (
     PostNorm,
     PreNorm,
