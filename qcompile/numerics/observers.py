@@ -83,9 +83,17 @@ class MinMaxObserver(RangeObserver):
         self.max_val: torch.Tensor | None = None
 
     def _update(self, x):
-        lo, hi = x.amin(), x.amax()
+        self._merge(x.amin(), x.amax())
+
+    def _merge(self, lo, hi):
+        """Widen the running range by one batch's (lo, hi): scalars, or per channel."""
         if self.min_val is None:
             self.min_val, self.max_val = lo, hi
+        elif lo.shape != self.min_val.shape:
+            raise ValueError(
+                f"{type(self).__name__}: channel count changed from {self.min_val.numel()} "
+                f"to {lo.numel()}"
+            )
         else:
             self.min_val = torch.minimum(self.min_val, lo)
             self.max_val = torch.maximum(self.max_val, hi)
@@ -118,7 +126,7 @@ class MovingAverageMinMaxObserver(MinMaxObserver):
             self.max_val = self.max_val + c * (hi - self.max_val)
 
 
-class PerChannelMinMaxObserver(RangeObserver):
+class PerChannelMinMaxObserver(MinMaxObserver):
     """Min and max per channel of `axis` (reducing over every other dim), for per_channel
     activation specs; the spec's axis must name the same dim of the quantized tensor."""
 
@@ -127,32 +135,13 @@ class PerChannelMinMaxObserver(RangeObserver):
     def __init__(self, axis: int = -1):
         super().__init__()
         self.axis = axis
-        self.min_val: torch.Tensor | None = None
-        self.max_val: torch.Tensor | None = None
 
     def _channels(self, x: torch.Tensor) -> torch.Tensor:
         return x.movedim(self.axis, 0).reshape(x.shape[self.axis], -1)  # [C, rest]
 
     def _update(self, x):
         flat = self._channels(x)
-        lo, hi = flat.amin(dim=1), flat.amax(dim=1)
-        if self.min_val is None:
-            self.min_val, self.max_val = lo, hi
-        elif lo.shape != self.min_val.shape:
-            raise ValueError(
-                f"{type(self).__name__}: channel count changed from {self.min_val.numel()} "
-                f"to {lo.numel()}"
-            )
-        else:
-            self.min_val = torch.minimum(self.min_val, lo)
-            self.max_val = torch.maximum(self.max_val, hi)
-
-    def range(self, spec):
-        return self.min_val, self.max_val
-
-    @property
-    def stats(self):
-        return {"min": self.min_val, "max": self.max_val, "count": self.count}
+        self._merge(flat.amin(dim=1), flat.amax(dim=1))
 
 
 class PerChannelAbsMaxObserver(PerChannelMinMaxObserver):
