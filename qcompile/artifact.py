@@ -145,6 +145,10 @@ class GraphVariant:
             )
 
     def run(self, args):
+        if self.state.calibrating:
+            # finalized graphs count too: the block tells "no batch ran" apart from
+            # "the batches ran, but through graphs with nothing left to calibrate"
+            self.calls_calibrating += 1
         if not self.finalized:
             if not self.state.calibrating:
                 raise CalibrationRequiredError(
@@ -155,7 +159,6 @@ class GraphVariant:
                     "            compiled_model(batch)\n"
                     "or choose the dynamic recipe 'w8a8', which needs none."
                 )
-            self.calls_calibrating += 1
             self.state.batches = max(self.state.batches, self.calls_calibrating)
             self.sample = [args[i] for i in self.live]  # the last batch, for SQNR
             progress = getattr(self.state, "progress", None)

@@ -4,19 +4,32 @@ Inside the block every graph of the model runs with its observers; leaving the b
 turns the observers into quantization parameters and finalizes (quantizes and lowers)
 every graph. The statistics live in the model's ModelState, so graphs compiled later
 for new shapes reuse them, and two models never share them.
+
+Generic code calibrates whatever recipe it is given, so a block whose batches ran only
+through graphs with nothing to calibrate (a dynamic or weight-only recipe, or a static
+one calibrated by an earlier block) is harmless: the batches run as compiled and the
+block warns once (NothingToCalibrateWarning). It is an error only when no batch ran at
+all, or none ran through the compiled model the block names (its graphs may still be
+waiting for calibration while the batches went through the same model compiled with
+other options).
 """
 
 from __future__ import annotations
 
 import sys
 import time
+import warnings
 from contextlib import contextmanager
 
-from qcompile.state import ModelState, state_for_model
+from qcompile.state import ModelState, compile_fingerprint, state_for_model
 
 
 class CalibrationError(RuntimeError):
     pass
+
+
+class NothingToCalibrateWarning(UserWarning):
+    """A calibrate block whose batches all ran through graphs with nothing to calibrate."""
 
 
 class _Progress:
@@ -44,6 +57,10 @@ def calibrate(model, *, progress: bool | None = None):
     state: ModelState = state_for_model(model)
     if state.calibrating:
         raise CalibrationError("qcompile.calibrate blocks do not nest for one model")
+    # counts are per block: batches of an earlier (or aborted) block calibrate nothing here
+    state.batches = 0
+    for artifact in state.artifacts:
+        artifact.calls_calibrating = 0
     state.calibrating = True
     state.progress = _Progress(sys.stderr.isatty() if progress is None else progress)
     ok = False
@@ -53,14 +70,49 @@ def calibrate(model, *, progress: bool | None = None):
     finally:
         state.calibrating = False
     if ok:
-        if state.batches == 0:
-            raise CalibrationError(
-                "qcompile.calibrate: no batch ran through the compiled model inside the "
-                "block; call compiled_model(batch) for a few representative batches"
-            )
-        state.progress.close(state.batches)
         artifacts = sorted(state.artifacts, key=lambda a: a.name)
-        state.calibrated |= {a.options.fingerprint() for a in artifacts if a.calls_calibrating}
+        ran = [a for a in artifacts if a.calls_calibrating]
+        observed = {a.options.fingerprint() for a in ran if not a.finalized}
+        if not observed:
+            _nothing_calibrated(model, ran)
+            return
+        state.progress.close(state.batches)
+        state.calibrated |= observed
         for artifact in artifacts:
             if artifact.options.fingerprint() in state.calibrated:
                 artifact.finalize()
+
+
+def _nothing_calibrated(model, ran: list) -> None:
+    """No graph that waits for calibration ran in the block: an error if no batch ran
+    through the named compiled model, else a warning that the batches calibrated nothing."""
+    if not ran:
+        raise CalibrationError(
+            "qcompile.calibrate: no batch ran through the compiled model inside the "
+            "block; call compiled_model(batch) for a few representative batches"
+        )
+    batches = max(a.calls_calibrating for a in ran)
+    fingerprint = compile_fingerprint(model)
+    if fingerprint is not None and all(a.options.fingerprint() != fingerprint for a in ran):
+        recipes = sorted({a.options.recipe for a in ran})
+        raise CalibrationError(
+            "qcompile.calibrate: no batch ran through the compiled model inside the block; "
+            f"its {batches} batch(es) ran through the same model compiled with other "
+            f"options (recipe {', '.join(map(repr, recipes))}). Call the compiled model "
+            "given to qcompile.calibrate inside the block"
+        )
+    reasons = sorted({_why_finalized(a.options) for a in ran})
+    warnings.warn(
+        f"qcompile.calibrate: nothing to calibrate ({'; '.join(reasons)}); the block's "
+        f"{batches} batch(es) ran as compiled",
+        NothingToCalibrateWarning,
+        stacklevel=4,  # _nothing_calibrated, calibrate, contextlib's __exit__, the block
+    )
+
+
+def _why_finalized(options) -> str:
+    if not options.needs_calibration:
+        return f"recipe {options.recipe!r} needs no calibration"
+    if options.stop_after is not None:
+        return f"stop_after={options.stop_after!r} runs the graph as it stands"
+    return f"recipe {options.recipe!r} was calibrated by an earlier block"

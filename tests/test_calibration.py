@@ -1,11 +1,13 @@
 """The calibration API: `with qcompile.calibrate(compiled_model)`."""
 
+import warnings
+
 import pytest
 import torch
 
 import qcompile
 from qcompile.artifact import CalibrationRequiredError
-from qcompile.calibration import CalibrationError
+from qcompile.calibration import CalibrationError, NothingToCalibrateWarning
 from qcompile.state import state_for_model
 from tests.helpers import TinyMLP
 
@@ -87,3 +89,107 @@ def test_progress_display(capsys):
         for _ in range(2):
             cm(torch.randn(4, 16))
     assert "calibrated on 2 batches" in capsys.readouterr().err
+
+
+def _nothing_to_calibrate(cm, batches):
+    """Runs the batches in a calibrate block; the outputs and the block's warnings."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.no_grad(), qcompile.calibrate(cm):
+            outs = [cm(x) for x in batches]
+    return outs, [w for w in caught if issubclass(w.category, NothingToCalibrateWarning)]
+
+
+@pytest.mark.parametrize("recipe", ["w8a8", "w4a16", "float"])
+def test_calibrating_a_recipe_that_needs_none_runs_the_batches_and_warns_once(recipe):
+    torch.manual_seed(0)
+    cm = torch.compile(TinyMLP().eval(), backend="qcompile", options={"recipe": recipe})
+    batches = [torch.randn(4, 16) for _ in range(3)]
+    outs, caught = _nothing_to_calibrate(cm, batches)
+    assert len(caught) == 1
+    assert str(caught[0].message) == (
+        f"qcompile.calibrate: nothing to calibrate (recipe {recipe!r} needs no calibration); "
+        "the block's 3 batch(es) ran as compiled"
+    )
+    assert caught[0].filename == __file__  # points at the user's block
+    state = state_for_model(cm)
+    assert state.observers == {} and state.calibrated == set()
+    assert all(a.finalized for a in state.artifacts)
+    with torch.no_grad():
+        for x, y in zip(batches, outs):
+            assert torch.equal(cm(x), y)  # the block ran the model as it runs outside
+
+
+def test_calibrating_twice_warns_and_keeps_the_first_calibration():
+    torch.manual_seed(0)
+    cm = _calibrated(TinyMLP().eval(), [torch.randn(4, 16)])
+    state = state_for_model(cm)
+    calib = [a.ctx.analysis["calib"]["in:fc1"].scale for a in state.artifacts]
+    _, caught = _nothing_to_calibrate(cm, [torch.randn(4, 16) * 100])
+    assert [str(w.message) for w in caught] == [
+        "qcompile.calibrate: nothing to calibrate (recipe 'w8a8-static' was calibrated by "
+        "an earlier block); the block's 1 batch(es) ran as compiled"
+    ]
+    assert [a.ctx.analysis["calib"]["in:fc1"].scale for a in state.artifacts] == calib
+
+
+def test_an_empty_block_is_an_error_even_after_an_earlier_block():
+    torch.manual_seed(0)
+    cm = _calibrated(TinyMLP().eval(), [torch.randn(4, 16)])
+    with pytest.raises(CalibrationError, match="no batch ran through the compiled model"):
+        with qcompile.calibrate(cm):
+            pass
+
+
+def test_an_aborted_block_does_not_count_towards_the_next():
+    torch.manual_seed(0)
+    cm = torch.compile(TinyMLP().eval(), backend="qcompile", options=STATIC)
+    with pytest.raises(KeyboardInterrupt), torch.no_grad(), qcompile.calibrate(cm):
+        cm(torch.randn(4, 16))
+        raise KeyboardInterrupt
+    with pytest.raises(CalibrationError, match="no batch ran"):
+        with qcompile.calibrate(cm):
+            pass
+    assert not any(a.finalized for a in state_for_model(cm).artifacts)
+
+
+def test_one_model_compiled_static_and_dynamic():
+    torch.manual_seed(0)
+    m = TinyMLP().eval()
+    static = torch.compile(m, backend="qcompile", options=STATIC)
+    dynamic = torch.compile(m, backend="qcompile", options={"recipe": "w8a8"})
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        dynamic(x)
+        with pytest.raises(CalibrationRequiredError):
+            static(x)
+    state = state_for_model(m)
+    by_recipe = {a.options.recipe: a for a in state.artifacts}
+    assert set(by_recipe) == {"w8a8", "w8a8-static"}
+
+    # only the dynamic model ran in a block that names the static one: the static graphs
+    # still wait for calibration, so this is the error, not a warning
+    with pytest.raises(CalibrationError, match=r"ran through the same model compiled with "
+                                               r"other options \(recipe 'w8a8'\)"):
+        with torch.no_grad(), qcompile.calibrate(static):
+            dynamic(x)
+    assert not by_recipe["w8a8-static"].finalized
+
+    # a block naming the dynamic model, which needs nothing: a warning
+    _, caught = _nothing_to_calibrate(dynamic, [x])
+    assert [str(w.message) for w in caught] == [
+        "qcompile.calibrate: nothing to calibrate (recipe 'w8a8' needs no calibration); "
+        "the block's 1 batch(es) ran as compiled"
+    ]
+    assert not by_recipe["w8a8-static"].finalized
+
+    # both run in one block: the static graphs calibrate, without a warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NothingToCalibrateWarning)
+        with torch.no_grad(), qcompile.calibrate(static):
+            static(x)
+            dynamic(x)
+    assert by_recipe["w8a8-static"].finalized
+    assert state.calibrated == {by_recipe["w8a8-static"].options.fingerprint()}
+    with torch.no_grad():
+        assert static(x).shape == dynamic(x).shape == (4, 16)
