@@ -40,7 +40,7 @@ from qcompile.lowering.kernels.hadamard import (
     small_hadamard,
 )
 from qcompile.numerics import specs
-from qcompile.numerics.dyadic import requantize
+from qcompile.numerics.dyadic import check_multiplier, check_output_range, requantize
 
 SCALE_EPS = specs.SCALE_EPS
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -265,6 +265,12 @@ def requantize_int_triton(acc, q, shift, zero_point=0, qmin=-128, qmax=127):
     check_can_launch(acc)
     if acc.dtype != torch.int32:
         raise TypeError(f"requantize_int takes int32 accumulators, got {acc.dtype}")
+    qmin, qmax = int(qmin), int(qmax)  # constexprs of the kernel
+    check_output_range(qmin, qmax, torch.int8, what="requantize_int's output")
+    if not any(isinstance(v, torch.Tensor) and v.numel() > 1 for v in (q, shift)):
+        # per-tensor values are checked here; per-channel vectors by their maker (reading
+        # them back would sync a GPU on every call), as in lowering.epilogue.bind_operands
+        check_multiplier(q, shift)
     q_t = torch.as_tensor(q, dtype=torch.int64, device=acc.device).reshape(-1)
     s_t = torch.as_tensor(shift, dtype=torch.int64, device=acc.device).reshape(-1)
     a2 = _rows(acc)  # [M, N]
@@ -334,8 +340,10 @@ def quantize_per_tensor_ref(x, scale, zero_point=0, *, bits=8):
 
 
 def requantize_int_ref(acc, q, shift, zero_point=0, qmin=-128, qmax=127):
-    """qcompile.numerics.dyadic.requantize (per-tensor ints or per-channel [N] tensors)."""
-    return requantize(acc, q, shift, zero_point, qmin, qmax)
+    """qcompile.numerics.dyadic.requantize (per-tensor ints or per-channel [N] tensors)
+    into int8 storage: bounds outside int8 are refused, as by the kernel."""
+    check_output_range(int(qmin), int(qmax), torch.int8, what="requantize_int's output")
+    return requantize(acc, q, shift, zero_point, qmin, qmax, out_dtype=torch.int8)
 
 
 def quantize_per_token_ref(x, *, bits=8):

@@ -10,11 +10,25 @@ accumulator is one int64 multiply and one rounding shift:
 One rounding only (no gemmlowp-style double rounding), symmetric for negative values.
 |acc| <= 2**31 and q < 2**31 keep |p| < 2**62, so |p| + 2**61 never overflows int64.
 Exact rational references live in tests/numerics/test_dyadic.py.
+
+`requantize` refuses, with a ValueError naming the argument, what would give wrong numbers
+silently: q outside [0, 2**31), shift outside 1..62, qmin > qmax, an output dtype that
+cannot hold [qmin, qmax] (by default it is the narrowest that can), and an accumulator
+beyond the int64 headroom. That last check reads the data (one reduction), so it runs
+only where the dtype does not already prove it: int32 accumulators (every kernel's) need
+none; int64 ones (an accumulator plus bias) are checked against ACC_EXACT_LIMIT = 3 * 2**30,
+up to which |acc * q| + 2**61 stays below 2**63 and the result is exact. That is the
+arithmetic's own limit, looser than the contract's |acc| <= 2**31, which
+lowering.reference.check_accumulator_range proves once at compile time. Under torch.compile
+(the CPU epilogue is traced with fullgraph=True) checks that read tensor data are
+skipped: a data-dependent raise cannot be traced, and those values were bound and checked
+once before (lowering.epilogue.bind_operands).
 """
 
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 
@@ -22,6 +36,10 @@ Q_MIN = 1 << 30  # q is normalised into [Q_MIN, Q_MAX)
 Q_MAX = 1 << 31
 SHIFT_MIN = 1
 SHIFT_MAX = 62
+# |acc| up to this keeps |acc * q| + 2**61 (the rounding half at shift 62) below 2**63 for
+# every q < 2**31: (3 * 2**30) * (2**31 - 1) + 2**61 = 2**63 - 3 * 2**30.
+ACC_EXACT_LIMIT = 3 << 30
+_OUT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64)
 
 
 class MultiplierRangeError(ValueError):
@@ -91,24 +109,118 @@ def rounding_shift(p: torch.Tensor, shift: torch.Tensor | int) -> torch.Tensor:
     return torch.where(p < 0, -mag, mag)
 
 
+def output_dtype(qmin: int, qmax: int) -> torch.dtype:
+    """The narrowest of int8, int16, int32 and int64 that holds [qmin, qmax]."""
+    check_output_range(qmin, qmax)
+    for dtype in _OUT_DTYPES:
+        info = torch.iinfo(dtype)
+        if info.min <= qmin and qmax <= info.max:
+            return dtype
+    raise ValueError(f"no integer dtype holds [qmin, qmax] = [{qmin}, {qmax}]")
+
+
+def check_output_range(
+    qmin: int, qmax: int, out_dtype: torch.dtype | None = None, *, what: str = "out_dtype"
+) -> None:
+    """qmin <= qmax, and out_dtype (when given) holds both; the error names what fails.
+
+    `what` names the output in the message: "out_dtype", or an op's fixed int8 storage.
+    """
+    if qmin > qmax:
+        raise ValueError(f"need qmin <= qmax, got qmin={qmin}, qmax={qmax}")
+    if out_dtype is None:
+        return
+    if out_dtype.is_floating_point or out_dtype.is_complex or out_dtype == torch.bool:
+        raise TypeError(f"{what} must be an integer dtype, got {out_dtype}")
+    info = torch.iinfo(out_dtype)
+    bad = [f"{name}={v}" for name, v in (("qmin", qmin), ("qmax", qmax))
+           if not info.min <= v <= info.max]
+    if bad:
+        raise ValueError(
+            f"{what} is {out_dtype}, which holds [{info.min}, {info.max}]: "
+            f"{' and '.join(bad)} out of range (values would wrap around)"
+        )
+
+
+def check_multiplier(q: torch.Tensor | int, shift: torch.Tensor | int) -> None:
+    """0 <= q < 2**31 and 1 <= shift <= 62, per tensor (ints) or per channel (tensors), as
+    quantize_multiplier makes them (q = 0: a multiplier flushed by underflow="zero")."""
+    for name, value, lo, hi, rule in (("q", q, 0, Q_MAX - 1, "0 <= q < 2**31"),
+                                      ("shift", shift, SHIFT_MIN, SHIFT_MAX, "1 <= shift <= 62")):
+        extent = _extent(name, value)
+        if extent is not None and not (lo <= extent[0] and extent[1] <= hi):
+            got = extent[0] if extent[0] < lo else extent[1]
+            raise ValueError(f"requantization needs {rule}, got {name}={got}")
+
+
+def _extent(name: str, value: torch.Tensor | int) -> tuple[int, int] | None:
+    """(min, max) of an integer scalar or tensor. None for an empty tensor, and for any
+    tensor under torch.compile (reading its data cannot be traced)."""
+    if not isinstance(value, torch.Tensor):
+        try:
+            v = operator.index(value)  # ints; not floats, which would truncate
+        except TypeError:
+            raise TypeError(f"{name} must be an integer, got {value!r}") from None
+        return v, v
+    if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got {value.dtype}")
+    if value.numel() == 0 or torch.compiler.is_compiling():
+        return None
+    lo, hi = torch.aminmax(value.to(torch.int64))  # one reduction, one read back
+    return int(lo), int(hi)
+
+
+def _check_accumulator(acc: torch.Tensor) -> None:
+    info = torch.iinfo(acc.dtype)
+    if -ACC_EXACT_LIMIT <= info.min and info.max <= ACC_EXACT_LIMIT:
+        return  # the dtype proves it (int32 and narrower): no reduction
+    extent = _extent("acc", acc)
+    if extent is not None and max(-extent[0], extent[1]) > ACC_EXACT_LIMIT:
+        raise ValueError(
+            f"requantize: |acc| reaches {max(-extent[0], extent[1])} > 3 * 2**30, where "
+            "acc * q can overflow int64 (the contract needs |acc| <= 2**31: split K, or "
+            "lower the bias)"
+        )
+
+
+def _bound(name: str, value: torch.Tensor | int) -> int | None:
+    if isinstance(value, torch.Tensor) and value.numel() != 1:
+        raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
+    extent = _extent(name, value)
+    return None if extent is None else extent[0]
+
+
 def requantize(
     acc: torch.Tensor,
     q: torch.Tensor | int,
     shift: torch.Tensor | int,
     zero_point: torch.Tensor | int = 0,
-    qmin: int = -128,
-    qmax: int = 127,
+    qmin: torch.Tensor | int = -128,
+    qmax: torch.Tensor | int = 127,
     *,
-    out_dtype: torch.dtype | None = torch.int8,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """clamp(round_half_away(acc * q / 2**shift) + zero_point, qmin, qmax), in int64 only.
 
-    acc: integer tensor (int32 accumulators; int64 accepted while |acc| <= 2**31).
+    acc: integer tensor (int32 accumulators; int64 accepted while |acc| <= 3 * 2**30).
     q, shift, zero_point: Python ints (per-tensor) or integer tensors broadcasting against
-    acc (per-channel: shape [N] for acc [..., N]). out_dtype None keeps int64.
+    acc (per-channel: shape [N] for acc [..., N]). qmin, qmax: ints or 0-d integer tensors.
+    out_dtype: None gives the narrowest of int8/int16/int32/int64 holding [qmin, qmax]
+    (int8 for the default bounds); an explicit dtype that cannot hold them is refused.
+    What breaks the contract raises ValueError or TypeError naming the argument (the
+    module docstring says which checks run under torch.compile).
     """
-    if acc.dtype.is_floating_point or acc.dtype == torch.bool:
+    if acc.dtype.is_floating_point or acc.dtype.is_complex or acc.dtype == torch.bool:
         raise TypeError(f"requantize takes an integer accumulator, got {acc.dtype}")
+    lo, hi = _bound("qmin", qmin), _bound("qmax", qmax)  # None: a tensor under torch.compile
+    if lo is not None and hi is not None:
+        out_dtype = output_dtype(lo, hi) if out_dtype is None else out_dtype
+        check_output_range(lo, hi, out_dtype)
+    elif out_dtype is None:
+        raise TypeError("requantize traced by torch.compile with tensor qmin/qmax needs an "
+                        "explicit out_dtype")
+    check_multiplier(q, shift)
+    _check_accumulator(acc)
     if isinstance(q, torch.Tensor):
         q = q.to(device=acc.device, dtype=torch.int64)
     if isinstance(shift, torch.Tensor):
@@ -118,4 +230,4 @@ def requantize(
     p = acc.to(torch.int64) * q
     y = rounding_shift(p, shift) + zero_point
     y = y.clamp(qmin, qmax)
-    return y if out_dtype is None else y.to(out_dtype)
+    return y.to(out_dtype)

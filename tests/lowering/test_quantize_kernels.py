@@ -9,6 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from qcompile.lowering.epilogue import Epilogue, Requantize, bind_operands
 from qcompile.lowering.kernels.hadamard import hadamard_transform_ref
 from qcompile.lowering.kernels.quantize import (
     SCALE_EPS,
@@ -115,6 +116,67 @@ def test_requantize_per_channel_random(m, n, transpose, seed):
 def test_requantize_rejects_float():
     with pytest.raises(TypeError):
         requantize_int_triton(torch.zeros(2, 2), 2**30, 4)
+
+
+_INT8_OUT = r"^requantize_int's output is torch.int8, which holds \[-128, 127\]: "
+
+
+@pytest.mark.parametrize("impl", [requantize_int_triton, requantize_int_ref])
+@pytest.mark.parametrize(
+    "lo, hi, message",
+    [
+        (-(2**31), 2**31 - 1, _INT8_OUT + "qmin=-2147483648 and qmax=2147483647 out of range"),
+        (-129, 127, _INT8_OUT + "qmin=-129 out of range"),
+        (0, 255, _INT8_OUT + "qmax=255 out of range"),
+        (5, 4, "^need qmin <= qmax, got qmin=5, qmax=4$"),
+    ],
+)
+def test_requantize_refuses_bounds_its_int8_output_cannot_hold(impl, lo, hi, message):
+    # int8 storage would wrap the wider values around instead of clamping them
+    acc = torch.tensor([[2008089567, -5]], dtype=torch.int32)
+    with pytest.raises(ValueError, match=message):
+        impl(acc, 2**30, 31, 0, lo, hi)
+
+
+@pytest.mark.parametrize("impl", [requantize_int_triton, requantize_int_ref])
+@pytest.mark.parametrize(
+    "q, shift, message",
+    [
+        (2**31, 31, r"0 <= q < 2\*\*31, got q=2147483648"),
+        (2**30, 0, "1 <= shift <= 62, got shift=0"),
+        (2**30, 63, "1 <= shift <= 62, got shift=63"),
+        (torch.tensor(-1), torch.tensor(31), r"0 <= q < 2\*\*31, got q=-1"),
+    ],
+)
+def test_requantize_refuses_per_tensor_multipliers_outside_the_contract(impl, q, shift, message):
+    with pytest.raises(ValueError, match=f"^requantization needs {message}$"):
+        impl(torch.ones(2, 3, dtype=torch.int32), q, shift)
+
+
+def test_requantize_bounds_at_the_int8_edges_still_run():
+    acc = torch.tensor([[2**31 - 1, -(2**31), 255, -257]], dtype=torch.int32)
+    for lo, hi in [(-128, 127), (-128, -128), (127, 127)]:
+        out = requantize_int_triton(acc, 2**30, 31, 0, lo, hi)
+        assert torch.equal(out, requantize_int_ref(acc, 2**30, 31, 0, lo, hi))
+        want = [min(max(v, lo), hi) for v in (2**30, -(2**30), 128, -129)]
+        assert out.dtype == torch.int8 and out[0].tolist() == want
+
+
+@pytest.mark.parametrize("lo, hi", [(-(2**31), 2**31 - 1), (-129, 127), (0, 128), (5, 4)])
+def test_epilogue_binding_refuses_bounds_outside_int8(lo, hi):
+    # every generated GEMM epilogue writes int8 through these bound values
+    ep = Epilogue((Requantize(),))
+    with pytest.raises(ValueError, match=rf"^need -128 <= qmin <= qmax <= 127, got {lo}, {hi}$"):
+        bind_operands(ep, 2, 3, "cpu", {"q": 2**30, "shift": 31, "qmin": lo, "qmax": hi})
+    v = bind_operands(ep, 2, 3, "cpu", {"q": 2**30, "shift": 31, "qmin": -128, "qmax": 127})
+    assert (v["qmin"], v["qmax"]) == (-128, 127)
+
+
+@pytest.mark.parametrize("impl", [quantize_per_tensor_triton, quantize_per_tensor_ref])
+@pytest.mark.parametrize("bits", [1, 9, 16])
+def test_per_tensor_refuses_bits_beyond_int8_storage(impl, bits):
+    with pytest.raises(ValueError, match=f"bits must be in 2..8 \\(int8 storage\\), got {bits}"):
+        impl(torch.ones(2, 3), 0.5, 0, bits=bits)
 
 
 # ------------------------------------------------------------------ dynamic per-token

@@ -13,7 +13,12 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from qcompile.numerics.dyadic import MultiplierRangeError, quantize_multiplier, requantize
+from qcompile.numerics.dyadic import (
+    ACC_EXACT_LIMIT,
+    MultiplierRangeError,
+    quantize_multiplier,
+    requantize,
+)
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 EXTREME_ACCS = [INT32_MIN, INT32_MIN + 1, -1, 0, 1, INT32_MAX - 1, INT32_MAX]
@@ -207,3 +212,128 @@ def test_requantize_underflowed_multiplier_gives_zero_point():
 def test_requantize_rejects_float_accumulators():
     with pytest.raises(TypeError):
         requantize(torch.ones(3), 2**30, 31)
+
+
+# ---------------------------------------------------------------------------------------
+# requantize: output dtype and argument checks
+# ---------------------------------------------------------------------------------------
+
+
+def test_requantize_wide_bounds_do_not_wrap():
+    # an int32 clamp range: the result needs int32, which int8 would wrap to -16
+    acc = torch.tensor([2008089567, -2008089567, INT32_MIN], dtype=torch.int32)
+    got = requantize(acc, 2**30, 31, 0, INT32_MIN, INT32_MAX)
+    assert got.dtype == torch.int32
+    assert got.tolist() == [1004044784, -1004044784, -(2**30)]
+    assert got.tolist() == [reference(a, 2**30, 31, 0, INT32_MIN, INT32_MAX) for a in acc.tolist()]
+
+
+@pytest.mark.parametrize(
+    "qmin,qmax,dtype",
+    [
+        (-128, 127, torch.int8),
+        (0, 127, torch.int8),
+        (-129, 127, torch.int16),
+        (0, 255, torch.int16),
+        (-(2**15), 2**15 - 1, torch.int16),
+        (-(2**15) - 1, 0, torch.int32),
+        (0, 2**15, torch.int32),
+        (INT32_MIN, INT32_MAX, torch.int32),
+        (INT32_MIN - 1, 0, torch.int64),
+        (0, 2**31, torch.int64),
+        (*WIDE, torch.int64),
+    ],
+)
+def test_requantize_output_dtype_is_the_narrowest_holding_the_bounds(qmin, qmax, dtype):
+    q, s = 1518500250, 31  # ~0.707
+    got = requantize(torch.tensor(EXTREME_ACCS, dtype=torch.int32), q, s, 3, qmin, qmax)
+    assert got.dtype == dtype
+    assert got.tolist() == [reference(a, q, s, 3, qmin, qmax) for a in EXTREME_ACCS]
+    # 0-d tensor bounds (the CPU epilogue passes them) give the same dtype and values
+    t = requantize(torch.tensor(EXTREME_ACCS, dtype=torch.int32), q, s, 3,
+                   torch.tensor(qmin), torch.tensor(qmax))  # fmt: skip
+    assert t.dtype == dtype and torch.equal(t, got)
+
+
+def test_requantize_explicit_out_dtype():
+    acc = torch.tensor(EXTREME_ACCS, dtype=torch.int32)
+    assert requantize(acc, 2**30, 31, out_dtype=torch.int64).dtype == torch.int64
+    assert requantize(acc, 2**30, 31, 0, 0, 255, out_dtype=torch.uint8).tolist() == [
+        reference(a, 2**30, 31, 0, 0, 255) for a in EXTREME_ACCS
+    ]
+    with pytest.raises(ValueError, match=r"^out_dtype is torch.int8, which holds \[-128, 127\]: "
+                                         r"qmin=-2147483648 and qmax=2147483647 out of range"):
+        requantize(acc, 2**30, 31, 0, INT32_MIN, INT32_MAX, out_dtype=torch.int8)
+    with pytest.raises(ValueError, match=r"^out_dtype is torch.int16, .*: qmax=32768 out of"):
+        requantize(acc, 2**30, 31, 0, 0, 2**15, out_dtype=torch.int16)
+    with pytest.raises(ValueError, match=r"^out_dtype is torch.uint8, .*: qmin=-1 out of"):
+        requantize(acc, 2**30, 31, 0, -1, 255, out_dtype=torch.uint8)
+    with pytest.raises(TypeError, match="out_dtype must be an integer dtype, got torch.float32"):
+        requantize(acc, 2**30, 31, out_dtype=torch.float32)
+
+
+def test_requantize_rejects_crossed_and_unrepresentable_bounds():
+    acc = torch.tensor([1], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"^need qmin <= qmax, got qmin=5, qmax=4$"):
+        requantize(acc, 2**30, 31, 0, 5, 4)
+    with pytest.raises(ValueError, match="no integer dtype holds"):
+        requantize(acc, 2**30, 31, 0, 0, 2**63)
+    with pytest.raises(ValueError, match="qmin must be a scalar"):
+        requantize(acc, 2**30, 31, 0, torch.tensor([0, 1]), 127)
+    with pytest.raises(TypeError, match="qmax must be an integer, got 127.5"):
+        requantize(acc, 2**30, 31, 0, -128, 127.5)
+
+
+Q_RULE = "0 <= q < 2\\*\\*31"
+
+
+@pytest.mark.parametrize(
+    "q,shift,message",
+    [
+        (2**31, 31, f"{Q_RULE}, got q=2147483648"),
+        (-1, 31, f"{Q_RULE}, got q=-1"),
+        (2**30, 0, "1 <= shift <= 62, got shift=0"),
+        (2**30, 63, "1 <= shift <= 62, got shift=63"),
+        (torch.tensor([2**30, 2**31]), torch.tensor([3, 3]), f"{Q_RULE}, got q=2147483648"),
+        (torch.tensor([2**30, 0]), torch.tensor([62, 63]), "1 <= shift <= 62, got shift=63"),
+        (torch.tensor(2**30), torch.tensor(0), "1 <= shift <= 62, got shift=0"),
+    ],
+)
+def test_requantize_rejects_multipliers_outside_the_contract(q, shift, message):
+    with pytest.raises(ValueError, match=f"^requantization needs {message}$"):
+        requantize(torch.tensor([[1, 2]], dtype=torch.int32), q, shift)
+
+
+def test_requantize_rejects_float_multipliers():
+    acc = torch.tensor([1], dtype=torch.int32)
+    with pytest.raises(TypeError, match="q must be an integer tensor, got torch.float32"):
+        requantize(acc, torch.tensor([2.0**30]), 31)
+    with pytest.raises(TypeError, match="shift must be an integer, got 31.0"):
+        requantize(acc, 2**30, 31.0)
+
+
+def test_requantize_int64_accumulators_are_exact_up_to_the_int64_headroom():
+    # |acc| <= 3 * 2**30 keeps |acc * q| + 2**61 below 2**63 even at q = 2**31 - 1, s = 62
+    edge = ACC_EXACT_LIMIT
+    assert edge * (2**31 - 1) + 2**61 < 2**63
+    accs = [edge, -edge, edge - 1, 2**31 + 1, -(2**31) - 1]
+    for q, s in [(2**31 - 1, 62), (2**31 - 1, 1), (2**30, 31), (2**30 + 1, 33)]:
+        got = requantize(torch.tensor(accs, dtype=torch.int64), q, s, 0, *WIDE)
+        assert got.tolist() == [reference(a, q, s, 0, *WIDE) for a in accs]
+    for acc in (edge + 1, -edge - 1, 2**62):
+        with pytest.raises(ValueError, match=f"requantize: \\|acc\\| reaches {abs(acc)} > 3 "):
+            requantize(torch.tensor([0, acc], dtype=torch.int64), 2**30, 31)
+
+
+def test_requantize_traces_under_torch_compile_with_tensor_scalars():
+    # the CPU epilogue runs requantize under torch.compile(fullgraph=True) with 0-d tensor
+    # q, shift and bounds: the checks that read tensor data must not break the graph
+    def f(acc, q, s, lo, hi):
+        return requantize(acc, q, s, 0, lo, hi, out_dtype=torch.int8)
+
+    compiled = torch.compile(f, backend="eager", fullgraph=True)
+    acc = torch.tensor(EXTREME_ACCS, dtype=torch.int32)
+    args = [torch.tensor(v) for v in (2**31 - 1, 62, -5, 127)]
+    assert torch.equal(compiled(acc, *args), f(acc, *args))
+    assert compiled(acc, *args).tolist() == [reference(a, 2**31 - 1, 62, 0, -5, 127)
+                                             for a in EXTREME_ACCS]  # fmt: skip
