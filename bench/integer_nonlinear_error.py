@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 
 import qcompile
-from qcompile.lowering import int_ops
-from qcompile.lowering.kernels.attention import quantized_attention_cpu
+from qcompile.lowering import int_ops, ops
+from qcompile.numerics import ibert
 from qcompile.numerics.observers import observer_for
 from qcompile.numerics.specs import QuantSpec, quantize
 
@@ -168,16 +168,16 @@ def elementwise_op(calib, evals, n_layers, kind, norms=None) -> dict:
         if kind == "gelu":
             truth = F.gelu(x.double())
             island = F.gelu(_dq(xq, s_in, zp_in))
-            p = int_ops.gelu_params(s_in, zp_in, s_out, zp_out)
-            yq = int_ops.gelu_int8(xq, *p, "cpu")
+            p = ibert.gelu_params(s_in, zp_in, s_out, zp_out)
+            yq = int_ops.gelu_int8(xq, *p, impl="cpu")
         else:
             ln = norms[f"{i}.{kind}"]
             w, b = ln.weight.detach().double(), ln.bias.detach().double()
             truth = F.layer_norm(x.double(), (x.shape[-1],), w, b, ln.eps)
             island = F.layer_norm(_dq(xq, s_in, zp_in), (x.shape[-1],), w, b, ln.eps)
-            p = int_ops.layernorm_params(s_in, zp_in, x.shape[-1], ln.weight, ln.bias, ln.eps,
+            p = ibert.layernorm_params(s_in, zp_in, x.shape[-1], ln.weight, ln.bias, ln.eps,
                                          s_out, zp_out)
-            yq = int_ops.layernorm_int8(xq, *p, "cpu")
+            yq = int_ops.layernorm_int8(xq, *p, impl="reference")
             wide = _wide_layernorm(x, s_in, ln, s_out, zp_out)
         island_q = _dq(_q(island.float(), s_out, zp_out), s_out, zp_out)
         # the float op clipped to the output's int8 range: what the integer op approximates
@@ -206,13 +206,13 @@ def _wide_layernorm(x, s_ref, ln, s_out, zp_out):
     for e in range(8, -1, -1):
         bound, s_h = 1 << (9 + e), s_ref / 2**e
         try:
-            p = int_ops.layernorm_params(s_h, 0, c, ln.weight, ln.bias, ln.eps, s_out, zp_out,
+            p = ibert.layernorm_params(s_h, 0, c, ln.weight, ln.bias, ln.eps, s_out, zp_out,
                                          in_range=(-bound, bound))
             break
         except ValueError:
             continue
     h = torch.round(x.double() / s_h).clamp(-bound, bound).to(torch.int64)
-    return int_ops.layernorm_int8_torch(h, p)
+    return ibert.layernorm(h, p)
 
 
 def attention(calib, evals, n_layers, heads) -> dict:
@@ -234,10 +234,10 @@ def attention(calib, evals, n_layers, heads) -> dict:
             mask = (1.0 - b["mask"][:, None, None, :].float()) * torch.finfo(torch.float32).min
             truth = F.scaled_dot_product_attention(qf.double(), kf.double(), vf.double(),
                                                    attn_mask=mask.double())
-            fl = quantized_attention_cpu(qq, kq, vq, *s, attn_mask=mask,
-                                         out_dtype=torch.float32)
+            fl = ops.attention_int8(qq, kq, vq, *s, mask, False, None, torch.float32,
+                                    impl="cpu")
             it = int_ops.attention_int8_isoftmax(qq, kq, vq, *s, mask, False, None,
-                                                 torch.float32, "cpu")
+                                                 torch.float32, impl="cpu")
             keep = b["mask"].bool()[:, None, :, None].expand_as(truth)  # real query rows
             errs["float_softmax_vs_truth"].append((fl[keep], truth[keep]))
             errs["integer_softmax_vs_truth"].append((it[keep], truth[keep]))

@@ -58,6 +58,13 @@ def triton_target() -> str:
     return "cuda" if has_cuda() else "none"
 
 
+def triton_runs_on(device: str) -> bool:
+    """Whether Triton kernels run on tensors of this device type here: compiled on CUDA
+    tensors, or interpreted on CPU tensors (TRITON_INTERPRET=1)."""
+    target = triton_target()
+    return (target, device) in (("cuda", "cuda"), ("interpreter", "cpu"))
+
+
 def check_can_launch(t: torch.Tensor) -> None:
     """Raise a clear error if a Triton kernel cannot run on tensors on t's device."""
     target = triton_target()

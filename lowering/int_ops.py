@@ -1,8 +1,8 @@
-"""Integer-only GELU, LayerNorm and attention softmax as `torch.library` ops (I-BERT).
+"""Integer-only GELU, LayerNorm and attention softmax as quantized ops (I-BERT).
 
-What: the float islands between integer ops, in integer arithmetic, after I-BERT (S. Kim,
-A. Gholami, Z. Yao, M. W. Mahoney, K. Keutzer, "I-BERT: Integer-only BERT Quantization",
-ICML 2021):
+What: the float islands between integer ops, in integer arithmetic (the arithmetic itself
+is written once, in qcompile/numerics/ibert.py; this file declares the ops and binds
+their implementations, lowering/registry.py):
 
   gelu_int8                 int8 -> i-GELU (second-order erf polynomial) -> dyadic -> int8
   layernorm_int8            int8 -> integer mean / variance, i-sqrt, integer gamma and beta,
@@ -15,339 +15,144 @@ ICML 2021):
                             logits -> i-exp softmax (16-bit probabilities) -> integer P V
                             -> dequantized like attention_int8 (same signature)
 
-Every constant the data path needs (polynomial coefficients in the input's units,
-multipliers, shifts, integer gamma / beta) is derived from the scales once, on the host
-(`gelu_params`, `layernorm_params`, `isoftmax_constants`): what a compiler folds. The
-data path then uses integer add, multiply, shift, compare and non-negative floor
-division only; the one float operation left is attention's final dequantization (as in
-attention_int8) and the conversion of a float additive mask to integer logit units.
+The one float operation left is attention's final dequantization (as in attention_int8)
+and the conversion of a float additive mask to integer logit units. Additive mask values
+at or below -2**27 (in logit units) hide a key, as -inf does.
 
-Implementations (`impl`, bound by the lower pass): "triton" (lowering/kernels/
-int_nonlinear.py; the fused op runs the generated int8 GEMM with an int32 epilogue, the
-residual rescale in torch integer ops, then the LayerNorm kernel), "cpu" and
-"reference" (torch int64 here). All give identical integers; for attention "cpu"
-computes the integer matmuls exactly in float64 (every value an integer below 2**53),
-"reference" in int64.
-
-Error against float (tests/lowering/test_int_ops.py asserts the bounds;
-bench/integer_nonlinear_error.py measures them on all-MiniLM-L6-v2's activations):
-i-GELU's polynomial is within 1.9e-2 of exact GELU (I-BERT's fit; worst near |x| ~ 1.8
-and at 0+) plus the output's rounding (MiniLM: <= 1.2 output steps from the float GELU
-of the same int8 input); LayerNorm is exact up to the rounding of its output (>= 17
-fractional bits inside; at most one step from float, a tie); the softmax probabilities
-are within ~4e-3 (i-exp's ~3e-3 relative error, plus 2**-17 rounding): attention outputs
-within 4e-3 * max|v| of the float softmax's (MiniLM: 2.7e-3 absolute, SQNR 60 dB).
-Additive mask values at or below -2**27 (in logit units) hide a key, as -inf does.
+Implementations: "reference" (ibert.py's torch integer code; attention in int64),
+"cpu" (the same code: element-wise ops fused by Inductor on large inputs; attention's
+integer matmuls exact in float64, every value an integer below 2**53; the fused op's GEMM
+on the CPU integer path), "triton" (lowering/kernels/int_nonlinear.py; the fused op runs
+the generated int8 GEMM with an int32 epilogue, the residual rescale in torch integer
+ops, then the LayerNorm kernel). All give identical integers.
 """
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from qcompile.lowering.int_softmax import A_ERF, A_EXP, B_ERF, B_EXP, C_EXP, EXP_MAX_SHIFT
-from qcompile.lowering.ops import attention_fake
-from qcompile.numerics.dyadic import MultiplierRangeError, rounding_shift
+from qcompile.lowering.device import triton_runs_on
+from qcompile.lowering.ops import _elementwise, _rows, accumulate_epilogue, attention_fake, gemm_op
+from qcompile.lowering.registry import on_cpu, quantized_op
+from qcompile.numerics import ibert
+from qcompile.numerics.dyadic import rounding_shift
+from qcompile.numerics.ibert import (
+    LOGIT_BITS,
+    MASKED,
+    SOFTMAX_BITS,
+    GeluParams,
+    LayerNormParams,
+    fit_multiplier,
+    integer_mask,
+)
 
-_LIB = "qcompile"
-IMPLS = ("triton", "cpu", "reference")
-GELU_UNIT_BITS = 10  # i-erf's input unit S / sqrt 2 is brought to <= 2**-10 by a left shift
-LOGIT_BITS = 13  # softmax logits are integers in units of 2**-13 (i-exp precision ~1e-4)
-SOFTMAX_BITS = 16  # probabilities in units of 2**-16, as I-BERT's fixed-point softmax
-LN_Y_BITS = 23  # |normalised value| * 2**frac stays below 2**23 (so y * gamma < 2**54)
-LN_GAMMA_BITS = 30  # the largest integer gamma / S_out is about 2**30
-
-
-def _check_impl(impl: str) -> None:
-    if impl not in IMPLS:
-        raise ValueError(f"unknown kernel implementation {impl!r}; known: {list(IMPLS)}")
-
-
-def fit_multiplier(m: float, max_acc: int) -> tuple[int, int]:
-    """(q, shift) with m ~= q / 2**shift and max_acc * q < 2**62, so round(acc * q / 2**shift)
-    is exact in int64 for |acc| <= max_acc: the dyadic contract's 31-bit q when the
-    accumulator fits 31 bits, else q keeps 62 - bits(max_acc) bits (still one rounding).
-    """
-    if not (math.isfinite(m) and m > 0):
-        raise MultiplierRangeError(f"multiplier must be finite and > 0, got {m!r}")
-    bits = min(31, 62 - int(max_acc).bit_length())
-    mant, exp = math.frexp(m)  # m = mant 2**exp, mant in [0.5, 1)
-    q, shift = math.floor(mant * 2.0**bits + 0.5), bits - exp
-    if q == 1 << bits:
-        q, shift = q >> 1, shift - 1
-    if shift > 62:  # a tiny multiplier: fewer bits of q
-        drop = shift - 62
-        q, shift = (q + (1 << (drop - 1))) >> drop, 62
-    if bits < 12 or shift < 1 or q == 0:
-        raise MultiplierRangeError(f"multiplier {m!r} does not fit next to a {max_acc}-bounded "
-                                   "accumulator in int64")
-    return q, shift
-
-
-def _nonneg_round_div(a: Tensor, b: Tensor) -> Tensor:
-    """round(a / b), ties away from zero, for b > 0: non-negative floor divisions only (the
-    same result under C-style truncating division, as in the Triton kernels)."""
-    mag = torch.div(2 * a.abs() + b, 2 * b, rounding_mode="floor")
-    return torch.where(a < 0, -mag, mag)
+_FUSE_MIN_ELEMENTS = 1 << 18
 
 
 # ---------------------------------------------------------------- i-GELU
 
 
-class GeluParams(NamedTuple):
-    """gelu_int8's integer constants (its arguments after x, in order)."""
-
-    in_zp: int
-    up: int  # input left shift: i-erf's unit is (S / 2**up) / sqrt 2 <= 2**-GELU_UNIT_BITS
-    q_b: int  # floor(B_ERF / S_e)
-    q_c: int  # floor(1 / (A_ERF S_e**2))
-    q_one: int  # floor(1 / S_erf): 1 in erf's units
-    q: int  # dyadic multiplier from GELU's integer scale to the output scale
-    shift: int
-    out_zp: int
-    qmin: int
-    qmax: int
-
-
-def _gelu_core(x: Tensor, q_b: int, q_c: int, q_one: int) -> Tensor:
-    """I-BERT i-GELU on int64 x (lowering/int_softmax.int_gelu with folded constants)."""
-    mag = torch.clamp(x.abs(), max=-q_b)
-    poly = (mag + q_b) * (mag + q_b) + q_c  # i-erf of |x|, scale S_erf < 0
-    erf = torch.where(x < 0, -poly, torch.where(x > 0, poly, torch.zeros_like(poly)))
-    return -x * (erf + q_one)  # scale -S S_erf / 2 > 0
-
-
-def gelu_params(in_scale: float, in_zp: int, out_scale: float, out_zp: int, qmin: int = -128,
-                qmax: int = 127, in_range: tuple[int, int] | None = None) -> GeluParams:
-    """Compile time: the constants of y = GELU(S_in (x - zp_in)) requantized to S_out.
-
-    The input is shifted left so i-erf's polynomial constants carry >= 10 fractional bits
-    (I-BERT feeds it int32 matmul outputs; an int8 input's scale alone can be coarse).
-    Every value the op can produce is evaluated here (at most 256 inputs) to bound the
-    accumulator, so the requantization provably fits int64.
-    """
-    lo, hi = in_range or (qmin, qmax)
-    up = max(0, math.ceil(math.log2(in_scale / math.sqrt(2.0) * 2.0**GELU_UNIT_BITS)))
-    s = in_scale / 2.0**up  # exact: a power-of-two division
-    s_e = s / math.sqrt(2.0)  # as int_gelu: erf(x / sqrt 2) on the same integers
-    q_b = math.floor(B_ERF / s_e)
-    q_c = math.floor(1.0 / (A_ERF * s_e * s_e))
-    s_erf = A_ERF * s_e * s_e
-    q_one = math.floor(1.0 / s_erf)
-    xs = torch.bitwise_left_shift(torch.arange(lo, hi + 1, dtype=torch.int64) - in_zp, up)
-    max_acc = int(_gelu_core(xs, q_b, q_c, q_one).abs().max())
-    q, shift = fit_multiplier(-s * s_erf / 2.0 / out_scale, max(max_acc, 1))
-    return GeluParams(int(in_zp), up, q_b, q_c, q_one, q, shift, int(out_zp), qmin, qmax)
-
-
-def gelu_int8_torch(x: Tensor, p: GeluParams) -> Tensor:
-    g = _gelu_core(torch.bitwise_left_shift(x.to(torch.int64) - p.in_zp, p.up), p.q_b, p.q_c,
-                   p.q_one)
-    y = rounding_shift(g * p.q, p.shift) + p.out_zp
-    return y.clamp(p.qmin, p.qmax).to(torch.int8)
-
-
-@torch.library.custom_op(f"{_LIB}::gelu_int8", mutates_args=())
+@quantized_op
 def gelu_int8(x: Tensor, in_zp: int, up: int, q_b: int, q_c: int, q_one: int, q: int,
-              shift: int, out_zp: int, qmin: int, qmax: int, impl: str) -> Tensor:
+              shift: int, out_zp: int, qmin: int, qmax: int) -> Tensor:
     """int8 -> int8 GELU, integer only: i-GELU of (x - in_zp) << up, then
-    clamp(round_half_away(g * q / 2**shift) + out_zp). Constants from `gelu_params`."""
-    _check_impl(impl)
-    p = GeluParams(in_zp, up, q_b, q_c, q_one, q, shift, out_zp, qmin, qmax)
-    if impl == "triton":
-        from qcompile.lowering.kernels.int_nonlinear import gelu_int8_triton
-
-        return gelu_int8_triton(x, p)
-    return gelu_int8_torch(x, p)
+    clamp(round_half_away(g * q / 2**shift) + out_zp). Constants from ibert.gelu_params."""
 
 
-@gelu_int8.register_fake
-def _(x, in_zp, up, q_b, q_c, q_one, q, shift, out_zp, qmin, qmax, impl):
+@gelu_int8.fake
+def _(x, *params):
     return torch.empty_like(x, dtype=torch.int8)
+
+
+@gelu_int8.impl("reference")
+def _(x, *params):
+    return ibert.gelu(x, GeluParams(*params))
+
+
+def _gelu_body(x, *params):
+    return ibert.gelu(x, GeluParams(*params))
+
+
+@gelu_int8.impl("cpu", runs_on=on_cpu)
+def _(x, *params):
+    return _elementwise(_gelu_body, x.numel() >= _FUSE_MIN_ELEMENTS, x, *params)
+
+
+@gelu_int8.impl("triton", runs_on=triton_runs_on)
+def _(x, *params):
+    from qcompile.lowering.kernels.int_nonlinear import gelu_int8_triton
+
+    return gelu_int8_triton(x, GeluParams(*params))
 
 
 # ---------------------------------------------------------------- LayerNorm with i-sqrt
 
 
-class LayerNormParams(NamedTuple):
-    """layernorm_int8's integer constants (gamma, beta: int64 [C]; then its int arguments)."""
-
-    gamma: Tensor  # round(gamma / S_out * 2**(shift - frac))
-    beta: Tensor  # round(beta / S_out * 2**shift), clamped where the output saturates anyway
-    in_zp: int
-    eps: int  # round(eps * C**3 / S_in**2): eps in the units of sum(xc**2)
-    f: int  # fractional bits of the integer standard deviation
-    frac: int  # fractional bits of the normalised value
-    shift: int
-    out_zp: int
-    qmin: int
-    qmax: int
-
-
-def bit_length(n: Tensor) -> Tensor:
-    """Bits of each non-negative int64 (0 for 0): a six-step binary search on shifts."""
-    bits = torch.zeros_like(n)
-    for step in (32, 16, 8, 4, 2, 1):
-        bits = torch.where(torch.bitwise_right_shift(n, bits + step - 1) > 0, bits + step, bits)
-    return bits
-
-
-ISQRT_STEPS = 7  # from x0 <= 2 sqrt(n) < 2**32, Newton reaches floor(sqrt(n)) in <= 6 steps
-
-
-def isqrt(n: Tensor) -> Tensor:
-    """floor(sqrt(n)) for int64 0 <= n < 2**62: I-BERT's i-sqrt (Newton from a power of two
-    above sqrt(n)) with a fixed number of steps, so kernels need no data-dependent loop.
-    The floored iterates decrease to floor(sqrt(n)) and never fall below it."""
-    x = torch.bitwise_left_shift(torch.ones_like(n), torch.div(bit_length(n) + 1, 2,
-                                                               rounding_mode="floor"))
-    for _ in range(ISQRT_STEPS):
-        nxt = torch.div(x + torch.div(n, x.clamp(min=1), rounding_mode="floor"), 2,
-                        rounding_mode="floor")
-        x = torch.minimum(x, nxt)
-    return x
-
-
-def layernorm_params(in_scale: float, in_zp: int, channels: int, weight: Tensor | None,
-                     bias: Tensor | None, eps: float, out_scale: float, out_zp: int,
-                     qmin: int = -128, qmax: int = 127,
-                     in_range: tuple[int, int] | None = None) -> LayerNormParams:
-    """Compile time: the constants of int8 LayerNorm over the last dim of C channels.
-
-    With x = q - zp and xc = C x - sum(x) (exact centring, units S / C):
-      y = xc / sqrt(V / C),  V = sum(xc**2) + eps C**3 / S**2       (the LayerNorm, exactly)
-    computed as std = isqrt((V << 2f) // C) ~ 2**f sqrt(V / C) and
-    y_fx = round(xc << (f + frac) / std); out = round((y_fx g_c + b_c) / 2**shift) + zp_out.
-    f and frac are the largest that keep every intermediate in int64 for any int8 row.
-    """
-    lo, hi = in_range or (qmin, qmax)
-    c = int(channels)
-    xc_max = c * (hi - lo)  # |C x_i - sum(x)| <= C (max - min)
-    eps_int = round(eps * c**3 / in_scale**2)
-    v_max = c * xc_max * xc_max + eps_int
-    if v_max.bit_length() > 61:
-        raise ValueError(f"layernorm_int8: {c} channels overflow int64 statistics")
-    frac = LN_Y_BITS - (c.bit_length() + 1) // 2  # |y| <= sqrt(C - 1) < 2**ceil(bits(C) / 2)
-    f = min((62 - v_max.bit_length()) // 2, 60 - xc_max.bit_length() - frac)
-    if f < 0 or frac < 8:
-        raise ValueError(f"layernorm_int8: no fixed point fits {c} channels")
-    w = torch.ones(c, dtype=torch.float64) if weight is None else weight.detach().double().cpu()
-    b = torch.zeros(c, dtype=torch.float64) if bias is None else bias.detach().double().cpu()
-    g_max = float(w.abs().max()) / out_scale
-    gbits = LN_GAMMA_BITS - math.ceil(math.log2(g_max)) if g_max > 0 else LN_GAMMA_BITS
-    shift = min(gbits + frac, 50)  # 50: |y g| + |b| < 2**55 + 2**61 (see the beta clamp)
-    if shift < 1:
-        raise ValueError(f"layernorm_int8: gamma / output scale {g_max} is too large")
-    gamma = torch.round(w / out_scale * 2.0 ** (shift - frac)).to(torch.int64)
-    # beta beyond |y g| + 2**(shift + 10) saturates the output either way: clamping it keeps
-    # the result and bounds p = y g + b inside int64
-    bound = (gamma.abs() << LN_Y_BITS) + (1 << (shift + 10))
-    beta = torch.round(b / out_scale * 2.0**shift).clamp(-(2.0**61), 2.0**61).to(torch.int64)
-    beta = torch.maximum(torch.minimum(beta, bound), -bound)
-    return LayerNormParams(gamma, beta, int(in_zp), eps_int, f, frac, shift, int(out_zp),
-                           qmin, qmax)
-
-
-def layernorm_int8_torch(x: Tensor, p: LayerNormParams) -> Tensor:
-    x = x.to(torch.int64) - p.in_zp  # [..., C]
-    c = x.shape[-1]
-    xc = x * c - x.sum(dim=-1, keepdim=True)
-    v = (xc * xc).sum(dim=-1, keepdim=True) + p.eps
-    std = isqrt(torch.div(torch.bitwise_left_shift(v, 2 * p.f), c, rounding_mode="floor"))
-    y = _nonneg_round_div(torch.bitwise_left_shift(xc, p.f + p.frac), std.clamp(min=1))
-    out = rounding_shift(y * p.gamma.to(x.device) + p.beta.to(x.device), p.shift) + p.out_zp
-    return out.clamp(p.qmin, p.qmax).to(torch.int8)
-
-
-@torch.library.custom_op(f"{_LIB}::layernorm_int8", mutates_args=())
+@quantized_op
 def layernorm_int8(x: Tensor, gamma: Tensor, beta: Tensor, in_zp: int, eps: int, f: int,
-                   frac: int, shift: int, out_zp: int, qmin: int, qmax: int,
-                   impl: str) -> Tensor:
-    """int8 [..., C] -> int8 LayerNorm over C, integer only (constants: `layernorm_params`)."""
-    _check_impl(impl)
-    p = LayerNormParams(gamma, beta, in_zp, eps, f, frac, shift, out_zp, qmin, qmax)
-    if impl == "triton":
-        from qcompile.lowering.kernels.int_nonlinear import layernorm_int8_triton
-
-        return layernorm_int8_triton(x, p)
-    return layernorm_int8_torch(x, p)
+                   frac: int, shift: int, out_zp: int, qmin: int, qmax: int) -> Tensor:
+    """int8 [..., C] -> int8 LayerNorm over C, integer only (constants:
+    ibert.layernorm_params)."""
 
 
-@layernorm_int8.register_fake
-def _(x, gamma, beta, in_zp, eps, f, frac, shift, out_zp, qmin, qmax, impl):
+@layernorm_int8.fake
+def _(x, *params):
     return torch.empty_like(x, dtype=torch.int8)
 
 
-def residual_sum(acc: Tensor, acc_q: Tensor, acc_shift: Tensor, r: Tensor, r_zp: int, r_q: int,
-                 r_shift: int, bound: int) -> Tensor:
-    """int64 h = acc * acc_q[c] / 2**acc_shift[c] + (r - r_zp) r_q / 2**r_shift, each side
-    rounded once, clamped to +-bound: a linear's int32 accumulator (scale s_x s_w[c]) and an
-    int8 residual brought to one fine scale s_h (I-BERT adds residuals in int32)."""
-    dev = acc.device
-    h = rounding_shift(acc.to(torch.int64) * acc_q.to(dev), acc_shift.to(dev))
-    h = h + rounding_shift((r.to(torch.int64) - r_zp) * r_q, r_shift)
-    return h.clamp(-bound, bound)
+@layernorm_int8.impl("reference")
+def _(x, *params):
+    return ibert.layernorm(x, LayerNormParams(*params))
 
 
-@torch.library.custom_op(f"{_LIB}::linear_residual_layernorm_int8", mutates_args=())
-def linear_residual_layernorm_int8(
-    x: Tensor, w: Tensor, bias: Tensor | None, zp_term: Tensor | None, acc_q: Tensor,
-    acc_shift: Tensor, r: Tensor, r_zp: int, r_q: int, r_shift: int, bound: int,
-    gamma: Tensor, beta: Tensor, eps: int, f: int, frac: int, shift: int, out_zp: int,
-    qmin: int, qmax: int, impl: str, origin: str,
-) -> Tensor:  # fmt: skip
-    """LayerNorm(x @ w^T + b + r) for int8 x [..., K], w [N, K], residual r int8 [..., N]
-    -> int8, I-BERT's post-norm block end: the GEMM's int32 accumulator is never rounded
-    to int8; it and r meet at a fine scale (`residual_sum`), then integer LayerNorm
-    (layernorm_int8's algorithm, wide input). Constants: passes/integer_nonlinear.py."""
-    _check_impl(impl)
-    from qcompile.lowering.epilogue import Bias, Epilogue, InputZeroPoint
-    from qcompile.lowering.ops import _gemm, _rows
+@layernorm_int8.impl("triton", runs_on=triton_runs_on)
+def _(x, *params):
+    from qcompile.lowering.kernels.int_nonlinear import layernorm_int8_triton
 
-    steps, values = [], {}
-    if zp_term is not None:
-        steps.append(InputZeroPoint())
-        values["zp_term"] = zp_term
-    if bias is not None:
-        steps.append(Bias())
-        values["bias"] = bias
-    acc = _gemm(impl, _rows(x), w, Epilogue(tuple(steps)), origin, **values)  # int32 [M, N]
-    h = residual_sum(acc, acc_q, acc_shift, _rows(r), r_zp, r_q, r_shift, bound)
+    return layernorm_int8_triton(x, LayerNormParams(*params))
+
+
+def _residual_layernorm(backend, x, w, bias, zp_term, acc_q, acc_shift, r, r_zp, r_q, r_shift,
+                        bound, gamma, beta, eps, f, frac, shift, out_zp, qmin, qmax,
+                        origin=""):
+    values = {k: v for k, v in (("bias", bias), ("zp_term", zp_term)) if v is not None}
+    epilogue = accumulate_epilogue(bias is not None, zp_term is not None)
+    acc = backend.gemm(_rows(x), w, epilogue, origin, **values)  # int32 [M, N]
+    h = ibert.residual_sum(acc, acc_q, acc_shift, _rows(r), r_zp, r_q, r_shift, bound)
     p = LayerNormParams(gamma, beta, 0, eps, f, frac, shift, out_zp, qmin, qmax)
-    if impl == "triton":
+    if backend.name == "triton":
         from qcompile.lowering.kernels.int_nonlinear import layernorm_int8_triton
 
         y = layernorm_int8_triton(h, p)
     else:
-        y = layernorm_int8_torch(h, p)
+        y = ibert.layernorm(h, p)
     return y.reshape(*x.shape[:-1], w.shape[0])
 
 
-@linear_residual_layernorm_int8.register_fake
-def _(x, w, bias, zp_term, acc_q, acc_shift, r, r_zp, r_q, r_shift, bound, gamma, beta, eps, f,
-      frac, shift, out_zp, qmin, qmax, impl, origin):
+@gemm_op(_residual_layernorm, epilogue=lambda a: accumulate_epilogue(a["bias"] is not None,
+                                                                    a["zp_term"] is not None))
+@quantized_op
+def linear_residual_layernorm_int8(
+    x: Tensor, w: Tensor, bias: Tensor | None, zp_term: Tensor | None, acc_q: Tensor,
+    acc_shift: Tensor, r: Tensor, r_zp: int, r_q: int, r_shift: int, bound: int,
+    gamma: Tensor, beta: Tensor, eps: int, f: int, frac: int, shift: int, out_zp: int,
+    qmin: int, qmax: int,
+) -> Tensor:  # fmt: skip
+    """LayerNorm(x @ w^T + b + r) for int8 x [..., K], w [N, K], residual r int8 [..., N]
+    -> int8, I-BERT's post-norm block end: the GEMM's int32 accumulator is never rounded
+    to int8; it and r meet at a fine scale (ibert.residual_sum), then integer LayerNorm
+    (layernorm_int8's algorithm, wide input). Constants: passes/integer_nonlinear.py."""
+
+
+@linear_residual_layernorm_int8.fake
+def _(x, w, *rest):
     return x.new_empty((*x.shape[:-1], w.shape[0]), dtype=torch.int8)
 
 
 # ---------------------------------------------------------------- attention, i-softmax
-
-# i-exp's constants for logits in units of 2**-LOGIT_BITS (int_softmax.int_exp's formulas)
-_U = 2.0**-LOGIT_BITS
-EXP_LN2 = math.floor(math.log(2.0) / _U)
-EXP_B = math.floor(B_EXP / _U)
-EXP_C = math.floor(C_EXP / (A_EXP * _U * _U))
-MASKED = -(1 << 40)  # additive mask values at or below this (in logit units) hide the key
-
-
-def i_exp(d: Tensor) -> Tensor:
-    """exp(d 2**-13) for int64 d <= 0, in units A_EXP 2**-26 (I-BERT i-exp)."""
-    d = torch.clamp(d, min=-EXP_MAX_SHIFT * EXP_LN2)
-    z = torch.div(-d, EXP_LN2, rounding_mode="floor")
-    p = d + z * EXP_LN2  # (-ln 2, 0]
-    return torch.bitwise_right_shift((p + EXP_B) * (p + EXP_B) + EXP_C, z)
 
 
 class IsoftmaxConstants(NamedTuple):
@@ -370,23 +175,8 @@ def isoftmax_constants(q, k, q_scale, k_scale, v_scale, sm_scale) -> IsoftmaxCon
                              (vs * 2.0**-SOFTMAX_BITS).to(torch.float32), group)
 
 
-def integer_mask(attn_mask: Tensor | None, shape, device) -> Tensor | None:
-    """The additive mask in logit units, int64 broadcast to shape; MASKED hides a key.
-    The boundary conversion of a float input (bool masks convert exactly)."""
-    if attn_mask is None:
-        return None
-    if attn_mask.dtype == torch.bool:
-        zero = torch.zeros((), dtype=torch.int64, device=device)
-        m = torch.where(attn_mask.to(device), zero, torch.full_like(zero, MASKED))
-    else:
-        m = torch.round(attn_mask.to(device, torch.float64) * 2.0**LOGIT_BITS)
-        m = torch.nan_to_num(m, nan=MASKED, neginf=MASKED, posinf=-MASKED)
-        m = m.clamp(MASKED, -MASKED).to(torch.int64)
-    return m.expand(shape)
-
-
-def isoftmax_attention_torch(q, k, v, q_scale, k_scale, v_scale, attn_mask, causal, sm_scale,
-                             out_dtype, exact: str) -> Tensor:
+def _isoftmax_attention(q, k, v, q_scale, k_scale, v_scale, attn_mask, causal, sm_scale,
+                        out_dtype, exact: str) -> Tensor:
     """The torch path; `exact` "int64" (reference) or "float64" (cpu: the same integers)."""
     from qcompile.lowering.kernels.attention import _check
 
@@ -408,42 +198,42 @@ def isoftmax_attention_torch(q, k, v, q_scale, k_scale, v_scale, attn_mask, caus
     if mask is not None:
         visible = visible & (mask > MASKED)
         z = z + torch.where(visible, mask, torch.zeros_like(mask))
-    z = torch.where(visible, z, torch.full_like(z, MASKED))
-    zmax = z.amax(dim=-1, keepdim=True)
-    d = torch.clamp(z - zmax, max=0)
-    e = torch.where(visible, i_exp(d), torch.zeros_like(d))  # [B, Hq, Sq, Sk]
-    total = e.sum(dim=-1, keepdim=True)
-    p = torch.where(total > 0, _nonneg_round_div(e << SOFTMAX_BITS, total.clamp(min=1)), 0)
+    p = ibert.softmax_probabilities(z, visible)  # [B, Hq, Sq, Sk], units 2**-16
     acc = (p.to(dev, dt) @ vv.to(dev, dt)).to(q.device, torch.int64)  # [B, Hq, Sq, D]
     scale = cst.out_scale.to(q.device, torch.float64)[head]
     return (acc.to(torch.float64) * scale).to(torch.float32).to(out_dtype)
 
 
-@torch.library.custom_op(f"{_LIB}::attention_int8_isoftmax", mutates_args=())
+@quantized_op
 def attention_int8_isoftmax(q: Tensor, k: Tensor, v: Tensor, q_scale: Tensor, k_scale: Tensor,
                             v_scale: Tensor, attn_mask: Tensor | None, is_causal: bool,
-                            scale: float | None, out_dtype: torch.dtype, impl: str) -> Tensor:
+                            scale: float | None, out_dtype: torch.dtype) -> Tensor:
     """attention_int8 (same arguments) with I-BERT's integer softmax: logits rescaled
     dyadically to units of 2**-13, i-exp, probabilities rounded to 16 bits, P V exact in
     integers, then out = acc * v_scale * 2**-16 (float32, cast to out_dtype)."""
-    _check_impl(impl)
-    if impl == "triton":
-        from qcompile.lowering.kernels.int_nonlinear import isoftmax_attention_triton
-
-        return isoftmax_attention_triton(q, k, v, q_scale, k_scale, v_scale, attn_mask,
-                                         is_causal, scale, out_dtype)
-    return isoftmax_attention_torch(q, k, v, q_scale, k_scale, v_scale, attn_mask, is_causal,
-                                    scale, out_dtype, "int64" if impl == "reference" else
-                                    "float64")
 
 
-attention_int8_isoftmax.register_fake(attention_fake)
+attention_int8_isoftmax.fake(attention_fake)
 
 
-GELU_INT8 = torch.ops.qcompile.gelu_int8.default
-LAYERNORM_INT8 = torch.ops.qcompile.layernorm_int8.default
-ATTENTION_INT8_ISOFTMAX = torch.ops.qcompile.attention_int8_isoftmax.default
-LINEAR_RESIDUAL_LAYERNORM_INT8 = torch.ops.qcompile.linear_residual_layernorm_int8.default
-# op -> position of its `impl` argument (passes/lower.py's IMPL_ARG lists them)
-IMPL_ARG = {GELU_INT8: 11, LAYERNORM_INT8: 11, ATTENTION_INT8_ISOFTMAX: 10,
-            LINEAR_RESIDUAL_LAYERNORM_INT8: 20}
+@attention_int8_isoftmax.impl("reference")
+def _(*args):
+    return _isoftmax_attention(*args, exact="int64")
+
+
+@attention_int8_isoftmax.impl("cpu", runs_on=on_cpu)
+def _(*args):
+    return _isoftmax_attention(*args, exact="float64")
+
+
+@attention_int8_isoftmax.impl("triton", runs_on=triton_runs_on)
+def _(*args):
+    from qcompile.lowering.kernels.int_nonlinear import isoftmax_attention_triton
+
+    return isoftmax_attention_triton(*args)
+
+
+GELU_INT8 = gelu_int8.overload
+LAYERNORM_INT8 = layernorm_int8.overload
+ATTENTION_INT8_ISOFTMAX = attention_int8_isoftmax.overload
+LINEAR_RESIDUAL_LAYERNORM_INT8 = linear_residual_layernorm_int8.overload

@@ -10,8 +10,8 @@ Observers are identity functions in the graph: the model computes in float while
 calibrating. They store into the model's ModelState (ctx.state), keyed by site, so every
 graph of the model and every recompile shares them.
 Why: static activation scales and GPTQ need data; this is where it is collected.
-Pre: select-layers. Post: observed nodes carry meta["qc_in_site"] / ["qc_out_site"];
-calibrate-qparams turns the observers into parameters and removes them.
+Pre: select-layers. Post: observed nodes carry a `Sites` annotation naming their sites by
+role; calibrate-qparams turns the observers into parameters and removes them.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.fx import GraphModule, Node
 
+from qcompile import annotations as ann
 from qcompile.fx_utils import is_call
 from qcompile.numerics.observers import observer_for
 from qcompile.pass_manager import PassContext, PassResult, graph_pass
@@ -64,8 +65,9 @@ def _make(kind: str, ctx: PassContext):
 
 
 def _observe(gm: GraphModule, ctx: PassContext, node: Node, site: str, kinds: tuple[str, ...],
-             meta_key: str) -> bool:
-    if node.meta.get(meta_key) == site:
+             role: str) -> bool:
+    sites = ann.get(node, ann.Sites) or ann.put(node, ann.Sites())
+    if getattr(sites, role) == site:
         return False
     name = "observe_" + "".join(c if c.isalnum() else "_" for c in site)
     while hasattr(gm, name):
@@ -74,7 +76,7 @@ def _observe(gm: GraphModule, ctx: PassContext, node: Node, site: str, kinds: tu
     with gm.graph.inserting_after(node):
         obs = gm.graph.call_module(name, (node,))
     node.replace_all_uses_with(obs, delete_user_cb=lambda user: user is not obs)
-    node.meta[meta_key] = site
+    setattr(sites, role, site)
     return True
 
 
@@ -91,19 +93,19 @@ def _input_kinds(ctx: PassContext) -> tuple[str, ...]:
 def insert_observers(gm: GraphModule, ctx: PassContext) -> PassResult:
     counters = {"inputs": 0, "outputs": 0, "attention": 0, "residual_adds": 0}
     static = ctx.options.recipe_obj.act is not None and not ctx.options.recipe_obj.act.dynamic
-    linears = [n for n in gm.graph.nodes if is_call(n, F.linear) and n.meta.get("qc_quantize")]
+    linears = [n for n in gm.graph.nodes if is_call(n, F.linear) and ann.selected(n)]
     for node in linears:
-        layer = node.meta["qc_layer"]
+        layer = ann.get(node, ann.Layer).name
         x = node.args[0]
         kinds = _input_kinds(ctx) if static else tuple(k for k in _input_kinds(ctx)
                                                        if k != "range")
-        if kinds and "qc_in_site" not in x.meta:
-            counters["inputs"] += _observe(gm, ctx, x, f"in:{layer}", kinds, "qc_in_site")
+        if kinds and ann.site(x, "input") is None:
+            counters["inputs"] += _observe(gm, ctx, x, f"in:{layer}", kinds, "input")
         if static:
             # smoothing may fold 1/s into this linear's output rows: keep channel ranges
             out_kinds = ("range", "channels") if ctx.options.transform_on("smooth") else ("range",)
             counters["outputs"] += _observe(gm, ctx, node, f"out:{layer}", out_kinds,
-                                            "qc_out_site")
+                                            "output")
     if static:
         for node in list(gm.graph.nodes):
             if is_call(node, F.scaled_dot_product_attention):
@@ -112,12 +114,12 @@ def insert_observers(gm: GraphModule, ctx: PassContext) -> PassResult:
                     arg = node.args[i]
                     if isinstance(arg, Node):
                         counters["attention"] += _observe(gm, ctx, arg, f"{site}:{part}",
-                                                          ("range",), f"qc_attn_{part}_site")
+                                                          ("range",), f"attn_{part}")
         for node in list(gm.graph.nodes):
             layer = _residual_writer(node)
             if layer is not None:
                 counters["residual_adds"] += _observe(gm, ctx, node, f"add:{layer}", ("range",),
-                                                      "qc_add_site")
+                                                      "add")
     modified = any(counters.values())
     return PassResult(gm, modified=modified, counters=counters)
 
@@ -131,12 +133,13 @@ def _residual_writer(node: Node) -> str | None:
     if not all(isinstance(s, Node) for s in sides):
         return None
     def quantized_linear(n):
-        return is_call(n, F.linear) and n.meta.get("qc_quantize")
+        return is_call(n, F.linear) and ann.selected(n) is not None
 
     for i, s in enumerate(sides):
         other = _unobserved(node.args[1 - i])
-        if quantized_linear(s) and ("qc_in_site" in other.meta or quantized_linear(sides[1 - i])):
-            return s.meta["qc_layer"]
+        if quantized_linear(s) and (ann.site(other, "input") is not None
+                                    or quantized_linear(sides[1 - i])):
+            return ann.get(s, ann.Layer).name
     return None
 
 

@@ -31,8 +31,10 @@ import operator
 import torch
 from torch.fx import GraphModule, Node
 
+from qcompile import annotations as ann
 from qcompile.fx_utils import add_constant, erase_unused, is_call
 from qcompile.lowering import ops
+from qcompile.lowering.registry import arg
 from qcompile.pass_manager import PassContext, PassResult, graph_pass
 from qcompile.passes.rewrite_linear import ACT as ACT_RANGE
 from qcompile.sites import is_layout
@@ -78,28 +80,32 @@ def _feeds_integers(node: Node) -> bool:
     return False
 
 
-def _int8_of(gm: GraphModule, value, before: Node):
-    """(an int8 node holding `value`, its (scale, zero point)), or None: the value's own
-    quantize node, or the integer output a dequantize (through layout ops) came from."""
+def _dequant_qparams(dq: Node) -> ann.QParams:
+    return ann.QParams(arg(dq, "scale"), arg(dq, "zero_point"))
+
+
+def _int8_of(gm: GraphModule, value, before: Node) -> tuple[Node, ann.QParams] | None:
+    """(an int8 node holding `value`, its QParams), or None: the value's own quantize
+    node, or the integer output a dequantize (through layout ops) came from."""
     if not isinstance(value, Node):
         return None
     found = _dequant_through_layout(value)
     if found is not None:
         dq, chain = found
-        return _replay(gm, chain, dq.args[0], before), (dq.args[1], dq.args[2])
+        return _replay(gm, chain, arg(dq, "q"), before), _dequant_qparams(dq)
     q = _existing_quantize(value)
-    return (q, q.meta["qc_qparams"]) if q is not None else None
+    return (q, ann.get(q, ann.QParams)) if q is not None else None
 
 
 def _residual_adds(gm: GraphModule, ctx: PassContext) -> int:
     calib = ctx.analysis.get("calib", {})
     done = 0
     for node in list(gm.graph.nodes):
-        if not is_call(node, operator.add, torch.add) or "qc_add_site" not in node.meta:
+        if not is_call(node, operator.add, torch.add) or ann.site(node, "add") is None:
             continue
         if not _feeds_integers(node):
             continue  # the sum enters a float island (a norm): adding in float loses nothing
-        out = calib.get(node.meta["qc_add_site"])
+        out = calib.get(ann.site(node, "add"))
         if out is None or out.scale is None:
             continue
         for i in (0, 1):
@@ -108,17 +114,19 @@ def _residual_adds(gm: GraphModule, ctx: PassContext) -> int:
             if found is None or other is None:
                 continue
             dq, chain = found
-            aq = _replay(gm, chain, dq.args[0], node)
-            bq, (s_b, zp_b) = other
-            s_a, zp_a = dq.args[1], dq.args[2]
+            aq = _replay(gm, chain, arg(dq, "q"), node)
+            bq, b_qp = other
+            a_qp = _dequant_qparams(dq)
             qmin, qmax = ACT_RANGE[ctx.options.recipe_obj.act.bits]
             with gm.graph.inserting_before(node):
+                # (qa, sa, qb, sb) = (0, 1, 0, 1) until compute-dyadic
                 yq = gm.graph.call_function(
-                    ops.ADD_INT8, (aq, bq, zp_a, zp_b, 0, 1, 0, 1, out.zero_point, qmin, qmax))
+                    ops.ADD_INT8, (aq, bq, a_qp.zero_point, b_qp.zero_point, 0, 1, 0, 1,
+                                   out.zero_point, qmin, qmax))
                 y = gm.graph.call_function(ops.DEQUANTIZE, (yq, out.scale, out.zero_point,
                                                             node.meta["val"].dtype))
-            yq.meta["qc_add_multipliers"] = (s_a / out.scale, s_b / out.scale)
-            yq.meta["qc_out_qparams"] = (out.scale, out.zero_point)
+            ann.put(yq, ann.PendingRequant((a_qp.scale / out.scale, b_qp.scale / out.scale)))
+            ann.put(yq, ann.QParams(out.scale, out.zero_point))
             node.replace_all_uses_with(y)
             gm.graph.erase_node(node)
             done += 1
@@ -135,14 +143,17 @@ def _round_trips(gm: GraphModule) -> int:
         if found is None:
             continue
         dq, chain = found
-        ints = _replay(gm, chain, dq.args[0], node)
-        (s_in, zp_in), (s_out, zp_out) = dq.args[1:3], node.args[1:3]
-        if (s_in, zp_in) != (s_out, zp_out):  # another scale: rescale in integers
+        ints = _replay(gm, chain, arg(dq, "q"), node)
+        qp_in, qp_out = _dequant_qparams(dq), ann.QParams(arg(node, "scale"),
+                                                          arg(node, "zero_point"))
+        if qp_in != qp_out:  # another scale: rescale in integers
             with gm.graph.inserting_before(node):
+                # (q, shift) = (0, 1) until compute-dyadic
                 ints = gm.graph.call_function(
-                    ops.REQUANT_INT8, (ints, zp_in, 0, 1, zp_out, node.args[3], node.args[4]))
-            ints.meta["qc_requant_multiplier"] = s_in / s_out
-            ints.meta["qc_out_qparams"] = (s_out, zp_out)
+                    ops.REQUANT_INT8, (ints, qp_in.zero_point, 0, 1, qp_out.zero_point,
+                                       arg(node, "qmin"), arg(node, "qmax")))
+            ann.put(ints, ann.PendingRequant((qp_in.scale / qp_out.scale,)))
+            ann.put(ints, qp_out)
         node.replace_all_uses_with(ints)
         gm.graph.erase_node(node)
         done += 1
@@ -153,24 +164,25 @@ def _float_outputs(gm: GraphModule) -> int:
     """Linears whose int8 output only feeds float islands: dequantize the accumulator."""
     done = 0
     for node in list(gm.graph.nodes):
-        if node.target not in ops.REQUANT_OPS or "qc_float_epilogue" not in node.meta:
+        epi = ann.get(node, ann.FloatEpilogue)
+        if node.target not in ops.REQUANT_OPS or epi is None:
             continue
         if not node.users or any(u.target is not ops.DEQUANTIZE for u in node.users):
             continue
-        x_scale, w_scale, bias, w_int8 = node.meta["qc_float_epilogue"]
-        x, w, _, zp_term = node.args[:4]
-        layer = node.meta.get("qc_layer")
-        name = (layer or node.name).replace(".", "_")
-        if w_int8 is not None:  # int4 weights: the int8 GEMM runs on their unpacked values
-            w = add_constant(gm, f"{name}_w_unpacked", w_int8, before=node)
-        ws = add_constant(gm, f"{name}_w_scale", w_scale, before=node)
-        b = add_constant(gm, f"{name}_bias_f", bias, before=node) if bias is not None else None
+        x, w, zp_term = arg(node, "x"), arg(node, "w"), arg(node, "zp_term")
+        layer = ann.get(node, ann.Layer)
+        name = (layer.name if layer else node.name).replace(".", "_")
+        if epi.w_int8 is not None:  # int4 weights: the int8 GEMM runs on their int8 values
+            w = add_constant(gm, f"{name}_w_unpacked", epi.w_int8, before=node)
+        ws = add_constant(gm, f"{name}_w_scale", epi.w_scale, before=node)
+        b = (add_constant(gm, f"{name}_bias_f", epi.bias, before=node)
+             if epi.bias is not None else None)
         for dq in list(node.users):
             with gm.graph.inserting_before(dq):
-                y = gm.graph.call_function(ops.LINEAR_INT8_DQ, (x, w, b, zp_term, x_scale, ws,
-                                                                dq.args[3], "cpu", ""))
-            y.meta.update({k: v for k, v in dq.meta.items() if k.startswith("qc_layer")})
-            y.meta["qc_layer"] = layer
+                y = gm.graph.call_function(ops.LINEAR_INT8_DQ, (x, w, b, zp_term, epi.x_scale,
+                                                                ws, arg(dq, "dtype")))
+            ann.copy(node, y, ann.Layer)
+            ann.copy(dq, y, ann.LayerOutput)
             dq.replace_all_uses_with(y)
             gm.graph.erase_node(dq)
         gm.graph.erase_node(node)

@@ -41,8 +41,10 @@ import torch
 import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
+from qcompile import annotations as ann
 from qcompile.fx_utils import add_constant, get_constant, is_call, is_method, tensor_val
-from qcompile.lowering import int_ops, ops
+from qcompile.lowering import int_ops, ops, registry
+from qcompile.numerics import ibert
 from qcompile.numerics.dyadic import MultiplierRangeError
 from qcompile.pass_manager import PassContext, PassResult, graph_pass
 from qcompile.sites import is_layout, producer_through_layout
@@ -108,7 +110,17 @@ def _output_quantize(node: Node) -> Node | None:
 
 def _consumers(node: Node) -> list[str]:
     q = _output_quantize(node)
-    return [u.meta["qc_layer"] for u in q.users if "qc_layer" in u.meta] if q else []
+    layers = [ann.get(u, ann.Layer) for u in q.users] if q else []
+    return [layer.name for layer in layers if layer is not None]
+
+
+def _qparams(node: Node) -> ann.QParams:
+    """The (scale, zero point) a quantize or dequantize call applies."""
+    return ann.QParams(registry.arg(node, "scale"), registry.arg(node, "zero_point"))
+
+
+def _bounds(q: Node) -> tuple[int, int]:
+    return registry.arg(q, "qmin"), registry.arg(q, "qmax")
 
 
 def _int8_input(gm, ctx, x) -> tuple[Node, float, int] | None:
@@ -121,24 +133,25 @@ def _int8_input(gm, ctx, x) -> tuple[Node, float, int] | None:
     if not isinstance(x, Node):
         return None
     if x.target is ops.DEQUANTIZE:
-        return x.args[0], x.args[1], x.args[2]
+        qp = _qparams(x)
+        return registry.arg(x, "q"), qp.scale, qp.zero_point
     src = producer_through_layout(x)
     if src.target is ops.DEQUANTIZE:
-        scale, zp = src.args[1], src.args[2]
+        qp = _qparams(src)
     else:
         existing = next((u for u in x.users if u.target is ops.QUANTIZE), None)
         if existing is not None:
-            return existing, existing.args[1], existing.args[2]
-        site = ctx.analysis.get("calib", {}).get(x.meta.get("qc_add_site"))
+            qp = _qparams(existing)
+            return existing, qp.scale, qp.zero_point
+        site = ctx.analysis.get("calib", {}).get(ann.site(x, "add"))
         if site is None or site.scale is None:
             return None
-        scale, zp = site.scale, site.zero_point
+        qp = ann.QParams(site.scale, site.zero_point)
     qmin, qmax = _act_range(ctx)
-    with gm.graph.inserting_after(x):
-        q = gm.graph.call_function(ops.QUANTIZE, (x, scale, zp, qmin, qmax, "cpu"))
-    q.meta["qc_qparams"] = (scale, zp)
-    q.meta["qc_int_nonlinear_input"] = True  # erased again if the rewrite gives up
-    return q, scale, zp
+    with gm.graph.inserting_after(x):  # erased again, unused, if the rewrite gives up
+        q = gm.graph.call_function(ops.QUANTIZE, (x, qp.scale, qp.zero_point, qmin, qmax))
+    ann.put(q, qp)
+    return q, qp.scale, qp.zero_point
 
 
 def _act_range(ctx) -> tuple[int, int]:
@@ -180,11 +193,12 @@ def _compile_time_float(gm, ctx, arg, depth: int = 0) -> float | None:
 def _replace(gm, node, target, args, out_q: Node) -> Node:
     """node -> dequantize(target(*args)) at out_q's scale, so integer-dataflow can drop
     out_q's float round trip."""
-    s_out, zp_out = out_q.args[1], out_q.args[2]
+    out = _qparams(out_q)
     with gm.graph.inserting_before(node):
         yq = gm.graph.call_function(target, args)
-        y = gm.graph.call_function(ops.DEQUANTIZE, (yq, s_out, zp_out, tensor_val(node).dtype))
-    yq.meta["qc_out_qparams"] = (s_out, zp_out)
+        y = gm.graph.call_function(ops.DEQUANTIZE, (yq, out.scale, out.zero_point,
+                                                    tensor_val(node).dtype))
+    ann.put(yq, out)
     y.meta["val"] = node.meta["val"]  # same shape and dtype; later matches in this pass read it
     node.replace_all_uses_with(y)
     gm.graph.erase_node(node)
@@ -204,11 +218,12 @@ def _rewrite_gelu(gm, ctx, node) -> str | None:
         return "its input has no int8 scale (not a quantized op's output)"
     xq, s_in, zp_in = found
     try:
-        p = int_ops.gelu_params(s_in, zp_in, out_q.args[1], out_q.args[2], out_q.args[3],
-                                out_q.args[4], in_range=_act_range(ctx))
+        out = _qparams(out_q)
+        p = ibert.gelu_params(s_in, zp_in, out.scale, out.zero_point, *_bounds(out_q),
+                              in_range=_act_range(ctx))
     except MultiplierRangeError as exc:
         return f"requantization out of range: {exc}"
-    _replace(gm, node, int_ops.GELU_INT8, (xq, *p, "cpu"), out_q)
+    _replace(gm, node, int_ops.GELU_INT8, (xq, *p), out_q)
     return None
 
 
@@ -238,15 +253,16 @@ def _rewrite_layernorm(gm, ctx, node, counters: dict) -> str | None:
         return "its input has no int8 scale (not a quantized op's output or an observed add)"
     xq, s_in, zp_in = found
     try:
-        p = int_ops.layernorm_params(s_in, zp_in, int(shape[0]), weight, bias, eps_value,
-                                     out_q.args[1], out_q.args[2], out_q.args[3],
-                                     out_q.args[4], in_range=_act_range(ctx))
+        out = _qparams(out_q)
+        p = ibert.layernorm_params(s_in, zp_in, int(shape[0]), weight, bias, eps_value,
+                                   out.scale, out.zero_point, *_bounds(out_q),
+                                   in_range=_act_range(ctx))
     except (ValueError, MultiplierRangeError) as exc:
         return str(exc)
     name = f"{node.name}_int"
     g = add_constant(gm, f"{name}_gamma", p.gamma, before=node)
     bt = add_constant(gm, f"{name}_beta", p.beta, before=node)
-    _replace(gm, node, int_ops.LAYERNORM_INT8, (xq, g, bt, *p[2:], "cpu"), out_q)
+    _replace(gm, node, int_ops.LAYERNORM_INT8, (xq, g, bt, *p[2:]), out_q)
     return None
 
 
@@ -262,9 +278,9 @@ def _residual_linear(x) -> tuple[Node, Node] | None:
         return None
     for a, r in (x.args, x.args[::-1]):
         if (isinstance(a, Node) and isinstance(r, Node) and a.target is ops.DEQUANTIZE
-                and a.args[0].target is ops.LINEAR_INT8 and len(a.users) == 1
-                and len(a.args[0].users) == 1 and _same_shape(a, r)):
-            return a.args[0], r
+                and registry.arg(a, "q").target is ops.LINEAR_INT8 and len(a.users) == 1
+                and len(registry.arg(a, "q").users) == 1 and _same_shape(a, r)):
+            return registry.arg(a, "q"), r
     return None
 
 
@@ -274,7 +290,7 @@ def _channel_multipliers(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     pairs = []
     for v in m.tolist():
         try:
-            pairs.append(int_ops.fit_multiplier(v, 1 << 31))
+            pairs.append(ibert.fit_multiplier(v, 1 << 31))
         except MultiplierRangeError:
             pairs.append((0, 1))
     return (torch.tensor([q for q, _ in pairs], dtype=torch.int64),
@@ -286,37 +302,39 @@ def _rewrite_residual_layernorm(gm, ctx, node, lin, r, weight, bias, eps, out_q)
     sum is formed from the GEMM's int32 accumulator and r at a scale 2**-e finer than the
     sum's calibrated int8 scale (e as large as int64 allows, <= 8), clamped at 4x that
     range, as I-BERT's int32 residual; only the LayerNorm's output is int8."""
-    mult = get_constant(gm, lin.args[4])  # float64 s_x s_w[c] / s_out (before compute-dyadic)
+    pending = ann.get(lin, ann.PendingRequant)  # s_x s_w[c] / s_out, before compute-dyadic
     found = _int8_input(gm, ctx, r)
-    if mult is None or mult.dtype != torch.float64 or found is None:
+    if pending is None or found is None:
         return "residual or linear multiplier not known"
+    (mult,) = pending.multipliers
     rq, s_r, zp_r = found
-    s_lin = lin.meta["qc_out_qparams"][0]
-    site = ctx.analysis.get("calib", {}).get(node.args[0].meta.get("qc_add_site"))
+    s_lin = ann.get(lin, ann.QParams).scale
+    site = ctx.analysis.get("calib", {}).get(ann.site(node.args[0], "add"))
     s_ref = site.scale if site is not None and site.scale else s_lin + s_r
-    qmin, qmax = out_q.args[3], out_q.args[4]
+    qmin, qmax = _bounds(out_q)
+    out = _qparams(out_q)
     for e in range(8, -1, -1):
         bound, s_h = 1 << (9 + e), s_ref / 2**e
         try:
-            p = int_ops.layernorm_params(s_h, 0, mult.numel(), weight, bias, eps, out_q.args[1],
-                                         out_q.args[2], qmin, qmax, in_range=(-bound, bound))
-            r_q, r_shift = int_ops.fit_multiplier(s_r / s_h, 255)
+            p = ibert.layernorm_params(s_h, 0, mult.numel(), weight, bias, eps, out.scale,
+                                       out.zero_point, qmin, qmax, in_range=(-bound, bound))
+            r_q, r_shift = ibert.fit_multiplier(s_r / s_h, 255)
             break
         except (ValueError, MultiplierRangeError) as exc:
             why = str(exc)
     else:
         return why
     acc_q, acc_shift = _channel_multipliers(mult * s_lin / s_h)
-    layer = lin.args[10]
-    name = layer.replace(".", "_")
+    layer = ann.get(lin, ann.Layer)
+    name = layer.name.replace(".", "_")
     consts = [add_constant(gm, f"{name}_{k}", v, before=node) for k, v in (
         ("acc_q", acc_q), ("acc_shift", acc_shift), ("ln_gamma", p.gamma), ("ln_beta", p.beta))]
-    args = (*lin.args[:4], consts[0], consts[1], rq, zp_r, r_q, r_shift, bound, consts[2],
-            consts[3], *p[3:], "cpu", layer)
-    _replace(gm, node, int_ops.LINEAR_RESIDUAL_LAYERNORM_INT8, args, out_q)
-    rec = ctx.layer(layer, "linear")
-    rec.kernel = "linear_residual_layernorm_int8"
-    rec.transforms.append("int-residual-layernorm")
+    gemm = [registry.arg(lin, k) for k in ("x", "w", "bias", "zp_term")]
+    args = (*gemm, consts[0], consts[1], rq, zp_r, r_q, r_shift, bound, consts[2], consts[3],
+            *p[3:])
+    fused = _replace(gm, node, int_ops.LINEAR_RESIDUAL_LAYERNORM_INT8, args, out_q)
+    ann.put(fused, layer)  # lower records its kernel in the layer's report entry
+    ctx.layer(layer.name, "linear").transforms.append("int-residual-layernorm")
     return None
 
 
@@ -331,7 +349,7 @@ def integer_nonlinear(gm: GraphModule, ctx: PassContext) -> PassResult:
             continue
         if node.target is ops.ATTENTION_INT8:
             node.target = int_ops.ATTENTION_INT8_ISOFTMAX
-            ctx.layer(node.meta.get("qc_layer", node.name), "attention").transforms.append(
+            ctx.layer(ann.get(node, ann.Layer).name, "attention").transforms.append(
                 "int-softmax")
             counters["softmax"] += 1
             continue
@@ -351,7 +369,7 @@ def integer_nonlinear(gm: GraphModule, ctx: PassContext) -> PassResult:
             counters["float"] += 1
             ctx.note(f"integer-nonlinear: {kind} {node.name} stays in float: {why}")
     for node in list(gm.graph.nodes):
-        if node.meta.get("qc_int_nonlinear_input") and not node.users:
+        if node.target is ops.QUANTIZE and not node.users:  # inputs of rewrites given up
             gm.graph.erase_node(node)
     modified = counters["gelu"] + counters["layernorm"] + counters["softmax"] > 0
     if modified:

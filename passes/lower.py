@@ -1,99 +1,87 @@
-"""lower: every quantized op is bound to an implementation.
+"""lower: every quantized op is bound to an implementation, from the op registry.
 
-What: sets each qcompile op's `impl` argument: "triton" (generated Triton kernels) on
-CUDA, "cpu" (torch._int_mm and integer epilogues) on CPU, or what options["kernels"]
-asks for ("triton" on CPU runs the kernels in the Triton interpreter; "reference" is the
-exact int64 simulation). Generated GEMMs get an origin naming the graph node they
-serve; with debug_dir set, their Triton source is written to <debug_dir>/<graph>/kernels/.
-On the CPU path the int8 weights are laid out K-major once, the
-layout torch._int_mm is fastest with. The report records the kernel per layer.
-Pre: rewrite-linear (and compute-dyadic for integer recipes). Post: no op is left with
-an unchosen implementation.
+What: for each call of a registered op (lowering/registry.py), chooses the implementation
+`options["kernels"]` asks for on the device the call's tensors live on ("auto": Triton
+kernels on CUDA, the CPU integer path on CPU; "triton" on CPU runs the kernels in the
+Triton interpreter; "reference" is the exact simulation), runs that implementation's
+`prepare` hook on the call's constant arguments once (weight layouts, int4 unpacking:
+fresh constants, the originals stay for other readers), and binds the call by keyword
+(`impl=`, and `origin=` naming the graph node, which generated kernels put in their
+header). With debug_dir set, the Triton source of every generated GEMM is written to
+<debug_dir>/<graph>/kernels/. The report records the kernel per layer.
+Pre: rewrite-linear (and compute-dyadic for integer recipes). Post: no op is unbound
+(stage rule below).
 """
 
 from __future__ import annotations
 
 import os
 
-from torch.fx import GraphModule
+from torch.fx import GraphModule, Node
 
-from qcompile.fx_utils import get_constant, replace_constant
-from qcompile.lowering import int_ops, ops
+from qcompile import annotations as ann
+from qcompile.fx_utils import add_constant, get_constant
+from qcompile.lowering import registry
+from qcompile.lowering.registry import QuantizedOp
 from qcompile.pass_manager import PassContext, PassResult, graph_pass
-
-# op -> position of its `impl` argument
-IMPL_ARG = {ops.QUANTIZE: 5, ops.LINEAR_INT8: 9, ops.LINEAR_W4A8: 9, ops.LINEAR_DYNAMIC: 4,
-            ops.LINEAR_W4A16: 6, ops.ATTENTION_INT8: 10, ops.LINEAR_INT8_DQ: 7,
-            **int_ops.IMPL_ARG}  # gelu_int8, layernorm_int8, attention_int8_isoftmax
+from qcompile.verify import register_rule
 
 
-# op -> position of its `origin` argument (generated GEMMs name the node they serve)
-ORIGIN_ARG = {ops.LINEAR_INT8: 10, ops.LINEAR_W4A8: 10, ops.LINEAR_DYNAMIC: 5,
-              ops.LINEAR_INT8_DQ: 8}
+def _device(node: Node) -> str:
+    for a in node.all_input_nodes:
+        val = a.meta.get("val")
+        if hasattr(val, "device"):
+            return val.device.type
+    return "cpu"
 
 
-def _dump_kernel(gm: GraphModule, ctx: PassContext, node) -> None:
+def _prepare(gm: GraphModule, node: Node, op: QuantizedOp, impl: registry.Impl) -> None:
+    consts = {name: get_constant(gm, registry.arg(node, name)) for name in op.params}
+    consts = {k: v for k, v in consts.items() if v is not None}
+    for name, value in impl.prepare(consts).items():
+        if value is consts[name]:
+            continue
+        base = f"{registry.arg(node, name).target}_{impl.name}"
+        registry.set_arg(node, name, add_constant(gm, base, value, before=node))
+
+
+def _dump_kernel(gm: GraphModule, ctx: PassContext, node: Node, op: QuantizedOp,
+                 origin: str) -> None:
     """Write the generated Triton source this node runs (or would run, on CUDA)."""
     from qcompile.lowering.codegen import generated_source
     from qcompile.pass_manager import graph_dump_dir
 
-    if node.target is ops.LINEAR_DYNAMIC:
-        epilogue = ops.dynamic_epilogue(node.args[3] is not None)
-    elif node.target is ops.LINEAR_INT8_DQ:
-        epilogue = ops.dequant_epilogue(node.args[2] is not None, node.args[3] is not None)
-    else:
-        q = get_constant(gm, node.args[4])
-        epilogue = ops.requant_epilogue(node.args[2] is not None, node.args[3] is not None,
-                                        q is not None and q.numel() > 1)
+    epilogue = op.epilogue(registry.args_of(gm, node))
     folder = os.path.join(graph_dump_dir(ctx), "kernels")
     os.makedirs(folder, exist_ok=True)
     name = f"{node.name}_{epilogue.signature().replace('+', '_').replace('.', '_')}.py"
     with open(os.path.join(folder, name), "w") as f:
-        f.write(generated_source(epilogue, origin=node.args[ORIGIN_ARG[node.target]]))
-
-
-def choose_impl(ctx: PassContext, device) -> str:
-    wanted = ctx.options.kernels
-    if wanted != "auto":
-        return wanted
-    return "triton" if getattr(device, "type", "cpu") == "cuda" else "cpu"
+        f.write(generated_source(epilogue, origin=origin))
 
 
 @graph_pass("lower", requires=("rewrite-linear",))
 def lower(gm: GraphModule, ctx: PassContext) -> PassResult:
     counters: dict[str, int] = {}
-    for node in gm.graph.nodes:
-        pos = IMPL_ARG.get(node.target)
-        if pos is None:
+    for node in list(gm.graph.nodes):
+        op = registry.op_of(node) if node.op == "call_function" else None
+        if op is None:
             continue
-        first = node.args[0]
-        device = first.meta["val"].device if hasattr(first, "meta") else None
-        impl = choose_impl(ctx, device)
-        args = list(node.args)
-        args[pos] = impl
-        node.args = tuple(args)
-        if impl == "cpu" and node.target is ops.LINEAR_W4A8:
-            # torch._int_mm has no int4 path: on CPU the int4 values run through the int8
-            # GEMM (same arguments, same integers); packing two per byte pays on GPUs
-            from qcompile.numerics.specs import unpack_int4
-
-            replace_constant(gm, node.args[1], unpack_int4(get_constant(gm, node.args[1])))
-            node.target = ops.LINEAR_INT8
-        if impl == "cpu" and node.target in (ops.LINEAR_INT8, ops.LINEAR_DYNAMIC,
-                                             ops.LINEAR_INT8_DQ):
-            from qcompile.lowering.cpu import prepare_weight
-
-            w = get_constant(gm, node.args[1])
-            if w.is_contiguous():  # K-major, once: [N, K] view of a contiguous [K, N]
-                replace_constant(gm, node.args[1], prepare_weight(w))
-        layer = node.meta.get("qc_layer")
-        if node.target in ORIGIN_ARG:  # kernels name the graph node they serve
-            args[ORIGIN_ARG[node.target]] = f"{ctx.name}:{node.name} ({layer})"
-            node.args = tuple(args)
-            if ctx.options.debug_dir:
-                _dump_kernel(gm, ctx, node)
-        key = f"{node.target._opname}:{impl}"
+        impl = registry.choose(op, ctx.options.kernels, _device(node))
+        if impl.prepare is not None:
+            _prepare(gm, node, op, impl)
+        layer = getattr(ann.get(node, ann.Layer), "name", None)
+        origin = f"{ctx.name}:{node.name}" + (f" ({layer})" if layer else "")
+        registry.bind(node, impl, origin)
+        if op.epilogue is not None and ctx.options.debug_dir:
+            _dump_kernel(gm, ctx, node, op, origin)
+        key = f"{op.name}:{impl.name}"
         counters[key] = counters.get(key, 0) + 1
         if layer and layer in ctx.layers:
             ctx.layers[layer].kernel = key
     return PassResult(gm, modified=bool(counters), counters=counters)
+
+
+@register_rule("lower", "every qcompile op is bound to one of its implementations")
+def _bound(gm: GraphModule, node: Node) -> bool:
+    op = registry.op_of(node) if node.op == "call_function" else None
+    return op is None or registry.bound_impl(node) in op.impls

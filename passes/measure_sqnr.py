@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.fx import GraphModule, Interpreter
 
+from qcompile import annotations as ann
 from qcompile.fx_utils import is_call
 from qcompile.pass_manager import PassContext, PassResult, graph_pass
 from qcompile.sites import linear_name
@@ -34,12 +35,21 @@ class _Record(Interpreter):
         layer = self.key(n)
         if layer is None or not isinstance(out, torch.Tensor):
             return out
+        qp = ann.get(n, ann.QParams)
         if out.is_floating_point():
             self.seen[layer] = out.detach()
-        elif "qc_out_qparams" in n.meta:  # an int8 output that flows on as integers
-            scale, zp = n.meta["qc_out_qparams"]
-            self.seen.setdefault(layer, (out.float() - zp) * scale)
+        elif qp is not None:  # an int8 output that flows on as integers
+            self.seen.setdefault(layer, (out.float() - qp.zero_point) * qp.scale)
         return out
+
+
+def _layer_of(n) -> str | None:
+    """The layer whose output n stands for (or, an int8 output, carries)."""
+    for kind in (ann.LayerOutput, ann.Layer):
+        found = ann.get(n, kind)
+        if found is not None:
+            return found.name
+    return None
 
 
 def sqnr_db(ref: torch.Tensor, test: torch.Tensor) -> float:
@@ -59,10 +69,10 @@ def measure_sqnr(gm: GraphModule, ctx: PassContext) -> PassResult:
         ctx.note("no float graph or sample inputs: per-layer SQNR not measured")
         return PassResult(gm, False, {})
     with torch.no_grad():
-        ref = _Record(float_gm, lambda n: n.meta.get("qc_layer") if n.op == "call_function"
-                      and n.meta.get("qc_quantize") else None)
+        ref = _Record(float_gm, lambda n: getattr(ann.selected(n), "name", None)
+                      if n.op == "call_function" else None)
         ref.run(*inputs)
-        test = _Record(gm, lambda n: n.meta.get("qc_layer_out") or n.meta.get("qc_layer"))
+        test = _Record(gm, _layer_of)
         test.run(*inputs)
     measured = 0
     for layer, y in ref.seen.items():

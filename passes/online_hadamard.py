@@ -1,7 +1,7 @@
 """online-hadamard: Hadamard transforms computed at run time where no offline fold is valid.
 
-What: inserts `torch.ops.qcompile.hadamard_transform(x)` (y = x @ H_n^T / sqrt(n) over
-the last dim, in float) and folds the inverse into the consumer offline:
+What: inserts `torch.ops.qcompile.hadamard_transform(x)` (lowering/ops.py: y = x @ H_n^T /
+sqrt(n) over the last dim, in float) and folds the inverse into the consumer offline:
 - before every MLP down projection: x -> had(x), W_down <- W_down H^T / sqrt(n);
 - on q and k of every attention, at the sdpa inputs (after RoPE and the KV cache):
   had(q) had(k)^T = q k^T, so the scores are unchanged;
@@ -22,7 +22,6 @@ ones too).
 
 from __future__ import annotations
 
-import functools
 import math
 from collections import Counter
 
@@ -32,6 +31,7 @@ from torch.fx import GraphModule, Node
 
 from qcompile.fx_utils import is_call
 from qcompile.hadamard import hadamard_matrix, is_hadamard_size
+from qcompile.lowering.ops import HADAMARD
 from qcompile.pass_manager import PassContext, PassResult, graph_pass
 from qcompile.passes.analyze_structure import current
 from qcompile.structure import (
@@ -42,44 +42,6 @@ from qcompile.structure import (
     linear_params,
     set_linear,
 )
-
-_LOW_PRECISION = (torch.float16, torch.bfloat16, torch.float32)
-
-
-@torch.library.custom_op("qcompile::hadamard_transform", mutates_args=(),
-                         schema="(Tensor x) -> Tensor")
-def hadamard_transform(x: torch.Tensor) -> torch.Tensor:
-    """y = x @ H_n^T / sqrt(n) over the last dim (n = x.shape[-1], a Hadamard size)."""
-    n = x.shape[-1]
-    if x.dtype in _LOW_PRECISION and x.is_cuda:
-        # the fast transform on GPUs: the Triton FWHT
-        from qcompile.lowering.kernels.hadamard import hadamard_transform as fwht
-
-        return fwht(x).contiguous()
-    if x.dtype in _LOW_PRECISION:
-        # on CPU one BLAS matmul with the cached float32 H / sqrt(n) beats the FWHT's
-        # ~2 log2(n) + m small torch ops by far (it was 84% of a w4a8 LLaMA forward); a
-        # float op, so its rounding may differ from the GPU kernel's (integers downstream
-        # are then compared per implementation, not across)
-        y = x.reshape(-1, n).to(torch.float32) @ _dense_t(n, str(x.device))
-        return y.reshape(x.shape).to(x.dtype)
-    h = hadamard_matrix(n, torch.float64).to(x.device)
-    return ((x.to(torch.float64) @ h.T) / math.sqrt(n)).to(x.dtype)
-
-
-@hadamard_transform.register_fake
-def _(x: torch.Tensor) -> torch.Tensor:
-    return x.new_empty(x.shape)  # contiguous, as every implementation returns (Inductor checks)
-
-
-@functools.lru_cache(maxsize=16)
-def _dense_t(n: int, device: str) -> torch.Tensor:
-    """(H_n / sqrt(n))^T in float32 on `device`, built once per size."""
-    return (hadamard_matrix(n, torch.float64) / math.sqrt(n)).T.contiguous().to(
-        device=device, dtype=torch.float32)
-
-
-HADAMARD = torch.ops.qcompile.hadamard_transform.default
 
 
 def normalized_hadamard(n: int) -> torch.Tensor:

@@ -6,7 +6,7 @@ activations (w4a8, w4a4): symmetric per output channel, so the accumulator has o
 per channel and dyadic requantization applies. 4-bit weight-only (w4a16): group-wise,
 group 128 (one group per row when K is not a multiple of 128; the report says so).
 Pre: select-layers (and calibrate-qparams when GPTQ is on).
-Post: node.meta["qc_qweight"] is a numerics.weights.QuantizedWeight on each selected linear.
+Post: each selected linear's Layer annotation holds its numerics.weights.QuantizedWeight.
 The graph itself is unchanged; the rewrite passes use the quantized weights.
 """
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch.fx import GraphModule
 
+from qcompile import annotations as ann
 from qcompile.fx_utils import get_constant, is_call
 from qcompile.numerics.specs import QuantSpec
 from qcompile.numerics.weights import gptq_quantize, quantize_weight_rtn
@@ -39,14 +40,15 @@ def quantize_weights(gm: GraphModule, ctx: PassContext) -> PassResult:
     calib = ctx.analysis.get("calib", {})
     use_gptq = ctx.options.transform_on("gptq")
     for node in gm.graph.nodes:
-        if not (is_call(node, F.linear) and node.meta.get("qc_quantize")):
+        selected = ann.selected(node) if is_call(node, F.linear) else None
+        if selected is None:
             continue
         w = get_constant(gm, node.args[1]).detach().float()
         spec, note = weight_spec_for(ctx, w.shape[1])
-        layer = ctx.layer(node.meta["qc_layer"], "linear")
+        layer = ctx.layer(selected.name, "linear")
         if note:
             layer.detail["weight_groups"] = note
-        site = calib.get(node.args[0].meta.get("qc_in_site"))  # q/k/v share one site
+        site = calib.get(ann.site(node.args[0], "input"))  # q/k/v share one site
         hessian = site.hessian if site is not None else None
         if use_gptq and hessian is not None:
             qw = gptq_quantize(w, hessian.to(w.device), spec)
@@ -57,5 +59,5 @@ def quantize_weights(gm: GraphModule, ctx: PassContext) -> PassResult:
                 layer.detail["gptq"] = "no Hessian was gathered: round-to-nearest"
             qw = quantize_weight_rtn(w, spec)
             counters["rtn"] += 1
-        node.meta["qc_qweight"] = qw
+        selected.qweight = qw
     return PassResult(gm, modified=False, counters=counters)

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.fx import GraphModule
 
+from qcompile import annotations as ann
 from qcompile.fx_utils import add_constant, is_call, tensor_val
 from qcompile.lowering import ops
 from qcompile.pass_manager import PassContext, PassResult, graph_pass
@@ -82,8 +83,8 @@ def rewrite_attention(gm: GraphModule, ctx: PassContext) -> PassResult:
             parts = []
             for t, s in zip((q, k, v), scales):
                 with gm.graph.inserting_before(node):
-                    tq = gm.graph.call_function(ops.QUANTIZE, (t, s, 0, -qmax - 1, qmax, "cpu"))
-                tq.meta["qc_qparams"] = (s, 0)
+                    tq = gm.graph.call_function(ops.QUANTIZE, (t, s, 0, -qmax - 1, qmax))
+                ann.put(tq, ann.QParams(s, 0))
                 parts.append((tq, add_constant(gm, f"{site}_scale", torch.tensor(s), before=node)))
             counters["static"] += 1
         (qq, qs), (kq, ks), (vq, vs) = parts
@@ -91,8 +92,9 @@ def rewrite_attention(gm: GraphModule, ctx: PassContext) -> PassResult:
             new = gm.graph.call_function(
                 ops.ATTENTION_INT8,
                 (qq, kq, vq, qs, ks, vs, kw["attn_mask"], kw["is_causal"], kw["scale"],
-                 out_dtype, "cpu"))
-        new.meta["qc_layer"] = new.meta["qc_layer_out"] = site
+                 out_dtype))
+        ann.put(new, ann.Layer(site))
+        ann.put(new, ann.LayerOutput(site))
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
         rec.quantized, rec.kernel, rec.reason = True, "attention_int8", ""

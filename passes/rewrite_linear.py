@@ -3,17 +3,19 @@
   w8a8 (dynamic)      y = linear_dynamic(x, Wq, w_scale, b)              float in, float out
   w4a16               y = linear_w4a16(x, Wq4, scales, None, g, b)       float in, float out
   static recipes      xq = quantize(x, s_x, zp_x)        (one per activation, shared)
-                      yq = linear_int8(xq, Wq, b_i32, zp_x*colsum(Wq), M, -, zp_y)
+                      yq = linear_int8(xq, Wq, b_i32, zp_x*colsum(Wq), q, shift, zp_y)
                       y  = dequantize(yq, s_y, zp_y)
-                      with M[c] = s_x * s_w[c] / s_y as float64 until compute-dyadic
-                      turns it into an integer multiplier and shift; int4 weights use
-                      linear_w4a8 with the weight packed two per byte.
+                      with M[c] = s_x * s_w[c] / s_y kept (float64) in a PendingRequant
+                      annotation until compute-dyadic fills q and shift; int4 weights
+                      use linear_w4a8 with the weight packed two per byte.
 The int32 bias is round(b / (s_x * s_w[c])); the accumulator range check (|acc| + |bias|
 + |zp term| < 2**31 for every possible int8 input) runs here, at compile time.
 The quantize/dequantize pairs this leaves between integer ops are removed by
 integer-dataflow.
 Pre: quantize-weights (and calibrate-qparams for static recipes).
-Post: no selected F.linear remains; each quantized op node has meta["qc_layer"].
+Post: no selected F.linear remains; each quantized op node carries the linear's Layer
+annotation, int8 outputs their QParams, and the node standing for the layer's output a
+LayerOutput.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
+from qcompile import annotations as ann
 from qcompile.fx_utils import add_constant, erase_unused, get_constant, is_call, tensor_val
 from qcompile.lowering import ops
 from qcompile.lowering.reference import AccumulatorRangeError, check_accumulator_range
@@ -35,30 +38,30 @@ def _const(gm, node, base, value):
     return add_constant(gm, f"{base}", value, before=node)
 
 
-def _tag(new: Node, layer: str) -> Node:
-    new.meta["qc_layer"] = layer
+def _tag(new: Node, layer: ann.Layer) -> Node:
+    ann.put(new, layer)
     return new
 
 
 def _rewrite_dynamic(gm, ctx, node, qw, layer):
     x, _, b = node.args
-    name = layer.replace(".", "_")
+    name = layer.name.replace(".", "_")
     w = _const(gm, node, f"{name}_wq", qw.qweight.contiguous())
     ws = _const(gm, node, f"{name}_wscale", qw.scale.float().reshape(-1))
     bias = b if b is not None else None
     with gm.graph.inserting_before(node):
-        new = gm.graph.call_function(ops.LINEAR_DYNAMIC, (x, w, ws, bias, "cpu", layer))
+        new = gm.graph.call_function(ops.LINEAR_DYNAMIC, (x, w, ws, bias))
     return _tag(new, layer), "linear_dynamic"
 
 
 def _rewrite_w4a16(gm, ctx, node, qw, layer):
     x, _, b = node.args
-    name = layer.replace(".", "_")
+    name = layer.name.replace(".", "_")
     w = _const(gm, node, f"{name}_wq4", pack_int4(qw.qweight))
     scales = _const(gm, node, f"{name}_wscale", qw.scale.float())
     g = qw.spec.group_size
     with gm.graph.inserting_before(node):
-        new = gm.graph.call_function(ops.LINEAR_W4A16, (x, w, scales, None, g, b, "cpu"))
+        new = gm.graph.call_function(ops.LINEAR_W4A16, (x, w, scales, None, g, b))
     return _tag(new, layer), "linear_w4a16"
 
 
@@ -66,15 +69,14 @@ def _quantized_input(gm, ctx, x: Node, cache: dict, before: Node):
     """One quantize node per activation, shared by every linear that reads it."""
     if x in cache:
         return cache[x]
-    site = ctx.analysis["calib"].get(x.meta.get("qc_in_site"))
+    site = ctx.analysis["calib"].get(ann.site(x, "input"))
     if site is None or site.scale is None:
         cache[x] = None
         return None
     qmin, qmax = ACT[ctx.options.recipe_obj.act.bits]
     with gm.graph.inserting_after(x):
-        xq = gm.graph.call_function(ops.QUANTIZE, (x, site.scale, site.zero_point, qmin, qmax,
-                                                   "cpu"))
-    xq.meta["qc_qparams"] = (site.scale, site.zero_point)
+        xq = gm.graph.call_function(ops.QUANTIZE, (x, site.scale, site.zero_point, qmin, qmax))
+    ann.put(xq, ann.QParams(site.scale, site.zero_point))
     cache[x] = xq
     return xq
 
@@ -82,11 +84,12 @@ def _quantized_input(gm, ctx, x: Node, cache: dict, before: Node):
 def _rewrite_static(gm, ctx, node, qw, layer, cache):
     x, _, b = node.args
     calib = ctx.analysis["calib"]
-    out = calib.get(f"out:{layer}")
+    out = calib.get(f"out:{layer.name}")
     xq = _quantized_input(gm, ctx, x, cache, node)
     if xq is None or out is None or out.scale is None:
         return None, "no calibration data reached this layer's input or output"
-    s_x, zp_x = xq.meta["qc_qparams"]
+    qp = ann.get(xq, ann.QParams)
+    s_x, zp_x = qp.scale, qp.zero_point
     s_w = qw.scale.double().reshape(-1)  # [N]
     wq = qw.qweight  # int8 [N, K] (int4 values for 4-bit)
     bias_i32 = None
@@ -96,7 +99,7 @@ def _rewrite_static(gm, ctx, node, qw, layer, cache):
     zp_term = (zp_x * wq.to(torch.int64).sum(dim=1)) if zp_x else None
     check_accumulator_range(wq.shape[1], wq, bias=bias_i32, zp_term=zp_term)
     mult = s_x * s_w / out.scale  # [N] float64: becomes (q, shift) in compute-dyadic
-    name = layer.replace(".", "_")
+    name = layer.name.replace(".", "_")
     if qw.spec.bits == 4:
         w_node, op = _const(gm, node, f"{name}_wq4", pack_int4(wq)), ops.LINEAR_W4A8
     else:
@@ -106,22 +109,23 @@ def _rewrite_static(gm, ctx, node, qw, layer, cache):
         b_node = _const(gm, node, f"{name}_bias_i32", bias_i32.to(torch.int32))
     if zp_term is not None:
         zp_node = _const(gm, node, f"{name}_zp_term", zp_term.to(torch.int32))
-    m_node = _const(gm, node, f"{name}_multiplier", mult)
+    # compute-dyadic writes the integer multiplier and shift into these
+    q_node = _const(gm, node, f"{name}_q", torch.zeros_like(mult, dtype=torch.int64))
     shift_node = _const(gm, node, f"{name}_shift", torch.zeros_like(mult, dtype=torch.int64))
     oqmin, oqmax = ACT[ctx.options.recipe_obj.act.bits]
     with gm.graph.inserting_before(node):
-        yq = gm.graph.call_function(op, (xq, w_node, b_node, zp_node, m_node, shift_node,
-                                         out.zero_point, oqmin, oqmax, "cpu", layer))
+        yq = gm.graph.call_function(op, (xq, w_node, b_node, zp_node, q_node, shift_node,
+                                         out.zero_point, oqmin, oqmax))
         y = gm.graph.call_function(ops.DEQUANTIZE, (yq, out.scale, out.zero_point,
                                                     tensor_val(node).dtype))
     _tag(yq, layer)
-    yq.meta["qc_out_qparams"] = (out.scale, out.zero_point)
+    ann.put(yq, ann.QParams(out.scale, out.zero_point))
+    ann.put(yq, ann.PendingRequant((mult,)))
     # what integer-dataflow needs if this output only feeds float islands
     bias_f = get_constant(gm, b).float() if b is not None else None
-    yq.meta["qc_float_epilogue"] = (s_x, qw.scale.float().reshape(-1), bias_f,
-                                    wq.contiguous() if qw.spec.bits == 4 else None)
-    y.meta["qc_layer_out"] = layer
-    return _tag(y, layer), op._opname
+    ann.put(yq, ann.FloatEpilogue(s_x, qw.scale.float().reshape(-1), bias_f,
+                                  wq.contiguous() if qw.spec.bits == 4 else None))
+    return y, op._opname  # the LayerOutput; yq carries the Layer
 
 
 @graph_pass("rewrite-linear", requires=("quantize-weights",))
@@ -130,11 +134,11 @@ def rewrite_linear(gm: GraphModule, ctx: PassContext) -> PassResult:
     counters: dict[str, int] = {}
     cache: dict = {}
     for node in list(gm.graph.nodes):
-        if not (is_call(node, F.linear) and node.meta.get("qc_quantize")):
+        layer = ann.selected(node) if is_call(node, F.linear) else None
+        if layer is None:
             continue
-        layer = node.meta["qc_layer"]
-        rec = ctx.layer(layer, "linear")
-        qw = node.meta["qc_qweight"]
+        rec = ctx.layer(layer.name, "linear")
+        qw = layer.qweight
         try:
             if recipe.act is None:
                 new, kind = _rewrite_w4a16(gm, ctx, node, qw, layer)
@@ -147,7 +151,7 @@ def rewrite_linear(gm: GraphModule, ctx: PassContext) -> PassResult:
         if new is None:
             rec.reason = kind
             continue
-        new.meta["qc_layer_out"] = layer
+        ann.put(new, ann.LayerOutput(layer.name))
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
         rec.quantized, rec.kernel = True, kind

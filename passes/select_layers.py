@@ -1,12 +1,13 @@
 """select-layers: decide which linears the recipe quantizes, and say why not for the rest.
 
-What: marks every canonical linear with `meta["qc_quantize"] = True`, or records in the
-report why it stays in float: the layer matches an option `skip` pattern; its K is too
-large for exact int32 accumulation (K > 131071, DESIGN's range rule); int4 weights need
-an even K. Records the layer in the report either way.
+What: annotates every canonical linear with a `Layer` (annotations.py): its name and
+whether it is quantized; records in the report why it stays in float when not: the layer
+matches an option `skip` pattern; its K is too large for exact int32 accumulation
+(K > 131071, DESIGN's range rule); int4 weights need an even K. Records the layer in the
+report either way.
 Why a pass of its own: observers, weight quantization and the rewrites all ask the same
 question and must agree.
-Pre: canonicalize-linear. Post: every F.linear has `qc_quantize` in its meta.
+Pre: canonicalize-linear. Post: every F.linear has a Layer annotation.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import fnmatch
 
 from torch.fx import GraphModule
 
+from qcompile import annotations as ann
 from qcompile.lowering.reference import MAX_SAFE_K
 from qcompile.pass_manager import PassContext, PassResult, graph_pass
 from qcompile.sites import is_linear, linear_name
@@ -45,8 +47,7 @@ def select_layers(gm: GraphModule, ctx: PassContext) -> PassResult:
         k = node.args[1].meta["val"].shape[1]
         reason = layer_reason(name, k, ctx)
         rec = ctx.layer(name, "linear")
-        node.meta["qc_quantize"] = reason is None
-        node.meta["qc_layer"] = name
+        ann.put(node, ann.Layer(name, quantize=reason is None))
         if reason is None:
             counters["quantize"] += 1
         else:

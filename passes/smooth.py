@@ -24,8 +24,9 @@ Runs in the finalize phase, after calibration. Note: per-tensor activation scale
 computed from the un-smoothed ranges are stale afterwards (the per-channel ranges / s
 give the new ones).
 Pre: analyze-structure. Post: same function; smoothed linears record "smooth(...)"; every
-node whose values were divided by s carries meta["qc_smooth_div"] = s, and the explicit
-multiply inherits x's quantization site (smooth-qparams rescales those sites).
+node whose values were divided by s carries a `Smoothed(s)` annotation, and the explicit
+multiply inherits x's quantization sites (smooth-qparams rescales those sites). A group
+whose input already carries Smoothed is not smoothed again.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
+from qcompile import annotations as ann
 from qcompile.fx_utils import add_constant, is_call
 from qcompile.pass_manager import PassContext, PassResult, graph_pass
 from qcompile.structure import (
@@ -113,7 +115,7 @@ def _fold_producer(ed: WeightEditor, x: Node, linears: list[Node], s: torch.Tens
     k = s.shape[0]
     if not _exclusive(p, linears) or last_size(p) != k:
         return None
-    x.meta["qc_smooth_div"] = s  # x's values are now x / s (smooth-qparams rescales)
+    ann.put(x, ann.Smoothed(s))  # x's values are now x / s (smooth-qparams rescales)
     if is_call(p, *NORMS) and p.args[1] is not None and list(p.args[1]) == [k]:
         like = torch.empty(0, dtype=tval(p).dtype, device=tval(p).device)
         gamma = ed.get64(p, 2)
@@ -125,7 +127,7 @@ def _fold_producer(ed: WeightEditor, x: Node, linears: list[Node], s: torch.Tens
     if is_call(p, F.linear):
         w, b = linear_params(ed, p)
         set_linear(ed, p, weight=w / s[:, None], bias=None if b is None else b / s)
-        p.meta["qc_smooth_div"] = s
+        ann.put(p, ann.Smoothed(s))
         return "linear"
     if is_call(p, operator.mul, torch.mul) and all(isinstance(a, Node) for a in p.args):
         for factor in p.args:
@@ -134,9 +136,9 @@ def _fold_producer(ed: WeightEditor, x: Node, linears: list[Node], s: torch.Tens
                     u is p for u, _ in layout_consumers(f)) and tval(factor).shape == tval(p).shape:
                 w, b = linear_params(ed, f)
                 set_linear(ed, f, weight=w / s[:, None], bias=None if b is None else b / s)
-                f.meta["qc_smooth_div"] = s
+                ann.put(f, ann.Smoothed(s))
                 return "gated linear"
-    del x.meta["qc_smooth_div"]  # nothing absorbed 1/s: x keeps its values
+    ann.take(x, ann.Smoothed)  # nothing absorbed 1/s: x keeps its values
     return None
 
 
@@ -145,10 +147,9 @@ def _explicit(gm: GraphModule, x: Node, linears: list[Node], s: torch.Tensor) ->
                        before=linears[0])
     with gm.graph.inserting_before(linears[0]):
         scaled = gm.graph.call_function(operator.mul, (x, inv))
-    scaled.meta["qc_smooth"] = True
-    scaled.meta["qc_smooth_div"] = s
-    if "qc_in_site" in x.meta:  # the linears now read x / s: same site, rescaled
-        scaled.meta["qc_in_site"] = x.meta["qc_in_site"]
+    ann.put(scaled, ann.Smoothed(s, explicit=True))
+    if ann.site(x, "input") is not None:  # the linears now read x / s: same site, rescaled
+        ann.put(scaled, ann.Sites(input=ann.site(x, "input")))
     for lin in linears:
         lin.replace_input_with(x, scaled)
 
@@ -168,7 +169,7 @@ def smooth(gm: GraphModule, ctx: PassContext) -> PassResult:
             groups.setdefault(node.args[0], []).append(node)
     for x, linears in groups.items():
         names = "/".join(layer_name(lin) for lin in linears)
-        if any(lin.meta.get("qc_smoothed") or x.meta.get("qc_smooth") for lin in linears):
+        if ann.get(x, ann.Smoothed) is not None:  # smoothed before
             continue
         found = [a for a in (activation_absmax(ctx, lin) for lin in linears) if a is not None]
         k = last_size(x)
@@ -191,7 +192,6 @@ def smooth(gm: GraphModule, ctx: PassContext) -> PassResult:
                          "quantizer")
         for lin, w in zip(linears, weights, strict=True):
             set_linear(ed, lin, weight=w * s[None, :])
-            lin.meta["qc_smoothed"] = True
             ctx.layer(layer_name(lin), "linear").transforms.append(
                 f"smooth(alpha={alpha:g}, into={how})")
             counters["linears"] += 1

@@ -25,8 +25,8 @@ from torch.fx import GraphModule
 
 from qcompile.config import Options
 from qcompile.fx_utils import copy_graph_module, graph_fake_mode, seed_meta_from_dynamo
-from qcompile.pass_manager import PassContext, PassManager, pass_name
-from qcompile.pipeline import compile_phase, finalize_phase
+from qcompile.pass_manager import PassContext, PassManager
+from qcompile.pipeline import Step, passes, steps
 from qcompile.sites import attention_site
 from qcompile.state import ModelState, state_for_tensors
 
@@ -53,14 +53,13 @@ class GraphVariant:
         gm = copy_graph_module(source_gm)
         for node in gm.graph.nodes:
             node.meta["qc_pass"] = "capture"
-        passes = _until(compile_phase(options), options.stop_after)
-        names = [pass_name(p) for p in passes]
-        cut = names.index("canonicalize-norm") + 1 if "canonicalize-norm" in names else 0
-        gm = PassManager(passes[:cut], ctx).run(gm)
-        # the canonical graph before any transform: the report compares activation ranges
-        ctx.analysis["canonical_gm"] = copy_graph_module(gm) if options.recipe_obj.quantizes \
-            else None
-        self.gm = PassManager(passes[cut:], ctx).run(gm)
+        compile_steps = _until(steps(options, "compile"), options.stop_after)
+        manager = PassManager([s.fn for s in compile_steps], ctx)
+        for step in compile_steps:
+            gm = manager.run_one(step.fn, gm)
+            if step.snapshot:  # a copy the finalize phase reads (pipeline.py says which)
+                ctx.analysis[step.snapshot] = copy_graph_module(gm)
+        self.gm = gm
         self.ctx = ctx
         frozen = ctx.frozen
         self.frozen = list(zip(frozen["indices"], frozen["tensors"]))
@@ -91,8 +90,9 @@ class GraphVariant:
             return
         self.ctx.analysis["float_gm"] = copy_graph_module(self.gm)  # for per-layer SQNR
         self.ctx.analysis["sample_inputs"] = self.sample
-        self.gm = PassManager(finalize_phase(self.options), self.ctx).run(self.gm)
-        for key in ("float_gm", "sample_inputs", "canonical_gm"):
+        self.gm = PassManager(passes(self.options, "finalize"), self.ctx).run(self.gm)
+        for key in ["float_gm", "sample_inputs"] + [s.snapshot for s in steps(self.options)
+                                                    if s.snapshot]:
             self.ctx.analysis.pop(key, None)
         self.finalized = True
         self._describe_float_layers()
@@ -238,11 +238,11 @@ _UNSUPPORTED = {"conv1d": "convolution", "conv2d": "convolution", "conv3d": "con
                 "baddbmm": "batched matmul", "einsum": "einsum"}
 
 
-def _until(passes: list, stop_after: str | None) -> list:
+def _until(compile_steps: list[Step], stop_after: str | None) -> list[Step]:
     if stop_after is None:
-        return passes
-    names = [pass_name(p) for p in passes]
+        return compile_steps
+    names = [s.name for s in compile_steps]
     if stop_after not in names:
         raise ValueError(f"stop_after={stop_after!r} is not a compile-phase pass; "
                          f"passes: {names}")
-    return passes[: names.index(stop_after) + 1]
+    return compile_steps[: names.index(stop_after) + 1]

@@ -19,7 +19,7 @@ from torch.fx import GraphModule
 from qcompile.config import Options
 from qcompile.fx_utils import copy_graph_module, graph_fake_mode, seed_meta_from_dynamo
 from qcompile.pass_manager import PassContext, PassManager, get_pass, pass_name
-from qcompile.pipeline import all_passes
+from qcompile.pipeline import passes as pipeline_passes
 
 
 class Captured:
@@ -38,11 +38,11 @@ class Captured:
 
     @property
     def pipeline(self) -> list[str]:
-        return [pass_name(p) for p in all_passes(self.options)]
+        return [pass_name(p) for p in pipeline_passes(self.options)]
 
     def run(self, *, until: str | None = None, start: str | None = None) -> GraphModule:
         """Run the pipeline's passes from `start` (default: the next one) to `until`."""
-        passes = all_passes(self.options)
+        passes = pipeline_passes(self.options)
         names = [pass_name(p) for p in passes]
         for bound in (until, start):
             if bound is not None and bound not in names:

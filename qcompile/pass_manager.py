@@ -17,6 +17,7 @@ prerequisite ran earlier (it never reorders), and around each pass it:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 import traceback
@@ -127,6 +128,7 @@ def get_pass(name: str) -> PassFn:
     return _REGISTRY[name]
 
 
+@functools.cache
 def _import_all_passes() -> None:
     """Passes register themselves on import; one module per pass in qcompile.passes."""
     import importlib

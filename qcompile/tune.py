@@ -11,22 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from qcompile.lowering import ops
+from qcompile import annotations as ann
+from qcompile.lowering import registry
 from qcompile.state import state_for_model
-
-_GEMMS = (ops.LINEAR_INT8, ops.LINEAR_INT8_DQ, ops.LINEAR_DYNAMIC)
-
-
-def _epilogue(gm, node):
-    from qcompile.fx_utils import get_constant
-
-    if node.target is ops.LINEAR_DYNAMIC:
-        return ops.dynamic_epilogue(node.args[3] is not None)
-    if node.target is ops.LINEAR_INT8_DQ:
-        return ops.dequant_epilogue(node.args[2] is not None, node.args[3] is not None)
-    q = get_constant(gm, node.args[4])
-    return ops.requant_epilogue(node.args[2] is not None, node.args[3] is not None,
-                                q is not None and q.numel() > 1)
 
 
 def _hint(size) -> int:
@@ -40,7 +27,8 @@ def gemm_shapes(model, rows: int | None = None) -> list[dict]:
         if not variant.finalized:
             continue
         for node in variant.gm.graph.nodes:
-            if node.target not in _GEMMS:
+            op = registry.op_of(node) if node.op == "call_function" else None
+            if op is None or op.epilogue is None:  # not a generated GEMM
                 continue
             x = node.args[0].meta["val"]
             m = rows if rows is not None else 1
@@ -48,16 +36,16 @@ def gemm_shapes(model, rows: int | None = None) -> list[dict]:
                 for d in x.shape[:-1]:
                     m *= _hint(d)
             k = _hint(x.shape[-1])
-            n = variant.gm.get_buffer(node.args[1].target).shape[0]
-            epilogue = _epilogue(variant.gm, node)
+            n = _hint(node.meta["val"].shape[-1])
+            epilogue = op.epilogue(registry.args_of(variant.gm, node))
+            layer = getattr(ann.get(node, ann.Layer), "name", None)
             key = (m, k, n, epilogue.signature())
             if key not in seen:
                 seen.add(key)
-                out.append({"m": m, "k": k, "n": n, "epilogue": epilogue,
-                            "layers": [node.meta.get("qc_layer")]})
+                out.append({"m": m, "k": k, "n": n, "epilogue": epilogue, "layers": [layer]})
             else:
                 next(e for e in out if (e["m"], e["k"], e["n"], e["epilogue"].signature())
-                     == key)["layers"].append(node.meta.get("qc_layer"))
+                     == key)["layers"].append(layer)
     return out
 
 

@@ -3,10 +3,10 @@
 What: gelu_int8 (elementwise), layernorm_int8 (one program per row, the row in
 registers), and attention_int8_isoftmax (per block of queries, three sweeps over the keys:
 row max of the integer logits, sum of i-exp, then the 16-bit probabilities times V).
-Each computes exactly what the torch path in int_ops.py computes, operation for
+Each computes exactly what qcompile/numerics/ibert.py computes, operation for
 operation, so the integers are identical (tests/lowering/test_int_ops.py checks it in the
 interpreter). All divisions have non-negative operands, where Triton's truncating
-integer division equals the floor division of the torch path.
+integer division equals the floor division of ibert.py.
 
 Why three sweeps for attention: I-BERT's softmax subtracts the row maximum before i-exp
 and normalises to fixed point before P V; an online (flash) softmax would rescale
@@ -22,7 +22,9 @@ import triton
 import triton.language as tl
 
 from qcompile.lowering.device import check_can_launch
-from qcompile.lowering.int_ops import (
+from qcompile.lowering.int_ops import isoftmax_constants
+from qcompile.lowering.kernels.hadamard import cast_rne
+from qcompile.numerics.ibert import (
     EXP_B,
     EXP_C,
     EXP_LN2,
@@ -33,9 +35,7 @@ from qcompile.lowering.int_ops import (
     GeluParams,
     LayerNormParams,
     integer_mask,
-    isoftmax_constants,
 )
-from qcompile.lowering.kernels.hadamard import cast_rne
 
 
 @triton.jit
@@ -55,7 +55,7 @@ def _gelu_int8_kernel(
     x_ptr, y_ptr,
     # shapes
     n,
-    # integer constants (int_ops.GeluParams)
+    # integer constants (ibert.GeluParams)
     in_zp, up, q_b, q_c, q_one, q, shift, out_zp, qmin, qmax,
     # meta-parameters
     BLOCK: tl.constexpr,
@@ -88,7 +88,7 @@ def gelu_int8_triton(x: torch.Tensor, p: GeluParams) -> torch.Tensor:
 
 @triton.jit
 def _isqrt(n, STEPS: tl.constexpr):
-    """floor(sqrt(n)), int64 0 <= n < 2**62 (int_ops.isqrt: the same steps)."""
+    """floor(sqrt(n)), int64 0 <= n < 2**62 (ibert.isqrt: the same steps)."""
     bits = tl.zeros_like(n)
     for step in tl.static_range(6):
         s = 32 >> step
@@ -106,7 +106,7 @@ def _layernorm_int8_kernel(
     x_ptr, y_ptr, gamma_ptr, beta_ptr,
     # shapes
     C,
-    # integer constants (int_ops.LayerNormParams)
+    # integer constants (ibert.LayerNormParams)
     in_zp, eps, f, frac, shift, out_zp, qmin, qmax,
     # meta-parameters
     BLOCK_C: tl.constexpr,
@@ -177,7 +177,7 @@ EXP_FLOOR_C = tl.constexpr(-EXP_MAX_SHIFT * EXP_LN2)
 
 @triton.jit
 def _i_exp(d):
-    """int_ops.i_exp: exp(d 2**-13) for int64 d <= 0."""
+    """ibert.i_exp: exp(d 2**-13) for int64 d <= 0."""
     d = tl.maximum(d, EXP_FLOOR_C)
     z = (-d) // EXP_LN2_C
     p = d + z * EXP_LN2_C

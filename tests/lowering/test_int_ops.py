@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from qcompile.lowering import int_ops as io
+from qcompile.numerics import ibert
 from qcompile.lowering.device import triton_target
 from qcompile.lowering.int_softmax import int_exp, int_gelu, int_softmax
 from qcompile.lowering.kernels.attention import quantized_attention_ref
@@ -45,8 +46,8 @@ def _requant_exact(values: list[int], q: int, shift: int, zp: int) -> list[int]:
 @given(st.lists(st.integers(min_value=0, max_value=2**62 - 1), min_size=1, max_size=64))
 def test_isqrt_is_floor_sqrt(values):
     n = torch.tensor(values + [0, 1, 2, 3, 4, 2**62 - 1, (2**31 - 1) ** 2], dtype=torch.int64)
-    assert io.isqrt(n).tolist() == [math.isqrt(v) for v in n.tolist()]
-    assert io.bit_length(n).tolist() == [v.bit_length() for v in n.tolist()]
+    assert ibert.isqrt(n).tolist() == [math.isqrt(v) for v in n.tolist()]
+    assert ibert.bit_length(n).tolist() == [v.bit_length() for v in n.tolist()]
 
 
 # ---------------------------------------------------------------- GELU
@@ -55,8 +56,8 @@ def test_isqrt_is_floor_sqrt(values):
 @settings(max_examples=40, deadline=None, derandomize=True)
 @given(s_in=scales, zp_in=zps, s_out=scales, zp_out=zps)
 def test_gelu_int8_exact_and_close_to_float(s_in, zp_in, s_out, zp_out):
-    p = io.gelu_params(s_in, zp_in, s_out, zp_out)
-    y = io.gelu_int8(INT8, *p, "cpu")
+    p = ibert.gelu_params(s_in, zp_in, s_out, zp_out)
+    y = io.gelu_int8(INT8, *p, impl="cpu")
     # (1) the same integers as int_softmax.int_gelu (I-BERT) + an exact rational requant
     g, s_g = int_gelu((INT8.long() - zp_in) << p.up, s_in / 2**p.up)
     assert y.tolist() == _requant_exact(g.tolist(), p.q, p.shift, zp_out)
@@ -72,25 +73,25 @@ def test_gelu_int8_exact_and_close_to_float(s_in, zp_in, s_out, zp_out):
 
 def test_gelu_int8_extreme_scales_fit_int64():
     for s_in, s_out in ((1.0, 1e-3), (1e-4, 1e-4), (0.5, 0.5), (2e-3, 0.1)):
-        p = io.gelu_params(s_in, 0, s_out, 0)
+        p = ibert.gelu_params(s_in, 0, s_out, 0)
         g, _ = int_gelu(INT8.long() << p.up, s_in / 2**p.up)
         assert int(g.abs().max()) * p.q < 2**62
         exact = _requant_exact(g.tolist(), p.q, p.shift, 0)
-        assert io.gelu_int8(INT8, *p, "reference").tolist() == exact
+        assert io.gelu_int8(INT8, *p, impl="reference").tolist() == exact
 
 
 def test_gelu_int8_impls_bit_identical():
-    p = io.gelu_params(0.05, 3, 0.02, -60)
+    p = ibert.gelu_params(0.05, 3, 0.02, -60)
     x = torch.randint(-128, 128, (3, 5, 333), dtype=torch.int8)
-    ref = io.gelu_int8(x, *p, "reference")
-    assert torch.equal(io.gelu_int8(x, *p, "cpu"), ref)
-    assert torch.equal(io.gelu_int8(x.to(DEV), *p, "triton").cpu(), ref)
+    ref = io.gelu_int8(x, *p, impl="reference")
+    assert torch.equal(io.gelu_int8(x, *p, impl="cpu"), ref)
+    assert torch.equal(io.gelu_int8(x.to(DEV), *p, impl="triton").cpu(), ref)
 
 
 # ---------------------------------------------------------------- LayerNorm
 
 
-def _layernorm_exact(row: list[int], p: io.LayerNormParams) -> list[int]:
+def _layernorm_exact(row: list[int], p: ibert.LayerNormParams) -> list[int]:
     """The op's algorithm in Python integers (no overflow possible)."""
     c = len(row)
     x = [v - p.in_zp for v in row]
@@ -114,8 +115,8 @@ def test_layernorm_int8_exact_and_close_to_float(c, s_in, zp_in, s_out, zp_out, 
     w, b = torch.randn(c, generator=g) * 0.5 + 1, torch.randn(c, generator=g) * 0.3
     x = (torch.randint(-spread, spread + 1, (3, c), generator=g) + zp_in).clamp(-128, 127)
     x = x.to(torch.int8)
-    p = io.layernorm_params(s_in, zp_in, c, w, b, 1e-5, s_out, zp_out)
-    y = io.layernorm_int8(x, *p, "cpu")
+    p = ibert.layernorm_params(s_in, zp_in, c, w, b, 1e-5, s_out, zp_out)
+    y = io.layernorm_int8(x, *p, impl="cpu")
     assert y.tolist() == [_layernorm_exact(r, p) for r in x.tolist()]
     # LayerNorm is computed to >= 17 fractional bits: at most one output step off the
     # float LayerNorm rounded to the output scale (a rounding tie away)
@@ -127,18 +128,18 @@ def test_layernorm_int8_exact_and_close_to_float(c, s_in, zp_in, s_out, zp_out, 
 def test_layernorm_int8_impls_bit_identical():
     c = 384
     w, b = torch.randn(c) * 0.2 + 1, torch.randn(c) * 0.1
-    p = io.layernorm_params(0.03, 5, c, w, b, 1e-12, 0.04, -3)
+    p = ibert.layernorm_params(0.03, 5, c, w, b, 1e-12, 0.04, -3)
     x = torch.randint(-128, 128, (2, 7, c), dtype=torch.int8)
     x[0, 0] = 5  # a constant row: zero variance, eps 0 -> all zeros, no division by 0
-    ref = io.layernorm_int8(x, *p, "reference")
-    assert torch.equal(io.layernorm_int8(x, *p, "cpu"), ref)
-    assert torch.equal(io.layernorm_int8(x.to(DEV), *p, "triton").cpu(), ref)
+    ref = io.layernorm_int8(x, *p, impl="reference")
+    assert torch.equal(io.layernorm_int8(x, *p, impl="cpu"), ref)
+    assert torch.equal(io.layernorm_int8(x.to(DEV), *p, impl="triton").cpu(), ref)
     assert (ref[0, 0].long() - (-3) - torch.round(b / 0.04).long()).abs().max() <= 1
 
 
 def test_layernorm_params_reject_what_cannot_fit():
     with pytest.raises(ValueError, match="overflow"):
-        io.layernorm_params(0.1, 0, 1 << 17, None, None, 1e-5, 0.1, 0)
+        ibert.layernorm_params(0.1, 0, 1 << 17, None, None, 1e-5, 0.1, 0)
 
 
 def _residual_problem(seed=0, n=64, k=48):
@@ -155,10 +156,10 @@ def _residual_problem(seed=0, n=64, k=48):
     gamma, beta = torch.randn(n, generator=g) * 0.3 + 1, torch.randn(n, generator=g) * 0.2
     e, s_ref = 7, 0.1  # the sum's calibrated scale, refined by 2**7
     s_h, bound = s_ref / 2**e, 1 << (9 + e)
-    p = io.layernorm_params(s_h, 0, n, gamma, beta, 1e-5, 0.03, 4, in_range=(-bound, bound))
-    pairs = [io.fit_multiplier(m, 1 << 31) for m in (s_x * s_w / s_h).tolist()]
+    p = ibert.layernorm_params(s_h, 0, n, gamma, beta, 1e-5, 0.03, 4, in_range=(-bound, bound))
+    pairs = [ibert.fit_multiplier(m, 1 << 31) for m in (s_x * s_w / s_h).tolist()]
     acc_q, acc_shift = (torch.tensor(v, dtype=torch.int64) for v in zip(*pairs))
-    r_q, r_shift = io.fit_multiplier(s_r / s_h, 255)
+    r_q, r_shift = ibert.fit_multiplier(s_r / s_h, 255)
     args = (x, w, bias, zp_term, acc_q, acc_shift, r, zp_r, r_q, r_shift, bound, p.gamma, p.beta,
             *p[3:])
     floats = dict(x=(x.double() - zp_x) * s_x, w=w.double() * s_w[:, None], b=bias * s_x * s_w,
@@ -169,7 +170,7 @@ def _residual_problem(seed=0, n=64, k=48):
 def test_linear_residual_layernorm_exact_and_close_to_float():
     args, p, fl = _residual_problem()
     x, w, bias, zp_term, acc_q, acc_shift, r, zp_r, r_q, r_shift, bound = args[:11]
-    y = io.linear_residual_layernorm_int8(*args, "reference", "test")
+    y = io.linear_residual_layernorm_int8(*args, impl="reference")
     # (1) Python integers: accumulator, the two rounded rescales, then the LayerNorm steps
     acc = (x.long().reshape(-1, x.shape[-1]) @ w.long().T) - zp_term.long() + bias.long()
     rows = []
@@ -188,10 +189,10 @@ def test_linear_residual_layernorm_exact_and_close_to_float():
 
 def test_linear_residual_layernorm_impls_bit_identical():
     args, _, _ = _residual_problem(seed=1)
-    ref = io.linear_residual_layernorm_int8(*args, "reference", "test")
-    assert torch.equal(io.linear_residual_layernorm_int8(*args, "cpu", "test"), ref)
+    ref = io.linear_residual_layernorm_int8(*args, impl="reference")
+    assert torch.equal(io.linear_residual_layernorm_int8(*args, impl="cpu"), ref)
     dev_args = [a.to(DEV) if isinstance(a, torch.Tensor) else a for a in args]
-    out = io.linear_residual_layernorm_int8(*dev_args, "triton", "test")
+    out = io.linear_residual_layernorm_int8(*dev_args, impl="triton")
     assert torch.equal(out.cpu(), ref)
 
 
@@ -212,12 +213,12 @@ def _attention_inputs(b=2, hq=4, hkv=2, sq=19, sk=23, d=16, amp=2.0, seed=0):
 
 def test_isoftmax_pieces_are_ibert():
     z = torch.randint(-200_000, 1, (4, 50), dtype=torch.int64)
-    e, _ = int_exp(z, 2.0**-io.LOGIT_BITS)
-    assert torch.equal(io.i_exp(z), e)
-    p, _ = int_softmax(z, 2.0**-io.LOGIT_BITS, out_bits=io.SOFTMAX_BITS)
+    e, _ = int_exp(z, 2.0**-ibert.LOGIT_BITS)
+    assert torch.equal(ibert.i_exp(z), e)
+    p, _ = int_softmax(z, 2.0**-ibert.LOGIT_BITS, out_bits=ibert.SOFTMAX_BITS)
     # the op's probabilities: the same rounding of e * 2**16 / sum(e) (ties up for e >= 0)
-    total = io.i_exp(z - z.amax(-1, keepdim=True)).sum(-1, keepdim=True)
-    mine = io._nonneg_round_div(io.i_exp(z - z.amax(-1, keepdim=True)) << 16, total)
+    total = ibert.i_exp(z - z.amax(-1, keepdim=True)).sum(-1, keepdim=True)
+    mine = ibert.round_div(ibert.i_exp(z - z.amax(-1, keepdim=True)) << 16, total)
     assert torch.equal(mine, p)
 
 
@@ -226,7 +227,7 @@ def test_isoftmax_attention_close_to_float_softmax(amp):
     q, k, v, qs, ks, vs = _attention_inputs(amp=amp, sq=40, sk=40)
     ref = quantized_attention_ref(q, k, v, qs, ks, vs, out_dtype=torch.float64)
     out = io.attention_int8_isoftmax(q, k, v, qs, ks, vs, None, False, None, torch.float32,
-                                     "cpu")
+                                     impl="cpu")
     # output = sum_j p_j v_j: i-exp's ~3e-3 relative error per probability (plus 2**-17
     # rounding) moves it by at most ~4e-3 of max |v|
     assert (out.double() - ref).abs().max() <= 4e-3 * 127 * float(vs)
@@ -249,10 +250,10 @@ def test_isoftmax_attention_impls_bit_identical(mask, causal):
     q, k, v, qs, ks, vs = _attention_inputs()
     m = MASKS[mask](2, 4, q.shape[2], k.shape[2])
     args = (qs, ks, vs, m, causal, 0.3, torch.float32)
-    ref = io.attention_int8_isoftmax(q, k, v, *args, "reference")
-    assert torch.equal(io.attention_int8_isoftmax(q, k, v, *args, "cpu"), ref)
+    ref = io.attention_int8_isoftmax(q, k, v, *args, impl="reference")
+    assert torch.equal(io.attention_int8_isoftmax(q, k, v, *args, impl="cpu"), ref)
     dev_args = (qs, ks, vs, None if m is None else m.to(DEV), causal, 0.3, torch.float32)
-    tri = io.attention_int8_isoftmax(q.to(DEV), k.to(DEV), v.to(DEV), *dev_args, "triton")
+    tri = io.attention_int8_isoftmax(q.to(DEV), k.to(DEV), v.to(DEV), *dev_args, impl="triton")
     assert torch.equal(tri.cpu(), ref)
     if mask in ("none", "padding"):  # masked keys hidden exactly as the float path does
         fl = quantized_attention_ref(q, k, v, qs, ks, vs, attn_mask=m, causal=causal,
@@ -261,15 +262,15 @@ def test_isoftmax_attention_impls_bit_identical(mask, causal):
 
 
 def test_fake_impls_propagate_shapes():
-    p = io.gelu_params(0.05, 0, 0.05, 0)  # compile time: real tensors
-    lp = io.layernorm_params(0.05, 0, 8, None, None, 1e-5, 0.05, 0)
+    p = ibert.gelu_params(0.05, 0, 0.05, 0)  # compile time: real tensors
+    lp = ibert.layernorm_params(0.05, 0, 8, None, None, 1e-5, 0.05, 0)
     with FakeTensorMode() as mode:
         x = mode.from_tensor(torch.zeros(2, 3, 8, dtype=torch.int8))
-        assert io.gelu_int8(x, *p, "cpu").dtype == torch.int8
+        assert io.gelu_int8(x, *p, impl="cpu").dtype == torch.int8
         g, b = mode.from_tensor(lp.gamma), mode.from_tensor(lp.beta)
-        assert io.layernorm_int8(x, g, b, *lp[2:], "cpu").shape == (2, 3, 8)
+        assert io.layernorm_int8(x, g, b, *lp[2:], impl="cpu").shape == (2, 3, 8)
         q = mode.from_tensor(torch.zeros(1, 2, 5, 8, dtype=torch.int8))
         s = mode.from_tensor(torch.tensor(0.1))
         out = io.attention_int8_isoftmax(q, q, q, s, s, s, None, True, None, torch.float16,
-                                         "cpu")
+                                         impl="cpu")
         assert out.shape == (1, 2, 5, 8) and out.dtype == torch.float16

@@ -7,6 +7,7 @@ import torch
 from torch.fx import Interpreter
 
 import qcompile
+from qcompile.fx_utils import get_constant
 from qcompile.lowering import ops
 from qcompile.state import state_for_model
 
@@ -88,14 +89,15 @@ def test_dynamic_linear_cpu_path_matches_reference(big):
     x[1, :8] = torch.arange(8) + 0.5  # exact ties after scaling by 127/7.5
     w = torch.randint(-127, 128, (64, 96), dtype=torch.int8)
     ws, b = torch.rand(64) * 0.01, torch.randn(64)
-    ref = ops.linear_dynamic(x, w, ws, b, "reference", "")
-    cpu = ops.linear_dynamic(x, w, ws, b, "cpu", "")
+    ref = ops.linear_dynamic(x, w, ws, b, impl="reference")
+    cpu = ops.linear_dynamic(x, w, ws, b, impl="cpu")
     assert torch.equal(ref, cpu)
 
 
 def test_int4_weights_run_through_the_int8_gemm_on_cpu():
-    """w4a8 lowered to the CPU path: the packed int4 weights become int8 values for
-    torch._int_mm, and the integers equal the reference lowering's."""
+    """w4a8 lowered to the CPU path: the CPU implementation's prepare hook unpacks the int4
+    weights to int8 values for the int8 GEMM once, at lowering (the reference keeps them
+    packed), and the integers equal the reference lowering's."""
     outs = {}
     for kernels in ("reference", "cpu"):
         torch._dynamo.reset()
@@ -106,8 +108,12 @@ def test_int4_weights_run_through_the_int8_gemm_on_cpu():
         with torch.no_grad(), qcompile.calibrate(cm):
             cm(torch.randn(3, 5, 24))
         (variant,) = [v for v in state_for_model(cm).artifacts if v.finalized]
-        targets = [n.target for n in variant.gm.graph.nodes]
-        assert (ops.LINEAR_W4A8 in targets) == (kernels == "reference")
+        w4 = [n for n in variant.gm.graph.nodes if n.target is ops.LINEAR_W4A8]
+        assert w4
+        for node in w4:
+            weight = get_constant(variant.gm, node.args[1])
+            assert weight.dtype == (torch.uint8 if kernels == "reference" else torch.int8)
+            assert node.kwargs["impl"] == kernels
         with torch.no_grad():
             outs[kernels] = variant.gm(torch.linspace(-3, 3, 360).reshape(3, 5, 24))[0]
     assert torch.equal(outs["reference"], outs["cpu"])

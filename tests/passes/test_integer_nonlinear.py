@@ -11,8 +11,7 @@ import torch.nn.functional as F
 import qcompile
 from qcompile.config import Options
 from qcompile.lowering import int_ops, ops
-from qcompile.pass_manager import pass_name
-from qcompile.stages import finalize_passes
+from qcompile.pipeline import steps
 from qcompile.state import state_for_model
 from tests.models.zoo import MODELS, output
 
@@ -44,7 +43,7 @@ def _count(gm, target):
 
 def test_pipeline_has_the_pass_only_when_asked_for_integer_recipes():
     def names(**kw):
-        return [pass_name(p) for p in finalize_passes(Options.from_user(None, kw))]
+        return [s.name for s in steps(Options.from_user(None, kw), "finalize")]
 
     on = names(recipe="w8a8-static", integer_nonlinear=True)
     assert on.index("rewrite-attention") < on.index("integer-nonlinear")
@@ -98,14 +97,14 @@ def test_bert_gelu_layernorm_softmax_become_integer():
             # integer consumers; the last block's output also enters the float final LN
             assert all(u.target in integer | {ops.DEQUANTIZE} for u in n.users)
             assert any(u.target in integer for u in n.users)
-            assert n.args[-2] == "cpu"  # bound by lower
+            assert n.kwargs["impl"] == "cpu"  # bound by lower
     notes = "\n".join(art.ctx.notes)
     assert "embeddings_2 stays in float: its input has no int8 scale" in notes
     assert "its output is not quantized for a linear" in notes
     rep = {layer.name: layer for layer in qcompile.report(cm_int).layers}
     assert "int-gelu" in rep["encoder.layer.0.output.dense"].transforms
     assert "int-layernorm" in rep["encoder.layer.1.attention.self.query"].transforms
-    assert rep["encoder.layer.0.output.dense"].kernel == "linear_residual_layernorm_int8"
+    assert rep["encoder.layer.0.output.dense"].kernel == "linear_residual_layernorm_int8:cpu"
     assert any("int-softmax" in r.transforms for r in rep.values() if r.kind == "attention")
 
 

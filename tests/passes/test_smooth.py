@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from qcompile import annotations as ann
 from qcompile.fx_utils import get_constant
 from qcompile.passes.smooth import smoothing_scales
 from tests.passes.test_fold_norm_affine import (
@@ -82,7 +83,8 @@ def test_into_norm_gated_linear_and_columns():
 
 def test_explicit_scale_where_no_producer_can_absorb():
     cap, before, _ = smoothed(PostNorm(), torch.randn(2, 5, 16))
-    muls = [n for n in nodes(cap.gm, operator.mul) if n.meta.get("qc_smooth")]
+    muls = [n for n in nodes(cap.gm, operator.mul)
+            if getattr(ann.get(n, ann.Smoothed), "explicit", False)]
     assert len(muls) == 4  # post-norm outputs also feed residual adds; gelu outputs
     assert cap.ctx.history[-1].counters["explicit"] == 4
     assert any("scaled explicitly" in n for n in cap.ctx.notes)

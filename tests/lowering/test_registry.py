@@ -1,0 +1,225 @@
+"""The op registry (lowering/registry.py), over every declared op: each has a reference;
+every implementation that runs on this machine gives the reference's outputs (bit for bit
+for integer ops, within the declared tolerance for float softmax / rotation ops) on
+hypothesis-drawn shapes and values, extremes included; `prepare` hooks never change a
+result; binding chooses as documented. Adding an op means adding its sample inputs here:
+a registered op without them fails `test_every_op_has_samples_and_a_reference`."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from qcompile.lowering import ops, registry
+from qcompile.lowering.device import triton_target
+from qcompile.numerics import ibert
+from qcompile.numerics.dyadic import quantize_multiplier
+from qcompile.numerics.specs import pack_int4
+
+DEV = "cuda" if triton_target() == "cuda" else "cpu"
+
+
+def _int8(g, *shape, lo=-128, hi=127, extreme=False):
+    if extreme:  # the ends of the range, in a random pattern
+        pick = torch.randint(0, 2, shape, generator=g).bool()
+        return torch.where(pick, torch.full(shape, hi), torch.full(shape, lo)).to(torch.int8)
+    return torch.randint(lo, hi + 1, shape, generator=g, dtype=torch.int8)
+
+
+def _dims(g, *bounds):
+    return [int(torch.randint(lo, hi + 1, (1,), generator=g)) for lo, hi in bounds]
+
+
+def _requant_qs(g, n, k, extreme):
+    """Per-channel (q, shift) that keep outputs mostly in range; extremes: q at both ends
+    of [2**30, 2**31) and the smallest shift."""
+    if extreme:
+        q = torch.where(torch.arange(n) % 2 == 0, torch.tensor(2**30), torch.tensor(2**31 - 1))
+        return q.to(torch.int64), torch.full((n,), 31 + max(1, k).bit_length() + 7)
+    m = (0.5 + torch.rand(n, generator=g, dtype=torch.float64)) * 100 / (5000 * math.sqrt(k))
+    return quantize_multiplier(m)
+
+
+def _linear_args(g, extreme, *, int4=False):
+    m, k, n = _dims(g, (1, 33), (1, 64), (1, 40))
+    k += k % 2 if int4 else 0
+    lo, hi = (-8, 7) if int4 else (-128, 127)
+    x = _int8(g, 2, m, k, extreme=extreme)
+    w = _int8(g, n, k, lo=lo, hi=hi, extreme=extreme)
+    bias = torch.randint(-2**16, 2**16, (n,), generator=g, dtype=torch.int32)
+    zp = int(torch.randint(-20, 21, (1,), generator=g))
+    zp_term = (zp * w.long().sum(1)).to(torch.int32) if zp else None
+    q, shift = _requant_qs(g, n, k, extreme)
+    out_zp = int(torch.randint(-10, 11, (1,), generator=g))
+    w_arg = pack_int4(w) if int4 else w
+    return (x, w_arg, bias if m % 2 else None, zp_term, q, shift, out_zp, -128, 127)
+
+
+def _attention_args(g, extreme):
+    b, hkv, group, sq, sk, d = _dims(g, (1, 2), (1, 2), (1, 2), (1, 17), (1, 19), (4, 16))
+    hq = hkv * group
+    q, k, v = (_int8(g, b, h, s, d, extreme=extreme) for h, s in ((hq, sq), (hkv, sk),
+                                                                 (hkv, sk)))
+    scales = [torch.tensor(float(s)) for s in torch.rand(3, generator=g) * 0.02 + 1e-3]
+    mask = None
+    if sk > 3 and not extreme:
+        mask = torch.rand(b, 1, sq, sk, generator=g) > 0.3
+        mask[..., 0] = True  # every query sees a key: rows with none differ by design
+    causal = bool(extreme) and sq <= sk
+    return (q, k, v, *scales, mask, causal, None, torch.float32)
+
+
+def _samples(name, g, extreme):
+    if name == "quantize":
+        x = torch.randn(3, 37, generator=g) * 4
+        scale = float(torch.rand(1, generator=g)) * 0.05 + 0.01
+        if extreme:  # exact ties and saturation
+            x = (torch.arange(-70, 70, dtype=torch.float32) + 0.5) * scale * 2
+        return (x, scale, int(torch.randint(-20, 21, (1,), generator=g)), -128, 127)
+    if name == "dequantize":
+        return (_int8(g, 4, 9, extreme=extreme), 0.0371, -5, torch.float32)
+    if name == "requant_int8":
+        q, s = quantize_multiplier(float(torch.rand(1, generator=g)) * 3 + 0.01)
+        return (_int8(g, 5, 23, extreme=extreme), 7, q, s, -3, -128, 127)
+    if name == "add_int8":
+        ma, mb = (float(v) * 2 + 1e-3 for v in torch.rand(2, generator=g))
+        if extreme:
+            mb = ma * 2.0**-30  # shifts more than 23 apart
+        a, b = _int8(g, 3, 5, 8, extreme=extreme), _int8(g, 5, 8, extreme=extreme)
+        return (a, b, 4, -9, *ops.add_multipliers(ma, mb), 2, -128, 127)
+    if name in ("linear_int8", "linear_w4a8"):
+        return _linear_args(g, extreme, int4=name == "linear_w4a8")
+    if name == "linear_int8_dq":
+        x, w, _, zp_term, *_ = _linear_args(g, extreme)
+        n = w.shape[0]
+        bias = torch.randn(n, generator=g) if n % 2 else None
+        return (x, w, bias, zp_term, 0.0173, torch.rand(n, generator=g) * 0.01, torch.float32)
+    if name == "linear_dynamic":
+        x, w, *_ = _linear_args(g, extreme)
+        xf = torch.randn(*x.shape, generator=g) * 3
+        xf[0, 0] = 0.0  # an all-zero row: the scale guard
+        return (xf, w, torch.rand(w.shape[0], generator=g) * 0.01, torch.randn(w.shape[0]))
+    if name == "linear_w4a16":
+        m, groups, n = _dims(g, (1, 9), (1, 3), (1, 24))
+        k, gs = groups * 32, 32
+        w = _int8(g, n, k, lo=-8, hi=7, extreme=extreme)
+        scales = torch.rand(n, groups, generator=g) * 0.1 + 0.01
+        return (torch.randn(m, k, generator=g), pack_int4(w), scales, None, gs, None)
+    if name == "quantize_absmax":
+        return (torch.randn(4, 21, generator=g) * 3, 127)
+    if name in ("attention_int8", "attention_int8_isoftmax"):
+        return _attention_args(g, extreme)
+    if name == "hadamard_transform":
+        n = [12, 16, 20, 24, 40, 64][int(torch.randint(0, 6, (1,), generator=g))]
+        return (torch.randn(3, n, generator=g) * 2,)
+    if name == "gelu_int8":
+        s_in, s_out = (float(v) * 0.2 + 1e-3 for v in torch.rand(2, generator=g))
+        return (_int8(g, 3, 50, extreme=extreme), *ibert.gelu_params(s_in, 3, s_out, -60))
+    if name == "layernorm_int8":
+        c = _dims(g, (2, 70))[0]
+        w, b = torch.randn(c, generator=g) * 0.5 + 1, torch.randn(c, generator=g) * 0.3
+        p = ibert.layernorm_params(0.05, 2, c, w, b, 1e-5, 0.03, -4)
+        return (_int8(g, 3, c, extreme=extreme), *p)
+    if name == "linear_residual_layernorm_int8":
+        x, w, bias, zp_term, *_ = _linear_args(g, extreme)
+        n = w.shape[0]
+        e, s_ref = 7, 0.1
+        s_h, bound = s_ref / 2**e, 1 << (9 + e)
+        gamma, beta = torch.randn(n, generator=g) * 0.3 + 1, torch.randn(n, generator=g) * 0.2
+        p = ibert.layernorm_params(s_h, 0, n, gamma, beta, 1e-5, 0.03, 4,
+                                   in_range=(-bound, bound))
+        s_w = torch.rand(n, generator=g, dtype=torch.float64) * 2e-3 + 1e-3
+        pairs = [ibert.fit_multiplier(m, 1 << 31) for m in (0.02 * s_w / s_h).tolist()]
+        acc_q, acc_shift = (torch.tensor(v, dtype=torch.int64) for v in zip(*pairs))
+        r_q, r_shift = ibert.fit_multiplier(0.05 / s_h, 255)
+        r = _int8(g, *x.shape[:-1], n, extreme=extreme)
+        return (x, w, bias, zp_term, acc_q, acc_shift, r, -7, r_q, r_shift, bound, p.gamma,
+                p.beta, *p[3:])
+    raise KeyError(name)
+
+
+OPS = sorted(registry.all_ops(), key=lambda op: op.name)
+PAIRS = [(op, name) for op in OPS for name in sorted(op.impls) if name != "reference"]
+
+
+def _to(args, device):
+    return tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
+
+
+def _same(op, got, want):
+    if isinstance(want, tuple):
+        for a, b in zip(got, want, strict=True):
+            _same(op, a, b)
+        return
+    got = got.cpu()
+    assert got.dtype == want.dtype and got.shape == want.shape
+    if op.exact:
+        assert torch.equal(got, want), (got.double() - want.double()).abs().max()
+    else:
+        torch.testing.assert_close(got, want, **op.tolerance)
+
+
+def test_every_op_has_samples_and_a_reference():
+    for op in OPS:
+        assert "reference" in op.impls, op.name
+        assert op.exact or op.tolerance, op.name
+        _samples(op.name, torch.Generator().manual_seed(0), False)  # KeyError if missing
+
+
+@pytest.mark.parametrize("op, impl", PAIRS, ids=[f"{op.name}-{name}" for op, name in PAIRS])
+@settings(max_examples=8, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 2**16), extreme=st.booleans())
+def test_implementation_equals_reference(op, impl, seed, extreme):
+    chosen = op.impls[impl]
+    if not chosen.runs_on(DEV):
+        pytest.skip(f"{impl} does not run on {DEV} here")
+    args = _samples(op.name, torch.Generator().manual_seed(seed), extreme)
+    want = op(*args, impl="reference")
+    _same(op, op(*_to(args, DEV), impl=impl), want)
+    if chosen.prepare is not None:  # the prepared form of the constants gives the same
+        names = [p for p, a in zip(op.params, args) if isinstance(a, torch.Tensor)]
+        prepared = chosen.prepare({n: args[op.params.index(n)] for n in names})
+        args = tuple(prepared.get(n, a) for n, a in zip(op.params, args))
+        _same(op, op(*_to(args, DEV), impl=impl), want)
+
+
+def test_choose_follows_the_family_order():
+    assert registry.choose(ops.linear_int8, "auto", "cpu").name == "cpu"
+    assert registry.choose(ops.linear_int8, "reference", "cpu").name == "reference"
+    # an op without a CPU implementation of its own runs its exact definition
+    assert registry.choose(ops.dequantize, "cpu", "cpu").name == "reference"
+    with pytest.raises(ValueError, match="unknown kernel family"):
+        registry.choose(ops.linear_int8, "fastest", "cpu")
+    with pytest.raises(ValueError, match="no implementation 'nope'"):
+        ops.linear_int8.run("nope", ())
+
+
+def test_arguments_by_name_and_binding():
+    gm = torch.fx.GraphModule(torch.nn.Module(), torch.fx.Graph())
+    x = gm.graph.placeholder("x")
+    node = gm.graph.call_function(ops.QUANTIZE, (x, 0.5, 3, -128, 127))
+    assert registry.arg(node, "zero_point") == 3 and registry.arg(node, "impl") == ""
+    registry.set_arg(node, "zero_point", 4)
+    assert node.args[2] == 4
+    with pytest.raises(KeyError, match="no argument 'zp'"):
+        registry.arg(node, "zp")
+    registry.bind(node, registry.choose(ops.quantize, "auto", "cpu"), "graph:node")
+    assert node.kwargs == {"impl": "cpu", "origin": "graph:node"}
+    assert registry.op_of(node) is ops.quantize and registry.is_op(node, ops.quantize)
+
+
+def test_unbound_call_runs_the_device_default_and_bad_names_are_loud():
+    x = torch.randn(4, 16)
+    unbound = ops.quantize(x, 0.1, 0, -128, 127)
+    assert torch.equal(unbound, ops.quantize(x, 0.1, 0, -128, 127, impl="cpu"))
+    with pytest.raises(ValueError, match="no implementation 'gpu'"):
+        ops.quantize(x, 0.1, 0, -128, 127, impl="gpu")
+    with pytest.raises(ValueError, match="declare positional arguments only"):
+        @registry.quantized_op
+        def bad_op(x: torch.Tensor, *, flag: bool) -> torch.Tensor:
+            """Keyword-only arguments are not part of a declaration."""
