@@ -117,7 +117,7 @@ def gelu_params(in_scale: float, in_zp: int, out_scale: float, out_zp: int, qmin
     lo, hi = in_range or (qmin, qmax)
     up = max(0, math.ceil(math.log2(in_scale / math.sqrt(2.0) * 2.0**GELU_UNIT_BITS)))
     s = in_scale / 2.0**up  # exact: a power-of-two division
-    s_e = s / math.sqrt(2.0)  # as int_gelu: erf(x / sqrt 2) on the same integers
+    s_e = s / math.sqrt(2.0)  # GELU takes erf(x / sqrt 2): i-erf reads x in units S / sqrt 2
     q_b = math.floor(B_ERF / s_e)
     q_c = math.floor(1.0 / (A_ERF * s_e * s_e))
     s_erf = A_ERF * s_e * s_e

@@ -6,14 +6,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qcompile.lowering.int_softmax import (
-    int_erf,
-    int_exp,
-    int_gelu,
-    int_layernorm,
-    int_softmax,
-    int_sqrt,
-)
 from qcompile.lowering.kernels.attention import (
     quantized_attention,
     quantized_attention_cpu,
@@ -162,74 +154,3 @@ def test_cuda_large(causal, hq, hkv, d):
     assert (out.cpu().double() - ref).abs().max() <= 2.0**-10 * float(vs.max()) * 127
     assert _rel(out.cpu(), _sdpa(floats, causal=causal)) < 2e-2
 
-
-# ------------------------------------------------------------------ integer-only softmax etc.
-# (lowering/int_softmax.py: the I-BERT pieces an integer-only softmax / LayerNorm / GELU need)
-
-
-@pytest.mark.parametrize("scale, bound", [(1e-2, 8e-3), (1e-3, 2e-3)])
-def test_int_softmax_error(scale, bound):
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(32, 77, generator=g, dtype=torch.float64) * 3
-    q = torch.round(x / scale).to(torch.int32)
-    p, s = int_softmax(q, scale)
-    assert p.dtype == torch.int64 and s == 2.0**-16
-    ref = torch.softmax(q.double() * scale, dim=-1)
-    assert (p * s - ref).abs().max() < bound
-    assert (p.sum(-1) * s - 1).abs().max() < 1e-3
-    # along another dim, and a row with one dominant logit gives (almost) exactly one-hot
-    assert (int_softmax(q.T, scale, dim=0)[0] * s - ref.T).abs().max() < bound
-    one = int_softmax(torch.tensor([[0, -100000, -100000]]), scale)[0]
-    assert one[0].tolist() == [65536, 0, 0]
-
-
-def test_int_exp_relative_error():
-    scale = 1e-3
-    x = torch.linspace(-20, 0, 4001, dtype=torch.float64)
-    q = torch.round(x / scale).to(torch.int64)
-    e, s = int_exp(q, scale)
-    ref = torch.exp(q.double() * scale)
-    # Relative error of I-BERT's polynomial (~3e-3) while exp(x) is large against the output
-    # scale (2**-z is a right shift, which floors away values below ~a * scale**2).
-    rel = ((e * s - ref).abs() / ref)[q.double() * scale > -5]
-    assert rel.max() < 4e-3
-    assert (e * s - ref).abs().max() < 3e-3
-    with pytest.raises(ValueError):
-        int_exp(q, 1.0)  # coarser than ln 2
-
-
-def test_int_sqrt_exact():
-    g = torch.Generator().manual_seed(1)
-    n = torch.cat([torch.arange(0, 2000), torch.randint(0, 2**62, (2000,), generator=g),
-                   torch.tensor([2**62, 2**63 - 1, (2**31 - 1) ** 2, 2**62 - 1])])  # fmt: skip
-    r = int_sqrt(n)
-    assert all(a * a <= b < (a + 1) * (a + 1) for a, b in zip(r.tolist(), n.tolist(), strict=True))
-    with pytest.raises(ValueError):
-        int_sqrt(torch.tensor([-1]))
-
-
-@pytest.mark.parametrize("scale", [1e-2, 1e-3])
-def test_int_gelu_error(scale):
-    x = torch.linspace(-6, 6, 3001, dtype=torch.float64)
-    q = torch.round(x / scale).to(torch.int32)
-    y, s = int_gelu(q, scale)
-    assert s > 0
-    assert (y * s - F.gelu(q.double() * scale)).abs().max() < 2e-2  # I-BERT: ~1.8e-2
-    e, se = int_erf(q, scale)
-    assert (e * se - torch.erf(q.double() * scale)).abs().max() < 0.1  # poor near 0 only
-    far = q.double().abs() * scale > 1
-    assert (e * se - torch.erf(q.double() * scale))[far].abs().max() < 2e-2
-
-
-@pytest.mark.parametrize("scale, mag", [(0.05, 1.0), (1e-3, 1.0), (1e-6, 100.0), (0.1, 30.0)])
-def test_int_layernorm_error(scale, mag):
-    g = torch.Generator().manual_seed(2)
-    x = torch.randn(6, 384, generator=g, dtype=torch.float64) * mag + 0.5
-    q = torch.round(x / scale).to(torch.int64)
-    w = torch.randn(384, generator=g) * 0.5 + 1
-    b = torch.randn(384, generator=g) * 0.1
-    y, s = int_layernorm(q, scale, w, b)
-    ref = F.layer_norm((q.double() * scale).float(), (384,), w, b, eps=1e-5)
-    assert (y * s - ref).abs().max() < 2e-3
-    y0, s0 = int_layernorm(q, scale)
-    assert (y0 * s0 - F.layer_norm((q.double() * scale).float(), (384,))).abs().max() < 1e-3

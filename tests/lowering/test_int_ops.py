@@ -1,83 +1,28 @@
-"""Integer-only GELU, LayerNorm and softmax attention (lowering/int_ops.py, I-BERT).
+"""Integer-only GELU, LayerNorm and softmax attention as ops (lowering/int_ops.py, I-BERT).
 
-Three kinds of checks per op: (1) against an independent exact computation of the same
-integer algorithm (Python big ints / fractions, or int_softmax.py's I-BERT pieces), so
-any int64 overflow or off-by-one shows; (2) against float, with the documented error
-bounds; (3) the implementations (reference, cpu, Triton in the interpreter or on CUDA)
-give identical integers.
+The arithmetic itself (qcompile/numerics/ibert.py) is held to exact Python-integer oracles
+and float bounds in tests/numerics/test_ibert.py; here, per op: (1) the implementations
+(reference, cpu, Triton in the interpreter or on CUDA) give identical integers; (2) the
+fused linear + residual + LayerNorm op against the same oracles and float LayerNorm; (3)
+attention with the integer softmax against float softmax attention; (4) fake shapes.
 """
 
-import math
 from fractions import Fraction
 
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from qcompile.lowering import int_ops as io
-from qcompile.numerics import ibert
 from qcompile.lowering.device import triton_target
-from qcompile.lowering.int_softmax import int_exp, int_gelu, int_softmax
 from qcompile.lowering.kernels.attention import quantized_attention_ref
+from qcompile.numerics import ibert
+from tests.numerics.test_dyadic import round_half_away
+from tests.numerics.test_ibert import layernorm_oracle
 
 DEV = "cuda" if triton_target() == "cuda" else "cpu"
-INT8 = torch.arange(-128, 128, dtype=torch.int8)
-scales = st.floats(min_value=1e-3, max_value=0.3)
-zps = st.integers(min_value=-40, max_value=40)
-
-
-def _round_half_away(fr: Fraction) -> int:
-    mag = math.floor(abs(fr) + Fraction(1, 2))
-    return mag if fr >= 0 else -mag
-
-
-def _requant_exact(values: list[int], q: int, shift: int, zp: int) -> list[int]:
-    return [min(127, max(-128, _round_half_away(Fraction(v * q, 2**shift)) + zp))
-            for v in values]
-
-
-# ---------------------------------------------------------------- i-sqrt
-
-
-@settings(max_examples=200, deadline=None, derandomize=True)
-@given(st.lists(st.integers(min_value=0, max_value=2**62 - 1), min_size=1, max_size=64))
-def test_isqrt_is_floor_sqrt(values):
-    n = torch.tensor(values + [0, 1, 2, 3, 4, 2**62 - 1, (2**31 - 1) ** 2], dtype=torch.int64)
-    assert ibert.isqrt(n).tolist() == [math.isqrt(v) for v in n.tolist()]
-    assert ibert.bit_length(n).tolist() == [v.bit_length() for v in n.tolist()]
-
-
 # ---------------------------------------------------------------- GELU
-
-
-@settings(max_examples=40, deadline=None, derandomize=True)
-@given(s_in=scales, zp_in=zps, s_out=scales, zp_out=zps)
-def test_gelu_int8_exact_and_close_to_float(s_in, zp_in, s_out, zp_out):
-    p = ibert.gelu_params(s_in, zp_in, s_out, zp_out)
-    y = io.gelu_int8(INT8, *p, impl="cpu")
-    # (1) the same integers as int_softmax.int_gelu (I-BERT) + an exact rational requant
-    g, s_g = int_gelu((INT8.long() - zp_in) << p.up, s_in / 2**p.up)
-    assert y.tolist() == _requant_exact(g.tolist(), p.q, p.shift, zp_out)
-    assert abs(p.q / 2**p.shift / (s_g / s_out) - 1) < 2**-20  # the multiplier: S_g / S_out
-    # (2) within i-GELU's polynomial error (I-BERT's fit: < 1.9e-2) + the output rounding
-    x = (INT8.double() - zp_in) * s_in
-    lo, hi = (-128 - zp_out) * s_out, (127 - zp_out) * s_out
-    for approximate in ("none", "tanh"):
-        ref = F.gelu(x, approximate=approximate).clamp(lo, hi)
-        err = ((y.double() - zp_out) * s_out - ref).abs().max().item()
-        assert err <= 1.9e-2 + 1e-3 * (approximate == "tanh") + 0.5 * s_out + 1e-9
-
-
-def test_gelu_int8_extreme_scales_fit_int64():
-    for s_in, s_out in ((1.0, 1e-3), (1e-4, 1e-4), (0.5, 0.5), (2e-3, 0.1)):
-        p = ibert.gelu_params(s_in, 0, s_out, 0)
-        g, _ = int_gelu(INT8.long() << p.up, s_in / 2**p.up)
-        assert int(g.abs().max()) * p.q < 2**62
-        exact = _requant_exact(g.tolist(), p.q, p.shift, 0)
-        assert io.gelu_int8(INT8, *p, impl="reference").tolist() == exact
 
 
 def test_gelu_int8_impls_bit_identical():
@@ -91,40 +36,6 @@ def test_gelu_int8_impls_bit_identical():
 # ---------------------------------------------------------------- LayerNorm
 
 
-def _layernorm_exact(row: list[int], p: ibert.LayerNormParams) -> list[int]:
-    """The op's algorithm in Python integers (no overflow possible)."""
-    c = len(row)
-    x = [v - p.in_zp for v in row]
-    total = sum(x)
-    xc = [c * v - total for v in x]
-    v = sum(t * t for t in xc) + p.eps
-    std = max(1, math.isqrt((v << (2 * p.f)) // c))
-    out = []
-    for t, g, b in zip(xc, p.gamma.tolist(), p.beta.tolist()):
-        y = _round_half_away(Fraction(t << (p.f + p.frac), std))
-        o = _round_half_away(Fraction(y * g + b, 2**p.shift)) + p.out_zp
-        out.append(min(p.qmax, max(p.qmin, o)))
-    return out
-
-
-@settings(max_examples=30, deadline=None, derandomize=True)
-@given(c=st.sampled_from([8, 64, 384, 1024]), s_in=scales, zp_in=zps, s_out=scales,
-       zp_out=zps, seed=st.integers(0, 2**16), spread=st.sampled_from([1, 4, 127]))
-def test_layernorm_int8_exact_and_close_to_float(c, s_in, zp_in, s_out, zp_out, seed, spread):
-    g = torch.Generator().manual_seed(seed)
-    w, b = torch.randn(c, generator=g) * 0.5 + 1, torch.randn(c, generator=g) * 0.3
-    x = (torch.randint(-spread, spread + 1, (3, c), generator=g) + zp_in).clamp(-128, 127)
-    x = x.to(torch.int8)
-    p = ibert.layernorm_params(s_in, zp_in, c, w, b, 1e-5, s_out, zp_out)
-    y = io.layernorm_int8(x, *p, impl="cpu")
-    assert y.tolist() == [_layernorm_exact(r, p) for r in x.tolist()]
-    # LayerNorm is computed to >= 17 fractional bits: at most one output step off the
-    # float LayerNorm rounded to the output scale (a rounding tie away)
-    ref = F.layer_norm((x.double() - zp_in) * s_in, (c,), w.double(), b.double(), 1e-5)
-    ref_q = (torch.round(ref / s_out) + zp_out).clamp(-128, 127)
-    assert (y.double() - ref_q).abs().max() <= 1
-
-
 def test_layernorm_int8_impls_bit_identical():
     c = 384
     w, b = torch.randn(c) * 0.2 + 1, torch.randn(c) * 0.1
@@ -135,11 +46,6 @@ def test_layernorm_int8_impls_bit_identical():
     assert torch.equal(io.layernorm_int8(x, *p, impl="cpu"), ref)
     assert torch.equal(io.layernorm_int8(x.to(DEV), *p, impl="triton").cpu(), ref)
     assert (ref[0, 0].long() - (-3) - torch.round(b / 0.04).long()).abs().max() <= 1
-
-
-def test_layernorm_params_reject_what_cannot_fit():
-    with pytest.raises(ValueError, match="overflow"):
-        ibert.layernorm_params(0.1, 0, 1 << 17, None, None, 1e-5, 0.1, 0)
 
 
 def _residual_problem(seed=0, n=64, k=48):
@@ -175,10 +81,10 @@ def test_linear_residual_layernorm_exact_and_close_to_float():
     acc = (x.long().reshape(-1, x.shape[-1]) @ w.long().T) - zp_term.long() + bias.long()
     rows = []
     for a_row, r_row in zip(acc.tolist(), r.reshape(-1, r.shape[-1]).tolist()):
-        h = [_round_half_away(Fraction(a * q, 2**s)) + _round_half_away(
+        h = [round_half_away(Fraction(a * q, 2**s)) + round_half_away(
             Fraction((v - zp_r) * r_q, 2**r_shift))
             for a, q, s, v in zip(a_row, acc_q.tolist(), acc_shift.tolist(), r_row)]
-        rows.append(_layernorm_exact([min(bound, max(-bound, t)) for t in h], p))
+        rows.append(layernorm_oracle([min(bound, max(-bound, t)) for t in h], p))
     assert y.reshape(-1, y.shape[-1]).tolist() == rows
     # (2) float: LayerNorm(x W^T + b + r) rounded to the output scale, within one step
     ref = F.layer_norm(fl["x"] @ fl["w"].T + fl["b"] + fl["r"], (w.shape[0],), fl["gamma"],
@@ -209,17 +115,6 @@ def _attention_inputs(b=2, hq=4, hkv=2, sq=19, sk=23, d=16, amp=2.0, seed=0):
     (q, qs), (k, ks), (v, vs) = (_quant(torch.randn(b, h, s, d, generator=g) * a)
                                  for h, s, a in ((hq, sq, amp), (hkv, sk, amp), (hkv, sk, 1)))
     return q, k, v, qs, ks, vs
-
-
-def test_isoftmax_pieces_are_ibert():
-    z = torch.randint(-200_000, 1, (4, 50), dtype=torch.int64)
-    e, _ = int_exp(z, 2.0**-ibert.LOGIT_BITS)
-    assert torch.equal(ibert.i_exp(z), e)
-    p, _ = int_softmax(z, 2.0**-ibert.LOGIT_BITS, out_bits=ibert.SOFTMAX_BITS)
-    # the op's probabilities: the same rounding of e * 2**16 / sum(e) (ties up for e >= 0)
-    total = ibert.i_exp(z - z.amax(-1, keepdim=True)).sum(-1, keepdim=True)
-    mine = ibert.round_div(ibert.i_exp(z - z.amax(-1, keepdim=True)) << 16, total)
-    assert torch.equal(mine, p)
 
 
 @pytest.mark.parametrize("amp", [0.5, 2.0, 8.0])
