@@ -17,7 +17,7 @@ their implementations, lowering/registry.py):
 
 The one float operation left is attention's final dequantization (as in attention_int8)
 and the conversion of a float additive mask to integer logit units. Additive mask values
-at or below -2**27 (in logit units) hide a key, as -inf does.
+at or below ibert.MASKED = -2**40 (in logit units) hide a key, as -inf does.
 
 Implementations: "reference" (ibert.py's torch integer code; attention in int64),
 "cpu" (the same code: element-wise ops fused by Inductor on large inputs; attention's

@@ -57,13 +57,15 @@ def fit_multiplier(m: float, max_acc: int) -> tuple[int, int]:
     if not (math.isfinite(m) and m > 0):
         raise MultiplierRangeError(f"multiplier must be finite and > 0, got {m!r}")
     bits = min(31, 62 - int(max_acc).bit_length())
+    wide = bits
     mant, exp = math.frexp(m)  # m = mant 2**exp, mant in [0.5, 1)
-    q, shift = math.floor(mant * 2.0**bits + 0.5), bits - exp
-    if q == 1 << bits:
+    if wide - exp > 62:  # a tiny multiplier: fewer bits of q, so that the shift is 62
+        wide = 62 + exp
+    # one rounding: mant * 2**wide is exact in float64 (a power-of-two scaling); below
+    # 2**-63, m * 2**62 rounds to 0
+    q, shift = (math.floor(mant * 2.0**wide + 0.5), wide - exp) if wide >= 0 else (0, 62)
+    if wide > 0 and q == 1 << wide:
         q, shift = q >> 1, shift - 1
-    if shift > 62:  # a tiny multiplier: fewer bits of q
-        drop = shift - 62
-        q, shift = (q + (1 << (drop - 1))) >> drop, 62
     if bits < 12 or shift < 1 or q == 0:
         raise MultiplierRangeError(f"multiplier {m!r} does not fit next to a {max_acc}-bounded "
                                    "accumulator in int64")

@@ -201,10 +201,9 @@ def test_fit_multiplier_examples():
     assert ibert.fit_multiplier(0.75, 255) == (3 * 2**29, 31)
 
 
-@pytest.mark.xfail(strict=True, reason="fit_multiplier rounds a multiplier below 2**-31 twice: "
-                   "to `bits` bits, then to shift 62, so a value just under a half of the "
-                   "final unit can round up")
 def test_fit_multiplier_tiny_is_one_rounding():
+    """A multiplier below 2**-31 keeps shift 62 with fewer bits of q, rounded once (rounding
+    to 31 bits first, then to shift 62, rounded a value just under half a unit up)."""
     k = 3 << 21
     m = (k + 0.5 - 2.0**-10) * 2.0**-62  # m 2**62 = k + 0.499...: rounds to k
     assert ibert.fit_multiplier(m, 100) == (k, 62)
