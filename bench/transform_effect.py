@@ -34,7 +34,7 @@ from torch.fx import Interpreter
 
 import qcompile
 from qcompile.numerics.specs import QuantSpec, choose_qparams, fake_quantize
-from qcompile.structure import layer_name
+from qcompile.passes._structure import layer_name
 
 QUANT = {  # name -> (weight bits, activation bits, activation granularity)
     "w8a8 per-token": (8, 8, "per_token"),

@@ -1,14 +1,15 @@
 """analyze-structure: find what the equivalence transforms need, from the graph alone.
 
-What (stored as a `qcompile.structure.Structure` in ctx.analysis["structure"]):
+What (stored as a `Structure`, passes/_structure.py, in ctx.analysis["structure"]):
 - norms: every F.layer_norm / F.rms_norm with the consumers of its output, looking
-  through layout ops (views, transposes, token slices), and whether it reads a residual
-  stream ("pre") or writes one ("post");
+  through ops that keep the last dim (views, transposes, token slices: `keeps_last_dim`
+  in passes/_shapes.py), and whether it reads a residual stream ("pre") or writes one
+  ("post");
 - residual streams: the values connected by residual adds (and token concats, scalar
-  scales, layout ops), every writer into them (linears, embeddings incl. position
-  embeddings, patch convolutions, constants such as biases, class tokens and position
-  tables; norms in post-norm graphs; anything else) and every reader (norms, linears,
-  graph outputs, anything else);
+  scales, ops that keep the last dim), every writer into them (linears, embeddings incl.
+  position embeddings, patch convolutions, constants such as biases, class tokens and
+  position tables; norms in post-norm graphs; anything else) and every reader (norms,
+  linears, graph outputs, anything else);
 - attention: per sdpa, the q/k/v projections (linear and channel region, so fused QKV
   works), head count, KV head count (grouped KV), head size, whether q/k are rotated by
   RoPE (x * cos + cat(-x2, x1) * sin) after the projection, and where its output goes
@@ -31,9 +32,20 @@ import torch
 import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
-from qcompile.fx_utils import get_constant, is_call, is_method
+from qcompile.fx_utils import get_constant, is_call, is_method, tensor_val
 from qcompile.pass_manager import PassContext, PassResult, graph_pass
-from qcompile.structure import (
+from qcompile.passes._channel_flow import channel_flows, rope_map
+from qcompile.passes._shapes import (
+    concrete,
+    is_linear_input,
+    keeps_last_dim,
+    last_dim_consumers,
+    last_dim_producer,
+    last_size,
+    size_at,
+    value_users,
+)
+from qcompile.passes._structure import (
     NORMS,
     Attention,
     NormSite,
@@ -41,18 +53,7 @@ from qcompile.structure import (
     ResidualStream,
     Structure,
     Writer,
-    channel_flows,
     combine_operands,
-    concrete,
-    is_linear_input,
-    keeps_last_dim,
-    last_size,
-    layout_consumers,
-    producer,
-    rope_map,
-    size_at,
-    tval,
-    value_users,
 )
 
 
@@ -73,15 +74,16 @@ def norm_hidden(norm: Node) -> int | None:
 def conv_writer(gm: GraphModule, node: Node) -> Node | None:
     """The convolution whose output channels are node's last dim (a ViT patch embedding:
     conv2d -> flatten(2) -> transpose(1, 2)), else None."""
-    val = tval(node)
+    val = tensor_val(node)
     if val is None:
         return None
     axis, chain = val.dim() - 1, []
     while not is_call(node, F.conv1d, F.conv2d, F.conv3d):
         src = node.args[0] if node.args else None
-        if not isinstance(src, Node) or tval(src) is None or chain and len(node.users) != 1:
+        if not isinstance(src, Node) or tensor_val(src) is None or (
+                chain and len(node.users) != 1):
             return None
-        nd = tval(src).dim()
+        nd = tensor_val(src).dim()
         if is_method(node, "transpose") or is_call(node, torch.transpose):
             a, b = (d % nd for d in node.args[1:3])
             axis = b if axis == a else a if axis == b else axis
@@ -136,7 +138,8 @@ def _reader_kind(user: Node, reads: Node, d: int) -> str:
 
 
 def _joins(user: Node, node: Node, d: int) -> bool:
-    """user carries stream values on: a residual add/concat/scale or a layout op of node."""
+    """user carries stream values on: a residual add/concat/scale of node, or an op that
+    keeps its last dim."""
     ops = combine_operands(user, d)
     return (ops is not None and node in ops) or keeps_last_dim(user) is node
 
@@ -196,7 +199,7 @@ def find_attention(gm: GraphModule) -> list[Attention]:
         if not is_call(node, F.scaled_dot_product_attention):
             continue
         q, k = node.args[0], node.args[1]
-        nd = tval(q).dim() if tval(q) is not None else 0
+        nd = tensor_val(q).dim() if tensor_val(q) is not None else 0
         att = Attention(node, size_at(q, -3) if nd >= 3 else None,
                         size_at(k, -3) if nd >= 3 else None, last_size(q))
         width = (att.num_heads or 0) * (last_size(node) or 0)
@@ -263,13 +266,13 @@ def analyze(gm: GraphModule) -> Structure:
                 continue
             if w.node in o_linears:
                 w.role = "attn_out"
-            elif _fed_by_linear(producer(w.node.args[0])) and w.node not in mlp_down:
+            elif _fed_by_linear(last_dim_producer(w.node.args[0])) and w.node not in mlp_down:
                 w.role = "mlp_down"
                 mlp_down.append(w.node)
     norms = []
     for n in norm_nodes:
         kind = "layer_norm" if n.target is F.layer_norm else "rms_norm"
-        site = NormSite(n, kind, norm_hidden(n), layout_consumers(n))
+        site = NormSite(n, kind, norm_hidden(n), last_dim_consumers(n))
         if any(w.node is n for s in streams for w in s.writers):
             site.position = "post"
         elif any(r.node is n and r.kind == "norm" for s in streams for r in s.readers):

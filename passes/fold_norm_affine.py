@@ -20,17 +20,17 @@ from torch.fx import GraphModule
 
 from qcompile.fx_utils import erase_unused, get_constant
 from qcompile.pass_manager import PassContext, PassResult, graph_pass
-from qcompile.passes.analyze_structure import current
-from qcompile.structure import (
+from qcompile.passes._shapes import is_linear_input
+from qcompile.passes._structure import (
     NormSite,
     Skips,
     WeightEditor,
-    is_linear_input,
     layer_name,
     linear_params,
     op_name,
     set_linear,
 )
+from qcompile.passes.analyze_structure import current
 
 
 def _skip_reason(gm: GraphModule, site: NormSite) -> str | None:

@@ -29,8 +29,7 @@ import torch.nn.functional as F
 from torch.fx import GraphModule
 
 from qcompile.pass_manager import PassContext, PassResult, graph_pass
-from qcompile.passes.analyze_structure import current
-from qcompile.structure import (
+from qcompile.passes._structure import (
     ResidualStream,
     Skips,
     WeightEditor,
@@ -41,6 +40,7 @@ from qcompile.structure import (
     param_name,
     set_linear,
 )
+from qcompile.passes.analyze_structure import current
 
 
 def stream_skip_reason(stream: ResidualStream, *, reader_ok) -> str | None:

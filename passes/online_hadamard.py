@@ -33,15 +33,9 @@ from qcompile.fx_utils import is_call
 from qcompile.hadamard import hadamard_matrix, is_hadamard_size
 from qcompile.lowering.ops import HADAMARD
 from qcompile.pass_manager import PassContext, PassResult, graph_pass
+from qcompile.passes._shapes import last_size
+from qcompile.passes._structure import Skips, WeightEditor, layer_name, linear_params, set_linear
 from qcompile.passes.analyze_structure import current
-from qcompile.structure import (
-    Skips,
-    WeightEditor,
-    last_size,
-    layer_name,
-    linear_params,
-    set_linear,
-)
 
 
 def normalized_hadamard(n: int) -> torch.Tensor:

@@ -27,21 +27,18 @@ from torch.fx import GraphModule, Node
 
 from qcompile.hadamard import is_hadamard_size
 from qcompile.pass_manager import PassContext, PassResult, graph_pass
-from qcompile.passes.analyze_structure import current
-from qcompile.passes.online_hadamard import insert_hadamard, normalized_hadamard
-from qcompile.structure import (
+from qcompile.passes._channel_flow import Flow, channel_flows, rope_map
+from qcompile.passes._shapes import is_linear_input, last_size
+from qcompile.passes._structure import (
     Attention,
-    Flow,
     Skips,
     WeightEditor,
-    channel_flows,
-    is_linear_input,
-    last_size,
     layer_name,
     linear_params,
-    rope_map,
     set_linear,
 )
+from qcompile.passes.analyze_structure import current
+from qcompile.passes.online_hadamard import insert_hadamard, normalized_hadamard
 
 
 def _v_plan(att: Attention, ropes) -> tuple[list[Node], list[Flow]] | str:

@@ -34,20 +34,19 @@ from torch.fx import GraphModule, Node
 from qcompile.fx_utils import add_constant
 from qcompile.hadamard import is_hadamard_size, orthogonal_matrix, random_hadamard
 from qcompile.pass_manager import PassContext, PassResult, graph_pass
-from qcompile.passes.analyze_structure import current
-from qcompile.passes.layernorm_to_rmsnorm import edit_writer, stream_skip_reason
-from qcompile.passes.online_hadamard import insert_hadamard, normalized_hadamard
-from qcompile.structure import (
+from qcompile.passes._shapes import is_linear_input, last_dim_consumers
+from qcompile.passes._structure import (
     Reader,
     ResidualStream,
     Skips,
     WeightEditor,
-    is_linear_input,
     layer_name,
-    layout_consumers,
     linear_params,
     set_linear,
 )
+from qcompile.passes.analyze_structure import current
+from qcompile.passes.layernorm_to_rmsnorm import edit_writer, stream_skip_reason
+from qcompile.passes.online_hadamard import insert_hadamard, normalized_hadamard
 
 
 def rotation(d: int, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -68,7 +67,7 @@ def _exits(stream: ResidualStream) -> list[tuple[Node, Node]]:
     out = [(r.node, r.reads) for r in stream.readers if r.kind in ("output", "other")]
     for r in stream.readers:
         if r.kind == "norm" and r.node.args[2] is None:
-            out += [(u, n) for u, n in layout_consumers(r.node) if not is_linear_input(u, n)]
+            out += [(u, n) for u, n in last_dim_consumers(r.node) if not is_linear_input(u, n)]
         elif r.kind == "norm":
             out.append((r.node, r.node))  # an RMSNorm with gamma is split, see _split_norm
     return out
@@ -79,7 +78,7 @@ def _linear_readers(stream: ResidualStream) -> list[Node]:
     linears = [r.node for r in stream.readers if r.kind == "linear"]
     for r in stream.readers:
         if r.kind == "norm" and r.node.target is F.rms_norm and r.node.args[2] is None:
-            linears += [u for u, n in layout_consumers(r.node) if is_linear_input(u, n)]
+            linears += [u for u, n in last_dim_consumers(r.node) if is_linear_input(u, n)]
     return list(dict.fromkeys(linears))
 
 

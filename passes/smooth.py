@@ -38,21 +38,22 @@ import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
 from qcompile import annotations as ann
-from qcompile.fx_utils import add_constant, is_call
+from qcompile.fx_utils import add_constant, is_call, tensor_val
 from qcompile.pass_manager import PassContext, PassResult, graph_pass
-from qcompile.structure import (
+from qcompile.passes._shapes import (
+    is_linear_input,
+    last_dim_consumers,
+    last_dim_producer,
+    last_size,
+)
+from qcompile.passes._structure import (
     NORMS,
     Skips,
     WeightEditor,
-    is_linear_input,
-    last_size,
     layer_name,
-    layout_consumers,
     linear_params,
     param_name,
-    producer,
     set_linear,
-    tval,
 )
 
 
@@ -104,20 +105,21 @@ def smoothing_scales(ax: torch.Tensor, weights: list[torch.Tensor], alpha: float
 
 
 def _exclusive(node: Node, linears: list[Node]) -> bool:
-    """Every reader of node's values (through layout ops) is one of linears' inputs."""
-    uses = layout_consumers(node)
+    """Every reader of node's values (through ops that keep the last dim) is one of linears'
+    inputs."""
+    uses = last_dim_consumers(node)
     return bool(uses) and all(is_linear_input(u, r) and u in linears for u, r in uses)
 
 
 def _fold_producer(ed: WeightEditor, x: Node, linears: list[Node], s: torch.Tensor) -> str | None:
     """Divide what produces x by s; returns how, or None when nothing can absorb it."""
-    p = producer(x)
+    p = last_dim_producer(x)
     k = s.shape[0]
     if not _exclusive(p, linears) or last_size(p) != k:
         return None
     ann.put(x, ann.Smoothed(s))  # x's values are now x / s (smooth-qparams rescales)
     if is_call(p, *NORMS) and p.args[1] is not None and list(p.args[1]) == [k]:
-        like = torch.empty(0, dtype=tval(p).dtype, device=tval(p).device)
+        like = torch.empty(0, dtype=tensor_val(p).dtype, device=tensor_val(p).device)
         gamma = ed.get64(p, 2)
         ed.set(p, 2, (gamma if gamma is not None else torch.ones_like(s)) / s, like=like,
                name=f"smooth_{p.name}_weight")
@@ -131,9 +133,10 @@ def _fold_producer(ed: WeightEditor, x: Node, linears: list[Node], s: torch.Tens
         return "linear"
     if is_call(p, operator.mul, torch.mul) and all(isinstance(a, Node) for a in p.args):
         for factor in p.args:
-            f = producer(factor)
+            f = last_dim_producer(factor)
             if is_call(f, F.linear) and last_size(f) == k and all(
-                    u is p for u, _ in layout_consumers(f)) and tval(factor).shape == tval(p).shape:
+                    u is p for u, _ in last_dim_consumers(f)) and (
+                    tensor_val(factor).shape == tensor_val(p).shape):
                 w, b = linear_params(ed, f)
                 set_linear(ed, f, weight=w / s[:, None], bias=None if b is None else b / s)
                 ann.put(f, ann.Smoothed(s))
@@ -143,7 +146,7 @@ def _fold_producer(ed: WeightEditor, x: Node, linears: list[Node], s: torch.Tens
 
 
 def _explicit(gm: GraphModule, x: Node, linears: list[Node], s: torch.Tensor) -> None:
-    inv = add_constant(gm, f"smooth_inv_scale_{x.name}", (1.0 / s).to(tval(x).dtype),
+    inv = add_constant(gm, f"smooth_inv_scale_{x.name}", (1.0 / s).to(tensor_val(x).dtype),
                        before=linears[0])
     with gm.graph.inserting_before(linears[0]):
         scaled = gm.graph.call_function(operator.mul, (x, inv))

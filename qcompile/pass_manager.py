@@ -130,14 +130,16 @@ def get_pass(name: str) -> PassFn:
 
 @functools.cache
 def _import_all_passes() -> None:
-    """Passes register themselves on import; one module per pass in qcompile.passes."""
+    """Passes register themselves on import; one module per pass in qcompile.passes (a
+    module whose name starts with an underscore is a helper of some passes, not a pass)."""
     import importlib
     import pkgutil
 
     import qcompile.passes
 
     for info in pkgutil.iter_modules(qcompile.passes.__path__):
-        importlib.import_module(f"qcompile.passes.{info.name}")
+        if not info.name.startswith("_"):
+            importlib.import_module(f"qcompile.passes.{info.name}")
 
 
 def pass_name(fn: PassFn) -> str:

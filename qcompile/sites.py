@@ -1,21 +1,43 @@
-"""Quantization sites: stable names for the activations a recipe quantizes.
+"""Quantization sites: stable names for the activations a recipe quantizes, and the one
+vocabulary of layout ops that every pass looks through.
 
 A site is named after parameter paths, never after graph node names, so the same site
 in a graph recompiled for a new shape (or in another graph of the same model) finds the
 same calibration statistics:  "in:<layer>" (a linear's input), "out:<layer>" (its
 output), "attn:<layer>:q|k|v" (attention inputs, named after the v projection), and
 "add:<layer>" (a residual add written by that layer).
+
+Layout ops only move values: every output element is an input element, same dtype, same
+value (views, reshapes, broadcasts, transposes, permutes, `contiguous`, the items of a
+split or chunk). So int8 data and its scale pass through them unchanged, an observer sees
+the same values on either side, and a site is named after the op that computed the values,
+not after a view of them. `layout_kind` says how each one moves values; the equivalence
+transforms ask the narrower question of which keep the last dim in place
+(passes/_shapes.py `keeps_last_dim`), from the same table.
 """
 
 from __future__ import annotations
 
+import operator
+
+import torch
 import torch.nn.functional as F
 from torch.fx import Node
 
 from qcompile.fx_utils import is_call, is_method
 
-LAYOUT_METHODS = ("view", "reshape", "transpose", "permute", "contiguous", "unflatten",
-                  "flatten", "unsqueeze", "squeeze", "expand")
+# kind -> (method names, torch functions). "reshape": row-major reshapes and broadcasts,
+# so an unchanged last size keeps every row intact; "transpose": swaps the two dims in
+# args[1:3]; "permute": reorders every dim; "copy": same shape and order.
+LAYOUT_OPS: dict[str, tuple[tuple[str, ...], tuple]] = {
+    "reshape": (("view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "expand",
+                 "expand_as"),
+                (torch.reshape, torch.flatten, torch.unflatten, torch.squeeze, torch.unsqueeze)),
+    "transpose": (("transpose", "swapaxes"), (torch.transpose, torch.swapaxes)),
+    "permute": (("permute",), (torch.permute,)),
+    "copy": (("contiguous",), ()),
+}
+SPLITS = ("split", "chunk")  # their getitem items are layout ops ("split-item")
 
 
 def linear_name(node: Node) -> str:
@@ -28,24 +50,26 @@ def is_linear(node) -> bool:
     return is_call(node, F.linear)
 
 
+def layout_kind(node) -> str | None:
+    """How a layout op moves values: a kind of LAYOUT_OPS or "split-item"; None for any
+    other node. The data input is args[0] (the split itself for a split item)."""
+    for kind, (methods, functions) in LAYOUT_OPS.items():
+        if is_method(node, *methods) or is_call(node, *functions):
+            return kind
+    if is_call(node, operator.getitem) and _is_split_item(node):
+        return "split-item"
+    return None
+
+
 def is_layout(node) -> bool:
     """Ops that only move values (int8 data may flow through them unchanged)."""
-    import operator
-
-    import torch
-
-    if is_method(node, *LAYOUT_METHODS):
-        return True
-    if is_call(node, torch.reshape, torch.transpose, torch.permute, torch.flatten,
-               torch.unsqueeze, torch.squeeze):
-        return True
-    return is_call(node, operator.getitem) and _is_split_item(node)
+    return layout_kind(node) is not None
 
 
 def _is_split_item(node) -> bool:
     src = node.args[0]
-    return isinstance(src, Node) and (is_method(src, "split", "chunk")
-                                      or getattr(src.target, "__name__", "") in ("split", "chunk"))
+    return isinstance(src, Node) and (is_method(src, *SPLITS)
+                                      or getattr(src.target, "__name__", "") in SPLITS)
 
 
 def producer_through_layout(node) -> Node:

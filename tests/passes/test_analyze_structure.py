@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import qcompile
-from qcompile.structure import index_on_last
+from qcompile.passes._shapes import index_on_last
 
 transformers = pytest.importorskip("transformers")
 
