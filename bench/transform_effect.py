@@ -1,4 +1,4 @@
-"""Effect of the equivalence transforms (issue 4) on outliers and on quantization error.
+"""Effect of the equivalence transforms on outliers and on quantization error.
 
 Models: all-MiniLM-L6-v2 (real weights; post-norm, so only per-head rotations and online
 Hadamards apply) and a random LLaMA whose embedding and norm weights get a few outlier

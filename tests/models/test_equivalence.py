@@ -1,4 +1,4 @@
-"""Issue 4's contract: after every equivalence transform, in float64, the graph computes
+"""The equivalence transforms' contract: after every one, in float64, the graph computes
 what the model computes (1e-6 relative), on tiny random transformers models of each
 family and on the real all-MiniLM-L6-v2 weights; and the transforms really applied
 where they are valid (and were skipped, with a reason, where they are not)."""

@@ -12,7 +12,7 @@ from tests.models.zoo import MODELS, output
 pytest.importorskip("transformers")
 
 # minimum cosine similarity to float per output row (random weights, no rotations: the
-# 4-bit activation recipe is the one that needs the transforms of issue 4)
+# 4-bit activation recipe is the one that needs the equivalence transforms)
 CLOSE = {"w8a8": 0.999, "w8a8-static": 0.995, "w4a16": 0.97, "w4a8": 0.97, "w4a4": 0.85}
 STATIC = {"w8a8-static", "w4a8", "w4a4"}
 
@@ -46,7 +46,7 @@ def test_model_recipe(name, recipe):
     linears = [layer for layer in rep.layers if layer.kind == "linear"]
     assert linears and all(layer.quantized for layer in linears), str(rep)
     # per-layer SQNR is measured for every quantized linear; without rotations, 4-bit
-    # activations leave some LLaMA-family layers near 0 dB (issue 4's transforms fix that)
+    # activations leave some LLaMA-family layers near 0 dB (the equivalence transforms fix that)
     floor = 0.0 if recipe == "w4a4" else 10.0
     assert all(layer.sqnr_db is not None and layer.sqnr_db > floor for layer in linears), [
         (layer.name, layer.sqnr_db) for layer in linears]
