@@ -1,37 +1,56 @@
-"""The CPU integer path: the int8 GEMM with torch._int_mm and the epilogue in torch ops.
+"""The CPU integer path: an exact int8 GEMM route for this CPU, then the epilogue.
 
-What: `cpu_gemm_int8(a, w, epilogue, **values)` has exactly the semantics of the Triton
-kernel (qcompile.lowering.gemm) and of reference.gemm_int8_ref, bit for bit:
-acc = torch._int_mm(A, W^T) accumulates in int32 (oneDNN's VNNI kernels: ~10x float
-matmul on AVX-512 machines), then reference.apply_bound_epilogue, the one implementation
-of the steps (requantization through qcompile.numerics.dyadic), runs on acc.
+What: `cpu_gemm_int8(a, w, epilogue, route=..., **values)` has exactly the semantics of
+the Triton kernel (qcompile.lowering.gemm) and of reference.gemm_int8_ref, bit for bit:
+the accumulator comes from one of the exact CPU routes (lowering/cpu_routes.py: oneDNN's
+u8 x s8 kernel, torch._int_mm where AVX512-VNNI / AMX make it fast, float32 sgemm on K
+chunks), prepared once per weight (cached beside the weight tensor, keyed weakly), then
+the epilogue runs:
 
-Why compiled: eagerly, the int64 epilogue is ~10 passes over an [M, N] int64 tensor and
-costs far more than the GEMM itself (4096 x 1536: ~230 ms vs ~3 ms). torch.compile
-(Inductor's C++ backend, one compiled function per epilogue signature, dynamic shapes)
-fuses it into one loop. Without a working compiler, mode="auto" falls back, with a
-warning, to the eager epilogue over row chunks that stay in cache.
+- integer steps and requantization from an int32 accumulator: reference's
+  `apply_bound_epilogue` (the one implementation of the steps, requantization through
+  qcompile.numerics.dyadic), fused into one loop by Inductor per epilogue signature;
+- requantization from a float32 accumulator that holds the exact integers (oneDNN and
+  the float32 route return those): `requantize_f32`, a float32 candidate and the exact
+  int64 arithmetic only where the candidate could be off by one. On AVX2 this is what
+  makes the quantized layer fast: ATen emulates int64 vector multiplies and shifts lane by
+  lane without AVX-512, and the int64 epilogue cost more than the GEMM;
+- dequantization from a float32 accumulator: the float steps directly, in the op order
+  every implementation follows (float32(acc) is the accumulator itself there).
 
-Care: runtime scalars (q, shift, zero point, bounds) reach the compiled function as 0-d
+Why compiled: eagerly, an epilogue is ~10 passes over an [M, N] temporary; torch.compile
+(Inductor's C++ backend, one compiled function per signature, dynamic shapes) fuses it
+into one loop. Without a working compiler, mode="auto" falls back, with a warning, to the
+eager epilogue over row chunks that stay in cache.
+
+Care: runtime scalars (q, shift, zero point, bounds) reach the compiled functions as 0-d
 int64 tensors. As symbolic Python ints, Inductor computed 1 << (shift - 1) wrongly for
 large shifts (seen with torch 2.13); tests pin the exact results at shift 62.
-
-torch._int_mm on CPU is wrong for K == 1 (N > 1) in torch 2.13: K is zero-padded to 2
-there, which leaves every sum unchanged. M, N or K of 0 are handled without calling it.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import re
 import warnings
+import weakref
 from typing import Any
 
 import torch
 
+from qcompile.lowering import cpu_routes
 from qcompile.lowering.device import inside_compiler
-from qcompile.lowering.epilogue import Epilogue, bind_operands
+from qcompile.lowering.epilogue import (
+    Bias,
+    Dequantize,
+    Epilogue,
+    InputZeroPoint,
+    Requantize,
+    bind_operands,
+)
 from qcompile.lowering.reference import apply_bound_epilogue, check_k
+from qcompile.numerics.dyadic import requantize
 
 MODES = ("auto", "compiled", "eager")
 _CHUNK_ELEMENTS = 1 << 16  # eager fallback: rows per chunk so int64 temporaries fit in L2
@@ -40,26 +59,48 @@ _CHUNK_ELEMENTS = 1 << 16  # eager fallback: rows per chunk so int64 temporaries
 _COMPILE_MIN_ELEMENTS = 1 << 18
 _SCALARS = ("q", "shift", "out_zero_point", "qmin", "qmax")
 
+# ---------------------------------------------------------------- prepared weights
 
-def prepare_weight(w: torch.Tensor) -> torch.Tensor:
-    """W [N, K] re-laid out K-major (a [N, K] view of a contiguous [K, N] tensor).
-
-    Done once at compile time: torch._int_mm then reads a row-major [K, N] operand, the
-    faster layout for large M (see bench/README.md); for M = 1 the plain [N, K] is faster.
-    """
-    return w.t().contiguous().t()
+# id(weight) -> (weakref to it, {route name: (version, Prepared)}); entries die with their
+# weights (a WeakKeyDictionary would compare tensors with ==)
+_PREPARED: dict[int, tuple[weakref.ref, dict]] = {}
 
 
-def int_mm(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """acc [M, N] int32 = A [M, K] @ W [N, K]^T, exact for K <= 131071."""
-    m, k = a.shape
-    n = w.shape[0]
-    if m == 0 or n == 0 or k == 0:
-        return torch.zeros((m, n), dtype=torch.int32)
-    if k == 1:  # torch._int_mm(CPU) returns wrong sums for K == 1; a zero column is exact
-        a = torch.nn.functional.pad(a, (0, 1))
-        w = torch.nn.functional.pad(w, (0, 1))
-    return torch._int_mm(a, w.t())
+def _cache_of(w: torch.Tensor) -> dict:
+    key = id(w)
+    entry = _PREPARED.get(key)
+    if entry is None or entry[0]() is not w:
+        entry = _PREPARED[key] = (weakref.ref(w, lambda _r, k=key: _PREPARED.pop(k, None)), {})
+    return entry[1]
+
+
+def prepared(route: cpu_routes.Route, w: torch.Tensor) -> cpu_routes.Prepared:
+    """`route.prepare(w)`, once per weight and route (again if w changed in place)."""
+    per_route = _cache_of(w)
+    entry = per_route.get(route.name)
+    if entry is None or entry[0] != w._version:
+        entry = per_route[route.name] = (w._version, route.prepare(w))
+    return entry[1]
+
+
+def weight_range(w: torch.Tensor) -> tuple[int, int]:
+    """(min, max) of an int8 weight, cached beside it like its prepared layouts."""
+    per_route = _cache_of(w)
+    entry = per_route.get("range")
+    if entry is None or entry[0] != w._version:
+        lo, hi = (int(w.min()), int(w.max())) if w.numel() else (0, 0)
+        entry = per_route["range"] = (w._version, (lo, hi))
+    return entry[1]
+
+
+def route_for(m: int, w: torch.Tensor) -> cpu_routes.Route:
+    """The fastest exact route on this CPU for [M, K] x w^T with w's actual values."""
+    n, k = w.shape
+    return cpu_routes.choose_route(cpu_routes.cpu_capabilities(), m, k, n,
+                                   weight_range(w)).route
+
+
+# ---------------------------------------------------------------- int32 epilogues
 
 
 def _chunked_eager(acc: torch.Tensor, epilogue: Epilogue, v: dict[str, Any]) -> torch.Tensor:
@@ -88,36 +129,168 @@ def _compiled_epilogue(epilogue: Epilogue):
 _FAILED: set[str] = set()
 
 
-def run_epilogue(
-    acc: torch.Tensor, epilogue: Epilogue, v: dict[str, Any], mode: str = "auto"
-) -> torch.Tensor:
-    """Apply the epilogue to acc [M, N] int32 with already-bound values (bind_operands)."""
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if not epilogue.steps:
-        return acc
-    sig = epilogue.signature()
+def _compiled_or_eager(key: str, mode: str, size: int, compiled, eager):
+    """Run `compiled()` when the mode and size call for it (and it has not failed before
+    for this key), else `eager()`; in "auto", a failed compile warns and runs eagerly."""
     if inside_compiler():
         # Inside an outer torch.compile (tracing, or a backend such as qcompile's running
         # a probe): a nested compile would re-enter Dynamo, so run the plain ops.
-        return apply_bound_epilogue(acc, epilogue, v)
-    small = acc.numel() < _COMPILE_MIN_ELEMENTS  # compiling would cost more than it saves
-    if mode == "eager" or (mode == "auto" and (sig in _FAILED or small)):
-        return _chunked_eager(acc, epilogue, v)
-    tv = {k: torch.tensor(x, dtype=torch.int64) if k in _SCALARS and isinstance(x, int) else x
-          for k, x in v.items()}
+        return eager()
+    small = size < _COMPILE_MIN_ELEMENTS  # compiling would cost more than it saves
+    if mode == "eager" or (mode == "auto" and (key in _FAILED or small)):
+        return eager()
     try:
-        return _compiled_epilogue(epilogue)(acc, tv)
+        return compiled()
     except Exception as e:
         if mode == "compiled":
             raise
-        _FAILED.add(sig)
-        warnings.warn(
-            f"qcompile cpu: compiling the {sig} epilogue failed ({type(e).__name__}: {e}); "
-            "running it eagerly (correct, but several times slower)",
-            stacklevel=2,
-        )
-        return _chunked_eager(acc, epilogue, v)
+        _FAILED.add(key)
+        warnings.warn(f"qcompile cpu: compiling the {key} epilogue failed ({type(e).__name__}: "
+                      f"{e}); running it eagerly (correct, but several times slower)",
+                      stacklevel=3)
+        return eager()
+
+
+def _tensor_scalars(v: dict[str, Any]) -> dict[str, Any]:
+    return {k: torch.tensor(x, dtype=torch.int64) if k in _SCALARS and isinstance(x, int) else x
+            for k, x in v.items()}
+
+
+def run_epilogue(
+    acc: torch.Tensor, epilogue: Epilogue, v: dict[str, Any], mode: str = "auto"
+) -> torch.Tensor:
+    """Apply the epilogue to acc [M, N] (int32, or float32 holding the exact integers)
+    with already-bound values (bind_operands)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if acc.is_floating_point():
+        fast = _float_epilogue(acc, epilogue, v, mode)
+        if fast is not None:
+            return fast
+        acc = acc.to(torch.int32)  # exact: the route held |acc| <= 2**24 in float32
+    if not epilogue.steps:
+        return acc
+    return _compiled_or_eager(
+        epilogue.signature(), mode, acc.numel(),
+        lambda: _compiled_epilogue(epilogue)(acc, _tensor_scalars(v)),
+        lambda: _chunked_eager(acc, epilogue, v))
+
+
+# ---------------------------------------------------------------- float32 accumulators
+
+F32_EXACT = cpu_routes.F32_EXACT
+# requantize_f32 recomputes blocks of this many elements where the candidate is doubtful
+FIX_BLOCK = 64
+
+
+def _float_epilogue(acc: torch.Tensor, epilogue: Epilogue, v: dict[str, Any], mode: str):
+    """The epilogue on an exact float32 accumulator, where a float path is exact; None
+    where the integer path must run."""
+    kinds = [type(s) for s in epilogue.steps]
+    if kinds and kinds[-1] is Dequantize and InputZeroPoint not in kinds and Bias not in kinds:
+        return _dequantize_f32(acc, epilogue, v, mode)
+    if kinds and kinds[-1] is Requantize:
+        offset = _integer_offset(epilogue, v, acc.shape[1])
+        if offset is not None:
+            return requantize_f32(acc, offset, v, mode)
+    return None
+
+
+def _dequant_body(acc, row_scale, col_scale, float_bias):
+    # the reference's op order: ((float32(acc) * row_scale[m]) * col_scale[c]) + bias[c]
+    y = acc * row_scale[:, None]
+    y = y * col_scale[None, :]
+    if float_bias is not None:
+        y = y + float_bias[None, :]
+    return y
+
+
+@functools.cache
+def _compiled_dequant():
+    return torch.compile(_dequant_body, dynamic=True, fullgraph=True)
+
+
+def _dequantize_f32(acc, epilogue, v, mode):
+    step = epilogue.dequantize
+    bias = v.get("float_bias") if step.has_bias else None
+    args = (acc, v["row_scale"], v["col_scale"], bias)
+    y = _compiled_or_eager("f32 " + epilogue.signature(), mode, acc.numel(),
+                           lambda: _compiled_dequant()(*args), lambda: _dequant_body(*args))
+    return y.to(epilogue.out_dtype)
+
+
+def _integer_offset(epilogue: Epilogue, v: dict[str, Any], n: int) -> torch.Tensor | None:
+    """bias - zp_term as one exact float32 [N] vector, or None when it is not within
+    2**24 (then the float candidate's error bound does not hold)."""
+    off = torch.zeros(n, dtype=torch.int64)
+    if epilogue.step(Bias) is not None:
+        off = off + v["bias"].to(torch.int64)
+    if epilogue.step(InputZeroPoint) is not None:
+        off = off - v["zp_term"].to(torch.int64)
+    if n and int(off.abs().max()) > F32_EXACT:
+        return None
+    return off.to(torch.float32)
+
+
+def _requant_candidate(block: int):
+    def body(acc, offset, mult, zp, qmin, qmax):
+        t = (acc + offset) * mult  # [M, N] float32: three roundings, |t - exact| < |t| 2**-22.3
+        r = torch.round(t)
+        # doubtful: within |t| 2**-21 of a half-integer, where t and the exact value could
+        # round apart (and where the exact value could be a tie); |t| >= 512 saturates
+        doubtful = ((t - r).abs() > 0.5 - t.abs() * 2.0**-21) & (t.abs() < 512)
+        m, n = t.shape
+        blocks = torch.where(doubtful, 1.0, 0.0).view(m, n // block, block).amax(dim=2)
+        return (r + zp).clamp(qmin, qmax).to(torch.int32).to(torch.int8), blocks
+
+    body.__name__ = f"requant_candidate_{block}"
+    return body
+
+
+@functools.cache
+def _compiled_candidate(block: int):
+    return torch.compile(_requant_candidate(block), dynamic=True, fullgraph=True)
+
+
+def requantize_f32(acc: torch.Tensor, offset: torch.Tensor, v: dict[str, Any],
+                   mode: str = "auto") -> torch.Tensor:
+    """clamp(round_half_away((acc + offset) * q / 2**shift) + zp) for a float32 acc
+    [M, N] holding exact integers (|acc| <= 2**24) and an exact float32 offset
+    (bias - zp_term, |offset| <= 2**24): bit for bit dyadic.requantize.
+
+    A float32 candidate t = fl(fl(acc + offset) * fl(q 2**-shift)) has three roundings,
+    so |t - exact| < |t| 2**-22.3. Where t is farther than |t| 2**-21 from a
+    half-integer, t and the exact value round alike and the exact value is no tie, so
+    torch.round (half to even) gives round_half_away; where |t| >= 512 the output
+    saturates either way. The remaining elements (about one 64-element block in a hundred
+    on real data) are recomputed with the exact int64 arithmetic.
+    """
+    m, n = acc.shape
+    q, shift = v["q"], v["shift"]
+    if isinstance(q, torch.Tensor):
+        mult = (q.to(torch.float64) * torch.pow(2.0, -shift.to(torch.float64))).float()
+    else:
+        mult = torch.tensor(math.ldexp(q, -shift), dtype=torch.float32)
+    block = math.gcd(n, FIX_BLOCK) or 1
+    scalars = [torch.tensor(v[k], dtype=torch.float32) for k in ("out_zero_point", "qmin",
+                                                                 "qmax")]
+    args = (acc, offset, mult, *scalars)
+    y, blocks = _compiled_or_eager(
+        f"f32 requant/{block}", mode, acc.numel(),
+        lambda: _compiled_candidate(block)(*args), lambda: _requant_candidate(block)(*args))
+    bad = blocks.reshape(-1).nonzero().squeeze(1)
+    if bad.numel():
+        idx = (bad[:, None] * block + torch.arange(block)).reshape(-1)  # flat [M * N]
+        cols = idx % n
+        x = acc.reshape(-1)[idx].to(torch.int64) + offset[cols].to(torch.int64)
+        qv = q[cols] if isinstance(q, torch.Tensor) else q
+        sv = shift[cols] if isinstance(shift, torch.Tensor) else shift
+        y.view(-1)[idx] = requantize(x, qv, sv, v["out_zero_point"], v["qmin"], v["qmax"],
+                                     out_dtype=torch.int8)
+    return y
+
+
+# ---------------------------------------------------------------- the GEMM
 
 
 def cpu_gemm_int8(
@@ -125,15 +298,17 @@ def cpu_gemm_int8(
     w: torch.Tensor,
     epilogue: Epilogue | None = None,
     *,
+    route: str | None = None,
     mode: str = "auto",
     **values: Any,
 ) -> torch.Tensor:
     """C[M, N] = epilogue(A[M, K] @ W[N, K]^T) on CPU; same values as gemm.gemm_int8.
 
-    A: int8 [M, K], any strides. W: int8 [N, K], any strides (prepare_weight gives the
-    layout _int_mm is fastest with for large M). mode: "compiled" (Inductor-fused
-    epilogue), "eager" (no compiler needed), "auto" (compiled for M * N >= 2**18, else
-    eager; eager with a warning if compiling fails).
+    A: int8 [M, K], any strides. W: int8 [N, K], any strides. route: a name in
+    cpu_routes.ROUTES, or None for the fastest exact route for this M and W on this CPU
+    (chosen per call; each route's weight layout is prepared once per weight). mode:
+    "compiled" (Inductor-fused epilogue), "eager" (no compiler needed), "auto" (compiled
+    for M * N >= 2**18, else eager; eager with a warning if compiling fails).
     """
     epilogue = epilogue if epilogue is not None else Epilogue()
     if a.dtype != torch.int8 or w.dtype != torch.int8:
@@ -144,4 +319,7 @@ def cpu_gemm_int8(
         raise ValueError(f"cpu_gemm_int8 takes CPU tensors, got {a.device} and {w.device}")
     check_k(a.shape[1])
     v = bind_operands(epilogue, a.shape[0], w.shape[0], "cpu", values)
-    return run_epilogue(int_mm(a, w), epilogue, v, mode)
+    r = cpu_routes.ROUTES[route] if route is not None else route_for(a.shape[0], w)
+    p = prepared(r, w)
+    acc = r.matmul_f32(a, p) if p.f32_exact and r.native_f32 else r.matmul(a, p)
+    return run_epilogue(acc, epilogue, v, mode)

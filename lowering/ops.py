@@ -263,10 +263,13 @@ def _gemm_reference(a, w, epilogue, origin, **values):
     return gemm_int8_ref(a, w, epilogue, **values)
 
 
-def _gemm_cpu(a, w, epilogue, origin, **values):
-    from qcompile.lowering.cpu import cpu_gemm_int8
+def _gemm_cpu(route: str | None):
+    def gemm(a, w, epilogue, origin, **values):
+        from qcompile.lowering.cpu import cpu_gemm_int8
 
-    return cpu_gemm_int8(a, w, epilogue, **values)
+        return cpu_gemm_int8(a, w, epilogue, route=route, **values)
+
+    return gemm
 
 
 def _gemm_triton(a, w, epilogue, origin, **values):
@@ -303,34 +306,45 @@ def _per_token_triton(rows):
     return quantize_per_token_triton(rows.contiguous())
 
 
+def _route_runs_on(route: str):
+    def runs_on(device: str) -> bool:
+        from qcompile.lowering import cpu_routes
+
+        caps = cpu_routes.cpu_capabilities()
+        return device == "cpu" and cpu_routes.ROUTES[route].available(caps)
+
+    return runs_on
+
+
+# "cpu": the fastest exact route for each call's M and weights on this CPU; "cpu-<route>":
+# one route of lowering/cpu_routes.py (the lower pass binds the route select-layers chose)
+_CPU_ROUTES = ("int-mm", "onednn-u8s8", "onednn-u8s8-split", "fp32-exact")
 BACKENDS = {
     "reference": Backend("reference", _gemm_reference, _per_token_reference),
-    "cpu": Backend("cpu", _gemm_cpu, _per_token_cpu),
+    "cpu": Backend("cpu", _gemm_cpu(None), _per_token_cpu),
+    **{f"cpu-{r}": Backend(f"cpu-{r}", _gemm_cpu(r), _per_token_cpu) for r in _CPU_ROUTES},
     "triton": Backend("triton", _gemm_triton, _per_token_triton),
 }
-_RUNS_ON = {"reference": None, "cpu": on_cpu, "triton": triton_runs_on}
+_RUNS_ON = {"reference": None, "cpu": on_cpu, "triton": triton_runs_on,
+            **{f"cpu-{r}": _route_runs_on(r) for r in _CPU_ROUTES}}
 
 
-def _cpu_weight_layout(args: dict) -> dict:
-    """Once, at lowering: W [N, K] re-laid out K-major, the layout torch._int_mm is fastest
-    with (lowering/cpu.py prepare_weight); int4 weights unpacked to int8 values."""
-    from qcompile.lowering.cpu import prepare_weight
-
+def _cpu_weights(args: dict) -> dict:
+    """Once, at lowering: int4 weights unpacked to int8 values (the CPU routes have no int4
+    path). Each route lays the int8 weight out itself, once (cpu.prepared)."""
     w = args["w"]
-    if w.dtype == torch.uint8:  # packed int4: torch._int_mm has no int4 path
-        w = specs.unpack_int4(w)
-    return {"w": prepare_weight(w) if w.is_contiguous() else w}
+    return {"w": specs.unpack_int4(w)} if w.dtype == torch.uint8 else {}
 
 
 def gemm_op(body, epilogue=None):
-    """Register `body(backend, *args, origin)` as the reference, cpu and triton
-    implementations of a GEMM op: one body, the backend's pieces swapped in. `epilogue`
+    """Register `body(backend, *args, origin)` as the reference, every CPU and the triton
+    implementation of a GEMM op: one body, the backend's pieces swapped in. `epilogue`
     maps the call's arguments (by name) to the Epilogue its generated kernel runs."""
 
     def register(op):
         op.epilogue = epilogue
         for name, backend in BACKENDS.items():
-            prepare = _cpu_weight_layout if name == "cpu" else None
+            prepare = _cpu_weights if name.startswith("cpu") else None
             runs_on = _RUNS_ON[name]
             kw = {"runs_on": runs_on} if runs_on is not None else {}
             op.impl(name, prepare=prepare, **kw)(functools.partial(body, backend))
@@ -407,12 +421,12 @@ def _(x, w, bias, zp_term, q, shift, out_zp, qmin, qmax, origin=""):
     return y.reshape(*x.shape[:-1], w.shape[0])
 
 
-@linear_w4a8.impl("cpu", runs_on=on_cpu, prepare=_cpu_weight_layout)
-def _(x, w, bias, zp_term, q, shift, out_zp, qmin, qmax, origin=""):
-    # torch._int_mm has no int4 path: the int4 values run through the int8 GEMM (same
-    # integers); `prepare` unpacks them once, at lowering
-    return _linear_requant(BACKENDS["cpu"], x, w, bias, zp_term, q, shift, out_zp,
-                           qmin, qmax, origin)
+for _name in BACKENDS:
+    if _name.startswith("cpu"):
+        # the CPU routes have no int4 path: the int4 values run through the int8 GEMM
+        # (same integers); `prepare` unpacks them once, at lowering
+        linear_w4a8.impl(_name, runs_on=_RUNS_ON[_name], prepare=_cpu_weights)(
+            functools.partial(_linear_requant, BACKENDS[_name]))
 
 
 @linear_w4a8.impl("triton", runs_on=triton_runs_on)

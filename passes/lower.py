@@ -7,8 +7,10 @@ Triton interpreter; "reference" is the exact simulation), runs that implementati
 `prepare` hook on the call's constant arguments once (weight layouts, int4 unpacking:
 fresh constants, the originals stay for other readers), and binds the call by keyword
 (`impl=`, and `origin=` naming the graph node, which generated kernels put in their
-header). With debug_dir set, the Triton source of every generated GEMM is written to
-<debug_dir>/<graph>/kernels/. The report records the kernel per layer.
+header). On CPU, GEMM ops of a layer bind the route select-layers planned for it
+("cpu-<route>", lowering/cpu_routes.py). With debug_dir set, the Triton source of every
+generated GEMM is written to <debug_dir>/<graph>/kernels/. The report records the kernel
+per layer.
 Pre: rewrite-linear (and compute-dyadic for integer recipes). Post: no op is unbound
 (stage rule below).
 """
@@ -67,9 +69,13 @@ def lower(gm: GraphModule, ctx: PassContext) -> PassResult:
         if op is None:
             continue
         impl = registry.choose(op, ctx.options.kernels, _device(node))
+        layer_ann = ann.get(node, ann.Layer)
+        route = f"cpu-{layer_ann.route}" if layer_ann is not None and layer_ann.route else None
+        if impl.family == "cpu" and route in op.impls:  # the route select-layers planned
+            impl = op.impls[route]
         if impl.prepare is not None:
             _prepare(gm, node, op, impl)
-        layer = getattr(ann.get(node, ann.Layer), "name", None)
+        layer = getattr(layer_ann, "name", None)
         origin = f"{ctx.name}:{node.name}" + (f" ({layer})" if layer else "")
         registry.bind(node, impl, origin)
         if op.epilogue is not None and ctx.options.debug_dir:

@@ -1,7 +1,8 @@
 """quantize-weights: every selected linear's weight becomes integers with scales.
 
 What: round-to-nearest, or GPTQ where the recipe or options turn it on and calibration
-gathered the input's Hessian. 8-bit: symmetric per output channel. 4-bit with integer
+gathered the input's Hessian. 8-bit: symmetric per output channel (7-bit, [-64, 63],
+where select-layers narrowed them for this CPU's int8 kernel). 4-bit with integer
 activations (w4a8, w4a4): symmetric per output channel, so the accumulator has one scale
 per channel and dyadic requantization applies. 4-bit weight-only (w4a16): group-wise,
 group 128 (one group per row when K is not a multiple of 128; the report says so).
@@ -22,9 +23,12 @@ from qcompile.numerics.weights import gptq_quantize, quantize_weight_rtn
 from qcompile.pass_manager import PassContext, PassResult, graph_pass
 
 
-def weight_spec_for(ctx: PassContext, k: int) -> tuple[QuantSpec, str | None]:
+def weight_spec_for(ctx: PassContext, k: int,
+                    bits: int | None = None) -> tuple[QuantSpec, str | None]:
+    """The weight spec of a layer: the recipe's, at `bits` where select-layers narrowed
+    them for the CPU route."""
     recipe = ctx.options.recipe_obj
-    bits = recipe.weight.bits
+    bits = bits or recipe.weight.bits
     if recipe.weight.group_size is None:
         return QuantSpec(bits=bits, granularity="per_channel", axis=0), None
     g = recipe.weight.group_size
@@ -44,7 +48,7 @@ def quantize_weights(gm: GraphModule, ctx: PassContext) -> PassResult:
         if selected is None:
             continue
         w = get_constant(gm, node.args[1]).detach().float()
-        spec, note = weight_spec_for(ctx, w.shape[1])
+        spec, note = weight_spec_for(ctx, w.shape[1], selected.weight_bits)
         layer = ctx.layer(selected.name, "linear")
         if note:
             layer.detail["weight_groups"] = note

@@ -9,7 +9,9 @@ zero points); the dynamic recipe computes per-tensor scales at run time
 (quantize_absmax). Where v (or q, k) comes straight from a quantized linear through
 layout ops, integer-dataflow then removes the float round trip.
 Skipped (stays in float, with the reason in the report): dropout > 0, a query/key head
-size mismatch, w4a16 (weight-only recipes keep activations in float).
+size mismatch, w4a16 (weight-only recipes keep activations in float), and on CPU under
+kernels="auto" (its int8 attention is float SDPA on dequantized inputs, never faster than
+float) unless integer_nonlinear asks for the integer softmax.
 Pre: canonicalize-attention (and calibrate-qparams for static recipes).
 """
 
@@ -26,6 +28,13 @@ from qcompile.fx_utils import add_constant, is_call, tensor_val
 from qcompile.lowering import ops
 from qcompile.pass_manager import PassContext, PassResult, graph_pass
 from qcompile.sites import attention_site
+
+
+def _float_on_cpu(ctx: PassContext, q) -> bool:
+    """kernels="auto" on CPU keeps attention float (never slower than float), unless the
+    integer-only softmax was asked for."""
+    return (ctx.options.kernels == "auto" and tensor_val(q).device.type == "cpu"
+            and not ctx.options.transform_on("integer_nonlinear"))
 
 
 def _symmetric_scale(site, qmax: int) -> float | None:
@@ -56,6 +65,9 @@ def rewrite_attention(gm: GraphModule, ctx: PassContext) -> PassResult:
         reason = None
         if recipe.act is None:
             reason = f"recipe {recipe.name!r} keeps activations in float"
+        elif _float_on_cpu(ctx, q):
+            reason = ("the CPU runs int8 attention as float SDPA on the dequantized inputs: "
+                      "no faster than float (kernels='cpu' quantizes it anyway)")
         elif kw["dropout_p"]:
             reason = "attention dropout > 0"
         elif tensor_val(q).shape[-1] != tensor_val(k).shape[-1]:

@@ -3,8 +3,14 @@
 What: annotates every canonical linear with a `Layer` (annotations.py): its name and
 whether it is quantized; records in the report why it stays in float when not: the layer
 matches an option `skip` pattern; its K is too large for exact int32 accumulation
-(K > 131071, DESIGN's range rule); int4 weights need an even K. Records the layer in the
-report either way.
+(K > 131071, DESIGN's range rule); int4 weights need an even K.
+On CPU graphs it also plans how the layer runs (lowering/cpu_routes.py): the weights are
+7-bit where this CPU's fast exact int8 kernel needs them (oneDNN's u8 x s8 without VNNI;
+option narrow_weights), the route is the fastest exact one for the layer's shape, and
+with kernels="auto" a layer no exact int8 route runs faster than float32 stays float
+(DESIGN: never slower than float), with the reason; kernels="cpu" quantizes it anyway.
+The row count M is the example input's (tokens per call). Weight-only int4 stays float on
+CPU under "auto": its CPU path dequantizes the whole weight at every call.
 Why a pass of its own: observers, weight quantization and the rewrites all ask the same
 question and must agree.
 Pre: canonicalize-linear. Post: every F.linear has a Layer annotation.
@@ -13,10 +19,13 @@ Pre: canonicalize-linear. Post: every F.linear has a Layer annotation.
 from __future__ import annotations
 
 import fnmatch
+import math
 
-from torch.fx import GraphModule
+import torch
+from torch.fx import GraphModule, Node
 
 from qcompile import annotations as ann
+from qcompile.lowering import cpu_routes
 from qcompile.lowering.reference import MAX_SAFE_K
 from qcompile.pass_manager import PassContext, PassResult, graph_pass
 from qcompile.sites import is_linear, linear_name
@@ -37,9 +46,49 @@ def layer_reason(name: str, k: int, ctx: PassContext) -> str | None:
     return None
 
 
+def _rows(node: Node) -> int:
+    """M: the linear input's rows (all dims but the last), symbolic sizes at their hint."""
+    shape = node.args[0].meta["val"].shape[:-1]
+    return math.prod(int(d.node.hint) if isinstance(d, torch.SymInt) else int(d)
+                     for d in shape)
+
+
+def _cpu_plan(ctx: PassContext, node: Node, layer: ann.Layer, rec) -> str | None:
+    """Plan a quantized linear on a CPU graph (weights, route); the reason it stays float
+    instead, or None."""
+    opts, recipe = ctx.options, ctx.options.recipe_obj
+    caps = cpu_routes.cpu_capabilities()
+    narrow = cpu_routes.narrow_weight_range(caps)
+    if opts.narrow_weights is True and narrow is None:
+        narrow = cpu_routes.SEVEN_BIT
+    if opts.narrow_weights is False:
+        narrow = None
+    bits = recipe.weight.bits
+    if narrow is not None and bits == 8:
+        layer.weight_bits = narrow[1].bit_length() + 1  # [-64, 63]: 7 bits
+        rec.detail["weights"] = (f"{layer.weight_bits}-bit, the exact range of this CPU's "
+                                 f"int8 kernel ({caps.describe()})")
+    if opts.kernels not in ("auto", "cpu"):
+        return None
+    if recipe.act is None:  # weight-only: no int8 GEMM
+        return ("weight-only int4 on CPU dequantizes the whole weight at every call: slower "
+                "than float32" if opts.kernels == "auto" else None)
+    qmax = (1 << ((layer.weight_bits or bits) - 1)) - 1
+    n, k = node.args[1].meta["val"].shape
+    plan = cpu_routes.plan_layer(caps, _rows(node), k, n, (-qmax - 1, qmax))
+    layer.route = plan.route
+    rec.detail["route"] = f"{plan.route}: {plan.reason}"
+    return plan.reason if not plan.fast and opts.kernels == "auto" else None
+
+
+def _device(node: Node) -> str:
+    return node.args[1].meta["val"].device.type
+
+
 @graph_pass("select-layers", requires=("canonicalize-linear",))
 def select_layers(gm: GraphModule, ctx: PassContext) -> PassResult:
     counters = {"quantize": 0, "float": 0}
+    planned = False
     for node in gm.graph.nodes:
         if not is_linear(node):
             continue
@@ -47,10 +96,20 @@ def select_layers(gm: GraphModule, ctx: PassContext) -> PassResult:
         k = node.args[1].meta["val"].shape[1]
         reason = layer_reason(name, k, ctx)
         rec = ctx.layer(name, "linear")
-        ann.put(node, ann.Layer(name, quantize=reason is None))
+        layer = ann.put(node, ann.Layer(name, quantize=reason is None))
+        if reason is None and _device(node) == "cpu":
+            reason = _cpu_plan(ctx, node, layer, rec)
+            layer.quantize = reason is None
+            planned = True
         if reason is None:
             counters["quantize"] += 1
         else:
             rec.reason = reason
             counters["float"] += 1
+    if planned:
+        caps = cpu_routes.cpu_capabilities()
+        narrow = cpu_routes.narrow_weight_range(caps)
+        ctx.note(f"select-layers: CPU {caps.describe()}, kernels={ctx.options.kernels!r}; "
+                 + (f"its fast exact int8 kernel needs weights in {list(narrow)}"
+                    if narrow else "full-range int8 weights are exact on its int8 kernel"))
     return PassResult(gm, modified=False, counters=counters)

@@ -67,6 +67,8 @@ class Layer:
     name: str  # the weight's parameter path minus ".weight": stable across recompiles
     quantize: bool = True
     qweight: Any = None  # numerics.weights.QuantizedWeight, from quantize-weights
+    weight_bits: int | None = None  # narrower than the recipe's, where the CPU route needs it
+    route: str | None = None  # the CPU int8 GEMM route (lowering/cpu_routes.py)
 
 
 def selected(node: Any) -> Layer | None:

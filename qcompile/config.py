@@ -3,7 +3,9 @@
 `Options.from_user(mode, options)` validates what torch.compile hands the backend. Unknown
 options, recipes, modes or values are errors that list what is known. The only
 environment variables qcompile reads are read here, when an Options is built (never at
-import time): QCOMPILE_DEBUG_DIR (same as options["debug_dir"]) and QCOMPILE_VERIFY=1
+import time): QCOMPILE_DEBUG_DIR (same as options["debug_dir"]), QCOMPILE_KERNELS (the
+default of options["kernels"]: the test suite sets "cpu" to exercise the CPU integer path
+on models too small to run faster than float) and QCOMPILE_VERIFY=1
 (run the stage verifier after every pass, as the tests do).
 """
 
@@ -110,6 +112,9 @@ class Options:
     autotune: bool = False  # set by mode="max-autotune"
     kernels: str = "auto"  # "auto" | "triton" | "cpu" | "reference"
     kernel_cache_dir: str | None = None
+    # CPU graphs: 7-bit int8 weights where this CPU's fast exact int8 kernel needs them
+    # (oneDNN's u8 x s8 without VNNI); None: when it does, False: never, True: always
+    narrow_weights: bool | None = None
     seed: int = 0  # random Hadamard signs and orthogonal fallbacks
 
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -162,6 +167,8 @@ class Options:
         if "skip" in options:
             skip = options["skip"]
             options["skip"] = (skip,) if isinstance(skip, str) else tuple(skip)
+        if "kernels" not in options and os.environ.get("QCOMPILE_KERNELS"):
+            options["kernels"] = os.environ["QCOMPILE_KERNELS"]
         opts = cls(**options)
         if mode and mode.startswith("max-autotune"):
             opts.autotune = True
@@ -187,7 +194,8 @@ class Options:
             )
         if not 0.0 <= self.smooth_alpha <= 1.0:
             raise QCompileConfigError(f"smooth_alpha must be in [0, 1], got {self.smooth_alpha}")
-        for name in ("smooth", "rotate", "online_hadamard", "gptq", "integer_nonlinear"):
+        for name in ("smooth", "rotate", "online_hadamard", "gptq", "integer_nonlinear",
+                     "narrow_weights"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, bool):
                 raise QCompileConfigError(f"option {name!r} takes True/False, got {value!r}")

@@ -45,8 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*TypedStorage.*")
     torch.manual_seed(0)
 
+    from qcompile.lowering.cpu_routes import cpu_capabilities
+
     print(f"qcompile demo: all-MiniLM-L6-v2, recipe {args.recipe!r}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} CPU threads")
+    print(f"CPU: {cpu_capabilities().describe()}")
     model, tok = minilm.load()
     calib, evals = minilm.sentences()
     with torch.no_grad():

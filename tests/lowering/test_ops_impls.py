@@ -113,7 +113,7 @@ def test_int4_weights_run_through_the_int8_gemm_on_cpu():
         for node in w4:
             weight = get_constant(variant.gm, node.args[1])
             assert weight.dtype == (torch.uint8 if kernels == "reference" else torch.int8)
-            assert node.kwargs["impl"] == kernels
+            assert node.kwargs["impl"].split("-")[0] == kernels  # the family; CPU: a route
         with torch.no_grad():
             outs[kernels] = variant.gm(torch.linspace(-3, 3, 360).reshape(3, 5, 24))[0]
     assert torch.equal(outs["reference"], outs["cpu"])

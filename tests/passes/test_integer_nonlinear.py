@@ -97,14 +97,15 @@ def test_bert_gelu_layernorm_softmax_become_integer():
             # integer consumers; the last block's output also enters the float final LN
             assert all(u.target in integer | {ops.DEQUANTIZE} for u in n.users)
             assert any(u.target in integer for u in n.users)
-            assert n.kwargs["impl"] == "cpu"  # bound by lower
+            assert n.kwargs["impl"].startswith("cpu")  # bound by lower: a CPU route
     notes = "\n".join(art.ctx.notes)
     assert "embeddings_2 stays in float: its input has no int8 scale" in notes
     assert "its output is not quantized for a linear" in notes
     rep = {layer.name: layer for layer in qcompile.report(cm_int).layers}
     assert "int-gelu" in rep["encoder.layer.0.output.dense"].transforms
     assert "int-layernorm" in rep["encoder.layer.1.attention.self.query"].transforms
-    assert rep["encoder.layer.0.output.dense"].kernel == "linear_residual_layernorm_int8:cpu"
+    assert rep["encoder.layer.0.output.dense"].kernel.startswith(
+        "linear_residual_layernorm_int8:cpu")  # a CPU route
     assert any("int-softmax" in r.transforms for r in rep.values() if r.kind == "attention")
 
 

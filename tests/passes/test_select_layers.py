@@ -1,0 +1,131 @@
+"""select-layers on CPU graphs: the route each linear runs on, its weight range, and
+kernels="auto" keeping float what no exact int8 route runs faster (DESIGN: never slower
+than float). Capabilities are mocked, so every CPU kind is exercised on any machine."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+import qcompile
+from qcompile import annotations as ann
+from qcompile.lowering import cpu_routes
+from qcompile.state import state_for_model
+from tests.helpers import TinyMLP
+
+REAL = cpu_routes.cpu_capabilities()
+AVX2 = replace(REAL, isa="AVX2", avx2=True, avx512=False, avx512_vnni=False, avx_vnni=False,
+               amx=False, onednn=REAL.onednn, onednn_full_range=False)
+VNNI = replace(AVX2, isa="AVX512", avx512=True, avx512_vnni=True, onednn_full_range=True)
+
+
+class Wide(torch.nn.Module):
+    """Two 512 x 512 linears: at 64 rows, 2**24 multiply-adds each, where an int8 GEMM
+    beats float32."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(512, 512)
+        self.b = torch.nn.Linear(512, 512)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def _compile(model, x, caps, **options):
+    torch._dynamo.reset()
+    with cpu_routes.override_capabilities(caps):
+        cm = torch.compile(model.eval(), backend="qcompile",
+                           options={"recipe": "w8a8", "kernels": "auto", **options})
+        with torch.no_grad():
+            out = cm(x)
+    (art,) = [a for a in state_for_model(cm).artifacts if a.finalized]
+    return cm, art, out
+
+
+def _layers(art):
+    return {n.target: ann.get(n, ann.Layer) for n in art.gm.graph.nodes
+            if ann.get(n, ann.Layer) is not None}
+
+
+@pytest.mark.skipif(not REAL.onednn, reason="needs oneDNN's int8 kernels")
+def test_avx2_runs_big_layers_on_onednn_with_7_bit_weights():
+    torch.manual_seed(0)
+    model, x = Wide(), torch.randn(64, 512)
+    cm, art, out = _compile(model, x, AVX2)
+    rep = {r.name: r for r in qcompile.report(cm).layers}
+    for name in ("a", "b"):
+        assert rep[name].quantized and rep[name].kernel == "linear_dynamic:cpu-onednn-u8s8"
+        assert rep[name].detail["weights"].startswith("7-bit")
+        assert "onednn-u8s8" in rep[name].detail["route"]
+    for layer in _layers(art).values():
+        assert layer.weight_bits == 7 and layer.route == "onednn-u8s8"
+        assert int(layer.qweight.qweight.abs().max()) <= 64  # inside [-64, 63]
+        assert int(layer.qweight.qweight.max()) <= 63
+    with torch.no_grad():
+        assert torch.nn.functional.cosine_similarity(out, model(x)).min() > 0.999
+
+
+def test_vnni_keeps_full_range_weights_on_int_mm():
+    torch.manual_seed(0)
+    model, x = Wide(), torch.randn(64, 512)
+    cm, art, _ = _compile(model, x, VNNI)
+    layers = list(_layers(art).values())
+    assert layers and all(layer.route == "int-mm" and layer.weight_bits is None
+                          for layer in layers)
+    assert any(int(layer.qweight.qweight.abs().max()) > 64 for layer in layers)
+    assert all(r.kernel == "linear_dynamic:cpu-int-mm" for r in qcompile.report(cm).layers)
+
+
+def test_auto_keeps_small_layers_float_and_says_why():
+    torch.manual_seed(0)
+    model, x = TinyMLP(), torch.randn(4, 16)
+    cm, art, out = _compile(model, x, AVX2)
+    with torch.no_grad():
+        assert torch.equal(out, model(x))  # nothing quantized: the float layers ran
+    for rec in qcompile.report(cm).layers:
+        assert not rec.quantized
+        assert "no exact int8 GEMM faster than float32" in rec.reason
+        assert "M=4" in rec.reason and "too small" in rec.reason
+
+
+@pytest.mark.skipif(not REAL.onednn, reason="needs oneDNN's int8 kernels")
+def test_full_range_weights_forbid_the_fast_route_on_avx2():
+    torch.manual_seed(0)
+    cm, _, _ = _compile(Wide(), torch.randn(64, 512), AVX2, narrow_weights=False)
+    for rec in qcompile.report(cm).layers:
+        assert not rec.quantized and "quantize the weights to 7 bits" in rec.reason
+
+
+def test_kernels_cpu_quantizes_even_where_it_is_not_faster():
+    torch.manual_seed(0)
+    cm, art, _ = _compile(TinyMLP(), torch.randn(4, 16), AVX2, kernels="cpu")
+    assert all(r.quantized for r in qcompile.report(cm).layers)
+    assert {layer.route for layer in _layers(art).values()} == {"fp32-exact"}
+
+
+def test_weight_only_int4_stays_float_on_cpu_under_auto():
+    torch.manual_seed(0)
+    cm, _, _ = _compile(Wide(), torch.randn(64, 512), AVX2, recipe="w4a16")
+    for rec in qcompile.report(cm).layers:
+        assert not rec.quantized and "dequantizes the whole weight" in rec.reason
+
+
+class SelfAttention(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv = torch.nn.Linear(16, 48)
+
+    def forward(self, x):  # x [B, S, 16]
+        q, k, v = self.qkv(x).view(*x.shape[:2], 3, 2, 8).permute(2, 0, 3, 1, 4)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)  # [B, 2, S, 8]
+
+
+def test_attention_stays_float_on_cpu_under_auto():
+    torch.manual_seed(0)
+    _, art, _ = _compile(SelfAttention(), torch.randn(2, 5, 16), AVX2)
+    (rec,) = [r for r in art.ctx.layers.values() if r.kind == "attention"]
+    assert not rec.quantized and "float SDPA" in rec.reason
+    _, art, _ = _compile(SelfAttention(), torch.randn(2, 5, 16), AVX2, kernels="cpu")
+    (rec,) = [r for r in art.ctx.layers.values() if r.kind == "attention"]
+    assert rec.quantized and rec.kernel == "attention_int8:cpu"
