@@ -24,7 +24,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from qcompile.lowering import device as qdevice
@@ -78,11 +78,14 @@ SM90_CONFIGS = (
     _c(32, 128, 256, 8, 4, 3), _c(16, 64, 256, 1, 4, 4), _c(16, 128, 128, 1, 4, 4),
     _c(16, 64, 128, 1, 2, 5), _c(16, 32, 256, 1, 2, 5),
 )
-# Ampere and older: the Triton matmul tutorial's int8 space (BLOCK_K 64/128, 3-5 stages).
+# Ampere and older: the Triton matmul tutorial's int8 space (BLOCK_K 64/128, 3-5 stages),
+# with at most 64 accumulators a thread: at 128 (128 x 128 on 4 warps, 128 x 256 on 8)
+# ptxas spills on sm_80 for every epilogue, 0.7 KB a thread for int32 and up to 15 KB with
+# requantization (tests/lowering/test_gpu_aot.py compiles every config here for sm_80).
 SM80_CONFIGS = (
-    _c(128, 256, 64, 8, 8, 3), _c(256, 128, 64, 8, 8, 3), _c(128, 128, 64, 8, 4, 4),
-    _c(128, 64, 64, 8, 4, 4), _c(64, 128, 64, 8, 4, 4), _c(64, 64, 64, 8, 4, 4),
-    _c(128, 128, 128, 8, 8, 3), _c(64, 64, 128, 8, 4, 3), _c(32, 64, 64, 8, 4, 5),
+    _c(128, 128, 128, 8, 8, 3), _c(128, 128, 64, 8, 8, 4), _c(64, 256, 64, 8, 8, 3),
+    _c(256, 64, 64, 8, 8, 3), _c(128, 64, 64, 8, 4, 4), _c(64, 128, 64, 8, 4, 4),
+    _c(64, 64, 64, 8, 4, 4), _c(64, 64, 128, 8, 4, 3), _c(32, 64, 64, 8, 4, 5),
     _c(32, 32, 128, 8, 2, 5), _c(16, 64, 128, 1, 4, 4), _c(16, 128, 64, 1, 4, 4),
 )
 
@@ -120,13 +123,22 @@ def default_config(capability: tuple[int, int] | None, m: int, n: int, k: int) -
     """A deterministic config without timing anything.
 
     Interpreter (capability None): blocks of 16..64 covering small test shapes with few
-    programs (each program is a Python-level loop). GPU: a middle-of-the-road tile.
+    programs (each program is a Python-level loop). GPU: a middle-of-the-road tile by M
+    that compiles without register spills for every epilogue (checked for sm_80 and
+    sm_90 by tests/lowering/test_gpu_aot.py): 128-row tiles take 8 warps, so a thread
+    holds 64 accumulators, not 128; on sm_90 small M takes 64 columns and deep K tiles.
     """
     if capability is None:
         clamp = lambda x: min(64, max(16, _pow2(x)))
         return GemmConfig(clamp(m), clamp(n), clamp(k), group_m=8, num_warps=4, num_stages=2)
-    bm = 16 if m <= 16 else 64 if m <= 64 else 128
-    return GemmConfig(bm, 128, 128 if k >= 128 else 64, 8 if bm > 16 else 1, 4, 3)
+    if capability >= (9, 0):
+        cfg = (_c(16, 64, 256, 1, 4, 4) if m <= 16 else _c(64, 128, 128, 8, 4, 4) if m <= 64
+               else _c(128, 128, 128, 8, 8, 4))
+    else:
+        cfg = (_c(16, 128, 128, 1, 4, 3) if m <= 16 else _c(64, 128, 128, 8, 4, 3) if m <= 64
+               else _c(128, 128, 128, 8, 8, 3))
+    # A short K takes a K tile no longer than K (but at least 64).
+    return replace(cfg, block_k=min(cfg.block_k, max(64, 1 << (max(1, k).bit_length() - 1))))
 
 
 def default_cache_dir() -> Path:

@@ -67,32 +67,40 @@ def _emit(epilogue: Epilogue) -> _Code:
     if not epilogue.steps:
         b.append("out = acc  # [BLOCK_M, BLOCK_N] int32: no epilogue steps")
         return code
-    if epilogue.dequantize is None or len(epilogue.steps) > 1:
-        # Integer steps run in int64: exact, since |acc + bias - zp_term| <= 2**31.
+    wide = epilogue.requantize is not None or (
+        epilogue.dequantize is not None and len(epilogue.steps) > 1
+    )
+    if wide:
+        # Integer steps before a requantization or a float conversion run in int64: exact,
+        # since |acc + bias - zp_term| <= 2**31.
         b.append("x = acc.to(tl.int64)  # [BLOCK_M, BLOCK_N]")
     else:
+        # int32 out: int32 adds wrap modulo 2**32, so the sum comes out exact whenever it
+        # fits int32, which the range check ensures; an int64 tile would double the registers.
+        # (Triton's debug-mode overflow check may still flag a wrap in x - zp_term.)
         b.append("x = acc  # [BLOCK_M, BLOCK_N] int32")
+    widen = ".to(tl.int64)" if wide else ""
     for step in epilogue.steps:
         if isinstance(step, InputZeroPoint):
             code.pointers.append("zp_term")
             b += [
                 "# input zero point: subtract zp_x * colsum(W)[c]",
                 "zp_term = tl.load(zp_term_ptr + offs_n, mask=mask_n, other=0)  # [BLOCK_N] int32",
-                "x = x - zp_term.to(tl.int64)[None, :]",
+                f"x = x - zp_term{widen}[None, :]",
             ]
         elif isinstance(step, Bias):
             code.pointers.append("bias")
             b += [
                 "# bias, already in the accumulator's scale s_x * s_w[c]",
                 "bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0)  # [BLOCK_N] int32",
-                "x = x + bias.to(tl.int64)[None, :]",
+                f"x = x + bias{widen}[None, :]",
             ]
         elif isinstance(step, Requantize):
             b += _emit_requantize(code, step)
         elif isinstance(step, Dequantize):
             b += _emit_dequantize(code, step)
     if epilogue.requantize is None and epilogue.dequantize is None:
-        b.append("out = x.to(tl.int32)  # fits: the range check bounds |x| by 2**31 - 1")
+        b.append("out = x  # int32: the range check bounds |x| by 2**31 - 1")
     return code
 
 
@@ -101,9 +109,11 @@ def _emit_requantize(code: _Code, step: Requantize) -> list[str]:
     if step.per_channel:
         code.pointers += ["q", "shift"]
         lines += [
-            "q = tl.load(q_ptr + offs_n, mask=mask_n, other=0)[None, :]  # [1, BLOCK_N] int64",
+            "# Stored as int64, held as int32 (exact: 0 <= q < 2**31, 1 <= shift <= 62): a",
+            "# thread holds these for each of its columns, and registers are what bound the tile",
+            "q = tl.load(q_ptr + offs_n, mask=mask_n, other=0).to(tl.int32)[None, :]  # [1, BN]",
             "# other=1 keeps the shift of masked columns in range",
-            "shift = tl.load(shift_ptr + offs_n, mask=mask_n, other=1)[None, :]  # [1, BLOCK_N]",
+            "shift = tl.load(shift_ptr + offs_n, mask=mask_n, other=1).to(tl.int32)[None, :]",
         ]
     else:
         code.scalars += ["q", "shift"]

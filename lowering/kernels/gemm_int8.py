@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import string
 
-TEMPLATE_VERSION = 1
+TEMPLATE_VERSION = 2
 
 HEADER = string.Template(
     """\

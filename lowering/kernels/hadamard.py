@@ -89,10 +89,11 @@ def hadamard_tile(
             y = y + x_j * h_j
     else:
         y = tl.load(row_ptr + (offs_p * MP + offs_i) * stride_k).to(tl.float32)
-    # Butterflies over P: pairs (a, b) at distance h become (a + b, a - b).
+    # Butterflies over P: pairs (a, b) at distance h = 2**s become (a + b, a - b). h is
+    # spelled out in the shapes: a `h: tl.constexpr` would be reassigned on every unrolled
+    # stage, which the GPU compiler rejects (the interpreter does not).
     for s in tl.static_range(LOG_P):
-        h: tl.constexpr = 1 << s
-        y = tl.reshape(y, (P // (2 * h), 2, h * MP))
+        y = tl.reshape(y, (P // (2 << s), 2, (1 << s) * MP))
         a, b = tl.split(tl.permute(y, (0, 2, 1)))  # [P / 2h, h * MP] each
         y = tl.permute(tl.join(a + b, a - b), (0, 2, 1))
         y = tl.reshape(y, (P, MP))
