@@ -160,7 +160,8 @@ def run_epilogue(
     acc: torch.Tensor, epilogue: Epilogue, v: dict[str, Any], mode: str = "auto"
 ) -> torch.Tensor:
     """Apply the epilogue to acc [M, N] (int32, or float32 holding the exact integers)
-    with already-bound values (bind_operands)."""
+    with already-bound values (bind_operands). A float32 acc is consumed: a dequantizing
+    epilogue writes its result into it."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if acc.is_floating_point():
@@ -184,11 +185,17 @@ FIX_BLOCK = 64
 
 
 def _float_epilogue(acc: torch.Tensor, epilogue: Epilogue, v: dict[str, Any], mode: str):
-    """The epilogue on an exact float32 accumulator, where a float path is exact; None
-    where the integer path must run."""
+    """The epilogue on an exact float32 accumulator, where a float path is exact (the
+    dequantization overwrites acc); None where the integer path must run."""
     kinds = [type(s) for s in epilogue.steps]
-    if kinds and kinds[-1] is Dequantize and InputZeroPoint not in kinds and Bias not in kinds:
-        return _dequantize_f32(acc, epilogue, v, mode)
+    if kinds and kinds[-1] is Dequantize and Bias not in kinds:
+        zp = None
+        if InputZeroPoint in kinds:
+            zp = v["zp_term"]
+            if zp.numel() and int(zp.abs().max()) > F32_EXACT:
+                return None
+            zp = zp.to(torch.float32)
+        return _dequantize_f32(acc, zp, epilogue, v, mode)
     if kinds and kinds[-1] is Requantize:
         offset = _integer_offset(epilogue, v, acc.shape[1])
         if offset is not None:
@@ -196,13 +203,19 @@ def _float_epilogue(acc: torch.Tensor, epilogue: Epilogue, v: dict[str, Any], mo
     return None
 
 
-def _dequant_body(acc, row_scale, col_scale, float_bias):
-    # the reference's op order: ((float32(acc) * row_scale[m]) * col_scale[c]) + bias[c]
-    y = acc * row_scale[:, None]
-    y = y * col_scale[None, :]
+def _dequant_body(acc, zp_term, row_scale, col_scale, float_bias):
+    # the reference's op order: ((float32(acc - zp_term) * row_scale[m]) * col_scale[c])
+    # + bias[c]. acc and zp_term are exact float32 integers, and IEEE subtraction rounds
+    # the exact difference to nearest even, as the reference's int64 -> float32 does.
+    # In place: the route's accumulator is a fresh temporary, and writing the result into
+    # it spares allocating (and page-faulting) another [M, N] float32 tensor per call
+    if zp_term is not None:
+        acc.sub_(zp_term[None, :])
+    acc.mul_(row_scale[:, None])
+    acc.mul_(col_scale[None, :])
     if float_bias is not None:
-        y = y + float_bias[None, :]
-    return y
+        acc.add_(float_bias[None, :])
+    return acc
 
 
 @functools.cache
@@ -210,10 +223,10 @@ def _compiled_dequant():
     return torch.compile(_dequant_body, dynamic=True, fullgraph=True)
 
 
-def _dequantize_f32(acc, epilogue, v, mode):
+def _dequantize_f32(acc, zp_term, epilogue, v, mode):
     step = epilogue.dequantize
     bias = v.get("float_bias") if step.has_bias else None
-    args = (acc, v["row_scale"], v["col_scale"], bias)
+    args = (acc, zp_term, v["row_scale"], v["col_scale"], bias)
     y = _compiled_or_eager("f32 " + epilogue.signature(), mode, acc.numel(),
                            lambda: _compiled_dequant()(*args), lambda: _dequant_body(*args))
     return y.to(epilogue.out_dtype)

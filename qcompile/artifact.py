@@ -96,7 +96,7 @@ class GraphVariant:
             self.ctx.analysis.pop(key, None)
         self.finalized = True
         self._describe_float_layers()
-        if self.options.inductor:
+        if self._wants_inductor():
             self._compile_float_remainder()
         if self.options.debug_dir:
             from qcompile.pass_manager import graph_dump_dir
@@ -105,14 +105,38 @@ class GraphVariant:
             with open(os.path.join(graph_dump_dir(self.ctx), "report.txt"), "w") as f:
                 f.write(graph_report(self).to_text() + "\n")
 
+    def _wants_inductor(self) -> bool:
+        if self.options.inductor is not None:
+            return self.options.inductor
+        # auto: the fastest configuration of a CPU graph that runs quantized layers
+        on_cpu = all(t.device.type == "cpu" for _, t in self.frozen)
+        return (self.options.kernels == "auto" and on_cpu and any(
+            layer.quantized for layer in self.ctx.layers.values()))
+
     def _compile_float_remainder(self) -> None:
         """options["inductor"]: Inductor compiles the graph around the quantized ops, which
-        it calls as opaque custom ops (their fake implementations give it the shapes)."""
+        it calls as opaque custom ops (their fake implementations give it the shapes). A
+        graph Dynamo traced with symbolic sizes is compiled for symbolic sizes too (from the
+        placeholders' fake values), so one compiled graph serves every batch and sequence
+        length."""
+        from torch._dynamo.exc import TensorifyScalarRestartAnalysis
         from torch._inductor.compile_fx import compile_fx
 
-        graph_module = self.gm
-        compiled = compile_fx(graph_module, list(self.sample))
-        self.run_graph = compiled
+        fake = [n.meta["val"] for n in self.gm.graph.nodes if n.op == "placeholder"]
+        # our graph, not Dynamo's: without Dynamo's metadata (which AOTAutograd would
+        # read as a promise about parameters it no longer holds)
+        graph_module = GraphModule(self.gm, self.gm.graph)
+        graph_module.meta = {}
+        for attempt in range(2):
+            try:
+                with self.ctx.fake_mode:
+                    self.run_graph = compile_fx(graph_module, fake)
+                break
+            except TensorifyScalarRestartAnalysis:
+                # AOTAutograd asks for what Dynamo does on this signal: trace again, with
+                # the float scalars it just marked specialized (the retry reads the marks)
+                if attempt:
+                    raise
         self.ctx.note("the float remainder of the graph runs compiled by Inductor")
 
     def _describe_float_layers(self) -> None:
@@ -165,7 +189,8 @@ class GraphVariant:
             if progress is not None:
                 progress.update(self.state.batches)
         with torch.no_grad():
-            return (self.run_graph or self.gm)(*[args[i] for i in self.live])
+            graph = self.run_graph if self.run_graph is not None else self.gm
+            return graph(*[args[i] for i in self.live])
 
 
 class CompiledArtifact:

@@ -64,6 +64,8 @@ def test_avx2_runs_big_layers_on_onednn_with_7_bit_weights():
         assert int(layer.qweight.qweight.max()) <= 63
     with torch.no_grad():
         assert torch.nn.functional.cosine_similarity(out, model(x)).min() > 0.999
+    # "auto" runs the float remainder of a quantized CPU graph through Inductor
+    assert any("Inductor" in note for note in art.ctx.notes)
 
 
 def test_vnni_keeps_full_range_weights_on_int_mm():
@@ -101,6 +103,7 @@ def test_kernels_cpu_quantizes_even_where_it_is_not_faster():
     torch.manual_seed(0)
     cm, art, _ = _compile(TinyMLP(), torch.randn(4, 16), AVX2, kernels="cpu")
     assert all(r.quantized for r in qcompile.report(cm).layers)
+    assert not any("Inductor" in note for note in art.ctx.notes)  # only "auto" asks for it
     assert {layer.route for layer in _layers(art).values()} == {"fp32-exact"}
 
 
