@@ -1,7 +1,9 @@
 """measure-sqnr: per-layer SQNR of the quantized graph against the float graph.
 
 What: runs the float graph (as it was before the rewrites) and the quantized graph on the
-same sample inputs (the last calibration batch, or the compile-time example inputs), and
+same sample inputs (the last calibration batch, or the compile-time example inputs; a few
+leading rows of them, `probe_inputs`: the statistics of a few hundred tokens are the
+report's, and a full serving batch made this pass most of a compile), and
 for every quantized layer compares its float output with the quantized graph's output at
 the same point: SQNR = 10 log10(|y|^2 / |y - y_q|^2). Errors accumulate through the
 model, so a layer's figure includes the effect of the layers before it.
@@ -61,6 +63,43 @@ def sqnr_db(ref: torch.Tensor, test: torch.Tensor) -> float:
     return 10 * math.log10(max(signal, 1e-300) / noise)
 
 
+PROBE_ROWS = 512  # about this many leading-dim items' worth of tokens (rows of a linear)
+
+
+def probe_inputs(gm: GraphModule, inputs: list) -> list:
+    """The sample inputs cut to their first few leading-dim items (batch rows), so that
+    about PROBE_ROWS rows reach each linear; symbolic-size inputs follow the tensors they
+    size. The inputs unchanged where that cannot be done consistently: no tensor input,
+    or a size symbol that stands for the leading dim and another one (Dynamo's duck
+    sizing gives one symbol to a 16 x 16 batch)."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    tensors = [x for x in inputs if isinstance(x, torch.Tensor) and x.dim() >= 2]
+    if not tensors or len(placeholders) != len(inputs):
+        return inputs
+    b = tensors[0].shape[0]
+    per_item = math.prod(tensors[0].shape[1:-1]) if tensors[0].dim() > 2 else \
+        tensors[0].shape[-1]
+    keep = max(1, min(b, -(-PROBE_ROWS // max(1, per_item))))
+    if keep == b:
+        return inputs
+    cut, sizes = [], {}  # sizes: size symbol -> its value after the cut
+    for node, x in zip(placeholders, inputs):
+        val = node.meta.get("val")
+        if isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[0] == b:
+            x = x[:keep]
+        if isinstance(x, torch.Tensor) and isinstance(val, torch.Tensor):
+            for d_sym, d in zip(val.shape, x.shape):
+                if isinstance(d_sym, torch.SymInt):
+                    if sizes.setdefault(str(d_sym), d) != d:
+                        return inputs  # one symbol, two sizes after the cut
+        cut.append(x)
+    out = []
+    for node, x in zip(placeholders, cut):
+        val = node.meta.get("val")
+        out.append(sizes.get(str(val), x) if isinstance(val, torch.SymInt) else x)
+    return out
+
+
 @graph_pass("measure-sqnr", requires=("lower",))
 def measure_sqnr(gm: GraphModule, ctx: PassContext) -> PassResult:
     float_gm = ctx.analysis.get("float_gm")
@@ -68,6 +107,16 @@ def measure_sqnr(gm: GraphModule, ctx: PassContext) -> PassResult:
     if float_gm is None or inputs is None:
         ctx.note("no float graph or sample inputs: per-layer SQNR not measured")
         return PassResult(gm, False, {})
+    probe = probe_inputs(gm, inputs)
+    try:
+        return _measure(gm, ctx, float_gm, probe)
+    except Exception:  # noqa: BLE001 - a graph that bakes the batch size: use it all
+        if probe is inputs:
+            raise
+        return _measure(gm, ctx, float_gm, inputs)
+
+
+def _measure(gm: GraphModule, ctx: PassContext, float_gm, inputs) -> PassResult:
     with torch.no_grad():
         ref = _Record(float_gm, lambda n: getattr(ann.selected(n), "name", None)
                       if n.op == "call_function" else None)

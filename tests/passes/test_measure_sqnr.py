@@ -1,0 +1,71 @@
+"""measure-sqnr: per-layer SQNR on a probe of a few leading rows of the sample inputs,
+sized consistently with the graph's symbolic sizes, and the same figures the full batch
+gives (the statistics of a few hundred tokens are the report's)."""
+
+import torch
+
+import qcompile
+from qcompile.passes.measure_sqnr import PROBE_ROWS, probe_inputs
+from qcompile.state import state_for_model
+from tests.helpers import TinyMLP
+
+
+class Embed(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.e, self.fc = torch.nn.Embedding(100, 16), torch.nn.Linear(16, 16)
+
+    def forward(self, ids):
+        return self.fc(self.e(ids))
+
+
+def _captured(x, dynamic, model=None):
+    """The graph as measure-sqnr sees it (weights frozen) and its live sample inputs,
+    symbolic sizes at their values (as the compiled artifact passes them)."""
+    cap = qcompile.capture((model or TinyMLP()).eval(), x, options={"recipe": "float"},
+                           dynamic=dynamic)
+    cap.run(until="freeze-params")
+    inputs = [int(x.node.hint) if isinstance(x, torch.SymInt) else x for x in cap.inputs()]
+    return cap, inputs
+
+
+def test_probe_cuts_the_batch_and_the_size_symbols_that_follow_it():
+    x = torch.randn(64, 20, 16)  # 20 rows per batch item: 26 items reach PROBE_ROWS
+    cap, inputs = _captured(x, dynamic=True)
+    probe = probe_inputs(cap.gm, inputs)
+    (t,) = [p for p in probe if isinstance(p, torch.Tensor)]
+    assert t.shape == (-(-PROBE_ROWS // 20), 20, 16) and torch.equal(t, x[: t.shape[0]])
+    sizes = [p for p in probe if not isinstance(p, torch.Tensor)]
+    assert t.shape[0] in sizes and 64 not in sizes  # the batch symbol follows the cut
+    with torch.no_grad():
+        assert cap.gm(*probe)[0].shape[0] == t.shape[0]  # the graph runs on the probe
+
+
+def test_probe_keeps_inputs_it_cannot_cut_consistently():
+    x = torch.randn(3, 16)
+    cap, inputs = _captured(x, dynamic=False)
+    assert probe_inputs(cap.gm, inputs) is inputs  # already small
+    # duck sizing: Dynamo gives a 600 x 600 batch one size symbol for both dims
+    ids = torch.randint(0, 100, (600, 600))
+    cap, inputs = _captured(ids, dynamic=True, model=Embed())
+    assert probe_inputs(cap.gm, inputs) is inputs
+
+
+def test_report_from_the_probe_matches_the_full_batch(monkeypatch):
+    from qcompile.passes import measure_sqnr
+
+    def sqnr_per_layer():
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        cm = torch.compile(TinyMLP().eval(), backend="qcompile", options={"recipe": "w8a8"})
+        with torch.no_grad():
+            cm(torch.randn(256, 8, 16))
+        (art,) = [a for a in state_for_model(cm).artifacts if a.finalized]
+        return {name: rec.sqnr_db for name, rec in art.ctx.layers.items()}
+
+    probed = sqnr_per_layer()  # 64 of 256 items
+    monkeypatch.setattr(measure_sqnr, "PROBE_ROWS", 1 << 30)
+    full = sqnr_per_layer()
+    assert probed.keys() == full.keys() == {"fc1", "fc2"}
+    for name in full:
+        assert probed[name] > 20 and abs(probed[name] - full[name]) < 1.0, (probed, full)
