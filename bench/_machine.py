@@ -1,14 +1,43 @@
-"""What machine a benchmark ran on: shared by the bench scripts (run as files, so this
-module is imported from bench/ itself)."""
+"""What machine a benchmark ran on, and how it is timed: shared by the bench scripts (run
+as files, so this module is imported from bench/ itself). Every CPU number names its CPU
+model, ISA, VNNI / AMX or not and the thread count: the CPU facts come from qcompile's own
+capability probe (lowering/cpu_routes.py), the one place that decides CPU routes."""
 
 from __future__ import annotations
 
+import time
+
+
+def cpu_info() -> dict:
+    """CPU model, ISA (torch's CPU capability), int8 dot-product extensions, threads."""
+    import torch
+
+    from qcompile.lowering.cpu_routes import cpu_capabilities
+
+    caps = cpu_capabilities()
+    return {"cpu": caps.model or caps.arch, "isa": caps.isa, "vnni": caps.vnni,
+            "avx512_vnni": caps.avx512_vnni, "amx": caps.amx, "capabilities": caps.describe(),
+            "threads": torch.get_num_threads()}
+
 
 def cpu_model() -> str | None:
-    """The CPU's model name from /proc/cpuinfo, or None where there is none."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f
-                        if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return None
+    """The CPU's model name, or None where the OS does not say."""
+    return cpu_info()["cpu"] or None
+
+
+# How a benchmark is timed. wall: latency as a user sees it, disturbed by whatever else runs
+# on the machine; cpu: CPU time of this process, all threads summed (robust on a shared
+# machine); thread: this thread's CPU time (with --threads 1, the single-core latency).
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time, "thread": time.thread_time}
+
+
+def interleaved(fns: dict, rounds: int, clock) -> dict[str, list[float]]:
+    """ms per call of each function, run in turns within each round, so that a disturbance
+    of the machine falls on all of them alike (report medians over rounds)."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = clock()
+            fn()
+            times[name].append((clock() - t0) * 1e3)
+    return times

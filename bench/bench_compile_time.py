@@ -49,7 +49,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from _machine import cpu_model  # bench/_machine.py: scripts run from bench/
+from _machine import cpu_info  # bench/_machine.py: scripts run from bench/
 
 import qcompile
 
@@ -120,10 +120,9 @@ def _machine() -> dict:
     import transformers
 
     info = {"host": socket.gethostname().split(".")[0] or "host", "cores": os.cpu_count(),
-            "cpu": "unknown", "torch": torch.__version__,
+            **cpu_info(), "torch": torch.__version__,
             "transformers": transformers.__version__, "qcompile": qcompile.__version__,
             "python": sys.version.split()[0]}
-    info["cpu"] = cpu_model() or info["cpu"]
     try:
         import triton
 

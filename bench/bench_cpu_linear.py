@@ -1,16 +1,20 @@
-"""CPU linear layers: qcompile's int8 path vs float matmul vs torchao, same shapes, same run.
+"""CPU linear layers: qcompile's quantized ops vs float matmul vs torchao, same shapes, run.
 
-What is timed, per shape (M tokens, K -> N features), all on CPU:
+What is timed, per shape (M tokens, K -> N features), all on CPU, through the registered
+ops a compiled model runs (lowering/ops.py), each on the CPU route lower would bind for
+this M and these weights on this machine (lowering/cpu_routes.py; the route is in the
+results):
   float         F.linear in float32 (the unquantized layer)
-  int_mm        torch._int_mm alone: the int8 GEMM floor, no epilogue
-  ours-static   cpu_gemm_int8, int8 in -> bias + per-channel dyadic requant -> int8 out
-                (w8a8-static: the integer-only path a calibrated model runs)
-  ours-dynamic  per-token quantize of float x + cpu_gemm_int8 with the float epilogue
-                (w8a8 dynamic: float in, float out, like torchao's); the quantizer
-                (lowering.kernels.quantize) as shipped: eager torch ops
-  ours-dyn-cq   the same with the quantizer under torch.compile (checked bit-identical)
+  ours-static   quantize (static, per tensor) + linear_int8_dq: float in -> int8 GEMM ->
+                the accumulator dequantized (w8a8-static, a linear feeding a float island)
+  ours-requant  linear_int8 alone: int8 in -> bias + per-channel dyadic requant -> int8 out
+                (w8a8-static between integer ops)
+  ours-dynamic  linear_dynamic: per-token quantize of float x, int8 GEMM, float epilogue
+                (w8a8, float in, float out, like torchao's)
   torchao       torchao quantize_(Int8DynamicActivationInt8WeightConfig()) under
                 torch.compile (when torchao imports; otherwise the row says why)
+Weights are in the range the CPU's fast route needs (7-bit without VNNI: what qcompile's
+select-layers gives a model on this machine).
 
 Why interleaved: this machine is shared, so implementations run in turns within each
 round and the median over rounds is reported (and the minimum, the least disturbed run).
@@ -35,12 +39,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from _machine import cpu_model  # bench/_machine.py: scripts run from bench/
+from _machine import CLOCKS, cpu_info, interleaved  # bench/_machine.py (run from bench/)
 
-from qcompile.lowering.cpu import cpu_gemm_int8, int_mm, prepare_weight
-from qcompile.lowering.epilogue import Bias, Dequantize, Epilogue, Requantize
-from qcompile.lowering.kernels.quantize import quantize_per_token
-from qcompile.lowering.reference import random_operands
+from qcompile.lowering import cpu, cpu_routes, ops
+from qcompile.numerics.dyadic import quantize_multiplier
 
 # (label, M, K, N): BERT-mini / MiniLM (batch 32 x seq 128, hidden 384, MLP 1536), then
 # LLaMA-ish projections (4096 -> 11008 for a 128-token prefill chunk; one decode token).
@@ -51,13 +53,7 @@ SHAPES = [
     ("llama up 4096->11008, 128 tokens", 128, 4096, 11008),
     ("llama 4096->4096, decode", 1, 4096, 4096),
 ]
-STATIC = Epilogue((Bias(), Requantize(per_channel=True)))
-# The per-token quantizer as shipped runs eagerly (~7 passes over x); compiled, it is one.
-QUANTIZE_COMPILED = torch.compile(quantize_per_token, dynamic=True)
-DYNAMIC = Epilogue((Dequantize("float32", has_bias=True),))
-
-
-COLUMNS = ["float", "int_mm", "ours-static", "ours-dynamic", "ours-dyn-cq", "torchao"]
+COLUMNS = ["float", "ours-static", "ours-requant", "ours-dynamic", "torchao"]
 
 
 def _torchao_linear(w: torch.Tensor, b: torch.Tensor):
@@ -80,49 +76,36 @@ def _torchao_linear(w: torch.Tensor, b: torch.Tensor):
         return None, f"torchao quantize_ failed: {type(e).__name__}: {e}"
 
 
-CLOCKS = {
-    # wall: latency as a user sees it, disturbed by whatever else runs on the machine.
-    "wall": time.perf_counter,
-    # cpu: CPU time of this process, all threads summed: robust on a shared machine, and
-    # equal to latency when run with --threads 1 on an idle core.
-    "cpu": time.process_time,
-}
 
 
-def _rounds(fns: dict, rounds: int, clock) -> dict[str, list[float]]:
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            t0 = clock()
-            fn()
-            times[name].append((clock() - t0) * 1e3)
-    return times
 
 
 @torch.no_grad()
 def bench_shape(label: str, m: int, k: int, n: int, rounds: int, clock) -> dict:
-    a, w_int8, vals = random_operands(STATIC, m, n, k, seed=0)
-    # Re-laid out once per layer at compile time: K-major for prefill; for a single token
-    # the plain [N, K] rows are faster (bench/README.md).
-    w_packed = prepare_weight(w_int8) if m > 1 else w_int8
-    x = torch.randn(m, k)
-    w = torch.randn(n, k) / k**0.5
-    b = torch.randn(n)
-    w_scale = (w.abs().amax(dim=1) / 127).float()  # [N]
-    wq = torch.round(w / w_scale[:, None]).clamp(-127, 127).to(torch.int8)
-    wq_packed = prepare_weight(wq) if m > 1 else wq
-
-    def ours_dynamic(quantize=quantize_per_token):
-        xq, x_scale = quantize(x)  # int8 [M, K], float32 [M]
-        return cpu_gemm_int8(xq, wq_packed, DYNAMIC, row_scale=x_scale, col_scale=w_scale,
-                             float_bias=b)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(m, k, generator=g)
+    w = torch.randn(n, k, generator=g) / k**0.5
+    b = torch.randn(n, generator=g)
+    caps = cpu_routes.cpu_capabilities()
+    qmax = (cpu_routes.narrow_weight_range(caps) or cpu_routes.FULL_RANGE)[1]
+    w_scale = (w.abs().amax(dim=1) / qmax).float()  # [N]
+    wq = torch.round(w / w_scale[:, None]).clamp(-qmax, qmax).to(torch.int8)
+    route = cpu.route_for(m, wq).name
+    s_x, zp_x = float(x.abs().max() / 127), 3
+    xq = ops.quantize(x, s_x, zp_x, -128, 127, impl="cpu")
+    zp_term = (zp_x * wq.long().sum(1)).to(torch.int32)
+    bias_i32 = torch.round(b.double() / (s_x * w_scale.double())).to(torch.int32)
+    q, shift = quantize_multiplier(s_x * w_scale.double() / 0.05)
+    impl = f"cpu-{route}"
 
     fns = {
         "float": lambda: F.linear(x, w, b),
-        "int_mm": lambda: int_mm(a, w_packed),
-        "ours-static": lambda: cpu_gemm_int8(a, w_packed, STATIC, **vals),
-        "ours-dynamic": ours_dynamic,
-        "ours-dyn-cq": lambda: ours_dynamic(QUANTIZE_COMPILED),
+        "ours-static": lambda: ops.linear_int8_dq(
+            ops.quantize(x, s_x, zp_x, -128, 127, impl="cpu"), wq, b, zp_term, s_x, w_scale,
+            torch.float32, impl=impl),
+        "ours-requant": lambda: ops.linear_int8(xq, wq, bias_i32, zp_term, q, shift, 0, -128,
+                                                127, impl=impl),
+        "ours-dynamic": lambda: ops.linear_dynamic(x, wq, w_scale, b, impl=impl),
     }
     ao, ao_note = _torchao_linear(w, b)
     if ao is not None:
@@ -133,35 +116,35 @@ def bench_shape(label: str, m: int, k: int, n: int, rounds: int, clock) -> dict:
         fn()
         compile_s[name] = round(time.perf_counter() - t0, 3)
         fn()
-    times = _rounds(fns, rounds, clock)
-    xq_e, xs_e = quantize_per_token(x)
-    xq_c, xs_c = QUANTIZE_COMPILED(x)
-    same_quant = bool(torch.equal(xq_e, xq_c) and torch.equal(xs_e, xs_c))
+    times = interleaved(fns, rounds, clock)
     ref = F.linear(x, w, b)
     err = {name: float((fns[name]() - ref).abs().max() / ref.abs().max())
-           for name in ("ours-dynamic", "ours-dyn-cq", "torchao") if name in fns}
+           for name in ("ours-static", "ours-dynamic", "torchao") if name in fns}
+    same = {name: bool(torch.equal(fns[name](), getattr(ops, op)(*args, impl="reference")))
+            for name, op, args in (
+                ("ours-dynamic", "linear_dynamic", (x, wq, w_scale, b)),
+                ("ours-requant", "linear_int8", (xq, wq, bias_i32, zp_term, q, shift, 0,
+                                                 -128, 127)))}
     med = {name: statistics.median(t) for name, t in times.items()}
     row = {
-        "label": label, "M": m, "K": k, "N": n, "rounds": rounds,
+        "label": label, "M": m, "K": k, "N": n, "rounds": rounds, "route": route,
+        "weight_qmax": qmax,
         "median_ms": {kk: round(v, 4) for kk, v in med.items()},
         "min_ms": {kk: round(min(t), 4) for kk, t in times.items()},
         "float_over": {kk: round(med["float"] / v, 2) for kk, v in med.items()},
         "first_call_s": compile_s,
         "max_rel_err_vs_float": err,
+        "bit_identical_to_reference": same,
         "torchao": ao_note,
-        "compiled_quantizer_bit_identical": same_quant,
     }
     if "torchao" in med:
-        row["torchao_over_ours_dyn_cq"] = round(med["torchao"] / med["ours-dyn-cq"], 2)
+        row["torchao_over_ours_dynamic"] = round(med["torchao"] / med["ours-dynamic"], 2)
     return row
 
 
 def _machine() -> dict:
-    info = {"host": socket.gethostname().split(".")[0] or "host",
-            "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "torch": torch.__version__, "python": platform.python_version()}
-    info["cpu"] = cpu_model() or info["cpu"]
-    return info
+    return {"host": socket.gethostname().split(".")[0] or "host", "cores": os.cpu_count(),
+            **cpu_info(), "torch": torch.__version__, "python": platform.python_version()}
 
 
 def main() -> int:
@@ -179,7 +162,8 @@ def main() -> int:
            "date": time.strftime("%Y-%m-%d %H:%M:%S"),
            # Other work on the machine shows up here; wall medians mean little when high.
            "loadavg_before": [round(x, 2) for x in os.getloadavg()]}
-    print(f"{info['cpu']}, {run['threads']} threads, {args.clock} clock, torch {info['torch']}")
+    print(f"{info['capabilities']}, {run['threads']} threads, {args.clock} clock, "
+          f"torch {info['torch']}")
     print(f"{'shape':34} {'MxKxN':>16}" + "".join(f" {n:>13}" for n in COLUMNS)
           + "   (median ms; x = float / it)")
     rows = []

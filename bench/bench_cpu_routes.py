@@ -47,7 +47,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from _machine import cpu_model  # bench/_machine.py: scripts run from bench/
+from _machine import CLOCKS, cpu_model, interleaved  # bench/_machine.py (run from bench/)
 
 from qcompile.lowering.cpu import run_epilogue
 from qcompile.lowering.cpu_routes import ROUTES, SEVEN_BIT, cpu_capabilities
@@ -71,11 +71,6 @@ STATIC = Epilogue((Bias(), Requantize(per_channel=True)))
 DEQUANT = Epilogue((Dequantize("float32", has_bias=True),))
 INT_MM_MAX_MACS = 1e9  # the scalar loop: ~0.7 ms per million MACs on AVX2
 
-CLOCKS = {
-    "wall": time.perf_counter,  # latency as a user sees it; disturbed by other work
-    "cpu": time.process_time,  # all threads of this process
-    "thread": time.thread_time,  # this thread: with --threads 1, the single-core latency
-}
 
 
 def _quantize_u8_body(x, scale, zero_point, qmin, qmax):
@@ -130,14 +125,6 @@ def quantize_weight(w: torch.Tensor, qmax: int) -> torch.Tensor:
     return torch.round(w / scale).clamp(-qmax, qmax).to(torch.int8)
 
 
-def _rounds(fns: dict, rounds: int, clock) -> dict[str, list[float]]:
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            t0 = clock()
-            fn()
-            times[name].append((clock() - t0) * 1e3)
-    return times
 
 
 @torch.no_grad()
@@ -219,7 +206,7 @@ def bench_shape(label, m, k, n, rounds, clock, caps) -> dict:
         fn()
         first_s[name] = round(time.perf_counter() - t0, 3)
         fn()
-    times = _rounds(fns, rounds, clock)
+    times = interleaved(fns, rounds, clock)
     med = {kk: statistics.median(t) for kk, t in times.items()}
     return {
         "label": label, "M": m, "K": k, "N": n, "rounds": rounds,
@@ -249,7 +236,8 @@ def sweep(rounds, clock, caps) -> list[dict]:
                    "onednn-u8s8-split": lambda a=a, p=ps: split.matmul(a, p)}
             for fn in fns.values():
                 fn()
-            med = {kk: statistics.median(t) for kk, t in _rounds(fns, rounds, clock).items()}
+            timed = interleaved(fns, rounds, clock)
+            med = {kk: statistics.median(t) for kk, t in timed.items()}
             rows.append({"M": m, "K": k, "N": n, "median_ms": {kk: round(t, 4) for kk, t in
                                                                med.items()},
                          "float_over": {kk: round(med["float"] / t, 2) for kk, t in med.items()}})

@@ -57,7 +57,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from _machine import cpu_model  # bench/_machine.py: scripts run from bench/
+from _machine import cpu_info  # bench/_machine.py: scripts run from bench/
 
 import qcompile
 
@@ -481,8 +481,7 @@ def _machine(device: str) -> dict:
     import socket
 
     info = {"host": socket.gethostname().split(".")[0] or "host", "cores": os.cpu_count(),
-            "cpu": "unknown"}
-    info["cpu"] = cpu_model() or info["cpu"]
+            **cpu_info()}
     if device == "cuda":
         info["device"] = torch.cuda.get_device_name()
         info["capability"] = list(torch.cuda.get_device_capability())
