@@ -20,6 +20,18 @@ def cpu_info() -> dict:
             "threads": torch.get_num_threads()}
 
 
+def results_slug() -> str:
+    """host and ISA for results file names: one VM name covers CPUs of different kinds
+    (an AVX512-VNNI and an AVX2 EPYC were both "vm"), and their numbers must not mix."""
+    import socket
+
+    from qcompile.lowering.cpu_routes import cpu_capabilities
+
+    caps = cpu_capabilities()
+    isa = caps.isa.lower() + ("-vnni" if caps.vnni and "vnni" not in caps.isa.lower() else "")
+    return f"{socket.gethostname().split('.')[0] or 'host'}-{isa}"
+
+
 def cpu_model() -> str | None:
     """The CPU's model name, or None where the OS does not say."""
     return cpu_info()["cpu"] or None

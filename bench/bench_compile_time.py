@@ -31,7 +31,7 @@ seconds per layer.
 
 Run: python bench/bench_compile_time.py [--layers 1,2,4,8,16] [--repeats 3] [--inductor]
          [--threads 1] [--quick] [--out DIR]
-Writes bench/results/compile-time-<host>.json and prints a table.
+Writes bench/results/compile-time-<host>-<isa>.json and prints a table.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from _machine import cpu_info  # bench/_machine.py: scripts run from bench/
+from _machine import cpu_info, results_slug  # bench/_machine.py: scripts run from bench/
 
 import qcompile
 
@@ -216,7 +216,7 @@ def main() -> int:
     print(f"load average before {run['loadavg_before']}, after {run['loadavg_after']}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"compile-time-{info['host']}.json"
+    path = out / f"compile-time-{results_slug()}.json"
     path.write_text(json.dumps({**info, **run, "recipes": table, "rows": rows}, indent=1)
                     + "\n")
     print(f"wrote {path}")

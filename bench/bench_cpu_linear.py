@@ -20,7 +20,7 @@ Why interleaved: this machine is shared, so implementations run in turns within 
 round and the median over rounds is reported (and the minimum, the least disturbed run).
 
 Run: python bench/bench_cpu_linear.py [--threads N] [--clock wall|cpu] [--quick] [--out DIR]
-Writes bench/results/cpu-linear-<host>.json; each (clock, threads) setting is one run in
+Writes bench/results/cpu-linear-<host>-<isa>.json; each (clock, threads) setting is one run in
 it. On a shared machine, `--threads 1 --clock cpu` gives numbers that do not depend on
 what else is running; the default (all threads, wall clock) is what a user would see.
 """
@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from _machine import CLOCKS, cpu_info, interleaved  # bench/_machine.py (run from bench/)
+from _machine import CLOCKS, cpu_info, interleaved, results_slug  # bench/_machine.py
 
 from qcompile.lowering import cpu, cpu_routes, ops
 from qcompile.numerics.dyadic import quantize_multiplier
@@ -181,7 +181,7 @@ def main() -> int:
           f"after {run['loadavg_after']}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"cpu-linear-{info['host']}.json"
+    path = out / f"cpu-linear-{results_slug()}.json"
     # One file per host; each clock/threads setting is one run in it, the latest kept.
     data = json.loads(path.read_text()) if path.exists() else {}
     data.update(info)

@@ -32,7 +32,7 @@ others still run.
 
 Run: python bench/bench_e2e.py [--quick] [--device cpu|cuda] [--threads N] [--clock wall|cpu]
          [--models minilm,llama,llama-1b] [--configs eager,qc-w8a8,...] [--out DIR]
-Writes bench/results/e2e-<device>.json (e2e-cpu-<host>.json on CPU); each (clock, threads,
+Writes bench/results/e2e-<device>.json (e2e-cpu-<host>-<isa>.json on CPU); each (clock, threads,
 quick) setting is one run in it, the latest kept. --quick: tiny sizes, 2 rounds, and the
 generation benchmark on a tiny LLaMA on any device (so its logic runs without a GPU).
 """
@@ -57,7 +57,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from _machine import cpu_info  # bench/_machine.py: scripts run from bench/
+from _machine import cpu_info, results_slug  # bench/_machine.py: scripts run from bench/
 
 import qcompile
 
@@ -593,7 +593,7 @@ def main() -> int:
     print(f"\nload average before {run['loadavg_before']}, after {run['loadavg_after']}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    slug = (f"cpu-{info['host']}" if device == "cpu"
+    slug = (f"cpu-{results_slug()}" if device == "cpu"
             else re.sub(r"[^A-Za-z0-9]+", "-", info["device"]).strip("-"))
     path = out / f"e2e-{slug}.json"
     # One file per device; each clock/threads/quick setting is one run in it, latest kept.
