@@ -27,6 +27,9 @@ class ModelState:
         self.observers: dict[str, Any] = {}  # "<options fingerprint>|<site>|<kind>" -> observer
         self.qparams: dict[str, Any] = {}  # site -> frozen quantization parameters
         self.stats: dict[str, Any] = {}  # site -> per-channel statistics, Hessians
+        # options fingerprint -> serialize.Loaded: a saved quantization, in place of
+        # calibration data (qcompile.load)
+        self.loaded: dict[str, Any] = {}
 
     def observer(self, site: str, factory) -> Any:
         if site not in self.observers:
@@ -73,7 +76,7 @@ def _merge(into: ModelState, other: ModelState) -> None:
     for artifact in list(other.artifacts):
         into.artifacts.add(artifact)
         artifact.state = artifact.ctx.state = into
-    for name in ("observers", "qparams", "stats"):
+    for name in ("observers", "qparams", "stats", "loaded"):
         getattr(into, name).update(getattr(other, name))
     into.calibrated |= other.calibrated
     for key, (ref, st) in list(_BY_TENSOR.items()):
