@@ -51,7 +51,9 @@ def param_path(source: str) -> str:
     return ".".join(parts) or source
 
 
-def _is_state(node, example) -> bool:
+def is_module_state(node, example) -> bool:
+    """A module parameter or buffer: an nn.Parameter, or a placeholder Dynamo sourced from
+    a module's _parameters / _buffers."""
     if isinstance(example, torch.nn.Parameter):
         return True
     name = source_name(node)
@@ -89,7 +91,7 @@ def freeze_params(gm: GraphModule, ctx: PassContext) -> PassResult:
     frozen_idx, frozen_tensors, frozen_names = [], [], []
     counters = {"frozen": 0, "eval_dropout_removed": 0}
     for idx, (node, example) in enumerate(zip(placeholders, example_inputs)):
-        if not isinstance(example, torch.Tensor) or not _is_state(node, example):
+        if not isinstance(example, torch.Tensor) or not is_module_state(node, example):
             continue
         path = param_path(source_name(node) or node.name)
         attr = re.sub(r"\W", "_", path)

@@ -10,6 +10,11 @@ variant compiled afresh: never another model's or stale weights.
 A variant runs the compile phase when it is built and the finalize phase once
 quantization parameters exist (at once for dynamic and weight-only recipes, at the end
 of `qcompile.calibrate` for static ones). Each variant belongs to its model's ModelState.
+
+Inference only: the outputs carry no autograd history, so a call that would need
+gradients (grad mode on and an input or parameter requiring grad) is refused with
+InferenceOnlyError, and a graph Dynamo traced for such a call is compiled only when a
+call that needs none arrives.
 """
 
 from __future__ import annotations
@@ -39,7 +44,8 @@ class CalibrationRequiredError(RuntimeError):
 
 
 class InferenceOnlyError(RuntimeError):
-    pass
+    """A call that would need gradients: grad mode is on and an input or a parameter of
+    the graph requires grad (a model being trained, or an input to differentiate)."""
 
 
 class GraphVariant:
@@ -201,7 +207,12 @@ class CompiledArtifact:
         self.base_name = f"graph_{next(_GRAPH_IDS):03d}"
         self.builds = 0
         self.variants: OrderedDict[tuple, GraphVariant] = OrderedDict()
-        self._current = self._build(list(example_inputs))
+        self._inputs = _input_names(gm)
+        self._current: GraphVariant | None = None
+        # A graph traced for a call that needs gradients is not compiled now (that call is
+        # refused): the first call that needs none builds it.
+        if not (torch.is_grad_enabled() and _needing_grad(example_inputs) is not None):
+            self._current = self._build(list(example_inputs))
 
     def _build(self, example_inputs: list) -> GraphVariant:
         name = self.base_name if not self.builds else f"{self.base_name}_v{self.builds}"
@@ -216,30 +227,52 @@ class CompiledArtifact:
     # the current variant's graph and context, for tests and debugging
     @property
     def gm(self) -> GraphModule:
-        return self._current.gm
+        return self._variant_for_debugging().gm
 
     @property
     def ctx(self) -> PassContext:
-        return self._current.ctx
+        return self._variant_for_debugging().ctx
+
+    def _variant_for_debugging(self) -> GraphVariant:
+        if self._current is None:
+            raise RuntimeError(f"qcompile ({self.base_name}): not compiled yet: every call so "
+                               "far needed gradients (see InferenceOnlyError)")
+        return self._current
 
     def __call__(self, *args):
-        variant = self._current
-        if not variant.matches(args):
-            variant = self._select(args)
         if torch.is_grad_enabled():
-            for i in variant.live:
-                arg = args[i]
-                if isinstance(arg, torch.Tensor) and arg.requires_grad:
-                    raise InferenceOnlyError(
-                        "qcompile compiles for inference: an input requires grad. Run the "
-                        "model under torch.no_grad() / torch.inference_mode(), or compile "
-                        "with another backend to train."
-                    )
+            self._refuse_gradients(args)
+        variant = self._current
+        if variant is None or not variant.matches(args):
+            variant = self._select(args)
         return variant.run(args)
+
+    def _refuse_gradients(self, args) -> None:
+        """Eager PyTorch would record autograd history for this call; the quantized graph
+        cannot (its outputs carry none), so a training step would silently get no
+        gradients. Whether the model is in train() mode is not visible here (Dynamo does
+        not even recompile when it changes, unless an op reads it): the parameters that
+        require grad under grad mode are what a model being trained looks like."""
+        i = _needing_grad(args)
+        if i is None:
+            return
+        kind, name = self._inputs[i] if i < len(self._inputs) else ("input", f"#{i}")
+        raise InferenceOnlyError(
+            f"qcompile compiles for inference, but this call would need gradients: grad "
+            f"mode is on and {kind} {name!r} requires grad (a model in training, or an "
+            "input to differentiate). The quantized outputs carry no autograd history, so "
+            "the parameters would get no gradient. For inference, call model.eval() and "
+            "run the model under torch.no_grad() or torch.inference_mode() (or freeze its "
+            "weights: model.requires_grad_(False)); to train, compile with another backend."
+        )
 
     def _select(self, args) -> GraphVariant:
         """The variant compiled for these weights, or a new one (another instance of the
-        module, or weights changed in place since)."""
+        module, or weights changed in place since; or the first one, when the call Dynamo
+        traced the graph for needed gradients)."""
+        if self._current is None:
+            self._current = self._build(list(args))
+            return self._current
         key = tuple(id(args[i]) for i, _ in self._current.frozen)
         variant = self.variants.get(key)
         if variant is None or not variant.matches(args):
@@ -247,6 +280,28 @@ class CompiledArtifact:
         self.variants.move_to_end(key)
         self._current = variant
         return variant
+
+
+def _needing_grad(args) -> int | None:
+    """The index of the first tensor argument that requires grad, or None."""
+    for i, arg in enumerate(args):
+        if isinstance(arg, torch.Tensor) and arg.requires_grad:
+            return i
+    return None
+
+
+def _input_names(gm: GraphModule) -> list[tuple[str, str]]:
+    """(kind, name) per placeholder, for errors: ("parameter", "fc1.weight") for module
+    state (by Dynamo's source, as freeze-params names it), else ("input", "x")."""
+    from qcompile.passes.freeze_params import is_module_state, param_path, source_name
+
+    names = []
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            example = node.meta.get("val")
+            kind = "parameter" if is_module_state(node, example) else "input"
+            names.append((kind, param_path(source_name(node) or node.name)))
+    return names
 
 
 def _concrete(x):
