@@ -4,8 +4,15 @@ What: per-kernel config spaces (BLOCK_M/N/K, GROUP_M, num_warps, num_stages) for
 (sm90+) and older GPUs; `get_config` looks a shape up by
 key = (device name, kernel, epilogue signature, N, K, power-of-two bucket of M), tunes on
 a miss with triton.testing.do_bench, and stores the winner (with every candidate's time)
-in a JSON file (default ~/.cache/qcompile/autotune.json) written atomically, so later
-processes reuse it without tuning.
+in a JSON file (default ~/.cache/qcompile/autotune.json), so later processes reuse it
+without tuning.
+
+The file is safe to share between processes (lowering/cache_dir.py): each write merges
+with what is on disk under an flock on autotune.json.lock and renames a complete new file
+into place, so concurrent tuners lose no entries and readers never see half a file. A file
+that is not valid JSON, has another version, or holds malformed entries is ignored (those
+entries, or all of it) with one CacheWarning and rebuilt. The directory must be private
+to this user (cache_dir.trusted_dir).
 
 Without a GPU the same path runs but times nothing: a miss yields a deterministic
 default config (small blocks suited to the Triton interpreter), persisted under the
@@ -19,8 +26,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -28,6 +35,13 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from qcompile.lowering import device as qdevice
+from qcompile.lowering.cache_dir import (
+    locked,
+    read_cache_text,
+    trusted_dir,
+    warn_once,
+    write_atomic,
+)
 
 CACHE_VERSION = 1
 M_BUCKET_MAX = 16384  # every M above shares one config: tiles are saturated long before
@@ -146,40 +160,113 @@ def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "qcompile"
 
 
+_POW2_FIELDS = ("block_m", "block_n", "block_k", "num_warps")  # Triton needs powers of two
+_WHAT = "autotune cache"
+_ELSEWHERE = ("choose another directory with --cache DIR (python -m qcompile.lowering.autotune) "
+              "or cache_dir=")
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def entry_problem(entry: object) -> str | None:
+    """What is wrong with one cache entry, or None if get_config can use it.
+
+    An entry is {"config": {every GemmConfig field: positive int}, "ms": number or null
+    (optional), "timings": {config text: number} (optional), any other keys (notes)}.
+    """
+    if not isinstance(entry, dict):
+        return f"the entry is a {type(entry).__name__}, not an object"
+    config = entry.get("config")
+    if not isinstance(config, dict):
+        return "it has no 'config' object"
+    for name in GemmConfig.__dataclass_fields__:
+        if name not in config:
+            return f"its config lacks {name!r}"
+        v = config[name]
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            return f"its config's {name!r} is {v!r}, not a positive integer"
+        if name in _POW2_FIELDS and v & (v - 1):
+            return f"its config's {name!r} is {v}, not a power of two"
+    ms = entry.get("ms")
+    if ms is not None and not (_is_number(ms) and not math.isnan(ms)):
+        return f"its 'ms' is {ms!r}, not a number"
+    timings = entry.get("timings", {})
+    if not isinstance(timings, dict) or not all(
+        isinstance(k, str) and _is_number(v) for k, v in timings.items()
+    ):
+        return "its 'timings' is not an object of numbers"
+    return None
+
+
 class AutotuneCache:
     """The JSON file of tuned configs: {"version": 1, "entries": {key: entry}}.
 
     Reads are memoised per process; writes merge with what is on disk (another process
-    may have tuned other shapes meanwhile) and replace the file atomically.
+    may have tuned other shapes meanwhile) under a lock and replace the file atomically.
     """
 
     def __init__(self, cache_dir: str | os.PathLike | None = None):
         self.path = Path(cache_dir or default_cache_dir()).expanduser() / "autotune.json"
         self._entries: dict[str, dict] | None = None
 
-    def _read(self) -> dict[str, dict]:
+    def _file(self) -> Path:
+        """The file in the checked, resolved directory (checked once per process)."""
+        return trusted_dir(self.path.parent, what=f"{_WHAT} directory",
+                           elsewhere=_ELSEWHERE) / self.path.name
+
+    def _read(self, path: Path) -> dict[str, dict]:
+        text = read_cache_text(path, _WHAT)
+        if text is None:
+            return {}
         try:
-            data = json.loads(self.path.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            warn_once(path, _WHAT, f"it is not valid JSON (truncated?): {e}")
+            return {}
+        if not isinstance(data, dict):
+            warn_once(path, _WHAT, f"it holds a JSON {type(data).__name__}, not an object")
             return {}
         if data.get("version") != CACHE_VERSION:
-            return {}  # an older layout: tune again rather than misread it
-        return dict(data.get("entries", {}))
+            # Another layout: tune again rather than misread it.
+            warn_once(path, _WHAT, f"its version is {data.get('version')!r}, this qcompile "
+                                   f"reads version {CACHE_VERSION}")
+            return {}
+        entries = data.get("entries")
+        if not isinstance(entries, dict):
+            warn_once(path, _WHAT, "its 'entries' is not an object")
+            return {}
+        good, bad = {}, []
+        for key, entry in entries.items():
+            problem = entry_problem(entry)
+            if problem is None:
+                good[key] = entry
+            else:
+                bad.append(f"{key!r}: {problem}")
+        if bad:
+            more = f"; and {len(bad) - 3} more" if len(bad) > 3 else ""
+            warn_once(path, _WHAT, f"{len(bad)} malformed entries are dropped: "
+                                   + "; ".join(bad[:3]) + more)
+        return good
 
     def get(self, key: str, *, refresh: bool = False) -> dict | None:
         """The entry for key; refresh re-reads the file (another process may have tuned)."""
         if self._entries is None or refresh:
-            self._entries = self._read()
+            self._entries = self._read(self._file())
         return self._entries.get(key)
 
     def put(self, key: str, entry: dict) -> None:
-        entries = self._read()
-        entries[key] = entry
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix="autotune.", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump({"version": CACHE_VERSION, "entries": entries}, f, indent=1, sort_keys=True)
-        os.replace(tmp, self.path)
+        problem = entry_problem(entry)
+        if problem is not None:
+            raise ValueError(f"refusing to store a malformed autotune entry for {key!r}: "
+                             f"{problem}")
+        path = self._file()
+        with locked(path.with_name(path.name + ".lock")):
+            entries = self._read(path)
+            entries[key] = entry
+            write_atomic(path, json.dumps({"version": CACHE_VERSION, "entries": entries},
+                                          indent=1, sort_keys=True))
         self._entries = entries
 
 

@@ -10,9 +10,19 @@ Why generated: an integer-only epilogue is then literally integer-only (tests Fi
 the text), and the requantization lines are the dyadic contract spelled out: int64
 multiply, add half, arithmetic shift, sign, zero point, clamp.
 
+Safety (lowering/cache_dir.py): the cache directory is created 0o700 and refused if
+another user could write into it, checked once per directory per process, since the file
+is run as code. Before a file is imported it must be exactly what the template generates
+(header, body, then only "# also serves:" records); anything else (edited, truncated, a
+directory where the file belongs) is ignored with one CacheWarning and regenerated, and
+the text that was checked is the text that runs. Writes and origin records go through a
+temporary file renamed into place, under an flock on the directory's .lock, so concurrent
+processes neither tear the file nor lose each other's records.
+
 Post: `load_kernel` returns one kernel per (epilogue signature, cache directory) per
 process; a later request from another graph node reuses it and is recorded at the end of
 the file. Same signature -> same source body -> Triton's own compile cache hits too.
+Repeated calls cost a few dict lookups: no file is read again.
 """
 
 from __future__ import annotations
@@ -22,12 +32,18 @@ import importlib.util
 import os
 import re
 import sys
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from qcompile.lowering.cache_dir import (
+    locked,
+    read_cache_text,
+    trusted_dir,
+    warn_once,
+    write_atomic,
+)
 from qcompile.lowering.epilogue import Bias, Dequantize, Epilogue, InputZeroPoint, Requantize
 from qcompile.lowering.kernels.gemm_int8 import BODY, HEADER, TEMPLATE_VERSION
 
@@ -203,60 +219,112 @@ def kernel_path(epilogue: Epilogue, cache_dir: str | os.PathLike | None = None) 
 
 
 _LOCK = threading.Lock()
-_LOADED: dict[tuple[str, str], KernelSpec] = {}
+_LOADED: dict[tuple[str, str], KernelSpec] = {}  # (signature, directory) -> kernel
+_RECORDED: set[tuple[Path, str]] = set()  # (file, origin) already in the file
+_WHAT = "generated kernel"
+_ELSEWHERE = ("choose another directory: kernel_cache_dir= (gemm_int8, load_kernel), "
+              "--cache DIR (python -m qcompile.lowering.autotune)")
+_SERVES, _ALSO_SERVES = "# serves:", "# also serves:"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+def kernel_dir(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The resolved kernel cache directory, created 0o700 if missing and refused if another
+    user could write into it (checked once per directory per process)."""
+    return trusted_dir(cache_dir or default_cache_dir(), what="kernel cache directory",
+                       elsewhere=_ELSEWHERE)
 
 
 def _origins_in(text: str) -> set[str]:
     found = set()
     for line in text.splitlines():
-        for tag in ("# serves:", "# also serves:"):
+        for tag in (_SERVES, _ALSO_SERVES):
             if line.startswith(tag):
                 found.add(line[len(tag):].strip())
     return found
 
 
-def _record_origin(path: Path, origin: str) -> None:
-    # Appended at the end so the line numbers of an already loaded kernel never move.
-    origin = " ".join(origin.split())
-    if origin and origin not in _origins_in(path.read_text()):
-        with open(path, "a") as f:
-            f.write(f"# also serves: {origin}\n")
+def _source_problem(text: str, epilogue: Epilogue) -> str | None:
+    """What makes `text` other than a file this module wrote for `epilogue`, or None."""
+    lines = text.splitlines(keepends=True)
+    if len(lines) < 4 or not lines[3].startswith(_SERVES):
+        return "it does not start with the generated header (edited or truncated)"
+    expected = _header(epilogue, lines[3][len(_SERVES):].strip()) + _body(epilogue)
+    if not text.startswith(expected):
+        return "it differs from the source the template generates (edited or truncated)"
+    rest = text[len(expected):]
+    for i, line in enumerate(rest.splitlines(keepends=True)):
+        if not (line.startswith(_ALSO_SERVES) and line.endswith("\n")):
+            n = expected.count("\n") + i + 1
+            return f"line {n} after the kernel is not an {_ALSO_SERVES!r} record: {line!r:.60}"
+    return None
+
+
+def _checked_source(path: Path, epilogue: Epilogue) -> str | None:
+    """The file's text if it is intact; None (warned once, unless absent) otherwise."""
+    text = read_cache_text(path, _WHAT)
+    if text is not None:
+        problem = _source_problem(text, epilogue)
+        if problem is not None:
+            warn_once(path, _WHAT, problem)
+            return None
+    return text
+
+
+def _record_origin(path: Path, epilogue: Epilogue, origin: str) -> None:
+    # Appended at the end so the line numbers of an already loaded kernel never move; as a
+    # locked rewrite, not an append, so a concurrent reader never sees half a line and two
+    # processes recording at once keep both records.
+    with locked(path.parent / ".lock"):
+        text = _checked_source(path, epilogue)
+        if text is None:  # removed or damaged since it was loaded
+            text = _header(epilogue, origin) + _body(epilogue)
+        elif origin in _origins_in(text):
+            return
+        else:
+            text += f"{_ALSO_SERVES} {origin}\n"
+        write_atomic(path, text)
 
 
 def load_kernel(
     epilogue: Epilogue, *, origin: str = "", cache_dir: str | os.PathLike | None = None
 ) -> KernelSpec:
     """Generate (once), write, import and return the kernel for `epilogue`."""
-    path = kernel_path(epilogue, Path(cache_dir or default_cache_dir()).expanduser().resolve())
-    key = (epilogue.signature(), str(path.parent))
+    directory = kernel_dir(cache_dir)
+    key = (epilogue.signature(), str(directory))
+    origin = " ".join(origin.split())  # one comment line
     with _LOCK:
         spec = _LOADED.get(key)
         if spec is None:
-            spec = _import_kernel(epilogue, path, origin)
+            spec = _import_kernel(epilogue, kernel_path(epilogue, directory), origin)
             _LOADED[key] = spec
-        _record_origin(path, origin)
+        if origin and (spec.path, origin) not in _RECORDED:
+            _record_origin(spec.path, epilogue, origin)
+            _RECORDED.add((spec.path, origin))
         return spec
 
 
 def _import_kernel(epilogue: Epilogue, path: Path, origin: str) -> KernelSpec:
-    body = _body(epilogue)
-    # The file name hashes the body, so an existing file differs only by its header and
-    # recorded origins, unless someone edited it: then it is regenerated.
-    if not path.exists() or body not in path.read_text():
-        _write_atomic(path, _header(epilogue, origin) + body)
+    # The file name hashes the body, so an intact file differs from a fresh one only in
+    # the origins it names.
+    with locked(path.parent / ".lock"):
+        text = _checked_source(path, epilogue)
+        if text is None:
+            text = _header(epilogue, origin) + _body(epilogue)
+            write_atomic(path, text)
     module_name = "qcompile_generated_" + path.stem
     loader_spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(loader_spec)
     sys.modules[module_name] = module
-    loader_spec.loader.exec_module(module)
+    try:
+        # The checked text, not the file read again: what was checked is what runs.
+        exec(compile(text, str(path), "exec"), module.__dict__)
+    except Exception as e:
+        del sys.modules[module_name]
+        raise RuntimeError(
+            f"the generated kernel {path} matches its template but does not import "
+            f"({type(e).__name__}: {e}): the template in "
+            "qcompile/lowering/kernels/gemm_int8.py is broken"
+        ) from e
     code = _emit(epilogue)
     return KernelSpec(
         fn=module.gemm_int8_kernel,

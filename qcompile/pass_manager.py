@@ -30,6 +30,7 @@ import torch
 from torch.fx import GraphModule
 
 from qcompile.config import Options
+from qcompile.lowering.cache_dir import open_atomic, write_atomic
 
 PassFn = Callable[[GraphModule, "PassContext"], "PassResult"]
 _REGISTRY: dict[str, PassFn] = {}
@@ -230,8 +231,10 @@ def dump_graph(gm: GraphModule, ctx: PassContext, name: str, result: PassResult)
         f"counters: {dict(result.counters)}\n"
         f"# passes so far: {ctx.passes_run}\n"
     )
-    with open(path, "w") as f:
-        f.write(header + gm.print_readable(print_output=False, include_stride=False) + "\n")
+    text = header + gm.print_readable(print_output=False, include_stride=False) + "\n"
+    # Renamed into place: a reader (or a second process on the same debug_dir) sees a
+    # whole dump, never half of one.
+    write_atomic(path, text, mode=0o644)
     return path
 
 
@@ -242,18 +245,23 @@ def _write_repro(gm: GraphModule, ctx: PassContext, name: str) -> str:
     root = ctx.options.debug_dir or tempfile.mkdtemp(prefix="qcompile-repro-")
     path = os.path.join(root, f"repro_{ctx.name}_{name}")
     os.makedirs(path, exist_ok=True)
-    with open(os.path.join(path, "graph.py"), "w") as f:
-        f.write(f"# graph {ctx.name!r} as pass {name!r} received it (maybe partly rewritten)\n")
-        f.write(f"# passes before it: {ctx.passes_run}\n")
-        f.write(gm.print_readable(print_output=False))
-        f.write("\n# traceback:\n# " + traceback.format_exc().replace("\n", "\n# "))
+    # Each file is renamed into place whole: load_repro never unpickles half a file.
+    write_atomic(
+        os.path.join(path, "graph.py"),
+        f"# graph {ctx.name!r} as pass {name!r} received it (maybe partly rewritten)\n"
+        f"# passes before it: {ctx.passes_run}\n"
+        + gm.print_readable(print_output=False)
+        + "\n# traceback:\n# " + traceback.format_exc().replace("\n", "\n# "),
+        mode=0o644,
+    )
     try:
-        torch.save(
-            {"graph_module": gm, "pass": name, "passes_before": ctx.passes_run,
-             "options": dataclasses.asdict(ctx.options)},
-            os.path.join(path, "repro.pt"),
-        )
+        with open_atomic(os.path.join(path, "repro.pt"), mode=0o644) as f:
+            torch.save(
+                {"graph_module": gm, "pass": name, "passes_before": ctx.passes_run,
+                 "options": dataclasses.asdict(ctx.options)},
+                f,
+            )
     except Exception as exc:  # a graph with unpicklable targets still leaves graph.py
-        with open(os.path.join(path, "repro.pt.failed"), "w") as f:
-            f.write(f"could not pickle the graph module: {exc}\n")
+        write_atomic(os.path.join(path, "repro.pt.failed"),
+                     f"could not pickle the graph module: {exc}\n", mode=0o644)
     return path

@@ -1,4 +1,6 @@
-"""Autotune keys, buckets, the persistent JSON cache, reuse by a fresh process, the CLI.
+"""Autotune keys, buckets, the persistent JSON cache, reuse by a fresh process, the CLI;
+a damaged cache file is ignored with one warning and rebuilt, and concurrent processes
+writing one cache lose no entries.
 
 Without a GPU nothing is timed: the default config is persisted under device "cpu", and
 the same code path (key, lookup, persist, reuse) is exercised.
@@ -8,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -22,6 +25,7 @@ from qcompile.lowering.autotune import (
     m_bucket,
     tune_key,
 )
+from qcompile.lowering.cache_dir import CacheWarning, UnsafeCacheDirError
 
 CHILD_ENV = {**os.environ, "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", "1")}
 
@@ -116,3 +120,160 @@ def test_cli_prints_configs(tmp_path):
         assert "no GPU found" in out.stdout
     assert "128x4096x4096" in out.stdout and "1x4096x11008" in out.stdout
     assert len(json.loads((tmp_path / "autotune.json").read_text())["entries"]) == 2
+
+
+# ------------------------------------------------------------ a damaged or shared cache
+
+GOOD = {"config": GemmConfig(16, 32, 64, 8, 4, 2).__dict__, "ms": 0.5,
+        "timings": {"16x32x64 g8 w4 s2": 0.5, "32x32x64 g8 w4 s2": float("inf")}}
+
+
+def cache_warnings(recwarn):
+    return [str(w.message) for w in recwarn.list if w.category is CacheWarning]
+
+
+def ignoring(path, problem):
+    return f"qcompile: ignoring the autotune cache {path}: {problem}; it will be rebuilt"
+
+
+@pytest.mark.parametrize("content, problem", [
+    (b'{"version": 1, "entries": {"k": {"con', "it is not valid JSON (truncated?): "
+     "Unterminated string starting at: line 1 column 34 (char 33)"),
+    (b"", "it is not valid JSON (truncated?): Expecting value: line 1 column 1 (char 0)"),
+    (b"\x89PNG\r\n\x1a\n", "it is not UTF-8 text (invalid start byte at byte 0)"),
+    (b'[1, 2]', "it holds a JSON list, not an object"),
+    (b'{"version": 2, "entries": {}}', "its version is 2, this qcompile reads version 1"),
+    (b'{"entries": {}}', "its version is None, this qcompile reads version 1"),
+    (b'{"version": 1, "entries": []}', "its 'entries' is not an object"),
+])
+def test_unreadable_file_is_ignored_with_one_warning_and_rebuilt(tmp_path, recwarn, content,
+                                                                  problem):
+    path = tmp_path.resolve() / "autotune.json"
+    path.write_bytes(content)
+    cache = autotune.AutotuneCache(tmp_path)
+    assert cache.get("k") is None and cache.get("k", refresh=True) is None
+    cache.put("k", GOOD)
+    assert cache_warnings(recwarn) == [ignoring(path, problem)]  # once, though read 3 times
+    assert json.loads(path.read_text()) == {"version": 1, "entries": {"k": GOOD}}
+
+
+@pytest.mark.parametrize("entry, problem", [
+    ("16x16x32", "the entry is a str, not an object"),
+    ({"ms": 1.0}, "it has no 'config' object"),
+    ({"config": {**GOOD["config"], "block_k": None}}, "its config's 'block_k' is None, not a "
+     "positive integer"),
+    ({"config": {k: v for k, v in GOOD["config"].items() if k != "num_stages"}},
+     "its config lacks 'num_stages'"),
+    ({"config": {**GOOD["config"], "block_m": "16"}}, "its config's 'block_m' is '16', not a "
+     "positive integer"),
+    ({"config": {**GOOD["config"], "num_warps": True}}, "its config's 'num_warps' is True, not a "
+     "positive integer"),
+    ({"config": {**GOOD["config"], "block_n": 0}}, "its config's 'block_n' is 0, not a positive "
+     "integer"),
+    ({"config": {**GOOD["config"], "block_n": 48}}, "its config's 'block_n' is 48, not a power "
+     "of two"),
+    ({**GOOD, "ms": "fast"}, "its 'ms' is 'fast', not a number"),
+    ({**GOOD, "timings": [0.5]}, "its 'timings' is not an object of numbers"),
+])
+def test_malformed_entry_is_dropped_and_retuned_others_kept(tmp_path, recwarn, entry, problem):
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    bad_key = tune_key(dev, "gemm_int8", "int32", 16, 48, 96)
+    good_key = tune_key(dev, "gemm_int8", "int32", 16, 48, 64)
+    path = tmp_path.resolve() / "autotune.json"
+    path.write_text(json.dumps({"version": 1, "entries": {bad_key: entry, good_key: GOOD}}))
+    assert autotune.entry_problem(entry) == problem
+    kept = get_config("gemm_int8", "int32", 16, 48, 64, cache_dir=tmp_path)
+    assert kept.source == "cache" and kept.config == GemmConfig(16, 32, 64, 8, 4, 2)
+    if torch.cuda.is_available():
+        return  # without `run` a GPU returns the default and stores nothing
+    rebuilt = get_config("gemm_int8", "int32", 16, 48, 96, cache_dir=tmp_path)
+    assert rebuilt.source == "default"
+    assert cache_warnings(recwarn) == [
+        ignoring(path, f"1 malformed entries are dropped: {bad_key!r}: {problem}")
+    ]
+    entries = json.loads(path.read_text())["entries"]
+    assert entries[good_key] == GOOD
+    assert entries[bad_key]["config"] == rebuilt.config.__dict__
+
+
+def test_directory_in_place_of_the_file_is_replaced(tmp_path, recwarn):
+    path = tmp_path.resolve() / "autotune.json"
+    (path / "stray").mkdir(parents=True)
+    cache = autotune.AutotuneCache(tmp_path)
+    assert cache.get("k") is None
+    cache.put("k", GOOD)
+    assert cache_warnings(recwarn) == [ignoring(path, "it is a directory, not a file")]
+    assert json.loads(path.read_text())["entries"] == {"k": GOOD}
+
+
+def test_malformed_entries_are_never_written(tmp_path):
+    with pytest.raises(ValueError, match="malformed autotune entry for 'k': its config lacks"):
+        autotune.AutotuneCache(tmp_path).put("k", {"config": {"block_m": 16}})
+    assert not (tmp_path / "autotune.json").exists()
+
+
+def test_cache_directory_writable_by_others_is_refused(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(UnsafeCacheDirError, match=(
+        rf"refuses the autotune cache directory {shared}: it is writable by group and others"
+        r".*Fix: chmod go-w .*; or choose another directory with --cache DIR"
+    )):
+        get_config("gemm_int8", "int32", 16, 16, 16, cache_dir=shared)
+    assert list(shared.iterdir()) == []
+
+
+WRITER = """
+import json, os, sys, time
+from pathlib import Path
+from qcompile.lowering.autotune import AutotuneCache, GemmConfig
+
+folder, me, count = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+(folder / f"ready{me}").touch()
+deadline = time.time() + 120
+while not (folder / "go").exists():  # start together, so the writes overlap
+    assert time.time() < deadline, "never told to go"
+    time.sleep(0.005)
+cache, path, mine = AutotuneCache(folder / "cache"), folder / "cache" / "autotune.json", []
+for j in range(count):
+    key = f"proc{me}-entry{j}"
+    cache.put(key, {"config": GemmConfig(16 << me, 16, 32, 1, 4, j + 1).__dict__})
+    mine.append(key)
+    entries = json.loads(path.read_text())["entries"]  # always a whole file
+    lost = [k for k in mine if k not in entries]
+    assert not lost, f"entries lost: {lost}"
+print("ok")
+"""
+
+
+def test_concurrent_processes_lose_no_entries(tmp_path):
+    procs, count = 4, 25
+    children = [
+        subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), str(i), str(count)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=CHILD_ENV)
+        for i in range(procs)
+    ]
+    try:
+        deadline = time.time() + 120
+        while not all((tmp_path / f"ready{i}").exists() for i in range(procs)):
+            assert time.time() < deadline and all(c.poll() is None for c in children), [
+                c.communicate() for c in children if c.poll() is not None
+            ]
+            time.sleep(0.01)
+        (tmp_path / "go").touch()
+        outs = [c.communicate(timeout=120) for c in children]
+    finally:
+        for c in children:
+            c.kill()
+    assert [(c.returncode, out) for c, (out, _) in zip(children, outs)] == [(0, "ok\n")] * procs, \
+        [err for _, err in outs]
+    entries = json.loads((tmp_path / "cache" / "autotune.json").read_text())["entries"]
+    assert entries == {
+        f"proc{i}-entry{j}": {"config": GemmConfig(16 << i, 16, 32, 1, 4, j + 1).__dict__}
+        for i in range(procs) for j in range(count)
+    }
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [
+        "autotune.json", "autotune.json.lock"
+    ]
