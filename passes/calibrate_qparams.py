@@ -4,13 +4,15 @@ What: for every Observe node, the site's range observer gives a static per-tenso
 (scale, zero point) for the recipe's activation bits (asymmetric, full signed range); the
 per-channel ranges (smoothing) and Hessians (GPTQ) are kept for the passes that need them.
 A site that saw no calibration data gets no parameters: the layers that need it stay in
-float, and the report says so. Each Observe node is replaced by its input.
+float, and the report says so. Each Observe node is replaced by its input. A model given a
+saved quantization (qcompile.load) takes its sites' parameters from it instead.
 Pre: insert-observers, and calibration ran (ctx.state). Post: no Observe node remains;
 ctx.analysis["calib"][site] holds a CalibSite.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +32,12 @@ class CalibSite:
     seen: bool = False
 
 
+def loaded_quantization(ctx: PassContext):
+    """The saved quantization qcompile.load gave this model for these options, or None."""
+    state = ctx.state
+    return state.loaded.get(ctx.options.fingerprint()) if state is not None else None
+
+
 def activation_spec(ctx: PassContext) -> QuantSpec:
     act = ctx.options.recipe_obj.act
     return QuantSpec(bits=act.bits if act is not None else 8, symmetric=False)
@@ -40,13 +48,17 @@ def calibrate_qparams(gm: GraphModule, ctx: PassContext) -> PassResult:
     state = ctx.state
     spec = activation_spec(ctx)
     calib: dict[str, CalibSite] = ctx.analysis.setdefault("calib", {})
+    loaded = loaded_quantization(ctx)
     counters = {"sites": 0, "no_data": 0}
     for node in list(gm.graph.nodes):
         if node.op != "call_module" or not node.target.startswith("observe_"):
             continue
         module = gm.get_submodule(node.target)
+        if loaded is not None:
+            saved = loaded.sites.get(module.site)
+            calib[module.site] = dataclasses.replace(saved) if saved else CalibSite()
         site = calib.setdefault(module.site, CalibSite())
-        for kind in module.kinds:
+        for kind in module.kinds if loaded is None else ():
             obs = state.observers.get(observer_key(ctx, module.site, kind)) if state else None
             if obs is None or obs.count == 0:
                 continue

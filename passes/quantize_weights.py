@@ -7,6 +7,7 @@ activations (w4a8, w4a4): symmetric per output channel, so the accumulator has o
 per channel and dyadic requantization applies. 4-bit weight-only (w4a16): group-wise,
 group 128 (one group per row when K is not a multiple of 128; the report says so).
 Pre: select-layers (and calibrate-qparams when GPTQ is on).
+A model given a saved quantization (qcompile.load) takes each layer's weight from it.
 Post: each selected linear's Layer annotation holds its numerics.weights.QuantizedWeight.
 The graph itself is unchanged; the rewrite passes use the quantized weights.
 """
@@ -21,6 +22,7 @@ from qcompile.fx_utils import get_constant, is_call
 from qcompile.numerics.specs import QuantSpec
 from qcompile.numerics.weights import gptq_quantize, quantize_weight_rtn
 from qcompile.pass_manager import PassContext, PassResult, graph_pass
+from qcompile.passes.calibrate_qparams import loaded_quantization
 
 
 def weight_spec_for(ctx: PassContext, k: int,
@@ -40,8 +42,9 @@ def weight_spec_for(ctx: PassContext, k: int,
 
 @graph_pass("quantize-weights", requires=("select-layers",))
 def quantize_weights(gm: GraphModule, ctx: PassContext) -> PassResult:
-    counters = {"rtn": 0, "gptq": 0}
+    counters = {"rtn": 0, "gptq": 0, "loaded": 0}
     calib = ctx.analysis.get("calib", {})
+    loaded = loaded_quantization(ctx)
     use_gptq = ctx.options.transform_on("gptq")
     for node in gm.graph.nodes:
         selected = ann.selected(node) if is_call(node, F.linear) else None
@@ -54,7 +57,15 @@ def quantize_weights(gm: GraphModule, ctx: PassContext) -> PassResult:
             layer.detail["weight_groups"] = note
         site = calib.get(ann.site(node.args[0], "input"))  # q/k/v share one site
         hessian = site.hessian if site is not None else None
-        if use_gptq and hessian is not None:
+        saved = loaded.weights.get(selected.name) if loaded is not None else None
+        if saved is not None:
+            if tuple(saved.qweight.shape) != tuple(w.shape):
+                raise ValueError(f"the loaded weight of {selected.name} is "
+                                 f"{tuple(saved.qweight.shape)}, the layer's {tuple(w.shape)}")
+            qw = saved
+            counters["loaded"] += 1
+            layer.transforms.append("loaded")
+        elif use_gptq and hessian is not None:
             qw = gptq_quantize(w, hessian.to(w.device), spec)
             counters["gptq"] += 1
             layer.transforms.append("gptq")

@@ -10,7 +10,9 @@ option narrow_weights), the route is the fastest exact one for the layer's shape
 with kernels="auto" a layer no exact int8 route runs faster than float32 stays float
 (DESIGN: never slower than float), with the reason; kernels="cpu" quantizes it anyway.
 The row count M is the example input's (tokens per call). Weight-only int4 stays float on
-CPU under "auto": its CPU path dequantizes the whole weight at every call.
+CPU under "auto": its CPU path dequantizes the whole weight at every call. A model given a
+saved quantization (qcompile.load) quantizes exactly the layers saved quantized, on the
+route this CPU has for their saved weights, so that it runs the saved integers.
 Why a pass of its own: observers, weight quantization and the rewrites all ask the same
 question and must agree.
 Pre: canonicalize-linear. Post: every F.linear has a Layer annotation.
@@ -28,6 +30,7 @@ from qcompile import annotations as ann
 from qcompile.lowering import cpu_routes
 from qcompile.lowering.reference import MAX_SAFE_K
 from qcompile.pass_manager import PassContext, PassResult, graph_pass
+from qcompile.passes.calibrate_qparams import loaded_quantization
 from qcompile.sites import is_linear, linear_name
 
 
@@ -53,11 +56,21 @@ def _rows(node: Node) -> int:
                      for d in shape)
 
 
-def _cpu_plan(ctx: PassContext, node: Node, layer: ann.Layer, rec) -> str | None:
+def _cpu_plan(ctx: PassContext, node: Node, layer: ann.Layer, rec, saved) -> str | None:
     """Plan a quantized linear on a CPU graph (weights, route); the reason it stays float
-    instead, or None."""
+    instead, or None. `saved`: the layer's weight from a loaded quantization, whose range
+    the route must take (a loaded layer runs quantized even where that is not faster)."""
     opts, recipe = ctx.options, ctx.options.recipe_obj
     caps = cpu_routes.cpu_capabilities()
+    if saved is not None:
+        w = saved.qweight
+        span = (int(w.min()), int(w.max())) if w.numel() else (0, 0)
+        n, k = node.args[1].meta["val"].shape
+        if opts.kernels in ("auto", "cpu") and recipe.act is not None:
+            plan = cpu_routes.plan_layer(caps, _rows(node), k, n, span)
+            layer.route = plan.route
+            rec.detail["route"] = f"{plan.route}: {plan.reason} (loaded weights)"
+        return None
     narrow = cpu_routes.narrow_weight_range(caps)
     if opts.narrow_weights is True and narrow is None:
         narrow = cpu_routes.SEVEN_BIT
@@ -89,6 +102,7 @@ def _device(node: Node) -> str:
 def select_layers(gm: GraphModule, ctx: PassContext) -> PassResult:
     counters = {"quantize": 0, "float": 0}
     planned = False
+    loaded = loaded_quantization(ctx)
     for node in gm.graph.nodes:
         if not is_linear(node):
             continue
@@ -96,9 +110,12 @@ def select_layers(gm: GraphModule, ctx: PassContext) -> PassResult:
         k = node.args[1].meta["val"].shape[1]
         reason = layer_reason(name, k, ctx)
         rec = ctx.layer(name, "linear")
+        saved = loaded.weights.get(name) if loaded is not None else None
+        if reason is None and loaded is not None and saved is None:
+            reason = "float in the loaded quantization"
         layer = ann.put(node, ann.Layer(name, quantize=reason is None))
         if reason is None and _device(node) == "cpu":
-            reason = _cpu_plan(ctx, node, layer, rec)
+            reason = _cpu_plan(ctx, node, layer, rec, saved)
             layer.quantize = reason is None
             planned = True
         if reason is None:

@@ -12,9 +12,12 @@ from qcompile.calibration import CalibrationError, calibrate
 from qcompile.config import RECIPES, Options, QCompileConfigError, known_options
 from qcompile.debug import Captured, capture, capture_all, load_repro
 from qcompile.report import report
+from qcompile.serialize import ArtifactMismatchError, export, load, save
 
 __version__ = "0.1.0"
 __all__ = [
-    "RECIPES", "CalibrationError", "Captured", "Options", "QCompileConfigError", "calibrate",
-    "capture", "capture_all", "known_options", "load_repro", "report",
+    "RECIPES", "ArtifactMismatchError", "CalibrationError", "Captured", "Options",
+    "QCompileConfigError", "calibrate", "capture", "capture_all", "export", "known_options",
+    "load",
+    "load_repro", "report", "save",
 ]

@@ -113,7 +113,6 @@ class Options:
     inductor: bool | None = None
     autotune: bool = False  # set by mode="max-autotune"
     kernels: str = "auto"  # "auto" | "triton" | "cpu" | "reference"
-    kernel_cache_dir: str | None = None
     # CPU graphs: 7-bit int8 weights where this CPU's fast exact int8 kernel needs them
     # (oneDNN's u8 x s8 without VNNI); None: when it does, False: never, True: always
     narrow_weights: bool | None = None
