@@ -92,7 +92,17 @@ def capture_all(model, *example_inputs, options=None, dynamic=None, **kwargs) ->
 
 
 def load_repro(path: str) -> dict:
-    """Load what a failing pass left behind (see PassError): graph module, pass, options."""
+    """Load what a failing pass left behind (see PassError): graph module, pass, options.
+
+    The reproducer is a pickle (a GraphModule cannot be saved otherwise), and unpickling
+    runs code: the directory is checked first like the kernel cache (ours, not writable by
+    other users), so nobody else can have put a file there."""
     import os
 
-    return torch.load(os.path.join(path, "repro.pt"), weights_only=False)
+    from qcompile.lowering.cache_dir import trusted_dir
+
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"no reproducer directory {path!r}")
+    folder = trusted_dir(path, what="reproducer directory",
+                         elsewhere="copy the reproducer into a directory of your own")
+    return torch.load(os.path.join(folder, "repro.pt"), weights_only=False)
