@@ -13,6 +13,11 @@ results):
                 (w8a8, float in, float out, like torchao's)
   torchao       torchao quantize_(Int8DynamicActivationInt8WeightConfig()) under
                 torch.compile (when torchao imports; otherwise the row says why)
+  pt2e          PT2E's x86 path: torchao's X86InductorQuantizer (static per-tensor
+                activations, per-channel weights), prepare / calibrate / convert, then
+                torch.compile with Inductor freezing, which lowers it to oneDNN's qlinear
+                (u8 activations with full-range int8 weights: on CPUs without VNNI those
+                saturate int16 pairs, so it is fast but not exact there)
 Weights are in the range the CPU's fast route needs (7-bit without VNNI: what qcompile's
 select-layers gives a model on this machine).
 
@@ -53,7 +58,40 @@ SHAPES = [
     ("llama up 4096->11008, 128 tokens", 128, 4096, 11008),
     ("llama 4096->4096, decode", 1, 4096, 4096),
 ]
-COLUMNS = ["float", "ours-static", "ours-requant", "ours-dynamic", "torchao"]
+COLUMNS = ["float", "ours-static", "ours-requant", "ours-dynamic", "torchao", "pt2e"]
+
+
+def _pt2e_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor):
+    """PT2E's x86 static int8 Linear, compiled with freezing, or (None, reason)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+            from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+                X86InductorQuantizer,
+                get_default_x86_inductor_quantization_config,
+            )
+    except Exception as e:  # noqa: BLE001 - any import failure means "not available"
+        return None, f"PT2E (torchao.quantization.pt2e) not usable: {type(e).__name__}: {e}"
+    lin = torch.nn.Linear(w.shape[1], w.shape[0]).eval()
+    with torch.no_grad():
+        lin.weight.copy_(w)
+        lin.bias.copy_(b)
+    try:
+        quantizer = X86InductorQuantizer()
+        quantizer.set_global(get_default_x86_inductor_quantization_config())
+        exported = torch.export.export(lin, (x,)).module()
+        prepared = prepare_pt2e(exported, quantizer)
+        prepared(x)  # calibration
+        converted = convert_pt2e(prepared)
+        # PT2E's documented CPU recipe: Inductor with freezing (a benchmark's choice; the
+        # library itself never sets Inductor's config)
+        with torch._inductor.config.patch(freezing=True):
+            compiled = torch.compile(converted)
+            compiled(x)
+        return compiled, "PT2E X86InductorQuantizer + freezing"
+    except Exception as e:  # noqa: BLE001
+        return None, f"PT2E failed: {type(e).__name__}: {e}"
 
 
 def _torchao_linear(w: torch.Tensor, b: torch.Tensor):
@@ -110,6 +148,9 @@ def bench_shape(label: str, m: int, k: int, n: int, rounds: int, clock) -> dict:
     ao, ao_note = _torchao_linear(w, b)
     if ao is not None:
         fns["torchao"] = lambda: ao(x)
+    pt2e, pt2e_note = _pt2e_linear(x, w, b)
+    if pt2e is not None:
+        fns["pt2e"] = lambda: pt2e(x)
     compile_s = {}
     for name, fn in fns.items():  # warm up: compiles happen here, timed separately
         t0 = time.perf_counter()
@@ -119,7 +160,7 @@ def bench_shape(label: str, m: int, k: int, n: int, rounds: int, clock) -> dict:
     times = interleaved(fns, rounds, clock)
     ref = F.linear(x, w, b)
     err = {name: float((fns[name]() - ref).abs().max() / ref.abs().max())
-           for name in ("ours-static", "ours-dynamic", "torchao") if name in fns}
+           for name in ("ours-static", "ours-dynamic", "torchao", "pt2e") if name in fns}
     same = {name: bool(torch.equal(fns[name](), getattr(ops, op)(*args, impl="reference")))
             for name, op, args in (
                 ("ours-dynamic", "linear_dynamic", (x, wq, w_scale, b)),
@@ -136,6 +177,7 @@ def bench_shape(label: str, m: int, k: int, n: int, rounds: int, clock) -> dict:
         "max_rel_err_vs_float": err,
         "bit_identical_to_reference": same,
         "torchao": ao_note,
+        "pt2e": pt2e_note,
     }
     if "torchao" in med:
         row["torchao_over_ours_dynamic"] = round(med["torchao"] / med["ours-dynamic"], 2)
