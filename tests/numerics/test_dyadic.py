@@ -146,9 +146,11 @@ def test_requantize_extremes(q, s):
 def exact_ties(draw):
     """(acc, q, s) with acc * q == (2k + 1) * 2**(s-1): exactly half-way between integers.
 
-    q = 2**t * odd, acc = 2**(s-1-t) * r with r odd; |acc| < 2**31 needs s-1-t <= 30.
+    q = 2**t * odd, acc = 2**(s-1-t) * r with r odd; |acc| < 2**31 needs s-1-t <= 30 and
+    q < 2**31 needs t <= 30, so s <= 61 (at s = 62 only acc = -2**31 with q = 2**30 is a
+    tie: test_requantize_extremes has it).
     """
-    s = draw(st.integers(1, 62))
+    s = draw(st.integers(1, 61))
     t = draw(st.integers(max(0, s - 31), min(s - 1, 30)))
     # 2**(31-t) - 1 is odd, so v | 1 stays in range and q = odd * 2**t in [2**30, 2**31).
     odd = draw(st.integers(2 ** (30 - t), 2 ** (31 - t) - 1).map(lambda v: v | 1))
