@@ -198,7 +198,10 @@ def _isoftmax_attention(q, k, v, q_scale, k_scale, v_scale, attn_mask, causal, s
     if mask is not None:
         visible = visible & (mask > MASKED)
         z = z + torch.where(visible, mask, torch.zeros_like(mask))
-    p = ibert.softmax_probabilities(z, visible)  # [B, Hq, Sq, Sk], units 2**-16
+    # [B, Hq, Sq, Sk], units 2**-16; with no key at all (Sk = 0) there is nothing to
+    # normalise (and the row max needs a key): P is empty and P V gives 0, as for rows
+    # whose every key is hidden
+    p = ibert.softmax_probabilities(z, visible) if Sk else z
     acc = (p.to(dev, dt) @ vv.to(dev, dt)).to(q.device, torch.int64)  # [B, Hq, Sq, D]
     scale = cst.out_scale.to(q.device, torch.float64)[head]
     return (acc.to(torch.float64) * scale).to(torch.float32).to(out_dtype)

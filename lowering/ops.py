@@ -538,7 +538,9 @@ def _(x, qmax):
 
 @quantize_absmax.impl("reference")
 def _(x, qmax):
-    scale = (x.detach().abs().amax().float() / qmax).clamp(min=specs.SCALE_EPS)
+    # an empty tensor has no range: max|x| over nothing is taken as 0 (scale SCALE_EPS)
+    absmax = x.detach().abs().amax().float() if x.numel() else x.new_zeros((), dtype=torch.float32)
+    scale = (absmax / qmax).clamp(min=specs.SCALE_EPS)
     q = torch.round(x.float() / scale).clamp(-qmax - 1, qmax).to(torch.int8)
     return q, scale
 

@@ -77,6 +77,8 @@ def probe_inputs(gm: GraphModule, inputs: list) -> list:
     if not tensors or len(placeholders) != len(inputs):
         return inputs
     b = tensors[0].shape[0]
+    if b == 0:
+        return inputs  # an empty batch: nothing to cut
     per_item = math.prod(tensors[0].shape[1:-1]) if tensors[0].dim() > 2 else \
         tensors[0].shape[-1]
     keep = max(1, min(b, -(-PROBE_ROWS // max(1, per_item))))
@@ -125,9 +127,13 @@ def _measure(gm: GraphModule, ctx: PassContext, float_gm, inputs) -> PassResult:
         test.run(*inputs)
     measured = 0
     for layer, y in ref.seen.items():
-        if layer in test.seen and layer in ctx.layers:
+        # an empty output (a batch of 0 rows) carries no signal and no noise: no figure
+        if layer in test.seen and layer in ctx.layers and y.numel():
             ctx.layers[layer].sqnr_db = sqnr_db(y, test.seen[layer])
             measured += 1
+    if not measured and ref.seen:
+        ctx.note("the sample inputs reach every layer with 0 rows: per-layer SQNR not "
+                 "measured")
     _activation_ranges(ctx, float_gm, inputs)
     return PassResult(gm, modified=False, counters={"layers": measured})
 
@@ -141,7 +147,7 @@ class _Inputs(Interpreter):
 
     def run_node(self, n):
         out = super().run_node(n)
-        if is_call(n, F.linear):
+        if is_call(n, F.linear) and self.env[n.args[0]].numel():  # 0 rows: no statistics
             x = self.env[n.args[0]].detach().double()
             x = x.reshape(-1, x.shape[-1])  # real sizes: metadata may hold symbolic ones
             c = x - x.mean()

@@ -190,7 +190,9 @@ class GraphVariant:
                     "or choose the dynamic recipe 'w8a8', which needs none."
                 )
             self.state.batches = max(self.state.batches, self.calls_calibrating)
-            self.sample = [args[i] for i in self.live]  # the last batch, for SQNR
+            live = [args[i] for i in self.live]
+            if not any(isinstance(a, torch.Tensor) and not a.numel() for a in live):
+                self.sample = live  # the last batch with rows, for SQNR
             progress = getattr(self.state, "progress", None)
             if progress is not None:
                 progress.update(self.state.batches)

@@ -250,7 +250,8 @@ def _attention_torch(q, k, v, q_scale, k_scale, v_scale, causal, attn_mask,
     if key_padding_mask is not None:
         visible = visible & ~key_padding_mask.to(q.device, torch.bool)[:, None, None, :]
     t = t.masked_fill(~visible, float("-inf"))
-    row_max = t.amax(dim=-1, keepdim=True)
+    # no key at all (Sk = 0): every row is empty, and amax needs a non-empty dim
+    row_max = t.amax(dim=-1, keepdim=True) if Sk else t.new_zeros((B, Hq, Sq, 1))
     row_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
     p = torch.exp(t - row_max)
     denom = p.sum(dim=-1, keepdim=True)

@@ -247,6 +247,8 @@ def quantize_per_tensor_triton(x, scale, zero_point=0, *, bits=8):
     check_can_launch(x)
     _check_float(x)
     qmin, qmax = _range(bits)
+    if not x.numel():  # nothing to launch for, and [-1, K] is ambiguous when K = 0
+        return torch.empty(x.shape, dtype=torch.int8, device=x.device)
     x2 = _rows(x)  # [M, K]
     q = torch.empty(x2.shape, dtype=torch.int8, device=x.device)
     M, K = x2.shape

@@ -10,6 +10,7 @@ per byte for the kernels.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -145,10 +146,26 @@ def _grouped(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     return x.reshape(*x.shape[:-1], k // g, g)
 
 
+def _scale_shape(x_shape: torch.Size, spec: QuantSpec) -> tuple[int, ...]:
+    """The shape of the scales the spec's granularity gives a tensor of x_shape."""
+    if spec.granularity == "per_tensor":
+        return ()
+    if spec.granularity == "per_channel":
+        return (x_shape[_channel_axis(len(x_shape), spec)],)
+    if spec.granularity == "per_token":
+        return tuple(x_shape[:-1])
+    return tuple(_grouped(torch.empty(x_shape, device="meta"), spec).shape[:-1])
+
+
 def reduce_min_max(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """(min, max) of x in float32, reduced to the scale shape the spec's granularity defines."""
     x = x.detach().float()
     if x.numel() == 0:
+        # no scales to choose (per-token parameters of 0 rows): empty parameters; a scale
+        # that would cover no element has no range to choose it from
+        shape = _scale_shape(x.shape, spec)
+        if math.prod(shape) == 0:
+            return x.new_empty(shape), x.new_empty(shape)
         raise ValueError("cannot choose quantization parameters for an empty tensor")
     if spec.granularity == "per_tensor":
         return x.amin(), x.amax()

@@ -87,8 +87,9 @@ def _samples(name, g, extreme):
         return (_int8(g, 5, 23, extreme=extreme), 7, q, s, -3, -128, 127)
     if name == "add_int8":
         ma, mb = (float(v) * 2 + 1e-3 for v in torch.rand(2, generator=g))
-        if extreme:
-            mb = ma * 2.0**-30  # shifts more than 23 apart
+        if extreme:  # shifts more than 23 apart, mb still a valid multiplier (>= 2**-31)
+            ma = max(ma, 0.5)
+            mb = ma * 2.0**-30
         a, b = _int8(g, 3, 5, 8, extreme=extreme), _int8(g, 5, 8, extreme=extreme)
         return (a, b, 4, -9, *ops.add_multipliers(ma, mb), 2, -128, 127)
     if name in ("linear_int8", "linear_w4a8"):
@@ -201,6 +202,73 @@ def test_implementation_equals_reference(op, impl, seed, extreme):
         prepared = chosen.prepare({n: args[op.params.index(n)] for n in names})
         args = tuple(prepared.get(n, a) for n, a in zip(op.params, args))
         _same(op, op(*_to(args, DEV), impl=impl), want)
+
+
+# the arguments that carry rows (tokens) of activations, per op parameter name; attention's
+# q, k, v carry queries and keys along dim 2 instead
+_ROW_ARGS = ("x", "a", "b", "r")
+
+
+def _no_rows(args: tuple, params: tuple, dims: dict[str, int]) -> tuple:
+    """args with the named tensors cut to size 0 along the given dims."""
+    out = list(args)
+    for name, dim in dims.items():
+        i = params.index(name)
+        if isinstance(out[i], torch.Tensor):
+            out[i] = out[i].narrow(dim, 0, 0)
+    return tuple(out)
+
+
+def _zero_row_cases(op, args) -> list[tuple[str, tuple]]:
+    """Empty batches: 0 rows of every activation, or for attention 0 queries, 0 keys and
+    a batch of 0."""
+    p = op.params
+    if "attn_mask" in p:
+        return [
+            ("0 queries", _no_rows(args, p, {"q": 2, "attn_mask": 2})),
+            # keys cut after the causal flag is dropped: causal needs Sq <= Sk
+            ("0 keys", _no_rows(args[:p.index("is_causal")] + (False,)
+                                + args[p.index("is_causal") + 1:], p,
+                                {"k": 2, "v": 2, "attn_mask": 3})),
+            ("batch of 0", _no_rows(args, p, {"q": 0, "k": 0, "v": 0, "attn_mask": 0})),
+        ]
+    rows = {n: -2 if args[p.index(n)].dim() >= 2 else 0
+            for n in (*_ROW_ARGS, "q") if n in p and (n != "q" or op.name == "dequantize")}
+    cases = [("0 rows", _no_rows(args, p, rows))]
+    first = {n: 0 for n in rows if args[p.index(n)].dim() >= 3}
+    if first:
+        cases.append(("batch of 0", _no_rows(args, p, first)))
+    return cases
+
+
+def _fake_shapes(op, args) -> list[tuple]:
+    """The output shapes the op's fake implementation promises for args."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        fake = tuple(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args)
+        out = op(*fake, impl="reference")
+    return [tuple(t.shape) for t in (out if isinstance(out, tuple) else (out,))]
+
+
+@pytest.mark.parametrize("op, impl", [(op, name) for op in OPS for name in sorted(op.impls)],
+                         ids=[f"{op.name}-{name}" for op in OPS for name in sorted(op.impls)])
+@pytest.mark.parametrize("extreme", [False, True])
+def test_empty_batches_give_empty_outputs_of_the_right_shape(op, impl, extreme):
+    """0 rows (or 0 queries, 0 keys, a batch of 0) in every implementation: the fake's
+    shapes, the reference's values (with 0 keys, every query sees no key: 0)."""
+    if not op.impls[impl].runs_on(DEV):
+        pytest.skip(f"{impl} does not run on {DEV} here")
+    args = _within_route_range(op, impl, _samples(op.name, torch.Generator().manual_seed(3),
+                                                  extreme))
+    for what, empty in _zero_row_cases(op, args):
+        want = op(*empty, impl="reference")
+        outs = want if isinstance(want, tuple) else (want,)
+        assert [tuple(t.shape) for t in outs] == _fake_shapes(op, empty), what
+        assert outs[0].shape.numel() == 0 or what == "0 keys", what
+        if what == "0 keys":
+            assert outs[0].numel() and not outs[0].any(), what
+        _same(op, op(*_to(empty, DEV), impl=impl), want)
 
 
 def test_choose_follows_the_family_order():
