@@ -2,9 +2,9 @@
 
 What is timed, per (rows M, width n, dtype), on CUDA:
   copy       y.copy_(x): the floor any memory-bound row op can reach
-  fwht       hadamard_transform (lowering/kernels/hadamard.py)
-  fwht+q     hadamard_quantize_per_token: rotation + absmax + int8, one pass
-  q          quantize_per_token alone (what the rotation adds on top of it)
+  fwht       hadamard_transform_triton (lowering/kernels/hadamard.py)
+  fwht+q     hadamard_quantize_per_token_triton: rotation + absmax + int8, one pass
+  q          quantize_per_token_triton alone (what the rotation adds on top of it)
 GB/s counts bytes read + written once (the kernels' minimum traffic).
 
 Without CUDA it says so and runs a tiny smoke test of the same kernels in the Triton
@@ -51,17 +51,20 @@ def _smoke() -> None:
 def _measure(m: int, n: int, dtype: torch.dtype) -> dict:
     import triton
 
-    from qcompile.lowering.kernels.hadamard import hadamard_transform
-    from qcompile.lowering.kernels.quantize import hadamard_quantize_per_token, quantize_per_token
+    from qcompile.lowering.kernels.hadamard import hadamard_transform_triton
+    from qcompile.lowering.kernels.quantize import (
+        hadamard_quantize_per_token_triton,
+        quantize_per_token_triton,
+    )
 
     x = torch.randn(m, n, device="cuda").to(dtype)
     y = torch.empty_like(x)
     elt = x.element_size()
     cases = {
         "copy": (lambda: y.copy_(x), 2 * elt),
-        "fwht": (lambda: hadamard_transform(x), 2 * elt),
-        "fwht+q": (lambda: hadamard_quantize_per_token(x), elt + 1),
-        "q": (lambda: quantize_per_token(x), elt + 1),
+        "fwht": (lambda: hadamard_transform_triton(x), 2 * elt),
+        "fwht+q": (lambda: hadamard_quantize_per_token_triton(x), elt + 1),
+        "q": (lambda: quantize_per_token_triton(x), elt + 1),
     }
     res = {}
     for label, (fn, bytes_per) in cases.items():

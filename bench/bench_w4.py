@@ -2,9 +2,10 @@
 
 What is timed, per (M tokens, K -> N), on CUDA, in the same run:
   fp16        x @ W^T with torch (cuBLAS), fp16 weights: the baseline
-  w4a16       w4a16_gemm, int4 group-128 weights with zero points, default config
+  w4a16       w4a16_gemm_triton, int4 group-128 weights with zero points, default config
   w4a16-best  the fastest of a small config sweep (the heuristic's miss, if any)
-  w4a8        w4a8_gemm_dequant (int8 x int4 -> int32, per-token x per-channel float out)
+  w4a8        w4a8_gemm_dequant_triton (int8 x int4 -> int32, per-token x per-channel
+              float out)
 The weight bandwidth column is packed-weight bytes / time: decode reads W once, so this is
 the number to compare with the GPU's memory bandwidth.
 
@@ -102,8 +103,8 @@ def _measure(m, k, n) -> dict:
 
     res = dict(
         fp16=bench(lambda: x @ w16.T),
-        w4a16=bench(lambda: w4.w4a16_gemm(x, wp, s, z, GROUP)),
-        w4a8=bench(lambda: w4.w4a8_gemm_dequant(xi, wp, xs, ws)),
+        w4a16=bench(lambda: w4.w4a16_gemm_triton(x, wp, s, z, GROUP)),
+        w4a8=bench(lambda: w4.w4a8_gemm_dequant_triton(xi, wp, xs, ws)),
     )
     best = (float("inf"), None)
     for cfg in SWEEP:

@@ -26,6 +26,9 @@ nn.MultiheadAttention). A query row with no visible key gives 0 (SDPA gives NaN)
 Pre: q, k, v int8 with last dim contiguous or not (strides are passed), D <= 256.
 Post: close to `quantized_attention_ref` (float64 softmax of the same integer logits):
 only P's float16 rounding and float32 summation differ.
+
+Which implementation a graph runs (this kernel, float SDPA on the CPU, the reference) is
+the op registry's choice: lowering/ops.py, `attention_int8`.
 """
 
 from __future__ import annotations
@@ -231,9 +234,14 @@ def quantized_attention_triton(
 # --------------------------------------------------------------------------- torch
 
 
-def _attention_torch(q, k, v, q_scale, k_scale, v_scale, causal, attn_mask,
-                     key_padding_mask, sm_scale, out_dtype, dtype):  # fmt: skip
+def quantized_attention_ref(
+    q, k, v, q_scale, k_scale, v_scale, *, causal=False, attn_mask=None,
+    key_padding_mask=None, sm_scale=None, out_dtype=torch.float16,
+):  # fmt: skip
+    """The definition, in float64: softmax(S * q_scale * k_scale * sm_scale + mask) (V *
+    v_scale), S = Q K^T of the int8 codes; rows with no visible key give 0."""
     _check(q, k, v)
+    dtype = torch.float64
     B, Hq, Sq, D = q.shape
     Sk = k.shape[2]
     c, vs, group = _scales(q, k, q_scale, k_scale, v_scale, sm_scale)
@@ -258,33 +266,3 @@ def _attention_torch(q, k, v, q_scale, k_scale, v_scale, causal, attn_mask,
     p = torch.where(denom > 0, p / denom, torch.zeros_like(p))  # empty rows -> 0
     out = (p @ vf) * vs.to(dtype=dtype, device=q.device)[None, :, None, None]
     return out.to(out_dtype)
-
-
-def quantized_attention_ref(
-    q, k, v, q_scale, k_scale, v_scale, *, causal=False, attn_mask=None,
-    key_padding_mask=None, sm_scale=None, out_dtype=torch.float16,
-):  # fmt: skip
-    """The definition, in float64: softmax(S * q_scale * k_scale * sm_scale + mask) (V *
-    v_scale), S = Q K^T of the int8 codes; rows with no visible key give 0."""
-    return _attention_torch(q, k, v, q_scale, k_scale, v_scale, causal, attn_mask,
-                            key_padding_mask, sm_scale, out_dtype, torch.float64)  # fmt: skip
-
-
-def quantized_attention_cpu(
-    q, k, v, q_scale, k_scale, v_scale, *, causal=False, attn_mask=None,
-    key_padding_mask=None, sm_scale=None, out_dtype=torch.float16,
-):  # fmt: skip
-    """The CPU path: the reference computed in float32 (no tiling; memory O(Sq * Sk))."""
-    return _attention_torch(q, k, v, q_scale, k_scale, v_scale, causal, attn_mask,
-                            key_padding_mask, sm_scale, out_dtype, torch.float32)  # fmt: skip
-
-
-def quantized_attention(
-    q, k, v, q_scale, k_scale, v_scale, *, causal=False, attn_mask=None,
-    key_padding_mask=None, sm_scale=None, out_dtype=torch.float16,
-):  # fmt: skip
-    """Fused int8 attention: Triton on CUDA, the float32 torch path elsewhere."""
-    use_triton = q.is_cuda and triton_target() == "cuda"
-    fn = quantized_attention_triton if use_triton else quantized_attention_cpu
-    masks = dict(causal=causal, attn_mask=attn_mask, key_padding_mask=key_padding_mask)
-    return fn(q, k, v, q_scale, k_scale, v_scale, **masks, sm_scale=sm_scale, out_dtype=out_dtype)

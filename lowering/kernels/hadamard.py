@@ -17,6 +17,9 @@ float32 ulps of |x| * sqrt(n) (log2(n) + m rounded additions).
 
 Pre: x float16 / bfloat16 / float32, last dim n a Hadamard size. Post: same shape and
 dtype as x (or out_dtype).
+
+Which implementation a graph runs is the op registry's choice (lowering/ops.py,
+`hadamard_transform`: this kernel, or one dense float32 matmul on the CPU).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import triton
 import triton.language as tl
 
 from qcompile.hadamard import hadamard_factor, hadamard_matrix
-from qcompile.lowering.device import check_can_launch, triton_target
+from qcompile.lowering.device import check_can_launch
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -198,15 +201,7 @@ def hadamard_transform_ref(x: torch.Tensor, out_dtype: torch.dtype | None = None
     return ((x.to(torch.float64) @ h.T) / math.sqrt(n)).to(out_dtype or x.dtype)
 
 
-def hadamard_transform(x: torch.Tensor, out_dtype: torch.dtype | None = None):
-    """y = x @ H_n^T / sqrt(n) over the last dim: Triton on CUDA, the torch FWHT elsewhere."""
-    if x.is_cuda and triton_target() == "cuda":
-        return hadamard_transform_triton(x, out_dtype)
-    return hadamard_transform_cpu(x, out_dtype)
-
-
 __all__ = [
-    "hadamard_transform",
     "hadamard_transform_cpu",
     "hadamard_transform_ref",
     "hadamard_transform_triton",

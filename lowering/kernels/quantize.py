@@ -2,15 +2,15 @@
 per-token, and per-token after an online Hadamard transform.
 
 What, for x [..., K]:
-- `quantize_per_tensor(x, scale, zp)`: q = clamp(round(x / scale) + zp), float scale
+- `quantize_per_tensor_*(x, scale, zp)`: q = clamp(round(x / scale) + zp), float scale
   (static, calibrated). Same arithmetic as qcompile.numerics.specs.quantize: float32
   IEEE division by the float32 scale, round half to even.
-- `requantize_int(acc, q, shift, zp)`: int32 -> int8 by the dyadic contract
+- `requantize_int_*(acc, q, shift, zp)`: int32 -> int8 by the dyadic contract
   (qcompile.numerics.dyadic.requantize), in int64 integer arithmetic only.
-- `quantize_per_token(x)`: symmetric dynamic per-row quantization in one pass over x:
+- `quantize_per_token_*(x)`: symmetric dynamic per-row quantization in one pass over x:
   scale[m] = max(absmax(x[m]) / qmax, eps) exactly as specs.dynamic_per_token_qparams,
   then q as above. Returns (int8 [..., K], float32 scale [...]).
-- `hadamard_quantize_per_token(x)`: quantize_per_token(H x / sqrt(K)) fused: the row is
+- `hadamard_quantize_per_token_*(x)`: quantize_per_token(H x / sqrt(K)) fused: the row is
   rotated in registers (lowering/kernels/hadamard.py) and never written in float.
 
 Why: these sit in front of every integer GEMM; fusing absmax, scale and rounding (and the
@@ -20,9 +20,10 @@ Rounding inside the kernels is done on |y| with floor and an explicit tie test, 
 Triton has no portable rint and the (y + 0.5) trick is wrong just below 0.5. Division is
 tl.math.div_rn (IEEE), not `/`, which compiles to the approximate div.full.f32 on NVIDIA.
 
-Every op has `<op>_ref` (pure torch, the definition), `<op>_cpu` (the CPU path) and
-`<op>_triton` (the kernel, CUDA or interpreter); `<op>` dispatches on the device.
-Integer outputs of all three are bit-identical.
+Every kernel has `<op>_triton` (CUDA or the interpreter) and `<op>_ref` (pure torch, the
+definition); their integer outputs are bit-identical. Which implementation a graph runs is
+the op registry's choice (lowering/ops.py: `quantize`, and the per-token step of
+`linear_dynamic`), never this module's.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qcompile.lowering.device import check_can_launch, triton_target
+from qcompile.lowering.device import check_can_launch
 from qcompile.lowering.kernels.hadamard import (
     hadamard_launch_meta,
     hadamard_tile,
@@ -51,10 +52,6 @@ def _range(bits: int) -> tuple[int, int]:
     if not 2 <= bits <= 8:
         raise ValueError(f"bits must be in 2..8 (int8 storage), got {bits}")
     return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
-
-
-def _use_triton(x: torch.Tensor) -> bool:
-    return x.is_cuda and triton_target() == "cuda"
 
 
 def _check_float(x: torch.Tensor) -> None:
@@ -359,41 +356,3 @@ def hadamard_quantize_per_token_ref(x, *, bits=8):
     """quantize_per_token_ref of the float32 rotation (the kernel's rotation is bit-identical
     to hadamard_transform_cpu, so the integer outputs are too)."""
     return quantize_per_token_ref(hadamard_transform_cpu(x, torch.float32), bits=bits)
-
-
-# The CPU paths are the references: vectorised torch, no per-element Python.
-quantize_per_tensor_cpu = quantize_per_tensor_ref
-requantize_int_cpu = requantize_int_ref
-quantize_per_token_cpu = quantize_per_token_ref
-hadamard_quantize_per_token_cpu = hadamard_quantize_per_token_ref
-
-
-# --------------------------------------------------------------------------- dispatch
-
-
-def quantize_per_tensor(x, scale, zero_point=0, *, bits=8):
-    """Static per-tensor quantization of a float activation to int8 storage."""
-    if _use_triton(x):
-        return quantize_per_tensor_triton(x, scale, zero_point, bits=bits)
-    return quantize_per_tensor_cpu(x, scale, zero_point, bits=bits)
-
-
-def requantize_int(acc, q, shift, zero_point=0, qmin=-128, qmax=127):
-    """int32 -> int8 by the dyadic contract; q/shift ints or per-channel [N] tensors."""
-    if _use_triton(acc):
-        return requantize_int_triton(acc, q, shift, zero_point, qmin, qmax)
-    return requantize_int_cpu(acc, q, shift, zero_point, qmin, qmax)
-
-
-def quantize_per_token(x, *, bits=8):
-    """Dynamic symmetric per-row quantization: (int8 [..., K], float32 scale [...])."""
-    if _use_triton(x):
-        return quantize_per_token_triton(x, bits=bits)
-    return quantize_per_token_cpu(x, bits=bits)
-
-
-def hadamard_quantize_per_token(x, *, bits=8):
-    """quantize_per_token(x @ H^T / sqrt(K)), the rotation fused in (online Hadamard)."""
-    if _use_triton(x):
-        return hadamard_quantize_per_token_triton(x, bits=bits)
-    return hadamard_quantize_per_token_cpu(x, bits=bits)

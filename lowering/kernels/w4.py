@@ -2,13 +2,13 @@
 
 What, for x [M, K] and a weight W [N, K] stored as int4 packed two per byte along K
 (qcompile.numerics.specs.pack_int4: byte i = w[2i] & 0xF | (w[2i+1] & 0xF) << 4):
-- `w4a16_gemm(x, w_packed, scales, zeros, group_size, bias)`: y = x @ deq(W)^T with
+- `w4a16_gemm_*(x, w_packed, scales, zeros, group_size, bias)`: y = x @ deq(W)^T with
   deq(W)[n, k] = (w[n, k] - zeros[n, g]) * scales[n, g], g = k // group_size, computed in
   float32 exactly as specs.dequantize, then rounded to x.dtype (the tensor-core operand
   type) before the product; float32 accumulation; + bias; one cast to x.dtype.
-- `w4a8_gemm_requant(x, w_packed, q, shift, zero_point, bias)`: acc = x @ W^T in int32
+- `w4a8_gemm_requant_*(x, w_packed, q, shift, zero_point, bias)`: acc = x @ W^T in int32
   (exact), + int32 bias, then the dyadic contract (integer only) to int8.
-- `w4a8_gemm_dequant(x, w_packed, x_scale, w_scale, bias, out_dtype)`: the float epilogue
+- `w4a8_gemm_dequant_*(x, w_packed, x_scale, w_scale, bias, out_dtype)`: the float epilogue
   ((float32(acc) * x_scale[m]) * w_scale[n]) + bias[n], one cast: the op order of the
   int8 GEMM (lowering/reference.py), so the two agree.
 
@@ -23,8 +23,10 @@ Limits: group_size even and dividing K; W4A8 has per-channel weight scales only 
 W4A8 needs one integer accumulator per group). int8 x int4 products are at most 2**10, so
 the int32 accumulator is exact for K < 2**21.
 
-Each op has `<op>_ref` (pure torch, exact int64 accumulation for the integer ops),
-`<op>_cpu` (torch._int_mm / float matmul) and `<op>_triton`; `<op>` dispatches.
+Each op has `<op>_ref` (pure torch, exact int64 accumulation for the integer ops) and
+`<op>_triton`; W4A16 also has `w4a16_gemm_cpu` (dequantize, float32 matmul). Which one a
+graph runs is the op registry's choice (lowering/ops.py: `linear_w4a16`, `linear_w4a8`,
+whose CPU implementations run the int4 values through the int8 CPU GEMM).
 """
 
 from __future__ import annotations
@@ -419,11 +421,6 @@ def w4a8_acc_ref(x, w_packed):
     return x.to(torch.int64) @ specs.unpack_int4(w_packed).to(torch.int64).T
 
 
-def _w4a8_acc_cpu(x, w_packed):
-    # torch._int_mm accumulates in int32 (exact: K < 2**21 keeps |acc| < 2**31).
-    return torch._int_mm(x.contiguous(), _unpack_int4_fast(w_packed).T.contiguous())
-
-
 def _requant_epilogue(acc, q, shift, zero_point, bias, qmin, qmax):
     acc = acc.to(torch.int64) + (bias.to(torch.int64) if bias is not None else 0)
     return requantize(acc, q, shift, zero_point, qmin, qmax)
@@ -441,44 +438,6 @@ def w4a8_gemm_requant_ref(x, w_packed, q, shift, zero_point=0, bias=None, qmin=-
     return _requant_epilogue(w4a8_acc_ref(x, w_packed), q, shift, zero_point, bias, qmin, qmax)
 
 
-def w4a8_gemm_requant_cpu(x, w_packed, q, shift, zero_point=0, bias=None, qmin=-128, qmax=127):
-    return _requant_epilogue(_w4a8_acc_cpu(x, w_packed), q, shift, zero_point, bias, qmin, qmax)
-
-
 def w4a8_gemm_dequant_ref(x, w_packed, x_scale, w_scale, bias=None, out_dtype=torch.float16):
     """((float32(acc) * x_scale[m]) * w_scale[n]) + bias[n], one cast."""
     return _dequant_epilogue(w4a8_acc_ref(x, w_packed), x_scale, w_scale, bias, out_dtype)
-
-
-def w4a8_gemm_dequant_cpu(x, w_packed, x_scale, w_scale, bias=None, out_dtype=torch.float16):
-    return _dequant_epilogue(_w4a8_acc_cpu(x, w_packed), x_scale, w_scale, bias, out_dtype)
-
-
-# --------------------------------------------------------------------------- dispatch
-
-
-def _use_triton(x):
-    return x.is_cuda and triton_target() == "cuda"
-
-
-def w4a16_gemm(x, w_packed, scales, zeros=None, group_size=128, bias=None):
-    """y [M, N] = x @ deq(W)^T (+ bias) in x.dtype; int4 group-wise weights."""
-    if _use_triton(x):
-        return w4a16_gemm_triton(x, w_packed, scales, zeros, group_size, bias)
-    return w4a16_gemm_cpu(x, w_packed, scales, zeros, group_size, bias)
-
-
-def w4a8_gemm_requant(x, w_packed, q, shift, zero_point=0, bias=None, qmin=-128, qmax=127):
-    """int8 [M, N] = requantize(x @ W^T + bias; q, shift, zp): integer only."""
-    if _use_triton(x):
-        return w4a8_gemm_requant_triton(x, w_packed, q, shift, zero_point, bias, qmin, qmax)
-    _check_w4a8(x, w_packed)
-    return w4a8_gemm_requant_cpu(x, w_packed, q, shift, zero_point, bias, qmin, qmax)
-
-
-def w4a8_gemm_dequant(x, w_packed, x_scale, w_scale, bias=None, out_dtype=torch.float16):
-    """[M, N] out_dtype = (acc * x_scale[m]) * w_scale[n] + bias (per-token x per-channel)."""
-    if _use_triton(x):
-        return w4a8_gemm_dequant_triton(x, w_packed, x_scale, w_scale, bias, out_dtype)
-    _check_w4a8(x, w_packed)
-    return w4a8_gemm_dequant_cpu(x, w_packed, x_scale, w_scale, bias, out_dtype)

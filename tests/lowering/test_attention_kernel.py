@@ -1,14 +1,14 @@
 """Fused int8 attention: kernel (interpreter on CPU) vs the float64 reference of the same
-quantization (tight: only P's float16 rounding and float32 sums differ) and vs float SDPA
-on the unquantized tensors (loose: int8 quantization error of q, k, v)."""
+quantization (tight: only P's float16 rounding and float32 sums differ), the registry's CPU
+implementation of attention_int8 vs the same reference, and both vs float SDPA on the
+unquantized tensors (loose: int8 quantization error of q, k, v)."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from qcompile.lowering import ops
 from qcompile.lowering.kernels.attention import (
-    quantized_attention,
-    quantized_attention_cpu,
     quantized_attention_ref,
     quantized_attention_triton,
 )
@@ -31,11 +31,22 @@ def _inputs(b, hq, hkv, sq, sk, d, seed):
     return (qf, kf, vf), (*_quant_per_head(qf), *_quant_per_head(kf), *_quant_per_head(vf))
 
 
+def _cpu_op(q, k, v, qs, ks, vs, causal=False, attn_mask=None, key_padding_mask=None):
+    """attention_int8's CPU implementation (the op has no key padding mask: it enters as a
+    keep mask, as the attention passes give it)."""
+    if key_padding_mask is not None:
+        keep = ~key_padding_mask[:, None, None, :]  # [B, 1, 1, Sk]
+        attn_mask = keep if attn_mask is None else keep & attn_mask
+    return ops.attention_int8(
+        q, k, v, qs, ks, vs, attn_mask, causal, None, torch.float32, impl="cpu"
+    )
+
+
 def _run_all(quant, **kw):
     q, qs, k, ks, v, vs = quant
     out = quantized_attention_triton(q, k, v, qs, ks, vs, out_dtype=torch.float32, **kw)
     ref = quantized_attention_ref(q, k, v, qs, ks, vs, out_dtype=torch.float64, **kw)
-    cpu = quantized_attention_cpu(q, k, v, qs, ks, vs, out_dtype=torch.float32, **kw)
+    cpu = _cpu_op(q, k, v, qs, ks, vs, **kw)
     # P in float16 carries 2**-11 relative error per probability: the output error is at
     # most ~2**-11 * max|v| * (1 + float32 noise).
     tol = 2.0**-10 * float(vs.max()) * 127
@@ -127,7 +138,10 @@ def test_non_contiguous_per_tensor_scales_and_dtypes():
     cont = quantized_attention_triton(q.contiguous(), k.contiguous(), v.contiguous(), 0.02, 0.03,
                                       0.01, out_dtype=torch.float32)  # fmt: skip
     assert torch.equal(quantized_attention_triton(*args, out_dtype=torch.float32), cont)
-    assert torch.equal(quantized_attention(*args), quantized_attention_cpu(*args))
+    # unbound, the op runs what the registry chooses for CPU tensors: its CPU implementation
+    scales = [torch.tensor(a) for a in args[3:]]
+    op_args = (q, k, v, *scales, None, False, None, torch.float16)
+    assert torch.equal(ops.attention_int8(*op_args), ops.attention_int8(*op_args, impl="cpu"))
 
 
 def test_errors():
@@ -148,9 +162,8 @@ def test_cuda_large(causal, hq, hkv, d):
     floats, quant = _inputs(2, hq, hkv, 300, 300, d, seed=1)
     quant = [t.cuda() for t in quant]
     q, qs, k, ks, v, vs = quant
-    out = quantized_attention(q, k, v, qs, ks, vs, causal=causal, out_dtype=torch.float32)
+    out = quantized_attention_triton(q, k, v, qs, ks, vs, causal=causal, out_dtype=torch.float32)
     ref = quantized_attention_ref(*[t.cpu() for t in quant], causal=causal,
                                   out_dtype=torch.float64)  # fmt: skip
     assert (out.cpu().double() - ref).abs().max() <= 2.0**-10 * float(vs.max()) * 127
     assert _rel(out.cpu(), _sdpa(floats, causal=causal)) < 2e-2
-

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from qcompile.hadamard import hadamard_matrix
+from qcompile.lowering import ops
 from qcompile.lowering.kernels.hadamard import (
-    hadamard_transform,
     hadamard_transform_cpu,
     hadamard_transform_ref,
     hadamard_transform_triton,
@@ -72,9 +72,10 @@ def test_matches_explicit_matrix():
     torch.testing.assert_close(y, hadamard_matrix(n, torch.float32).T / math.sqrt(n))
 
 
-def test_dispatch_and_errors():
+def test_registry_op_and_errors():
+    # the op the online-Hadamard pass inserts runs this kernel as its "triton" implementation
     x = torch.randn(2, 12)
-    assert torch.equal(hadamard_transform(x), hadamard_transform_cpu(x))
+    assert torch.equal(ops.hadamard_transform(x, impl="triton"), hadamard_transform_cpu(x))
     with pytest.raises(ValueError):
         hadamard_transform_triton(torch.randn(2, 10))
     with pytest.raises(TypeError):
@@ -86,7 +87,7 @@ def test_dispatch_and_errors():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_cuda_large(n, dtype):
     x = torch.randn(33, n, device="cuda").to(dtype)
-    y = hadamard_transform(x)
+    y = hadamard_transform_triton(x)
     assert torch.equal(y.cpu(), hadamard_transform_cpu(x.cpu()))
     ref = hadamard_transform_ref(x, torch.float64)
     rtol = 1e-5 if dtype == torch.float32 else 2 * 2.0**-8

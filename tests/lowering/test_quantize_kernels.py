@@ -9,20 +9,17 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from qcompile.lowering import ops
 from qcompile.lowering.epilogue import Epilogue, Requantize, bind_operands
 from qcompile.lowering.kernels.hadamard import hadamard_transform_ref
 from qcompile.lowering.kernels.quantize import (
     SCALE_EPS,
-    hadamard_quantize_per_token,
     hadamard_quantize_per_token_ref,
     hadamard_quantize_per_token_triton,
-    quantize_per_tensor,
     quantize_per_tensor_ref,
     quantize_per_tensor_triton,
-    quantize_per_token,
     quantize_per_token_ref,
     quantize_per_token_triton,
-    requantize_int,
     requantize_int_ref,
     requantize_int_triton,
 )
@@ -243,13 +240,15 @@ def test_hadamard_quantize_non_contiguous():
     assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
 
 
-def test_dispatch_cpu_paths():
+@pytest.mark.parametrize("impl", ["cpu", "triton"])
+def test_registry_impls_match_the_references(impl):
+    # what the compiler runs: the ops these kernels serve, bound through the registry
     x = _x((3, 20), torch.float32, 5)
-    assert torch.equal(quantize_per_tensor(x, 0.1, 2), quantize_per_tensor_ref(x, 0.1, 2))
-    assert torch.equal(quantize_per_token(x)[0], quantize_per_token_ref(x)[0])
-    assert torch.equal(hadamard_quantize_per_token(x)[0], hadamard_quantize_per_token_ref(x)[0])
-    acc = torch.randint(-1000, 1000, (3, 4), dtype=torch.int32)
-    assert torch.equal(requantize_int(acc, 2**30, 33), requantize_int_ref(acc, 2**30, 33))
+    q = ops.quantize(x, 0.1, 2, -128, 127, impl=impl)
+    assert torch.equal(q, quantize_per_tensor_ref(x, 0.1, 2))
+    q, s = ops.BACKENDS[impl].per_token(x)  # linear_dynamic's activation quantization
+    q_ref, s_ref = quantize_per_token_ref(x)
+    assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
 
 
 # ------------------------------------------------------------------ CUDA
@@ -263,11 +262,11 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("k", [4096, 11008, 40000])
 def test_cuda_per_token_and_per_tensor(dtype, k):
     x = _x((129, k), dtype, k).cuda()
-    q, s = quantize_per_token(x)
+    q, s = quantize_per_token_triton(x)
     q_ref, s_ref = quantize_per_token_ref(x.cpu())
     assert torch.equal(q.cpu(), q_ref) and torch.equal(s.cpu(), s_ref)
     assert torch.equal(
-        quantize_per_tensor(x, 0.02, 3).cpu(), quantize_per_tensor_ref(x.cpu(), 0.02, 3)
+        quantize_per_tensor_triton(x, 0.02, 3).cpu(), quantize_per_tensor_ref(x.cpu(), 0.02, 3)
     )
 
 
@@ -275,7 +274,7 @@ def test_cuda_per_token_and_per_tensor(dtype, k):
 @pytest.mark.parametrize("n", [4096, 11008, 14336])
 def test_cuda_hadamard_quantize(n):
     x = _x((65, n), torch.bfloat16, n).cuda()
-    q, s = hadamard_quantize_per_token(x)
+    q, s = hadamard_quantize_per_token_triton(x)
     q_ref, s_ref = hadamard_quantize_per_token_ref(x.cpu())
     assert torch.equal(q.cpu(), q_ref) and torch.equal(s.cpu(), s_ref)
 
@@ -284,5 +283,5 @@ def test_cuda_hadamard_quantize(n):
 def test_cuda_requantize():
     acc = torch.randint(-(2**31), 2**31 - 1, (257, 1000), dtype=torch.int32)
     q, s = quantize_multiplier(torch.rand(1000, dtype=torch.float64) * 1e-5 + 1e-9)
-    out = requantize_int(acc.cuda(), q.cuda(), s.cuda(), 1)
+    out = requantize_int_triton(acc.cuda(), q.cuda(), s.cuda(), 1)
     assert torch.equal(out.cpu(), requantize_int_ref(acc, q, s, 1))

@@ -1,4 +1,5 @@
-"""W4A16 and W4A8 GEMMs: kernels (interpreter on CPU) vs references and the CPU paths.
+"""W4A16 and W4A8 GEMMs: kernels (interpreter on CPU) vs references, and the registry's
+CPU implementations of linear_w4a16 / linear_w4a8 (and the CPU int8 GEMM they use) too.
 
 Integer outputs (W4A8 requantized, and its float epilogue, which is computed in a fixed op
 order without FMA contraction) must equal the reference bit for bit. W4A16 accumulates in
@@ -12,18 +13,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from qcompile.lowering import ops
 from qcompile.lowering.kernels.w4 import (
     dequantize_w4,
     w4a8_acc_ref,
-    w4a8_gemm_dequant,
-    w4a8_gemm_dequant_cpu,
     w4a8_gemm_dequant_ref,
     w4a8_gemm_dequant_triton,
-    w4a8_gemm_requant,
-    w4a8_gemm_requant_cpu,
     w4a8_gemm_requant_ref,
     w4a8_gemm_requant_triton,
-    w4a16_gemm,
     w4a16_gemm_cpu,
     w4a16_gemm_ref,
     w4a16_gemm_triton,
@@ -103,11 +100,12 @@ def test_w4a16_non_contiguous_x_and_errors():
         w4a16_gemm_triton(x, wp.to(torch.int8), s, group_size=32)
 
 
-def test_w4a16_dispatch_cpu():
+def test_w4a16_registry_cpu():
+    # unbound on CPU tensors, linear_w4a16 runs its "cpu" implementation: w4a16_gemm_cpu
     g = torch.Generator().manual_seed(2)
     _, wp, s, z = _weights(8, 64, g, 2, zeros=True)
     x = torch.randn(3, 64, generator=g).half()
-    assert torch.equal(w4a16_gemm(x, wp, s, z, 32), w4a16_gemm_cpu(x, wp, s, z, 32))
+    assert torch.equal(ops.linear_w4a16(x, wp, s, z, 32, None), w4a16_gemm_cpu(x, wp, s, z, 32))
 
 
 # ------------------------------------------------------------------------- W4A8
@@ -130,8 +128,11 @@ def test_w4a8_requant_bitexact(m, n, k32, per_channel, bias, zp, seed):
     b = torch.randint(-(2**20), 2**20, (n,), generator=g, dtype=torch.int32) if bias else None
     ref = w4a8_gemm_requant_ref(x, wp, q, sh, zp, b)
     assert torch.equal(w4a8_gemm_requant_triton(x, wp, q, sh, zp, b), ref)
-    assert torch.equal(w4a8_gemm_requant_cpu(x, wp, q, sh, zp, b), ref)
-    assert torch.equal(w4a8_gemm_requant(x, wp, q, sh, zp, b), ref)
+    # the registry's CPU implementation (the int4 values through the int8 CPU GEMM), bound
+    # and as an unbound call on CPU tensors chooses it
+    args = (x, wp, b, None, torch.as_tensor(q), torch.as_tensor(sh), zp, -128, 127)
+    assert torch.equal(ops.linear_w4a8(*args, impl="cpu"), ref)
+    assert torch.equal(ops.linear_w4a8(*args), ref)
 
 
 def test_w4a8_extremes_and_clamp():
@@ -163,8 +164,11 @@ def test_w4a8_dequant_bitexact(out_dtype, bias):
     b = torch.randn(n, generator=g) if bias else None
     ref = w4a8_gemm_dequant_ref(x, wp, xs, ws, b, out_dtype)
     assert torch.equal(w4a8_gemm_dequant_triton(x, wp, xs, ws, b, out_dtype), ref)
-    assert torch.equal(w4a8_gemm_dequant_cpu(x, wp, xs, ws, b, out_dtype), ref)
-    assert torch.equal(w4a8_gemm_dequant(x, wp, xs, ws, b, out_dtype), ref)
+    # the CPU path for int4 values: the registry's CPU int8 GEMM with the same float
+    # epilogue (the op order of lowering/reference.py)
+    values = dict(row_scale=xs, col_scale=ws, **({"float_bias": b} if bias else {}))
+    y = ops.BACKENDS["cpu"].gemm(x, specs.unpack_int4(wp), ops.dynamic_epilogue(bias), "", **values)
+    assert torch.equal(y.to(out_dtype), ref)
 
 
 def test_w4a8_errors():
@@ -191,7 +195,7 @@ def test_cuda_w4a16_llama(m, n, k, dtype):
     g = torch.Generator().manual_seed(0)
     _, wp, s, z = _weights(n, k, g, 0, 128, True, dtype)
     x = torch.randn(m, k, generator=g).to(dtype)
-    y = w4a16_gemm(x.cuda(), wp.cuda(), s.cuda(), z.cuda(), 128).cpu()
+    y = w4a16_gemm_triton(x.cuda(), wp.cuda(), s.cuda(), z.cuda(), 128).cpu()
     ref = w4a16_gemm_ref(x, wp, s, z, 128)
     _assert_w4a16_close(y, ref, x, dequantize_w4(wp, s, z, 128).to(dtype))
 
@@ -204,10 +208,10 @@ def test_cuda_w4a8(m):
     x = torch.randint(-128, 128, (m, k), generator=g, dtype=torch.int8)
     _, wp, _, _ = _weights(n, k, g, 0)
     q, sh = quantize_multiplier(torch.rand(n, dtype=torch.float64) * 1e-4 + 1e-6)
-    out = w4a8_gemm_requant(x.cuda(), wp.cuda(), q.cuda(), sh.cuda(), 1)
+    out = w4a8_gemm_requant_triton(x.cuda(), wp.cuda(), q.cuda(), sh.cuda(), 1)
     assert torch.equal(out.cpu(), w4a8_gemm_requant_ref(x, wp, q, sh, 1))
     xs, ws = torch.rand(m) * 0.01, torch.rand(n) * 0.01
-    y = w4a8_gemm_dequant(x.cuda(), wp.cuda(), xs.cuda(), ws.cuda(), None, torch.bfloat16)
+    y = w4a8_gemm_dequant_triton(x.cuda(), wp.cuda(), xs.cuda(), ws.cuda(), None, torch.bfloat16)
     assert torch.equal(y.cpu(), w4a8_gemm_dequant_ref(x, wp, xs, ws, None, torch.bfloat16))
 
 
