@@ -43,7 +43,7 @@ from qcompile.lowering.device import inside_compiler, triton_runs_on
 from qcompile.lowering.epilogue import Bias, Dequantize, Epilogue, InputZeroPoint, Requantize
 from qcompile.lowering.registry import on_cpu, quantized_op
 from qcompile.numerics import specs
-from qcompile.numerics.dyadic import rounding_shift
+from qcompile.numerics.dyadic import rounding_shift_unchecked
 
 # Element-wise integer ops on at least this many elements run fused by Inductor on the CPU
 # path (one loop instead of ~8 passes over int64 temporaries; bit-identical, tested);
@@ -130,7 +130,7 @@ def _(q, scale, zero_point, dtype):
 
 
 def _requant_body(x, in_zp, q, shift, out_zp, qmin, qmax):
-    y = rounding_shift((x.to(torch.int64) - in_zp) * q, shift) + out_zp
+    y = rounding_shift_unchecked((x.to(torch.int64) - in_zp) * q, shift) + out_zp
     return y.clamp(qmin, qmax).to(torch.int8)
 
 
@@ -160,7 +160,7 @@ def _(x, in_zp, q, shift, out_zp, qmin, qmax):
 def _add_body(a, b, a_zp, b_zp, qa, qb, s, out_zp, qmin, qmax):
     pa = (a.to(torch.int64) - a_zp) * qa
     pb = (b.to(torch.int64) - b_zp) * qb
-    y = rounding_shift(pa + pb, s) + out_zp
+    y = rounding_shift_unchecked(pa + pb, s) + out_zp
     return y.clamp(qmin, qmax).to(torch.int8)
 
 
@@ -619,11 +619,9 @@ def _(x):
 
 @hadamard_transform.impl("reference")
 def _(x):
-    from qcompile.hadamard import hadamard_matrix
+    from qcompile.lowering.kernels.hadamard import hadamard_transform_ref
 
-    n = x.shape[-1]
-    h = hadamard_matrix(n, torch.float64).to(x.device)
-    return ((x.to(torch.float64) @ h.T) / math.sqrt(n)).to(x.dtype)
+    return hadamard_transform_ref(x)
 
 
 @functools.lru_cache(maxsize=16)
