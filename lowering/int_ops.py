@@ -38,7 +38,7 @@ from qcompile.lowering.device import triton_runs_on
 from qcompile.lowering.ops import _elementwise, _rows, accumulate_epilogue, attention_fake, gemm_op
 from qcompile.lowering.registry import on_cpu, quantized_op
 from qcompile.numerics import ibert
-from qcompile.numerics.dyadic import rounding_shift
+from qcompile.numerics.dyadic import rounding_shift_unchecked
 from qcompile.numerics.ibert import (
     LOGIT_BITS,
     MASKED,
@@ -190,7 +190,7 @@ def _isoftmax_attention(q, k, v, q_scale, k_scale, v_scale, attn_mask, causal, s
     dev = q.device if dt == torch.float64 else torch.device("cpu")  # no int64 GEMM on CUDA
     s = (q.to(dev, dt) @ kk.to(dev, dt).transpose(-1, -2)).to(q.device, torch.int64)
     head = (slice(None), None, None)
-    z = rounding_shift(s * cst.q.to(q.device)[head], cst.shift.to(q.device)[head])
+    z = rounding_shift_unchecked(s * cst.q.to(q.device)[head], cst.shift.to(q.device)[head])
     visible = torch.ones((B, Hq, Sq, Sk), dtype=torch.bool, device=q.device)
     if causal:
         visible = visible & torch.ones(Sq, Sk, dtype=torch.bool, device=q.device).tril()

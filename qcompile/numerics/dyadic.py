@@ -13,9 +13,10 @@ Exact rational references live in tests/numerics/test_dyadic.py.
 
 `requantize` refuses, with a ValueError naming the argument, what would give wrong numbers
 silently: q outside [0, 2**31), shift outside 1..62, qmin > qmax, an output dtype that
-cannot hold [qmin, qmax] (by default it is the narrowest that can), and an accumulator
-beyond the int64 headroom. That last check reads the data (one reduction), so it runs
-only where the dtype does not already prove it: int32 accumulators (every kernel's) need
+cannot hold [qmin, qmax] (by default it is the narrowest that can), a zero point that is
+not an integer, per-channel parameters that do not broadcast against the accumulator, and
+an accumulator beyond the int64 headroom. That last check reads the data (one reduction),
+so it runs only where the dtype does not already prove it: int32 accumulators (every kernel's) need
 none; int64 ones (an accumulator plus bias) are checked against ACC_EXACT_LIMIT = 3 * 2**30,
 up to which |acc * q| + 2**61 stays below 2**63 and the result is exact. That is the
 arithmetic's own limit, looser than the contract's |acc| <= 2**31, which
@@ -28,9 +29,12 @@ once before (lowering.epilogue.bind_operands).
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 
 import torch
+
+from qcompile.numerics import _checks
 
 Q_MIN = 1 << 30  # q is normalised into [Q_MIN, Q_MAX)
 Q_MAX = 1 << 31
@@ -59,6 +63,9 @@ def quantize_multiplier_scalar(multiplier: float, *, underflow: str = "error") -
     """
     if underflow not in ("error", "zero"):
         raise ValueError(f"underflow must be 'error' or 'zero', got {underflow!r}")
+    if isinstance(multiplier, bool) or not isinstance(multiplier, numbers.Real):
+        raise TypeError(f"quantize_multiplier: multiplier must be a real number or a tensor, "
+                        f"got {multiplier!r}")
     m = float(multiplier)
     if not math.isfinite(m) or m <= 0.0:
         raise MultiplierRangeError(f"requantization multiplier must be finite and > 0, got {m!r}")
@@ -91,6 +98,7 @@ def quantize_multiplier(
     """
     if not isinstance(multiplier, torch.Tensor):
         return quantize_multiplier_scalar(multiplier, underflow=underflow)
+    _checks.real("quantize_multiplier", "multiplier", multiplier)
     flat = multiplier.detach().to(torch.float64).cpu().reshape(-1).tolist()
     pairs = [quantize_multiplier_scalar(m, underflow=underflow) for m in flat]
     q = torch.tensor([p[0] for p in pairs], dtype=torch.int64).reshape(multiplier.shape)
@@ -99,7 +107,27 @@ def quantize_multiplier(
 
 
 def rounding_shift(p: torch.Tensor, shift: torch.Tensor | int) -> torch.Tensor:
-    """round_half_away(p / 2**shift) for int64 p, exact; shift in 1..62 (scalar or tensor)."""
+    """round_half_away(p / 2**shift) for int64 p, exact; shift in 1..62 (an int or an
+    integer tensor broadcasting against p). Anything else is refused: a shift of 0 or below,
+    or above 62, or an int32 p, would give wrong numbers (or overflow) silently."""
+    fn = "rounding_shift"
+    _checks.integer(fn, "p", p, data=False)
+    if p.dtype != torch.int64:
+        raise TypeError(f"{fn}: p must be an int64 tensor (the product it rounds needs the "
+                        f"headroom), got {p.dtype}")
+    if isinstance(shift, torch.Tensor):
+        _checks.integer(fn, "shift", shift)
+        _checks.broadcasts_to(fn, "shift", shift, p.shape, "p")
+    lo_hi = _extent("shift", shift)
+    if lo_hi is not None and not (SHIFT_MIN <= lo_hi[0] and lo_hi[1] <= SHIFT_MAX):
+        got = lo_hi[0] if lo_hi[0] < SHIFT_MIN else lo_hi[1]
+        raise ValueError(f"{fn}: shift must be in {SHIFT_MIN}..{SHIFT_MAX}, got {got}")
+    return rounding_shift_unchecked(p, shift)
+
+
+def rounding_shift_unchecked(p: torch.Tensor, shift: torch.Tensor | int) -> torch.Tensor:
+    """rounding_shift's arithmetic without its checks, for the per-batch integer ops, whose
+    shifts were checked once where they were made (quantize_multiplier, fit_multiplier)."""
     if isinstance(shift, torch.Tensor):
         shift = shift.to(torch.int64)
         half = torch.bitwise_left_shift(torch.ones_like(shift), shift - 1)
@@ -164,7 +192,8 @@ def _extent(name: str, value: torch.Tensor | int) -> tuple[int, int] | None:
         return v, v
     if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
         raise TypeError(f"{name} must be an integer tensor, got {value.dtype}")
-    if value.numel() == 0 or torch.compiler.is_compiling():
+    _checks.has_data("requantize", name, value)
+    if value.numel() == 0 or not _checks.reads_data(value):
         return None
     lo, hi = torch.aminmax(value.to(torch.int64))  # one reduction, one read back
     return int(lo), int(hi)
@@ -190,6 +219,15 @@ def _bound(name: str, value: torch.Tensor | int) -> int | None:
     return None if extent is None else extent[0]
 
 
+def _check_zero_point(zero_point) -> None:
+    """An integer: a float one would round the output a second time. Its value is free:
+    [qmin, qmax] are clamp bounds (a fused activation clamp can exclude the zero point)."""
+    if isinstance(zero_point, torch.Tensor):
+        _checks.integer("requantize", "zero_point", zero_point, data=False)
+    else:
+        _checks.int_arg("requantize", "zero_point", zero_point)
+
+
 def requantize(
     acc: torch.Tensor,
     q: torch.Tensor | int,
@@ -210,8 +248,8 @@ def requantize(
     What breaks the contract raises ValueError or TypeError naming the argument (the
     module docstring says which checks run under torch.compile).
     """
-    if acc.dtype.is_floating_point or acc.dtype.is_complex or acc.dtype == torch.bool:
-        raise TypeError(f"requantize takes an integer accumulator, got {acc.dtype}")
+    fn = "requantize"
+    _checks.integer(fn, "acc", acc, data=False)
     lo, hi = _bound("qmin", qmin), _bound("qmax", qmax)  # None: a tensor under torch.compile
     if lo is not None and hi is not None:
         out_dtype = output_dtype(lo, hi) if out_dtype is None else out_dtype
@@ -220,6 +258,10 @@ def requantize(
         raise TypeError("requantize traced by torch.compile with tensor qmin/qmax needs an "
                         "explicit out_dtype")
     check_multiplier(q, shift)
+    for name, value in (("q", q), ("shift", shift), ("zero_point", zero_point)):
+        if isinstance(value, torch.Tensor):
+            _checks.broadcasts_to(fn, name, value, acc.shape, "acc")
+    _check_zero_point(zero_point)
     _check_accumulator(acc)
     if isinstance(q, torch.Tensor):
         q = q.to(device=acc.device, dtype=torch.int64)

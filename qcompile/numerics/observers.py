@@ -17,13 +17,13 @@ import math
 
 import torch
 
+from qcompile.numerics import _checks
 from qcompile.numerics.specs import QuantSpec, compute_qparams, fake_quantize
 
 
-def _as_float(x: torch.Tensor) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:
-        raise TypeError(f"observers take floating-point tensors, got {type(x).__name__}")
-    return x.detach().float()
+def _as_float(obs: Observer, x: torch.Tensor) -> torch.Tensor:
+    """x as float32; refused: not a floating-point tensor, or a meta tensor (no values)."""
+    return _checks.floating(f"{type(obs).__name__}.update", "x", x).detach().float()
 
 
 class Observer:
@@ -33,7 +33,7 @@ class Observer:
         self.count = 0
 
     def update(self, x: torch.Tensor) -> None:
-        x = _as_float(x)
+        x = _as_float(self, x)
         if x.numel() == 0:
             return
         self._update(x)
@@ -59,6 +59,7 @@ class RangeObserver(Observer):
         raise NotImplementedError
 
     def qparams(self, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+        _checks.quant_spec(f"{type(self).__name__}.qparams", spec)
         if spec.granularity not in self.granularities:
             hint = (
                 " (per_token parameters are dynamic: use dynamic_per_token_qparams)"
@@ -112,9 +113,8 @@ class MovingAverageMinMaxObserver(MinMaxObserver):
 
     def __init__(self, averaging_constant: float = 0.01):
         super().__init__()
-        if not 0.0 < averaging_constant <= 1.0:
-            raise ValueError(f"averaging_constant must be in (0, 1], got {averaging_constant}")
-        self.averaging_constant = averaging_constant
+        self.averaging_constant = _checks.real_arg(
+            type(self).__name__, "averaging_constant", averaging_constant, 0.0, 1.0, lo_open=True)
 
     def _update(self, x):
         lo, hi = x.amin(), x.amax()
@@ -134,9 +134,12 @@ class PerChannelMinMaxObserver(MinMaxObserver):
 
     def __init__(self, axis: int = -1):
         super().__init__()
-        self.axis = axis
+        self.axis = _checks.int_arg(type(self).__name__, "axis", axis)
 
     def _channels(self, x: torch.Tensor) -> torch.Tensor:
+        if not -x.dim() <= self.axis < x.dim():
+            raise ValueError(f"{type(self).__name__}.update: axis {self.axis} is out of range "
+                             f"for x of shape {tuple(x.shape)}")
         return x.movedim(self.axis, 0).reshape(x.shape[self.axis], -1)  # [C, rest]
 
     def _update(self, x):
@@ -176,12 +179,12 @@ class PercentileObserver(RangeObserver):
 
     def __init__(self, percentile: float = 99.99, bins: int = 4096):
         super().__init__()
-        if not 0.0 < percentile <= 100.0:
-            raise ValueError(f"percentile must be in (0, 100], got {percentile}")
-        if bins < 2 or bins % 2:
-            raise ValueError(f"bins must be even and >= 2, got {bins}")
-        self.percentile = percentile
-        self.bins = bins
+        name = type(self).__name__
+        self.percentile = _checks.real_arg(name, "percentile", percentile, 0.0, 100.0,
+                                           lo_open=True)
+        self.bins = _checks.int_arg(name, "bins", bins, lo=2)
+        if self.bins % 2:
+            raise ValueError(f"{name}: bins must be even and >= 2, got {bins}")
         self.radius: float | None = None
         self.hist: torch.Tensor | None = None  # float64 counts, [bins]
         self.min_val: torch.Tensor | None = None
@@ -309,11 +312,11 @@ class MSEObserver(RangeObserver):
         seed: int = 0,
     ):
         super().__init__()
-        if grid < 1 or not 0.0 < min_ratio <= 1.0:
-            raise ValueError(f"need grid >= 1 and min_ratio in (0, 1], got {grid}, {min_ratio}")
-        self.grid = grid
-        self.min_ratio = min_ratio
-        self.sample = _UniformSample(sample_size, seed)
+        name = type(self).__name__
+        self.grid = _checks.int_arg(name, "grid", grid, lo=1)
+        self.min_ratio = _checks.real_arg(name, "min_ratio", min_ratio, 0.0, 1.0, lo_open=True)
+        self.sample = _UniformSample(_checks.int_arg(name, "sample_size", sample_size, lo=1),
+                                     _checks.int_arg(name, "seed", seed))
         self.min_val: torch.Tensor | None = None
         self.max_val: torch.Tensor | None = None
         self.best_ratio: float | None = None
@@ -363,9 +366,12 @@ class HessianObserver(Observer):
         self.xtx: torch.Tensor | None = None
 
     def update(self, x: torch.Tensor) -> None:
-        x = _as_float(x)
+        x = _as_float(self, x)
         if x.numel() == 0:
             return
+        if x.dim() == 0:
+            raise ValueError("HessianObserver.update: x must be [..., K] (a linear's input), "
+                             "got a 0-d tensor")
         rows = x.reshape(-1, x.shape[-1]).double()  # [n, K]
         if self.xtx is None:
             self.xtx = torch.zeros(

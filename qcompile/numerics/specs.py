@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from qcompile.numerics import _checks
+
 # ---------------------------------------------------------------------------------------
 # int4 packing (the layout the Triton kernels read)
 # ---------------------------------------------------------------------------------------
@@ -28,16 +30,18 @@ def pack_int4(x: torch.Tensor) -> torch.Tensor:
     the high nibble, both two's complement. K is the input (reduction) dim of a weight
     [N, K], so a kernel unpacks along the dim it reduces over.
     """
+    _checks.tensor("pack_int4", "x", x)
     if x.dtype != torch.int8:
-        raise TypeError(f"pack_int4 takes an int8 tensor of int4 values, got {x.dtype}")
+        raise TypeError(f"pack_int4: x must be an int8 tensor of int4 values, got {x.dtype}")
     if x.dim() == 0 or x.shape[-1] % 2 != 0:
         raise ValueError(
-            f"pack_int4 needs an even last dimension (two values per byte), got shape "
+            f"pack_int4: x needs an even last dimension (two values per byte), got shape "
             f"{tuple(x.shape)}"
         )
+    _checks.has_data("pack_int4", "x", x)  # values are checked: a weight, packed once
     if x.numel() and (int(x.min()) < -8 or int(x.max()) > 7):
         raise ValueError(
-            f"pack_int4 values must lie in [-8, 7], got [{int(x.min())}, {int(x.max())}]"
+            f"pack_int4: x values must lie in [-8, 7], got [{int(x.min())}, {int(x.max())}]"
         )
     u = x.to(torch.int16) & 0xF  # two's-complement nibble, as a non-negative int
     lo, hi = u[..., 0::2], u[..., 1::2]
@@ -46,10 +50,12 @@ def pack_int4(x: torch.Tensor) -> torch.Tensor:
 
 def unpack_int4(p: torch.Tensor) -> torch.Tensor:
     """Inverse of `pack_int4`: uint8 [..., K // 2] -> int8 [..., K] with values in [-8, 7]."""
+    _checks.tensor("unpack_int4", "p", p)
     if p.dtype != torch.uint8:
-        raise TypeError(f"unpack_int4 takes a uint8 tensor of packed int4 pairs, got {p.dtype}")
+        raise TypeError(f"unpack_int4: p must be a uint8 tensor of packed int4 pairs, got "
+                        f"{p.dtype}")
     if p.dim() == 0:
-        raise ValueError("unpack_int4 needs at least one dimension")
+        raise ValueError("unpack_int4: p needs at least one dimension")
     u = p.to(torch.int16)
     lo, hi = u & 0xF, (u >> 4) & 0xF
     # Sign-extend a nibble: 8..15 stand for -8..-1.
@@ -95,17 +101,26 @@ class QuantSpec:
     axis: int = 0  # only for per_channel: the channel axis of the quantized tensor
 
     def __post_init__(self):
+        fn = "QuantSpec"
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int):
+            raise TypeError(f"{fn}: bits must be an int in 2..8, got {self.bits!r}")
         if not 2 <= self.bits <= 8:
-            raise ValueError(f"QuantSpec.bits must be in 2..8 (int8 storage), got {self.bits}")
+            raise ValueError(f"{fn}: bits must be in 2..8 (int8 storage), got {self.bits}")
+        _checks.bool_arg(fn, "symmetric", self.symmetric)
         if self.granularity not in GRANULARITIES:
             raise ValueError(
-                f"unknown granularity {self.granularity!r}; known: {', '.join(GRANULARITIES)}"
+                f"{fn}: unknown granularity {self.granularity!r}; known: "
+                f"{', '.join(GRANULARITIES)}"
             )
+        _checks.int_arg(fn, "axis", self.axis)
         if self.granularity == "per_group":
-            if self.group_size is None or self.group_size <= 0:
-                raise ValueError(f"per_group needs a positive group_size, got {self.group_size}")
+            if self.group_size is None:
+                raise ValueError(f"{fn}: per_group needs a positive group_size, got None")
+            _checks.int_arg(fn, "group_size", self.group_size, lo=1)
         elif self.group_size is not None:
-            raise ValueError(f"group_size is only meaningful for per_group, not {self.granularity}")
+            raise ValueError(
+                f"{fn}: group_size is only meaningful for per_group, not {self.granularity}"
+            )
 
     @property
     def qmin(self) -> int:
@@ -126,6 +141,19 @@ def weight_spec(bits: int = 8, *, group_size: int | None = None, symmetric: bool
     return QuantSpec(bits=bits, symmetric=symmetric, granularity="per_group", group_size=group_size)
 
 
+def _check_qparams(fn: str, scale, zero_point, x_shape, spec: QuantSpec):
+    """scale: real, finite, > 0; zero_point: integer in [qmin, qmax]; both shaped for x by
+    the spec's granularity. Returns both as tensors, expanded to broadcast against x."""
+    s = _checks.real(fn, "scale", scale)
+    z = _checks.real(fn, "zero_point", zero_point, integral=True)
+    s = _expand(fn, "scale", s, x_shape, spec)
+    z = _expand(fn, "zero_point", z, x_shape, spec)
+    _checks.positive_finite(fn, "scale", s)
+    _checks.within(fn, "zero_point", z, spec.qmin, spec.qmax,
+                   f" (the {spec.bits}-bit range)")
+    return s, z
+
+
 # ---------------------------------------------------------------------------------------
 # Ranges and quantization parameters
 # ---------------------------------------------------------------------------------------
@@ -134,15 +162,17 @@ def weight_spec(bits: int = 8, *, group_size: int | None = None, symmetric: bool
 def _channel_axis(x_dim: int, spec: QuantSpec) -> int:
     axis = spec.axis + x_dim if spec.axis < 0 else spec.axis
     if not 0 <= axis < x_dim:
-        raise ValueError(f"per_channel axis {spec.axis} is out of range for a {x_dim}-d tensor")
+        raise ValueError(f"per_channel: spec axis {spec.axis} is out of range for a {x_dim}-d "
+                         "tensor")
     return axis
 
 
 def _grouped(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """View x [..., K] as [..., K // g, g]; a clear error when g does not divide K."""
     k, g = x.shape[-1], spec.group_size
-    if k % g != 0:
-        raise ValueError(f"per_group: group_size {g} does not divide the last dimension {k}")
+    if x.dim() == 0 or k % g != 0:
+        raise ValueError(f"per_group: group_size {g} does not divide the last dimension of "
+                         f"shape {tuple(x.shape)}")
     return x.reshape(*x.shape[:-1], k // g, g)
 
 
@@ -159,7 +189,8 @@ def _scale_shape(x_shape: torch.Size, spec: QuantSpec) -> tuple[int, ...]:
 
 def reduce_min_max(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """(min, max) of x in float32, reduced to the scale shape the spec's granularity defines."""
-    x = x.detach().float()
+    _checks.quant_spec("reduce_min_max", spec)
+    x = _checks.floating("reduce_min_max", "x", x).detach().float()
     if x.numel() == 0:
         # no scales to choose (per-token parameters of 0 rows): empty parameters; a scale
         # that would cover no element has no range to choose it from
@@ -187,12 +218,21 @@ def compute_qparams(
     The range is first stretched to include 0 (so 0.0 quantizes exactly, which zero
     padding and ReLU outputs need). scale >= SCALE_EPS always.
     """
-    lo = torch.as_tensor(min_val, dtype=torch.float32).detach().float()
-    hi = torch.as_tensor(max_val, dtype=torch.float32, device=lo.device).detach().float()
-    if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
-        raise ValueError("quantization range must be finite (an observer saw inf or NaN)")
-    if (lo > hi).any():
-        raise ValueError("quantization range has min > max (did the observer see any data?)")
+    fn = "compute_qparams"
+    _checks.quant_spec(fn, spec)
+    lo = _checks.real(fn, "min_val", min_val).detach().float()
+    hi = _checks.real(fn, "max_val", max_val).detach().to(lo.device, torch.float32)
+    if isinstance(min_val, torch.Tensor) and isinstance(max_val, torch.Tensor) and \
+            lo.shape != hi.shape:
+        raise ValueError(f"{fn}: max_val has shape {tuple(hi.shape)}, min_val "
+                         f"{tuple(lo.shape)}: one range per scale, the same shape for both")
+    for name, t in (("min_val", lo), ("max_val", hi)):
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{fn}: quantization range must be finite, but {name} holds inf "
+                             "or NaN (the data the range came from had inf or NaN)")
+    if bool((lo > hi).any()):
+        raise ValueError(f"{fn}: quantization range has min > max: min_val exceeds max_val "
+                         "(did the observer see any data?)")
     lo = torch.clamp(lo, max=0.0)
     hi = torch.clamp(hi, min=0.0)
     if spec.symmetric:
@@ -209,6 +249,8 @@ def compute_qparams(
 
 def choose_qparams(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Min-max quantization parameters of x itself (weights, dynamic activations)."""
+    _checks.quant_spec("choose_qparams", spec)
+    _checks.floating("choose_qparams", "x", x)
     return compute_qparams(*reduce_min_max(x, spec), spec)
 
 
@@ -220,39 +262,48 @@ def dynamic_per_token_qparams(
     The symmetric case is absmax / qmax per row, which the dynamic-activation kernels
     compute the same way in float32.
     """
-    spec = spec or QuantSpec(granularity="per_token")
+    fn = "dynamic_per_token_qparams"
+    spec = _checks.quant_spec(fn, spec or QuantSpec(granularity="per_token"))
     if spec.granularity != "per_token":
-        raise ValueError(f"dynamic_per_token_qparams needs a per_token spec, got {spec}")
+        raise ValueError(f"{fn}: spec must be a per_token spec, got {spec}")
+    _checks.floating(fn, "x", x)
     return choose_qparams(x, spec)
 
 
 def expand_qparam(t: torch.Tensor, x_shape: torch.Size | tuple, spec: QuantSpec) -> torch.Tensor:
     """Reshape a scale or zero point of the spec's stored shape to broadcast against x_shape."""
-    t = torch.as_tensor(t)
+    fn = "expand_qparam"
+    return _expand(fn, "t", _checks.real(fn, "t", t), x_shape, _checks.quant_spec(fn, spec))
+
+
+def _expand(fn: str, name: str, t: torch.Tensor, x_shape, spec: QuantSpec) -> torch.Tensor:
+    """expand_qparam of one named parameter: the error names it (scale, zero_point)."""
     ndim = len(x_shape)
     if spec.granularity == "per_tensor":
         if t.numel() != 1:
-            raise ValueError(f"per_tensor qparams must have one element, got {tuple(t.shape)}")
+            raise ValueError(f"{fn}: per_tensor {name} must have one element, got shape "
+                             f"{tuple(t.shape)}")
         return t.reshape(())
     if spec.granularity == "per_channel":
         axis = _channel_axis(ndim, spec)
         if t.shape != (x_shape[axis],):
             raise ValueError(
-                f"per_channel qparams must have shape ({x_shape[axis]},) for axis {spec.axis} "
-                f"of {tuple(x_shape)}, got {tuple(t.shape)}"
+                f"{fn}: per_channel {name} must have shape ({x_shape[axis]},) for axis "
+                f"{spec.axis} of {tuple(x_shape)}, got {tuple(t.shape)}"
             )
         return t.reshape([-1 if d == axis else 1 for d in range(ndim)])
     if spec.granularity == "per_token":
-        if t.shape != tuple(x_shape[:-1]):
+        if ndim == 0 or t.shape != tuple(x_shape[:-1]):
             raise ValueError(
-                f"per_token qparams must have shape {tuple(x_shape[:-1])}, got {tuple(t.shape)}"
+                f"{fn}: per_token {name} must have shape {tuple(x_shape[:-1])}, got "
+                f"{tuple(t.shape)}"
             )
         return t.unsqueeze(-1)
-    k, g = x_shape[-1], spec.group_size
-    want = (*x_shape[:-1], k // g) if k % g == 0 else None
+    k, g = (x_shape[-1] if ndim else 0), spec.group_size
+    want = (*x_shape[:-1], k // g) if ndim and k % g == 0 else None
     if want is None or t.shape != want:
         raise ValueError(
-            f"per_group qparams for {tuple(x_shape)} with group_size {g} must have shape "
+            f"{fn}: per_group {name} for {tuple(x_shape)} with group_size {g} must have shape "
             f"{want}, got {tuple(t.shape)}"
         )
     return t.repeat_interleave(g, dim=-1)  # [..., K]: group j covers columns j*g .. j*g+g-1
@@ -271,11 +322,13 @@ def quantize(
     Rounding is torch.round: half to even (what PyTorch and torchao do for float -> int);
     kernels that quantize floats must divide by the float32 scale and round the same way.
     (Integer -> integer requantization is different: dyadic.requantize, ties away from 0.)
+    Refused: a non-float x, a scale that is not finite and > 0, a non-integer zero point or
+    one outside [qmin, qmax], parameters not shaped for x by the spec's granularity.
     """
-    s = expand_qparam(scale, x.shape, spec).to(device=x.device, dtype=torch.float32)
-    z = expand_qparam(zero_point, x.shape, spec).to(device=x.device, dtype=torch.float32)
-    q = torch.round(x.detach().float() / s) + z
-    return q.clamp(spec.qmin, spec.qmax).to(torch.int8)
+    fn = "quantize"
+    _checks.floating(fn, "x", x, data=False)
+    s, z = _check_qparams(fn, scale, zero_point, x.shape, _checks.quant_spec(fn, spec))
+    return _quantize(x, s, z, spec)
 
 
 def dequantize(
@@ -285,14 +338,41 @@ def dequantize(
     spec: QuantSpec,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """(q - zero_point) * scale, computed in float32, returned as dtype."""
-    s = expand_qparam(scale, q.shape, spec).to(device=q.device, dtype=torch.float32)
-    z = expand_qparam(zero_point, q.shape, spec).to(device=q.device, dtype=torch.float32)
-    return ((q.float() - z) * s).to(dtype)
+    """(q - zero_point) * scale, computed in float32, returned as dtype (a float dtype).
+    q is an integer tensor; the parameters are checked as by `quantize`."""
+    fn = "dequantize"
+    _checks.integer(fn, "q", q, data=False)
+    _check_float_dtype(fn, dtype)
+    s, z = _check_qparams(fn, scale, zero_point, q.shape, _checks.quant_spec(fn, spec))
+    return _dequantize(q, s, z, dtype)
 
 
 def fake_quantize(
     x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec
 ) -> torch.Tensor:
     """dequantize(quantize(x)) in x's dtype: the float simulation of a quantized tensor."""
-    return dequantize(quantize(x, scale, zero_point, spec), scale, zero_point, spec, x.dtype)
+    fn = "fake_quantize"
+    _checks.floating(fn, "x", x, data=False)
+    s, z = _check_qparams(fn, scale, zero_point, x.shape, _checks.quant_spec(fn, spec))
+    return _dequantize(_quantize(x, s, z, spec), s, z, x.dtype)
+
+
+def _check_float_dtype(fn: str, dtype) -> None:
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"{fn}: dtype must be a floating-point torch.dtype, got {dtype!r}")
+
+
+# The arithmetic, on checked parameters already expanded against the tensor.
+
+
+def _quantize(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, spec: QuantSpec):
+    s = s.to(device=x.device, dtype=torch.float32)
+    z = z.to(device=x.device, dtype=torch.float32)
+    q = torch.round(x.detach().float() / s) + z
+    return q.clamp(spec.qmin, spec.qmax).to(torch.int8)
+
+
+def _dequantize(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, dtype: torch.dtype):
+    s = s.to(device=q.device, dtype=torch.float32)
+    z = z.to(device=q.device, dtype=torch.float32)
+    return ((q.float() - z) * s).to(dtype)

@@ -21,13 +21,16 @@ from dataclasses import dataclass
 
 import torch
 
+from qcompile.numerics import _checks
 from qcompile.numerics.specs import (
     QuantSpec,
+    _dequantize,
+    _expand,
+    _quantize,
     choose_qparams,
     compute_qparams,
     dequantize,
     pack_int4,
-    quantize,
     weight_spec,
 )
 
@@ -43,6 +46,18 @@ class QuantizedWeight:
     zero_point: torch.Tensor  # int32, same shape as scale
     spec: QuantSpec
 
+    def __post_init__(self):
+        fn = "QuantizedWeight"
+        spec = _checks.quant_spec(fn, self.spec)
+        q = _checks.tensor(fn, "qweight", self.qweight)
+        if q.dtype != torch.int8 or q.dim() != 2:
+            raise TypeError(f"{fn}: qweight must be an int8 tensor [N, K], got {q.dtype} "
+                            f"{tuple(q.shape)}")
+        _checks.floating(fn, "scale", self.scale, data=False)
+        _checks.integer(fn, "zero_point", self.zero_point, data=False)
+        _expand(fn, "scale", self.scale, q.shape, spec)
+        _expand(fn, "zero_point", self.zero_point, q.shape, spec)
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize(self.qweight, self.scale, self.zero_point, self.spec, dtype)
 
@@ -53,20 +68,29 @@ class QuantizedWeight:
         return pack_int4(self.qweight)
 
 
-def _check_weight(w: torch.Tensor, spec: QuantSpec) -> None:
-    if w.dim() != 2 or not w.dtype.is_floating_point:
-        raise ValueError(f"expected a float weight [N, K], got {w.dtype} {tuple(w.shape)}")
+def _check_weight(fn: str, w: torch.Tensor, spec: QuantSpec) -> None:
+    """A float weight [N, K] with finite values (a scan of the weight, once, when it is
+    quantized) and a spec that weights take."""
+    _checks.floating(fn, "w", w)
+    if w.dim() != 2:
+        raise ValueError(f"{fn}: w must be a float weight [N, K], got shape {tuple(w.shape)}")
+    _checks.quant_spec(fn, spec)
     if spec.granularity not in WEIGHT_GRANULARITIES:
         raise ValueError(
-            f"weights take {', '.join(WEIGHT_GRANULARITIES)} specs, not {spec.granularity} "
-            "(one scale per output row is per_channel with axis 0)"
+            f"{fn}: spec granularity must be one of {', '.join(WEIGHT_GRANULARITIES)} for a "
+            f"weight, got {spec.granularity} (one scale per output row is per_channel with "
+            "axis 0)"
         )
     if spec.granularity == "per_channel" and spec.axis not in (0, -2):
-        raise ValueError(f"weight per_channel scales are per output row (axis 0), not {spec.axis}")
+        raise ValueError(f"{fn}: weight per_channel scales are per output row (spec axis 0), "
+                         f"not {spec.axis}")
     if spec.granularity == "per_group" and w.shape[1] % spec.group_size != 0:
         raise ValueError(
-            f"group_size {spec.group_size} does not divide the input dimension K={w.shape[1]}"
+            f"{fn}: group_size {spec.group_size} does not divide the input dimension "
+            f"K={w.shape[1]}"
         )
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError(f"{fn}: w holds inf or NaN")
 
 
 def quantize_weight_rtn(w: torch.Tensor, spec: QuantSpec | None = None) -> QuantizedWeight:
@@ -75,9 +99,11 @@ def quantize_weight_rtn(w: torch.Tensor, spec: QuantSpec | None = None) -> Quant
     Every element is within scale / 2 of its dequantized value.
     """
     spec = spec or weight_spec(8)
-    _check_weight(w, spec)
+    _check_weight("quantize_weight_rtn", w, spec)
     scale, zero_point = choose_qparams(w, spec)
-    return QuantizedWeight(quantize(w, scale, zero_point, spec), scale, zero_point, spec)
+    s = _expand("quantize_weight_rtn", "scale", scale, w.shape, spec)
+    z = _expand("quantize_weight_rtn", "zero_point", zero_point, w.shape, spec)
+    return QuantizedWeight(_quantize(w, s, z, spec), scale, zero_point, spec)
 
 
 def _inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
@@ -115,17 +141,21 @@ def gptq_quantize(
     Per-channel / per-tensor parameters come from the (dead-zeroed) weight before any
     update. Deterministic: float64 throughout, no randomness.
     """
+    fn = "gptq_quantize"
     spec = spec or weight_spec(8)
-    _check_weight(w, spec)
+    _check_weight(fn, w, spec)
     n, k = w.shape
+    H = _checks.real(fn, "H", _checks.tensor(fn, "H", H))
     if H.shape != (k, k):
-        raise ValueError(f"Hessian must be [K, K] = [{k}, {k}] for weight {tuple(w.shape)}")
-    if block_size < 1:
-        raise ValueError(f"block_size must be >= 1, got {block_size}")
+        raise ValueError(f"{fn}: H, the Hessian, must be [K, K] = [{k}, {k}] for weight "
+                         f"{tuple(w.shape)}, got {tuple(H.shape)}")
+    damp = _checks.real_arg(fn, "damp", damp, lo=0.0)
+    block_size = _checks.int_arg(fn, "block_size", block_size, lo=1)
+    _checks.bool_arg(fn, "act_order", act_order)
     weight = w.detach().to(torch.float64).clone()  # [N, K]
     h = H.detach().to(device=weight.device, dtype=torch.float64).clone()  # [K, K]
     if not torch.isfinite(h).all():
-        raise ValueError("GPTQ: Hessian has inf or NaN entries")
+        raise ValueError(f"{fn}: Hessian H has inf or NaN entries")
 
     dead = h.diagonal() == 0
     h[dead, dead] = 1.0  # any positive value: these columns are zero and see no input
@@ -171,9 +201,12 @@ def gptq_quantize(
             else:
                 s, z = scale, zero_point
             col = block[:, j : j + 1]  # [N, 1]
-            q = quantize(col, s, z, col_spec)
+            # parameters made above (valid by construction): the arithmetic, unchecked
+            se = _expand(fn, "scale", s, col.shape, col_spec)
+            ze = _expand(fn, "zero_point", z, col.shape, col_spec)
+            q = _quantize(col, se, ze, col_spec)
             qweight[:, i] = q[:, 0]
-            deq = dequantize(q, s, z, col_spec).to(torch.float64)
+            deq = _dequantize(q, se, ze, torch.float32).to(torch.float64)
             e = (col - deq)[:, 0] / u[i, i]  # [N]
             block[:, j + 1 :] -= e[:, None] * u[i, i + 1 : b1][None, :]
             err[:, j] = e

@@ -192,8 +192,9 @@ def test_qparam_shapes_per_granularity():
     assert choose_qparams(x, spec)[0].shape == (2, 3, 4)
     with pytest.raises(ValueError, match="does not divide"):
         choose_qparams(torch.randn(2, 10), spec)
-    with pytest.raises(ValueError, match="per_token qparams must have shape"):
-        quantize(x, torch.ones(3), torch.zeros(3), QuantSpec(granularity="per_token"))
+    with pytest.raises(ValueError, match="per_token scale must have shape"):
+        quantize(x, torch.ones(3), torch.zeros(3, dtype=torch.int32),
+                 QuantSpec(granularity="per_token"))
 
 
 def test_per_group_scales_refer_to_consecutive_columns():

@@ -207,7 +207,7 @@ def test_gptq_is_deterministic():
 
 def test_gptq_errors():
     w = torch.randn(4, 2)
-    with pytest.raises(ValueError, match="Hessian must be"):
+    with pytest.raises(ValueError, match="Hessian, must be"):
         gptq_quantize(w, torch.eye(3))
     indefinite = torch.tensor([[1.0, 2.0], [2.0, 1.0]], dtype=torch.float64)
     with pytest.raises(ValueError, match="positive definite"):
