@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
+
 import torch
 import torch.nn.functional as F
 
@@ -42,3 +47,32 @@ class TinyMLP(torch.nn.Module):
 
     def forward(self, x):
         return self.fc2(F.relu(self.fc1(x)))
+
+
+# the children of concurrency tests run Triton in the interpreter unless told otherwise
+CHILD_ENV = {**os.environ, "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", "1")}
+
+
+def run_together(script: str, folder, procs: int, count: int, timeout: float) -> None:
+    """Runs `python -c script folder i count` in `procs` processes released at once: each
+    child touches folder/ready<i>, waits for folder/go, does its work and prints "ok"."""
+    children = [
+        subprocess.Popen([sys.executable, "-c", script, str(folder), str(i), str(count)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=CHILD_ENV)
+        for i in range(procs)
+    ]
+    try:
+        deadline = time.time() + timeout
+        while not all((folder / f"ready{i}").exists() for i in range(procs)):
+            assert time.time() < deadline and all(c.poll() is None for c in children), [
+                c.communicate() for c in children if c.poll() is not None
+            ]
+            time.sleep(0.01)
+        (folder / "go").touch()
+        outs = [c.communicate(timeout=timeout) for c in children]
+    finally:
+        for c in children:
+            c.kill()
+    assert [(c.returncode, out) for c, (out, _) in zip(children, outs)] == [(0, "ok\n")] * procs, \
+        [err for _, err in outs]

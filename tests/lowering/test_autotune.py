@@ -7,10 +7,8 @@ the same code path (key, lookup, persist, reuse) is exercised.
 """
 
 import json
-import os
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -26,8 +24,7 @@ from qcompile.lowering.autotune import (
     tune_key,
 )
 from qcompile.lowering.cache_dir import CacheWarning, UnsafeCacheDirError
-
-CHILD_ENV = {**os.environ, "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", "1")}
+from tests.helpers import CHILD_ENV, run_together
 
 
 def test_m_bucket_is_next_power_of_two_capped():
@@ -249,26 +246,7 @@ print("ok")
 
 def test_concurrent_processes_lose_no_entries(tmp_path):
     procs, count = 4, 25
-    children = [
-        subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), str(i), str(count)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env=CHILD_ENV)
-        for i in range(procs)
-    ]
-    try:
-        deadline = time.time() + 120
-        while not all((tmp_path / f"ready{i}").exists() for i in range(procs)):
-            assert time.time() < deadline and all(c.poll() is None for c in children), [
-                c.communicate() for c in children if c.poll() is not None
-            ]
-            time.sleep(0.01)
-        (tmp_path / "go").touch()
-        outs = [c.communicate(timeout=120) for c in children]
-    finally:
-        for c in children:
-            c.kill()
-    assert [(c.returncode, out) for c, (out, _) in zip(children, outs)] == [(0, "ok\n")] * procs, \
-        [err for _, err in outs]
+    run_together(WRITER, tmp_path, procs, count, timeout=120)
     entries = json.loads((tmp_path / "cache" / "autotune.json").read_text())["entries"]
     assert entries == {
         f"proc{i}-entry{j}": {"config": GemmConfig(16 << i, 16, 32, 1, 4, j + 1).__dict__}

@@ -6,9 +6,6 @@ Kernels run in the Triton interpreter without a GPU (tests/conftest.py).
 """
 
 import os
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
@@ -21,12 +18,12 @@ from qcompile.lowering.codegen import generated_source, kernel_path, load_kernel
 from qcompile.lowering.epilogue import Bias, Epilogue, Requantize
 from qcompile.lowering.gemm import gemm_int8
 from qcompile.lowering.reference import gemm_int8_ref, random_operands
+from tests.helpers import run_together
 
 pytestmark = pytest.mark.skipif(
     qdevice.triton_target() == "none", reason="needs CUDA or TRITON_INTERPRET=1"
 )
 EP = Epilogue((Bias(), Requantize()))
-CHILD_ENV = {**os.environ, "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", "1")}
 
 
 def cache_warnings(recwarn):
@@ -184,26 +181,7 @@ print("ok")
 
 def test_concurrent_processes_keep_the_file_whole_and_every_origin(tmp_path):
     procs, count = 4, 10
-    children = [
-        subprocess.Popen([sys.executable, "-c", LOADER, str(tmp_path), str(i), str(count)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env=CHILD_ENV)
-        for i in range(procs)
-    ]
-    try:
-        deadline = time.time() + 180
-        while not all((tmp_path / f"ready{i}").exists() for i in range(procs)):
-            assert time.time() < deadline and all(c.poll() is None for c in children), [
-                c.communicate() for c in children if c.poll() is not None
-            ]
-            time.sleep(0.01)
-        (tmp_path / "go").touch()
-        outs = [c.communicate(timeout=180) for c in children]
-    finally:
-        for c in children:
-            c.kill()
-    assert [(c.returncode, out) for c, (out, _) in zip(children, outs)] == [(0, "ok\n")] * procs, \
-        [err for _, err in outs]
+    run_together(LOADER, tmp_path, procs, count, timeout=180)
     path = kernel_path(EP, (tmp_path / "kernels").resolve())
     text = path.read_text()
     assert codegen._source_problem(text, EP) is None
