@@ -1,13 +1,10 @@
 """Capture and the compiled artifact: frozen weights, identity/version checks, inference
 only, dynamic shapes, graph breaks."""
 
-import pytest
 import torch
 import torch.nn.functional as F
 
 import qcompile
-from qcompile.artifact import InferenceOnlyError
-from qcompile.passes.freeze_params import TrainingModeError
 from tests.helpers import TinyMLP
 
 FLOAT = {"recipe": "float"}
@@ -43,28 +40,6 @@ def test_weights_changed_in_place_are_noticed():
         cm(x)
         m.fc1.weight.mul_(2.0)
         assert torch.equal(cm(x), m(x))
-
-
-def test_training_mode_is_rejected():
-    class Drop(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = torch.nn.Linear(8, 8)
-            self.drop = torch.nn.Dropout(0.1)
-
-        def forward(self, x):
-            return self.drop(self.fc(x))
-
-    cm = torch.compile(Drop().train(), backend="qcompile", options=FLOAT)
-    with pytest.raises(Exception, match="model.eval\\(\\)") as info:
-        cm(torch.randn(2, 8))
-    assert isinstance(info.value.__cause__ or info.value, (TrainingModeError, Exception))
-
-
-def test_input_requiring_grad_is_rejected():
-    cm = torch.compile(TinyMLP().eval(), backend="qcompile", options=FLOAT)
-    with pytest.raises(InferenceOnlyError, match="no_grad"):
-        cm(torch.randn(2, 16, requires_grad=True))
 
 
 def test_dynamic_batch_and_sequence():
