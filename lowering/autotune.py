@@ -357,19 +357,21 @@ def _tune(
     return TuneResult(key, best[1], "tuned", best[0], timings)
 
 
-def _parse_shapes(text: str) -> list[tuple[int, int, int]]:
+def parse_shapes(text: str) -> list[tuple[int, int, int]]:
+    """"MxKxN[,MxKxN...]" -> [(M, K, N), ...], each size a positive int (argparse type)."""
     shapes = []
     for item in text.split(","):
         parts = item.lower().strip().split("x")
-        if len(parts) != 3:
-            raise argparse.ArgumentTypeError(f"shape {item!r} is not MxKxN")
+        if len(parts) != 3 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+            raise argparse.ArgumentTypeError(
+                f"shape {item!r} is not MxKxN with M, K and N positive integers")
         shapes.append(tuple(int(p) for p in parts))
     return shapes
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m qcompile.lowering.autotune", description=__doc__)
-    p.add_argument("--shapes", required=True, type=_parse_shapes, help="MxKxN[,MxKxN...]")
+    p.add_argument("--shapes", required=True, type=parse_shapes, help="MxKxN[,MxKxN...]")
     p.add_argument("--cache", default=None, help="cache directory (default ~/.cache/qcompile)")
     p.add_argument("--epilogue", default="requant", choices=["requant", "dequant", "int32"])
     args = p.parse_args(argv)

@@ -54,6 +54,9 @@ class _Progress:
 
 @contextmanager
 def calibrate(model, *, progress: bool | None = None):
+    if progress is not None and not isinstance(progress, bool):
+        raise TypeError(f"qcompile.calibrate: progress must be True, False or None (a "
+                        f"progress line when stderr is a terminal), got {progress!r}")
     state: ModelState = state_for_model(model)
     if state.calibrating:
         raise CalibrationError("qcompile.calibrate blocks do not nest for one model")

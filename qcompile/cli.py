@@ -13,6 +13,35 @@ import argparse
 import sys
 
 
+# argparse types: a bad value is a usage error naming the option, before any model loads
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def recipe_name(text: str) -> str:
+    from qcompile.config import RECIPES
+
+    if text not in RECIPES:
+        raise argparse.ArgumentTypeError(
+            f"unknown recipe {text!r}; known recipes: {', '.join(sorted(RECIPES))}")
+    return text
+
+
+def _shapes(text: str) -> str:
+    from qcompile.lowering.autotune import parse_shapes
+
+    parse_shapes(text)  # checked here; the tuner parses it again
+    return text
+
+
 def _tune(args) -> int:
     if args.shapes:
         from qcompile.lowering.autotune import main as tune_shapes
@@ -50,10 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("rest", nargs=argparse.REMAINDER)
     tune = sub.add_parser("tune", help="autotune GEMM kernel configs")
     what = tune.add_mutually_exclusive_group(required=True)
-    what.add_argument("--shapes", help="MxKxN[,MxKxN...]")
+    what.add_argument("--shapes", type=_shapes, help="MxKxN[,MxKxN...]")
     what.add_argument("--model", choices=["minilm"], help="tune every GEMM of this model")
-    tune.add_argument("--recipe", default="w8a8-static")
-    tune.add_argument("--rows", type=int, default=32 * 128, help="M to tune for (tokens)")
+    tune.add_argument("--recipe", type=recipe_name, default="w8a8-static")
+    tune.add_argument("--rows", type=positive_int, default=32 * 128,
+                      help="M to tune for (tokens)")
     tune.add_argument("--cache", default=None, help="autotune cache directory")
     sub.add_parser("recipes", help="list the recipes")
     sub.add_parser("options", help="list the options")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -148,6 +149,10 @@ class Options:
 
     @classmethod
     def from_user(cls, mode: str | None = None, options: dict[str, Any] | None = None) -> Options:
+        if options is not None and not isinstance(options, Mapping):
+            raise QCompileConfigError(
+                f"options must be a dict of option names to values, got "
+                f"{type(options).__name__}; known options: {sorted(known_options())}")
         options = dict(options or {})
         known = known_options()
         unknown = sorted(set(options) - set(known))

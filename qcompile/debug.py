@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from torch.fx import GraphModule
+from torch.utils._pytree import tree_leaves
 
 from qcompile.config import Options
 from qcompile.fx_utils import copy_graph_module, graph_fake_mode, seed_meta_from_dynamo
@@ -78,6 +79,7 @@ def capture(model: torch.nn.Module, *example_inputs: Any, options: dict | None =
 
 
 def capture_all(model, *example_inputs, options=None, dynamic=None, **kwargs) -> list[Captured]:
+    _check_capture(model, example_inputs, kwargs, dynamic)
     opts = Options.from_user(None, options)
     graphs: list[Captured] = []
 
@@ -91,6 +93,26 @@ def capture_all(model, *example_inputs, options=None, dynamic=None, **kwargs) ->
     return graphs
 
 
+def _check_capture(model, example_inputs: tuple, kwargs: dict, dynamic) -> None:
+    """A callable model and real example tensors: the passes run the graph on them (the
+    calibration sample, SQNR), so a meta tensor or a call without any tensor (Dynamo would
+    bake every value in as a constant) would fail deep inside, or capture nothing."""
+    fn = "qcompile.capture"
+    if not callable(model):
+        raise TypeError(f"{fn}: model must be an nn.Module or a callable, got "
+                        f"{type(model).__name__}")
+    if dynamic is not None and not isinstance(dynamic, bool):
+        raise TypeError(f"{fn}: dynamic must be True, False or None, got {dynamic!r}")
+    leaves = tree_leaves((example_inputs, kwargs))
+    tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
+    if not tensors:
+        raise TypeError(f"{fn}: example_inputs must include a torch.Tensor (positional or "
+                        f"keyword), got {[type(x).__name__ for x in leaves][:5]}")
+    if any(t.device.type == "meta" for t in tensors):
+        raise ValueError(f"{fn}: example_inputs include a meta tensor, which holds no values: "
+                         "the passes run the graph on the example inputs; pass real tensors")
+
+
 def load_repro(path: str) -> dict:
     """Load what a failing pass left behind (see PassError): graph module, pass, options.
 
@@ -101,8 +123,9 @@ def load_repro(path: str) -> dict:
 
     from qcompile.lowering.cache_dir import trusted_dir
 
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"no reproducer directory {path!r}")
+    from qcompile.serialize import path_arg
+
+    path = path_arg("qcompile.load_repro", path, exists="directory")
     folder = trusted_dir(path, what="reproducer directory",
                          elsewhere="copy the reproducer into a directory of your own")
     return torch.load(os.path.join(folder, "repro.pt"), weights_only=False)

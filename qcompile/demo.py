@@ -36,11 +36,12 @@ def _time(fn, repeats: int) -> float:
 def main(argv: list[str] | None = None) -> int:
     import qcompile
     from qcompile import minilm
+    from qcompile.cli import positive_int, recipe_name
 
     ap = argparse.ArgumentParser(prog="qcompile demo", description=__doc__.splitlines()[0])
-    ap.add_argument("--recipe", default="w8a8-static")
+    ap.add_argument("--recipe", type=recipe_name, default="w8a8-static")
     ap.add_argument("--debug-dir", default="qcompile-debug")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=positive_int, default=5)
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore", message=".*TypedStorage.*")
     torch.manual_seed(0)

@@ -104,6 +104,20 @@ def _compare(saved: dict, actual: dict) -> list[str]:
     return problems
 
 
+def path_arg(fn: str, path, *, exists: str | None = None) -> str:
+    """path as a str; refused: not a str or os.PathLike, or (exists="file" / "directory")
+    not an existing one of those."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{fn}: path must be a str or os.PathLike, got {type(path).__name__}")
+    path = os.fspath(path)
+    if isinstance(path, bytes):
+        path = os.fsdecode(path)
+    found = {"file": os.path.isfile, "directory": os.path.isdir}.get(exists, lambda _: True)
+    if not found(path):
+        raise FileNotFoundError(f"{fn}: path {path!r} is not an existing {exists}")
+    return path
+
+
 # ---------------------------------------------------------------------- save
 
 
@@ -124,6 +138,7 @@ def save(model, path: str | os.PathLike) -> str:
     from qcompile import annotations as ann
 
     state, artifacts = _state_and_fingerprint(model)
+    path = path_arg("qcompile.save", path)
     finalized = [a for a in artifacts if a.finalized]
     if not finalized:
         raise RuntimeError(
@@ -156,7 +171,6 @@ def save(model, path: str | os.PathLike) -> str:
         "recipe": options.recipe, "sites": sites, "layers": layers,
         "fingerprint": fingerprint(model),
     }
-    path = os.fspath(path)
     tensors = {k: v.contiguous() for k, v in tensors.items()}
     safetensors.torch.save_file(tensors, path, metadata={_META_KEY: json.dumps(meta)})
     return path
@@ -194,12 +208,13 @@ def load(model, path: str | os.PathLike) -> Loaded:
     from qcompile.passes.calibrate_qparams import CalibSite
     from qcompile.state import compile_fingerprint, state_for_model
 
-    meta, tensors = read(path)
     compiled = compile_fingerprint(model)
     if compiled is None:
         raise ArtifactMismatchError(
-            "qcompile.load takes the model torch.compile(model, backend='qcompile', "
+            'qcompile.load takes the model torch.compile(model, backend="qcompile", '
             "options=...) returned, compiled with the options the file was saved with")
+    path = path_arg("qcompile.load", path, exists="file")
+    meta, tensors = read(path)
     if compiled != meta["options"]:
         raise ArtifactMismatchError(
             f"{os.fspath(path)} was saved with options {meta['options']}; this model is "

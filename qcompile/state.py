@@ -84,14 +84,28 @@ def _merge(into: ModelState, other: ModelState) -> None:
             _BY_TENSOR[key] = (ref, into)
 
 
+_HOW = 'torch.compile(model, backend="qcompile", options=...)'
+
+
 def model_tensors(model: Any) -> list[torch.Tensor]:
+    """The parameters and buffers of a model compiled with qcompile: what torch.compile
+    returned, or the nn.Module of one that ran. Refused: anything else, a model compiled
+    with another backend, a module never compiled with qcompile (it has no quantization
+    to calibrate, report or save)."""
     module = getattr(model, "_orig_mod", model)
     if not isinstance(module, torch.nn.Module):
         raise TypeError(
-            f"expected the model returned by torch.compile (or its nn.Module), got "
+            f"qcompile: model must be the model {_HOW} returned (or its nn.Module), got "
             f"{type(model).__name__}"
         )
-    return [*module.parameters(), *module.buffers()]
+    tensors = [*module.parameters(), *module.buffers()]
+    backend, _ = _backend(model)
+    if tensors and backend not in ("qcompile", None) and (
+            backend or not any(_lookup(t) is not None for t in tensors)):
+        what = (f"was compiled with backend={backend!r}" if backend else
+                "is an nn.Module that was never compiled with qcompile")
+        raise TypeError(f"qcompile: model {what}: pass the model {_HOW} returned")
+    return tensors
 
 
 def state_for_model(model: Any) -> ModelState:
@@ -101,21 +115,33 @@ def state_for_model(model: Any) -> ModelState:
     return state_for_tensors(tensors)
 
 
+def _backend(model: Any) -> tuple[str | None, Any]:
+    """(name, callback) of the backend torch.compile gave `model`: ("", None) for a model
+    torch.compile did not return, (None, None) when Dynamo's internals cannot be read."""
+    if not hasattr(model, "_orig_mod"):
+        return "", None
+    obj = getattr(getattr(model, "dynamo_ctx", None), "callback", None)
+    for _ in range(8):
+        if obj is None:
+            break
+        name = getattr(obj, "compiler_name", None)
+        if isinstance(name, str):
+            return name, obj
+        obj = getattr(obj, "_torchdynamo_orig_backend", None)
+    return None, None
+
+
 def compile_fingerprint(model: Any) -> str | None:
     """The options fingerprint `torch.compile(..., backend="qcompile", options=...)` gave
     this compiled model, or None when it cannot be read (a plain module, or Dynamo's
     internals moved): then callers act on every graph of the model."""
     from qcompile.config import Options
 
-    obj = getattr(getattr(model, "dynamo_ctx", None), "callback", None)
-    for _ in range(8):
-        if obj is None:
-            return None
-        kwargs = getattr(obj, "kwargs", None)
-        if isinstance(kwargs, dict) and getattr(obj, "compiler_name", None) == "qcompile":
-            try:
-                return Options.from_user(kwargs.get("mode"), kwargs.get("options")).fingerprint()
-            except Exception:
-                return None
-        obj = getattr(obj, "_torchdynamo_orig_backend", None)
-    return None
+    backend, obj = _backend(model)
+    kwargs = getattr(obj, "kwargs", None)
+    if backend != "qcompile" or not isinstance(kwargs, dict):
+        return None
+    try:
+        return Options.from_user(kwargs.get("mode"), kwargs.get("options")).fingerprint()
+    except Exception:
+        return None
