@@ -5,12 +5,17 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import textwrap
 import time
 
 import torch
 import torch.nn.functional as F
+from torch.testing import FileCheck
 
 import qcompile
+from qcompile.fx_utils import copy_graph_module
+from qcompile.pipeline import steps
+from qcompile.state import ModelState
 
 
 def targets(gm) -> list:
@@ -26,6 +31,69 @@ def canonical(model, *inputs, until="canonicalize-norm", options=None):
     cap = qcompile.capture(model, *inputs, options={"recipe": "float", **(options or {})})
     cap.run(until=until)
     return cap
+
+
+def expect(graph, checks: str) -> None:
+    """FileCheck `checks` against a graph's Python code (`gm.code`, or that text): one
+    directive a line, `# CHECK: ...`, `# CHECK-NEXT:`, `# CHECK-NOT:`, `# CHECK-COUNT-2:`
+    (torch.testing.FileCheck). Node names vary between graphs; check targets, constants
+    (named after the model's parameters), their order, and what is absent."""
+    text = graph if isinstance(graph, str) else graph.code
+    FileCheck().run(textwrap.dedent(checks), text)
+
+
+def stage(model, *inputs, before: str, options=None):
+    """Capture `model` and run its pipeline up to, not including, the pass `before`: the
+    Before graph of that pass is `cap.gm`, and `cap.run(until=before)` gives its Expected.
+    Between the phases it does what the compiled artifact does (`_between_phases`)."""
+    cap = _captured(model, inputs, options)
+    for name in _pipeline(cap):
+        if name == before:
+            return cap
+        cap.run_pass(name)
+    raise KeyError(f"no pass {before!r} in this pipeline; passes: {cap.pipeline}")
+
+
+def walk(model, *inputs, options=None):
+    """Capture `model` and run its whole pipeline; returns (captured, graphs) with
+    graphs[pass] = (code before the pass, code after it)."""
+    cap = _captured(model, inputs, options)
+    graphs = {}
+    for name in _pipeline(cap):
+        code = cap.gm.code
+        cap.run_pass(name)
+        graphs[name] = (code, cap.gm.code)
+    return cap, graphs
+
+
+def _captured(model, inputs, options):
+    cap = qcompile.capture(model, *inputs, options=options)
+    cap.ctx.state = ModelState()  # where the observers keep what calibration saw
+    return cap
+
+
+def _pipeline(cap):
+    """The names of cap's passes, in order, with `_between_phases` before the first
+    finalize pass."""
+    compile_phase = len(steps(cap.options, "compile"))
+    for i, name in enumerate(cap.pipeline):
+        if i == compile_phase:
+            _between_phases(cap)
+        yield name
+
+
+def _between_phases(cap) -> None:
+    """What the compiled artifact does before finalizing: the example inputs are the
+    calibration batch (static recipes), and the float graph and the sample inputs are kept
+    for measure-sqnr."""
+    state = cap.ctx.state
+    state.calibrating = True
+    try:
+        cap()
+    finally:
+        state.calibrating = False
+    cap.ctx.analysis["float_gm"] = copy_graph_module(cap.gm)
+    cap.ctx.analysis["sample_inputs"] = cap.inputs()
 
 
 def assert_same_function(model, cap, *inputs, exact=True, rtol=1e-6):

@@ -1,4 +1,5 @@
-"""canonicalize-attention: sdpa keywords, the explicit softmax(QK^T)V spellings, negatives."""
+"""canonicalize-attention: Before/Expected for the explicit softmax(QK^T)V chain and sdpa's
+positional form, each spelling's sdpa, and graphs that must not change."""
 
 import math
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.helpers import assert_same_function, canonical, count
+from tests.helpers import assert_same_function, canonical, expect
 
 
 class Explicit(torch.nn.Module):
@@ -37,16 +38,53 @@ def _inputs():
     return q, k, v, mask
 
 
-@pytest.mark.parametrize("how", ["div", "mul+mask", "mask+scaled", "noscale"])
+# Expected: one sdpa, every keyword spelled out, the mask and the scale found in the chain
+SDPA = ("scaled_dot_product_attention = torch._C._nn.scaled_dot_product_attention(l_q_, l_k_, "
+        "l_v_, attn_mask = {}, dropout_p = 0.0, is_causal = False, scale = {}, "
+        "enable_gqa = False)")
+EXPECTED = {
+    "div": SDPA.format("None", 1 / math.sqrt(8)),
+    "mul+mask": SDPA.format("l_mask_", 1 / math.sqrt(8)),
+    "mask+scaled": SDPA.format("l_mask_", 0.25),
+    "noscale": SDPA.format("None", 1.0),
+}
+
+
+def test_explicit_chain_becomes_sdpa():
+    model = Explicit("mul+mask")
+    inputs = _inputs()
+    cap = canonical(model, *inputs, until="canonicalize-linear")
+    expect(cap.gm, """
+        # CHECK: transpose = l_k_.transpose(2, 3)
+        # CHECK-NEXT: matmul = torch.matmul(l_q_, transpose)
+        # CHECK-NEXT: mul = matmul * 0.35355339059327373
+        # CHECK-NEXT: s = mul + l_mask_
+        # CHECK-NEXT: p = torch.nn.functional.softmax(s, dim = -1)
+        # CHECK-NEXT: matmul_1 = p @ l_v_
+        # CHECK-NEXT: return (matmul_1,)
+    """)
+    cap.run(until="canonicalize-attention")
+    expect(cap.gm, f"""
+        # CHECK-NOT: matmul
+        # CHECK-NOT: softmax(
+        # CHECK: {EXPECTED["mul+mask"]}
+        # CHECK-NEXT: return (scaled_dot_product_attention,)
+    """)
+    assert_same_function(model, cap, *inputs, exact=False, rtol=1e-5)
+
+
+@pytest.mark.parametrize("how", EXPECTED)
 def test_explicit_attention_becomes_sdpa(how):
     model = Explicit(how)
     inputs = _inputs()
     cap = canonical(model, *inputs, until="canonicalize-attention")
-    assert count(cap.gm, F.scaled_dot_product_attention) == 1
-    assert count(cap.gm, F.softmax) == 0 and count(cap.gm, "softmax") == 0
+    expect(cap.gm, f"""
+        # CHECK-NOT: softmax
+        # CHECK-NOT: @
+        # CHECK: {EXPECTED[how]}
+        # CHECK-NEXT: return (scaled_dot_product_attention,)
+    """)
     assert cap.ctx.counters["canonicalize-attention.explicit"] == 1
-    node = next(n for n in cap.gm.graph.nodes if n.target is F.scaled_dot_product_attention)
-    assert set(node.kwargs) == {"attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"}
     # sdpa rounds differently from the explicit chain: same function to float precision
     assert_same_function(model, cap, *inputs, exact=False, rtol=1e-5)
 
@@ -58,11 +96,26 @@ class Positional(torch.nn.Module):
 
 def test_sdpa_keywords_spelled_out_and_exact():
     q, k, v, _ = _inputs()
-    cap = canonical(Positional(), q, k, v, until="canonicalize-attention")
-    node = next(n for n in cap.gm.graph.nodes if n.target is F.scaled_dot_product_attention)
-    assert len(node.args) == 3 and node.kwargs["is_causal"] is True
-    assert node.kwargs["scale"] is None
+    cap = canonical(Positional(), q, k, v, until="canonicalize-linear")
+    expect(cap.gm, "# CHECK: scaled_dot_product_attention(l_q_, l_k_, l_v_, None, 0.0, True)")
+    cap.run(until="canonicalize-attention")
+    expect(cap.gm, """
+        # CHECK: scaled_dot_product_attention(l_q_, l_k_, l_v_, attn_mask = None,
+        # CHECK-SAME: dropout_p = 0.0, is_causal = True, scale = None, enable_gqa = False)
+    """)
     assert_same_function(Positional(), cap, q, k, v, exact=True)
+
+
+def _unchanged(model, *inputs):
+    cap = canonical(model, *inputs, until="canonicalize-linear")
+    code = cap.gm.code
+    cap.run(until="canonicalize-attention")
+    assert not cap.ctx.history[-1].modified and cap.gm.code == code
+    expect(code, """
+        # CHECK-NOT: scaled_dot_product_attention
+        # CHECK: softmax(
+        # CHECK-NOT: scaled_dot_product_attention
+    """)
 
 
 class ReturnsWeights(torch.nn.Module):
@@ -73,8 +126,7 @@ class ReturnsWeights(torch.nn.Module):
 
 def test_attention_weights_used_elsewhere_unchanged():
     q, k, v, _ = _inputs()
-    cap = canonical(ReturnsWeights(), q, k, v, until="canonicalize-attention")
-    assert count(cap.gm, F.scaled_dot_product_attention) == 0
+    _unchanged(ReturnsWeights(), q, k, v)
 
 
 class SoftmaxOtherDim(torch.nn.Module):
@@ -84,5 +136,4 @@ class SoftmaxOtherDim(torch.nn.Module):
 
 def test_softmax_over_other_dim_unchanged():
     q, k, v, _ = _inputs()
-    cap = canonical(SoftmaxOtherDim(), q, k, v, until="canonicalize-attention")
-    assert count(cap.gm, F.scaled_dot_product_attention) == 0
+    _unchanged(SoftmaxOtherDim(), q, k, v)

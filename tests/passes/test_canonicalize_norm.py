@@ -1,10 +1,11 @@
-"""canonicalize-norm: modules, decomposed RMSNorm / LayerNorm, negatives."""
+"""canonicalize-norm: Before/Expected for a decomposed RMSNorm and the module norms; each
+spelling's one norm op; a graph that must not change."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.helpers import assert_same_function, canonical, count
+from tests.helpers import assert_same_function, canonical, expect
 
 
 class DecomposedRMS(torch.nn.Module):
@@ -29,15 +30,51 @@ class DecomposedRMS(torch.nn.Module):
         raise AssertionError(self.how)
 
 
-@pytest.mark.parametrize("how", ["pow-rsqrt", "mul-sqrt", "noweight"])
+def test_decomposed_rmsnorm_becomes_one_op():
+    model = DecomposedRMS("pow-rsqrt")
+    x = torch.randn(2, 5, 16)
+    cap = canonical(model, x, until="canonicalize-attention")
+    expect(cap.gm, """
+        # CHECK: h = l_x_.to(torch.float32)
+        # CHECK-NEXT: pow_1 = h.pow(2)
+        # CHECK-NEXT: var = pow_1.mean(-1, keepdim = True)
+        # CHECK-NEXT: add = var + 1e-06
+        # CHECK-NEXT: rsqrt = torch.rsqrt(add)
+        # CHECK-NEXT: h_1 = h * rsqrt
+        # CHECK-NEXT: to_1 = h_1.to(torch.float32)
+        # CHECK-NEXT: mul_1 = weight * to_1
+        # CHECK-NEXT: return (mul_1,)
+    """)
+    cap.run(until="canonicalize-norm")
+    # the .to(float32) round trip is part of the spelling: rms_norm reads x itself
+    expect(cap.gm, """
+        # CHECK: weight = self.weight
+        # CHECK-NEXT: rms_norm = torch.nn.functional.rms_norm(l_x_, (16,), weight, 1e-06)
+        # CHECK-NEXT: return (rms_norm,)
+    """)
+    assert cap.ctx.history[-1].counters == {"decomposed_rms_norm": 1}
+    assert_same_function(model, cap, x, exact=True)
+
+
+# Expected: the weight (or None) and eps found in each spelling
+RMS_NORM = {
+    "pow-rsqrt": "torch.nn.functional.rms_norm(l_x_, (16,), weight, 1e-06)",
+    "mul-sqrt": "torch.nn.functional.rms_norm(l_x_, (16,), weight, 1e-05)",
+    "noweight": "torch.nn.functional.rms_norm(l_x_, (16,), None, 1e-06)",
+}
+
+
+@pytest.mark.parametrize("how", RMS_NORM)
 def test_decomposed_rmsnorm(how):
     model = DecomposedRMS(how)
     x = torch.randn(2, 5, 16)
     cap = canonical(model, x, until="canonicalize-norm")
-    assert count(cap.gm, F.rms_norm) == 1
-    assert count(cap.gm, torch.rsqrt) == 0 and count(cap.gm, "rsqrt") == 0
-    node = next(n for n in cap.gm.graph.nodes if n.target is F.rms_norm)
-    assert (node.args[2] is None) == (how == "noweight")
+    expect(cap.gm, f"""
+        # CHECK-NOT: sqrt
+        # CHECK-NOT: mean
+        # CHECK: rms_norm = {RMS_NORM[how]}
+        # CHECK-NEXT: return (rms_norm,)
+    """)
     assert_same_function(model, cap, x, exact=(how == "pow-rsqrt"), rtol=1e-6)
 
 
@@ -64,9 +101,12 @@ def test_decomposed_layernorm(how):
     model = DecomposedLN(how)
     x = torch.randn(2, 5, 16) * 3 + 1
     cap = canonical(model, x, until="canonicalize-norm")
-    assert count(cap.gm, F.layer_norm) == 1
-    node = next(n for n in cap.gm.graph.nodes if n.target is F.layer_norm)
-    assert node.args[2] is not None and node.args[3] is not None and node.args[4] == 1e-5
+    expect(cap.gm, """
+        # CHECK-NOT: mean
+        # CHECK-NOT: sqrt
+        # CHECK: layer_norm = torch.nn.functional.layer_norm(l_x_, (16,), w, b, 1e-05)
+        # CHECK-NEXT: return (layer_norm,)
+    """)
     assert_same_function(model, cap, x, exact=False, rtol=1e-5)
 
 
@@ -83,7 +123,15 @@ class Modules(torch.nn.Module):
 def test_module_norms_positional_and_exact():
     model = Modules().eval()
     x = torch.randn(3, 16)
-    cap = canonical(model, x, until="canonicalize-norm")
+    cap = canonical(model, x, until="canonicalize-attention")
+    # Dynamo shows nn.RMSNorm as torch.rms_norm
+    expect(cap.gm, "# CHECK: rms_norm = torch.rms_norm(layer_norm, (16,), rms_weight, 1e-06)")
+    cap.run(until="canonicalize-norm")
+    expect(cap.gm, """
+        # CHECK: layer_norm = torch.nn.functional.layer_norm(l_x_, (16,), ln_weight, ln_bias, 1e-05)
+        # CHECK-NEXT: rms_norm = torch.nn.functional.rms_norm(layer_norm, (16,), rms_weight, 1e-06)
+        # CHECK-NEXT: return (rms_norm,)
+    """)
     for target, n in ((F.layer_norm, 5), (F.rms_norm, 4)):
         node = next(nd for nd in cap.gm.graph.nodes if nd.target is target)
         assert len(node.args) == n and not node.kwargs
@@ -96,5 +144,12 @@ class NotANorm(torch.nn.Module):
 
 
 def test_sum_of_squares_is_not_rmsnorm():
-    cap = canonical(NotANorm(), torch.randn(2, 16), until="canonicalize-norm")
-    assert count(cap.gm, F.rms_norm) == 0
+    cap = canonical(NotANorm(), torch.randn(2, 16), until="canonicalize-attention")
+    code = cap.gm.code
+    cap.run(until="canonicalize-norm")
+    assert not cap.ctx.history[-1].modified and cap.gm.code == code
+    expect(code, """
+        # CHECK-NOT: rms_norm
+        # CHECK: sum_1 = pow_1.sum(-1, keepdim = True)
+        # CHECK-NOT: rms_norm
+    """)
