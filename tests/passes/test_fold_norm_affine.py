@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 import qcompile
 from qcompile.fx_utils import get_constant
+from tests.helpers import expect
 
 
 def _norm(kind: str, d: int) -> torch.nn.Module:
@@ -96,12 +97,37 @@ def test_folds_gamma_and_beta_into_consumers(kind):
     model = PreNorm(kind).double()
     originals = {k: v.clone() for k, v in model.state_dict().items()}
     ids = torch.randint(0, 24, (2, 5))
-    cap, before = transformed(model, ids, passes=["fold-norm-affine"])
+    cap, before = transformed(model, ids, passes=[])
+    norm = f"{kind}_norm"
+    # gamma, beta and eps as the norm's arguments after x and its shape
+    affine = "{0}_weight, {0}_bias, 1e-05" if kind == "layer" else "{0}_weight, 1e-06"
+    expect(cap.gm, f"""
+        # CHECK: x = torch.nn.functional.embedding(l_ids_, emb_weight,
+        # CHECK-NEXT: {norm} = torch.nn.functional.{norm}(x, (16,), {affine.format("norms_0")})
+        # CHECK-NEXT: linear = torch._C._nn.linear({norm}, up_0_weight, up_0_bias)
+        # CHECK: h = torch.nn.functional.{norm}(x_2, (16,), {affine.format("final")})
+        # CHECK-NEXT: logits = torch._C._nn.linear(h, emb_weight, None)
+    """)
+    cap.run_pass("fold-norm-affine")
     gm = cap.gm
-    norm_target = F.layer_norm if kind == "layer" else F.rms_norm
-    assert all(n.args[2] is None for n in nodes(gm, norm_target))
-    if kind == "layer":
-        assert all(n.args[3] is None for n in nodes(gm, norm_target))
+    # Expected: norms without affine, the linears reading them new values under the same
+    # names (below); the tied lm_head reads its own folded copy of the embedding (and, for
+    # LayerNorm, a bias W beta), the embedding still the user's tensor
+    no_affine = "None, None, 1e-05" if kind == "layer" else "None, 1e-06"
+    head_bias = "emb_bias" if kind == "layer" else "None"
+    expect(gm, f"""
+        # CHECK: x = torch.nn.functional.embedding(l_ids_, emb_weight,
+        # CHECK-NEXT: {norm} = torch.nn.functional.{norm}(x, (16,), {no_affine})
+        # CHECK-NEXT: linear = torch._C._nn.linear({norm}, up_0_weight, up_0_bias)
+        # CHECK: {norm}_1 = torch.nn.functional.{norm}(x_1, (16,), {no_affine})
+        # CHECK: h = torch.nn.functional.{norm}(x_2, (16,), {no_affine})
+        # CHECK-NEXT: emb_weight_1 = self.emb_weight_1
+        # CHECK: logits = torch._C._nn.linear(h, emb_weight_1, {head_bias})
+    """)
+    expect(gm, """
+        # CHECK-NOT: norms_
+        # CHECK-NOT: final_
+    """)
     # Expected: W' = W diag(gamma), b' = b + W beta
     up = linear_by_param(gm, "up.0.weight")
     g, w, b = model.norms[0].weight, model.up[0].weight, model.up[0].bias
@@ -114,6 +140,9 @@ def test_folds_gamma_and_beta_into_consumers(kind):
     assert get_constant(gm, emb.args[1]).data_ptr() == model.emb.weight.data_ptr()
     torch.testing.assert_close(get_constant(gm, head.args[1]),
                                model.emb.weight * model.final.weight[None, :], rtol=0, atol=0)
+    if kind == "layer":
+        torch.testing.assert_close(get_constant(gm, head.args[2]),
+                                   model.emb.weight @ model.final.bias, rtol=1e-15, atol=1e-15)
     assert any("tied" in note for note in cap.ctx.notes)
     rec = cap.ctx.history[-1]
     assert rec.modified and rec.counters == {"folded": 3, "linears": 3}
@@ -131,6 +160,12 @@ def test_post_norm_graph_is_unchanged():
     rec = cap.ctx.history[-1]
     assert not rec.modified and rec.counters == {"skipped": 2}
     assert cap.gm.code == code
+    # the norms write the residual stream: their gamma / beta stay where they are
+    expect(code, """
+        # CHECK: add = l_x_ + linear_1
+        # CHECK-NEXT: x = torch.nn.functional.layer_norm(add, (16,), norms_0_weight, norms_0_bias,
+        # CHECK-NEXT: linear_2 = torch._C._nn.linear(x, up_1_weight, up_1_bias)
+    """)
     assert any("also read by ['add']" in n for n in cap.ctx.notes)
     assert any("also read by ['output']" in n for n in cap.ctx.notes)
 

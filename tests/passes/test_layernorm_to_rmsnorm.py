@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from qcompile.fx_utils import get_constant
+from tests.helpers import expect
 from tests.passes.test_fold_norm_affine import (
     PostNorm,
     PreNorm,
@@ -22,9 +23,31 @@ PASSES = ["fold-norm-affine", "layernorm-to-rmsnorm"]
 
 def test_stream_becomes_zero_mean_and_norms_rms():
     model = PreNorm("layer")
-    cap, before = transformed(model, torch.randint(0, 24, (2, 5)), passes=PASSES)
+    cap, before = transformed(model, torch.randint(0, 24, (2, 5)), passes=PASSES[:1])
+    # Before: every reader of the stream (x, x_1, x_2) is a LayerNorm without affine
+    expect(cap.gm, """
+        # CHECK: x = torch.nn.functional.embedding(l_ids_, emb_weight,
+        # CHECK-NEXT: layer_norm = torch.nn.functional.layer_norm(x, (16,), None, None, 1e-05)
+        # CHECK: x_1 = x + linear_1
+        # CHECK-NEXT: layer_norm_1 = torch.nn.functional.layer_norm(x_1, (16,), None, None,
+        # CHECK: x_2 = x_1 + linear_3
+        # CHECK-NEXT: h = torch.nn.functional.layer_norm(x_2, (16,), None, None, 1e-05)
+    """)
+    cap.run_pass("layernorm-to-rmsnorm")
     gm = cap.gm
-    assert not nodes(gm, F.layer_norm) and len(nodes(gm, F.rms_norm)) == 3
+    # Expected: the same graph with RMSNorms (the writers' weights change, below)
+    expect(gm, """
+        # CHECK-NOT: layer_norm
+        # CHECK: x = torch.nn.functional.embedding(l_ids_, emb_weight,
+        # CHECK-NEXT: = torch.nn.functional.rms_norm(x, (16,), None, 1e-05)
+        # CHECK-NEXT: linear = torch._C._nn.linear(rms_norm
+        # CHECK: x_1 = x + linear_1
+        # CHECK-NEXT: = torch.nn.functional.rms_norm(x_1, (16,), None, 1e-05)
+        # CHECK: x_2 = x_1 + linear_3
+        # CHECK-NEXT: = torch.nn.functional.rms_norm(x_2, (16,), None, 1e-05)
+        # CHECK: logits = torch._C._nn.linear(rms_norm
+        # CHECK-NOT: layer_norm
+    """)
     rec = cap.ctx.history[-1]
     assert rec.counters == {"streams": 1, "writers": 3, "converted": 3}
     # Expected: every written vector has zero mean (embedding rows, down columns, bias)
@@ -44,6 +67,12 @@ def test_unfolded_affine_stays_explicit():
     so the RMSNorm keeps gamma and beta becomes an explicit add."""
     model = PreNorm("layer", return_hidden=True)
     cap, before = transformed(model, torch.randint(0, 24, (2, 5)), passes=PASSES)
+    expect(cap.gm, """
+        # CHECK: rms_norm_1 = torch.nn.functional.rms_norm(x_2, (16,), final_weight, 1e-05)
+        # CHECK-NEXT: add = rms_norm_1 + final_bias
+        # CHECK-NEXT: logits = torch._C._nn.linear(add, emb_weight, None)
+        # CHECK-NEXT: return (logits, add)
+    """)
     final = nodes(cap.gm, F.rms_norm)[-1]
     assert final.args[2] is not None
     [add] = [u for u in final.users if u.target is operator.add]

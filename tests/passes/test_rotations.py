@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from qcompile.fx_utils import get_constant
 from qcompile.passes.online_hadamard import HADAMARD, normalized_hadamard
 from qcompile.passes.rotate_residual import rotation
+from tests.helpers import expect, targets
 from tests.passes.test_fold_norm_affine import (
     PostNorm,
     PreNorm,
@@ -31,7 +32,21 @@ def test_rotate_residual_writers_and_readers(kind):
     cap, before = transformed(PreNorm(kind), torch.randint(0, 24, (2, 5)), passes=RESIDUAL[:2])
     w0 = weights(cap)
     emb0 = get_constant(cap.gm, nodes(cap.gm, F.embedding)[0].args[1]).clone()
+    ops = targets(cap.gm)
     cap.run_pass("rotate-residual")
+    # Expected: the same ops reading rotated weights (values below): nothing but norms
+    # without affine and linears read the stream, so nothing is rotated online
+    assert targets(cap.gm) == ops
+    expect(cap.gm, """
+        # CHECK-NOT: hadamard_transform
+        # CHECK: x = torch.nn.functional.embedding(l_ids_, emb_weight,
+        # CHECK-NEXT: = torch.nn.functional.rms_norm(x, (16,), None,
+        # CHECK-NEXT: linear = torch._C._nn.linear(rms_norm
+        # CHECK-SAME: up_0_weight, up_0_bias)
+        # CHECK: logits = torch._C._nn.linear(
+        # CHECK-SAME: emb_weight_1,
+        # CHECK-NOT: hadamard_transform
+    """)
     q, signs = rotation(16, cap.ctx.options.seed)
     assert signs is not None and torch.allclose(q.T @ q, torch.eye(16, dtype=q.dtype))
     w1 = weights(cap)
@@ -50,7 +65,28 @@ def test_rotate_residual_writers_and_readers(kind):
 
 def test_values_leaving_the_stream_are_unrotated():
     cap, before = transformed(PreNorm("rms", return_hidden=True), torch.randint(0, 24, (2, 5)),
-                              passes=RESIDUAL)
+                              passes=RESIDUAL[:2])
+    # Before: the final norm kept its gamma, as its output h is also returned
+    expect(cap.gm, """
+        # CHECK: x = torch.nn.functional.embedding(l_ids_, emb_weight,
+        # CHECK: h = torch.nn.functional.rms_norm(x_2, (16,), final_weight, 1e-06)
+        # CHECK-NEXT: logits = torch._C._nn.linear(h, emb_weight, None)
+        # CHECK-NEXT: return (logits, h)
+    """)
+    cap.run_pass("rotate-residual")
+    # Expected: the embedding writes the rotated stream from its own rotated copy; the norm
+    # drops gamma, then the rotated value is un-rotated online (had(x Q * s)) and gets gamma,
+    # so the returned h and the lm_head (the user's embedding) see what they saw before
+    expect(cap.gm, """
+        # CHECK: emb_weight_1 = self.emb_weight_1
+        # CHECK-NEXT: x = torch.nn.functional.embedding(l_ids_, emb_weight_1,
+        # CHECK: = torch.nn.functional.rms_norm(x_2, (16,), None, 1e-06)
+        # CHECK-NEXT: mul = rms_norm_2 * rotate_residual_signs
+        # CHECK-NEXT: = torch.ops.qcompile.hadamard_transform.default(mul)
+        # CHECK-NEXT: mul_1 = hadamard_transform_default * final_weight
+        # CHECK-NEXT: logits = torch._C._nn.linear(mul_1, emb_weight, None)
+        # CHECK-NEXT: return (logits, mul_1)
+    """)
     [had] = nodes(cap.gm, HADAMARD)
     assert had.meta["qc_online_hadamard"] == "unrotate"
     assert cap.ctx.history[-1].counters["unrotations"] == 1
@@ -123,7 +159,23 @@ def test_rotate_heads_v_and_o(repeat):
     cap, before = transformed(model, torch.randn(2, 5, 32), passes=[])
     w0 = weights(cap)
     b0 = get_constant(cap.gm, linear_by_param(cap.gm, "v.weight").args[2]).clone()
+    k, v = ("k_1", "v_1") if repeat else ("k", "v")  # after the repeat, with repeat-kv
+    expect(cap.gm, f"""
+        # CHECK: vp = torch._C._nn.linear(l_x_, v_weight, v_bias)
+        # CHECK: a = torch._C._nn.scaled_dot_product_attention(q, {k}, {v},
+        # CHECK: out = torch._C._nn.linear(reshape{"_2" if repeat else ""}, o_weight, o_bias)
+        # CHECK-NEXT: return (out, {v})
+    """)
     cap.run_pass("rotate-heads")
+    # Expected: the same attention on rotated v (weights below); v also leaves the graph,
+    # so that use reads it un-rotated online
+    expect(cap.gm, f"""
+        # CHECK: vp = torch._C._nn.linear(l_x_, v_weight, v_bias)
+        # CHECK: hadamard_transform_default = torch.ops.qcompile.hadamard_transform.default({v})
+        # CHECK-NEXT: a = torch._C._nn.scaled_dot_product_attention(q, {k}, {v},
+        # CHECK: out = torch._C._nn.linear(reshape{"_2" if repeat else ""}, o_weight, o_bias)
+        # CHECK-NEXT: return (out, hadamard_transform_default)
+    """)
     w1 = weights(cap)
     r = normalized_hadamard(8)
     # Expected: per head h, W_v[h] <- R^T W_v[h], b_v[h] <- R^T b_v[h], W_o[:, h] <- W_o[:, h] R
@@ -156,7 +208,21 @@ def test_rotate_heads_skips(model, reason):
 def test_online_hadamard_down_proj_and_qk():
     cap, before = transformed(PreNorm("rms"), torch.randint(0, 24, (2, 5)), passes=[])
     w0 = weights(cap)
+    expect(cap.gm, """
+        # CHECK: gelu = torch._C._nn.gelu(linear)
+        # CHECK-NEXT: linear_1 = torch._C._nn.linear(gelu, down_0_weight, down_0_bias)
+    """)
     cap.run_pass("online-hadamard")
+    # Expected: a Hadamard in front of every MLP down projection, its inverse folded into
+    # the weight (below)
+    expect(cap.gm, """
+        # CHECK: gelu = torch._C._nn.gelu(linear)
+        # CHECK-NEXT: = torch.ops.qcompile.hadamard_transform.default(gelu)
+        # CHECK-NEXT: linear_1 = torch._C._nn.linear(hadamard_transform_default, down_0_weight,
+        # CHECK: gelu_1 = torch._C._nn.gelu(linear_2)
+        # CHECK-NEXT: hadamard_transform_default_1 = torch.ops.qcompile.hadamard_transform.default(
+        # CHECK-NEXT: linear_3 = torch._C._nn.linear(hadamard_transform_default_1, down_1_weight,
+    """)
     hads = nodes(cap.gm, HADAMARD)
     assert sorted(h.meta["qc_online_hadamard"] for h in hads) == ["down", "down"]
     down = linear_by_param(cap.gm, "down.0.weight")
@@ -165,7 +231,16 @@ def test_online_hadamard_down_proj_and_qk():
     torch.testing.assert_close(weights(cap)["down.0.weight"], w0["down.0.weight"] @ h.T)
     assert_close(cap(), before)
 
-    cap, before = transformed(Attention(), torch.randn(2, 5, 32), passes=["online-hadamard"])
+    cap, before = transformed(Attention(), torch.randn(2, 5, 32), passes=[])
+    expect(cap.gm, "# CHECK: a = torch._C._nn.scaled_dot_product_attention(q, k, v,")
+    cap.run_pass("online-hadamard")
+    # Expected: q and k rotated at the sdpa inputs (had(q) had(k)^T = q k^T), v untouched
+    expect(cap.gm, """
+        # CHECK: hadamard_transform_default = torch.ops.qcompile.hadamard_transform.default(q)
+        # CHECK-NEXT: = torch.ops.qcompile.hadamard_transform.default(k)
+        # CHECK-NEXT: a = torch._C._nn.scaled_dot_product_attention(hadamard_transform_default,
+        # CHECK-SAME: hadamard_transform_default_1, v,
+    """)
     sdpa = nodes(cap.gm, F.scaled_dot_product_attention)[0]
     assert [a.meta["qc_online_hadamard"] for a in sdpa.args[:2]] == ["q", "k"]
     assert cap.ctx.history[-1].counters == {"qk": 1}

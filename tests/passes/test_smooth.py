@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from qcompile import annotations as ann
 from qcompile.fx_utils import get_constant
 from qcompile.passes.smooth import smoothing_scales
+from tests.helpers import expect
 from tests.passes.test_fold_norm_affine import (
     PostNorm,
     PreNorm,
@@ -49,8 +50,9 @@ def smoothed(model, x, stats=True, alpha=0.5):
         cap.ctx.analysis["smooth_stats"] = _stats(cap)
     w0 = {n.args[1].meta["qc_param_name"]: get_constant(cap.gm, n.args[1]).clone()
           for n in nodes(cap.gm, F.linear)}
+    code = cap.gm.code
     cap.run_pass("smooth")
-    return cap, before, w0
+    return cap, before, w0, code
 
 
 def test_scales_formula():
@@ -61,9 +63,20 @@ def test_scales_formula():
 
 
 def test_into_norm_gated_linear_and_columns():
-    cap, before, w0 = smoothed(Gated(), torch.randn(2, 5, 16))
+    cap, before, w0, code = smoothed(Gated(), torch.randn(2, 5, 16))
     rec = cap.ctx.history[-1]
     assert rec.counters == {"groups": 2, "linears": 3, "into_norm": 1, "into_gated_linear": 1}
+    # Expected: the same graph, every 1/s folded into a producer; the constants under the
+    # same names hold new values (below)
+    assert cap.gm.code == code
+    expect(code, """
+        # CHECK: h = torch.nn.functional.rms_norm(l_x_, (16,), norm_weight, None)
+        # CHECK-NEXT: linear = torch._C._nn.linear(h, gate_weight, None)
+        # CHECK-NEXT: silu = torch.nn.functional.silu(linear)
+        # CHECK-NEXT: linear_1 = torch._C._nn.linear(h, up_weight, None)
+        # CHECK-NEXT: mul = silu * linear_1
+        # CHECK-NEXT: linear_2 = torch._C._nn.linear(mul, down_weight, None)
+    """)
     stats = cap.ctx.analysis["smooth_stats"]
     gate = linear_by_param(cap.gm, "gate.weight")
     ax = torch.maximum(stats["gate.weight"], stats["up.weight"]).double()  # one input
@@ -82,7 +95,31 @@ def test_into_norm_gated_linear_and_columns():
 
 
 def test_explicit_scale_where_no_producer_can_absorb():
-    cap, before, _ = smoothed(PostNorm(), torch.randn(2, 5, 16))
+    cap, before, _, code = smoothed(PostNorm(), torch.randn(2, 5, 16))
+    expect(code, """
+        # CHECK: linear = torch._C._nn.linear(l_x_, up_0_weight, up_0_bias)
+        # CHECK-NEXT: gelu = torch._C._nn.gelu(linear)
+        # CHECK-NEXT: linear_1 = torch._C._nn.linear(gelu, down_0_weight, down_0_bias)
+        # CHECK: x = torch.nn.functional.layer_norm(add, (16,), norms_0_weight, norms_0_bias,
+        # CHECK-NEXT: linear_2 = torch._C._nn.linear(x, up_1_weight, up_1_bias)
+    """)
+    # Expected: x * (1/s) in front of every linear whose input's producer has other readers
+    # (the graph input, the norm output: residual adds) or cannot absorb it (gelu)
+    expect(cap.gm, """
+        # CHECK: mul = l_x_ * smooth_inv_scale_l_x
+        # CHECK-NEXT: linear = torch._C._nn.linear(mul, up_0_weight, up_0_bias)
+        # CHECK-NEXT: gelu = torch._C._nn.gelu(linear)
+        # CHECK: mul_1 = gelu * smooth_inv_scale_gelu
+        # CHECK-NEXT: linear_1 = torch._C._nn.linear(mul_1, down_0_weight, down_0_bias)
+        # CHECK-NEXT: add = l_x_ + linear_1
+        # CHECK-NEXT: x = torch.nn.functional.layer_norm(add, (16,), norms_0_weight, norms_0_bias,
+        # CHECK: mul_2 = x * smooth_inv_scale_x
+        # CHECK-NEXT: linear_2 = torch._C._nn.linear(mul_2, up_1_weight, up_1_bias)
+        # CHECK-NEXT: gelu_1 = torch._C._nn.gelu(linear_2)
+        # CHECK: mul_3 = gelu_1 * smooth_inv_scale_gelu_1
+        # CHECK-NEXT: linear_3 = torch._C._nn.linear(mul_3, down_1_weight, down_1_bias)
+        # CHECK-NEXT: add_1 = x + linear_3
+    """)
     muls = [n for n in nodes(cap.gm, operator.mul)
             if getattr(ann.get(n, ann.Smoothed), "explicit", False)]
     assert len(muls) == 4  # post-norm outputs also feed residual adds; gelu outputs
@@ -92,7 +129,7 @@ def test_explicit_scale_where_no_producer_can_absorb():
 
 
 def test_layernorm_bias_and_tied_head():
-    cap, before, _ = smoothed(PreNorm("layer"), torch.randint(0, 24, (2, 5)))
+    cap, before, _, _ = smoothed(PreNorm("layer"), torch.randint(0, 24, (2, 5)))
     counters = cap.ctx.history[-1].counters
     assert counters["into_norm"] == 3 and counters["explicit"] == 2  # down inputs: gelu
     assert_close(cap(), before)
