@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
-from qcompile.fx_utils import is_call, is_method, only_user, tensor_val
+from qcompile.fx_utils import is_call, is_method, only_user, scalar_value, tensor_val
 from qcompile.pass_manager import PassContext, PassResult, graph_pass
 from qcompile.sites import attention_site
 
@@ -72,10 +72,6 @@ def _is_softmax_last(node) -> bool:
     return dtype is None or dtype == val.dtype == tensor_val(node.args[0]).dtype
 
 
-def _scalar(x) -> float | None:
-    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None
-
-
 def _match_explicit(pv: Node):
     """pv = softmax(...) @ v  ->  (q, k, v, mask, scale, nodes to erase) or None."""
     if not _is_matmul(pv):
@@ -88,7 +84,7 @@ def _match_explicit(pv: Node):
     if not _is_softmax_last(probs) or only_user(probs) is not chain[-1]:
         return None
     chain.append(probs)
-    node, mask, scale = probs.args[0], None, 1.0
+    node, mask, scale, constants = probs.args[0], None, 1.0, []
     if is_call(node, operator.add, torch.add) and only_user(node) is probs:
         chain.append(node)
         node, mask = node.args
@@ -96,12 +92,14 @@ def _match_explicit(pv: Node):
             node, mask = mask, node  # mask + scores
     if is_call(node, operator.mul, operator.truediv) and only_user(node) is chain[-1]:
         a, b = node.args
-        s = _scalar(b)
+        s = scalar_value(b)
         if s is None and node.target is operator.mul:  # scale * scores
-            s, a = _scalar(a), b
+            s, a = scalar_value(a), b
         if s is None or s == 0:
             return None
         chain.append(node)
+        # a scale Dynamo kept as a constant node (dynamic shapes) dies with the chain
+        constants = [arg for arg in node.args if isinstance(arg, Node) and scalar_value(arg)]
         scale = s if node.target is operator.mul else 1.0 / s
         node = a
     if not _is_matmul(node) or only_user(node) is not chain[-1]:
@@ -116,7 +114,7 @@ def _match_explicit(pv: Node):
     qv, kv, vv = tensor_val(q), tensor_val(k), tensor_val(v)
     if qv is None or kv is None or vv is None or qv.dim() != 4 or kv.dim() != 4:
         return None
-    return q, k, v, mask, scale, chain
+    return q, k, v, mask, scale, chain + constants
 
 
 @graph_pass("canonicalize-attention", requires=("freeze-params",))

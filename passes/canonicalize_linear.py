@@ -129,6 +129,8 @@ def canonicalize_linear(gm: GraphModule, ctx: PassContext) -> PassResult:
         with gm.graph.inserting_before(node):
             new = gm.graph.call_function(F.linear, (x, w_node, bias))
         new.meta["qc_spelling"] = getattr(node.target, "__name__", str(node.target))
+        # the same value: a linear reading this one matches in this same walk
+        new.meta["val"] = node.meta["val"]
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
         key = new.meta["qc_spelling"]

@@ -22,7 +22,14 @@ import torch
 import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
-from qcompile.fx_utils import erase_unused, get_constant, is_call, is_method, tensor_val
+from qcompile.fx_utils import (
+    erase_unused,
+    get_constant,
+    is_call,
+    is_method,
+    scalar_value,
+    tensor_val,
+)
 from qcompile.pass_manager import PassContext, PassResult, graph_pass
 
 _LN_ORDER = ("input", "normalized_shape", "weight", "bias", "eps")
@@ -46,13 +53,9 @@ def _strip_to(node):
     return node
 
 
-def _scalar(x) -> float | None:
-    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None
-
-
 def _is_square_of(node, x) -> bool:
     if is_method(node, "pow") or is_call(node, torch.pow, operator.pow):
-        return node.args[0] is x and _scalar(node.args[1]) == 2.0
+        return node.args[0] is x and scalar_value(node.args[1]) == 2.0
     return is_call(node, operator.mul, torch.mul) and node.args[0] is x and node.args[1] is x
 
 
@@ -71,7 +74,7 @@ def _inv_sqrt_of(node):
     """Returns (denominator node d, multiply?) where the norm divides by sqrt(d)."""
     if is_call(node, torch.rsqrt) or is_method(node, "rsqrt"):
         return node.args[0]
-    if is_call(node, operator.truediv) and _scalar(node.args[0]) == 1.0:
+    if is_call(node, operator.truediv) and scalar_value(node.args[0]) == 1.0:
         s = node.args[1]
         if is_call(s, torch.sqrt) or is_method(s, "sqrt"):
             return s.args[0]
@@ -83,10 +86,10 @@ def _var_plus_eps(node):
     if not is_call(node, operator.add, torch.add):
         return None
     a, b = node.args
-    if _scalar(b) is not None:
-        return a, _scalar(b)
-    if _scalar(a) is not None:
-        return b, _scalar(a)
+    if scalar_value(b) is not None:
+        return a, scalar_value(b)
+    if scalar_value(a) is not None:
+        return b, scalar_value(a)
     return None
 
 

@@ -2,7 +2,8 @@
 
 What: every placeholder whose Dynamo source is a module parameter or buffer (or whose
 example value is an nn.Parameter) is replaced by a get_attr constant holding that very
-tensor (no copy), named after its module path (`model.layers.0.q_proj.weight`).
+tensor (no copy), named after its module path (`model.layers.0.q_proj.weight`): the
+model's name for it (qcompile/state.py `param_name`), when the model's state is known.
 Dropout in eval mode (training=False) is dropped: it is the identity.
 
 Why: later passes fold transforms into weights and quantize them; they need the values.
@@ -94,6 +95,8 @@ def freeze_params(gm: GraphModule, ctx: PassContext) -> PassResult:
         if not isinstance(example, torch.Tensor) or not is_module_state(node, example):
             continue
         path = param_path(source_name(node) or node.name)
+        if ctx.state is not None:  # unique in the model, whichever frame Dynamo compiled
+            path = ctx.state.param_name(example, path)
         attr = re.sub(r"\W", "_", path)
         while hasattr(gm, attr):
             attr += "_"

@@ -8,8 +8,10 @@ the given weights belong to. Another instance, or weights changed in place, get 
 variant compiled afresh: never another model's or stale weights.
 
 A variant runs the compile phase when it is built and the finalize phase once
-quantization parameters exist (at once for dynamic and weight-only recipes, at the end
-of `qcompile.calibrate` for static ones). Each variant belongs to its model's ModelState.
+quantization parameters exist: at once for dynamic and weight-only recipes, and for any
+graph with nothing to calibrate (no activation site observed: a graph of norms and
+activations after a graph break, say); at the end of `qcompile.calibrate` for the others.
+Each variant belongs to its model's ModelState.
 
 Inference only: the outputs carry no autograd history, so a call that would need
 gradients (grad mode on and an input or parameter requiring grad) is refused with
@@ -56,6 +58,11 @@ class GraphVariant:
         self.options, self.name = options, name
         ctx = PassContext(options, fake_mode=graph_fake_mode(source_gm), name=name)
         ctx.analysis["example_inputs"] = example_inputs
+        # the model's state, found through the graph's parameters: freeze-params asks it
+        # for their model-wide names
+        self.state: ModelState = state_for_tensors(_module_state(source_gm, example_inputs))
+        ctx.state = self.state
+        self.stale = False  # set when its names clash in a merged state: compiled again
         gm = copy_graph_module(source_gm)
         for node in gm.graph.nodes:
             node.meta["qc_pass"] = "capture"
@@ -73,20 +80,24 @@ class GraphVariant:
         self.scalars = list(frozen.get("scalars", ()))
         frozen_set = set(frozen["indices"]) | {i for i, _ in self.scalars}
         self.live = [i for i in range(frozen["num_inputs"]) if i not in frozen_set]
-        self.state: ModelState = state_for_tensors(frozen["tensors"])
-        ctx.state = self.state
+        self.state = ctx.state  # (a merge while compiling may have replaced it)
         self.state.artifacts.add(self)
         self.calls_calibrating = 0
         self.run_graph = None  # Inductor's compiled graph, when options["inductor"]
         self.sample = [_concrete(example_inputs[i]) for i in self.live]
+        # the activation sites this graph needs calibration statistics for
+        self.sites = _observed_sites(gm)
         self.finalized = False
         if options.stop_after is not None:
             self.finalized = True  # debugging: run the graph as it stands
-        elif not options.needs_calibration or options.fingerprint() in self.state.calibrated:
+        elif (not options.needs_calibration or not self.sites
+              or options.fingerprint() in self.state.calibrated):
             self.finalize()
+        elif not self.frozen:
+            self._finalize_without_owner()
 
     def matches(self, args) -> bool:
-        return all(args[i] is t and t._version == v
+        return not self.stale and all(args[i] is t and t._version == v
                    for (i, t), v in zip(self.frozen, self.versions)) and all(
             float(args[i]) == value for i, value in self.scalars)
 
@@ -110,6 +121,23 @@ class GraphVariant:
 
             with open(os.path.join(graph_dump_dir(self.ctx), "report.txt"), "w") as f:
                 f.write(graph_report(self).to_text() + "\n")
+
+    def _finalize_without_owner(self) -> None:
+        """A graph with no parameters of its own (it begins after a graph break) that
+        would quantize activations: Dynamo shares it between every model whose code reaches
+        it, so its statistics could belong to no one model. It runs without them: the
+        layers that need them stay in float, and say so."""
+        self.ctx.note(f"{self.name} has no parameters of its own (it begins after a graph "
+                      "break), so calibration statistics cannot be tied to one model: "
+                      f"{', '.join(self.sites)} stay in float")
+        warnings.warn(
+            f"qcompile ({self.name}): this graph has no parameters of its own (it begins "
+            "after a graph break), so its activations cannot be calibrated for one model: "
+            f"{len(self.sites)} site(s) stay in float (e.g. {self.sites[:3]}). Moving the "
+            "graph break out of the layer keeps them quantized",
+            stacklevel=3,
+        )
+        self.finalize()
 
     def _wants_inductor(self) -> bool:
         if self.options.inductor is not None:
@@ -182,12 +210,14 @@ class GraphVariant:
         if not self.finalized:
             if not self.state.calibrating:
                 raise CalibrationRequiredError(
-                    f"recipe {self.options.recipe!r} needs calibration before it can run. "
-                    "Run a few representative batches first:\n"
+                    f"qcompile ({self.name}): {_needs_what(self.options)}, and this graph "
+                    f"was not calibrated: {len(self.sites)} activation site(s) need "
+                    f"statistics (e.g. {self.sites[:3]}). Run a few representative batches "
+                    "first:\n"
                     "    with qcompile.calibrate(compiled_model):\n"
                     "        for batch in calibration_batches:\n"
                     "            compiled_model(batch)\n"
-                    "or choose the dynamic recipe 'w8a8', which needs none."
+                    f"or {_without_calibration(self.options)}."
                 )
             self.state.batches = max(self.state.batches, self.calls_calibrating)
             live = [args[i] for i in self.live]
@@ -278,10 +308,55 @@ class CompiledArtifact:
         key = tuple(id(args[i]) for i, _ in self._current.frozen)
         variant = self.variants.get(key)
         if variant is None or not variant.matches(args):
+            if variant is not None and variant.stale:  # its replacement reports its layers
+                variant.state.artifacts.discard(variant)
             variant = self._build(list(args))
         self.variants.move_to_end(key)
         self._current = variant
         return variant
+
+
+def _module_state(gm: GraphModule, example_inputs: list) -> list[torch.Tensor]:
+    """The parameters and buffers among a Dynamo graph's inputs (those freeze-params
+    freezes)."""
+    from qcompile.passes.freeze_params import is_module_state
+
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    return [x for node, x in zip(placeholders, example_inputs)
+            if isinstance(x, torch.Tensor) and is_module_state(node, x)]
+
+
+def _observed_sites(gm: GraphModule) -> list[str]:
+    """The sites of the graph's observers (insert-observers), in graph order."""
+    sites = []
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and node.target.startswith("observe_"):
+            site = gm.get_submodule(node.target).site
+            if site not in sites:
+                sites.append(site)
+    return sites
+
+
+def _needs_what(options: Options) -> str:
+    """What in these options needs calibration data."""
+    act = options.recipe_obj.act
+    needs = [f"recipe {options.recipe!r} quantizes activations with static scales"] if (
+        act is not None and not act.dynamic) else []
+    needs += [f"option {name!r} needs activation statistics" for name in ("smooth", "gptq")
+              if options.transform_on(name)]
+    return " and ".join(needs) or f"recipe {options.recipe!r} needs calibration"
+
+
+def _without_calibration(options: Options) -> str:
+    """The nearest configuration that needs no calibration."""
+    act = options.recipe_obj.act
+    off = [f"{name!r}: False" for name in ("smooth", "gptq") if options.transform_on(name)]
+    if act is not None and not act.dynamic:
+        recipe = ("the weight-only recipe 'w4a16'" if options.recipe_obj.weight.bits == 4
+                  else "the dynamic recipe 'w8a8'")
+        return (f"choose {recipe}"
+                + (f" with options {{{', '.join(off)}}}" if off else "") + ", which needs none")
+    return f"turn off what needs data: options {{{', '.join(off)}}}"
 
 
 def _needing_grad(args) -> int | None:

@@ -6,12 +6,12 @@ every graph. The statistics live in the model's ModelState, so graphs compiled l
 for new shapes reuse them, and two models never share them.
 
 Generic code calibrates whatever recipe it is given, so a block whose batches ran only
-through graphs with nothing to calibrate (a dynamic or weight-only recipe, or a static
-one calibrated by an earlier block) is harmless: the batches run as compiled and the
-block warns once (NothingToCalibrateWarning). It is an error only when no batch ran at
-all, or none ran through the compiled model the block names (its graphs may still be
-waiting for calibration while the batches went through the same model compiled with
-other options).
+through graphs with nothing to calibrate (a dynamic or weight-only recipe, a static one
+calibrated by an earlier block, or graphs with no activation to observe) is harmless:
+the batches run as compiled and the block warns once (NothingToCalibrateWarning). It is
+an error only when no batch ran at all, or none ran through the compiled model the block
+names (its graphs may still be waiting for calibration while the batches went through the
+same model compiled with other options).
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def _nothing_calibrated(model, ran: list) -> None:
             f"options (recipe {', '.join(map(repr, recipes))}). Call the compiled model "
             "given to qcompile.calibrate inside the block"
         )
-    reasons = sorted({_why_finalized(a.options) for a in ran})
+    reasons = sorted({_why_finalized(a) for a in ran})
     warnings.warn(
         f"qcompile.calibrate: nothing to calibrate ({'; '.join(reasons)}); the block's "
         f"{batches} batch(es) ran as compiled",
@@ -113,9 +113,12 @@ def _nothing_calibrated(model, ran: list) -> None:
     )
 
 
-def _why_finalized(options) -> str:
+def _why_finalized(artifact) -> str:
+    options = artifact.options
     if not options.needs_calibration:
         return f"recipe {options.recipe!r} needs no calibration"
     if options.stop_after is not None:
         return f"stop_after={options.stop_after!r} runs the graph as it stands"
+    if not artifact.sites:
+        return f"{artifact.name} has no activation that needs calibration data"
     return f"recipe {options.recipe!r} was calibrated by an earlier block"

@@ -75,6 +75,18 @@ def tensor_val(node: Any) -> torch.Tensor | None:
     return val if isinstance(val, torch.Tensor) else None
 
 
+def scalar_value(x: Any) -> float | None:
+    """The number an argument stands for: a Python int or float, or a node whose value is
+    a compile-time constant (with dynamic shapes Dynamo keeps arithmetic on Python floats
+    in the graph, e.g. `1.0 / scale` as a node whose meta["val"] is the float); None for
+    anything else (tensors, symbolic values, booleans)."""
+    if isinstance(x, Node):
+        x = x.meta.get("val")
+    if isinstance(x, (int, float)) and not isinstance(x, bool):
+        return float(x)
+    return None
+
+
 def shape_of(node: Node) -> tuple | None:
     val = tensor_val(node)
     return tuple(val.shape) if val is not None else None

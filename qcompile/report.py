@@ -7,6 +7,7 @@ applied, SQNR against float, kernel and config.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from qcompile.pass_manager import LayerRecord, PassRecord
@@ -106,16 +107,56 @@ class Report:
         return "\n\n".join(g.to_text() for g in self.graphs)
 
 
-def graph_report(artifact) -> GraphReport:
+def graph_report(artifact, names: dict[int, str] | None = None) -> GraphReport:
+    """The report of one compiled graph; with `names` (id of each model tensor -> its path in
+    the model), layers are named by their weights' paths in that model."""
     ctx = artifact.ctx
+    layers = list(ctx.layers.values())
+    if names:
+        layers = _qualified(layers, ctx.frozen, names)
     return GraphReport(artifact.name, artifact.options.recipe, list(ctx.history),
-                       list(ctx.layers.values()), list(ctx.notes), dict(ctx.counters))
+                       layers, list(ctx.notes), dict(ctx.counters))
+
+
+def _qualified(layers: list[LayerRecord], frozen: dict, names: dict[int, str]):
+    """Layer names as paths from the model given to `report`. A graph's own names are
+    relative to the module whose frame Dynamo compiled: after a graph break inside a
+    submodule (or a loop over layers) that is the submodule, so two layers of one model can
+    share a name ("weight", "self_attn.q_proj") there."""
+    by_path = dict(zip(frozen.get("names", ()), frozen.get("tensors", ())))
+
+    def qualify(name: str) -> str:
+        for path in (f"{name}.weight", name):
+            tensor = by_path.get(path)
+            if tensor is not None and id(tensor) in names:
+                return names[id(tensor)].removesuffix(".weight")
+        return name
+
+    out = []
+    for layer in layers:
+        kind, sep, rest = layer.name.partition(":")
+        name = f"{kind}:{qualify(rest)}" if sep and kind == "attn" else qualify(layer.name)
+        out.append(layer if name == layer.name else dataclasses.replace(layer, name=name))
+    return out
+
+
+def _tensor_names(model) -> dict[int, str]:
+    module = getattr(model, "_orig_mod", model)
+    named = [*module.named_parameters(remove_duplicate=False),
+             *module.named_buffers(remove_duplicate=False)]
+    names: dict[int, str] = {}
+    for name, tensor in named:
+        names.setdefault(id(tensor), name)  # a tied weight: its first path
+    return names
 
 
 def report(model) -> Report:
+    """What was quantized in the graphs `model` (the model torch.compile returned, or its
+    nn.Module) compiled, layer by layer, with layers named by their paths in the model."""
     state = state_for_model(model)
     artifacts = sorted(state.artifacts, key=lambda a: a.name)
     fingerprint = compile_fingerprint(model)
     if fingerprint is not None:  # only the graphs this compiled model made
         artifacts = [a for a in artifacts if a.options.fingerprint() == fingerprint]
-    return Report([graph_report(a) for a in artifacts])
+    names = _tensor_names(model)
+    return Report([graph_report(a, names) for a in artifacts])

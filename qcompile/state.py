@@ -8,10 +8,20 @@ disjoint parameters and therefore disjoint states: nothing leaks between them.
 
 The state is found through the model's parameter tensors (by identity, weakly), because
 the backend never sees the nn.Module, only the parameters Dynamo passes as inputs.
+
+Parameter names are the state's too (`param_name`): Dynamo names a parameter by its path
+from the frame it compiled, which after a graph break inside a submodule (or a loop over
+layers) is the submodule: every layer of a model can call its weight "weight" or
+"self_attn.q_proj.weight" there. The state gives each tensor one name, unique in the
+model and the same in every graph: the frame's path, unless another tensor of the model
+holds it already; then its path in the model, when the model has been seen (`calibrate`,
+`report`, `load` pass it), else the frame's path with "#1", "#2", ... (the frame's path
+first: a saved quantization names layers the way Dynamo does, tied weights included).
 """
 
 from __future__ import annotations
 
+import re
 import weakref
 from typing import Any
 
@@ -30,6 +40,35 @@ class ModelState:
         # options fingerprint -> serialize.Loaded: a saved quantization, in place of
         # calibration data (qcompile.load)
         self.loaded: dict[str, Any] = {}
+        self.paths: dict[int, str] = {}  # id(tensor) -> its path in the model, once seen
+        self.names: dict[str, weakref.ref] = {}  # parameter name -> its tensor
+
+    def param_name(self, tensor: torch.Tensor, local: str) -> str:
+        """The model-wide name of a parameter Dynamo's frame calls `local`."""
+
+        def free(name):
+            return name not in self.names or self.names[name]() is None
+
+        for name, ref in self.names.items():
+            if ref() is tensor:
+                return name
+        name = local
+        if not free(name) and free(self.paths.get(id(tensor), name)):
+            name = self.paths[id(tensor)]
+        head, dot, leaf = local.rpartition(".")
+        k = 0
+        while not free(name):
+            k += 1
+            name = f"{head}#{k}.{leaf}" if dot else f"{leaf}#{k}"
+        self.names[name] = weakref.ref(tensor)
+        return name
+
+    def learn_paths(self, module: torch.nn.Module) -> None:
+        """The model's own paths for its tensors (a tied weight: its first path)."""
+        named = [*module.named_parameters(remove_duplicate=False),
+                 *module.named_buffers(remove_duplicate=False)]
+        for name, tensor in named:
+            self.paths.setdefault(id(tensor), name)
 
     def observer(self, site: str, factory) -> Any:
         if site not in self.observers:
@@ -73,15 +112,35 @@ def state_for_tensors(tensors: list[torch.Tensor]) -> ModelState:
 
 
 def _merge(into: ModelState, other: ModelState) -> None:
+    # A name both states gave to different tensors (graphs compiled before one of them
+    # showed they belong to one model): the graphs of `other` that use it are compiled
+    # again on their next call, with names from the merged state (until then the report
+    # still lists them); their statistics go.
+    clash = {name for name, ref in other.names.items()
+             if name in into.names and into.names[name]() is not ref()}
+    for name, ref in other.names.items():
+        if name not in clash:
+            into.names[name] = ref
+    into.paths.update(other.paths)
     for artifact in list(other.artifacts):
+        if clash & set(artifact.ctx.frozen.get("names", ())):
+            artifact.stale = True
         into.artifacts.add(artifact)
         artifact.state = artifact.ctx.state = into
     for name in ("observers", "qparams", "stats", "loaded"):
-        getattr(into, name).update(getattr(other, name))
+        items = getattr(other, name).items()
+        getattr(into, name).update((k, v) for k, v in items if not _names_any(k, clash))
     into.calibrated |= other.calibrated
     for key, (ref, st) in list(_BY_TENSOR.items()):
         if st is other:
             _BY_TENSOR[key] = (ref, into)
+
+
+def _names_any(key: str, names: set[str]) -> bool:
+    """Whether a statistics key ("<fingerprint>|<site>|<kind>", or a site: "in:<layer>",
+    "attn:<layer>:q", a parameter name) is about one of the parameters `names`."""
+    parts = set(re.split(r"[|:]", key))
+    return any(name in parts or name.removesuffix(".weight") in parts for name in names)
 
 
 _HOW = 'torch.compile(model, backend="qcompile", options=...)'
@@ -112,7 +171,9 @@ def state_for_model(model: Any) -> ModelState:
     tensors = model_tensors(model)
     if not tensors:
         raise ValueError("this model has no parameters or buffers: nothing to quantize")
-    return state_for_tensors(tensors)
+    state = state_for_tensors(tensors)
+    state.learn_paths(getattr(model, "_orig_mod", model))
+    return state
 
 
 def _backend(model: Any) -> tuple[str | None, Any]:

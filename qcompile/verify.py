@@ -58,7 +58,8 @@ def _provenance(gm: GraphModule, node: Node) -> bool:
 def _linear_weight_const(gm: GraphModule, node: Node) -> bool:
     if not is_call(node, F.linear):
         return True
-    w = get_constant(gm, node.args[1])
+    w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+    w = get_constant(gm, w) if isinstance(w, Node) else None
     return w is not None and w.dim() == 2
 
 

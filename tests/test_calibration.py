@@ -193,3 +193,35 @@ def test_one_model_compiled_static_and_dynamic():
     assert state.calibrated == {by_recipe["w8a8-static"].options.fingerprint()}
     with torch.no_grad():
         assert static(x).shape == dynamic(x).shape == (4, 16)
+
+
+def test_needs_calibration_error_names_the_graph_and_fits_the_options():
+    cm = torch.compile(TinyMLP().eval(), backend="qcompile",
+                       options={"recipe": "w8a8", "smooth": True})
+    with pytest.raises(CalibrationRequiredError) as info, torch.no_grad():
+        cm(torch.randn(4, 16))
+    message = str(info.value)
+    assert message.startswith("qcompile (graph_")
+    assert "option 'smooth' needs activation statistics" in message
+    assert "'in:fc1'" in message  # the site that has none
+    assert message.endswith("or turn off what needs data: options {'smooth': False}.")
+
+    cm = torch.compile(TinyMLP().eval(), backend="qcompile", options=STATIC)
+    with pytest.raises(CalibrationRequiredError) as info, torch.no_grad():
+        cm(torch.randn(4, 16))
+    assert "recipe 'w8a8-static' quantizes activations with static scales" in str(info.value)
+    assert str(info.value).endswith("or choose the dynamic recipe 'w8a8', which needs none.")
+
+
+def test_a_graph_with_nothing_to_calibrate_runs_at_once():
+    """No activation to observe (no linear, no attention): nothing for calibration to do,
+    so the graph runs without a calibrate block, and a block through it warns so."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.LayerNorm(16), torch.nn.GELU()).eval()
+    cm = torch.compile(model, backend="qcompile", options=STATIC)
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        assert torch.allclose(cm(x), model(x))
+    _, caught = _nothing_to_calibrate(cm, [x])
+    assert len(caught) == 1
+    assert "has no activation that needs calibration data" in str(caught[0].message)
