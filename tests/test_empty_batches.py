@@ -136,9 +136,16 @@ ATTENTION = [("w8a8", {}), ("w8a8-static", {}), ("w8a8-static", {"integer_nonlin
              ("w4a8", {}), ("w4a4", {})]
 
 
-@pytest.mark.parametrize("kernels", KERNELS)
-@pytest.mark.parametrize("recipe, options", ATTENTION,
-                         ids=[r + ("-int" if o else "") for r, o in ATTENTION])
+# fast tier: the CPU kernels under the dynamic and the integer-only recipes; the rest slow
+ATTENTION_CASES = [
+    pytest.param(recipe, options, kernels, id=f"{recipe}{'-int' if options else ''}-{kernels}",
+                 marks=[] if kernels == "cpu" and recipe in ("w8a8", "w8a8-static") and
+                 (options or recipe == "w8a8") else [pytest.mark.slow])
+    for recipe, options in ATTENTION for kernels in KERNELS
+]
+
+
+@pytest.mark.parametrize("recipe, options, kernels", ATTENTION_CASES)
 def test_attention_with_0_queries_0_keys_or_a_batch_of_0(recipe, options, kernels):
     torch.manual_seed(0)
     model = _CrossAttention().eval()

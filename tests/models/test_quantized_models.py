@@ -30,13 +30,19 @@ def compiled(name, recipe, **options):
     return model, cm, make, key
 
 
-# The fast tier runs every architecture under the default recipe and every recipe on LLaMA
-# (the family the rotations, online Hadamards and GPTQ are built for); the rest of the
-# matrix is marked slow.
+# The fast tier runs every architecture under the default recipe and every recipe but
+# w4a4 (GPTQ on every layer: the slowest) on LLaMA, the family the rotations and online
+# Hadamards are built for; the rest of the matrix is marked slow.
 FAST_RECIPE, FAST_MODEL = "w8a8", "llama"
+
+
+def _fast(name, recipe):
+    return recipe == FAST_RECIPE or (name == FAST_MODEL and recipe != "w4a4")
+
+
 MATRIX = [
     pytest.param(name, recipe, id=f"{name}-{recipe}",
-                 marks=() if FAST_MODEL == name or FAST_RECIPE == recipe else pytest.mark.slow)
+                 marks=() if _fast(name, recipe) else pytest.mark.slow)
     for name in MODELS for recipe in CLOSE
 ]  # fmt: skip
 
