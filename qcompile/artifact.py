@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import threading
 import warnings
 from collections import OrderedDict
 
@@ -54,8 +55,11 @@ class GraphVariant:
     """One graph compiled for one set of weights."""
 
     def __init__(self, source_gm: GraphModule, example_inputs: list, options: Options,
-                 name: str):
+                 name: str, lock: threading.RLock | None = None):
         self.options, self.name = options, name
+        # building and finalizing take this lock: the variants of one graph share its fake
+        # tensor mode, which is not thread-safe
+        self.lock = lock or threading.RLock()
         ctx = PassContext(options, fake_mode=graph_fake_mode(source_gm), name=name)
         ctx.analysis["example_inputs"] = example_inputs
         # the model's state, found through the graph's parameters: freeze-params asks it
@@ -102,7 +106,12 @@ class GraphVariant:
             float(args[i]) == value for i, value in self.scalars)
 
     def finalize(self) -> None:
-        """Quantization parameters exist: quantize weights, rewrite, lower."""
+        """Quantization parameters exist: quantize weights, rewrite, lower. Once, by the
+        first thread that asks (calibrate's end, a call after it); the others wait."""
+        with self.lock:
+            self._finalize()
+
+    def _finalize(self) -> None:
         if self.finalized:
             return
         self.ctx.analysis["float_gm"] = copy_graph_module(self.gm)  # for per-layer SQNR
@@ -111,16 +120,18 @@ class GraphVariant:
         for key in ["float_gm", "sample_inputs"] + [s.snapshot for s in steps(self.options)
                                                     if s.snapshot]:
             self.ctx.analysis.pop(key, None)
-        self.finalized = True
-        self._describe_float_layers()
-        if self._wants_inductor():
-            self._compile_float_remainder()
-        if self.options.debug_dir:
-            from qcompile.pass_manager import graph_dump_dir
-            from qcompile.report import graph_report
+        try:
+            self._describe_float_layers()
+            if self._wants_inductor():
+                self._compile_float_remainder()
+            if self.options.debug_dir:
+                from qcompile.pass_manager import graph_dump_dir
+                from qcompile.report import graph_report
 
-            with open(os.path.join(graph_dump_dir(self.ctx), "report.txt"), "w") as f:
-                f.write(graph_report(self).to_text() + "\n")
+                with open(os.path.join(graph_dump_dir(self.ctx), "report.txt"), "w") as f:
+                    f.write(graph_report(self).to_text() + "\n")
+        finally:
+            self.finalized = True  # last: a thread that reads it runs the finished graph
 
     def _finalize_without_owner(self) -> None:
         """A graph with no parameters of its own (it begins after a graph break) that
@@ -199,14 +210,33 @@ class GraphVariant:
             warnings.warn(
                 f"qcompile ({self.name}): {len(left)} layer(s) stay in float "
                 f"(e.g. {left[:3]}); qcompile.report(model) says why",
-                stacklevel=3,
+                stacklevel=4,  # _describe_float_layers, _finalize, finalize, its caller
             )
+
+    def _before_unfinalized_call(self) -> None:
+        """A call reaching the graph before it is finalized. While another thread holds a
+        calibrate block of the model it is refused: only that thread's batches are
+        observed. Once calibration has finished, it finalizes the graph (or waits for the
+        thread doing so) instead of failing."""
+        owner = self.state.calibrating_thread
+        if owner is not None and owner != threading.get_ident():
+            from qcompile.calibration import CalibrationError
+
+            raise CalibrationError(
+                f"qcompile ({self.name}): this model is being calibrated in another thread "
+                f"(qcompile.calibrate entered in thread {owner}), and only that thread's "
+                "calls are calibration batches: call it from other threads once the block "
+                "has ended")
+        if self.options.fingerprint() in self.state.calibrated:
+            self.finalize()
 
     def run(self, args):
         if self.state.calibrating:
             # finalized graphs count too: the block tells "no batch ran" apart from
             # "the batches ran, but through graphs with nothing left to calibrate"
             self.calls_calibrating += 1
+        if not self.finalized:
+            self._before_unfinalized_call()
         if not self.finalized:
             if not self.state.calibrating:
                 raise CalibrationRequiredError(
@@ -241,6 +271,7 @@ class CompiledArtifact:
         self.variants: OrderedDict[tuple, GraphVariant] = OrderedDict()
         self._inputs = _input_names(gm)
         self._current: GraphVariant | None = None
+        self._lock = threading.RLock()  # choosing and building variants; their finalizing
         # A graph traced for a call that needs gradients is not compiled now (that call is
         # refused): the first call that needs none builds it.
         if not (torch.is_grad_enabled() and _needing_grad(example_inputs) is not None):
@@ -248,7 +279,7 @@ class CompiledArtifact:
 
     def _build(self, example_inputs: list) -> GraphVariant:
         name = self.base_name if not self.builds else f"{self.base_name}_v{self.builds}"
-        variant = GraphVariant(self.source_gm, example_inputs, self.options, name)
+        variant = GraphVariant(self.source_gm, example_inputs, self.options, name, self._lock)
         self.builds += 1
         key = tuple(id(t) for _, t in variant.frozen)
         self.variants[key] = variant
@@ -276,7 +307,8 @@ class CompiledArtifact:
             self._refuse_gradients(args)
         variant = self._current
         if variant is None or not variant.matches(args):
-            variant = self._select(args)
+            with self._lock:  # other threads may be choosing (and evicting) variants too
+                variant = self._select(args)
         return variant.run(args)
 
     def _refuse_gradients(self, args) -> None:

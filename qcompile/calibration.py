@@ -12,11 +12,19 @@ the batches run as compiled and the block warns once (NothingToCalibrateWarning)
 an error only when no batch ran at all, or none ran through the compiled model the block
 names (its graphs may still be waiting for calibration while the batches went through the
 same model compiled with other options).
+
+Threads: a block belongs to the thread that entered it, and only that thread's calls are
+calibration batches. Another thread entering a block for the same model is refused
+(CalibrationError), and so is another thread's call into a graph that still waits for
+calibration, rather than mixing its batch into the statistics; its calls into graphs with
+nothing to calibrate run as usual and are no batch of the block. Once the block has
+ended, every thread runs the calibrated model.
 """
 
 from __future__ import annotations
 
 import sys
+import threading
 import time
 import warnings
 from contextlib import contextmanager
@@ -58,29 +66,38 @@ def calibrate(model, *, progress: bool | None = None):
         raise TypeError(f"qcompile.calibrate: progress must be True, False or None (a "
                         f"progress line when stderr is a terminal), got {progress!r}")
     state: ModelState = state_for_model(model)
-    if state.calibrating:
-        raise CalibrationError("qcompile.calibrate blocks do not nest for one model")
-    # counts are per block: batches of an earlier (or aborted) block calibrate nothing here
-    state.batches = 0
-    for artifact in state.artifacts:
-        artifact.calls_calibrating = 0
-    state.calibrating = True
-    state.progress = _Progress(sys.stderr.isatty() if progress is None else progress)
+    me = threading.get_ident()
+    with state.lock:  # one check-and-set: two threads never both enter
+        if state.calibrating_thread == me:
+            raise CalibrationError("qcompile.calibrate blocks do not nest for one model")
+        if state.calibrating_thread is not None:
+            raise CalibrationError(
+                "qcompile.calibrate: this model is being calibrated in another thread "
+                f"(thread {state.calibrating_thread}); calibrate a model from one thread, "
+                "then call it from any")
+        # counts are per block: batches of an earlier (or aborted) block calibrate nothing
+        state.batches = 0
+        for artifact in state.artifacts:
+            artifact.calls_calibrating = 0
+        state.calibrating_thread = me
+        state.progress = _Progress(sys.stderr.isatty() if progress is None else progress)
     ok = False
     try:
         yield state
         ok = True
     finally:
-        state.calibrating = False
+        with state.lock:  # leaving and marking calibrated at once: see _before_unfinalized_call
+            artifacts = sorted(state.artifacts, key=lambda a: a.name)
+            ran = [a for a in artifacts if a.calls_calibrating]
+            observed = {a.options.fingerprint() for a in ran if not a.finalized}
+            if ok:
+                state.calibrated |= observed
+            state.calibrating_thread = None
     if ok:
-        artifacts = sorted(state.artifacts, key=lambda a: a.name)
-        ran = [a for a in artifacts if a.calls_calibrating]
-        observed = {a.options.fingerprint() for a in ran if not a.finalized}
         if not observed:
             _nothing_calibrated(model, ran)
             return
         state.progress.close(state.batches)
-        state.calibrated |= observed
         for artifact in artifacts:
             if artifact.options.fingerprint() in state.calibrated:
                 artifact.finalize()

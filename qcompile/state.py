@@ -9,6 +9,11 @@ disjoint parameters and therefore disjoint states: nothing leaks between them.
 The state is found through the model's parameter tensors (by identity, weakly), because
 the backend never sees the nn.Module, only the parameters Dynamo passes as inputs.
 
+Threads: a model may be called from several threads at once. The registry of states and
+each state's set of graphs take a lock; a calibration belongs to the thread that entered
+`qcompile.calibrate` (`calibrating` is true in that thread only), so no other thread's
+call is ever observed into its statistics.
+
 Parameter names are the state's too (`param_name`): Dynamo names a parameter by its path
 from the frame it compiled, which after a graph break inside a submodule (or a loop over
 layers) is the submodule: every layer of a model can call its weight "weight" or
@@ -22,16 +27,47 @@ first: a saved quantization names layers the way Dynamo does, tied weights inclu
 from __future__ import annotations
 
 import re
+import threading
 import weakref
 from typing import Any
 
 import torch
 
 
+class Artifacts:
+    """The compiled graphs of one model, held weakly. Iterating gives a snapshot, so a
+    graph compiled in another thread meanwhile never breaks a loop over them."""
+
+    def __init__(self) -> None:
+        self._set: weakref.WeakSet = weakref.WeakSet()
+        self._lock = threading.Lock()
+
+    def add(self, artifact) -> None:
+        with self._lock:
+            self._set.add(artifact)
+
+    def discard(self, artifact) -> None:
+        with self._lock:
+            self._set.discard(artifact)
+
+    def __iter__(self):
+        with self._lock:
+            return iter(list(self._set))
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._set)
+
+    def __contains__(self, artifact) -> bool:
+        with self._lock:
+            return artifact in self._set
+
+
 class ModelState:
     def __init__(self) -> None:
-        self.artifacts: weakref.WeakSet = weakref.WeakSet()
-        self.calibrating = False
+        self.artifacts = Artifacts()
+        self.lock = threading.RLock()  # calibrate's entry and exit
+        self.calibrating_thread: int | None = None  # the thread inside qcompile.calibrate
         self.calibrated: set[str] = set()  # option fingerprints with finished calibration
         self.batches = 0
         self.observers: dict[str, Any] = {}  # "<options fingerprint>|<site>|<kind>" -> observer
@@ -70,6 +106,12 @@ class ModelState:
         for name, tensor in named:
             self.paths.setdefault(id(tensor), name)
 
+    @property
+    def calibrating(self) -> bool:
+        """Whether the calling thread is inside a `qcompile.calibrate` block of this model
+        (other threads see False: their calls are never calibration batches)."""
+        return self.calibrating_thread == threading.get_ident()
+
     def observer(self, site: str, factory) -> Any:
         if site not in self.observers:
             self.observers[site] = factory()
@@ -78,6 +120,7 @@ class ModelState:
 
 # id(tensor) -> (weakref to the tensor, state); entries die with their tensors.
 _BY_TENSOR: dict[int, tuple[weakref.ref, ModelState]] = {}
+_BY_TENSOR_LOCK = threading.RLock()  # lookups that register and merge (entries die freely)
 
 
 def _lookup(t: torch.Tensor) -> ModelState | None:
@@ -97,6 +140,11 @@ def state_for_tensors(tensors: list[torch.Tensor]) -> ModelState:
 
     A graph break gives each graph only its own parameters, so one model can start out
     with several states; any lookup that finds more than one merges them into one."""
+    with _BY_TENSOR_LOCK:
+        return _state_for_tensors(tensors)
+
+
+def _state_for_tensors(tensors: list[torch.Tensor]) -> ModelState:
     found: list[ModelState] = []
     for t in tensors:
         state = _lookup(t)
