@@ -23,7 +23,8 @@ def test_parameters_and_buffers_become_constants_and_eval_dropout_goes():
     cap = stage(model, x, before="freeze-params", options={"recipe": "float"})
     # Dynamo passes parameters and buffers in as graph inputs
     expect(cap.gm, """
-        # CHECK: def forward(self, L_self_modules_fc_parameters_weight_ : torch.nn.parameter.Parameter,
+        # CHECK: def forward(self, L_self_modules_fc_parameters_weight_ :
+        # CHECK-SAME: torch.nn.parameter.Parameter,
         # CHECK-SAME: L_x_ : torch.Tensor, L_self_buffers_shift_ : torch.Tensor)
         # CHECK: linear = torch._C._nn.linear(l_x_, l_self_modules_fc_parameters_weight_,
         # CHECK-NEXT: dropout = torch.nn.functional.dropout(linear, 0.1, False, False)
