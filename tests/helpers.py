@@ -66,9 +66,18 @@ def walk(model, *inputs, options=None):
     return cap, graphs
 
 
+class _CalibrationBatch(ModelState):
+    """The state of a captured model whose example inputs are its calibration batch: a
+    graph with observers feeds them whenever it runs (a compiled model's state does only
+    inside `qcompile.calibrate`). Only `_between_phases` runs such a graph."""
+
+    # always calibrating: a value ModelState itself assigns is ignored
+    calibrating = property(lambda self: True, lambda self, value: None)
+
+
 def _captured(model, inputs, options):
     cap = qcompile.capture(model, *inputs, options=options)
-    cap.ctx.state = ModelState()  # where the observers keep what calibration saw
+    cap.ctx.state = _CalibrationBatch()  # where the observers keep what they saw
     return cap
 
 
@@ -83,15 +92,10 @@ def _pipeline(cap):
 
 
 def _between_phases(cap) -> None:
-    """What the compiled artifact does before finalizing: the example inputs are the
-    calibration batch (static recipes), and the float graph and the sample inputs are kept
-    for measure-sqnr."""
-    state = cap.ctx.state
-    state.calibrating = True
-    try:
-        cap()
-    finally:
-        state.calibrating = False
+    """What the compiled artifact does before finalizing: the graph runs on the example
+    inputs (static recipes: the calibration batch), and the float graph and the sample
+    inputs are kept for measure-sqnr."""
+    cap()
     cap.ctx.analysis["float_gm"] = copy_graph_module(cap.gm)
     cap.ctx.analysis["sample_inputs"] = cap.inputs()
 

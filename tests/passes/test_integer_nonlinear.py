@@ -10,10 +10,12 @@ import torch.nn.functional as F
 
 import qcompile
 from qcompile.config import Options
-from qcompile.lowering import int_ops, ops
+from qcompile.lowering import cpu_routes, int_ops, ops
 from qcompile.pipeline import steps
 from qcompile.state import state_for_model
+from tests.helpers import expect, stage
 from tests.models.zoo import MODELS, output
+from tests.passes.quantized_graphs import PLAIN_CPU
 
 
 def _compile(model, make, calib_shapes, **options):
@@ -152,3 +154,52 @@ def test_small_block(spelled):
     (ln,) = [n for n in art.gm.graph.nodes if n.target is int_ops.LAYERNORM_INT8]
     assert ln.args[0].target is ops.LINEAR_INT8  # no float round trip on either side
     assert all(str(u.target).startswith("qcompile.linear") for u in ln.users)
+
+
+def test_gelu_and_layernorm_between_int8_ops_become_integer_ops():
+    torch.manual_seed(0)
+    with cpu_routes.override_capabilities(PLAIN_CPU):
+        cap = stage(_Block(False).eval(), torch.randn(4, 8, 16), before="integer-nonlinear",
+                    options={"recipe": "w8a8-static", "kernels": "cpu",
+                             "integer_nonlinear": True})
+        expect(cap.gm, """
+            # CHECK: linear_int8_default = torch.ops.qcompile.linear_int8.default(
+            # CHECK-SAME: fc1_wq,
+            # CHECK-NEXT: dequantize_default = torch.ops.qcompile.dequantize.default(
+            # CHECK-NEXT: g = torch._C._nn.gelu(dequantize_default, approximate = 'tanh')
+            # CHECK-NEXT: quantize_default_1 = torch.ops.qcompile.quantize.default(g,
+            # CHECK: linear_int8_default_1 = torch.ops.qcompile.linear_int8.default(
+            # CHECK-SAME: fc2_wq,
+            # CHECK-NEXT: dequantize_default_1 = torch.ops.qcompile.dequantize.default(
+            # CHECK-NEXT: layer_norm = torch.nn.functional.layer_norm(dequantize_default_1, (16,),
+            # CHECK-SAME: norm_weight, norm_bias, 1e-05)
+            # CHECK-NEXT: quantize_default_2 = torch.ops.qcompile.quantize.default(layer_norm,
+            # CHECK: gelu_1 = torch._C._nn.gelu(dequantize_default_3)
+            # CHECK-NEXT: return (dequantize_default_2, gelu_1)
+        """)
+        cap.run(until="integer-nonlinear")
+    # Expected: GELU and LayerNorm read the linears' int8 outputs and write int8 with the
+    # scale the float op's output was quantized with (integer constants: I-BERT); the
+    # dequantize / quantize round trips left on their outputs are integer-dataflow's. The
+    # GELU whose output leaves the graph stays float.
+    expect(cap.gm, """
+        # CHECK: linear_int8_default = torch.ops.qcompile.linear_int8.default(
+        # CHECK-SAME: fc1_wq,
+        # CHECK-NEXT: = torch.ops.qcompile.gelu_int8.default(linear_int8_default,
+        # CHECK-NEXT: = torch.ops.qcompile.dequantize.default(gelu_int8_default,
+        # CHECK-NEXT: quantize_default_1 = torch.ops.qcompile.quantize.default(
+        # CHECK: linear_int8_default_1 = torch.ops.qcompile.linear_int8.default(
+        # CHECK-SAME: fc2_wq,
+        # CHECK: = torch.ops.qcompile.layernorm_int8.default(linear_int8_default_1,
+        # CHECK-SAME: layer_norm_int_gamma, layer_norm_int_beta,
+        # CHECK-NEXT: = torch.ops.qcompile.dequantize.default(layernorm_int8_default,
+        # CHECK-NEXT: quantize_default_2 = torch.ops.qcompile.quantize.default(
+        # CHECK: gelu_1 = torch._C._nn.gelu(dequantize_default_3)
+        # CHECK-NEXT: return (dequantize_default_2, gelu_1)
+    """)
+    expect(cap.gm, """
+        # CHECK-NOT: approximate = 'tanh'
+        # CHECK-NOT: layer_norm(
+    """)
+    assert cap.ctx.history[-1].counters == {"gelu": 1, "layernorm": 1, "residual_layernorm": 0,
+                                            "softmax": 0, "float": 1}

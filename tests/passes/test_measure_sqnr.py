@@ -8,6 +8,7 @@ import qcompile
 from qcompile.passes.measure_sqnr import PROBE_ROWS, probe_inputs
 from qcompile.state import state_for_model
 from tests.helpers import TinyMLP
+from tests.passes.quantized_graphs import walked
 
 
 class Embed(torch.nn.Module):
@@ -27,6 +28,16 @@ def _captured(x, dynamic, model=None):
     cap.run(until="freeze-params")
     inputs = [int(x.node.hint) if isinstance(x, torch.SymInt) else x for x in cap.inputs()]
     return cap, inputs
+
+
+def test_graph_unchanged_and_each_layer_measured():
+    cap, graphs = walked("chain", "w8a8-static")
+    before, after = graphs["measure-sqnr"]
+    assert after == before  # it runs the graph and the float graph side by side, no more
+    rec = next(r for r in cap.ctx.history if r.name == "measure-sqnr")
+    assert not rec.modified and rec.counters == {"layers": 3}
+    for name in ("fc1", "fc2", "fc3"):
+        assert cap.ctx.layers[name].sqnr_db > 20, name
 
 
 def test_probe_cuts_the_batch_and_the_size_symbols_that_follow_it():

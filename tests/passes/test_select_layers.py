@@ -11,12 +11,37 @@ import qcompile
 from qcompile import annotations as ann
 from qcompile.lowering import cpu_routes
 from qcompile.state import state_for_model
-from tests.helpers import TinyMLP
+from tests.helpers import TinyMLP, expect, stage
+from tests.passes.quantized_graphs import PLAIN_CPU, Chain
 
 REAL = cpu_routes.cpu_capabilities()
 AVX2 = replace(REAL, isa="AVX2", avx2=True, avx512=False, avx512_vnni=False, avx_vnni=False,
                amx=False, onednn=REAL.onednn, onednn_full_range=False)
 VNNI = replace(AVX2, isa="AVX512", avx512=True, avx512_vnni=True, onednn_full_range=True)
+
+
+def test_graph_unchanged_and_the_rewrites_follow_the_selection():
+    torch.manual_seed(0)
+    options = {"recipe": "w8a8", "kernels": "cpu", "skip": ["fc2"]}
+    with cpu_routes.override_capabilities(PLAIN_CPU):
+        cap = stage(Chain().eval(), torch.randn(2, 3, 16), before="select-layers",
+                    options=options)
+        code = cap.gm.code
+        cap.run(until="select-layers")
+        assert cap.gm.code == code and not cap.ctx.history[-1].modified
+        # Expected: a Layer on every linear, saying whether it is quantized, and why not
+        layers = [ann.get(n, ann.Layer) for n in cap.gm.graph.nodes
+                  if ann.get(n, ann.Layer) is not None]
+        assert [(la.name, la.quantize, la.route) for la in layers] == [
+            ("fc1", True, "fp32-exact"), ("fc2", False, None), ("fc3", True, "fp32-exact")]
+        assert cap.ctx.layers["fc2"].reason == "skipped by option skip='fc2'"
+        cap.run(until="rewrite-linear")
+    # what the rewrite makes of it: fc2 stays a float linear
+    expect(cap.gm, """
+        # CHECK: = torch.ops.qcompile.linear_dynamic.default(l_x_, fc1_wq, fc1_wscale, fc1_bias)
+        # CHECK: linear_1 = torch._C._nn.linear(relu, fc2_weight, fc2_bias)
+        # CHECK: = torch.ops.qcompile.linear_dynamic.default(reshape, fc3_wq, fc3_wscale,
+    """)
 
 
 class Wide(torch.nn.Module):

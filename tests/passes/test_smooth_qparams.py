@@ -4,6 +4,7 @@ import torch
 
 import qcompile
 from qcompile.state import state_for_model
+from tests.helpers import expect
 
 
 class Block(torch.nn.Module):
@@ -48,5 +49,15 @@ def test_smoothed_sites_are_rescaled_from_channel_ranges():
     assert f"{site}@smooth" in calib
     plain, smoothed = calib[site], calib[f"{site}@smooth"]
     assert smoothed.scale < plain.scale / 2  # the outlier's range moved into the weights
+    # Expected: the graph as smooth left it (1/s folded into the norm); the quantizer of the
+    # norm's output, which rewrite-linear places later, reads the new site
+    rec = next(r for r in variant.ctx.history if r.name == "smooth-qparams")
+    assert not rec.modified
+    expect(variant.gm, f"""
+        # CHECK: h = torch.nn.functional.layer_norm(l_x_, (16,), norm_weight, norm_bias, 1e-05)
+        # CHECK-NEXT: = torch.ops.qcompile.quantize.default(h, {smoothed.scale},
+        # CHECK-SAME: {smoothed.zero_point}, -128, 127,
+    """)
+    expect(variant.gm, f"# CHECK-NOT: {plain.scale}")
     assert variant.ctx.counters["smooth-qparams.sites"] >= 1
     assert err_smooth < err_plain  # and it pays off on this outlier-dominated block

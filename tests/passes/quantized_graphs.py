@@ -1,0 +1,61 @@
+"""Two small models run once per recipe through the whole pipeline: the Before/Expected
+graphs the tests of the finalize passes read (tests/passes/test_<pass>.py).
+
+kernels="cpu" on a CPU without int8 extensions: every linear is quantized, on the portable
+route (fp32-exact), whatever machine runs the tests."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from qcompile.lowering import cpu_routes
+from tests.helpers import walk
+
+PLAIN_CPU = cpu_routes.CpuCapabilities(arch="x86_64", isa="DEFAULT")
+
+
+class Chain(torch.nn.Module):
+    """fc1, a residual add of fc2(relu(fc1)) onto fc1's output, reshaped into fc3: a float
+    island (relu), an add of two int8 values, a layout op, a float output."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(16, 16), torch.nn.Linear(16, 16)
+        self.fc3 = torch.nn.Linear(16, 8)
+
+    def forward(self, x):  # x [B, S, 16]
+        h = self.fc1(x)
+        h = h + self.fc2(h.relu())
+        return self.fc3(h.reshape(-1, 16))  # [B * S, 8]
+
+
+class Attention(torch.nn.Module):
+    """q / k / v projections viewed into 2 heads of 8, sdpa, o projection."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = (torch.nn.Linear(16, 16) for _ in range(3))
+        self.o = torch.nn.Linear(16, 16)
+
+    def forward(self, x):  # x [B, S, 16]
+        b, s, _ = x.shape
+        q, k, v = (p(x).view(b, s, 2, 8).transpose(1, 2) for p in (self.q, self.k, self.v))
+        a = F.scaled_dot_product_attention(q, k, v)  # [B, 2, S, 8]
+        return self.o(a.transpose(1, 2).reshape(b, s, 16))
+
+
+MODELS = {"chain": (Chain, (2, 3, 16)), "attention": (Attention, (2, 5, 16))}
+
+
+@functools.cache
+def walked(model: str, recipe: str):
+    """(captured after the last pass, {pass: (code before, code after)}); the example
+    input is the calibration batch of static recipes. Read-only: the result is shared."""
+    cls, shape = MODELS[model]
+    torch.manual_seed(0)
+    m, x = cls().eval(), torch.randn(shape)
+    with cpu_routes.override_capabilities(PLAIN_CPU):
+        return walk(m, x, options={"recipe": recipe, "kernels": "cpu"})

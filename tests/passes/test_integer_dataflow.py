@@ -1,0 +1,91 @@
+"""integer-dataflow: Before/Expected on Chain and on the attention
+(tests/passes/quantized_graphs.py) under w8a8-static: int8 values go from integer op to
+integer op, through layout ops, without dequantize / quantize between."""
+
+from tests.helpers import expect
+from tests.passes.quantized_graphs import walked
+
+
+def test_residual_add_in_int8_and_a_float_output():
+    cap, graphs = walked("chain", "w8a8-static")
+    before, after = graphs["integer-dataflow"]
+    expect(before, """
+        # CHECK: linear_int8_default = torch.ops.qcompile.linear_int8.default(quantize_default,
+        # CHECK-NEXT: dequantize_default = torch.ops.qcompile.dequantize.default(
+        # CHECK-NEXT: relu = dequantize_default.relu()
+        # CHECK: linear_int8_default_1 = torch.ops.qcompile.linear_int8.default(
+        # CHECK-NEXT: dequantize_default_1 = torch.ops.qcompile.dequantize.default(
+        # CHECK-NEXT: h_1 = dequantize_default + dequantize_default_1
+        # CHECK-NEXT: reshape = h_1.reshape(-1, 16)
+        # CHECK-NEXT: quantize_default_2 = torch.ops.qcompile.quantize.default(reshape,
+        # CHECK: linear_int8_default_2 = torch.ops.qcompile.linear_int8.default(quantize_default_2,
+        # CHECK-NEXT: dequantize_default_2 = torch.ops.qcompile.dequantize.default(
+        # CHECK-NEXT: return (dequantize_default_2,)
+    """)
+    # Expected: relu (a float island) still dequantizes fc1's output; the residual add reads
+    # both int8 outputs (add_int8: each side rescaled to the sum's scale, (q, shift) from
+    # compute-dyadic); the reshape runs on int8 and feeds fc3 with no quantize (the same
+    # parameters: the identity); fc3's output only leaves in float, so fc3 dequantizes its
+    # accumulator directly (linear_int8_dq) instead of requantizing it
+    zp = {site: q.zero_point for site, q in cap.ctx.analysis["calib"].items()}
+    expect(after, f"""
+        # CHECK: linear_int8_default = torch.ops.qcompile.linear_int8.default(quantize_default,
+        # CHECK-NEXT: dequantize_default = torch.ops.qcompile.dequantize.default(
+        # CHECK-SAME: linear_int8_default,
+        # CHECK-NEXT: relu = dequantize_default.relu()
+        # CHECK: linear_int8_default_1 = torch.ops.qcompile.linear_int8.default(
+        # CHECK-NEXT: add_int8_default = torch.ops.qcompile.add_int8.default(linear_int8_default,
+        # CHECK-SAME: linear_int8_default_1, {zp["out:fc1"]}, {zp["out:fc2"]}, 0, 1, 0, 1,
+        # CHECK-SAME: {zp["add:fc1"]}, -128, 127)
+        # CHECK-NEXT: reshape_1 = add_int8_default.reshape(-1, 16)
+        # CHECK-NOT: quantize
+        # CHECK: = torch.ops.qcompile.linear_int8_dq.default(reshape_1, fc3_wq, fc3_bias_f,
+        # CHECK-NEXT: return (linear_int8_dq_default,)
+    """)
+    expect(after, """
+        # CHECK-COUNT-1: qcompile.dequantize.default
+        # CHECK-NOT: qcompile.dequantize.default
+    """)
+    rec = next(r for r in cap.ctx.history if r.name == "integer-dataflow")
+    assert rec.counters == {"residual_adds": 1, "round_trips_removed": 1, "float_outputs": 1}
+
+
+def test_requantize_into_the_next_int8_op_through_layout_ops():
+    cap, graphs = walked("attention", "w8a8-static")
+    before, after = graphs["integer-dataflow"]
+    expect(before, """
+        # CHECK: linear_int8_default = torch.ops.qcompile.linear_int8.default(quantize_default,
+        # CHECK-SAME: q_wq,
+        # CHECK-NEXT: dequantize_default = torch.ops.qcompile.dequantize.default(
+        # CHECK-NEXT: view = dequantize_default.view(2, 5, 2, 8)
+        # CHECK-NEXT: q = view.transpose(1, 2)
+        # CHECK: quantize_default_2 = torch.ops.qcompile.quantize.default(q,
+        # CHECK: attention_int8.default(quantize_default_2, quantize_default_3, quantize_default_4,
+    """)
+    # Expected: the layout ops replayed on the int8 output; q's asymmetric int8 becomes the
+    # attention's symmetric int8 by an integer rescale (requant_int8: (q, shift) = (0, 1)
+    # until compute-dyadic); no float between the linear and the attention
+    zp = {p: cap.ctx.analysis["calib"][f"out:{p}"].zero_point for p in "qkv"}
+    expect(after, f"""
+        # CHECK-NOT: dequantize
+        # CHECK: linear_int8_default = torch.ops.qcompile.linear_int8.default(quantize_default,
+        # CHECK-SAME: q_wq,
+        # CHECK: view_3 = linear_int8_default.view(2, 5, 2, 8)
+        # CHECK-NEXT: transpose = view_3.transpose(1, 2)
+        # CHECK-NEXT: requant_int8_default = torch.ops.qcompile.requant_int8.default(transpose,
+        # CHECK-SAME: {zp["q"]}, 0, 1, 0, -128, 127)
+        # CHECK: requant_int8.default(transpose_4, {zp["k"]}, 0, 1, 0, -128, 127)
+        # CHECK: requant_int8.default(transpose_5, {zp["v"]}, 0, 1, 0, -128, 127)
+        # CHECK: attention_int8.default(requant_int8_default, requant_int8_default_1,
+        # CHECK-SAME: requant_int8_default_2,
+        # CHECK-NOT: dequantize
+    """)
+    assert next(r for r in cap.ctx.history if r.name == "integer-dataflow").counters == {
+        "residual_adds": 0, "round_trips_removed": 3, "float_outputs": 1}
+
+
+def test_dynamic_recipe_has_no_integer_dataflow():
+    cap, graphs = walked("chain", "w8a8")
+    before, after = graphs["integer-dataflow"]
+    assert after == before
+    assert not next(r for r in cap.ctx.history if r.name == "integer-dataflow").modified

@@ -1,0 +1,35 @@
+"""quantize-weights: the graph does not change; each selected linear's Layer annotation
+holds its integer weight, which rewrite-linear then reads (Chain under w8a8-static,
+tests/passes/quantized_graphs.py)."""
+
+import torch
+
+from qcompile import annotations as ann
+from tests.helpers import expect
+from tests.passes.quantized_graphs import walked
+
+
+def test_graph_unchanged_and_weights_rounded_per_channel():
+    cap, graphs = walked("chain", "w8a8-static")
+    before, after = graphs["quantize-weights"]
+    assert after == before
+    rec = next(r for r in cap.ctx.history if r.name == "quantize-weights")
+    assert not rec.modified and rec.counters == {"rtn": 3, "gptq": 0, "loaded": 0}
+    # the integers appear in the graph once rewrite-linear reads them
+    expect(graphs["rewrite-linear"][1], """
+        # CHECK: linear_int8.default(quantize_default, fc1_wq,
+        # CHECK: linear_int8.default(quantize_default_1, fc2_wq,
+        # CHECK: linear_int8.default(quantize_default_2, fc3_wq,
+    """)
+    float_gm = cap.ctx.analysis["float_gm"]
+    layers = {ann.get(n, ann.Layer).name: ann.get(n, ann.Layer) for n in cap.gm.graph.nodes
+              if ann.get(n, ann.Layer) is not None}
+    assert sorted(layers) == ["fc1", "fc2", "fc3"]
+    for name, layer in layers.items():
+        qw, w = layer.qweight, getattr(float_gm, f"{name}_weight")
+        # Expected: symmetric per output channel, round to nearest: |W - q s| <= s / 2
+        assert qw.qweight.dtype == torch.int8 and qw.scale.numel() == w.shape[0]
+        assert (qw.zero_point == 0).all() and int(qw.qweight.abs().max()) <= 127
+        err = (w - qw.dequantize()).abs()
+        assert (err <= qw.scale.reshape(-1, 1) / 2 * (1 + 1e-6)).all(), name
+        assert torch.equal(getattr(cap.gm, f"{name}_wq"), qw.qweight)

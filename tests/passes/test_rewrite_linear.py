@@ -1,0 +1,82 @@
+"""rewrite-linear: Before/Expected on Chain (tests/passes/quantized_graphs.py): static
+recipes put quantize / linear_int8 / dequantize at each linear with the calibrated
+parameters, the dynamic recipe one linear_dynamic op; the float round trips this leaves
+between integer ops are integer-dataflow's (tests/passes/test_integer_dataflow.py)."""
+
+import torch
+
+from qcompile import annotations as ann
+from tests.helpers import expect
+from tests.passes.quantized_graphs import walked
+
+BEFORE = """
+    # CHECK: h = torch._C._nn.linear(l_x_, fc1_weight, fc1_bias)
+    # CHECK-NEXT: relu = h.relu()
+    # CHECK-NEXT: linear_1 = torch._C._nn.linear(relu, fc2_weight, fc2_bias)
+    # CHECK-NEXT: h_1 = h + linear_1
+    # CHECK-NEXT: reshape = h_1.reshape(-1, 16)
+    # CHECK-NEXT: linear_2 = torch._C._nn.linear(reshape, fc3_weight, fc3_bias)
+    # CHECK-NEXT: return (linear_2,)
+"""
+
+
+def test_static_linear_becomes_quantize_linear_int8_dequantize():
+    cap, graphs = walked("chain", "w8a8-static")
+    before, after = graphs["rewrite-linear"]
+    expect(before, BEFORE)
+    calib = cap.ctx.analysis["calib"]
+
+    def qp(site):  # a site's scale and zero point, as the graph prints them
+        return f"{calib[site].scale}, {calib[site].zero_point}"
+
+    # Expected, per linear: x quantized with its input site's parameters; the int8 op with
+    # the integer weight, int32 bias, zero-point term, requantization (q, shift: filled by
+    # compute-dyadic) and its output's zero point; its output dequantized with the output
+    # site's parameters. Float ops (relu, the add) stay between them.
+    expect(after, f"""
+        # CHECK-NOT: torch._C._nn.linear
+        # CHECK: quantize_default = torch.ops.qcompile.quantize.default(l_x_, {qp("in:fc1")},
+        # CHECK-SAME: -128, 127)
+        # CHECK: = torch.ops.qcompile.linear_int8.default(quantize_default, fc1_wq,
+        # CHECK-SAME: fc1_bias_i32, fc1_zp_term, fc1_q, fc1_shift, {calib["out:fc1"].zero_point},
+        # CHECK-NEXT: dequantize_default = torch.ops.qcompile.dequantize.default(
+        # CHECK-SAME: {qp("out:fc1")}, torch.float32)
+        # CHECK-NEXT: relu = dequantize_default.relu()
+        # CHECK-NEXT: = torch.ops.qcompile.quantize.default(relu, {qp("in:fc2")},
+        # CHECK: = torch.ops.qcompile.linear_int8.default(quantize_default_1, fc2_wq,
+        # CHECK-NEXT: dequantize_default_1 = torch.ops.qcompile.dequantize.default(
+        # CHECK-SAME: {qp("out:fc2")}, torch.float32)
+        # CHECK-NEXT: h_1 = dequantize_default + dequantize_default_1
+        # CHECK-NEXT: reshape = h_1.reshape(-1, 16)
+        # CHECK-NEXT: = torch.ops.qcompile.quantize.default(reshape, {qp("in:fc3")},
+        # CHECK: = torch.ops.qcompile.linear_int8.default(quantize_default_2, fc3_wq,
+        # CHECK-NEXT: = torch.ops.qcompile.dequantize.default(
+        # CHECK-SAME: {qp("out:fc3")}, torch.float32)
+        # CHECK-NEXT: return (dequantize_default_2,)
+    """)
+    assert next(r for r in cap.ctx.history if r.name == "rewrite-linear").counters == {
+        "linear_int8": 3}
+    # the int32 bias: round(b / (s_x * s_w[c])), computed here at compile time
+    fc1 = next(n for n in cap.gm.graph.nodes if n.name == "linear_int8_default")
+    s_w = ann.get(fc1, ann.Layer).qweight.scale.double().reshape(-1)
+    b = cap.ctx.analysis["float_gm"].fc1_bias.double()
+    expected = torch.round(b / (calib["in:fc1"].scale * s_w)).to(torch.int32)
+    assert torch.equal(cap.gm.fc1_bias_i32, expected)
+
+
+def test_dynamic_linear_becomes_one_op():
+    cap, graphs = walked("chain", "w8a8")
+    before, after = graphs["rewrite-linear"]
+    expect(before, BEFORE)
+    # Expected: activations quantized inside the op at run time: no quantize / dequantize
+    expect(after, """
+        # CHECK-NOT: quantize
+        # CHECK: = torch.ops.qcompile.linear_dynamic.default(l_x_, fc1_wq, fc1_wscale, fc1_bias)
+        # CHECK-NEXT: relu = linear_dynamic_default.relu()
+        # CHECK: = torch.ops.qcompile.linear_dynamic.default(relu, fc2_wq, fc2_wscale, fc2_bias)
+        # CHECK-NEXT: h_1 = linear_dynamic_default + linear_dynamic_default_1
+        # CHECK-NEXT: reshape = h_1.reshape(-1, 16)
+        # CHECK: = torch.ops.qcompile.linear_dynamic.default(reshape, fc3_wq, fc3_wscale,
+        # CHECK-NEXT: return (linear_dynamic_default_2,)
+        # CHECK-NOT: quantize
+    """)
