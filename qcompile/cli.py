@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-
 # argparse types: a bad value is a usage error naming the option, before any model loads
 
 

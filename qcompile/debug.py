@@ -122,7 +122,6 @@ def load_repro(path: str) -> dict:
     import os
 
     from qcompile.lowering.cache_dir import trusted_dir
-
     from qcompile.serialize import path_arg
 
     path = path_arg("qcompile.load_repro", path, exists="directory")
