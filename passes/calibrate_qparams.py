@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch.fx import GraphModule
 
+from qcompile import annotations as ann
 from qcompile.numerics.specs import QuantSpec
 from qcompile.pass_manager import PassContext, PassResult, graph_pass
 from qcompile.passes.insert_observers import observer_key
@@ -74,6 +75,7 @@ def calibrate_qparams(gm: GraphModule, ctx: PassContext) -> PassResult:
         counters["no_data"] += not site.seen
         if not site.seen:
             ctx.note(f"site {module.site!r} saw no calibration data; its layers stay in float")
+        ann.merge_sites(node, node.args[0])  # the observer's roles stay on its value
         node.replace_all_uses_with(node.args[0])
         gm.graph.erase_node(node)
         gm.delete_submodule(node.target)

@@ -107,6 +107,7 @@ def rewrite_attention(gm: GraphModule, ctx: PassContext) -> PassResult:
                  out_dtype))
         ann.put(new, ann.Layer(site))
         ann.put(new, ann.LayerOutput(site))
+        ann.copy(node, new, ann.Sites)  # the same value, for a linear reading it directly
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
         rec.quantized, rec.kernel, rec.reason = True, "attention_int8", ""

@@ -152,6 +152,8 @@ def rewrite_linear(gm: GraphModule, ctx: PassContext) -> PassResult:
             rec.reason = kind
             continue
         ann.put(new, ann.LayerOutput(layer.name))
+        # the same value: a linear reading it directly still finds its input site
+        ann.copy(node, new, ann.Sites)
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
         rec.quantized, rec.kernel = True, kind

@@ -92,6 +92,19 @@ class Sites:
 ROLES = tuple(f.name for f in fields(Sites))
 
 
+def merge_sites(src: Node, dst: Node) -> None:
+    """Give dst the roles src has and dst lacks: src is removed and dst holds the same value
+    (an observer taken out of the graph, after a linear's output site was observed on one
+    node and the next linear's input site on the observer reading it)."""
+    theirs = get(src, Sites)
+    if theirs is None:
+        return
+    mine = get(dst, Sites) or put(dst, Sites())
+    for role in ROLES:
+        if getattr(mine, role) is None:
+            setattr(mine, role, getattr(theirs, role))
+
+
 def site(node: Any, role: str) -> str | None:
     """The node's site name in that role, or None."""
     sites = get(node, Sites)

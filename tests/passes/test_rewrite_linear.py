@@ -3,9 +3,12 @@ recipes put quantize / linear_int8 / dequantize at each linear with the calibrat
 parameters, the dynamic recipe one linear_dynamic op; the float round trips this leaves
 between integer ops are integer-dataflow's (tests/passes/test_integer_dataflow.py)."""
 
+import pytest
 import torch
 
+import qcompile
 from qcompile import annotations as ann
+from qcompile.state import state_for_model
 from tests.helpers import expect
 from tests.passes.quantized_graphs import walked
 
@@ -79,4 +82,40 @@ def test_dynamic_linear_becomes_one_op():
         # CHECK: = torch.ops.qcompile.linear_dynamic.default(reshape, fc3_wq, fc3_wscale,
         # CHECK-NEXT: return (linear_dynamic_default_2,)
         # CHECK-NOT: quantize
+    """)
+
+
+class _Direct(torch.nn.Module):
+    """fc2 reads fc1's output with nothing between them."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(16, 16), torch.nn.Linear(16, 8)
+
+    def forward(self, x):
+        return self.fc2(self.fc1(x))
+
+
+@pytest.mark.parametrize("recipe", ["w8a8-static", "w4a8"])
+def test_a_linear_reading_a_linear_directly_is_quantized(recipe):
+    """One value, two sites (fc1's output, fc2's input): both survive the observers' removal
+    and fc1's rewrite, so fc2 is quantized too and reads fc1's integers requantized (it once
+    stayed float, reported as 'no calibration data')."""
+    torch.manual_seed(0)
+    model = _Direct().eval()
+    cm = torch.compile(model, backend="qcompile", options={"recipe": recipe, "kernels": "cpu"})
+    x = torch.randn(8, 16)
+    with torch.no_grad():
+        with qcompile.calibrate(cm):
+            cm(x)
+        out, ref = cm(x), model(x)
+    layers = {r.name: r for r in qcompile.report(cm).layers}
+    assert [(n, layers[n].quantized, layers[n].reason) for n in ("fc1", "fc2")] == [
+        ("fc1", True, ""), ("fc2", True, "")]
+    assert torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0) > 0.97
+    (artifact,) = state_for_model(cm).artifacts
+    expect(artifact.gm, """
+        # CHECK: = torch.ops.qcompile.linear_
+        # CHECK-NOT: torch.ops.qcompile.dequantize
+        # CHECK: = torch.ops.qcompile.linear_
     """)
