@@ -86,11 +86,13 @@ class _Unrotate:
     """Inserts x * s -> had(.) = x diag(s) H^T / sqrt(d) = x Q^T, once per rotated value."""
 
     def __init__(self, gm: GraphModule, signs: torch.Tensor, dtype: torch.dtype):
-        first = next(n for n in gm.graph.nodes if n.op != "placeholder")
-        self.gm, self.made = gm, {}
-        self.signs = add_constant(gm, "rotate_residual_signs", signs.to(dtype), before=first)
+        self.gm, self.made, self.values, self.signs = gm, {}, signs.to(dtype), None
 
     def __call__(self, x: Node) -> Node:
+        if self.signs is None:  # the constant only once a value needs un-rotating
+            first = next(n for n in self.gm.graph.nodes if n.op != "placeholder")
+            self.signs = add_constant(self.gm, "rotate_residual_signs", self.values,
+                                      before=first)
         if x not in self.made:  # right after x, so every reader of x can use it
             with self.gm.graph.inserting_after(x):
                 flipped = self.gm.graph.call_function(operator.mul, (x, self.signs))

@@ -47,6 +47,8 @@ def test_rotate_residual_writers_and_readers(kind):
         # CHECK-SAME: emb_weight_1,
         # CHECK-NOT: hadamard_transform
     """)
+    # nothing left behind: no constant without a reader (the signs of an un-rotation)
+    assert not [n.name for n in cap.gm.graph.nodes if n.op == "get_attr" and not n.users]
     q, signs = rotation(16, cap.ctx.options.seed)
     assert signs is not None and torch.allclose(q.T @ q, torch.eye(16, dtype=q.dtype))
     w1 = weights(cap)
