@@ -53,7 +53,7 @@ def signature(exc: BaseException) -> str:
               if any(part in f.filename.replace(os.sep, "/") for part in _OURS)]
     where = f"{os.path.basename(frames[-1].filename)}:{frames[-1].name}" if frames else "?"
     first = (str(exc).strip().splitlines() or [""])[0]
-    first = re.sub(r"\d+(\.\d+)?", "N", first)[:100]
+    first = re.sub(r"(?<![\w.])\d+(\.\d+)?(?![\w.])", "N", first)[:100]  # not w8a8
     return f"{type(exc).__name__} @ {where}: {first}"
 
 

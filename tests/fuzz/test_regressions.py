@@ -66,12 +66,39 @@ REGRESSIONS = {
 }
 
 
-@pytest.mark.parametrize("name", list(REGRESSIONS))
-def test_regression(name):
-    case, recipe = REGRESSIONS[name]
+# Found and not fixed yet: strict xfails, so a fix shows up as a failure to remove here.
+# SmoothQuant scales from very few calibration tokens (calib_seq=1: 16 tokens): a channel
+# the ReLU left (nearly) silent in calibration gets a tiny s_j, so at eval its values
+# divided by s_j overshoot the static per-tensor range and are clipped. Cosine 0.968 with
+# smoothing against 0.987 without (0.9675 / 0.9924 for the bf16 case); with 64 tokens both
+# pass. Open: a floor on max|X_j| relative to the other channels, or a calibration that
+# says it saw too few tokens for smoothing.
+UNFIXED = {
+    "smooth-from-few-calibration-tokens-gated-mlp": (
+        Case(d=16, blocks=(MLP(hidden=16, act='relu', gated=True, spelling='module'),), batch=2, seq=3, dtype='float32', contiguous=False, dynamic=False, kernels='cpu', options=(('smooth', True),), tuple_output=False, seed=51, calib_seq=1, loop=False),  # noqa: E501
+        "w8a8-static"),
+    "smooth-from-few-calibration-tokens-relu": (
+        Case(d=16, blocks=(Linear(out=16, spelling='module', bias=False), Act(kind='relu'), Act(kind='gelu'), Linear(out=16, spelling='module', bias=False)), batch=2, seq=3, dtype='bfloat16', contiguous=False, dynamic=False, kernels='cpu', options=(('smooth', True),), tuple_output=False, seed=4, calib_seq=1, loop=False),  # noqa: E501
+        "w8a8-static"),
+}
+
+
+def _check(case, recipe):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         check_case(case, recipe)
+
+
+@pytest.mark.parametrize("name", list(REGRESSIONS))
+def test_regression(name):
+    _check(*REGRESSIONS[name])
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="smoothing from a few calibration tokens (see UNFIXED)")
+@pytest.mark.parametrize("name", list(UNFIXED))
+def test_unfixed(name):
+    _check(*UNFIXED[name])
 
 
 def test_scalar_value_reads_numbers_and_constant_nodes():
