@@ -111,6 +111,15 @@ def _exclusive(node: Node, linears: list[Node]) -> bool:
     return bool(uses) and all(is_linear_input(u, r) and u in linears for u, r in uses)
 
 
+def _normalizes_last_dim_only(norm: Node) -> bool:
+    """normalized_shape is one size (the last dim's): [k], or under dynamic shapes a node
+    such as x.shape[-1:] whose value is a one-element size."""
+    shape = norm.args[1]
+    if isinstance(shape, Node):
+        shape = shape.meta.get("val")
+    return isinstance(shape, (list, tuple)) and len(shape) == 1
+
+
 def _fold_producer(ed: WeightEditor, x: Node, linears: list[Node], s: torch.Tensor) -> str | None:
     """Divide what produces x by s; returns how, or None when nothing can absorb it."""
     p = last_dim_producer(x)
@@ -118,7 +127,7 @@ def _fold_producer(ed: WeightEditor, x: Node, linears: list[Node], s: torch.Tens
     if not _exclusive(p, linears) or last_size(p) != k:
         return None
     ann.put(x, ann.Smoothed(s))  # x's values are now x / s (smooth-qparams rescales)
-    if is_call(p, *NORMS) and p.args[1] is not None and list(p.args[1]) == [k]:
+    if is_call(p, *NORMS) and _normalizes_last_dim_only(p):
         like = torch.empty(0, dtype=tensor_val(p).dtype, device=tensor_val(p).device)
         gamma = ed.get64(p, 2)
         ed.set(p, 2, (gamma if gamma is not None else torch.ones_like(s)) / s, like=like,

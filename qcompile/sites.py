@@ -67,9 +67,12 @@ def is_layout(node) -> bool:
 
 
 def _is_split_item(node) -> bool:
-    src = node.args[0]
-    return isinstance(src, Node) and (is_method(src, *SPLITS)
-                                      or getattr(src.target, "__name__", "") in SPLITS)
+    return _is_split(node.args[0])
+
+
+def _is_split(node) -> bool:
+    return isinstance(node, Node) and (is_method(node, *SPLITS)
+                                       or getattr(node.target, "__name__", "") in SPLITS)
 
 
 def producer_through_layout(node) -> Node:
@@ -88,5 +91,7 @@ def attention_site(sdpa: Node) -> str:
     change the name."""
     if "qc_site" not in sdpa.meta:
         v = producer_through_layout(sdpa.args[2])
+        if _is_split(v):  # a part of a fused projection (qkv, or kv)
+            v = producer_through_layout(v.args[0])
         sdpa.meta["qc_site"] = f"attn:{linear_name(v)}" if is_linear(v) else f"attn:{sdpa.name}"
     return sdpa.meta["qc_site"]

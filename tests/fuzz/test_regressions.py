@@ -20,6 +20,7 @@ from tests.fuzz.grammar import (
     Break,
     Case,
     Linear,
+    Norm,
     Residual,
     build_model,
     make_input,
@@ -58,6 +59,18 @@ REGRESSIONS = {
     # float without a report entry (qcompile/fx_utils.py scalar_value).
     "attention-scale-as-a-node": (
         Case(blocks=(Attention(spelling='explicit-div', scale=0.125),), dynamic=True), "w8a8"),
+    # Fused q/k/v (split) feeding explicit attention, in two graphs: the attention site
+    # was named after the sdpa node ("attn:scaled_dot_product_attention"), the same in both
+    # graphs, so the two attentions shared observers and one report entry. It is named
+    # after the fused projection now (qcompile/sites.py).
+    "fused-qkv-attention-in-two-graphs": (
+        Case(d=16, blocks=(Attention(heads=1, kv_heads=None, spelling='explicit-mT', mask=None, scale=None, fused_qkv='split', gqa='enable_gqa', bias=False), Break(kind='graph_break'), Attention(heads=1, kv_heads=None, spelling='explicit-mT', mask=None, scale=None, fused_qkv='split', gqa='enable_gqa', bias=False), Break(kind='graph_break')), batch=2, seq=3, dtype='float32', contiguous=False, dynamic=False, kernels='cpu', options=(), tuple_output=False, seed=0, calib_seq=4, loop=False),  # noqa: E501
+        "w8a8-static"),
+    # Smoothing into F.layer_norm under dynamic shapes: normalized_shape is a node
+    # (x.shape[-1:]), which smooth iterated (TypeError) (passes/smooth.py).
+    "smooth-into-layer-norm-dynamic": (
+        Case(d=16, blocks=(Norm(kind='F.layer_norm'), Linear(out=16, spelling='module', bias=False), Linear(out=16, spelling='module', bias=False)), batch=2, seq=3, dtype='float32', contiguous=False, dynamic=True, kernels='cpu', options=(('smooth', True),), tuple_output=False, seed=0, calib_seq=4, loop=False),  # noqa: E501
+        "w8a8-static"),
     # The grammar's mistake, not qcompile's: GPT-2's Conv1D views its input, which fails on
     # a strided one in eager PyTorch too (the grammar now makes it contiguous first).
     "grammar-conv1d-strided-input": (
