@@ -186,8 +186,15 @@ def canonicalize_norm(gm: GraphModule, ctx: PassContext) -> PassResult:
         if found is None:
             continue
         kind, x, eps, tail, w, b = found
-        shape = (tensor_val(x).shape[-1],)
-        with gm.graph.inserting_after(tail):
+        size, at = tensor_val(x).shape[-1], tail
+        if isinstance(size, torch.SymInt):
+            # a symbolic last dim (dynamic shapes) as a graph value: a SymInt literal in
+            # the arguments would print as an expression over names the graph frees
+            with gm.graph.inserting_after(tail):
+                at = gm.graph.call_function(torch.ops.aten.sym_size.int, (x, -1))
+            at.meta["val"], size = size, at
+        shape = (size,)
+        with gm.graph.inserting_after(at):
             if kind == "layer_norm":
                 new = gm.graph.call_function(F.layer_norm, (x, shape, w, b, eps))
             else:

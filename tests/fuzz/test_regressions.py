@@ -19,6 +19,7 @@ from tests.fuzz.grammar import (
     Attention,
     Break,
     Case,
+    Layout,
     Linear,
     Norm,
     Residual,
@@ -76,6 +77,13 @@ REGRESSIONS = {
     "grammar-conv1d-strided-input": (
         Case(d=16, blocks=(Linear(out=16, spelling='conv1d', bias=False), Act(kind='relu')), contiguous=False),  # noqa: E501
         "w8a8"),
+    # A decomposed RMSNorm over a last dim that dynamic shapes made symbolic (a view by
+    # d // 2): canonicalize-norm wrote the SymInt into normalized_shape, which the graph
+    # code printed as an expression over a size the graph had already freed (TypeError:
+    # None // 2 at the first call). It is a sym_size node now (passes/canonicalize_norm.py).
+    "symbolic-normalized-shape": (
+        Case(d=16, blocks=(Layout(kind='view'), Norm(kind='rms-decomposed')), batch=2, seq=3, dtype='float32', contiguous=False, dynamic=True, kernels='cpu', options=(), tuple_output=False, seed=0, calib_seq=4, loop=False),  # noqa: E501
+        "float"),
 }
 
 
