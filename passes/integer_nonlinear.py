@@ -230,7 +230,10 @@ def _rewrite_gelu(gm, ctx, node) -> str | None:
 def _rewrite_layernorm(gm, ctx, node, counters: dict) -> str | None:
     x, shape, w, b, eps = node.args
     val = tensor_val(x)
-    if val is None or len(shape) != 1 or shape[0] != val.shape[-1]:
+    if isinstance(shape, Node):  # x.shape[-1:] under dynamic shapes: its value is the size
+        shape = shape.meta.get("val")
+    # normalized_shape names the last len(shape) dims of x (PyTorch checks the sizes)
+    if val is None or not isinstance(shape, (list, tuple)) or len(shape) != 1:
         return "LayerNorm over more than the last dim"
     out_q = _output_quantize(node)
     if out_q is None:
