@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
@@ -52,6 +53,15 @@ def _no_param_placeholders(gm: GraphModule, node: Node) -> bool:
 @register_rule("freeze-params", "every node records the pass that made it (meta['qc_pass'])")
 def _provenance(gm: GraphModule, node: Node) -> bool:
     return node.op == "output" or "qc_pass" in node.meta
+
+
+@register_rule("freeze-params", "no argument is a symbolic size literal (a SymInt prints as an "
+               "expression over size names the graph may have freed: use a sym_size node)")
+def _no_symint_literals(gm: GraphModule, node: Node) -> bool:
+    found = []
+    torch.fx.node.map_aggregate((node.args, node.kwargs),
+                                lambda a: found.append(a) if isinstance(a, torch.SymInt) else a)
+    return not found
 
 
 @register_rule("canonicalize-linear", "linear weights are 2-D constants (get_attr)")
