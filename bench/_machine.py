@@ -43,6 +43,18 @@ def cpu_model() -> str | None:
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time, "thread": time.thread_time}
 
 
+def warm_then_interleaved(fns: dict, rounds: int, clock) -> tuple[dict, dict]:
+    """(seconds of each function's first call, where compiles happen; interleaved's ms per
+    call over `rounds` after a second, warm call)."""
+    first_s = {}
+    for name, fn in fns.items():
+        t0 = time.perf_counter()
+        fn()
+        first_s[name] = round(time.perf_counter() - t0, 3)
+        fn()
+    return first_s, interleaved(fns, rounds, clock)
+
+
 def interleaved(fns: dict, rounds: int, clock) -> dict[str, list[float]]:
     """ms per call of each function, run in turns within each round, so that a disturbance
     of the machine falls on all of them alike (report medians over rounds)."""

@@ -44,7 +44,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from _machine import CLOCKS, cpu_info, interleaved, results_slug  # bench/_machine.py
+
+# bench/_machine.py (run from bench/)
+from _machine import CLOCKS, cpu_info, results_slug, warm_then_interleaved
 
 from qcompile.lowering import cpu, cpu_routes, ops
 from qcompile.numerics.dyadic import quantize_multiplier
@@ -151,13 +153,7 @@ def bench_shape(label: str, m: int, k: int, n: int, rounds: int, clock) -> dict:
     pt2e, pt2e_note = _pt2e_linear(x, w, b)
     if pt2e is not None:
         fns["pt2e"] = lambda: pt2e(x)
-    compile_s = {}
-    for name, fn in fns.items():  # warm up: compiles happen here, timed separately
-        t0 = time.perf_counter()
-        fn()
-        compile_s[name] = round(time.perf_counter() - t0, 3)
-        fn()
-    times = interleaved(fns, rounds, clock)
+    compile_s, times = warm_then_interleaved(fns, rounds, clock)
     ref = F.linear(x, w, b)
     err = {name: float((fns[name]() - ref).abs().max() / ref.abs().max())
            for name in ("ours-static", "ours-dynamic", "torchao", "pt2e") if name in fns}

@@ -47,7 +47,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from _machine import CLOCKS, cpu_model, interleaved  # bench/_machine.py (run from bench/)
+
+# bench/_machine.py (run from bench/)
+from _machine import CLOCKS, cpu_model, interleaved, warm_then_interleaved
 
 from qcompile.lowering.cpu import run_epilogue
 from qcompile.lowering.cpu_routes import ROUTES, SEVEN_BIT, cpu_capabilities
@@ -200,13 +202,7 @@ def bench_shape(label, m, k, n, rounds, clock, caps) -> dict:
         fast_requant(acc_f, v, fv), apply_bound_epilogue(acc_i, STATIC, v)))
     checks["dequant f32 == dequant int32"] = bool(torch.equal(
         run_epilogue(acc_f, DEQUANT, dv), run_epilogue(acc_i, DEQUANT, dv)))
-    first_s = {}
-    for name, fn in fns.items():  # warm up: compiles happen here, timed separately
-        t0 = time.perf_counter()
-        fn()
-        first_s[name] = round(time.perf_counter() - t0, 3)
-        fn()
-    times = interleaved(fns, rounds, clock)
+    first_s, times = warm_then_interleaved(fns, rounds, clock)
     med = {kk: statistics.median(t) for kk, t in times.items()}
     return {
         "label": label, "M": m, "K": k, "N": n, "rounds": rounds,
