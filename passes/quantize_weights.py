@@ -57,7 +57,8 @@ def quantize_weights(gm: GraphModule, ctx: PassContext) -> PassResult:
             layer.detail["weight_groups"] = note
         site = calib.get(ann.site(node.args[0], "input"))  # q/k/v share one site
         hessian = site.hessian if site is not None else None
-        saved = loaded.weights.get(selected.name) if loaded is not None else None
+        selected.qweight_transforms = ann.weight_transforms(layer.transforms)
+        saved = loaded.weight(selected.name, selected.qweight_transforms) if loaded else None
         if saved is not None:
             if tuple(saved.qweight.shape) != tuple(w.shape):
                 raise ValueError(f"the loaded weight of {selected.name} is "

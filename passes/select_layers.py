@@ -58,13 +58,13 @@ def _rows(node: Node) -> int:
 
 def _cpu_plan(ctx: PassContext, node: Node, layer: ann.Layer, rec, saved) -> str | None:
     """Plan a quantized linear on a CPU graph (weights, route); the reason it stays float
-    instead, or None. `saved`: the layer's weight from a loaded quantization, whose range
+    instead, or None. `saved`: the layer's weights from a loaded quantization, whose range
     the route must take (a loaded layer runs quantized even where that is not faster)."""
     opts, recipe = ctx.options, ctx.options.recipe_obj
     caps = cpu_routes.cpu_capabilities()
-    if saved is not None:
-        w = saved.qweight
-        span = (int(w.min()), int(w.max())) if w.numel() else (0, 0)
+    if saved is not None:  # every saved variant of the weight: the route must fit them all
+        spans = [(int(s.qweight.min()), int(s.qweight.max())) for s in saved if s.qweight.numel()]
+        span = (min(lo for lo, _ in spans), max(hi for _, hi in spans)) if spans else (0, 0)
         n, k = node.args[1].meta["val"].shape
         if opts.kernels in ("auto", "cpu") and recipe.act is not None:
             plan = cpu_routes.plan_layer(caps, _rows(node), k, n, span)
@@ -110,7 +110,8 @@ def select_layers(gm: GraphModule, ctx: PassContext) -> PassResult:
         k = node.args[1].meta["val"].shape[1]
         reason = layer_reason(name, k, ctx)
         rec = ctx.layer(name, "linear")
-        saved = loaded.weights.get(name) if loaded is not None else None
+        variants = loaded.weights.get(name) if loaded is not None else None
+        saved = list(variants.values()) if variants else None
         if reason is None and loaded is not None and saved is None:
             reason = "float in the loaded quantization"
         layer = ann.put(node, ann.Layer(name, quantize=reason is None))

@@ -69,6 +69,17 @@ class Layer:
     qweight: Any = None  # numerics.weights.QuantizedWeight, from quantize-weights
     weight_bits: int | None = None  # narrower than the recipe's, where the CPU route needs it
     route: str | None = None  # the CPU int8 GEMM route (lowering/cpu_routes.py)
+    # the weight transforms the quantized weight was made under (see weight_transforms)
+    qweight_transforms: tuple[str, ...] = ()
+
+
+def weight_transforms(transforms: list[str]) -> tuple[str, ...]:
+    """What was done to a layer's float weight before quantize-weights, as a key that is the
+    same in every graph where the same was done (a saved weight is only valid under the
+    same transforms): the report's transform names, without node names and without what
+    quantize-weights itself adds."""
+    return tuple(sorted({t.split("(")[0] if t.startswith("fold-norm(") else t
+                         for t in transforms if t not in ("gptq", "loaded")}))
 
 
 def selected(node: Any) -> Layer | None:

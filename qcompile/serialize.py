@@ -40,7 +40,7 @@ import torch
 from torch.fx import GraphModule
 
 FORMAT = "qcompile-quantized"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _META_KEY = "qcompile"
 
 
@@ -54,8 +54,25 @@ class Loaded:
     and select-layers (weights)."""
 
     sites: dict[str, Any] = field(default_factory=dict)  # site -> CalibSite
-    weights: dict[str, Any] = field(default_factory=dict)  # layer -> QuantizedWeight
+    # layer -> {weight transforms (annotations.weight_transforms) -> QuantizedWeight}: two
+    # graphs of one model may transform a layer differently (a structure one recognizes
+    # and the other does not), and each saved weight is valid only under its own
+    weights: dict[str, dict[tuple, Any]] = field(default_factory=dict)
     path: str = ""
+
+    def weight(self, layer: str, transforms: tuple[str, ...]):
+        """The saved weight of `layer` made under `transforms`; None when the layer is not
+        in the file; an error when it is, but only under other transforms."""
+        variants = self.weights.get(layer)
+        if not variants:
+            return None
+        if transforms in variants:
+            return variants[transforms]
+        raise ArtifactMismatchError(
+            f"{self.path}: layer {layer} was saved with weight transforms "
+            f"{[list(t) for t in variants]}, but this graph applies {list(transforms)}: "
+            "its saved integers do not fit this graph. Save from a model that ran this "
+            "graph (the same shapes and options), or compile without loading")
 
 
 # ---------------------------------------------------------------------- fingerprints
@@ -157,15 +174,18 @@ def save(model, path: str | os.PathLike) -> str:
             sites[name] = entry
         for node in art.gm.graph.nodes:
             layer = ann.get(node, ann.Layer)
-            if layer is None or layer.qweight is None or layer.name in layers:
+            if layer is None or layer.qweight is None:
                 continue
-            qw = layer.qweight
+            variants = layers.setdefault(layer.name, [])
+            if any(v["transforms"] == list(layer.qweight_transforms) for v in variants):
+                continue
+            qw, i = layer.qweight, len(variants)
             spec = qw.spec
-            layers[layer.name] = {"bits": spec.bits, "symmetric": spec.symmetric,
-                                  "granularity": spec.granularity,
-                                  "group_size": spec.group_size, "axis": spec.axis}
+            variants.append({"transforms": list(layer.qweight_transforms), "bits": spec.bits,
+                             "symmetric": spec.symmetric, "granularity": spec.granularity,
+                             "group_size": spec.group_size, "axis": spec.axis})
             for key in ("qweight", "scale", "zero_point"):
-                tensors[f"layer/{layer.name}/{key}"] = getattr(qw, key).detach().cpu()
+                tensors[f"layer/{layer.name}/{i}/{key}"] = getattr(qw, key).detach().cpu()
     meta = {
         "format": FORMAT, "version": FORMAT_VERSION, "options": options.fingerprint(),
         "recipe": options.recipe, "sites": sites, "layers": layers,
@@ -193,6 +213,11 @@ def read(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
     meta = json.loads(raw)
     if meta.get("format") != FORMAT:
         raise ArtifactMismatchError(f"{path}: format {meta.get('format')!r}, not {FORMAT!r}")
+    if meta.get("version", 0) < FORMAT_VERSION:
+        raise ArtifactMismatchError(
+            f"{path} is format version {meta.get('version')}, which held one weight per "
+            f"layer whatever its graph's transforms; this qcompile reads version "
+            f"{FORMAT_VERSION}: save the model again")
     if meta.get("version", 0) > FORMAT_VERSION:
         raise ArtifactMismatchError(
             f"{path} was written by a newer qcompile (format version {meta['version']}; "
@@ -230,12 +255,14 @@ def load(model, path: str | os.PathLike) -> Loaded:
             rng = (tensors[f"site/{name}/lo"], tensors[f"site/{name}/hi"])
         loaded.sites[name] = CalibSite(entry["scale"], entry["zero_point"], rng, None,
                                        entry["seen"])
-    for name, entry in meta["layers"].items():
-        spec = QuantSpec(bits=entry["bits"], symmetric=entry["symmetric"],
-                         granularity=entry["granularity"], group_size=entry["group_size"],
-                         axis=entry["axis"])
-        loaded.weights[name] = QuantizedWeight(*(tensors[f"layer/{name}/{k}"] for k in (
-            "qweight", "scale", "zero_point")), spec)
+    for name, variants in meta["layers"].items():
+        for i, entry in enumerate(variants):
+            spec = QuantSpec(bits=entry["bits"], symmetric=entry["symmetric"],
+                             granularity=entry["granularity"], group_size=entry["group_size"],
+                             axis=entry["axis"])
+            loaded.weights.setdefault(name, {})[tuple(entry["transforms"])] = QuantizedWeight(
+                *(tensors[f"layer/{name}/{i}/{k}"] for k in ("qweight", "scale", "zero_point")),
+                spec)
     state = state_for_model(model)
     if any(a.finalized for a in state.artifacts if a.options.fingerprint() == compiled):
         raise RuntimeError("qcompile.load: this compiled model already ran quantized; load "

@@ -101,7 +101,9 @@ def test_the_file_holds_tensors_and_json_only(saved):
     with safe_open(path, framework="pt") as f:
         meta = json.loads(f.metadata()["qcompile"])
         names = list(f.keys())
-    assert meta["format"] == "qcompile-quantized" and meta["version"] == 1
+    assert meta["format"] == "qcompile-quantized" and meta["version"] == 2
+    # per layer, one entry per set of weight transforms its graphs quantized it under
+    assert all(isinstance(v, list) and v and "transforms" in v[0] for v in meta["layers"].values())
     assert meta["recipe"] == "w8a8-static" and meta["sites"] and meta["layers"]
     assert all(len(v) == 3 for v in meta["fingerprint"].values())  # shape, dtype, sha256
     assert any(n.endswith("/qweight") for n in names)
@@ -161,6 +163,11 @@ def test_newer_format_and_foreign_files_are_refused(saved, tmp_path):
     fresh, _, _ = _compiled("llama", options)
     with pytest.raises(ArtifactMismatchError, match="newer qcompile"):
         qcompile.load(fresh, newer)
+    meta["version"] = 1  # one weight per layer, whatever the transforms: not read
+    older = str(tmp_path / "older.safetensors")
+    save_file(tensors, older, metadata={"qcompile": json.dumps(meta)})
+    with pytest.raises(ArtifactMismatchError, match="format version 1.*save the model again"):
+        qcompile.load(fresh, older)
     foreign = str(tmp_path / "foreign.safetensors")
     save_file({"w": torch.zeros(2)}, foreign)
     with pytest.raises(ArtifactMismatchError, match="not a qcompile quantization"):
@@ -199,3 +206,26 @@ def test_export_round_trips_through_torch_export(saved, tmp_path):
         got = program(*tensors)
     for a, b in zip(want, got, strict=True):
         assert torch.equal(a, b)
+
+
+def test_graphs_that_transform_a_layer_differently_each_load_their_own_weight(saved):
+    """Two graphs of one model may transform a layer differently (all-MiniLM's first graph,
+    traced at static shapes, left layer 0's heads unrotated; the dynamic one rotated them):
+    each saved weight is valid only under its graph's transforms. One weight per layer
+    was saved once, and a loaded graph ran rotated activations against unrotated integers:
+    outputs differed, silently."""
+    from qcompile.serialize import Loaded
+
+    path, options, _ = saved
+    fresh, _, _ = _compiled("llama", options)
+    loaded = qcompile.load(fresh, path)
+    name, variants = next(iter(loaded.weights.items()))
+    (transforms, weight), = variants.items()
+    assert loaded.weight(name, transforms) is weight
+    assert loaded.weight("no.such.layer", transforms) is None
+    other = ("rotate-heads(v)",) if transforms != ("rotate-heads(v)",) else ()
+    with pytest.raises(ArtifactMismatchError, match=(
+            rf"layer {name} was saved with weight transforms .* but this graph applies "
+            rf"\[.*\]: its saved integers do not fit this graph")):
+        loaded.weight(name, other)
+    assert isinstance(loaded, Loaded)
