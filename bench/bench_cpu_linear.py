@@ -75,10 +75,7 @@ def _pt2e_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor):
             )
     except Exception as e:  # noqa: BLE001 - any import failure means "not available"
         return None, f"PT2E (torchao.quantization.pt2e) not usable: {type(e).__name__}: {e}"
-    lin = torch.nn.Linear(w.shape[1], w.shape[0]).eval()
-    with torch.no_grad():
-        lin.weight.copy_(w)
-        lin.bias.copy_(b)
+    lin = _linear_module(w, b)
     try:
         quantizer = X86InductorQuantizer()
         quantizer.set_global(get_default_x86_inductor_quantization_config())
@@ -96,6 +93,15 @@ def _pt2e_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor):
         return None, f"PT2E failed: {type(e).__name__}: {e}"
 
 
+def _linear_module(w: torch.Tensor, b: torch.Tensor) -> torch.nn.Linear:
+    """An eval-mode nn.Linear holding w and b (what the quantization toolkits take)."""
+    lin = torch.nn.Linear(w.shape[1], w.shape[0]).eval()
+    with torch.no_grad():
+        lin.weight.copy_(w)
+        lin.bias.copy_(b)
+    return lin
+
+
 def _torchao_linear(w: torch.Tensor, b: torch.Tensor):
     """A compiled torchao int8-dynamic Linear, or (None, reason)."""
     try:
@@ -105,10 +111,7 @@ def _torchao_linear(w: torch.Tensor, b: torch.Tensor):
             from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
     except Exception as e:  # noqa: BLE001 - any import failure means "not available"
         return None, f"torchao not usable: {type(e).__name__}: {e}"
-    lin = torch.nn.Linear(w.shape[1], w.shape[0]).eval()
-    with torch.no_grad():
-        lin.weight.copy_(w)
-        lin.bias.copy_(b)
+    lin = _linear_module(w, b)
     try:
         quantize_(lin, Int8DynamicActivationInt8WeightConfig())
         return torch.compile(lin), f"torchao {torchao.__version__}"
