@@ -50,6 +50,34 @@ def is_linear(node) -> bool:
     return is_call(node, F.linear)
 
 
+def is_conv(node) -> bool:
+    """A canonical convolution (what canonicalize-conv leaves): torch.conv2d(x, W, b,
+    stride, padding, dilation, groups), all seven positional, stride / padding / dilation
+    pairs of Python ints, W a get_attr constant, b one or None."""
+    if not is_call(node, torch.conv2d) or len(node.args) != 7 or node.kwargs:
+        return False
+    _, w, b, stride, padding, dilation, groups = node.args
+    pairs = all(type(p) is tuple and len(p) == 2 and all(type(v) is int for v in p)
+                for p in (stride, padding, dilation))
+    return (pairs and type(groups) is int and isinstance(w, Node) and w.op == "get_attr"
+            and (b is None or (isinstance(b, Node) and b.op == "get_attr")))
+
+
+def is_layer(node) -> bool:
+    """A layer with a constant weight that qcompile quantizes: a canonical linear or conv."""
+    return is_linear(node) or is_conv(node)
+
+
+def layer_name(node: Node) -> str:
+    """The layer name of a canonical linear or conv: its weight's parameter path minus
+    .weight (stable across recompiles)."""
+    return linear_name(node)
+
+
+def layer_kind(node: Node) -> str:
+    return "conv" if is_conv(node) else "linear"
+
+
 def layout_kind(node) -> str | None:
     """How a layout op moves values: a kind of LAYOUT_OPS or "split-item"; None for any
     other node. The data input is args[0] (the split itself for a split item)."""
