@@ -183,8 +183,13 @@ def add_int8(a: Tensor, b: Tensor, a_zp: int, b_zp: int, qa: int, sa: int, qb: i
 
 @add_int8.fake
 def _(a, b, a_zp, b_zp, qa, sa, qb, sb, out_zp, qmin, qmax):
-    return torch.empty(torch.broadcast_shapes(a.shape, b.shape), dtype=torch.int8,
-                       device=a.device)
+    shape = torch.broadcast_shapes(a.shape, b.shape)
+    # element-wise results keep the full-shaped input's memory format (channels-last
+    # convolution outputs stay channels-last), as every implementation's torch ops do
+    for t in (a, b):
+        if t.shape == shape:
+            return torch.empty_like(t, dtype=torch.int8)
+    return torch.empty(shape, dtype=torch.int8, device=a.device)
 
 
 @add_int8.impl("reference")
@@ -667,4 +672,7 @@ REQUANT_INT8 = requant_int8.overload
 QUANTIZE_ABSMAX = quantize_absmax.overload
 ATTENTION_INT8 = attention_int8.overload
 HADAMARD = hadamard_transform.overload
-REQUANT_OPS = (LINEAR_INT8, LINEAR_W4A8)
+# every op that requantizes an accumulator per channel (compute-dyadic fills its q, shift)
+from qcompile.lowering.conv_ops import CONV2D_INT8  # noqa: E402
+
+REQUANT_OPS = (LINEAR_INT8, LINEAR_W4A8, CONV2D_INT8)

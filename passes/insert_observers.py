@@ -1,9 +1,11 @@
 """insert-observers: observers on every activation a static recipe quantizes.
 
-What: for each linear chosen by select-layers, an `Observe` call on its input (site
-"in:<layer>") and on its output ("out:<layer>"); for attention, on q, k and v
-("attn:<v layer>:q|k|v"); for a residual add of a quantized linear's output and another
-quantized activation, on the sum ("add:<layer>"). Which statistics each keeps depends on
+What: for each linear or convolution chosen by select-layers, an `Observe` call on its
+input (site "in:<layer>") and on its output ("out:<layer>"; for a convolution read only by
+a ReLU / ReLU6 / clamp, on the activation's output, which its requantization absorbs);
+for attention, on q, k and v ("attn:<v layer>:q|k|v"); for a residual add of a quantized
+layer's output and another quantized activation, on the sum ("add:<layer>"; after a ReLU
+that reads only the sum, as for a convolution). Which statistics each keeps depends on
 the options: a range observer (options.observer, else the recipe's) always; per-channel min/max when
 smoothing is on (SmoothQuant needs max|X_j|); the Hessian X^T X when GPTQ is on.
 Observers are identity functions in the graph: the model computes in float while
@@ -27,7 +29,8 @@ from qcompile import annotations as ann
 from qcompile.fx_utils import is_call
 from qcompile.numerics.observers import observer_for
 from qcompile.pass_manager import PassContext, PassResult, graph_pass
-from qcompile.sites import attention_site, producer_through_layout
+from qcompile.passes._activations import fused_activation
+from qcompile.sites import attention_site, is_conv, is_layer, producer_through_layout
 
 _OBSERVER_NAMES = {"minmax": "minmax", "moving-minmax": "moving_average_minmax",
                    "percentile": "percentile", "mse": "mse"}
@@ -93,18 +96,27 @@ def _input_kinds(ctx: PassContext) -> tuple[str, ...]:
 def insert_observers(gm: GraphModule, ctx: PassContext) -> PassResult:
     counters = {"inputs": 0, "outputs": 0, "attention": 0, "residual_adds": 0}
     static = ctx.options.recipe_obj.act is not None and not ctx.options.recipe_obj.act.dynamic
-    linears = [n for n in gm.graph.nodes if is_call(n, F.linear) and ann.selected(n)]
-    for node in linears:
+    layers = [n for n in gm.graph.nodes if is_layer(n) and ann.selected(n)]
+    for node in layers:
         layer = ann.get(node, ann.Layer).name
         x = node.args[0]
         kinds = _input_kinds(ctx) if static else tuple(k for k in _input_kinds(ctx)
                                                        if k != "range")
+        if is_conv(node):  # channels are dim 1, not the last: ranges only (no SmoothQuant,
+            kinds = ("range",) if static else ()  # no GPTQ Hessian of a last-dim input)
         if kinds and ann.site(x, "input") is None:
             counters["inputs"] += _observe(gm, ctx, x, f"in:{layer}", kinds, "input")
         if static:
             # smoothing may fold 1/s into this linear's output rows: keep channel ranges
             out_kinds = ("range", "channels") if ctx.options.transform_on("smooth") else ("range",)
-            counters["outputs"] += _observe(gm, ctx, node, f"out:{layer}", out_kinds,
+            out = node
+            if is_conv(node):
+                out_kinds = ("range",)
+                # a ReLU / ReLU6 reading only this conv becomes its requantization's clamp
+                # (rewrite-conv): the output scale is the one after it
+                act = fused_activation(node)
+                out = act.node if act is not None else node
+            counters["outputs"] += _observe(gm, ctx, out, f"out:{layer}", out_kinds,
                                             "output")
     if static:
         for node in list(gm.graph.nodes):
@@ -118,7 +130,10 @@ def insert_observers(gm: GraphModule, ctx: PassContext) -> PassResult:
         for node in list(gm.graph.nodes):
             layer = _residual_writer(node)
             if layer is not None:
-                counters["residual_adds"] += _observe(gm, ctx, node, f"add:{layer}", ("range",),
+                # a ReLU after the sum (ResNet) becomes add_int8's clamp (integer-dataflow)
+                act = fused_activation(node)
+                at = act.node if act is not None else node
+                counters["residual_adds"] += _observe(gm, ctx, at, f"add:{layer}", ("range",),
                                                       "add")
     modified = any(counters.values())
     return PassResult(gm, modified=modified, counters=counters)
@@ -133,7 +148,7 @@ def _residual_writer(node: Node) -> str | None:
     if not all(isinstance(s, Node) for s in sides):
         return None
     def quantized_linear(n):
-        return is_call(n, F.linear) and ann.selected(n) is not None
+        return is_layer(n) and ann.selected(n) is not None
 
     for i, s in enumerate(sides):
         other = _unobserved(node.args[1 - i])

@@ -29,21 +29,50 @@ from __future__ import annotations
 import operator
 
 import torch
+import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
 from qcompile import annotations as ann
 from qcompile.fx_utils import add_constant, erase_unused, is_call
-from qcompile.lowering import ops
+from qcompile.lowering import conv_ops, ops
 from qcompile.lowering.registry import arg
 from qcompile.pass_manager import PassContext, PassResult, graph_pass
+from qcompile.passes._activations import Clamp, fused_activation
 from qcompile.passes.rewrite_linear import ACT as ACT_RANGE
 from qcompile.sites import is_layout
 
 
+def _pair(v) -> list[int]:
+    return [int(v), int(v)] if isinstance(v, int) else [int(d) for d in v]
+
+
+def _max_pool_args(node: Node) -> tuple | None:
+    """(kernel, stride, padding, dilation, ceil_mode) of an F.max_pool2d without indices,
+    else None."""
+    if not is_call(node, F.max_pool2d):
+        return None
+    names = ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode",
+             "return_indices")
+    a = dict(zip(names, node.args)) | dict(node.kwargs)
+    if a.get("return_indices", False):
+        return None
+    kernel = _pair(a["kernel_size"])
+    stride = a.get("stride")
+    stride = kernel if stride is None or stride == [] or stride == () else _pair(stride)
+    return (kernel, stride, _pair(a.get("padding", 0)), _pair(a.get("dilation", 1)),
+            bool(a.get("ceil_mode", False)))
+
+
+def _moves_values(node) -> bool:
+    """Layout ops and max pooling: every output element is one of the input's, so int8
+    values and their scale pass through unchanged."""
+    return is_layout(node) or _max_pool_args(node) is not None
+
+
 def _dequant_through_layout(node) -> tuple[Node, list[Node]] | None:
-    """(dequantize node, layout chain from it down to `node`) or None."""
+    """(dequantize node, chain of value-moving ops from it down to `node`) or None."""
     chain: list[Node] = []
-    while isinstance(node, Node) and is_layout(node):
+    while isinstance(node, Node) and _moves_values(node):
         chain.append(node)
         node = node.args[0]
     if isinstance(node, Node) and node.target is ops.DEQUANTIZE:
@@ -52,12 +81,22 @@ def _dequant_through_layout(node) -> tuple[Node, list[Node]] | None:
 
 
 def _replay(gm: GraphModule, chain: list[Node], source: Node, before: Node) -> Node:
-    """Apply the same layout ops to `source` (an int8 tensor)."""
+    """Apply the same layout ops (max pooling as its int8 op) to `source` (int8), each
+    right after its input, reusing an identical op already made for another reader (so a
+    max pooling read by a block and its shortcut runs once)."""
     out = source
     for op in chain:
-        with gm.graph.inserting_before(before):
-            new = gm.graph.create_node(op.op, op.target, (out, *op.args[1:]), dict(op.kwargs))
-        out = new
+        pool = _max_pool_args(op)
+        if pool is not None:
+            target, args, kwargs = conv_ops.MAX_POOL2D_INT8, (out, *pool), {}
+        else:
+            target, args, kwargs = op.target, (out, *op.args[1:]), dict(op.kwargs)
+        same = next((u for u in out.users if u.op == op.op and u.target == target
+                     and u.args == args and u.kwargs == kwargs), None)
+        if same is None:
+            with gm.graph.inserting_after(out):
+                same = gm.graph.create_node(op.op, target, args, kwargs)
+        out = same
     return out
 
 
@@ -75,7 +114,7 @@ def _feeds_integers(node: Node) -> bool:
         seen.add(user)
         if user.target is ops.QUANTIZE:
             return True
-        if is_layout(user):
+        if _moves_values(user):
             todo += list(user.users)
     return False
 
@@ -97,15 +136,29 @@ def _int8_of(gm: GraphModule, value, before: Node) -> tuple[Node, ann.QParams] |
     return (q, ann.get(q, ann.QParams)) if q is not None else None
 
 
+def _add_site(node: Node) -> tuple[Node, Clamp | None] | None:
+    """(the node holding a residual add's observed sum, the ReLU it absorbs or None)."""
+    if not is_call(node, operator.add, torch.add):
+        return None
+    if ann.site(node, "add") is not None:
+        return node, None
+    act = fused_activation(node)
+    if act is not None and ann.site(act.node, "add") is not None:
+        return act.node, act  # observed after the ReLU: add_int8 clamps instead
+    return None
+
+
 def _residual_adds(gm: GraphModule, ctx: PassContext) -> int:
     calib = ctx.analysis.get("calib", {})
     done = 0
     for node in list(gm.graph.nodes):
-        if not is_call(node, operator.add, torch.add) or ann.site(node, "add") is None:
+        found_site = _add_site(node)
+        if found_site is None:
             continue
-        if not _feeds_integers(node):
+        at, act = found_site
+        if not _feeds_integers(at):
             continue  # the sum enters a float island (a norm): adding in float loses nothing
-        out = calib.get(ann.site(node, "add"))
+        out = calib.get(ann.site(at, "add"))
         if out is None or out.scale is None:
             continue
         for i in (0, 1):
@@ -118,6 +171,8 @@ def _residual_adds(gm: GraphModule, ctx: PassContext) -> int:
             bq, b_qp = other
             a_qp = _dequant_qparams(dq)
             qmin, qmax = ACT_RANGE[ctx.options.recipe_obj.act.bits]
+            if act is not None:
+                qmin, qmax = act.bounds(out.scale, out.zero_point, qmin, qmax)
             with gm.graph.inserting_before(node):
                 # (qa, sa, qb, sb) = (0, 1, 0, 1) until compute-dyadic
                 yq = gm.graph.call_function(
@@ -127,6 +182,10 @@ def _residual_adds(gm: GraphModule, ctx: PassContext) -> int:
                                                             node.meta["val"].dtype))
             ann.put(yq, ann.PendingRequant((a_qp.scale / out.scale, b_qp.scale / out.scale)))
             ann.put(yq, ann.QParams(out.scale, out.zero_point))
+            if act is not None:
+                ann.copy(act.node, y, ann.Sites)
+                act.node.replace_all_uses_with(y)
+                gm.graph.erase_node(act.node)
             node.replace_all_uses_with(y)
             gm.graph.erase_node(node)
             done += 1
@@ -169,7 +228,7 @@ def _float_outputs(gm: GraphModule) -> int:
             continue
         if not node.users or any(u.target is not ops.DEQUANTIZE for u in node.users):
             continue
-        x, w, zp_term = arg(node, "x"), arg(node, "w"), arg(node, "zp_term")
+        x, w = arg(node, "x"), arg(node, "w")
         layer = ann.get(node, ann.Layer)
         name = (layer.name if layer else node.name).replace(".", "_")
         if epi.w_int8 is not None:  # int4 weights: the int8 GEMM runs on their int8 values
@@ -179,11 +238,25 @@ def _float_outputs(gm: GraphModule) -> int:
              if epi.bias is not None else None)
         for dq in list(node.users):
             with gm.graph.inserting_before(dq):
-                y = gm.graph.call_function(ops.LINEAR_INT8_DQ, (x, w, b, zp_term, epi.x_scale,
-                                                                ws, arg(dq, "dtype")))
+                if node.target is conv_ops.CONV2D_INT8:
+                    geometry = [arg(node, k) for k in ("stride", "padding", "dilation",
+                                                       "groups")]
+                    y = gm.graph.call_function(conv_ops.CONV2D_INT8_DQ, (
+                        x, w, b, arg(node, "in_zp"), epi.x_scale, ws, arg(dq, "dtype"),
+                        *geometry))
+                else:
+                    y = gm.graph.call_function(ops.LINEAR_INT8_DQ, (
+                        x, w, b, arg(node, "zp_term"), epi.x_scale, ws, arg(dq, "dtype")))
+                if epi.clamp is not None:  # the activation its clamp stood for, in float
+                    lo, hi = epi.clamp
+                    out = gm.graph.call_function(torch.clamp, (y, lo, hi))
+            final = y
+            if epi.clamp is not None:
+                final = out
+                ann.copy(dq, out, ann.Sites)
             ann.copy(node, y, ann.Layer)
-            ann.copy(dq, y, ann.LayerOutput)
-            dq.replace_all_uses_with(y)
+            ann.copy(dq, final, ann.LayerOutput)
+            dq.replace_all_uses_with(final)
             gm.graph.erase_node(dq)
         gm.graph.erase_node(node)
         done += 1

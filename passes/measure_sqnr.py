@@ -19,12 +19,13 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch.fx import GraphModule, Interpreter
+from torch.fx import GraphModule, Interpreter, Node
 
 from qcompile import annotations as ann
 from qcompile.fx_utils import is_call
 from qcompile.pass_manager import PassContext, PassResult, graph_pass
-from qcompile.sites import linear_name
+from qcompile.passes._activations import fused_activation
+from qcompile.sites import is_conv, linear_name
 
 
 class _Record(Interpreter):
@@ -118,10 +119,26 @@ def measure_sqnr(gm: GraphModule, ctx: PassContext) -> PassResult:
         return _measure(gm, ctx, float_gm, inputs)
 
 
+def _float_layer_of(n, fused: bool) -> str | None:
+    """The layer a float node's output stands for: a selected layer, or (fused: static
+    recipes) the activation a quantized convolution absorbs (rewrite-conv: its quantized
+    output is after it)."""
+    if n.op != "call_function":
+        return None
+    layer = ann.selected(n)
+    first = n.args[0] if n.args else None
+    if layer is None and fused and isinstance(first, Node) and is_conv(first):
+        act = fused_activation(n.args[0])
+        if act is not None and act.node is n:
+            layer = ann.selected(n.args[0])
+    return getattr(layer, "name", None)
+
+
 def _measure(gm: GraphModule, ctx: PassContext, float_gm, inputs) -> PassResult:
     with torch.no_grad():
-        ref = _Record(float_gm, lambda n: getattr(ann.selected(n), "name", None)
-                      if n.op == "call_function" else None)
+        act = ctx.options.recipe_obj.act
+        fused = act is not None and not act.dynamic
+        ref = _Record(float_gm, lambda n: _float_layer_of(n, fused))
         ref.run(*inputs)
         test = _Record(gm, _layer_of)
         test.run(*inputs)

@@ -23,6 +23,7 @@ from qcompile.numerics.specs import QuantSpec
 from qcompile.numerics.weights import gptq_quantize, quantize_weight_rtn
 from qcompile.pass_manager import PassContext, PassResult, graph_pass
 from qcompile.passes.calibrate_qparams import loaded_quantization
+from qcompile.sites import is_conv
 
 
 def weight_spec_for(ctx: PassContext, k: int,
@@ -47,10 +48,13 @@ def quantize_weights(gm: GraphModule, ctx: PassContext) -> PassResult:
     loaded = loaded_quantization(ctx)
     use_gptq = ctx.options.transform_on("gptq")
     for node in gm.graph.nodes:
-        selected = ann.selected(node) if is_call(node, F.linear) else None
+        conv = is_conv(node)
+        selected = ann.selected(node) if is_call(node, F.linear) or conv else None
         if selected is None:
             continue
         w = get_constant(gm, node.args[1]).detach().float()
+        shape = w.shape
+        w = w.reshape(shape[0], -1)  # a conv's [N, C/g, kh, kw] as the GEMM's [N, K]
         spec, note = weight_spec_for(ctx, w.shape[1], selected.weight_bits)
         layer = ctx.layer(selected.name, "linear")
         if note:
@@ -66,13 +70,14 @@ def quantize_weights(gm: GraphModule, ctx: PassContext) -> PassResult:
             qw = saved
             counters["loaded"] += 1
             layer.transforms.append("loaded")
-        elif use_gptq and hessian is not None:
+        elif use_gptq and hessian is not None and not conv:
             qw = gptq_quantize(w, hessian.to(w.device), spec)
             counters["gptq"] += 1
             layer.transforms.append("gptq")
         else:
             if use_gptq:
-                layer.detail["gptq"] = "no Hessian was gathered: round-to-nearest"
+                layer.detail["gptq"] = ("a convolution: round-to-nearest" if conv else
+                                        "no Hessian was gathered: round-to-nearest")
             qw = quantize_weight_rtn(w, spec)
             counters["rtn"] += 1
         selected.qweight = qw

@@ -15,7 +15,11 @@ saved quantization (qcompile.load) quantizes exactly the layers saved quantized,
 route this CPU has for their saved weights, so that it runs the saved integers.
 Why a pass of its own: observers, weight quantization and the rewrites all ask the same
 question and must agree.
-Pre: canonicalize-linear. Post: every F.linear has a Layer annotation.
+Convolutions (canonicalize-conv) are layers too, planned on CPU by lowering/cpu_conv.py:
+oneDNN's int8 convolution where it is exact and faster than float32 for the layer's shape
+(dense convolutions with enough channels; not depthwise / grouped ones without VNNI, not a
+3-channel stem), else float under kernels="auto"; weight-only recipes leave them float.
+Pre: canonicalize-linear. Post: every F.linear and canonical conv has a Layer annotation.
 """
 
 from __future__ import annotations
@@ -31,10 +35,10 @@ from qcompile.lowering import cpu_routes
 from qcompile.lowering.reference import MAX_SAFE_K
 from qcompile.pass_manager import PassContext, PassResult, graph_pass
 from qcompile.passes.calibrate_qparams import loaded_quantization
-from qcompile.sites import is_linear, linear_name
+from qcompile.sites import is_conv, is_linear, layer_kind, layer_name
 
 
-def layer_reason(name: str, k: int, ctx: PassContext) -> str | None:
+def layer_reason(name: str, k: int, ctx: PassContext, packed_int4: bool = True) -> str | None:
     opts = ctx.options
     recipe = opts.recipe_obj
     if not recipe.quantizes:
@@ -44,7 +48,7 @@ def layer_reason(name: str, k: int, ctx: PassContext) -> str | None:
             return f"skipped by option skip={pattern!r}"
     if k > MAX_SAFE_K:
         return f"K={k} > {MAX_SAFE_K}: int32 accumulation could overflow"
-    if recipe.weight.bits == 4 and k % 2:
+    if recipe.weight.bits == 4 and k % 2 and packed_int4:
         return f"K={k} is odd: int4 weights pack two per byte along K"
     return None
 
@@ -94,6 +98,50 @@ def _cpu_plan(ctx: PassContext, node: Node, layer: ann.Layer, rec, saved) -> str
     return plan.reason if not plan.fast and opts.kernels == "auto" else None
 
 
+def _conv_reason(ctx: PassContext) -> str | None:
+    recipe = ctx.options.recipe_obj
+    if recipe.act is None:
+        return (f"recipe {recipe.name!r} is weight-only: qcompile has no weight-only "
+                "convolution kernel (a convolution is compute-bound: use w8a8 or w8a8-static)")
+    return None
+
+
+def _conv_cpu_plan(ctx: PassContext, node: Node, layer: ann.Layer, rec) -> str | None:
+    """Plan a quantized convolution on a CPU graph (weights, route), as _cpu_plan does for
+    a linear; the reason it stays float, or None."""
+    from qcompile.lowering import cpu_conv
+
+    opts, recipe = ctx.options, ctx.options.recipe_obj
+    caps = cpu_routes.cpu_capabilities()
+    narrow = cpu_conv.onednn_weight_range(caps) if caps.onednn else None
+    narrow = None if narrow == cpu_routes.FULL_RANGE else narrow
+    if opts.narrow_weights is True and narrow is None:
+        narrow = cpu_routes.SEVEN_BIT
+    if opts.narrow_weights is False:
+        narrow = None
+    bits = recipe.weight.bits
+    if narrow is not None and bits == 8:
+        layer.weight_bits = narrow[1].bit_length() + 1
+        rec.detail["weights"] = (f"{layer.weight_bits}-bit, the exact range of this CPU's "
+                                 f"int8 convolution ({caps.describe()})")
+    if opts.kernels not in ("auto", "cpu"):
+        return None
+    qmax = (1 << ((layer.weight_bits or bits) - 1)) - 1
+    x, w = node.args[0].meta["val"], node.args[1].meta["val"]
+    out = node.meta["val"]
+    geom = cpu_conv.ConvGeometry.of(*node.args[3:7])
+    shape = [int(d.node.hint) if isinstance(d, torch.SymInt) else int(d) for d in x.shape]
+    hw = tuple(int(d.node.hint) if isinstance(d, torch.SymInt) else int(d)
+               for d in out.shape[2:])
+    plan = cpu_conv.plan_conv(caps, shape, tuple(w.shape), geom, hw, (-qmax - 1, qmax))
+    layer.route = plan.route
+    rec.detail["route"] = f"{plan.route}: {plan.reason}"
+    if not plan.fast and opts.kernels == "auto":
+        return (f"no exact int8 convolution faster than float32 on {caps.describe()}: "
+                f"{plan.reason}")
+    return None
+
+
 def _device(node: Node) -> str:
     return node.args[1].meta["val"].device.type
 
@@ -104,19 +152,25 @@ def select_layers(gm: GraphModule, ctx: PassContext) -> PassResult:
     planned = False
     loaded = loaded_quantization(ctx)
     for node in gm.graph.nodes:
-        if not is_linear(node):
+        if not (is_linear(node) or is_conv(node)):
             continue
-        name = linear_name(node)
-        k = node.args[1].meta["val"].shape[1]
-        reason = layer_reason(name, k, ctx)
-        rec = ctx.layer(name, "linear")
+        name = layer_name(node)
+        conv = is_conv(node)
+        k = math.prod(node.args[1].meta["val"].shape[1:])
+        # convolutions hold int4 weights as int8 values: no packing, any K
+        reason = layer_reason(name, k, ctx, packed_int4=not conv) or (
+            _conv_reason(ctx) if conv else None)
+        rec = ctx.layer(name, layer_kind(node))
         variants = loaded.weights.get(name) if loaded is not None else None
         saved = list(variants.values()) if variants else None
         if reason is None and loaded is not None and saved is None:
             reason = "float in the loaded quantization"
         layer = ann.put(node, ann.Layer(name, quantize=reason is None))
         if reason is None and _device(node) == "cpu":
-            reason = _cpu_plan(ctx, node, layer, rec, saved)
+            if conv:
+                reason = _conv_cpu_plan(ctx, node, layer, rec) if saved is None else None
+            else:
+                reason = _cpu_plan(ctx, node, layer, rec, saved)
             layer.quantize = reason is None
             planned = True
         if reason is None:

@@ -143,6 +143,8 @@ class FloatEpilogue:
     w_scale: torch.Tensor  # float32 [N]
     bias: torch.Tensor | None  # float32 [N]
     w_int8: torch.Tensor | None  # int4 weights unpacked to int8 values, for the int8 GEMM
+    # a fused activation the requantization clamps to (lo, hi), re-applied in float there
+    clamp: tuple[float | None, float | None] | None = None
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ from qcompile.config import Options
 from qcompile.fx_utils import copy_graph_module, graph_fake_mode, seed_meta_from_dynamo
 from qcompile.pass_manager import PassContext, PassManager
 from qcompile.pipeline import Step, passes, steps
-from qcompile.sites import attention_site
+from qcompile.sites import attention_site, is_layer, layer_kind, layer_name
 from qcompile.state import ModelState, state_for_tensors
 
 _GRAPH_IDS = itertools.count()
@@ -190,9 +190,8 @@ class GraphVariant:
         for node in self.gm.graph.nodes:
             if node.op != "call_function":
                 continue
-            if node.target is F.linear:
-                name = node.args[1].meta.get("qc_param_name", node.args[1].target)
-                rec = self.ctx.layer(name.removesuffix(".weight"), "linear")
+            if is_layer(node):
+                rec = self.ctx.layer(layer_name(node), layer_kind(node))
                 if not rec.quantized and not rec.reason:
                     rec.reason = "no quantization stage rewrote it"
                 left.append(rec.name)
@@ -204,7 +203,8 @@ class GraphVariant:
             elif recipe.quantizes and getattr(node.target, "__name__", "") in _UNSUPPORTED:
                 kind = _UNSUPPORTED[node.target.__name__]
                 rec = self.ctx.layer(f"{kind}:{node.name}", kind.split()[-1])
-                rec.reason = f"{kind} is not quantized: qcompile rewrites linear and attention"
+                rec.reason = (f"{kind} is not quantized: qcompile rewrites linear, attention "
+                              "and 1-D / 2-D convolutions with constant weights")
                 left.append(rec.name)
         if recipe.quantizes and left:
             warnings.warn(

@@ -75,6 +75,11 @@ PIPELINE: tuple[Step, ...] = (
          "weights become constants first; every later pass reads their values"),
     Step("canonicalize-linear", C, always,
          "one spelling per op, so analysis and rewrites match one pattern"),
+    Step("canonicalize-conv", C, always,
+         "conv1d / conv2d as one torch.conv2d with every argument positional"),
+    Step("fold-batchnorm", C, quantizes,
+         "eval-mode batch norm into the convolution before it: one layer to quantize, and "
+         "its scale in the weights that quantization sees"),
     Step("canonicalize-attention", C, always, "sdpa with every argument by keyword"),
     Step("canonicalize-norm", C, always, "LayerNorm / RMSNorm in one form each",
          snapshot="canonical_gm"),  # the report compares ranges before the transforms
@@ -104,6 +109,9 @@ PIPELINE: tuple[Step, ...] = (
     Step("quantize-weights", F, quantizes, "RTN or GPTQ, per channel / per group"),
     Step("rewrite-linear", F, quantizes,
          "linear -> quantized linear; quantize / dequantize at its boundary"),
+    Step("rewrite-conv", F, quantizes,
+         "conv -> quantized conv (a ReLU it feeds becomes its clamp); the boundaries as "
+         "for linears, so integer-dataflow treats both alike"),
     Step("rewrite-attention", F, quantizes,
          "sdpa -> int8 attention (float softmax inside the kernel)"),
     Step("integer-nonlinear", F, integer_nonlinear,

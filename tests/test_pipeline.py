@@ -30,8 +30,9 @@ def test_conditions_pick_the_passes():
         return [s.name for s in steps(Options.from_user(None, kw))]
 
     assert names(recipe="float") == ["freeze-params", "canonicalize-linear",
-                                     "canonicalize-attention", "canonicalize-norm",
-                                     "select-layers"]
+                                     "canonicalize-conv", "canonicalize-attention",
+                                     "canonicalize-norm", "select-layers"]
+    assert "fold-batchnorm" in names(recipe="w8a8")
     dynamic = names(recipe="w8a8")
     assert "insert-observers" not in dynamic and "calibrate-qparams" not in dynamic
     assert "analyze-structure" not in dynamic and dynamic[-2:] == ["lower", "measure-sqnr"]

@@ -73,7 +73,53 @@ def _attention_args(g, extreme):
     return (q, k, v, *scales, mask, causal, None, torch.float32)
 
 
+def _conv_args(g, extreme):
+    """x int8 [B, C, H, W], w [N, C/groups, kh, kw] and a geometry: dense, grouped or
+    depthwise, strided, padded, dilated. Weights are 7-bit unless extreme, so the CPU's
+    oneDNN route runs (full-range weights take its exact fallback on CPUs without VNNI)."""
+    b, cg, ng, h, wd, kh, kw, stride, pad, dil, gsel = _dims(
+        g, (1, 2), (1, 6), (1, 6), (1, 9), (1, 9), (1, 3), (1, 3), (1, 2), (0, 2), (1, 2),
+        (0, 2))
+    groups = (1, 2, 3)[gsel]
+    if gsel == 2:  # depthwise (a channel multiplier of ng)
+        cg = 1
+    c, n = cg * groups, ng * groups
+    h = max(h, dil * (kh - 1) + 1 - 2 * pad)
+    wd = max(wd, dil * (kw - 1) + 1 - 2 * pad)
+    x = _int8(g, b, c, h, wd, extreme=extreme)
+    lo, hi = (-128, 127) if extreme else (-64, 63)
+    w = _int8(g, n, cg, kh, kw, lo=lo, hi=hi, extreme=extreme)
+    geometry = ([stride, 1], [pad, pad // 2], [dil, 1], groups)
+    return x, w, geometry
+
+
 def _samples(name, g, extreme):
+    if name == "conv2d_int8":
+        x, w, geometry = _conv_args(g, extreme)
+        n, k = w.shape[0], math.prod(w.shape[1:])
+        bias = torch.randint(-2**14, 2**14, (n,), generator=g, dtype=torch.int32)
+        in_zp = int(torch.randint(-128, 128, (1,), generator=g)) if not extreme else 127
+        q, shift = _requant_qs(g, n, k, extreme)
+        return (x, w, bias if n % 2 else None, in_zp, q, shift, -3, -128, 127, *geometry)
+    if name == "conv2d_int8_dq":
+        x, w, geometry = _conv_args(g, extreme)
+        n = w.shape[0]
+        bias = torch.randn(n, generator=g) if n % 2 else None
+        in_zp = int(torch.randint(-128, 128, (1,), generator=g))
+        return (x, w, bias, in_zp, 0.0173, torch.rand(n, generator=g) * 0.01, torch.float32,
+                *geometry)
+    if name == "conv2d_dynamic":
+        x, w, geometry = _conv_args(g, extreme)
+        xf = torch.randn(*x.shape, generator=g) * 3
+        xf[0] = 0.0  # an all-zero sample: the scale guard
+        return (xf, w, torch.rand(w.shape[0], generator=g) * 0.01, torch.randn(w.shape[0]),
+                *geometry)
+    if name == "max_pool2d_int8":
+        k, s, d = _dims(g, (1, 3), (1, 3), (1, 2))
+        pad = int(torch.randint(0, k // 2 + 1, (1,), generator=g))
+        hw = d * (k - 1) + 1 + int(torch.randint(0, 6, (1,), generator=g))
+        return (_int8(g, 2, 3, hw, hw + 1, extreme=extreme), [k, k], [s, s], [pad, pad],
+                [d, d], bool(extreme))
     if name == "quantize":
         x = torch.randn(3, 37, generator=g) * 4
         scale = float(torch.rand(1, generator=g)) * 0.05 + 0.01
@@ -223,6 +269,8 @@ def _zero_row_cases(op, args) -> list[tuple[str, tuple]]:
     """Empty batches: 0 rows of every activation, or for attention 0 queries, 0 keys and
     a batch of 0."""
     p = op.params
+    if "groups" in p or "ceil_mode" in p:  # images: a batch of 0 (0 rows is no image)
+        return [("batch of 0", _no_rows(args, p, {"x": 0}))]
     if "attn_mask" in p:
         return [
             ("0 queries", _no_rows(args, p, {"q": 2, "attn_mask": 2})),

@@ -1,0 +1,264 @@
+"""Exact int8 2-D convolution accumulators on CPU, and which layers run faster than float.
+
+What: `conv_acc(x, w, in_zp, geometry)` returns acc[b, n, oh, ow] =
+sum (x - in_zp) * w over each output's window (positions outside the input hold the zero
+point, i.e. real zero), bit for bit the reference's accumulator
+(kernels/conv.conv2d_acc_ref), held exactly in float32 in channels-last memory, so the
+GEMM epilogues of lowering/cpu.py run on its [B*Ho*Wo, N] view unchanged.
+
+Routes (the same facts as the linear routes in lowering/cpu_routes.py, measured with
+bench/bench_cpu_conv.py):
+  onednn-u8s8  onednn.qconv2d_pointwise on u8 activations x + 128 (zero point 128 + in_zp,
+               which oneDNN also pads with) and s8 weights, float32 output. Without VNNI
+               its VPMADDUBSW sums pairs of u8 x s8 products in int16 with saturation:
+               exact only for weights in [-64, 63] (2 * 255 * 64 < 2**15); with VNNI / AMX
+               any int8 weights (cpu_routes' capability probe). oneDNN accumulates in int32,
+               removes the zero-point compensation in int32 and converts to float32 once:
+               exact while |acc| <= 2**24. Input channels are split into chunks that
+               guarantee that (`plan_channel_chunks`), and chunks are summed in int32.
+  float64      the reference accumulator (kernels/conv.conv2d_acc_ref: a float64
+               convolution of the integer values, exact for any weights), on every CPU,
+               and slow: what the
+               "cpu" implementation runs where no exact int8 route exists. A layer on that
+               route is never faster than float; select-layers keeps it float under
+               kernels="auto" and says why.
+`plan_conv` decides per layer, from the shape, whether the int8 route is expected to beat
+the float convolution: measured on AVX2 (AMD EPYC, one thread), oneDNN's int8 kernel is
+1.7-2.6x float32 for dense convolutions with K = C*kh*kw >= 64, but slower than float for
+depthwise / grouped convolutions (0.7-0.8x) and for the 3-channel stem (0.85x).
+
+Pre: x int8 [B, C, H, W] (any memory format), w int8 [N, C/groups, kh, kw] within the
+route's weight range (`prepare_conv` refuses others: never a wrong value), in_zp in
+[-128, 127]. Post: float32 [B, N, Ho, Wo], channels-last, holding exact integers.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from qcompile.lowering import cpu_routes
+from qcompile.lowering.cpu_routes import F32_EXACT, FULL_RANGE, SEVEN_BIT, CpuCapabilities
+
+X_ABSMAX = 255  # |x - in_zp| for int8 x and an int8 zero point
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    groups: int
+
+    @classmethod
+    def of(cls, stride, padding, dilation, groups) -> ConvGeometry:
+        return cls(tuple(int(s) for s in stride), tuple(int(p) for p in padding),
+                   tuple(int(d) for d in dilation), int(groups))
+
+
+# ---------------------------------------------------------------- the exact fallback
+
+
+def conv_acc_exact(x: torch.Tensor, w: torch.Tensor, in_zp: int,
+                   g: ConvGeometry) -> torch.Tensor:
+    """The reference accumulator (int64 [B, N, Ho, Wo]; any CPU, any weights)."""
+    from qcompile.lowering.kernels.conv import conv2d_acc_ref
+
+    return conv2d_acc_ref(x, w, in_zp, g.stride, g.padding, g.dilation, g.groups)
+
+
+# ---------------------------------------------------------------- oneDNN
+
+
+def onednn_weight_range(caps: CpuCapabilities) -> tuple[int, int]:
+    """The weights oneDNN's int8 convolution is exact for on a CPU with these capabilities
+    (planning: the linear GEMM's probe result stands for the convolution kernels)."""
+    return FULL_RANGE if caps.onednn_full_range else SEVEN_BIT
+
+
+def _hardware_range() -> tuple[int, int]:
+    """The range on this machine, the convolution kernel itself probed (prepare_conv)."""
+    caps = cpu_routes._detected()
+    return FULL_RANGE if caps.onednn_full_range and _probe_full_range() else SEVEN_BIT
+
+
+@functools.cache
+def _probe_full_range() -> bool:
+    """Whether oneDNN's u8 x s8 convolution is exact for full-range weights here: 255 x
+    -128 pairs saturate an int16 pair sum (VPMADDUBSW), not a VNNI / AMX dot product."""
+    try:
+        for c, n in ((8, 16), (64, 32)):
+            x = torch.full((2, c, 5, 5), 127, dtype=torch.int8)
+            x[:, ::3] = -128
+            w = torch.full((n, c, 3, 3), -128, dtype=torch.int8)
+            w[:, 1::2] = 127
+            g = ConvGeometry((1, 1), (1, 1), (1, 1), 1)
+            got = run_prepared(x, _prepare_unchecked(w, 0, g))
+            if not torch.equal(got.to(torch.int64), conv_acc_exact(x, w, 0, g)):
+                return False
+        return True
+    except RuntimeError:
+        return False
+
+
+def plan_channel_chunks(w: torch.Tensor, groups: int) -> tuple[tuple[int, int], ...] | None:
+    """Input-channel ranges over which |acc| <= 2**24 for every int8 input (float32-exact),
+    or None where even one channel can exceed it or a grouped weight would need splitting
+    (its groups cannot be split across calls)."""
+    n, cg = w.shape[:2]
+    if n == 0 or cg == 0:
+        return ((0, cg),)
+    per_channel = w.to(torch.int64).abs().sum(dim=(2, 3))  # [N, C/g]
+    budget = F32_EXACT // X_ABSMAX
+    if groups > 1:
+        return ((0, cg),) if int(per_channel.sum(dim=1).max()) <= budget else None
+    if int(per_channel.max()) > budget:
+        return None
+    chunks, start = [], 0
+    while start < cg:
+        reach = (per_channel[:, start:].cumsum(dim=1)).amax(dim=0)  # nondecreasing
+        stop = start + max(1, int(torch.searchsorted(reach, budget, right=True)))
+        chunks.append((start, min(stop, cg)))
+        start = stop
+    return tuple(chunks)
+
+
+@dataclass(frozen=True, eq=False)
+class PreparedConv:
+    """A weight laid out for oneDNN once, per input zero point: one packed weight per
+    input-channel chunk."""
+
+    in_zp: int
+    geometry: ConvGeometry
+    n: int
+    chunks: tuple[tuple[int, int, torch.Tensor], ...]
+
+
+def _pack(w: torch.Tensor, in_zp: int, g: ConvGeometry) -> torch.Tensor:
+    n = w.shape[0]
+    return torch.ops.onednn.qconv_prepack(w.contiguous(), torch.ones(n), 1.0, 128 + in_zp,
+                                          list(g.stride), list(g.padding), list(g.dilation),
+                                          g.groups, None)
+
+
+def prepare_conv(w: torch.Tensor, in_zp: int, g: ConvGeometry) -> PreparedConv:
+    """Check w against oneDNN's exact range on this machine (the detected hardware, never
+    an override) and pack it, chunked so every chunk's accumulator is float32-exact."""
+    caps = cpu_routes._detected()
+    if not caps.onednn:
+        raise RuntimeError(f"oneDNN int8 convolution is not available on {caps.describe()}")
+    lo, hi = _hardware_range()
+    if w.numel():
+        wmin, wmax = int(w.min()), int(w.max())
+        if wmin < lo or wmax > hi:
+            raise ValueError(f"oneDNN's int8 convolution is exact only for weights in [{lo}, "
+                             f"{hi}] on {caps.describe()}; these are in [{wmin}, {wmax}]")
+    return _prepare_unchecked(w, in_zp, g)
+
+
+def _prepare_unchecked(w: torch.Tensor, in_zp: int, g: ConvGeometry) -> PreparedConv:
+    chunks = plan_channel_chunks(w, g.groups)
+    if chunks is None:
+        raise ValueError("these weights allow |acc| > 2**24 within one input channel (or "
+                         "one group): no float32-exact oneDNN chunking exists")
+    packed = tuple((s, e, _pack(w[:, s:e], in_zp, g)) for s, e in chunks)
+    return PreparedConv(in_zp, g, w.shape[0], packed)
+
+
+def _onednn_call(x_u8: torch.Tensor, zp: int, packed: torch.Tensor, n: int,
+                 g: ConvGeometry) -> torch.Tensor:
+    return torch.ops.onednn.qconv2d_pointwise(
+        x_u8, 1.0, zp, packed, torch.ones(n), torch.zeros(n, dtype=torch.int64), None,
+        list(g.stride), list(g.padding), list(g.dilation), g.groups, 1.0, 0, torch.float32,
+        "none", [], "")
+
+
+def run_prepared(x: torch.Tensor, p: PreparedConv) -> torch.Tensor:
+    """acc [B, N, Ho, Wo] channels-last, exact: float32 from one chunk (|acc| <= 2**24),
+    int32 summed over several (each chunk exact; their sum may pass 2**24)."""
+    x_u8 = cpu_routes._to_u8(x).contiguous(memory_format=torch.channels_last)
+    zp = 128 + p.in_zp
+    if len(p.chunks) == 1:
+        return _onednn_call(x_u8, zp, p.chunks[0][2], p.n, p.geometry)
+    out = None
+    for s, e, packed in p.chunks:
+        part = x_u8[:, s:e].contiguous(memory_format=torch.channels_last)
+        f = _onednn_call(part, zp, packed, p.n, p.geometry)
+        f = f.view(torch.int32).copy_(f)  # each chunk exact; their sum in int32
+        out = f if out is None else out.add_(f)
+    return out
+
+
+# ---------------------------------------------------------------- per-layer plan
+
+# Measured crossovers (bench/bench_cpu_conv.py, AVX2): oneDNN's per-call cost and its
+# input / output conversions outweigh the int8 gain below these sizes.
+MIN_K = 64  # C/groups * kh * kw: the 3-channel stem (K = 147 but C = 3) is excluded below
+MIN_C = 16
+MIN_MACS = 1 << 23
+
+
+@dataclass(frozen=True)
+class ConvPlan:
+    route: str  # "onednn-u8s8" or "float64"
+    fast: bool
+    reason: str
+
+
+def plan_conv(caps: CpuCapabilities, x_shape, w_shape, g: ConvGeometry, out_hw: tuple[int, int],
+              weight_range: tuple[int, int]) -> ConvPlan:
+    """The CPU route of one convolution layer and whether it beats float32 here."""
+    n, cg, kh, kw = w_shape
+    b = x_shape[0]
+    k = cg * kh * kw
+    macs = b * out_hw[0] * out_hw[1] * n * k
+    if not caps.onednn:
+        return ConvPlan("float64", False, f"no oneDNN int8 convolution on {caps.describe()}")
+    lo, hi = onednn_weight_range(caps)
+    if not (lo <= weight_range[0] and weight_range[1] <= hi):
+        return ConvPlan("float64", False,
+                        f"weights outside [{lo}, {hi}], oneDNN's exact range on this CPU")
+    if g.groups > 1 and not caps.vnni:
+        return ConvPlan("onednn-u8s8", False,
+                        f"grouped / depthwise convolution (groups={g.groups}): oneDNN's int8 "
+                        "kernel measured 0.7-0.8x float32 on AVX2")
+    if cg < MIN_C or k < MIN_K:
+        return ConvPlan("onednn-u8s8", False,
+                        f"{cg} input channels per group, K={k}: too narrow for the int8 "
+                        "kernel to beat float32 (the 3-channel stem measured 0.85x)")
+    if macs < MIN_MACS:
+        return ConvPlan("onednn-u8s8", False,
+                        f"{macs} MACs per call: too small for the int8 kernel to beat float32")
+    return ConvPlan("onednn-u8s8", True, f"oneDNN u8 x s8 convolution, weights in [{lo}, {hi}]")
+
+
+# ---------------------------------------------------------------- the accumulator
+
+_PREPARED: dict[tuple, tuple] = {}  # (id(w), in_zp, geometry) -> (weakref, version, prepared)
+
+
+def _prepared(w: torch.Tensor, in_zp: int, g: ConvGeometry) -> PreparedConv | None:
+    import weakref
+
+    key = (id(w), in_zp, g)
+    entry = _PREPARED.get(key)
+    if entry is None or entry[0]() is not w or entry[1] != w._version:
+        try:
+            p = prepare_conv(w, in_zp, g)
+        except (RuntimeError, ValueError):
+            p = None  # no exact oneDNN route for this weight: the float64 route runs
+        _PREPARED[key] = (weakref.ref(w, lambda _r, k=key: _PREPARED.pop(k, None)), w._version, p)
+        entry = _PREPARED[key]
+    return entry[2]
+
+
+def conv_acc(x: torch.Tensor, w: torch.Tensor, in_zp: int, g: ConvGeometry) -> torch.Tensor:
+    """acc as exact integers in channels-last memory: float32 from oneDNN where one chunk
+    holds |acc| <= 2**24, int32 summed over several chunks, int64 from the exact fallback
+    (each accepted by lowering/cpu.run_epilogue on the [B*Ho*Wo, N] row view)."""
+    p = _prepared(w, in_zp, g) if x.shape[0] and w.shape[0] else None
+    if p is not None:
+        return run_prepared(x, p)
+    return conv_acc_exact(x, w, in_zp, g).contiguous(memory_format=torch.channels_last)

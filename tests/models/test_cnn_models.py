@@ -1,0 +1,150 @@
+"""End to end on CNNs (tests/models/cnn_zoo.py): convolutions quantized under every
+activation recipe, batch norm folded, integer-only dataflow through ReLU, max pooling and
+residual adds for w8a8-static, and the same integers from every implementation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import qcompile
+from qcompile.lowering import conv_ops, ops
+from qcompile.state import state_for_model
+from tests.models import cnn_zoo
+
+TINY = {
+    "resnet": lambda: cnn_zoo.resnet(depths=(1, 1), widths=(16, 32), num_classes=10,
+                                     stem=False),
+    "resnet-bottleneck": lambda: cnn_zoo.resnet(depths=(1, 1), widths=(8, 16),
+                                                block="bottleneck", num_classes=10,
+                                                stem=False),
+    "mobilenet_v2": lambda: cnn_zoo.mobilenet_v2(
+        width_mult=0.5, num_classes=10, settings=((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 1, 2))),
+    "vit": lambda: cnn_zoo.vit(image_size=16, patch=4, dim=32, depth=1, heads=2),
+}
+CLOSE = {"w8a8": 0.999, "w8a8-static": 0.995, "w4a8": 0.97}
+STATIC = {"w8a8-static", "w4a8"}
+
+
+def build(name: str, outliers: bool = False):
+    model = TINY[name]()
+    if name != "vit":
+        cnn_zoo.randomize_batchnorm(model, 0)
+    if outliers:
+        cnn_zoo.inject_outlier_channels(model, 0)
+    return model.eval().requires_grad_(False)
+
+
+def images(batch: int, size: int = 16, seed: int = 0) -> torch.Tensor:
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def compiled(model, recipe: str, **options):
+    cm = torch.compile(model, backend="qcompile", options={"recipe": recipe, **options})
+    if recipe in STATIC:
+        with torch.no_grad(), qcompile.calibrate(cm):
+            for seed in range(4):
+                cm(images(4, seed=100 + seed))
+    return cm
+
+
+def lowered(cm):
+    """The graph that ran last (a new batch size after calibration compiles another)."""
+    return [a for a in state_for_model(cm).artifacts if a.finalized][-1]
+
+
+MATRIX = [pytest.param(name, recipe, id=f"{name}-{recipe}",
+                       marks=() if recipe == "w8a8-static" or name == "resnet"
+                       else pytest.mark.slow)
+          for name in TINY for recipe in CLOSE]
+
+
+@pytest.mark.parametrize("name, recipe", MATRIX)
+def test_cnn_recipe(name, recipe):
+    # outlier channels in the CNNs' batch norms; the ViT's LayerNorm outliers are the
+    # transformer recipes' problem (per-token activations), not its patch embedding's
+    model = build(name, outliers=name != "vit")
+    cm = compiled(model, recipe)
+    with torch.no_grad():
+        x = images(3, seed=7)  # a batch size calibration never saw
+        ref, out = model(x), cm(x)
+    assert out.shape == ref.shape
+    cos = F.cosine_similarity(ref.double(), out.double())
+    # a 1-block ViT with random weights: 4-bit weights cost its 10 logits more
+    close = 0.9 if (name, recipe) == ("vit", "w4a8") else CLOSE[recipe]
+    assert cos.min() > close, (name, recipe, cos)
+    assert not torch.equal(ref, out)  # it really is quantized
+    rep = qcompile.report(cm)
+    convs = [layer for layer in rep.layers if layer.kind == "conv"]
+    assert convs and all(layer.quantized for layer in convs), str(rep)
+    assert all(layer.sqnr_db is not None and layer.sqnr_db > 10 for layer in convs), str(rep)
+
+
+def test_resnet_static_is_integer_only_between_boundaries():
+    """w8a8-static on a ResNet: every BN folded, every conv an int8 op reading int8, ReLUs
+    absorbed as clamps, residual sums added in integers (add_int8), max pooling on int8,
+    one quantize at the input; only the last block's two branches (their sum enters float
+    average pooling) are dequantized from their accumulators, added and ReLU'd in float."""
+    model = cnn_zoo.resnet(depths=(1, 1), widths=(16, 32), num_classes=10)  # 7x7 stem, max pool
+    cnn_zoo.randomize_batchnorm(model, 0)
+    model = model.eval().requires_grad_(False)
+    cm = compiled(model, "w8a8-static")
+    with torch.no_grad():
+        cm(images(2))
+    art = lowered(cm)
+    nodes = list(art.gm.graph.nodes)
+    count = {t: sum(n.target is t for n in nodes) for t in (
+        conv_ops.CONV2D_INT8, conv_ops.CONV2D_INT8_DQ, conv_ops.MAX_POOL2D_INT8, ops.ADD_INT8,
+        ops.QUANTIZE, ops.REQUANT_INT8)}
+    assert art.ctx.counters["fold-batchnorm.conv2d"] == 6
+    assert not any(n.target in (torch.conv2d, F.batch_norm) for n in nodes)
+    assert sum(n.target in (F.relu, torch.relu) for n in nodes) == 1  # the last block's
+    assert count[conv_ops.CONV2D_INT8] == 4 and count[conv_ops.CONV2D_INT8_DQ] == 2
+    assert count[conv_ops.MAX_POOL2D_INT8] == 1  # one, read by the block and its shortcut
+    assert count[ops.ADD_INT8] == 1  # the first block's sum feeds the second block
+    assert count[ops.QUANTIZE] == 2  # the image, and the fc input after float pooling
+    clamped = 0  # ReLUs absorbed: qmin = the output zero point
+    for n in nodes:
+        if n.target is conv_ops.CONV2D_INT8:
+            assert n.args[0].meta["val"].dtype == torch.int8
+            assert art.gm.get_buffer(n.args[4].target).dtype == torch.int64  # dyadic q
+            clamped += n.args[7] == n.args[6]
+        if n.target is ops.ADD_INT8:
+            clamped += n.args[9] == n.args[8]
+    assert clamped == 4  # the stem's, each block's first conv's, the first block's sum's
+
+
+def test_every_implementation_gives_the_same_outputs():
+    """kernels="reference", "cpu" and "triton" (the interpreter here) run the same
+    integers: a tiny CNN's outputs are equal bit for bit."""
+    model = build("mobilenet_v2")
+    outs = []
+    for kernels in ("reference", "cpu", "triton"):
+        cm = compiled(model, "w8a8-static", kernels=kernels, inductor=False)
+        with torch.no_grad():
+            outs.append(cm(images(2, seed=9)))
+        torch._dynamo.reset()
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+def test_weight_only_recipe_leaves_convolutions_float_and_says_why():
+    model = build("resnet")
+    cm = torch.compile(model, backend="qcompile", options={"recipe": "w4a16"})
+    with torch.no_grad():
+        cm(images(2))
+    convs = [layer for layer in qcompile.report(cm).layers if layer.kind == "conv"]
+    assert convs and not any(layer.quantized for layer in convs)
+    assert all("weight-only" in layer.reason for layer in convs)
+
+
+def test_cpu_plan_keeps_slow_convolutions_float_with_a_reason():
+    """kernels="auto" on CPU: a layer no exact int8 convolution runs faster than float32
+    (the 3-channel stem, tiny or depthwise layers without VNNI) stays float, and says why."""
+    model = build("mobilenet_v2")
+    cm = compiled(model, "w8a8-static", kernels="auto")
+    with torch.no_grad():
+        cm(images(2))
+    convs = [layer for layer in qcompile.report(cm).layers if layer.kind == "conv"]
+    floats = [layer for layer in convs if not layer.quantized]
+    assert floats and all("faster than float32" in layer.reason for layer in floats)
