@@ -116,10 +116,34 @@ def producer_through_layout(node) -> Node:
 def attention_site(sdpa: Node) -> str:
     """Named after the linear producing v, pinned on the node the first time it is asked
     (canonicalize-attention does), so transforms that change the v path later do not
-    change the name."""
+    change the name. Where v is not a linear's output through layout ops (GQA's
+    repeat_interleave, a computed v), the nearest linear above v, k or q names it: the
+    node's own name is the same in every graph Dynamo compiles for one layer class, and two
+    layers' attentions would share calibration statistics and a report entry."""
     if "qc_site" not in sdpa.meta:
         v = producer_through_layout(sdpa.args[2])
         if _is_split(v):  # a part of a fused projection (qkv, or kv)
             v = producer_through_layout(v.args[0])
+        if not is_linear(v):
+            v = next((found for arg in (sdpa.args[2], sdpa.args[1], sdpa.args[0])
+                      if (found := _linear_above(arg)) is not None), v)
         sdpa.meta["qc_site"] = f"attn:{linear_name(v)}" if is_linear(v) else f"attn:{sdpa.name}"
     return sdpa.meta["qc_site"]
+
+
+def _linear_above(node, depth: int = 8) -> Node | None:
+    """The nearest linear among the ops `node` is computed from (breadth first, a few
+    levels up), or None."""
+    level = [node] if isinstance(node, Node) else []
+    seen: set[Node] = set()
+    for _ in range(depth):
+        nxt = []
+        for n in level:
+            if n in seen:
+                continue
+            seen.add(n)
+            if is_linear(n):
+                return n
+            nxt += n.all_input_nodes
+        level = nxt
+    return None

@@ -96,6 +96,14 @@ REGRESSIONS = {
     "unread-rotation-signs": (
         Case(d=16, blocks=(MLP(hidden=16, act='relu', gated=False, spelling='t'), Norm(kind='LayerNorm'), Linear(out=16, spelling='module', bias=False)), kernels='auto', options=(('rotate', True),)),  # noqa: E501
         "w8a8-static"),
+    # Grouped-query attention spelled explicitly repeats k / v heads (repeat_interleave),
+    # so v was no linear's output through layout ops and the attention was named after its
+    # node: in a loop with a graph break, every layer's graph names it alike, and two
+    # layers shared one report entry (and, static, calibration statistics). The nearest
+    # linear above v, k or q names it now (qcompile/sites.py attention_site).
+    "gqa-attentions-named-alike": (
+        Case(d=16, blocks=(Linear(out=16, spelling='module', bias=False), Break(kind='graph_break'), Attention(heads=2, kv_heads=1, spelling='explicit-div', mask=None, scale=None, fused_qkv=None, gqa='enable_gqa', bias=False), Attention(heads=4, kv_heads=2, spelling='explicit-div', mask=None, scale=None, fused_qkv=None, gqa='enable_gqa', bias=False)), batch=2, seq=3, dtype='float32', contiguous=False, dynamic=False, kernels='cpu', options=(), tuple_output=False, seed=0, calib_seq=4, loop=True),  # noqa: E501
+        "w4a8"),
 }
 
 
