@@ -254,7 +254,7 @@ def _requant_candidate(block: int):
         doubtful = ((t - r).abs() > 0.5 - t.abs() * 2.0**-21) & (t.abs() < 512)
         m, n = t.shape
         blocks = torch.where(doubtful, 1.0, 0.0).view(m, n // block, block).amax(dim=2)
-        return (r + zp).clamp(qmin, qmax).to(torch.int32).to(torch.int8), blocks
+        return (r + zp).clamp(qmin, qmax).to(torch.int8), blocks
 
     body.__name__ = f"requant_candidate_{block}"
     return body
