@@ -128,12 +128,14 @@ def plan_channel_chunks(w: torch.Tensor, groups: int) -> tuple[tuple[int, int], 
 @dataclass(frozen=True, eq=False)
 class PreparedConv:
     """A weight laid out for oneDNN once, per input zero point: one packed weight per
-    input-channel chunk."""
+    input-channel chunk, and the whole weight packed where that takes several (`whole`:
+    one call whose float32 output is checked at run time, see conv_acc)."""
 
     in_zp: int
     geometry: ConvGeometry
     n: int
     chunks: tuple[tuple[int, int, torch.Tensor], ...]
+    whole: torch.Tensor | None = None
 
 
 def _pack(w: torch.Tensor, in_zp: int, g: ConvGeometry) -> torch.Tensor:
@@ -164,7 +166,8 @@ def _prepare_unchecked(w: torch.Tensor, in_zp: int, g: ConvGeometry) -> Prepared
         raise ValueError("these weights allow |acc| > 2**24 within one input channel (or "
                          "one group): no float32-exact oneDNN chunking exists")
     packed = tuple((s, e, _pack(w[:, s:e], in_zp, g)) for s, e in chunks)
-    return PreparedConv(in_zp, g, w.shape[0], packed)
+    whole = _pack(w, in_zp, g) if len(chunks) > 1 else None
+    return PreparedConv(in_zp, g, w.shape[0], packed, whole)
 
 
 def _onednn_call(x_u8: torch.Tensor, zp: int, packed: torch.Tensor, n: int,
@@ -259,6 +262,16 @@ def conv_acc(x: torch.Tensor, w: torch.Tensor, in_zp: int, g: ConvGeometry) -> t
     holds |acc| <= 2**24, int32 summed over several chunks, int64 from the exact fallback
     (each accepted by lowering/cpu.run_epilogue on the [B*Ho*Wo, N] row view)."""
     p = _prepared(w, in_zp, g) if x.shape[0] and w.shape[0] else None
-    if p is not None:
-        return run_prepared(x, p)
-    return conv_acc_exact(x, w, in_zp, g).contiguous(memory_format=torch.channels_last)
+    if p is None:
+        return conv_acc_exact(x, w, in_zp, g).contiguous(memory_format=torch.channels_last)
+    if p.whole is not None:
+        # Weights that allow |acc| > 2**24 rarely produce one: run the whole convolution
+        # once and check. oneDNN rounds the exact int32 accumulator to float32 once, and
+        # rounding is monotone, so |acc| > 2**24 cannot come out below 2**24: every
+        # |value| < 2**24 proves them all exact. Otherwise the chunked, exact run.
+        x_u8 = cpu_routes._to_u8(x).contiguous(memory_format=torch.channels_last)
+        y = _onednn_call(x_u8, 128 + p.in_zp, p.whole, p.n, p.geometry)
+        lo, hi = torch.aminmax(y)
+        if -F32_EXACT < lo.item() and hi.item() < F32_EXACT:
+            return y
+    return run_prepared(x, p)

@@ -201,8 +201,65 @@ def _(a, b, a_zp, b_zp, qa, sa, qb, sb, out_zp, qmin, qmax):
 @add_int8.impl("cpu", runs_on=on_cpu)
 def _(a, b, a_zp, b_zp, qa, sa, qb, sb, out_zp, qmin, qmax):
     qa, qb, s = _aligned(qa, sa, qb, sb)
+    fast = _add_f32(a, b, a_zp, b_zp, qa, qb, s, out_zp, qmin, qmax)
+    if fast is not None:
+        return fast
     return _elementwise(_add_body, a.numel() >= _FUSE_MIN_ELEMENTS, a, b, a_zp, b_zp, qa, qb,
                         s, out_zp, qmin, qmax)
+
+
+_ADD_BLOCK = 64  # doubtful elements are recomputed exactly in blocks of this many
+_ADD_MIN = 1 << 14  # below, the int64 path's few passes cost less than a compiled call
+
+
+def _add_candidate(a, b, a_zp, b_zp, ma, mb, out_zp, qmin, qmax):
+    # float32: A = fl(fl(a - zp) * fl(ma)), B alike, t = fl(A + B): |t - exact| <
+    # (|A| + |B|) 2**-22 (two roundings per side, one for the sum; cancellation between
+    # the sides is why the bound is on |A| + |B|, not |t|)
+    ta = (a.float() - a_zp) * ma
+    tb = (b.float() - b_zp) * mb
+    t = ta + tb
+    r = torch.round(t)
+    # doubtful: within twice that bound of a half-integer (t and the exact value could
+    # round apart, or the exact value is a tie); |t| >= 512 saturates either way
+    doubtful = ((t - r).abs() > 0.5 - (ta.abs() + tb.abs()) * 2.0**-21) & (t.abs() < 512)
+    blocks = torch.where(doubtful, 1.0, 0.0).view(-1, _ADD_BLOCK).amax(dim=1)
+    return (r + out_zp).clamp(qmin, qmax).to(torch.int8), blocks
+
+
+def _dense_format(t: Tensor) -> torch.memory_format | None:
+    if t.is_contiguous():
+        return torch.contiguous_format
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return None
+
+
+def _add_f32(a, b, a_zp, b_zp, qa, qb, s, out_zp, qmin, qmax):
+    """add_int8 through a float32 candidate, bit for bit the int64 arithmetic: ATen
+    emulates int64 multiplies lane by lane without AVX-512, which made a ResNet's residual
+    adds a fifth of its integer forward. The elements whose candidate could round
+    differently are recomputed exactly (requantize_f32's method, lowering/cpu.py). Same
+    shape and dense memory order only (None otherwise: the int64 path runs)."""
+    fmt = _dense_format(a)
+    n = a.numel()
+    if a.shape != b.shape or fmt is None or n % _ADD_BLOCK or n < _ADD_MIN or inside_compiler():
+        return None
+    if _dense_format(b) != fmt:  # e.g. a channels-last conv output and an NCHW shortcut
+        b = b.contiguous(memory_format=fmt)
+    flat_a = a.as_strided((n,), (1,))  # the elements in memory order, a and b alike
+    flat_b = b.as_strided((n,), (1,))
+    ma, mb = math.ldexp(qa, -s), math.ldexp(qb, -s)
+    y, blocks = _elementwise(_add_candidate, True, flat_a, flat_b, a_zp, b_zp, ma, mb, out_zp,
+                             qmin, qmax)
+    bad = blocks.nonzero().squeeze(1)
+    if bad.numel():
+        idx = (bad[:, None] * _ADD_BLOCK + torch.arange(_ADD_BLOCK)).reshape(-1)
+        y[idx] = _add_body(flat_a[idx], flat_b[idx], a_zp, b_zp, qa, qb, s, out_zp, qmin, qmax)
+    if fmt is torch.channels_last:
+        bsz, c, h, w = a.shape
+        return y.view(bsz, h, w, c).permute(0, 3, 1, 2)
+    return y.view(a.shape)
 
 
 def add_multipliers(ma: float, mb: float) -> tuple[int, int, int, int]:

@@ -63,6 +63,21 @@ def test_input_channels_are_chunked_where_float32_would_round():
 
 
 @ONEDNN
+def test_one_call_where_the_values_stay_small_though_the_weights_allow_more():
+    """Weights whose bound needs chunks, inputs whose accumulators stay below 2**24: one
+    oneDNN call, its float32 output checked at run time and returned (exact)."""
+    lo, hi = _weight_range()
+    c = 320
+    w = torch.full((4, c, 3, 3), hi, dtype=torch.int8)
+    w[:, ::2] = lo
+    assert len(cpu_conv.plan_channel_chunks(w, 1)) > 1
+    x = torch.randint(-3, 4, (2, c, 5, 5), generator=torch.Generator().manual_seed(0),
+                      dtype=torch.int8)
+    got = cpu_conv.conv_acc(x, w, 0, G)
+    assert got.dtype == torch.float32 and torch.equal(got.to(torch.int64), _acc(x, w, 0))
+
+
+@ONEDNN
 def test_weights_outside_the_exact_range_are_refused_and_take_the_exact_route():
     lo, hi = _weight_range()
     if (lo, hi) == cpu_routes.FULL_RANGE:
