@@ -35,6 +35,7 @@ from torch import Tensor
 from qcompile.lowering.device import triton_runs_on
 from qcompile.lowering.epilogue import Bias, Dequantize, Epilogue, Requantize
 from qcompile.lowering.registry import on_cpu, quantized_op
+from qcompile.numerics.dyadic import rounding_shift_unchecked
 
 
 def conv_out_size(size, k: int, stride: int, padding: int, dilation: int):
@@ -243,3 +244,31 @@ max_pool2d_int8.impl("reference")(_max_pool_float)
 
 
 MAX_POOL2D_INT8 = max_pool2d_int8.overload
+
+
+def _avg_pool_body(x, in_zp, q, shift, out_zp, qmin, qmax, kernel_size, stride):
+    # window sums, exact: float32 holds every sum of int8 values over < 65793 elements
+    count = kernel_size[0] * kernel_size[1]
+    sums = F.avg_pool2d(x.float(), kernel_size, stride, divisor_override=1).to(torch.int64)
+    y = rounding_shift_unchecked((sums - count * in_zp) * q, shift) + out_zp
+    return y.clamp(qmin, qmax).to(torch.int8)
+
+
+@quantized_op
+def avg_pool2d_int8(x: Tensor, in_zp: int, q: int, shift: int, out_zp: int, qmin: int,
+                    qmax: int, kernel_size: list[int], stride: list[int]) -> Tensor:
+    """Average pooling on int8 values, requantized once: y = clamp(round_half_away((sum
+    over the window of x - count * in_zp) * q / 2**shift) + out_zp), count = kh * kw and
+    q / 2**shift = s_in / (s_out * count) (no padding: every window is full). Global
+    average pooling is the window of the whole image."""
+
+
+@avg_pool2d_int8.fake
+def _(x, in_zp, q, shift, out_zp, qmin, qmax, kernel_size, stride):
+    return F.avg_pool2d(torch.empty_like(x, dtype=torch.float32), kernel_size, stride).to(
+        torch.int8)
+
+
+avg_pool2d_int8.impl("reference")(_avg_pool_body)
+
+AVG_POOL2D_INT8 = avg_pool2d_int8.overload

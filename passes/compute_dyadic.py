@@ -19,7 +19,7 @@ from torch.fx import GraphModule
 
 from qcompile import annotations as ann
 from qcompile.fx_utils import get_constant, replace_constant
-from qcompile.lowering import ops
+from qcompile.lowering import conv_ops, ops
 from qcompile.lowering.registry import arg, set_arg
 from qcompile.numerics.dyadic import quantize_multiplier
 from qcompile.pass_manager import PassContext, PassResult, graph_pass
@@ -39,7 +39,7 @@ def compute_dyadic(gm: GraphModule, ctx: PassContext) -> PassResult:
             replace_constant(gm, arg(node, "q"), q)
             replace_constant(gm, arg(node, "shift"), shift)
             counters["linear"] += 1
-        elif node.target is ops.REQUANT_INT8:
+        elif node.target in (ops.REQUANT_INT8, conv_ops.AVG_POOL2D_INT8):
             (mult,) = pending.multipliers
             q, shift = quantize_multiplier(mult)
             set_arg(node, "q", q)

@@ -114,7 +114,7 @@ def _feeds_integers(node: Node) -> bool:
         seen.add(user)
         if user.target is ops.QUANTIZE:
             return True
-        if _moves_values(user):
+        if _moves_values(user) or _avg_pool_args(user) is not None:  # (pooled in integers)
             todo += list(user.users)
     return False
 
@@ -180,6 +180,9 @@ def _residual_adds(gm: GraphModule, ctx: PassContext) -> int:
                                    out.zero_point, qmin, qmax))
                 y = gm.graph.call_function(ops.DEQUANTIZE, (yq, out.scale, out.zero_point,
                                                             node.meta["val"].dtype))
+            # the float value's shape stands until the pass manager re-derives it (a pooling
+            # later in this pass reads it)
+            y.meta["val"] = node.meta.get("val")
             ann.put(yq, ann.PendingRequant((a_qp.scale / out.scale, b_qp.scale / out.scale)))
             ann.put(yq, ann.QParams(out.scale, out.zero_point))
             if act is not None:
@@ -193,10 +196,79 @@ def _residual_adds(gm: GraphModule, ctx: PassContext) -> int:
     return done
 
 
-def _round_trips(gm: GraphModule) -> int:
+def _avg_pool_args(node) -> tuple[list[int], list[int], bool] | None:
+    """(kernel, stride, keeps the pooled dims) of an average pooling whose windows are all
+    full and whose size is known at compile time, else None: adaptive_avg_pool2d to 1 x 1
+    and mean over the last two dims (global), avg_pool2d without padding or ceil mode."""
+    x = node.args[0] if isinstance(node, Node) and node.args else None
+    val = x.meta.get("val") if isinstance(x, Node) else None
+    if val is None or val.dim() != 4:
+        return None
+    h, w = val.shape[2:]
+    static = isinstance(h, int) and isinstance(w, int) and h > 0 and w > 0
+    if is_call(node, F.adaptive_avg_pool2d):
+        size = node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")
+        if static and size in (1, (1, 1), [1, 1]):
+            return [h, w], [h, w], True
+        return None
+    if is_call(node, torch.mean) or (node.op == "call_method" and node.target == "mean"):
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        keep = bool(node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False))
+        dims = sorted(d % 4 for d in dims) if isinstance(dims, (list, tuple)) else None
+        return ([h, w], [h, w], keep) if static and dims == [2, 3] else None
+    if is_call(node, F.avg_pool2d):
+        names = ("input", "kernel_size", "stride", "padding", "ceil_mode",
+                 "count_include_pad", "divisor_override")
+        a = dict(zip(names, node.args)) | dict(node.kwargs)
+        if _pair(a.get("padding", 0)) != [0, 0] or a.get("ceil_mode", False) or a.get(
+                "divisor_override") is not None:
+            return None
+        kernel = _pair(a["kernel_size"])
+        stride = a.get("stride")
+        stride = kernel if stride in (None, [], ()) else _pair(stride)
+        return kernel, stride, True
+    return None
+
+
+def _pooled_round_trip(gm: GraphModule, ctx: PassContext, node: Node) -> bool:
+    """quantize(layout(avg_pool(value-moving ops(dequantize(yq))))) -> the layout ops on
+    avg_pool2d_int8(the value-moving ops on yq): window sums in integers, requantized once
+    to the quantize's scale (s_in / (s_out * count))."""
+    after, cur = [], node.args[0]
+    while isinstance(cur, Node) and is_layout(cur):
+        after.append(cur)
+        cur = cur.args[0]
+    pool = _avg_pool_args(cur)
+    found = _dequant_through_layout(cur.args[0]) if pool is not None else None
+    if found is None:
+        return False
+    kernel, stride, keep = pool
+    dq, before = found
+    ints = _replay(gm, before, arg(dq, "q"), node)
+    qp_in = _dequant_qparams(dq)
+    qp_out = ann.QParams(arg(node, "scale"), arg(node, "zero_point"))
+    with gm.graph.inserting_before(node):
+        pooled = gm.graph.call_function(conv_ops.AVG_POOL2D_INT8, (
+            ints, qp_in.zero_point, 0, 1, qp_out.zero_point, arg(node, "qmin"),
+            arg(node, "qmax"), kernel, stride))
+        out = pooled
+        if not keep:  # mean over (2, 3) without keepdim: [B, C, 1, 1] -> [B, C]
+            out = gm.graph.call_method("flatten", (pooled, 1))
+    ann.put(pooled, ann.PendingRequant((qp_in.scale / (qp_out.scale * kernel[0] * kernel[1]),)))
+    ann.put(pooled, qp_out)
+    out = _replay(gm, after[::-1], out, node)
+    node.replace_all_uses_with(out)
+    gm.graph.erase_node(node)
+    return True
+
+
+def _round_trips(gm: GraphModule, ctx: PassContext) -> int:
     done = 0
     for node in list(gm.graph.nodes):
         if node.target is not ops.QUANTIZE:
+            continue
+        if _pooled_round_trip(gm, ctx, node):
+            done += 1
             continue
         found = _dequant_through_layout(node.args[0])
         if found is None:
@@ -269,7 +341,7 @@ def integer_dataflow(gm: GraphModule, ctx: PassContext) -> PassResult:
     if recipe.requant != "dyadic":
         return PassResult(gm, False, {})
     counters = {"residual_adds": _residual_adds(gm, ctx), "round_trips_removed": 0}
-    counters["round_trips_removed"] = _round_trips(gm)
+    counters["round_trips_removed"] = _round_trips(gm, ctx)
     counters["float_outputs"] = _float_outputs(gm)
     erase_unused(gm)
     return PassResult(gm, modified=any(counters.values()), counters=counters)

@@ -114,6 +114,14 @@ def _samples(name, g, extreme):
         xf[0] = 0.0  # an all-zero sample: the scale guard
         return (xf, w, torch.rand(w.shape[0], generator=g) * 0.01, torch.randn(w.shape[0]),
                 *geometry)
+    if name == "avg_pool2d_int8":
+        k, s = _dims(g, (1, 4), (1, 4))
+        hw = k + int(torch.randint(0, 6, (1,), generator=g))
+        x = _int8(g, 2, 3, hw, hw + 2, extreme=extreme)
+        count = k * k
+        q, shift = quantize_multiplier(0.7 / count)
+        return (x, -5 if not extreme else 127, int(q), int(shift), 3, -128, 127, [k, k],
+                [s, s])
     if name == "max_pool2d_int8":
         k, s, d = _dims(g, (1, 3), (1, 3), (1, 2))
         pad = int(torch.randint(0, k // 2 + 1, (1,), generator=g))
@@ -269,7 +277,7 @@ def _zero_row_cases(op, args) -> list[tuple[str, tuple]]:
     """Empty batches: 0 rows of every activation, or for attention 0 queries, 0 keys and
     a batch of 0."""
     p = op.params
-    if "groups" in p or "ceil_mode" in p:  # images: a batch of 0 (0 rows is no image)
+    if "groups" in p or "kernel_size" in p:  # images: a batch of 0 (0 rows is no image)
         return [("batch of 0", _no_rows(args, p, {"x": 0}))]
     if "attn_mask" in p:
         return [

@@ -83,9 +83,9 @@ def test_cnn_recipe(name, recipe):
 
 def test_resnet_static_is_integer_only_between_boundaries():
     """w8a8-static on a ResNet: every BN folded, every conv an int8 op reading int8, ReLUs
-    absorbed as clamps, residual sums added in integers (add_int8), max pooling on int8,
-    one quantize at the input; only the last block's two branches (their sum enters float
-    average pooling) are dequantized from their accumulators, added and ReLU'd in float."""
+    absorbed as clamps, residual sums added in integers (add_int8), max and global average
+    pooling on int8, one quantize at the input, and only the classifier's accumulator
+    dequantized (to the float logits)."""
     model = cnn_zoo.resnet(depths=(1, 1), widths=(16, 32), num_classes=10)  # 7x7 stem, max pool
     cnn_zoo.randomize_batchnorm(model, 0)
     model = model.eval().requires_grad_(False)
@@ -95,15 +95,17 @@ def test_resnet_static_is_integer_only_between_boundaries():
     art = lowered(cm)
     nodes = list(art.gm.graph.nodes)
     count = {t: sum(n.target is t for n in nodes) for t in (
-        conv_ops.CONV2D_INT8, conv_ops.CONV2D_INT8_DQ, conv_ops.MAX_POOL2D_INT8, ops.ADD_INT8,
-        ops.QUANTIZE, ops.REQUANT_INT8)}
+        conv_ops.CONV2D_INT8, conv_ops.CONV2D_INT8_DQ, conv_ops.MAX_POOL2D_INT8,
+        conv_ops.AVG_POOL2D_INT8, ops.ADD_INT8, ops.QUANTIZE, ops.DEQUANTIZE,
+        ops.LINEAR_INT8_DQ)}
     assert art.ctx.counters["fold-batchnorm.conv2d"] == 6
-    assert not any(n.target in (torch.conv2d, F.batch_norm) for n in nodes)
-    assert sum(n.target in (F.relu, torch.relu) for n in nodes) == 1  # the last block's
-    assert count[conv_ops.CONV2D_INT8] == 4 and count[conv_ops.CONV2D_INT8_DQ] == 2
+    assert not any(n.target in (torch.conv2d, F.batch_norm, F.relu, torch.relu,
+                                F.adaptive_avg_pool2d, F.max_pool2d) for n in nodes)
+    assert count[conv_ops.CONV2D_INT8] == 6 and count[conv_ops.CONV2D_INT8_DQ] == 0
     assert count[conv_ops.MAX_POOL2D_INT8] == 1  # one, read by the block and its shortcut
-    assert count[ops.ADD_INT8] == 1  # the first block's sum feeds the second block
-    assert count[ops.QUANTIZE] == 2  # the image, and the fc input after float pooling
+    assert count[conv_ops.AVG_POOL2D_INT8] == 1 and count[ops.ADD_INT8] == 2
+    assert count[ops.QUANTIZE] == 1 and count[ops.DEQUANTIZE] == 0  # the image only
+    assert count[ops.LINEAR_INT8_DQ] == 1  # the classifier: float logits
     clamped = 0  # ReLUs absorbed: qmin = the output zero point
     for n in nodes:
         if n.target is conv_ops.CONV2D_INT8:
@@ -112,7 +114,7 @@ def test_resnet_static_is_integer_only_between_boundaries():
             clamped += n.args[7] == n.args[6]
         if n.target is ops.ADD_INT8:
             clamped += n.args[9] == n.args[8]
-    assert clamped == 4  # the stem's, each block's first conv's, the first block's sum's
+    assert clamped == 5  # the stem's, each block's first conv's and each block's sum's
 
 
 def test_every_implementation_gives_the_same_outputs():
