@@ -272,3 +272,26 @@ def _(x, in_zp, q, shift, out_zp, qmin, qmax, kernel_size, stride):
 avg_pool2d_int8.impl("reference")(_avg_pool_body)
 
 AVG_POOL2D_INT8 = avg_pool2d_int8.overload
+
+
+# ---------------------------------------------------------------- element-wise by table
+
+
+@quantized_op
+def lut_int8(x: Tensor, table: Tensor) -> Tensor:
+    """y = table[x + 128]: any element-wise function of an int8 value to an int8 value, as
+    its 256 outputs computed at compile time (an activation between two int8 tensors:
+    hardswish, SiLU, sigmoid, ...). Integer-only at run time: one lookup per element."""
+
+
+@lut_int8.fake
+def _(x, table):
+    return torch.empty_like(x)
+
+
+@lut_int8.impl("reference")
+def _(x, table):
+    return table[x.to(torch.int64) + 128]
+
+
+LUT_INT8 = lut_int8.overload

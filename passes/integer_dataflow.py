@@ -36,6 +36,7 @@ from qcompile import annotations as ann
 from qcompile.fx_utils import add_constant, erase_unused, is_call
 from qcompile.lowering import conv_ops, ops
 from qcompile.lowering.registry import arg
+from qcompile.numerics.specs import QuantSpec, compute_qparams
 from qcompile.pass_manager import PassContext, PassResult, graph_pass
 from qcompile.passes._activations import Clamp, fused_activation
 from qcompile.passes.rewrite_linear import ACT as ACT_RANGE
@@ -114,7 +115,9 @@ def _feeds_integers(node: Node) -> bool:
         seen.add(user)
         if user.target is ops.QUANTIZE:
             return True
-        if _moves_values(user) or _avg_pool_args(user) is not None:  # (pooled in integers)
+        # pooled, concatenated or tabled in integers (_round_trips) on the way
+        if (_moves_values(user) or _avg_pool_args(user) is not None
+                or is_call(user, torch.cat, torch.concat, torch.concatenate, *_ELEMENTWISE)):
             todo += list(user.users)
     return False
 
@@ -206,7 +209,7 @@ def _avg_pool_args(node) -> tuple[list[int], list[int], bool] | None:
         return None
     h, w = val.shape[2:]
     static = isinstance(h, int) and isinstance(w, int) and h > 0 and w > 0
-    if is_call(node, F.adaptive_avg_pool2d):
+    if is_call(node, F.adaptive_avg_pool2d, torch._C._nn.adaptive_avg_pool2d):
         size = node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")
         if static and size in (1, (1, 1), [1, 1]):
             return [h, w], [h, w], True
@@ -216,7 +219,7 @@ def _avg_pool_args(node) -> tuple[list[int], list[int], bool] | None:
         keep = bool(node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False))
         dims = sorted(d % 4 for d in dims) if isinstance(dims, (list, tuple)) else None
         return ([h, w], [h, w], keep) if static and dims == [2, 3] else None
-    if is_call(node, F.avg_pool2d):
+    if is_call(node, F.avg_pool2d, torch._C._nn.avg_pool2d):
         names = ("input", "kernel_size", "stride", "padding", "ceil_mode",
                  "count_include_pad", "divisor_override")
         a = dict(zip(names, node.args)) | dict(node.kwargs)
@@ -230,61 +233,180 @@ def _avg_pool_args(node) -> tuple[list[int], list[int], bool] | None:
     return None
 
 
-def _pooled_round_trip(gm: GraphModule, ctx: PassContext, node: Node) -> bool:
-    """quantize(layout(avg_pool(value-moving ops(dequantize(yq))))) -> the layout ops on
-    avg_pool2d_int8(the value-moving ops on yq): window sums in integers, requantized once
-    to the quantize's scale (s_in / (s_out * count))."""
-    after, cur = [], node.args[0]
-    while isinstance(cur, Node) and is_layout(cur):
-        after.append(cur)
-        cur = cur.args[0]
-    pool = _avg_pool_args(cur)
-    found = _dequant_through_layout(cur.args[0]) if pool is not None else None
-    if found is None:
+def _rescaled(gm: GraphModule, ints: Node, qp_in: ann.QParams, qp_out: ann.QParams,
+              qmin: int, qmax: int, before: Node) -> Node:
+    """ints (at qp_in) as int8 at qp_out: itself, or requant_int8 (integer-only)."""
+    if qp_in == qp_out:
+        return ints
+    with gm.graph.inserting_before(before):
+        # (q, shift) = (0, 1) until compute-dyadic
+        out = gm.graph.call_function(ops.REQUANT_INT8, (ints, qp_in.zero_point, 0, 1,
+                                                        qp_out.zero_point, qmin, qmax))
+    ann.put(out, ann.PendingRequant((qp_in.scale / qp_out.scale,)))
+    ann.put(out, qp_out)
+    return out
+
+
+# element-wise functions an int8 value may go through as a table (lut_int8): unary, or
+# with constant arguments only
+_ELEMENTWISE = (F.hardswish, F.hardsigmoid, F.silu, F.mish, F.gelu, F.elu, F.selu, F.celu,
+                F.leaky_relu, F.softplus, F.relu6, F.hardtanh, F.relu, torch.relu,
+                torch.sigmoid, torch.tanh, F.sigmoid, F.tanh)
+# an int8 value a linear made keeps the float-island rule (its accumulator is dequantized
+# for a float activation: more precise, and what the transformer recipes are tuned on)
+_LINEARS = (ops.LINEAR_INT8, ops.LINEAR_W4A8)
+_CATS = (torch.cat, torch.concat, torch.concatenate)
+
+
+class _Int8Builder:
+    """Builds, for a float value, an int8 node holding it at given quantization parameters
+    (or at its own, `qp=None`), from integer ops only; None where some part of it has no
+    integer form. Each rule is exact or rounds once, like the float path's quantize:
+      dequantize(yq)              yq, rescaled (requant_int8)
+      layout ops, max pooling     the same op on the int8 value (each output is an input)
+      cat(parts)                  each part at the target parameters, concatenated
+      average pooling             avg_pool2d_int8: window sums, one requantization
+      f(v), f element-wise        lut_int8: f's 256 outputs, computed with f itself
+    Nothing is built until the whole value is known to have an integer form (`plan`
+    first), so a failed attempt leaves the graph unchanged."""
+
+    def __init__(self, gm: GraphModule, qmin: int, qmax: int, before: Node):
+        self.gm, self.qmin, self.qmax, self.before = gm, qmin, qmax, before
+
+    def natural(self, v) -> ann.QParams | None:
+        """The parameters v is built at when nothing asks for others: its own where it is a
+        dequantized int8 value; for a table, those covering exactly f's 256 outputs; for a
+        concatenation, those covering its parts' ranges; an average pooling's input's.
+        (A pooling's input is built at these, never at the pooled value's narrower
+        observed range, which would clip it.) None: no integer form."""
+        found = _dequant_through_layout(v)
+        if found is not None:
+            return _dequant_qparams(found[0])
+        if not isinstance(v, Node):
+            return None
+        if is_layout(v) or _max_pool_args(v) is not None or _avg_pool_args(v) is not None:
+            return self.natural(v.args[0])
+        if is_call(v, *_CATS):
+            parts = self._parts(v)
+            ranges = [self._range(self.natural(p)) for p in parts or ()]
+            if not parts or None in ranges:
+                return None
+            return self._covering(min(r[0] for r in ranges), max(r[1] for r in ranges))
+        if self._table_input(v) is not None:
+            y = self._table_values(v)
+            return self._covering(float(y.min()), float(y.max()))
+        return None
+
+    def _range(self, qp: ann.QParams | None) -> tuple[float, float] | None:
+        if qp is None:
+            return None
+        return ((self.qmin - qp.zero_point) * qp.scale, (self.qmax - qp.zero_point) * qp.scale)
+
+    def _covering(self, lo: float, hi: float) -> ann.QParams:
+        spec = QuantSpec(bits=8, symmetric=False)
+        if (self.qmin, self.qmax) != (spec.qmin, spec.qmax):
+            spec = QuantSpec(bits=4, symmetric=False)
+        scale, zp = compute_qparams(lo, hi, spec)
+        return ann.QParams(float(scale), int(zp))
+
+    @staticmethod
+    def _parts(v: Node):
+        parts = v.args[0] if v.args else v.kwargs.get("tensors")
+        return parts if isinstance(parts, (list, tuple)) else None
+
+    def _table_input(self, v: Node) -> ann.QParams | None:
+        """An element-wise f of a value with integer parameters of its own: those."""
+        if not is_call(v, *_ELEMENTWISE) or any(
+                isinstance(a, Node) for a in (*v.args[1:], *v.kwargs.values())):
+            return None
+        found = _dequant_through_layout(v.args[0])
+        if found is not None and arg(found[0], "q").target in _LINEARS:
+            return None
+        return self.natural(v.args[0])
+
+    def _table_values(self, v: Node) -> torch.Tensor:
+        """f of the 256 codes of its input, computed with f itself in float32."""
+        qp_in = self._table_input(v)
+        codes = torch.arange(self.qmin, self.qmax + 1, dtype=torch.int8)
+        x = ops.dequantize(codes, qp_in.scale, qp_in.zero_point, torch.float32,
+                           impl="reference")
+        return v.target(x, *v.args[1:], **{k: a for k, a in v.kwargs.items()
+                                           if k != "inplace"})
+
+    def possible(self, v, qp: ann.QParams | None) -> bool:
+        if _dequant_through_layout(v) is not None:
+            return True
+        if not isinstance(v, Node):
+            return False
+        if is_layout(v) or _max_pool_args(v) is not None:
+            return self.possible(v.args[0], qp)
+        if _avg_pool_args(v) is not None:
+            return self.possible(v.args[0], self.natural(v.args[0]))
+        if is_call(v, *_CATS):
+            parts = self._parts(v)
+            qp = qp or self.natural(v)
+            return qp is not None and parts is not None and all(
+                self.possible(p, qp) for p in parts)
+        if self._table_input(v) is not None:
+            return self.possible(v.args[0], None)
         return False
-    kernel, stride, keep = pool
-    dq, before = found
-    ints = _replay(gm, before, arg(dq, "q"), node)
-    qp_in = _dequant_qparams(dq)
-    qp_out = ann.QParams(arg(node, "scale"), arg(node, "zero_point"))
-    with gm.graph.inserting_before(node):
-        pooled = gm.graph.call_function(conv_ops.AVG_POOL2D_INT8, (
-            ints, qp_in.zero_point, 0, 1, qp_out.zero_point, arg(node, "qmin"),
-            arg(node, "qmax"), kernel, stride))
-        out = pooled
-        if not keep:  # mean over (2, 3) without keepdim: [B, C, 1, 1] -> [B, C]
-            out = gm.graph.call_method("flatten", (pooled, 1))
-    ann.put(pooled, ann.PendingRequant((qp_in.scale / (qp_out.scale * kernel[0] * kernel[1]),)))
-    ann.put(pooled, qp_out)
-    out = _replay(gm, after[::-1], out, node)
-    node.replace_all_uses_with(out)
-    gm.graph.erase_node(node)
-    return True
+
+    def build(self, v: Node, qp: ann.QParams | None) -> tuple[Node, ann.QParams]:
+        gm, before = self.gm, self.before
+        found = _dequant_through_layout(v)
+        if found is not None:
+            dq, chain = found
+            ints, qp_in = _replay(gm, chain, arg(dq, "q"), before), _dequant_qparams(dq)
+            if qp is None:
+                return ints, qp_in
+            return _rescaled(gm, ints, qp_in, qp, self.qmin, self.qmax, before), qp
+        if is_layout(v) or _max_pool_args(v) is not None:
+            inner, qp = self.build(v.args[0], qp)
+            return _replay(gm, [v], inner, before), qp
+        pool = _avg_pool_args(v)
+        if pool is not None:
+            kernel, stride, keep = pool
+            inner, qp_in = self.build(v.args[0], self.natural(v.args[0]))
+            qp = qp or qp_in
+            with gm.graph.inserting_before(before):
+                out = gm.graph.call_function(conv_ops.AVG_POOL2D_INT8, (
+                    inner, qp_in.zero_point, 0, 1, qp.zero_point, self.qmin, self.qmax,
+                    kernel, stride))
+                ann.put(out, ann.PendingRequant((qp_in.scale / (qp.scale * kernel[0]
+                                                                 * kernel[1]),)))
+                ann.put(out, qp)
+                if not keep:  # mean over (2, 3) without keepdim: [B, C, 1, 1] -> [B, C]
+                    out = gm.graph.call_method("flatten", (out, 1))
+            return out, qp
+        if is_call(v, *_CATS):
+            qp = qp or self.natural(v)
+            dim = v.args[1] if len(v.args) > 1 else v.kwargs.get("dim", 0)
+            ints = [self.build(p, qp)[0] for p in self._parts(v)]
+            with gm.graph.inserting_before(before):
+                return gm.graph.call_function(torch.cat, (ints, dim)), qp
+        # element-wise: the table of f from the input's own parameters to qp
+        qp = qp or self.natural(v)
+        inner, _ = self.build(v.args[0], None)
+        table = ops.quantize(self._table_values(v), qp.scale, qp.zero_point, self.qmin,
+                             self.qmax, impl="reference")
+        table_node = add_constant(gm, f"{v.name}_table", table, before=before)
+        with gm.graph.inserting_before(before):
+            out = gm.graph.call_function(conv_ops.LUT_INT8, (inner, table_node))
+        ann.put(out, qp)
+        return out, qp
 
 
 def _round_trips(gm: GraphModule, ctx: PassContext) -> int:
+    """quantize(v) where v has an integer form (_Int8Builder) -> that form."""
     done = 0
     for node in list(gm.graph.nodes):
         if node.target is not ops.QUANTIZE:
             continue
-        if _pooled_round_trip(gm, ctx, node):
-            done += 1
+        builder = _Int8Builder(gm, arg(node, "qmin"), arg(node, "qmax"), node)
+        qp = ann.QParams(arg(node, "scale"), arg(node, "zero_point"))
+        if not builder.possible(node.args[0], qp):
             continue
-        found = _dequant_through_layout(node.args[0])
-        if found is None:
-            continue
-        dq, chain = found
-        ints = _replay(gm, chain, arg(dq, "q"), node)
-        qp_in, qp_out = _dequant_qparams(dq), ann.QParams(arg(node, "scale"),
-                                                          arg(node, "zero_point"))
-        if qp_in != qp_out:  # another scale: rescale in integers
-            with gm.graph.inserting_before(node):
-                # (q, shift) = (0, 1) until compute-dyadic
-                ints = gm.graph.call_function(
-                    ops.REQUANT_INT8, (ints, qp_in.zero_point, 0, 1, qp_out.zero_point,
-                                       arg(node, "qmin"), arg(node, "qmax")))
-            ann.put(ints, ann.PendingRequant((qp_in.scale / qp_out.scale,)))
-            ann.put(ints, qp_out)
+        ints, _ = builder.build(node.args[0], qp)
         node.replace_all_uses_with(ints)
         gm.graph.erase_node(node)
         done += 1

@@ -150,3 +150,49 @@ def test_cpu_plan_keeps_slow_convolutions_float_with_a_reason():
     convs = [layer for layer in qcompile.report(cm).layers if layer.kind == "conv"]
     floats = [layer for layer in convs if not layer.quantized]
     assert floats and all("faster than float32" in layer.reason for layer in floats)
+
+
+class _Branchy(torch.nn.Module):
+    """Inception / MobileNetV3-style pieces: two branches concatenated, hardswish and SiLU
+    between convolutions, a 2x2 average pooling of the concatenation, a residual sum read
+    by a hardswish, global average pooling by mean."""
+
+    def __init__(self):
+        super().__init__()
+        conv = torch.nn.Conv2d
+        self.stem = torch.nn.Sequential(conv(3, 16, 3, padding=1), torch.nn.BatchNorm2d(16),
+                                        torch.nn.Hardswish())
+        self.a, self.b = conv(16, 8, 1), conv(16, 8, 3, padding=1)
+        self.mix = conv(16, 16, 3, padding=1)
+        self.head = torch.nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = torch.cat([self.a(x), F.silu(self.b(x))], dim=1)  # [B, 16, H, W]
+        y = F.avg_pool2d(y, 2)
+        y = F.hardswish(self.mix(y) + y)
+        return self.head(y.mean((2, 3)))
+
+
+def test_concat_tables_and_pooling_stay_integer():
+    """w8a8-static: concatenation requantizes each part to the sum's scale, hardswish and
+    SiLU between int8 values are 256-entry tables computed with the float ops themselves,
+    average pooling sums in integers; nothing between the image and the classifier runs
+    in float, and the outputs match float closely."""
+    torch.manual_seed(0)
+    model = _Branchy().eval().requires_grad_(False)
+    cnn_zoo.randomize_batchnorm(model, 0)
+    cm = compiled(model, "w8a8-static")
+    with torch.no_grad():
+        x = images(3, seed=7)
+        ref, out = model(x), cm(x)
+    assert F.cosine_similarity(ref, out).min() > 0.995
+    nodes = list(lowered(cm).gm.graph.nodes)
+    assert sum(n.target is conv_ops.LUT_INT8 for n in nodes) == 3  # stem, SiLU, the sum's
+    assert sum(n.target is conv_ops.AVG_POOL2D_INT8 for n in nodes) == 2
+    assert sum(n.target is ops.ADD_INT8 for n in nodes) == 1
+    assert any(n.target is torch.cat and n.meta["val"].dtype == torch.int8 for n in nodes)
+    assert sum(n.target is ops.QUANTIZE for n in nodes) == 1
+    assert not any(n.target in (F.hardswish, F.silu, F.avg_pool2d, torch._C._nn.avg_pool2d,
+                                torch.conv2d, torch.cat) and n.meta["val"].is_floating_point()
+                   for n in nodes)
