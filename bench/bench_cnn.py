@@ -7,7 +7,8 @@ outlier channels injected into some batch norms, eval mode):
 Accuracy: top-1 agreement with float and the cosine of the logits, per image, over
 --images random images (Gaussian pixels; calibration on --calib other batches).
 Speed: median ms per batch (--batch images) over interleaved rounds after warm-up: float
-eager (NCHW, what a user runs) and each recipe; speed-up = float ms / its ms.
+eager (NCHW, what a user runs), float under torch.compile (Inductor: how much of a
+speed-up is compilation rather than int8) and each recipe; speed-up = float ms / its ms.
 Every number names its machine (CPU model, ISA, VNNI or not, threads) and versions.
 
     python bench/bench_cnn.py [--models resnet18,mobilenet_v2] [--recipes w8a8-static,w8a8]
@@ -85,6 +86,41 @@ def layers(cm) -> dict:
             "float": {x.name: x.reason for x in rep.layers if not x.quantized}}
 
 
+def _model(args, name: str) -> dict:
+    """One model: each recipe compiled, calibrated and checked, then all timed interleaved."""
+    model = build(name, args.quick)
+    calib = [images(args.batch, args.size, 100 + i) for i in range(args.calib)]
+    x = images(args.batch, args.size, 7)
+    fns, entry = {"float": lambda: model(x)}, {}
+    recipes = args.recipes.split(",")
+    for recipe in recipes:
+        torch._dynamo.reset()
+        cm, first_s = compile_recipe(model, recipe, calib)
+        entry[recipe] = {"first_call_s": first_s, **layers(cm),
+                         **accuracy(model, cm, args.images, 32, args.size)}
+        fns[recipe] = lambda c=cm: c(x)
+    torch._dynamo.reset()
+    inductor = torch.compile(model)  # float, compiled: how much of a speed-up is not int8's
+    fns["inductor"] = lambda: inductor(x)
+    for f in fns.values():  # warm-up
+        f()
+        f()
+    times = interleaved(fns, args.rounds, CLOCKS[args.clock])
+    ms = {k: round(statistics.median(v), 2) for k, v in times.items()}
+    entry["float"] = {"ms": ms["float"]}
+    entry["inductor"] = {"ms": ms["inductor"], "speedup": round(ms["float"] / ms["inductor"], 2)}
+    print(f"{name}: float {ms['float']:.1f} ms/batch of {args.batch}, float under Inductor "
+          f"{ms['inductor']:.1f} ms ({entry['inductor']['speedup']:.2f}x)")
+    for recipe in recipes:
+        e = entry[recipe]
+        e["ms"], e["speedup"] = ms[recipe], round(ms["float"] / ms[recipe], 2)
+        print(f"  {recipe:12s} {e['ms']:8.1f} ms  {e['speedup']:.2f}x  top-1 "
+              f"{e['top1_agreement']:.4f}  cos mean {e['cosine_mean']:.5f} min "
+              f"{e['cosine_min']:.5f}  convs {e['conv_quantized']}/{e['conv_total']}"
+              f"  first call {e['first_call_s']} s")
+    return entry
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawTextHelpFormatter)
@@ -107,33 +143,7 @@ def main() -> None:
               "size": args.size, "clock": args.clock, "models": {}}
     with torch.no_grad():
         for name in args.models.split(","):
-            model = build(name, args.quick)
-            calib = [images(args.batch, args.size, 100 + i) for i in range(args.calib)]
-            x = images(args.batch, args.size, 7)
-            fns, entry = {"float": lambda m=model: m(x)}, {}
-            for recipe in args.recipes.split(","):
-                torch._dynamo.reset()
-                cm, first_s = compile_recipe(model, recipe, calib)
-                entry[recipe] = {"first_call_s": first_s, **layers(cm),
-                                 **accuracy(model, cm, args.images, 32, args.size)}
-                fns[recipe] = lambda c=cm: c(x)
-            for f in fns.values():  # warm-up
-                f()
-                f()
-            times = interleaved(fns, args.rounds, CLOCKS[args.clock])
-            ms = {k: round(statistics.median(v), 2) for k, v in times.items()}
-            entry["float"] = {"ms": ms["float"]}
-            for recipe in args.recipes.split(","):
-                entry[recipe]["ms"] = ms[recipe]
-                entry[recipe]["speedup"] = round(ms["float"] / ms[recipe], 2)
-            result["models"][name] = entry
-            print(f"{name}: float {ms['float']:.1f} ms/batch of {args.batch}")
-            for recipe in args.recipes.split(","):
-                e = entry[recipe]
-                print(f"  {recipe:12s} {e['ms']:8.1f} ms  {e['speedup']:.2f}x  top-1 "
-                      f"{e['top1_agreement']:.4f}  cos mean {e['cosine_mean']:.5f} min "
-                      f"{e['cosine_min']:.5f}  convs {e['conv_quantized']}/{e['conv_total']}"
-                      f"  first call {e['first_call_s']} s")
+            result["models"][name] = _model(args, name)
     out = args.out or os.path.join(ROOT, "bench", "results", f"cnn-cpu-{results_slug()}.json")
     with open(out, "w") as f:
         json.dump(result, f, indent=1)

@@ -39,6 +39,46 @@ SHAPES = [
 ]
 
 
+def _layer(args, caps, lo, hi, name, c, h, n, k, s, g) -> dict:
+    """One layer shape: every configuration timed, interleaved."""
+    p = k // 2
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(args.batch, c, h, h, generator=gen)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randn(n, c // g, k, k, generator=gen)
+    xq = torch.randint(-128, 128, x.shape, generator=gen, dtype=torch.int8).contiguous(
+        memory_format=torch.channels_last)
+    wq = torch.randint(lo, hi + 1, w.shape, generator=gen, dtype=torch.int8)
+    # a real layer's multipliers: q anywhere in [2**30, 2**31) (a power of two would
+    # make exact ties, which the float32 epilogue hands to its exact path, common)
+    q = torch.randint(1 << 30, 1 << 31, (n,), generator=gen, dtype=torch.int64)
+    shift = torch.full((n,), 31 + 9 + (c * k * k).bit_length() // 2, dtype=torch.int64)
+    geom = ([s, s], [p, p], [1, 1], g)
+    bias = torch.zeros(n, dtype=torch.int32)
+    pg = cpu_conv.ConvGeometry.of(*geom)
+    prepared = cpu_conv.prepare_conv(wq, -7, pg) if caps.onednn else None
+    fns = {
+        "float32": lambda: F.conv2d(x, w, None, s, p, 1, g),
+        "float32 channels-last": lambda: F.conv2d(x_cl, w, None, s, p, 1, g),
+        "conv2d_int8": lambda: conv_ops.conv2d_int8(xq, wq, bias, -7, q, shift, 3, 3, 127,
+                                                    *geom, impl="cpu"),
+    }
+    if prepared is not None:
+        fns["oneDNN int8 only"] = lambda: cpu_conv.run_prepared(xq, prepared)
+    first, times = warm_then_interleaved(fns, args.rounds, CLOCKS[args.clock])
+    med = {k: round(statistics.median(v), 3) for k, v in times.items()}
+    fl = min(med["float32"], med["float32 channels-last"])
+    plan = cpu_conv.plan_conv(caps, x.shape, w.shape, pg, (-(-h // s),) * 2, (lo, hi))
+    row = {"shape": name, "x": list(x.shape), "w": list(w.shape), "stride": s,
+           "groups": g, "ms": med, "speedup_vs_float": round(fl / med["conv2d_int8"], 2),
+           "plan": {"fast": plan.fast, "reason": plan.reason}}
+    print(f"{name:26s} float {fl:8.2f} ms  int8 {med['conv2d_int8']:8.2f} ms "
+          f"({row['speedup_vs_float']:.2f}x)  oneDNN only "
+          f"{med.get('oneDNN int8 only', float('nan')):8.2f} ms  plan "
+          f"{'int8' if plan.fast else 'float'}")
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=8)
@@ -50,44 +90,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     caps = cpu_routes.cpu_capabilities()
     lo, hi = cpu_conv.onednn_weight_range(caps)
-    rows = []
-    for name, c, h, n, k, s, g in SHAPES:
-        p = k // 2
-        gen = torch.Generator().manual_seed(0)
-        x = torch.randn(args.batch, c, h, h, generator=gen)
-        x_cl = x.contiguous(memory_format=torch.channels_last)
-        w = torch.randn(n, c // g, k, k, generator=gen)
-        xq = torch.randint(-128, 128, x.shape, generator=gen, dtype=torch.int8).contiguous(
-            memory_format=torch.channels_last)
-        wq = torch.randint(lo, hi + 1, w.shape, generator=gen, dtype=torch.int8)
-        # a real layer's multipliers: q anywhere in [2**30, 2**31) (a power of two would
-        # make exact ties, which the float32 epilogue hands to its exact path, common)
-        q = torch.randint(1 << 30, 1 << 31, (n,), generator=gen, dtype=torch.int64)
-        shift = torch.full((n,), 31 + 9 + (c * k * k).bit_length() // 2, dtype=torch.int64)
-        geom = ([s, s], [p, p], [1, 1], g)
-        bias = torch.zeros(n, dtype=torch.int32)
-        pg = cpu_conv.ConvGeometry.of(*geom)
-        prepared = cpu_conv.prepare_conv(wq, -7, pg) if caps.onednn else None
-        fns = {
-            "float32": lambda: F.conv2d(x, w, None, s, p, 1, g),
-            "float32 channels-last": lambda: F.conv2d(x_cl, w, None, s, p, 1, g),
-            "conv2d_int8": lambda: conv_ops.conv2d_int8(xq, wq, bias, -7, q, shift, 3, 3, 127,
-                                                        *geom, impl="cpu"),
-        }
-        if prepared is not None:
-            fns["oneDNN int8 only"] = lambda: cpu_conv.run_prepared(xq, prepared)
-        first, times = warm_then_interleaved(fns, args.rounds, CLOCKS[args.clock])
-        med = {k: round(statistics.median(v), 3) for k, v in times.items()}
-        fl = min(med["float32"], med["float32 channels-last"])
-        plan = cpu_conv.plan_conv(caps, x.shape, w.shape, pg, (-(-h // s),) * 2, (lo, hi))
-        row = {"shape": name, "x": list(x.shape), "w": list(w.shape), "stride": s,
-               "groups": g, "ms": med, "speedup_vs_float": round(fl / med["conv2d_int8"], 2),
-               "plan": {"fast": plan.fast, "reason": plan.reason}}
-        rows.append(row)
-        print(f"{name:26s} float {fl:8.2f} ms  int8 {med['conv2d_int8']:8.2f} ms "
-              f"({row['speedup_vs_float']:.2f}x)  oneDNN only "
-              f"{med.get('oneDNN int8 only', float('nan')):8.2f} ms  plan "
-              f"{'int8' if plan.fast else 'float'}")
+    rows = [_layer(args, caps, lo, hi, *shape) for shape in SHAPES]
     result = {"machine": cpu_info(), "torch": torch.__version__, "batch": args.batch,
               "clock": args.clock, "weights": [lo, hi], "layers": rows}
     out = args.out or os.path.join(os.path.dirname(__file__), "results",

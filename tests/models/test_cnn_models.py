@@ -196,3 +196,21 @@ def test_concat_tables_and_pooling_stay_integer():
     assert not any(n.target in (F.hardswish, F.silu, F.avg_pool2d, torch._C._nn.avg_pool2d,
                                 torch.conv2d, torch.cat) and n.meta["val"].is_floating_point()
                    for n in nodes)
+
+
+@pytest.mark.parametrize("recipe", ["w8a8-static", "w8a8"])
+def test_save_and_load_a_quantized_cnn(tmp_path, recipe):
+    """qcompile.save / load carry conv weights (kept as the GEMM's [N, K]) and activation
+    scales: a fresh model loaded from the file computes the same outputs bit for bit."""
+    cm = compiled(build("resnet", outliers=True), recipe)
+    x = images(3, seed=7)
+    with torch.no_grad():
+        want = cm(x)
+    path = tmp_path / "resnet.qc"
+    qcompile.save(cm, path)
+    torch._dynamo.reset()
+    fresh = torch.compile(build("resnet", outliers=True), backend="qcompile",
+                          options={"recipe": recipe})
+    qcompile.load(fresh, path)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), want)

@@ -47,7 +47,25 @@ class Attention(torch.nn.Module):
         return self.o(a.transpose(1, 2).reshape(b, s, 16))
 
 
-MODELS = {"chain": (Chain, (2, 3, 16)), "attention": (Attention, (2, 5, 16))}
+class ConvBlock(torch.nn.Module):
+    """conv1 + BN + ReLU, conv2 + BN, the residual sum with ReLU, global average pooling,
+    a classifier: a ResNet block's pieces."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn1 = torch.nn.BatchNorm2d(8)
+        self.conv2 = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = torch.nn.Linear(8, 4)
+
+    def forward(self, x):  # x [B, 8, H, W]
+        y = F.relu(self.bn1(self.conv1(x)))
+        y = F.relu(self.conv2(y) + x)
+        return self.fc(F.adaptive_avg_pool2d(y, 1).flatten(1))  # [B, 4]
+
+
+MODELS = {"chain": (Chain, (2, 3, 16)), "attention": (Attention, (2, 5, 16)),
+          "conv": (ConvBlock, (2, 8, 6, 6))}
 
 
 @functools.cache
