@@ -81,6 +81,17 @@ def _dequant_through_layout(node) -> tuple[Node, list[Node]] | None:
     return None
 
 
+def _last(gm: GraphModule, nodes: list[Node]) -> Node:
+    """The node of `nodes` that comes last in the graph (a new op reading them all goes
+    after it: a view's symbolic sizes may be computed after the tensor it views)."""
+    wanted = set(nodes)
+    last = nodes[0]
+    for n in gm.graph.nodes:
+        if n in wanted:
+            last = n
+    return last
+
+
 def _replay(gm: GraphModule, chain: list[Node], source: Node, before: Node) -> Node:
     """Apply the same layout ops (max pooling as its int8 op) to `source` (int8), each
     right after its input, reusing an identical op already made for another reader (so a
@@ -95,7 +106,7 @@ def _replay(gm: GraphModule, chain: list[Node], source: Node, before: Node) -> N
         same = next((u for u in out.users if u.op == op.op and u.target == target
                      and u.args == args and u.kwargs == kwargs), None)
         if same is None:
-            with gm.graph.inserting_after(out):
+            with gm.graph.inserting_after(_last(gm, [out, *op.all_input_nodes])):
                 same = gm.graph.create_node(op.op, target, args, kwargs)
         out = same
     return out
