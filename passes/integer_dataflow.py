@@ -303,8 +303,8 @@ class _Int8Builder:
             if not parts or None in ranges:
                 return None
             return self._covering(min(r[0] for r in ranges), max(r[1] for r in ranges))
-        if self._table_input(v) is not None:
-            y = self._table_values(v)
+        if self._table_input(v) is not None:  # f over the codes its input can hold
+            y = self._table_values(v)[self.qmin + 128:self.qmax + 129]
             return self._covering(float(y.min()), float(y.max()))
         return None
 
@@ -338,7 +338,7 @@ class _Int8Builder:
     def _table_values(self, v: Node) -> torch.Tensor:
         """f of the 256 codes of its input, computed with f itself in float32."""
         qp_in = self._table_input(v)
-        codes = torch.arange(self.qmin, self.qmax + 1, dtype=torch.int8)
+        codes = torch.arange(-128, 128, dtype=torch.int8)  # lut_int8 indexes x + 128
         x = ops.dequantize(codes, qp_in.scale, qp_in.zero_point, torch.float32,
                            impl="reference")
         return v.target(x, *v.args[1:], **{k: a for k, a in v.kwargs.items()

@@ -122,6 +122,18 @@ class Break:
 
 
 @dataclass(frozen=True)
+class Conv:
+    """A convolution over the sequence: [B, S, D] as channels D (conv1d over S, or conv2d
+    over [S, 1]), optionally followed by eval-mode batch norm and an activation."""
+
+    kind: str = "conv1d"  # "conv1d", "conv2d", "F.conv1d"
+    k: int = 3  # odd: "same" length
+    groups: int = 1  # 1, 2 or D (depthwise)
+    bn: bool = False
+    act: str | None = None  # None, "relu", "relu6", "hardswish", "silu"
+
+
+@dataclass(frozen=True)
 class Case:
     """One random model and how it is compiled and run."""
 
@@ -351,6 +363,47 @@ class AttentionOp(torch.nn.Module):
         return self.o(o)
 
 
+class ConvOp(torch.nn.Module):
+    def __init__(self, d: int, spec: Conv):
+        super().__init__()
+        self.spec = spec
+        groups = d if spec.groups == -1 else spec.groups
+        pad = spec.k // 2
+        if spec.kind == "conv2d":
+            self.conv = torch.nn.Conv2d(d, d, (spec.k, 1), padding=(pad, 0), groups=groups)
+            self.bn = torch.nn.BatchNorm2d(d) if spec.bn else None
+        else:
+            self.conv = torch.nn.Conv1d(d, d, spec.k, padding=pad, groups=groups)
+            self.bn = torch.nn.BatchNorm1d(d) if spec.bn else None
+        if self.bn is not None:  # statistics as after training
+            with torch.no_grad():
+                self.bn.running_mean.uniform_(-0.5, 0.5)
+                self.bn.running_var.uniform_(0.5, 2.0)
+
+    def forward(self, x):  # [B, S, D]
+        y = x.transpose(1, 2)  # [B, D, S]
+        if self.spec.kind == "conv2d":
+            y = self.conv(y.unsqueeze(-1)).squeeze(-1)  # [B, D, S, 1] -> [B, D, S]
+            y = self.bn(y.unsqueeze(-1)).squeeze(-1) if self.bn is not None else y
+        else:
+            if self.spec.kind == "F.conv1d":
+                y = F.conv1d(y, self.conv.weight, self.conv.bias, padding=self.spec.k // 2,
+                             groups=self.conv.groups)
+            else:
+                y = self.conv(y)
+            y = self.bn(y) if self.bn is not None else y
+        act = self.spec.act
+        if act == "relu":
+            y = F.relu(y)
+        elif act == "relu6":
+            y = F.relu6(y)
+        elif act == "hardswish":
+            y = F.hardswish(y)
+        elif act == "silu":
+            y = F.silu(y)
+        return y.transpose(1, 2)  # [B, S, D]
+
+
 class LayoutOp(torch.nn.Module):
     def __init__(self, kind: str):
         super().__init__()
@@ -432,6 +485,8 @@ def build_block(spec, d: int, loop: bool = False) -> tuple[torch.nn.Module, int]
         return AttentionOp(d, spec), d
     if isinstance(spec, Layout):
         return LayoutOp(spec.kind), d
+    if isinstance(spec, Conv):
+        return ConvOp(d, spec), d
     if isinstance(spec, SplitCat):
         return SplitCatOp(d, spec.kind), d
     if isinstance(spec, Broadcast):
@@ -559,7 +614,7 @@ def attention_specs(draw, d: int):
 def width_blocks(draw, d: int, depth: int = 0):
     """A block that keeps the width d."""
     kinds = ["mlp", "act", "norm", "attention", "layout", "broadcast", "break", "splitcat",
-             "linear"]
+             "linear", "conv"]
     if depth == 0:
         kinds.append("residual")
     kind = draw(st.sampled_from(kinds))
@@ -582,6 +637,11 @@ def width_blocks(draw, d: int, depth: int = 0):
         return SplitCat(draw(st.sampled_from(("split", "chunk"))))
     if kind == "linear":
         return Linear(d, draw(st.sampled_from(LINEAR_SPELLINGS)), draw(st.booleans()))
+    if kind == "conv":
+        return Conv(draw(st.sampled_from(("conv1d", "conv2d", "F.conv1d"))),
+                    draw(st.sampled_from((3, 1, 5))), draw(st.sampled_from((1, 2, -1))),
+                    draw(st.booleans()),
+                    draw(st.sampled_from((None, "relu", "relu6", "hardswish", "silu"))))
     inner = draw(st.lists(width_blocks(d, depth + 1), min_size=1, max_size=2))
     norm = draw(st.sampled_from((None,) + NORMS))
     return Residual(tuple(inner), norm, post_norm=draw(st.booleans()))
