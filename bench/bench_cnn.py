@@ -5,7 +5,9 @@ outlier channels injected into some batch norms, eval mode):
   resnet18      ResNet-18 (basic blocks), 224 x 224
   mobilenet_v2  MobileNetV2 (depthwise, inverted residuals, ReLU6), 224 x 224
 Accuracy: top-1 agreement with float and the cosine of the logits, per image, over
---images random images (Gaussian pixels; calibration on --calib other batches).
+--images random images (Gaussian pixels; calibration on --calib other batches), as the
+user gets it (kernels="auto": layers int8 cannot speed up on this CPU stay float) and with
+every convolution quantized (kernels="cpu"): the second is the quantization's accuracy.
 Speed: median ms per batch (--batch images) over interleaved rounds after warm-up: float
 eager (NCHW, what a user runs), float under torch.compile (Inductor: how much of a
 speed-up is compilation rather than int8) and each recipe; speed-up = float ms / its ms.
@@ -54,8 +56,9 @@ def build(name: str, quick: bool) -> torch.nn.Module:
     return model.eval().requires_grad_(False)
 
 
-def compile_recipe(model, recipe: str, calib: list[torch.Tensor]):
-    cm = torch.compile(model, backend="qcompile", options={"recipe": recipe})
+def compile_recipe(model, recipe: str, calib: list[torch.Tensor], kernels: str = "auto"):
+    cm = torch.compile(model, backend="qcompile", options={"recipe": recipe,
+                                                          "kernels": kernels})
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the layers left float are in the report
@@ -94,10 +97,16 @@ def _model(args, name: str) -> dict:
     fns, entry = {"float": lambda: model(x)}, {}
     recipes = args.recipes.split(",")
     for recipe in recipes:
+        # accuracy with every convolution quantized (kernels="cpu": whatever the speed),
+        # speed as a user gets it (kernels="auto": layers int8 cannot speed up stay float)
+        torch._dynamo.reset()
+        every, _ = compile_recipe(model, recipe, calib, kernels="cpu")
+        entry[recipe] = {"all_quantized": {**layers(every), **accuracy(
+            model, every, args.images, 32, args.size)}}
         torch._dynamo.reset()
         cm, first_s = compile_recipe(model, recipe, calib)
-        entry[recipe] = {"first_call_s": first_s, **layers(cm),
-                         **accuracy(model, cm, args.images, 32, args.size)}
+        entry[recipe].update(first_call_s=first_s, **layers(cm),
+                             **accuracy(model, cm, args.images, 32, args.size))
         fns[recipe] = lambda c=cm: c(x)
     torch._dynamo.reset()
     inductor = torch.compile(model)  # float, compiled: how much of a speed-up is not int8's
@@ -114,10 +123,12 @@ def _model(args, name: str) -> dict:
     for recipe in recipes:
         e = entry[recipe]
         e["ms"], e["speedup"] = ms[recipe], round(ms["float"] / ms[recipe], 2)
+        a = e["all_quantized"]
         print(f"  {recipe:12s} {e['ms']:8.1f} ms  {e['speedup']:.2f}x  top-1 "
-              f"{e['top1_agreement']:.4f}  cos mean {e['cosine_mean']:.5f} min "
-              f"{e['cosine_min']:.5f}  convs {e['conv_quantized']}/{e['conv_total']}"
-              f"  first call {e['first_call_s']} s")
+              f"{e['top1_agreement']:.4f}  cos mean {e['cosine_mean']:.5f}  convs "
+              f"{e['conv_quantized']}/{e['conv_total']}  first call {e['first_call_s']} s;"
+              f" every conv quantized: top-1 {a['top1_agreement']:.4f} cos mean "
+              f"{a['cosine_mean']:.5f} min {a['cosine_min']:.5f}")
     return entry
 
 

@@ -23,9 +23,9 @@ bench/bench_cpu_conv.py):
                route is never faster than float; select-layers keeps it float under
                kernels="auto" and says why.
 `plan_conv` decides per layer, from the shape, whether the int8 route is expected to beat
-the float convolution: measured on AVX2 (AMD EPYC, one thread), oneDNN's int8 kernel is
-1.7-2.6x float32 for dense convolutions with K = C*kh*kw >= 64, but slower than float for
-depthwise / grouped convolutions (0.7-0.8x) and for the 3-channel stem (0.85x).
+the float convolution (the crossovers below, measured on AVX2): spatial kernels with
+enough channels yes; depthwise / grouped convolutions (0.7-0.8x), the 3-channel stem
+(0.85x) and narrow 1 x 1 convolutions (memory-bound: 0.26-0.79x whole) no.
 
 Pre: x int8 [B, C, H, W] (any memory format), w int8 [N, C/groups, kh, kw] within the
 route's weight range (`prepare_conv` refuses others: never a wrong value), in_zp in
@@ -196,11 +196,17 @@ def run_prepared(x: torch.Tensor, p: PreparedConv) -> torch.Tensor:
 
 # ---------------------------------------------------------------- per-layer plan
 
-# Measured crossovers (bench/bench_cpu_conv.py, AVX2): oneDNN's per-call cost and its
-# input / output conversions outweigh the int8 gain below these sizes.
-MIN_K = 64  # C/groups * kh * kw: the 3-channel stem (K = 147 but C = 3) is excluded below
-MIN_C = 16
-MIN_MACS = 1 << 23
+# Measured crossovers (bench/bench_cpu_conv.py, AVX2, 2 threads, batch 8 at 224 x 224):
+# a call costs about 0.9 ms + 1.1 ns per output and 0.2 ns per input element beyond
+# oneDNN's kernel (the u8 conversion, the requantization pass, the dispatch), and oneDNN's
+# int8 kernel is 1.6x float32 for spatial kernels (3x3: 925M MACs 9.7 -> 8.8 ms whole, 7x7
+# at 14 x 14: 1.45x) but about 1.0-1.2x for 1 x 1 kernels, which are memory-bound: 1 x 1
+# layers of K <= 144 measured 0.26-0.79x whole. So:
+MIN_C = 16  # input channels per group (the 3-channel stem: 0.85x for oneDNN alone)
+MIN_K = 64  # C/groups * kh * kw
+MIN_MACS = 1 << 25  # spatial kernels
+MIN_K_POINTWISE = 256  # 1 x 1 kernels: only the wide ones
+MIN_MACS_POINTWISE = 1 << 27
 
 
 @dataclass(frozen=True)
@@ -231,6 +237,11 @@ def plan_conv(caps: CpuCapabilities, x_shape, w_shape, g: ConvGeometry, out_hw: 
         return ConvPlan("onednn-u8s8", False,
                         f"{cg} input channels per group, K={k}: too narrow for the int8 "
                         "kernel to beat float32 (the 3-channel stem measured 0.85x)")
+    if kh * kw == 1 and (k < MIN_K_POINTWISE or macs < MIN_MACS_POINTWISE):
+        return ConvPlan("onednn-u8s8", False,
+                        f"a 1 x 1 convolution of K={k}, {macs} MACs per call: memory-bound, "
+                        "the int8 kernel's gain does not pay for the conversions and the "
+                        "requantization pass (0.26-0.79x measured for K <= 144)")
     if macs < MIN_MACS:
         return ConvPlan("onednn-u8s8", False,
                         f"{macs} MACs per call: too small for the int8 kernel to beat float32")

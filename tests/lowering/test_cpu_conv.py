@@ -107,6 +107,8 @@ ARM = cpu_routes.CpuCapabilities(arch="aarch64", isa="DEFAULT", dotprod=True)
     (AVX2, (8, 3, 224, 224), (64, 3, 7, 7), 1, (112, 112), False, "3 input channels"),
     (AVX2, (8, 96, 56, 56), (96, 1, 3, 3), 96, (56, 56), False, "depthwise"),
     (AVX2, (1, 16, 4, 4), (16, 16, 3, 3), 1, (4, 4), False, "MACs"),
+    (AVX2, (8, 144, 56, 56), (24, 144, 1, 1), 1, (56, 56), False, "1 x 1"),
+    (AVX2, (8, 1024, 14, 14), (256, 1024, 1, 1), 1, (14, 14), True, "oneDNN"),
     (ARM, (8, 64, 56, 56), (64, 64, 3, 3), 1, (56, 56), False, "no oneDNN"),
 ])
 def test_plan_says_when_int8_beats_float(caps, x, w, groups, hw, fast, words):
