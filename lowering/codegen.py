@@ -64,6 +64,24 @@ class KernelSpec:
     fp_fusion: bool  # False for float epilogues: no FMA contraction, matches the reference
 
 
+@dataclass(frozen=True)
+class Template:
+    """A generated kernel module: HEADER and BODY (string.Templates filled from an
+    epilogue's emitted code), the file name prefix and where the template lives (for
+    errors). The GEMM's is GEMM; kernels/conv.py declares the convolution's."""
+
+    name: str  # "gemm_int8": files are <name>_<signature>_<hash of the body>.py
+    header: Any  # string.Template: version, signature, origin
+    body: Any  # string.Template: signature, do_not_specialize, epilogue_*
+    version: int
+    source: str  # the template's file
+    runtime_scalars: tuple[str, ...] = ()  # the template's own unspecialized scalars
+
+
+GEMM = Template("gemm_int8", HEADER, BODY, TEMPLATE_VERSION,
+                "qcompile/lowering/kernels/gemm_int8.py")
+
+
 @dataclass
 class _Code:
     pointers: list[str]
@@ -185,12 +203,13 @@ def _arg_lines(names: list[str]) -> str:
     return _IND + " ".join(f"{n}," for n in names)
 
 
-def _body(epilogue: Epilogue) -> str:
+def _body(epilogue: Epilogue, template: Template = GEMM) -> str:
     code = _emit(epilogue)
     sig = epilogue.signature()
-    return BODY.substitute(
+    return template.body.substitute(
         signature=sig,
-        do_not_specialize=", ".join(repr(s) for s in code.scalars),
+        do_not_specialize=", ".join(repr(s) for s in (*template.runtime_scalars,
+                                                       *code.scalars)),
         epilogue_pointers=_arg_lines([f"{p}_ptr" for p in code.pointers]),
         epilogue_strides=_arg_lines([s for s, _ in code.strides]) + "\n" if code.strides else "",
         epilogue_scalars=_arg_lines(code.scalars),
@@ -198,27 +217,30 @@ def _body(epilogue: Epilogue) -> str:
     )
 
 
-def _header(epilogue: Epilogue, origin: str) -> str:
+def _header(epilogue: Epilogue, origin: str, template: Template = GEMM) -> str:
     origin = " ".join(origin.split()) or "(no graph node named)"  # one comment line
-    return HEADER.substitute(
-        version=TEMPLATE_VERSION, signature=epilogue.signature(), origin=origin
+    return template.header.substitute(
+        version=template.version, signature=epilogue.signature(), origin=origin
     )
 
 
-def generated_source(epilogue: Epilogue, origin: str = "") -> str:
+def generated_source(epilogue: Epilogue, origin: str = "", template: Template = GEMM) -> str:
     """The full text of the generated kernel module for `epilogue`, header naming `origin`."""
-    return _header(epilogue, origin) + _body(epilogue)
+    return _header(epilogue, origin, template) + _body(epilogue, template)
 
 
-def kernel_path(epilogue: Epilogue, cache_dir: str | os.PathLike | None = None) -> Path:
+def kernel_path(epilogue: Epilogue, cache_dir: str | os.PathLike | None = None,
+                template: Template = GEMM) -> Path:
     """Where the kernel for `epilogue` is (or will be) written."""
-    body = _body(epilogue)
+    body = _body(epilogue, template)
     digest = hashlib.sha256(body.encode()).hexdigest()[:12]
     slug = re.sub(r"[^a-zA-Z0-9]+", "_", epilogue.signature()).strip("_")
-    return Path(cache_dir or default_cache_dir()) / f"gemm_int8_{slug}_{digest}.py"
+    return Path(cache_dir or default_cache_dir()) / f"{template.name}_{slug}_{digest}.py"
 
 
 _LOCK = threading.Lock()
+# (template, signature, directory) -> (module, path); and the GEMM's KernelSpecs
+_MODULES: dict[tuple[str, str, str], tuple[Any, Path]] = {}
 _LOADED: dict[tuple[str, str], KernelSpec] = {}  # (signature, directory) -> kernel
 _RECORDED: set[tuple[Path, str]] = set()  # (file, origin) already in the file
 _WHAT = "generated kernel"
@@ -243,12 +265,13 @@ def _origins_in(text: str) -> set[str]:
     return found
 
 
-def _source_problem(text: str, epilogue: Epilogue) -> str | None:
+def _source_problem(text: str, epilogue: Epilogue, template: Template = GEMM) -> str | None:
     """What makes `text` other than a file this module wrote for `epilogue`, or None."""
     lines = text.splitlines(keepends=True)
     if len(lines) < 4 or not lines[3].startswith(_SERVES):
         return "it does not start with the generated header (edited or truncated)"
-    expected = _header(epilogue, lines[3][len(_SERVES):].strip()) + _body(epilogue)
+    expected = (_header(epilogue, lines[3][len(_SERVES):].strip(), template)
+                + _body(epilogue, template))
     if not text.startswith(expected):
         return "it differs from the source the template generates (edited or truncated)"
     rest = text[len(expected):]
@@ -259,25 +282,25 @@ def _source_problem(text: str, epilogue: Epilogue) -> str | None:
     return None
 
 
-def _checked_source(path: Path, epilogue: Epilogue) -> str | None:
+def _checked_source(path: Path, epilogue: Epilogue, template: Template = GEMM) -> str | None:
     """The file's text if it is intact; None (warned once, unless absent) otherwise."""
     text = read_cache_text(path, _WHAT)
     if text is not None:
-        problem = _source_problem(text, epilogue)
+        problem = _source_problem(text, epilogue, template)
         if problem is not None:
             warn_once(path, _WHAT, problem)
             return None
     return text
 
 
-def _record_origin(path: Path, epilogue: Epilogue, origin: str) -> None:
+def _record_origin(path: Path, epilogue: Epilogue, origin: str, template: Template) -> None:
     # Appended at the end so the line numbers of an already loaded kernel never move; as a
     # locked rewrite, not an append, so a concurrent reader never sees half a line and two
     # processes recording at once keep both records.
     with locked(path.parent / ".lock"):
-        text = _checked_source(path, epilogue)
+        text = _checked_source(path, epilogue, template)
         if text is None:  # removed or damaged since it was loaded
-            text = _header(epilogue, origin) + _body(epilogue)
+            text = generated_source(epilogue, origin, template)
         elif origin in _origins_in(text):
             return
         else:
@@ -285,31 +308,32 @@ def _record_origin(path: Path, epilogue: Epilogue, origin: str) -> None:
         write_atomic(path, text)
 
 
-def load_kernel(
-    epilogue: Epilogue, *, origin: str = "", cache_dir: str | os.PathLike | None = None
-) -> KernelSpec:
-    """Generate (once), write, import and return the kernel for `epilogue`."""
+def load_module(epilogue: Epilogue, template: Template = GEMM, *, origin: str = "",
+                cache_dir: str | os.PathLike | None = None) -> tuple[Any, Path]:
+    """Generate (once), write, import and return (module, file) of `template` for
+    `epilogue`; a later request from another graph node is recorded in the file."""
     directory = kernel_dir(cache_dir)
-    key = (epilogue.signature(), str(directory))
+    key = (template.name, epilogue.signature(), str(directory))
     origin = " ".join(origin.split())  # one comment line
     with _LOCK:
-        spec = _LOADED.get(key)
-        if spec is None:
-            spec = _import_kernel(epilogue, kernel_path(epilogue, directory), origin)
-            _LOADED[key] = spec
-        if origin and (spec.path, origin) not in _RECORDED:
-            _record_origin(spec.path, epilogue, origin)
-            _RECORDED.add((spec.path, origin))
-        return spec
+        loaded = _MODULES.get(key)
+        if loaded is None:
+            loaded = _MODULES[key] = _import_module(
+                epilogue, template, kernel_path(epilogue, directory, template), origin)
+        path = loaded[1]
+        if origin and (path, origin) not in _RECORDED:
+            _record_origin(path, epilogue, origin, template)
+            _RECORDED.add((path, origin))
+        return loaded
 
 
-def _import_kernel(epilogue: Epilogue, path: Path, origin: str) -> KernelSpec:
+def _import_module(epilogue: Epilogue, template: Template, path: Path, origin: str):
     # The file name hashes the body, so an intact file differs from a fresh one only in
     # the origins it names.
     with locked(path.parent / ".lock"):
-        text = _checked_source(path, epilogue)
+        text = _checked_source(path, epilogue, template)
         if text is None:
-            text = _header(epilogue, origin) + _body(epilogue)
+            text = generated_source(epilogue, origin, template)
             write_atomic(path, text)
     module_name = "qcompile_generated_" + path.stem
     loader_spec = importlib.util.spec_from_file_location(module_name, path)
@@ -322,16 +346,27 @@ def _import_kernel(epilogue: Epilogue, path: Path, origin: str) -> KernelSpec:
         del sys.modules[module_name]
         raise RuntimeError(
             f"the generated kernel {path} matches its template but does not import "
-            f"({type(e).__name__}: {e}): the template in "
-            "qcompile/lowering/kernels/gemm_int8.py is broken"
+            f"({type(e).__name__}: {e}): the template in {template.source} is broken"
         ) from e
-    code = _emit(epilogue)
-    return KernelSpec(
-        fn=module.gemm_int8_kernel,
-        path=path,
-        signature=epilogue.signature(),
-        pointer_operands=tuple(code.pointers),
-        stride_operands=tuple(code.strides),
-        scalar_operands=tuple(code.scalars),
-        fp_fusion=epilogue.integer_only,
-    )
+    return module, path
+
+
+def load_kernel(
+    epilogue: Epilogue, *, origin: str = "", cache_dir: str | os.PathLike | None = None
+) -> KernelSpec:
+    """Generate (once), write, import and return the GEMM kernel for `epilogue`."""
+    module, path = load_module(epilogue, GEMM, origin=origin, cache_dir=cache_dir)
+    key = (epilogue.signature(), str(path.parent))
+    spec = _LOADED.get(key)
+    if spec is None:
+        code = _emit(epilogue)
+        spec = _LOADED[key] = KernelSpec(
+            fn=module.gemm_int8_kernel,
+            path=path,
+            signature=epilogue.signature(),
+            pointer_operands=tuple(code.pointers),
+            stride_operands=tuple(code.strides),
+            scalar_operands=tuple(code.scalars),
+            fp_fusion=epilogue.integer_only,
+        )
+    return spec

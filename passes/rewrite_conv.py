@@ -32,7 +32,7 @@ from qcompile.lowering import conv_ops, ops
 from qcompile.lowering.reference import ACC_LIMIT, AccumulatorRangeError, accumulator_bound
 from qcompile.pass_manager import PassContext, PassResult, graph_pass
 from qcompile.passes._activations import fused_activation
-from qcompile.passes.rewrite_linear import ACT
+from qcompile.passes.rewrite_linear import ACT, replace_layer
 from qcompile.sites import is_conv
 
 
@@ -146,14 +146,6 @@ def rewrite_conv(gm: GraphModule, ctx: PassContext) -> PassResult:
                 new, kind = _rewrite_static(gm, ctx, node, layer.qweight, layer)
         except AccumulatorRangeError as exc:
             new, kind = None, f"accumulator range: {exc}"
-        if new is None:
-            rec.reason = kind
-            continue
-        ann.put(new, ann.LayerOutput(layer.name))
-        ann.copy(node, new, ann.Sites)
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
-        rec.quantized, rec.kernel = True, kind
-        counters[kind] = counters.get(kind, 0) + 1
+        replace_layer(gm, node, new, kind, rec, counters)
     erase_unused(gm)
     return PassResult(gm, modified=bool(counters), counters=counters)

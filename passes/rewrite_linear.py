@@ -128,6 +128,22 @@ def _rewrite_static(gm, ctx, node, qw, layer, cache):
     return y, op._opname  # the LayerOutput; yq carries the Layer
 
 
+def replace_layer(gm: GraphModule, node: Node, new: Node | None, kind: str, rec,
+                  counters: dict[str, int]) -> None:
+    """The quantized op(s) ending in `new` replace the float layer `node` (rewrite-linear,
+    rewrite-conv); `new` None: the layer stays float, `kind` says why."""
+    if new is None:
+        rec.reason = kind
+        return
+    ann.put(new, ann.LayerOutput(ann.get(node, ann.Layer).name))
+    # the same value: a layer reading it directly still finds its input site
+    ann.copy(node, new, ann.Sites)
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+    rec.quantized, rec.kernel = True, kind
+    counters[kind] = counters.get(kind, 0) + 1
+
+
 @graph_pass("rewrite-linear", requires=("quantize-weights",))
 def rewrite_linear(gm: GraphModule, ctx: PassContext) -> PassResult:
     recipe = ctx.options.recipe_obj
@@ -148,15 +164,6 @@ def rewrite_linear(gm: GraphModule, ctx: PassContext) -> PassResult:
                 new, kind = _rewrite_static(gm, ctx, node, qw, layer, cache)
         except AccumulatorRangeError as exc:
             new, kind = None, f"accumulator range: {exc}"
-        if new is None:
-            rec.reason = kind
-            continue
-        ann.put(new, ann.LayerOutput(layer.name))
-        # the same value: a linear reading it directly still finds its input site
-        ann.copy(node, new, ann.Sites)
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
-        rec.quantized, rec.kernel = True, kind
-        counters[kind] = counters.get(kind, 0) + 1
+        replace_layer(gm, node, new, kind, rec, counters)
     erase_unused(gm)
     return PassResult(gm, modified=bool(counters), counters=counters)

@@ -60,6 +60,20 @@ def _rows(node: Node) -> int:
                      for d in shape)
 
 
+def _narrow_weights(ctx: PassContext, layer: ann.Layer, rec, narrow, kernel: str) -> None:
+    """8-bit weights in `narrow` ([-64, 63]: 7 bits) where this CPU's fast exact `kernel`
+    needs them, or as option narrow_weights says; the report says so."""
+    opts = ctx.options
+    if opts.narrow_weights is True and narrow is None:
+        narrow = cpu_routes.SEVEN_BIT
+    if opts.narrow_weights is False:
+        narrow = None
+    if narrow is not None and opts.recipe_obj.weight.bits == 8:
+        layer.weight_bits = narrow[1].bit_length() + 1
+        rec.detail["weights"] = (f"{layer.weight_bits}-bit, the exact range of this CPU's "
+                                 f"{kernel} ({cpu_routes.cpu_capabilities().describe()})")
+
+
 def _cpu_plan(ctx: PassContext, node: Node, layer: ann.Layer, rec, saved) -> str | None:
     """Plan a quantized linear on a CPU graph (weights, route); the reason it stays float
     instead, or None. `saved`: the layer's weights from a loaded quantization, whose range
@@ -75,16 +89,8 @@ def _cpu_plan(ctx: PassContext, node: Node, layer: ann.Layer, rec, saved) -> str
             layer.route = plan.route
             rec.detail["route"] = f"{plan.route}: {plan.reason} (loaded weights)"
         return None
-    narrow = cpu_routes.narrow_weight_range(caps)
-    if opts.narrow_weights is True and narrow is None:
-        narrow = cpu_routes.SEVEN_BIT
-    if opts.narrow_weights is False:
-        narrow = None
+    _narrow_weights(ctx, layer, rec, cpu_routes.narrow_weight_range(caps), "int8 kernel")
     bits = recipe.weight.bits
-    if narrow is not None and bits == 8:
-        layer.weight_bits = narrow[1].bit_length() + 1  # [-64, 63]: 7 bits
-        rec.detail["weights"] = (f"{layer.weight_bits}-bit, the exact range of this CPU's "
-                                 f"int8 kernel ({caps.describe()})")
     if opts.kernels not in ("auto", "cpu"):
         return None
     if recipe.act is None:  # weight-only: no int8 GEMM
@@ -115,15 +121,8 @@ def _conv_cpu_plan(ctx: PassContext, node: Node, layer: ann.Layer, rec) -> str |
     caps = cpu_routes.cpu_capabilities()
     narrow = cpu_conv.onednn_weight_range(caps) if caps.onednn else None
     narrow = None if narrow == cpu_routes.FULL_RANGE else narrow
-    if opts.narrow_weights is True and narrow is None:
-        narrow = cpu_routes.SEVEN_BIT
-    if opts.narrow_weights is False:
-        narrow = None
+    _narrow_weights(ctx, layer, rec, narrow, "int8 convolution")
     bits = recipe.weight.bits
-    if narrow is not None and bits == 8:
-        layer.weight_bits = narrow[1].bit_length() + 1
-        rec.detail["weights"] = (f"{layer.weight_bits}-bit, the exact range of this CPU's "
-                                 f"int8 convolution ({caps.describe()})")
     if opts.kernels not in ("auto", "cpu"):
         return None
     qmax = (1 << ((layer.weight_bits or bits) - 1)) - 1

@@ -49,13 +49,8 @@ dtype (Epilogue.out_dtype: int8, int32 or float), same shape and memory format.
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import operator
-import re
 import string
-import sys
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,10 +59,10 @@ import torch
 import torch.nn.functional as F
 import triton
 
+from qcompile.lowering import codegen
 from qcompile.lowering import device as qdevice
 from qcompile.lowering.autotune import GemmConfig
-from qcompile.lowering.cache_dir import locked, read_cache_text, warn_once, write_atomic
-from qcompile.lowering.codegen import _emit, kernel_dir  # the GEMM's epilogue emitter
+from qcompile.lowering.codegen import Template, _emit  # the GEMM's epilogue emitter
 from qcompile.lowering.epilogue import Bias, Epilogue, InputZeroPoint, bind_operands
 from qcompile.lowering.reference import (
     ACC_LIMIT,
@@ -471,30 +466,8 @@ ${epilogue_body}
     tl.store(c_ptrs, out, mask=mask_m[:, None] & mask_n[None, :])
 '''
 )
-_IND = "    "
-
-
-def _arg_lines(names: list[str]) -> str:
-    return _IND + (" ".join(f"{n}," for n in names) if names else "# (none)")
-
-
-def _body(kernel_epilogue: Epilogue) -> str:
-    code = _emit(kernel_epilogue)
-    return BODY.substitute(
-        signature=kernel_epilogue.signature(),
-        do_not_specialize=", ".join(repr(s) for s in ["in_zp", *code.scalars]),
-        epilogue_pointers=_arg_lines([f"{p}_ptr" for p in code.pointers]),
-        epilogue_strides=_arg_lines([s for s, _ in code.strides]) + "\n" if code.strides else "",
-        epilogue_scalars=_arg_lines(code.scalars),
-        epilogue_body="\n".join(_IND + line for line in code.body),
-    )
-
-
-def _header(kernel_epilogue: Epilogue, origin: str) -> str:
-    origin = " ".join(origin.split()) or "(no graph node named)"
-    return HEADER.substitute(
-        version=TEMPLATE_VERSION, signature=kernel_epilogue.signature(), origin=origin
-    )
+TEMPLATE = Template("conv2d_int8", HEADER, BODY, TEMPLATE_VERSION,
+                    "qcompile/lowering/kernels/conv.py", runtime_scalars=("in_zp",))
 
 
 def kernel_epilogue(epilogue: Epilogue | None, in_zp: int) -> Epilogue:
@@ -507,8 +480,7 @@ def kernel_epilogue(epilogue: Epilogue | None, in_zp: int) -> Epilogue:
 
 def generated_source(epilogue: Epilogue | None, in_zp: int = 0, origin: str = "") -> str:
     """The full text of the generated conv module for the caller's epilogue and in_zp."""
-    ep = kernel_epilogue(epilogue, in_zp)
-    return _header(ep, origin) + _body(ep)
+    return codegen.generated_source(kernel_epilogue(epilogue, in_zp), origin, TEMPLATE)
 
 
 # --------------------------------------------------------------------------- loading
@@ -528,83 +500,32 @@ class ConvKernelSpec:
     fp_fusion: bool
 
 
-_LOCK = threading.Lock()
 _LOADED: dict[tuple[str, str], ConvKernelSpec] = {}
-_RECORDED: set[tuple[Path, str]] = set()
-_WHAT = "generated conv kernel"
-_SERVES, _ALSO_SERVES = "# serves:", "# also serves:"
 
 
 def kernel_path(ep: Epilogue, directory: Path) -> Path:
     """conv2d_int8_<signature>_<hash of the body>.py in the kernel cache directory."""
-    digest = hashlib.sha256(_body(ep).encode()).hexdigest()[:12]
-    slug = re.sub(r"[^a-zA-Z0-9]+", "_", ep.signature()).strip("_")
-    return directory / f"conv2d_int8_{slug}_{digest}.py"
-
-
-def _checked_source(path: Path, ep: Epilogue) -> str | None:
-    """The file's text if it is exactly what this module writes (header, body, then only
-    "# also serves:" records); None otherwise (warned once, unless absent)."""
-    text = read_cache_text(path, _WHAT)
-    if text is None:
-        return None
-    lines = text.splitlines(keepends=True)
-    ok = len(lines) >= 4 and lines[3].startswith(_SERVES)
-    expected = _header(ep, lines[3][len(_SERVES):].strip()) + _body(ep) if ok else ""
-    ok = ok and text.startswith(expected) and all(
-        line.startswith(_ALSO_SERVES) and line.endswith("\n")
-        for line in text[len(expected):].splitlines(keepends=True)
-    )
-    if not ok:
-        warn_once(path, _WHAT, "it differs from the source the template generates")
-        return None
-    return text
+    return codegen.kernel_path(ep, directory, TEMPLATE)
 
 
 def load_conv_kernel(
     ep: Epilogue, *, origin: str = "", cache_dir: str | Path | None = None
 ) -> ConvKernelSpec:
     """Generate (once), write, import and return the kernels for the kernel epilogue `ep`
-    (see kernel_epilogue), in codegen's kernel cache directory (same safety rules)."""
-    directory = kernel_dir(cache_dir)
-    key = (ep.signature(), str(directory))
-    origin = " ".join(origin.split())
-    with _LOCK:
-        spec = _LOADED.get(key)
-        if spec is None:
-            spec = _import(ep, kernel_path(ep, directory), origin)
-            _LOADED[key] = spec
-        if origin and (spec.path, origin) not in _RECORDED:
-            with locked(spec.path.parent / ".lock"):
-                text = _checked_source(spec.path, ep) or _header(ep, origin) + _body(ep)
-                if f"{_SERVES}   {origin}\n" not in text and f"{_ALSO_SERVES} {origin}\n" \
-                        not in text:
-                    write_atomic(spec.path, text + f"{_ALSO_SERVES} {origin}\n")
-            _RECORDED.add((spec.path, origin))
-        return spec
-
-
-def _import(ep: Epilogue, path: Path, origin: str) -> ConvKernelSpec:
-    with locked(path.parent / ".lock"):
-        text = _checked_source(path, ep)
-        if text is None:
-            text = _header(ep, origin) + _body(ep)
-            write_atomic(path, text)
-    name = "qcompile_generated_" + path.stem
-    module = importlib.util.module_from_spec(importlib.util.spec_from_file_location(name, path))
-    sys.modules[name] = module
-    try:
-        exec(compile(text, str(path), "exec"), module.__dict__)  # the checked text runs
-    except Exception:
-        del sys.modules[name]
-        raise
-    code = _emit(ep)
-    return ConvKernelSpec(
-        gemm_fn=module.conv2d_int8_kernel, direct_fn=module.conv2d_int8_direct_kernel,
-        path=path, signature=ep.signature(), pointer_operands=tuple(code.pointers),
-        stride_operands=tuple(code.strides), scalar_operands=tuple(code.scalars),
-        fp_fusion=ep.integer_only,
-    )
+    (see kernel_epilogue): codegen.load_module with this template (the same cache
+    directory and safety rules as the GEMM's)."""
+    module, path = codegen.load_module(ep, TEMPLATE, origin=origin, cache_dir=cache_dir)
+    key = (ep.signature(), str(path.parent))
+    spec = _LOADED.get(key)
+    if spec is None:
+        code = _emit(ep)
+        spec = _LOADED[key] = ConvKernelSpec(
+            gemm_fn=module.conv2d_int8_kernel, direct_fn=module.conv2d_int8_direct_kernel,
+            path=path, signature=ep.signature(), pointer_operands=tuple(code.pointers),
+            stride_operands=tuple(code.strides), scalar_operands=tuple(code.scalars),
+            fp_fusion=ep.integer_only,
+        )
+    return spec
 
 
 # --------------------------------------------------------------------------- wrapper

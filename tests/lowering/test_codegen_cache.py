@@ -112,7 +112,8 @@ def test_intact_file_from_another_process_is_kept(tmp_path, recwarn):
 
 
 def test_template_that_does_not_import_is_a_loud_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(codegen, "_body", lambda ep: "\ndef gemm_int8_kernel(:\n")
+    monkeypatch.setattr(codegen, "_body",
+                        lambda ep, template=codegen.GEMM: "\ndef gemm_int8_kernel(:\n")
     with pytest.raises(RuntimeError, match=(
         r"the generated kernel .*gemm_int8_bias_requant_.*\.py matches its template but does "
         r"not import \(SyntaxError: .*\): the template in qcompile/lowering/kernels/gemm_int8.py "

@@ -377,7 +377,7 @@ def test_kernel_file_names_its_users(tmp_path):
     ep = kernel_epilogue(Epilogue((Bias(),)), 5)
     path = kernel_path(ep, kernel_dir(tmp_path))
     path.write_text("print('planted')\n")  # not what the template makes: never run
-    with pytest.warns(CacheWarning, match="differs"):
+    with pytest.warns(CacheWarning, match="it does not start with the generated header"):
         spec = load_conv_kernel(ep, origin="conv_a", cache_dir=tmp_path)
     load_conv_kernel(ep, origin="conv b", cache_dir=tmp_path)
     text = path.read_text()
