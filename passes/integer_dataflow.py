@@ -408,20 +408,48 @@ class _Int8Builder:
 
 
 def _round_trips(gm: GraphModule, ctx: PassContext) -> int:
-    """quantize(v) where v has an integer form (_Int8Builder) -> that form."""
-    done = 0
+    """quantize(v) where v has an integer form (_Int8Builder) -> that form. The float ops
+    left between int8 values are said in one note (nothing runs in float silently)."""
+    done, islands = 0, {}
     for node in list(gm.graph.nodes):
         if node.target is not ops.QUANTIZE:
             continue
         builder = _Int8Builder(gm, arg(node, "qmin"), arg(node, "qmax"), node)
         qp = ann.QParams(arg(node, "scale"), arg(node, "zero_point"))
         if not builder.possible(node.args[0], qp):
+            island = _island_ops(node)
+            if island:
+                key = " -> ".join(dict.fromkeys(island))
+                islands[key] = islands.get(key, 0) + 1
             continue
         ints, _ = builder.build(node.args[0], qp)
         node.replace_all_uses_with(ints)
         gm.graph.erase_node(node)
         done += 1
+    if islands:
+        ctx.note("integer-dataflow: float between int8 values (no integer form): " + "; ".join(
+            f"{ops_} (x{n})" for ops_, n in islands.items()))
     return done
+
+
+def _island_ops(node: Node, depth: int = 8) -> list[str] | None:
+    """The float ops between the dequantized int8 values above `node` and `node` (a few
+    levels up), or None where no int8 value is above it (the model's float input)."""
+    ops_seen, found, level, seen = [], False, [node], set()
+    for _ in range(depth):
+        nxt = []
+        for n in level:
+            for up in n.all_input_nodes:
+                if up in seen:
+                    continue
+                seen.add(up)
+                if up.target is ops.DEQUANTIZE:
+                    found = True
+                elif up.op in ("call_function", "call_method"):
+                    ops_seen.append(getattr(up.target, "__name__", str(up.target)))
+                    nxt.append(up)
+        level = nxt
+    return ops_seen[::-1] if found else None
 
 
 def _float_outputs(gm: GraphModule) -> int:

@@ -214,3 +214,30 @@ def test_save_and_load_a_quantized_cnn(tmp_path, recipe):
     qcompile.load(fresh, path)
     with torch.no_grad():
         assert torch.equal(fresh(x), want)
+
+
+class _SqueezeExcite(torch.nn.Module):
+    """A gate multiplying two activations (squeeze-and-excitation): no integer form."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.fc = torch.nn.Conv2d(16, 16, 1)
+        self.c2 = torch.nn.Conv2d(16, 16, 3, padding=1)
+
+    def forward(self, x):
+        y = F.relu(self.c1(x))
+        g = torch.sigmoid(self.fc(y.mean((2, 3), keepdim=True)))  # [B, 16, 1, 1]
+        return self.c2(y * g)
+
+
+def test_float_between_int8_values_is_reported():
+    """What stays float between two integer ops (here the gate's product) is said in the
+    report's notes, with how often: nothing runs in float silently."""
+    torch.manual_seed(0)
+    cm = compiled(_SqueezeExcite().eval().requires_grad_(False), "w8a8-static")
+    with torch.no_grad():
+        cm(images(2))
+    notes = [n for n in lowered(cm).ctx.notes if "float between int8 values" in n]
+    assert notes == ["integer-dataflow: float between int8 values (no integer form): "
+                     "sigmoid -> mul (x1)"]
