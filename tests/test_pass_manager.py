@@ -77,7 +77,8 @@ def test_dump_dir_has_numbered_readable_files(tmp_path):
     cap.run(until="canonicalize-norm")
     files = sorted(os.listdir(tmp_path / cap.ctx.name))
     assert files == ["001_freeze-params.py", "002_canonicalize-linear.py",
-                     "003_canonicalize-attention.py", "004_canonicalize-norm.py"]
+                     "003_canonicalize-conv.py", "004_canonicalize-attention.py",
+                     "005_canonicalize-norm.py"]
     text = (tmp_path / cap.ctx.name / "002_canonicalize-linear.py").read_text()
     assert "after pass 002 canonicalize-linear" in text
     assert "torch._C._nn.linear(" in text  # F.linear's own name
@@ -95,7 +96,7 @@ def test_print_after_all(capsys):
     cap = _cap(print_after="all")
     cap.run(until="canonicalize-norm")
     out = capsys.readouterr().out
-    assert out.count("# ---- qcompile: graph") == 4
+    assert out.count("# ---- qcompile: graph") == 5
 
 
 def test_timing_counters_and_provenance():

@@ -114,6 +114,9 @@ def _samples(name, g, extreme):
         xf[0] = 0.0  # an all-zero sample: the scale guard
         return (xf, w, torch.rand(w.shape[0], generator=g) * 0.01, torch.randn(w.shape[0]),
                 *geometry)
+    if name == "lut_int8":
+        table = _int8(g, 256, extreme=extreme)
+        return (_int8(g, 3, 40, extreme=extreme), table)
     if name == "avg_pool2d_int8":
         k, s = _dims(g, (1, 4), (1, 4))
         hw = k + int(torch.randint(0, 6, (1,), generator=g))
