@@ -14,12 +14,13 @@ bench/bench_cpu_conv.py):
                exact only for weights in [-64, 63] (2 * 255 * 64 < 2**15); with VNNI / AMX
                any int8 weights (cpu_routes' capability probe). oneDNN accumulates in int32,
                removes the zero-point compensation in int32 and converts to float32 once:
-               exact while |acc| <= 2**24. Input channels are split into chunks that
-               guarantee that (`plan_channel_chunks`), and chunks are summed in int32.
+               exact while |acc| <= 2**24: checked at run time where the weights allow
+               more (conv_acc); where that check fails, input channels are split into
+               chunks that guarantee it (`plan_channel_chunks`), summed in int32.
   float64      the reference accumulator (kernels/conv.conv2d_acc_ref: a float64
                convolution of the integer values, exact for any weights), on every CPU,
-               and slow: what the
-               "cpu" implementation runs where no exact int8 route exists. A layer on that
+               and slow: what the "cpu" implementation runs where no exact int8 route
+               exists. A layer on that
                route is never faster than float; select-layers keeps it float under
                kernels="auto" and says why.
 `plan_conv` decides per layer, from the shape, whether the int8 route is expected to beat
@@ -29,7 +30,8 @@ enough channels yes; depthwise / grouped convolutions (0.7-0.8x), the 3-channel 
 
 Pre: x int8 [B, C, H, W] (any memory format), w int8 [N, C/groups, kh, kw] within the
 route's weight range (`prepare_conv` refuses others: never a wrong value), in_zp in
-[-128, 127]. Post: float32 [B, N, Ho, Wo], channels-last, holding exact integers.
+[-128, 127]. Post: [B, N, Ho, Wo], channels-last, exact integers: float32 from one
+oneDNN call, int32 summed over input-channel chunks, int64 from the exact fallback.
 """
 
 from __future__ import annotations
@@ -250,22 +252,22 @@ def plan_conv(caps: CpuCapabilities, x_shape, w_shape, g: ConvGeometry, out_hw: 
 
 # ---------------------------------------------------------------- the accumulator
 
-_PREPARED: dict[tuple, tuple] = {}  # (id(w), in_zp, geometry) -> (weakref, version, prepared)
-
-
 def _prepared(w: torch.Tensor, in_zp: int, g: ConvGeometry) -> PreparedConv | None:
-    import weakref
+    """prepare_conv(w, in_zp, g) once per weight (again if w changed in place), kept beside
+    the weight with its GEMM layouts (lowering/cpu.py); None where no exact oneDNN route
+    exists for it (the exact fallback runs)."""
+    from qcompile.lowering.cpu import _cache_of
 
-    key = (id(w), in_zp, g)
-    entry = _PREPARED.get(key)
-    if entry is None or entry[0]() is not w or entry[1] != w._version:
+    per_use = _cache_of(w)
+    key = ("conv", in_zp, g)
+    entry = per_use.get(key)
+    if entry is None or entry[0] != w._version:
         try:
             p = prepare_conv(w, in_zp, g)
         except (RuntimeError, ValueError):
-            p = None  # no exact oneDNN route for this weight: the float64 route runs
-        _PREPARED[key] = (weakref.ref(w, lambda _r, k=key: _PREPARED.pop(k, None)), w._version, p)
-        entry = _PREPARED[key]
-    return entry[2]
+            p = None
+        entry = per_use[key] = (w._version, p)
+    return entry[1]
 
 
 def conv_acc(x: torch.Tensor, w: torch.Tensor, in_zp: int, g: ConvGeometry) -> torch.Tensor:
