@@ -134,6 +134,14 @@ def _(x, w, bias, in_zp, q, shift, out_zp, qmin, qmax, stride, padding, dilation
     return _channels_last(x, _out_shape(x, w, stride, padding, dilation), torch.int8)
 
 
+def _source(op, args: dict, in_zp: int, origin: str) -> str:
+    """The generated convolution kernel a call runs (its epilogue, its input zero point)."""
+    from qcompile.lowering.kernels.conv import generated_source
+
+    return generated_source(op.epilogue(args), in_zp, origin)
+
+
+conv2d_int8.kernel_source = lambda a, origin: _source(conv2d_int8, a, a["in_zp"], origin)
 conv2d_int8.epilogue = lambda a: requant_epilogue(a["bias"] is not None,
                                                   a["q"] is not None and a["q"].numel() > 1)
 
@@ -167,6 +175,7 @@ def _(x, w, bias, in_zp, x_scale, w_scale, out_dtype, stride, padding, dilation,
 
 
 conv2d_int8_dq.epilogue = lambda a: dequant_epilogue(a["bias"] is not None)
+conv2d_int8_dq.kernel_source = lambda a, origin: _source(conv2d_int8_dq, a, a["in_zp"], origin)
 
 
 def _per_sample(family: str, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -204,6 +213,7 @@ def _(x, w, w_scale, bias, stride, padding, dilation, groups):
 
 
 conv2d_dynamic.epilogue = lambda a: dequant_epilogue(a["bias"] is not None)
+conv2d_dynamic.kernel_source = lambda a, origin: _source(conv2d_dynamic, a, 0, origin)
 for _name, _conv in _BODIES.items():
     conv2d_dynamic.impl(_name, **_RUNS_ON[_name])(functools.partial(_dynamic, _conv, _name))
 

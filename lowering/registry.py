@@ -92,6 +92,9 @@ class QuantizedOp:
     overload: Any = None  # torch.ops.qcompile.<name>.default: the graph target
     # GEMM ops: the generated Triton GEMM epilogue a call runs, from its arguments by name
     epilogue: Callable[[dict[str, Any]], Any] | None = None
+    # ops whose generated kernel is not the GEMM's (convolutions): its source, from the
+    # arguments by name and the origin (for debug dumps)
+    kernel_source: Callable[[dict[str, Any], str], str] | None = None
 
     # ------------------------------------------------------------------ declaring
 

@@ -53,12 +53,15 @@ def _dump_kernel(gm: GraphModule, ctx: PassContext, node: Node, op: QuantizedOp,
     from qcompile.lowering.codegen import generated_source
     from qcompile.pass_manager import graph_dump_dir
 
-    epilogue = op.epilogue(registry.args_of(gm, node))
+    args = registry.args_of(gm, node)
+    epilogue = op.epilogue(args)
     folder = os.path.join(graph_dump_dir(ctx), "kernels")
     os.makedirs(folder, exist_ok=True)
     name = f"{node.name}_{epilogue.signature().replace('+', '_').replace('.', '_')}.py"
+    source = (op.kernel_source(args, origin) if op.kernel_source is not None
+              else generated_source(epilogue, origin=origin))
     with open(os.path.join(folder, name), "w") as f:
-        f.write(generated_source(epilogue, origin=origin))
+        f.write(source)
 
 
 @graph_pass("lower", requires=("rewrite-linear",))

@@ -241,3 +241,17 @@ def test_float_between_int8_values_is_reported():
     notes = [n for n in lowered(cm).ctx.notes if "float between int8 values" in n]
     assert notes == ["integer-dataflow: float between int8 values (no integer form): "
                      "sigmoid -> mul (x1)"]
+
+
+def test_debug_dump_writes_the_convolution_kernels(tmp_path):
+    """debug_dir: each conv op's file is the generated convolution kernel it runs (not the
+    GEMM template), naming the node it serves."""
+    cm = compiled(build("resnet"), "w8a8-static", debug_dir=str(tmp_path))
+    with torch.no_grad():
+        cm(images(2))
+    files = sorted(tmp_path.glob("*/kernels/conv2d_int8_default*.py"))
+    assert files
+    for f in files:
+        text = f.read_text()
+        assert "def conv2d_int8_kernel(" in text and "def gemm_int8_kernel(" not in text
+        assert "# serves:   graph_" in text and ":conv2d_int8_default" in text
