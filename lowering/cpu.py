@@ -61,8 +61,8 @@ _SCALARS = ("q", "shift", "out_zero_point", "qmin", "qmax")
 
 # ---------------------------------------------------------------- prepared weights
 
-# id(weight) -> (weakref to it, {route name: (version, Prepared)}); entries die with their
-# weights (a WeakKeyDictionary would compare tensors with ==)
+# id(weight) -> (weakref to it, {route name or other key: (version, value)}); entries die
+# with their weights (a WeakKeyDictionary would compare tensors with ==)
 _PREPARED: dict[int, tuple[weakref.ref, dict]] = {}
 
 
@@ -74,23 +74,24 @@ def _cache_of(w: torch.Tensor) -> dict:
     return entry[1]
 
 
+def beside(w: torch.Tensor, key: Any, make) -> Any:
+    """`make(w)`, once per weight and key (again if w changed in place), cached beside the
+    weight: the entry dies with it. Any device (lowering/a16_ops.py keeps column sums here)."""
+    per_key = _cache_of(w)
+    entry = per_key.get(key)
+    if entry is None or entry[0] != w._version:
+        entry = per_key[key] = (w._version, make(w))
+    return entry[1]
+
+
 def prepared(route: cpu_routes.Route, w: torch.Tensor) -> cpu_routes.Prepared:
     """`route.prepare(w)`, once per weight and route (again if w changed in place)."""
-    per_route = _cache_of(w)
-    entry = per_route.get(route.name)
-    if entry is None or entry[0] != w._version:
-        entry = per_route[route.name] = (w._version, route.prepare(w))
-    return entry[1]
+    return beside(w, route.name, route.prepare)
 
 
 def weight_range(w: torch.Tensor) -> tuple[int, int]:
     """(min, max) of an int8 weight, cached beside it like its prepared layouts."""
-    per_route = _cache_of(w)
-    entry = per_route.get("range")
-    if entry is None or entry[0] != w._version:
-        lo, hi = (int(w.min()), int(w.max())) if w.numel() else (0, 0)
-        entry = per_route["range"] = (w._version, (lo, hi))
-    return entry[1]
+    return beside(w, "range", lambda w: (int(w.min()), int(w.max())) if w.numel() else (0, 0))
 
 
 def route_for(m: int, w: torch.Tensor) -> cpu_routes.Route:

@@ -26,7 +26,9 @@ Float-output ops:
   linear_w4a16     int4 group-wise weights dequantized in the kernel, float activations
   quantize_absmax  float -> (int8, scale): dynamic per-tensor, for attention inputs
   hadamard_transform  x @ H^T / sqrt(n) over the last dim (online rotations)
-The I-BERT integer non-linear ops are declared in lowering/int_ops.py.
+The I-BERT integer non-linear ops are declared in lowering/int_ops.py; the int16-activation
+ops (quantize_int16, linear_a16w8, linear_a16w8_dq: int16 x int8 as two int8 GEMMs, for
+mixed precision) in lowering/a16_ops.py.
 """
 
 from __future__ import annotations
@@ -733,7 +735,24 @@ REQUANT_INT8 = requant_int8.overload
 QUANTIZE_ABSMAX = quantize_absmax.overload
 ATTENTION_INT8 = attention_int8.overload
 HADAMARD = hadamard_transform.overload
-# every op that requantizes an accumulator per channel (compute-dyadic fills its q, shift)
+# every op that requantizes an accumulator per channel (compute-dyadic fills its q, shift);
+# lowering/a16_ops.py adds linear_a16w8 when it is declared
 from qcompile.lowering.conv_ops import CONV2D_INT8  # noqa: E402
 
 REQUANT_OPS = (LINEAR_INT8, LINEAR_W4A8, CONV2D_INT8)
+
+# The int16-activation ops (lowering/a16_ops.py, which builds on this module) are declared
+# whenever these are, and reachable here like every other op: ops.LINEAR_A16W8, ... (a
+# module __getattr__, since a16_ops may be the module imported first, this one inside it).
+import qcompile.lowering.a16_ops  # noqa: E402, F401
+
+_A16_NAMES = ("quantize_int16", "linear_a16w8", "linear_a16w8_dq", "QUANTIZE_INT16",
+              "LINEAR_A16W8", "LINEAR_A16W8_DQ")
+
+
+def __getattr__(name: str):
+    if name in _A16_NAMES:
+        from qcompile.lowering import a16_ops
+
+        return getattr(a16_ops, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -90,6 +90,64 @@ def check_accumulator_range(
         )
 
 
+# int16 x int8 GEMMs (lowering/a16_ops.py): |x16| <= 2**15, and the combined accumulator
+# plus bias is requantized by dyadic.rounding_shift_wide, exact while below 2**62
+A16_ABSMAX = 1 << 15
+A16_ACC_LIMIT = 1 << 62
+
+
+def _weight_values(w: torch.Tensor) -> torch.Tensor:
+    """int8 [N, K] values of a weight given as int8, or as int4 packed uint8 [N, K // 2]."""
+    if w.dtype == torch.uint8:
+        from qcompile.numerics.specs import unpack_int4
+
+        return unpack_int4(w)
+    if w.dtype != torch.int8 or w.dim() != 2:
+        raise TypeError(f"need an int8 weight [N, K] (or packed int4 uint8 [N, K // 2]), got "
+                        f"{w.dtype} {tuple(w.shape)}")
+    return w
+
+
+def a16_accumulator_bound(w: torch.Tensor, *, bias: torch.Tensor | None = None) -> int:
+    """Largest possible |x16 @ W^T + bias| over all int16 inputs, per the actual weights:
+    per channel c, 2**15 * sum_k |W[c, k]| + |bias[c]|. w: int8 [N, K] or packed int4."""
+    per_channel = (A16_ABSMAX * _weight_values(w).to(torch.int64).abs().sum(dim=1)).tolist()
+    if bias is not None:  # in Python integers: |int64 bias| + the rest can pass 2**63
+        per_channel = [b + abs(c) for b, c in zip(per_channel, _ints(bias), strict=True)]
+    return max(per_channel, default=0)
+
+
+def _ints(t: torch.Tensor) -> list[int]:
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise TypeError(f"need an integer bias, got {t.dtype}")
+    return t.reshape(-1).tolist()
+
+
+def check_a16_accumulator_range(
+    k: int, w: torch.Tensor | None = None, *, bias: torch.Tensor | None = None
+) -> None:
+    """Compile-time proof for linear_a16w8 / linear_a16w8_dq (lowering/a16_ops.py).
+
+    Each op runs two int8 GEMMs on the bytes of x16 (hi = x16 >> 8 and lo = (x16 & 255)
+    - 128, both in [-128, 127]), so each obeys the int32 contract: K <= 131071 (check_k).
+    The combined acc = 256 acc_hi + acc_lo + 128 colsum(W) is int64, and with the bias it
+    must stay below 2**62 for the wide dyadic rounding: 2**15 * sum_k |W[c, k]| + |bias[c]|
+    < 2**62 per channel (with weights), or 2**22 * K + max |bias| without them.
+    Raises AccumulatorRangeError otherwise.
+    """
+    check_k(k)
+    if w is not None:
+        bound = a16_accumulator_bound(w, bias=bias)
+    else:
+        top = max((abs(c) for c in _ints(bias)), default=0) if bias is not None else 0
+        bound = A16_ABSMAX * 128 * k + top
+    if bound >= A16_ACC_LIMIT:
+        raise AccumulatorRangeError(
+            f"|x16 @ w^T + bias| can reach {bound} >= 2**62: the wide dyadic requantization "
+            "of an int16 x int8 accumulator needs |acc + bias| < 2**62 (lower the bias)"
+        )
+
+
 def check_requant_params(q: torch.Tensor | int, shift: torch.Tensor | int) -> None:
     """q in [0, 2**31) and shift in 1..62 (per tensor or per channel), as made by
     dyadic.quantize_multiplier; call once at compile time."""

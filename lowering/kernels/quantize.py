@@ -4,7 +4,8 @@ per-token, and per-token after an online Hadamard transform.
 What, for x [..., K]:
 - `quantize_per_tensor_*(x, scale, zp)`: q = clamp(round(x / scale) + zp), float scale
   (static, calibrated). Same arithmetic as qcompile.numerics.specs.quantize: float32
-  IEEE division by the float32 scale, round half to even.
+  IEEE division by the float32 scale, round half to even. `quantize_int16_triton` is the
+  same kernel writing int16, zero point 0 (the int16 activations of lowering/a16_ops.py).
 - `requantize_int_*(acc, q, shift, zp)`: int32 -> int8 by the dyadic contract
   (qcompile.numerics.dyadic.requantize), in int64 integer arithmetic only.
 - `quantize_per_token_*(x)`: symmetric dynamic per-row quantization in one pass over x:
@@ -74,17 +75,23 @@ def round_half_even(y):
 
 
 @triton.jit
+def quantize_float(x, scale, zero_point, QMIN: tl.constexpr, QMAX: tl.constexpr):
+    """clamp(round(x / scale) + zp) for float32 x, as specs.quantize: a float32 integer."""
+    q = round_half_even(tl.math.div_rn(x, scale)) + zero_point
+    return tl.minimum(tl.maximum(q, QMIN), QMAX)
+
+
+@triton.jit
 def quantize_value(x, scale, zero_point, QMIN: tl.constexpr, QMAX: tl.constexpr):
     """int8 clamp(round(x / scale) + zp) for float32 x, as specs.quantize."""
-    q = round_half_even(tl.math.div_rn(x, scale)) + zero_point
-    return tl.minimum(tl.maximum(q, QMIN), QMAX).to(tl.int8)
+    return quantize_float(x, scale, zero_point, QMIN, QMAX).to(tl.int8)
 
 
 @triton.jit
 def _quantize_per_tensor_kernel(
     # pointers
     x_ptr,
-    q_ptr,
+    q_ptr,  # int8 or int16
     # shapes and parameters
     M,
     K,
@@ -105,7 +112,8 @@ def _quantize_per_tensor_kernel(
     offs_k = (tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)[None, :]
     mask = (offs_m < M) & (offs_k < K)
     x = tl.load(x_ptr + offs_m * stride_xm + offs_k * stride_xk, mask=mask).to(tl.float32)
-    q = quantize_value(x, scale, zero_point, QMIN, QMAX)  # int zp promotes to float32
+    q = quantize_float(x, scale, zero_point, QMIN, QMAX)  # int zp promotes to float32
+    q = q.to(q_ptr.dtype.element_ty)  # exact: an integer within the storage's range
     tl.store(q_ptr + offs_m * stride_qm + offs_k * stride_qk, q, mask=mask)
 
 
@@ -241,13 +249,25 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_per_tensor_triton(x, scale, zero_point=0, *, bits=8):
+    qmin, qmax = _range(bits)
+    return _quantize_per_tensor(x, scale, zero_point, qmin, qmax, torch.int8)
+
+
+def quantize_int16_triton(x, scale, qmin=-(1 << 15), qmax=(1 << 15) - 1):
+    """int16 clamp(round(x / scale), qmin, qmax), zero point 0: the per-tensor kernel with
+    int16 storage (the int16 activations of lowering/a16_ops.py)."""
+    qmin, qmax = int(qmin), int(qmax)  # constexprs of the kernel
+    check_output_range(qmin, qmax, torch.int16, what="quantize_int16's output")
+    return _quantize_per_tensor(x, scale, 0, qmin, qmax, torch.int16)
+
+
+def _quantize_per_tensor(x, scale, zero_point, qmin, qmax, dtype):
     check_can_launch(x)
     _check_float(x)
-    qmin, qmax = _range(bits)
     if not x.numel():  # nothing to launch for, and [-1, K] is ambiguous when K = 0
-        return torch.empty(x.shape, dtype=torch.int8, device=x.device)
+        return torch.empty(x.shape, dtype=dtype, device=x.device)
     x2 = _rows(x)  # [M, K]
-    q = torch.empty(x2.shape, dtype=torch.int8, device=x.device)
+    q = torch.empty(x2.shape, dtype=dtype, device=x.device)
     M, K = x2.shape
     block_m, block_k = 16, min(1024, triton.next_power_of_2(max(K, 1)))
     grid = (triton.cdiv(M, block_m), triton.cdiv(K, block_k))

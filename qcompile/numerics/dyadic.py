@@ -11,6 +11,10 @@ One rounding only (no gemmlowp-style double rounding), symmetric for negative va
 |acc| <= 2**31 and q < 2**31 keep |p| < 2**62, so |p| + 2**61 never overflows int64.
 Exact rational references live in tests/numerics/test_dyadic.py.
 
+Wider accumulators (int16 x int8 GEMMs: |acc| up to ~2**39, plus an int64 bias) take
+`rounding_shift_wide(acc, q, shift)`: the same rounding of acc * q / 2**s, exact for
+|acc| < 2**62 although the product needs up to 93 bits, computed in int64 on 31-bit limbs.
+
 `requantize` refuses, with a ValueError naming the argument, what would give wrong numbers
 silently: q outside [0, 2**31), shift outside 1..62, qmin > qmax, an output dtype that
 cannot hold [qmin, qmax] (by default it is the narrowest that can), a zero point that is
@@ -135,6 +139,86 @@ def rounding_shift_unchecked(p: torch.Tensor, shift: torch.Tensor | int) -> torc
         half = 1 << (int(shift) - 1)
     mag = torch.bitwise_right_shift(p.abs() + half, shift)
     return torch.where(p < 0, -mag, mag)
+
+
+# |acc| bound of rounding_shift_wide, and where its result saturates (see its docstring)
+WIDE_ACC_LIMIT = 1 << 62
+WIDE_SATURATION = 1 << 62
+_LOW31 = (1 << 31) - 1
+
+
+def rounding_shift_wide(acc: torch.Tensor, q: torch.Tensor | int,
+                        shift: torch.Tensor | int) -> torch.Tensor:
+    """round_half_away(acc * q / 2**shift) for int64 |acc| < 2**62, exact in int64, where
+    the product acc * q (up to 2**93) does not fit: the requantization of accumulators
+    wider than int32 (int16 x int8 GEMMs: |acc| up to ~2**39, plus an int64 bias).
+
+    q in [0, 2**31) and shift in 1..62: ints, or integer tensors broadcasting against acc
+    (per channel: [N] for acc [..., N]). A result beyond 2**62 in magnitude saturates to
+    +-WIDE_SATURATION = +-2**62 (possible only for shifts below 31: at 31 and above
+    |acc| * q / 2**shift < 2**62); any clamp to a range within +-2**62, such as int8's, is
+    then exactly the clamp of the exact value. Refused with a ValueError or TypeError
+    naming the argument: a non-int64 acc, |acc| >= 2**62 (one reduction, skipped under
+    torch.compile), q or shift out of range. `rounding_shift_wide_unchecked` is the
+    arithmetic, with its proof.
+    """
+    fn = "rounding_shift_wide"
+    _checks.integer(fn, "acc", acc, data=False)
+    if acc.dtype != torch.int64:
+        raise TypeError(f"{fn}: acc must be an int64 tensor, got {acc.dtype}")
+    check_multiplier(q, shift)
+    for name, value in (("q", q), ("shift", shift)):
+        if isinstance(value, torch.Tensor):
+            _checks.broadcasts_to(fn, name, value, acc.shape, "acc")
+    extent = _extent("acc", acc)
+    if extent is not None and max(-extent[0], extent[1]) >= WIDE_ACC_LIMIT:
+        raise ValueError(f"{fn}: |acc| must be below 2**62, got "
+                         f"{max(-extent[0], extent[1])}")
+    return rounding_shift_wide_unchecked(acc, q, shift)
+
+
+def rounding_shift_wide_unchecked(acc: torch.Tensor, q: torch.Tensor | int,
+                                  shift: torch.Tensor | int) -> torch.Tensor:
+    """rounding_shift_wide's arithmetic without its checks (the ops check their q and
+    shift where they are made, and prove |acc| < 2**62 at compile time).
+
+    Why it is exact and nothing overflows int64 (every quantity below is >= 0). With
+    A = |acc| < 2**62, q < 2**31, 1 <= s <= 62 and h = 2**(s-1), the result is
+    sign(acc) * floor((A q + h) / 2**s) (= round_half_away(acc q / 2**s)).
+
+    1. Limbs: A = A1 2**31 + A0 with A1 = A >> 31 < 2**31 and A0 = A & (2**31 - 1).
+       L = A0 q < 2**62 and A1 q < 2**62: both products fit.
+    2. L = L1 2**31 + L0 (L1 = L >> 31 < 2**31, L0 < 2**31), so
+       A q = T 2**31 + L0 with T = A1 q + L1 < 2**62 + 2**31 < 2**63.
+    3. Let c = min(s, 31), r = s - c and l = 31 - c (r = 0 or l = 0). Since 2**c divides
+       T 2**31 = (T 2**l) 2**c:
+           floor((A q + h) / 2**c) = T 2**l + floor((L0 + h) / 2**c)    (L0 + h < 2**62)
+       and floor(floor(x / a) / b) = floor(x / (a b)) for integers a, b > 0 gives
+           floor((A q + h) / 2**s) = (T 2**l + ((L0 + h) >> c)) >> r.
+    4. s >= 31 (l = 0): T + ((L0 + h) >> 31) <= T + 2**30 + 1 < 2**63.
+       s < 31 (r = 0, l = 31 - s): (L0 + h) >> s <= 2**l, so the sum is at most
+       (T + 1) 2**l. If T < 2**(62 - l), that is <= 2**62: exact, and it fits. Otherwise
+       the result is >= 2**62 and saturates to 2**62 (T is zeroed first, so T 2**l is
+       never formed). Results of the s >= 31 branch above 2**62 saturate alike.
+    Shift amounts stay in range: c in 1..31, l in 0..30, r in 0..31, 62 - l in 32..62.
+    """
+    dev = acc.device
+    q = torch.as_tensor(q, dtype=torch.int64, device=dev)
+    s = torch.as_tensor(shift, dtype=torch.int64, device=dev)
+    a = acc.abs()
+    low = a.bitwise_and(_LOW31) * q  # A0 q  < 2**62
+    t = torch.bitwise_right_shift(a, 31) * q + torch.bitwise_right_shift(low, 31)  # T
+    l0 = low.bitwise_and(_LOW31)
+    c = s.clamp(max=31)
+    left, right = 31 - c, s - c
+    one = torch.ones_like(s)
+    half = torch.bitwise_left_shift(one, s - 1)
+    sat = (left > 0) & (t >= torch.bitwise_left_shift(one, 62 - left))
+    t = torch.where(sat, 0, t)
+    mag = torch.bitwise_right_shift(
+        torch.bitwise_left_shift(t, left) + torch.bitwise_right_shift(l0 + half, c), right)
+    mag = torch.where(sat, WIDE_SATURATION, mag.clamp(max=WIDE_SATURATION))
+    return torch.where(acc < 0, -mag, mag)
 
 
 def output_dtype(qmin: int, qmax: int) -> torch.dtype:

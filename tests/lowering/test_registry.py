@@ -59,6 +59,36 @@ def _linear_args(g, extreme, *, int4=False):
     return (x, w_arg, bias if m % 2 else None, zp_term, q, shift, out_zp, -128, 127)
 
 
+def _a16_args(g, extreme, *, int4=False):
+    """int16 x [2, M, K] (both ends of int16 when extreme), int8 (or packed int4) w [N, K]."""
+    m, k, n = _dims(g, (1, 33), (1, 64), (1, 40))
+    k += k % 2 if int4 else 0
+    if extreme:
+        pick = torch.randint(0, 2, (2, m, k), generator=g).bool()
+        x = torch.where(pick, 2**15 - 1, -(2**15)).to(torch.int16)
+    else:
+        x = torch.randint(-(2**15), 2**15, (2, m, k), generator=g, dtype=torch.int16)
+    lo, hi = (-8, 7) if int4 else (-128, 127)
+    w = _int8(g, n, k, lo=lo, hi=hi, extreme=extreme)
+    return x, (pack_int4(w) if int4 else w), m, n, k
+
+
+def _a16_requant_args(g, extreme):
+    int4 = bool(torch.randint(0, 2, (1,), generator=g))
+    x, w, m, n, k = _a16_args(g, extreme, int4=int4)
+    if extreme:  # both ends of the range |acc + bias| < 2**62 allows
+        top = 2**62 - 1 - 2**22 * k
+        bias = torch.where(torch.arange(n) % 2 == 0, top, -top)
+    else:
+        bias = torch.randint(-2**22, 2**22, (n,), generator=g)
+    q, shift = _requant_qs(g, n, k, extreme)
+    shift = (shift + 8).clamp(max=62)  # the accumulator is 2**8 times an int8 one's
+    if m % 3 == 0:  # per tensor
+        q, shift = q[:1], shift[:1]
+    return (x, w, bias if m % 2 else None, q, shift,
+            int(torch.randint(-10, 11, (1,), generator=g)), -128, 127)
+
+
 def _attention_args(g, extreme):
     b, hkv, group, sq, sk, d = _dims(g, (1, 2), (1, 2), (1, 2), (1, 17), (1, 19), (4, 16))
     hq = hkv * group
@@ -139,6 +169,23 @@ def _samples(name, g, extreme):
         return (x, scale, int(torch.randint(-20, 21, (1,), generator=g)), -128, 127)
     if name == "dequantize":
         return (_int8(g, 4, 9, extreme=extreme), 0.0371, -5, torch.float32)
+    if name == "quantize_int16":
+        x = torch.randn(3, 37, generator=g) * 4
+        scale = float(torch.rand(1, generator=g)) * 1e-3 + 1e-4
+        if extreme:  # exact ties (a power-of-two scale) and saturation at both ends
+            scale = 2.0**-10
+            x = torch.cat([torch.arange(-70, 70) + 0.5,
+                           torch.tensor([-4e4, 4e4, 32767.5, -32768.5])]) * scale
+            return (x.reshape(2, 72), scale, -(2**15) + 1, 2**15 - 1)
+        return (x, scale, -(2**15), 2**15 - 1)
+    if name == "linear_a16w8":
+        return _a16_requant_args(g, extreme)
+    if name == "linear_a16w8_dq":
+        int4 = bool(torch.randint(0, 2, (1,), generator=g))
+        x, w, m, n, k = _a16_args(g, extreme, int4=int4)
+        bias = torch.randn(n, generator=g) * 100 if n % 2 else None
+        out_dtype = torch.bfloat16 if m % 2 else torch.float32
+        return (x, w, bias, 3.1e-6, torch.rand(n, generator=g) * 0.01, out_dtype)
     if name == "requant_int8":
         q, s = quantize_multiplier(float(torch.rand(1, generator=g)) * 3 + 0.01)
         return (_int8(g, 5, 23, extreme=extreme), 7, q, s, -3, -128, 127)

@@ -15,9 +15,11 @@ from hypothesis import strategies as st
 
 from qcompile.numerics.dyadic import (
     ACC_EXACT_LIMIT,
+    WIDE_SATURATION,
     MultiplierRangeError,
     quantize_multiplier,
     requantize,
+    rounding_shift_wide,
 )
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
@@ -339,3 +341,112 @@ def test_requantize_traces_under_torch_compile_with_tensor_scalars():
     assert torch.equal(compiled(acc, *args), f(acc, *args))
     assert compiled(acc, *args).tolist() == [reference(a, 2**31 - 1, 62, 0, -5, 127)
                                              for a in EXTREME_ACCS]  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------
+# rounding_shift_wide: |acc| < 2**62, the product acc * q beyond int64
+# ---------------------------------------------------------------------------------------
+
+WIDE_MAX = 2**62 - 1  # the largest |acc| rounding_shift_wide takes
+WIDE_ACCS = [-WIDE_MAX, -WIDE_MAX + 1, -(2**61), -(2**39), INT32_MIN, -3, -1, 0, 1, 3,
+             INT32_MAX, 2**39, 2**61, WIDE_MAX - 1, WIDE_MAX]
+
+
+def wide_reference(acc: int, q: int, s: int) -> int:
+    """round_half_away(acc * q / 2**s) by Fraction, saturated at +-2**62 (the documented
+    saturation: any clamp to a range within it agrees with the exact value's)."""
+    y = round_half_away(Fraction(acc) * q / 2**s)
+    return max(-WIDE_SATURATION, min(WIDE_SATURATION, y))
+
+
+def check_wide(accs, q, s):
+    got = rounding_shift_wide(torch.tensor(accs, dtype=torch.int64), q, s).tolist()
+    assert got == [wide_reference(a, q, s) for a in accs]
+
+
+wide_accs = st.one_of(st.integers(-WIDE_MAX, WIDE_MAX), st.integers(-(2**40), 2**40),
+                      st.sampled_from(WIDE_ACCS))
+wide_qs = st.one_of(st.integers(0, 2**31 - 1), st.sampled_from([0, 1, 2**30, 2**31 - 1]))
+wide_shifts = st.one_of(st.integers(1, 62), st.sampled_from([1, 30, 31, 32, 62]))
+
+
+@settings(max_examples=400, deadline=None, derandomize=True)
+@given(accs=st.lists(wide_accs, min_size=1, max_size=16), q=wide_qs, s=wide_shifts)
+def test_rounding_shift_wide_matches_fraction(accs, q, s):
+    check_wide(accs + WIDE_ACCS, q, s)
+
+
+@pytest.mark.parametrize("q", [0, 1, 2**30, 2**30 + 1, 2**31 - 1])
+@pytest.mark.parametrize("s", [1, 2, 29, 30, 31, 32, 33, 61, 62])
+def test_rounding_shift_wide_extremes(q, s):
+    check_wide(WIDE_ACCS, q, s)
+
+
+@st.composite
+def wide_ties(draw):
+    """(acc, q, s) with |acc| q = (2k + 1) 2**(s-1): exactly half-way. q = odd 2**t, acc =
+    r 2**(s-1-t) with r odd and |acc| < 2**62."""
+    s = draw(st.integers(1, 62))
+    t = draw(st.integers(0, min(s - 1, 30)))
+    odd = draw(st.integers(0, 2 ** (30 - t) - 1)) * 2 + 1  # q = odd 2**t < 2**31
+    r_max = (WIDE_MAX >> (s - 1 - t)) - 1
+    r = draw(st.integers(0, max(r_max // 2 - 1, 0))) * 2 + 1
+    return draw(st.sampled_from([1, -1])) * (r << (s - 1 - t)), odd << t, s
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(tie=wide_ties())
+def test_rounding_shift_wide_ties_round_away_from_zero(tie):
+    acc, q, s = tie
+    assert abs(acc) <= WIDE_MAX and 0 < q < 2**31
+    assert (abs(acc) * q) % 2**s == 2 ** (s - 1)  # truly a tie
+    check_wide([acc, -acc], q, s)
+
+
+def test_rounding_shift_wide_saturates_only_beyond_2_62():
+    # shift 1, q = 2**31 - 1: |acc| q / 2 passes 2**62 from |acc| ~ 2**32
+    edge = (2**63) // (2**31 - 1)  # the largest acc with acc * q <= 2**63
+    got = rounding_shift_wide(torch.tensor([edge, -edge, edge + 1, WIDE_MAX]), 2**31 - 1, 1)
+    assert got.tolist() == [wide_reference(a, 2**31 - 1, 1) for a in (edge, -edge, edge + 1,
+                                                                      WIDE_MAX)]
+    assert got[-1] == WIDE_SATURATION and abs(got[0]) <= WIDE_SATURATION
+
+
+@settings(max_examples=50, deadline=None, derandomize=True)
+@given(rows=st.integers(1, 3), n=st.integers(1, 6), seed=st.integers(0, 2**31 - 1))
+def test_rounding_shift_wide_per_channel(rows, n, seed):
+    g = torch.Generator().manual_seed(seed)
+    acc = torch.randint(-(2**62) + 1, 2**62, (rows, n), generator=g, dtype=torch.int64)
+    acc[0, 0] = -WIDE_MAX
+    q = torch.randint(0, 2**31, (n,), generator=g)
+    s = torch.randint(1, 63, (n,), generator=g)
+    got = rounding_shift_wide(acc, q, s)
+    want = [[wide_reference(int(acc[i, j]), int(q[j]), int(s[j])) for j in range(n)]
+            for i in range(rows)]
+    assert got.tolist() == want
+
+
+def test_rounding_shift_wide_agrees_with_requantize_where_both_apply():
+    accs = torch.tensor(EXTREME_ACCS, dtype=torch.int32)
+    for q, s in [(2**31 - 1, 62), (2**30, 31), (1518500250, 33), (2**30 + 7, 1)]:
+        narrow = requantize(accs, q, s, 0, *WIDE, out_dtype=torch.int64)
+        assert torch.equal(rounding_shift_wide(accs.to(torch.int64), q, s), narrow)
+
+
+@pytest.mark.parametrize(
+    "acc,q,shift,error,message",
+    [
+        (torch.tensor([1], dtype=torch.int32), 2**30, 31, TypeError, "acc must be an int64"),
+        (torch.tensor([1.0]), 2**30, 31, TypeError, "acc must be an integer tensor"),
+        (torch.tensor([2**62]), 2**30, 31, ValueError, "below 2\\*\\*62, got 4611686018427387904"),
+        (torch.tensor([-(2**63)]), 2**30, 31, ValueError, "below 2\\*\\*62"),
+        (torch.tensor([1]), 2**31, 31, ValueError, "0 <= q < 2\\*\\*31"),
+        (torch.tensor([1]), -1, 31, ValueError, "0 <= q < 2\\*\\*31"),
+        (torch.tensor([1]), 2**30, 0, ValueError, "1 <= shift <= 62"),
+        (torch.tensor([1]), 2**30, 63, ValueError, "1 <= shift <= 62"),
+        (torch.tensor([[1, 2]]), torch.tensor([1, 2, 3]), 31, ValueError, "does not broadcast"),
+    ],
+)
+def test_rounding_shift_wide_refuses_what_it_cannot_do_exactly(acc, q, shift, error, message):
+    with pytest.raises(error, match=message):
+        rounding_shift_wide(acc, q, shift)
