@@ -19,9 +19,11 @@ import torch
 from torch.fx import GraphModule
 
 from qcompile import annotations as ann
-from qcompile.numerics.specs import QuantSpec
+from qcompile.numerics.specs import SCALE_EPS, QuantSpec
 from qcompile.pass_manager import PassContext, PassResult, graph_pass
 from qcompile.passes.insert_observers import observer_key
+
+INT16_MAX = 32767
 
 
 @dataclass
@@ -31,6 +33,24 @@ class CalibSite:
     channel_range: tuple[torch.Tensor, torch.Tensor] | None = None  # per-channel min, max
     hessian: torch.Tensor | None = None
     seen: bool = False
+    absmax: float | None = None  # max |x| seen: the symmetric 16-bit scale's range
+    bits: int = 8  # the activation's width: 16 where choose-precision widened it
+
+    @property
+    def scale16(self) -> float | None:
+        """The symmetric 16-bit scale, max|x| / 32767 (zero point 0); None uncalibrated."""
+        if self.absmax is None:
+            return None
+        return max(self.absmax / INT16_MAX, SCALE_EPS)
+
+
+def observed_absmax(obs, spec: QuantSpec) -> float:
+    """max |x| over everything the range observer saw (its exact min and max where it keeps
+    them; a clipping observer's range otherwise)."""
+    lo, hi = getattr(obs, "min_val", None), getattr(obs, "max_val", None)
+    if lo is None or hi is None:
+        lo, hi = obs.range(spec)
+    return max(abs(float(lo)), abs(float(hi)))
 
 
 def loaded_quantization(ctx: PassContext):
@@ -67,6 +87,7 @@ def calibrate_qparams(gm: GraphModule, ctx: PassContext) -> PassResult:
             if kind == "range":
                 scale, zp = obs.qparams(spec)
                 site.scale, site.zero_point = float(scale), int(zp)
+                site.absmax = observed_absmax(obs, spec)
             elif kind == "channels":
                 site.channel_range = obs.range(QuantSpec(granularity="per_channel", axis=-1))
             elif kind == "hessian":

@@ -265,7 +265,7 @@ _ELEMENTWISE = (F.hardswish, F.hardsigmoid, F.silu, F.mish, F.gelu, F.elu, F.sel
                 torch.sigmoid, torch.tanh, F.sigmoid, F.tanh)
 # an int8 value a linear made keeps the float-island rule (its accumulator is dequantized
 # for a float activation: more precise, and what the transformer recipes are tuned on)
-_LINEARS = (ops.LINEAR_INT8, ops.LINEAR_W4A8)
+_LINEARS = (ops.LINEAR_INT8, ops.LINEAR_W4A8, ops.LINEAR_A16W8)
 _CATS = (torch.cat, torch.concat, torch.concatenate)
 
 
@@ -477,6 +477,9 @@ def _float_outputs(gm: GraphModule) -> int:
                     y = gm.graph.call_function(conv_ops.CONV2D_INT8_DQ, (
                         x, w, b, arg(node, "in_zp"), epi.x_scale, ws, arg(dq, "dtype"),
                         *geometry))
+                elif node.target is ops.LINEAR_A16W8:
+                    y = gm.graph.call_function(ops.LINEAR_A16W8_DQ, (
+                        x, w, b, epi.x_scale, ws, arg(dq, "dtype")))
                 else:
                     y = gm.graph.call_function(ops.LINEAR_INT8_DQ, (
                         x, w, b, arg(node, "zp_term"), epi.x_scale, ws, arg(dq, "dtype")))

@@ -10,6 +10,8 @@ model, so a layer's figure includes the effect of the layers before it.
 It also records, per linear, its input's max|x| and kurtosis before the transforms (the
 canonical graph) and after them, for the report's picture.
 Why: the report says, per layer, how much quantization costs and what transforms did.
+With a mixed-precision plan (choose-precision), the distortion of the graph's outputs
+(passes/_sensitivity.py's D, on the same rows) is recorded beside the plan's prediction.
 Pre: lower. Post: ctx.layers[name].sqnr_db set; the graph is unchanged.
 """
 
@@ -25,6 +27,7 @@ from qcompile import annotations as ann
 from qcompile.fx_utils import is_call
 from qcompile.pass_manager import PassContext, PassResult, graph_pass
 from qcompile.passes._activations import fused_activation
+from qcompile.passes._sensitivity import float_outputs
 from qcompile.sites import is_conv, linear_name
 
 
@@ -141,7 +144,12 @@ def _measure(gm: GraphModule, ctx: PassContext, float_gm, inputs) -> PassResult:
         ref = _Record(float_gm, lambda n: _float_layer_of(n, fused))
         ref.run(*inputs)
         test = _Record(gm, _layer_of)
-        test.run(*inputs)
+        test_out = test.run(*inputs)
+    plan, metric = ctx.analysis.get("precision"), ctx.analysis.pop("distortion", None)
+    test_out = float_outputs(test_out)
+    if plan is not None and metric is not None and metric.matches(test_out):
+        # what the mixed-precision choice really costs, beside its forecast
+        plan.real_measured = metric(test_out)
     measured = 0
     for layer, y in ref.seen.items():
         # an empty output (a batch of 0 rows) carries no signal and no noise: no figure

@@ -8,6 +8,10 @@
                       with M[c] = s_x * s_w[c] / s_y kept (float64) in a PendingRequant
                       annotation until compute-dyadic fills q and shift; int4 weights
                       use linear_w4a8 with the weight packed two per byte.
+  recipe "mixed"      where choose-precision widened the input to 16 bits:
+                      xq = quantize_int16(x, s_x); yq = linear_a16w8(xq, Wq, b_i64, q, shift,
+                      zp_y): two int8 GEMMs on the input's high and low bytes, combined in
+                      int64; int4 weights (choose-precision's Layer.weight_bits) as above.
 The int32 bias is round(b / (s_x * s_w[c])); the accumulator range check (|acc| + |bias|
 + |zp term| < 2**31 for every possible int8 input) runs here, at compile time.
 The quantize/dequantize pairs this leaves between integer ops are removed by
@@ -27,11 +31,15 @@ from torch.fx import GraphModule, Node
 from qcompile import annotations as ann
 from qcompile.fx_utils import add_constant, erase_unused, get_constant, is_call, tensor_val
 from qcompile.lowering import ops
-from qcompile.lowering.reference import AccumulatorRangeError, check_accumulator_range
+from qcompile.lowering.reference import (
+    AccumulatorRangeError,
+    check_a16_accumulator_range,
+    check_accumulator_range,
+)
 from qcompile.numerics.specs import pack_int4
 from qcompile.pass_manager import PassContext, PassResult, graph_pass
 
-ACT = {8: (-128, 127), 4: (-8, 7)}
+ACT = {8: (-128, 127), 4: (-8, 7), 16: (-32768, 32767)}
 
 
 def _const(gm, node, base, value):
@@ -73,6 +81,12 @@ def _quantized_input(gm, ctx, x: Node, cache: dict, before: Node):
     if site is None or site.scale is None:
         cache[x] = None
         return None
+    if site.bits == 16:  # choose-precision widened it: symmetric, zero point 0
+        with gm.graph.inserting_after(x):
+            xq = gm.graph.call_function(ops.QUANTIZE_INT16, (x, site.scale16, *ACT[16]))
+        ann.put(xq, ann.QParams(site.scale16, 0))
+        cache[x] = xq
+        return xq
     qmin, qmax = ACT[ctx.options.recipe_obj.act.bits]
     with gm.graph.inserting_after(x):
         xq = gm.graph.call_function(ops.QUANTIZE, (x, site.scale, site.zero_point, qmin, qmax))
@@ -92,6 +106,8 @@ def _rewrite_static(gm, ctx, node, qw, layer, cache):
     s_x, zp_x = qp.scale, qp.zero_point
     s_w = qw.scale.double().reshape(-1)  # [N]
     wq = qw.qweight  # int8 [N, K] (int4 values for 4-bit)
+    if xq.target is ops.QUANTIZE_INT16:
+        return _rewrite_a16(gm, ctx, node, qw, layer, xq, out)
     bias_i32 = None
     if b is not None:
         bias_f = get_constant(gm, b).double()
@@ -126,6 +142,37 @@ def _rewrite_static(gm, ctx, node, qw, layer, cache):
     ann.put(yq, ann.FloatEpilogue(s_x, qw.scale.float().reshape(-1), bias_f,
                                   wq.contiguous() if qw.spec.bits == 4 else None))
     return y, op._opname  # the LayerOutput; yq carries the Layer
+
+
+def _rewrite_a16(gm, ctx, node, qw, layer, xq, out):
+    """A 16-bit input (recipe "mixed"): linear_a16w8, two int8 GEMMs combined in int64,
+    with an int64 bias and the same dyadic requantization; no zero-point term."""
+    _, _, b = node.args
+    s_x = ann.get(xq, ann.QParams).scale
+    s_w = qw.scale.double().reshape(-1)  # [N]
+    wq = qw.qweight
+    bias_i64 = None
+    if b is not None:
+        bias_i64 = torch.round(get_constant(gm, b).double() / (s_x * s_w)).to(torch.int64)
+    check_a16_accumulator_range(wq.shape[1], wq, bias=bias_i64)
+    mult = s_x * s_w / out.scale
+    name = layer.name.replace(".", "_")
+    w_node = (_const(gm, node, f"{name}_wq4", pack_int4(wq)) if qw.spec.bits == 4 else
+              _const(gm, node, f"{name}_wq", wq.contiguous()))
+    b_node = _const(gm, node, f"{name}_bias_i64", bias_i64) if bias_i64 is not None else None
+    q_node = _const(gm, node, f"{name}_q", torch.zeros_like(mult, dtype=torch.int64))
+    shift_node = _const(gm, node, f"{name}_shift", torch.zeros_like(mult, dtype=torch.int64))
+    with gm.graph.inserting_before(node):
+        yq = gm.graph.call_function(ops.LINEAR_A16W8, (xq, w_node, b_node, q_node, shift_node,
+                                                       out.zero_point, *ACT[8]))
+        y = gm.graph.call_function(ops.DEQUANTIZE, (yq, out.scale, out.zero_point,
+                                                    tensor_val(node).dtype))
+    _tag(yq, layer)
+    ann.put(yq, ann.QParams(out.scale, out.zero_point))
+    ann.put(yq, ann.PendingRequant((mult,)))
+    bias_f = get_constant(gm, b).float() if b is not None else None
+    ann.put(yq, ann.FloatEpilogue(s_x, qw.scale.float().reshape(-1), bias_f, None))
+    return y, "linear_a16w8"
 
 
 def replace_layer(gm: GraphModule, node: Node, new: Node | None, kind: str, rec,

@@ -3,6 +3,9 @@
     qcompile demo [--recipe R]            quantize all-MiniLM-L6-v2, report accuracy and speed
     qcompile tune --shapes 128x4096x4096  tune GEMM shapes (M x K x N), print the configs
     qcompile tune --model minilm          tune every GEMM of the compiled MiniLM at its shapes
+    qcompile sensitivity --model minilm --budget a16=0.1
+                                          per-site sensitivities, the widths a budget buys,
+                                          and the Pareto frontier (a picture) for choosing one
     qcompile recipes                      the recipes and what they do
     qcompile options                      the options torch.compile(..., options=) accepts
 """
@@ -39,6 +42,64 @@ def _shapes(text: str) -> str:
 
     parse_shapes(text)  # checked here; the tuner parses it again
     return text
+
+
+def budget(text: str) -> dict[str, float]:
+    """"a16=0.1,weight_bits=5" -> {"a16": 0.1, "weight_bits": 5.0}, checked like the option."""
+    from qcompile.config import Options, QCompileConfigError
+
+    out = {}
+    for part in filter(None, text.split(",")):
+        key, sep, value = part.partition("=")
+        try:
+            out[key.strip()] = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{part!r} is not key=number") from None
+        if not sep:
+            raise argparse.ArgumentTypeError(f"{part!r} is not key=number")
+    try:
+        Options.from_user(None, {"recipe": "mixed", "budget": out})
+    except QCompileConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return out
+
+
+def _sensitivity(args) -> int:
+    import os
+
+    import torch
+
+    import qcompile
+    from qcompile import minilm
+
+    model, tok = minilm.load()
+    calib, evals = minilm.sentences()
+    options = {"recipe": "mixed", "budget": args.budget, "sensitivity": args.sensitivity}
+    cm = torch.compile(model, backend="qcompile", options=options, dynamic=True)
+    with torch.no_grad(), qcompile.calibrate(cm):
+        for ids, mask in minilm.batches(tok, calib, 16):
+            cm(input_ids=ids, attention_mask=mask)
+    ref = torch.cat([minilm.embed(model, i, m) for i, m in minilm.batches(tok, evals, 16)])
+    emb = torch.cat([minilm.embed(cm, i, m) for i, m in minilm.batches(tok, evals, 16)])
+    rep = qcompile.report(cm)
+    for g in rep.graphs:
+        if g.precision is not None:
+            print(g.precision.to_text())
+            print(f"{'budget':>10} {'cost':>10} {'predicted D':>12} {'measured D':>12}")
+            for p in sorted(g.precision.frontier, key=lambda p: p["cost"]):
+                measured = f"{p['measured']:12.3e}" if "measured" in p else f"{'':>12}"
+                print(f"{p['budget']:10.4g} {p['cost']:10.4g} {p['predicted']:12.3e} "
+                      f"{measured}")
+    result = minilm.compare(ref, emb)
+    print(f"evaluation sentences: mean cosine {result['cosine_mean']:.5f}, min "
+          f"{result['cosine_min']:.5f}, ranking agreement {result['ranking_agreement']:.3f}")
+    os.makedirs(args.out, exist_ok=True)
+    try:
+        path = rep.plot_precision(os.path.join(args.out, "precision-pareto.png"))
+        print(f"Pareto frontier: {path}")
+    except ImportError as exc:
+        print(exc)
+    return 0
 
 
 def _tune(args) -> int:
@@ -84,6 +145,13 @@ def main(argv: list[str] | None = None) -> int:
     tune.add_argument("--rows", type=positive_int, default=32 * 128,
                       help="M to tune for (tokens)")
     tune.add_argument("--cache", default=None, help="autotune cache directory")
+    sen = sub.add_parser("sensitivity", help="per-site sensitivities and the widths a "
+                                             "budget buys (recipe 'mixed')")
+    sen.add_argument("--model", choices=["minilm"], default="minilm")
+    sen.add_argument("--budget", type=budget, default={"a16": 0.1},
+                     help="key=value[,key=value]: a16, weight_bits, size, bops")
+    sen.add_argument("--sensitivity", choices=["measured", "hessian", "both"], default="both")
+    sen.add_argument("--out", default="qcompile-sensitivity", help="folder for the picture")
     sub.add_parser("recipes", help="list the recipes")
     sub.add_parser("options", help="list the options")
     args = parser.parse_args(argv)
@@ -93,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         return demo_main(args.rest)
     if args.command == "tune":
         return _tune(args)
+    if args.command == "sensitivity":
+        return _sensitivity(args)
     if args.command == "recipes":
         from qcompile.config import RECIPES
 

@@ -77,12 +77,25 @@ RECIPES: dict[str, Recipe] = {
         Recipe("w4a4", WeightQuant(4), ActQuant(4, dynamic=False), "dyadic", rotate=True,
                online_hadamard=True, gptq=True, observer="mse",
                description="int4 weights (GPTQ), int4 activations, rotations on"),
+        Recipe("mixed", WeightQuant(8), ActQuant(8, dynamic=False), "dyadic",
+               description="static integer-only; each layer's weight bits (int8 / int4) and "
+                           "each activation's (int8 / int16) chosen under options['budget'] "
+                           "by an integer program over measured sensitivities (HAWQ-V3); "
+                           "needs calibration"),
         Recipe("float", None, None, None,
                description="capture and canonicalize only; nothing is quantized (debugging)"),
     )
 }
 DEFAULT_RECIPE = "w8a8"
 
+# options["budget"] of the mixed recipe: key -> what it bounds (passes/choose_precision.py)
+BUDGET_KEYS = {
+    "a16": "fraction (0..1) of the quantized activation sites that may run at 16 bits",
+    "weight_bits": "average bits per quantized weight (4..8): int4 where it costs least",
+    "size": "weight bytes: a fraction (0..1] of the all-int8 size, or a number of bytes > 1",
+    "bops": "bit operations (weight bits x activation bits x MACs), as a fraction of all-int8",
+}
+SENSITIVITIES = ("measured", "hessian", "both")
 OBSERVERS = ("minmax", "moving-minmax", "percentile", "mse")
 KERNELS = ("auto", "triton", "cpu", "reference")
 MODES = (None, "default", "max-autotune", "max-autotune-no-cudagraphs")
@@ -103,6 +116,11 @@ class Options:
     integer_nonlinear: bool | None = None
     observer: str | None = None  # None: the recipe's (min-max; MSE search for w4a4)
     skip: tuple[str, ...] = ()  # fnmatch patterns of layer names left in float
+    # mixed precision (recipe "mixed"): what the choice may spend (BUDGET_KEYS), and how
+    # each site's sensitivity is found: one site quantized at a time ("measured"), the
+    # Hessian trace (HAWQ-V2, "hessian"), or both side by side (the choice uses measured)
+    budget: dict[str, float] | None = None
+    sensitivity: str = "both"
     # debugging
     debug_dir: str | None = None
     print_after: str | None = None
@@ -140,11 +158,15 @@ class Options:
         static_act = r.act is not None and not r.act.dynamic
         return static_act or self.transform_on("gptq") or self.transform_on("smooth")
 
+    @property
+    def budget_key(self) -> tuple | None:
+        return tuple(sorted(self.budget.items())) if self.budget else None
+
     def fingerprint(self) -> str:
         """What calibration depends on: two compiles of one model with the same fingerprint
         share calibration statistics, with different ones never do."""
         keys = ("recipe", "smooth", "smooth_alpha", "rotate", "online_hadamard", "gptq",
-                "integer_nonlinear", "observer_name", "skip", "seed")
+                "integer_nonlinear", "observer_name", "skip", "seed", "budget_key")
         return ";".join(f"{k}={getattr(self, k)!r}" for k in keys)
 
     @classmethod
@@ -205,12 +227,52 @@ class Options:
             value = getattr(self, name)
             if value is not None and not isinstance(value, bool):
                 raise QCompileConfigError(f"option {name!r} takes True/False, got {value!r}")
+        self._validate_budget()
         if not self.recipe_obj.quantizes:
             on = [n for n in ("smooth", "rotate", "gptq") if getattr(self, n)]
             if on:
                 raise QCompileConfigError(
                     f"recipe 'float' quantizes nothing; options {on} need a quantizing recipe"
                 )
+
+
+    def _validate_budget(self) -> None:
+        if self.sensitivity not in SENSITIVITIES:
+            raise QCompileConfigError(f"sensitivity must be one of {list(SENSITIVITIES)}, "
+                                      f"got {self.sensitivity!r}")
+        if self.recipe != "mixed":
+            if self.budget is not None:
+                raise QCompileConfigError(
+                    f"option 'budget' belongs to recipe 'mixed' (per-site precision under a "
+                    f"budget), not {self.recipe!r}: use options={{'recipe': 'mixed', "
+                    f"'budget': {{...}}}}")
+            return
+        example = "e.g. {'recipe': 'mixed', 'budget': {'a16': 0.1}}"
+        if not isinstance(self.budget, Mapping) or not self.budget:
+            raise QCompileConfigError(
+                f"recipe 'mixed' needs options['budget'], a dict with one or more of "
+                f"{sorted(BUDGET_KEYS)} ({example}); got {self.budget!r}. " + "; ".join(
+                    f"{k}: {v}" for k, v in BUDGET_KEYS.items()))
+        unknown = sorted(set(self.budget) - set(BUDGET_KEYS))
+        if unknown:
+            raise QCompileConfigError(f"unknown budget key(s) {unknown}; known: "
+                                      f"{sorted(BUDGET_KEYS)} ({example})")
+        bounds = {"a16": (0.0, 1.0), "weight_bits": (4.0, 8.0), "bops": (0.0, 4.0)}
+        for key, value in self.budget.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+                raise QCompileConfigError(f"budget[{key!r}] must be a number, got {value!r}")
+            if key == "size":
+                if value <= 0:
+                    raise QCompileConfigError(
+                        f"budget['size'] is a fraction of the int8 size in (0, 1] or a byte "
+                        f"count > 1, got {value!r}")
+                continue
+            lo, hi = bounds[key]
+            if not lo <= value <= hi:
+                raise QCompileConfigError(
+                    f"budget[{key!r}] must be in [{lo:g}, {hi:g}] ({BUDGET_KEYS[key]}), "
+                    f"got {value!r}")
+        self.budget = dict(self.budget)
 
 
 def known_options() -> list[str]:

@@ -50,6 +50,10 @@ def smooth(o: Options) -> bool:
     return quantizes(o) and o.transform_on("smooth")
 
 
+def mixed(o: Options) -> bool:
+    return o.recipe == "mixed"
+
+
 def integer_nonlinear(o: Options) -> bool:
     return (quantizes(o) and o.recipe_obj.requant == "dyadic"
             and o.transform_on("integer_nonlinear"))
@@ -106,6 +110,10 @@ PIPELINE: tuple[Step, ...] = (
          "SmoothQuant needs the calibrated max|X_j|, so it runs here, not with the "
          "data-free transforms"),
     Step("smooth-qparams", F, smooth, "the activation scales smoothing changed, recomputed"),
+    Step("choose-precision", F, mixed,
+         "each weight's and activation's width under the budget: needs the calibrated "
+         "ranges and the final float weights (after smoothing), and decides what "
+         "quantize-weights and the rewrites do"),
     Step("quantize-weights", F, quantizes, "RTN or GPTQ, per channel / per group"),
     Step("rewrite-linear", F, quantizes,
          "linear -> quantized linear; quantize / dequantize at its boundary"),

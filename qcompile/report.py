@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Any
 
 from qcompile.pass_manager import LayerRecord, PassRecord
 from qcompile.state import compile_fingerprint, state_for_model
@@ -22,6 +23,7 @@ class GraphReport:
     layers: list[LayerRecord]
     notes: list[str] = field(default_factory=list)
     counters: dict[str, int] = field(default_factory=dict)
+    precision: Any = None  # passes.choose_precision.PrecisionPlan (recipe "mixed")
 
     def to_text(self) -> str:
         lines = [f"== {self.name} (recipe {self.recipe}) =="]
@@ -44,6 +46,8 @@ class GraphReport:
                          f"{'changed' if rec.modified else 'unchanged':<9} {counters}")
         for note in self.notes:
             lines.append(f"note: {note}")
+        if self.precision is not None:
+            lines.append(self.precision.to_text())
         return "\n".join(lines)
 
 
@@ -68,14 +72,7 @@ class Report:
     def plot(self, path: str) -> str:
         """A picture (PNG) of per-layer SQNR, and of each linear's input range and kurtosis
         before and after the transforms. Needs matplotlib (pip install 'qcompile[plot]')."""
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError as exc:
-            raise ImportError("Report.plot needs matplotlib: pip install 'qcompile[plot]'") \
-                from exc
+        plt = _pyplot()
         layers = [x for x in self.layers if x.kind == "linear"]
         names = [x.name for x in layers]
         pos = range(len(layers))
@@ -101,10 +98,57 @@ class Report:
         plt.close(fig)
         return path
 
+    def plot_precision(self, path: str) -> str:
+        """The mixed-precision choice as a picture (PNG): per graph, the Pareto frontier of
+        cost (the budget's first key) against output distortion, predicted (summed site
+        sensitivities) and measured (the whole choice fake-quantized), with the chosen point
+        and the integer graph's own distortion. Needs matplotlib."""
+        plans = [g.precision for g in self.graphs if g.precision is not None]
+        if not plans:
+            raise ValueError("no mixed-precision choice in this report: compile with "
+                             "options={'recipe': 'mixed', 'budget': {...}}")
+        plt = _pyplot()
+        fig, axes = plt.subplots(1, len(plans), figsize=(6.5 * len(plans), 4.8), squeeze=False)
+        for ax, plan in zip(axes[0], plans):
+            pts = sorted(plan.frontier, key=lambda p: p["cost"])
+            key = pts[0]["key"] if pts else next(iter(plan.costs), "cost")
+            ax.plot([p["cost"] for p in pts], [p["predicted"] for p in pts], "o-",
+                    label="predicted (sum of site sensitivities)")
+            measured = [p for p in pts if "measured" in p]
+            ax.plot([p["cost"] for p in measured], [p["measured"] for p in measured], "s--",
+                    label="measured (fake-quantized)")
+            used = plan.costs.get(key, (None,))[0]
+            if used is not None:
+                ax.plot([used], [plan.predicted], "r*", markersize=14, label="chosen")
+                if plan.real_measured is not None:
+                    ax.plot([used], [plan.real_measured], "kx", markersize=10,
+                            label="chosen, integer graph")
+            ax.set_yscale("log")
+            ax.set_xlabel(key)
+            ax.set_ylabel("output distortion |y - y_q|^2 / |y|^2")
+            ax.set_title(f"qcompile mixed precision: budget {plan.budget}", fontsize=9)
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path
+
     def __str__(self) -> str:
         if not self.graphs:
             return "qcompile report: no graph has been compiled yet (run the model once)"
         return "\n\n".join(g.to_text() for g in self.graphs)
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise ImportError("the report's pictures need matplotlib: pip install "
+                          "'qcompile[plot]'") from exc
+    return plt
 
 
 def graph_report(artifact, names: dict[int, str] | None = None) -> GraphReport:
@@ -115,7 +159,8 @@ def graph_report(artifact, names: dict[int, str] | None = None) -> GraphReport:
     if names:
         layers = _qualified(layers, ctx.frozen, names)
     return GraphReport(artifact.name, artifact.options.recipe, list(ctx.history),
-                       layers, list(ctx.notes), dict(ctx.counters))
+                       layers, list(ctx.notes), dict(ctx.counters),
+                       ctx.analysis.get("precision"))
 
 
 def _qualified(layers: list[LayerRecord], frozen: dict, names: dict[int, str]):

@@ -166,7 +166,8 @@ def save(model, path: str | os.PathLike) -> str:
     sites, layers = {}, {}
     for art in finalized:
         for name, site in art.ctx.analysis.get("calib", {}).items():
-            entry = {"scale": site.scale, "zero_point": site.zero_point, "seen": site.seen}
+            entry = {"scale": site.scale, "zero_point": site.zero_point, "seen": site.seen,
+                     "absmax": site.absmax, "bits": site.bits}
             if site.channel_range is not None:
                 lo, hi = site.channel_range
                 tensors[f"site/{name}/lo"], tensors[f"site/{name}/hi"] = lo.float(), hi.float()
@@ -254,7 +255,8 @@ def load(model, path: str | os.PathLike) -> Loaded:
         if entry.get("channel_range"):
             rng = (tensors[f"site/{name}/lo"], tensors[f"site/{name}/hi"])
         loaded.sites[name] = CalibSite(entry["scale"], entry["zero_point"], rng, None,
-                                       entry["seen"])
+                                       entry["seen"], entry.get("absmax"),
+                                       entry.get("bits", 8))
     for name, variants in meta["layers"].items():
         for i, entry in enumerate(variants):
             spec = QuantSpec(bits=entry["bits"], symmetric=entry["symmetric"],

@@ -73,6 +73,10 @@ class ModelState:
         self.observers: dict[str, Any] = {}  # "<options fingerprint>|<site>|<kind>" -> observer
         self.qparams: dict[str, Any] = {}  # site -> frozen quantization parameters
         self.stats: dict[str, Any] = {}  # site -> per-channel statistics, Hessians
+        # options fingerprint -> {"bits": {site: bits}, "plan": PrecisionPlan} that
+        # choose-precision decided (recipe "mixed"): a graph compiled later (a new shape)
+        # keeps the same widths
+        self.precision: dict[str, dict[str, Any]] = {}
         # options fingerprint -> serialize.Loaded: a saved quantization, in place of
         # calibration data (qcompile.load)
         self.loaded: dict[str, Any] = {}
