@@ -184,15 +184,36 @@ def _stacked_bytes(rows: Tensor) -> Tensor:
     return torch.cat([hi, lo]).to(torch.int8)
 
 
-def a16_accumulator(backend, x: Tensor, w: Tensor, origin: str = "") -> Tensor:
-    """acc = x @ W^T exactly, int64 [M, N] for int16 x [..., K] (rows flattened): the
-    backend's int8 GEMM on [hi; lo], combined 256 acc_hi + acc_lo + 128 colsum(W) in int64
-    (|acc| <= 2**22 K < 2**39)."""
+def _halves(backend, x: Tensor, w: Tensor, origin: str = "") -> tuple[Tensor, Tensor]:
+    """(hi @ W^T, lo @ W^T) [M, N]: the backend's int8 GEMM on the stacked bytes [hi; lo]
+    (its raw accumulator: int32, or float32 holding the exact integers)."""
     rows = _rows(x)  # [M, K]
     m = rows.shape[0]
     acc = backend.gemm(_stacked_bytes(rows), _int8_weight(w), Epilogue(), origin)  # [2M, N]
-    acc = acc.to(torch.int64)
-    return acc[:m] * 256 + acc[m:] + 128 * weight_colsum(w).to(acc.device)
+    return acc[:m], acc[m:]
+
+
+def _combine(hi: Tensor, lo: Tensor, colsum: Tensor) -> Tensor:
+    """256 acc_hi + acc_lo + 128 colsum(W), int64 (|acc| <= 2**22 K < 2**39)."""
+    return hi.to(torch.int64) * 256 + lo.to(torch.int64) + 128 * colsum
+
+
+def a16_accumulator(backend, x: Tensor, w: Tensor, origin: str = "") -> Tensor:
+    """acc = x @ W^T exactly, int64 [M, N] for int16 x [..., K] (rows flattened)."""
+    hi, lo = _halves(backend, x, w, origin)
+    return _combine(hi, lo, weight_colsum(w).to(hi.device))
+
+
+def _epilogue(backend, body, x: Tensor, *args):
+    """Run an epilogue body on the halves: fused by Inductor on the CPU path when large
+    (one loop over [M, N] instead of ~8 passes over int64 temporaries; the body is the
+    same arithmetic, integers and float64 alike: Inductor compiles C++ with
+    -ffp-contract=off, and the tests compare it with the eager reference on large shapes),
+    eagerly elsewhere."""
+    hi = args[0]
+    if backend.name.startswith("cpu"):
+        return _elementwise(body, hi.numel() >= _FUSE_MIN_ELEMENTS, *args)
+    return body(*args)
 
 
 # ---------------------------------------------------------------- int16 x int8 -> int8
@@ -215,28 +236,33 @@ def _multiplier(q: Tensor, shift: Tensor, n: int, device) -> tuple:
             shift.reshape(-1).to(device=device, dtype=torch.int64))
 
 
-def requantize_a16(acc: Tensor, bias: Tensor | None, q: Tensor, shift: Tensor, out_zp: int,
-                   qmin: int, qmax: int, *, checked: bool = False) -> Tensor:
-    """int8 clamp(round_half_away((acc + bias) * q / 2**shift) + out_zp, qmin, qmax) for
-    an int64 acc [M, N]: one rounding (dyadic.rounding_shift_wide; `checked` runs its data
-    checks too)."""
-    fn = "linear_a16w8"
-    _bounds(fn, qmin, qmax, -128, 127)
-    _int(fn, "out_zp", out_zp, -(1 << 31), (1 << 31) - 1)
-    qv, sv = _multiplier(q, shift, acc.shape[-1], acc.device)
+def _requant_body(hi, lo, colsum, bias, q, shift, out_zp, qmin, qmax):
+    # one rounding of (acc + bias) * q / 2**shift (dyadic.rounding_shift_wide), int64
+    acc = _combine(hi, lo, colsum)
     if bias is not None:
-        acc = acc + bias.reshape(-1).to(device=acc.device, dtype=torch.int64)
-    rounding = rounding_shift_wide if checked else rounding_shift_wide_unchecked
-    y = rounding(acc, qv, sv) + out_zp  # |rounded| <= 2**62: no overflow
+        acc = acc + bias
+    y = rounding_shift_wide_unchecked(acc, q, shift) + out_zp  # |rounded| <= 2**62
     return y.clamp(qmin, qmax).to(torch.int8)
 
 
 def _linear_a16w8(backend, x, w, bias, q, shift, out_zp, qmin, qmax, origin=""):
-    _check_linear("linear_a16w8", x, w, bias, float_bias=False)
-    acc = a16_accumulator(backend, x, w, origin)
-    y = requantize_a16(acc, bias, q, shift, out_zp, qmin, qmax,
-                       checked=backend.name == "reference")
-    return y.reshape(*x.shape[:-1], w.shape[0])
+    fn = "linear_a16w8"
+    _check_linear(fn, x, w, bias, float_bias=False)
+    _bounds(fn, qmin, qmax, -128, 127)
+    _int(fn, "out_zp", out_zp, -(1 << 31), (1 << 31) - 1)
+    hi, lo = _halves(backend, x, w, origin)
+    n, dev = w.shape[0], hi.device
+    qv, sv = _multiplier(q, shift, n, dev)
+    if backend.name == "reference":  # every data check its arithmetic assumes
+        acc = _combine(hi, lo, weight_colsum(w).to(dev))
+        if bias is not None:
+            acc = acc + bias.reshape(-1).to(device=dev, dtype=torch.int64)
+        rounding_shift_wide(acc, qv, sv)
+    b = bias.reshape(-1).to(device=dev, dtype=torch.int64) if bias is not None else None
+    y = _epilogue(backend, _requant_body, x, hi, lo, weight_colsum(w).to(dev), b,
+                  torch.as_tensor(qv, dtype=torch.int64, device=dev),
+                  torch.as_tensor(sv, dtype=torch.int64, device=dev), out_zp, qmin, qmax)
+    return y.reshape(*x.shape[:-1], n)
 
 
 def _int32_epilogue(args: dict) -> Epilogue:
@@ -278,22 +304,25 @@ def _check_dequant(x_scale, w_scale, n: int, out_dtype) -> None:
         raise TypeError(f"{fn}: out_dtype must be a float dtype, got {out_dtype!r}")
 
 
-def dequantize_a16(acc: Tensor, bias: Tensor | None, x_scale: float, w_scale: Tensor,
-                   out_dtype: torch.dtype) -> Tensor:
-    """((float64(acc) * x_scale) * w_scale[n]) + bias[n], each op rounded once in float64
-    (acc is exact there: |acc| < 2**53), then one cast to out_dtype."""
-    y = acc.to(torch.float64) * float(x_scale)
-    y = y * w_scale.reshape(-1).to(device=acc.device, dtype=torch.float64)
+def _dequant_body(hi, lo, colsum, bias, x_scale, w_scale, out_dtype):
+    # ((float64(acc) * x_scale) * w_scale[n]) + bias[n], each op rounded once in float64
+    # (acc is exact there: |acc| < 2**53), then one cast to out_dtype
+    y = _combine(hi, lo, colsum).to(torch.float64) * x_scale
+    y = y * w_scale
     if bias is not None:
-        y = y + bias.reshape(-1).to(device=acc.device, dtype=torch.float64)
+        y = y + bias
     return y.to(out_dtype)
 
 
 def _linear_a16w8_dq(backend, x, w, bias, x_scale, w_scale, out_dtype, origin=""):
     _check_linear("linear_a16w8_dq", x, w, bias, float_bias=True)
     _check_dequant(x_scale, w_scale, w.shape[0], out_dtype)
-    acc = a16_accumulator(backend, x, w, origin)
-    y = dequantize_a16(acc, bias, x_scale, w_scale, out_dtype)
+    hi, lo = _halves(backend, x, w, origin)
+    dev = hi.device
+    b = bias.reshape(-1).to(device=dev, dtype=torch.float64) if bias is not None else None
+    y = _epilogue(backend, _dequant_body, x, hi, lo, weight_colsum(w).to(dev), b,
+                  torch.tensor(float(x_scale), dtype=torch.float64, device=dev),
+                  w_scale.reshape(-1).to(device=dev, dtype=torch.float64), out_dtype)
     return y.reshape(*x.shape[:-1], w.shape[0])
 
 
