@@ -65,7 +65,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-RECIPES = ["w8a8", "w8a8-static", "w4a16", "w4a8", "w4a4"]
+RECIPES = ["w8a8", "w8a8-static", "w4a16", "w4a8", "w4a4", "mixed"]
 CONFIGS = ["eager", "inductor", "torchao", "qc-float"] + [f"qc-{r}" for r in RECIPES]
 SOURCE_DIRS = ("qcompile", "passes", "lowering")  # whose uncommitted edits the JSON lists
 
@@ -246,11 +246,17 @@ def build(config: str, model: torch.nn.Module):
     return torch.compile(model, backend="qcompile", options=qc_options(config)), {}
 
 
+# the budget qc-mixed runs under: 16-bit inputs for at most a tenth of the activation sites
+MIXED_BUDGET = {"a16": 0.1}
+
+
 def qc_options(config: str) -> dict:
     """qc-<recipe>[+<flag>...] -> qcompile options; e.g. qc-w8a8+inductor also hands the
-    float remainder of each graph to Inductor (options["inductor"])."""
+    float remainder of each graph to Inductor (options["inductor"]); qc-mixed runs under
+    MIXED_BUDGET."""
     recipe, *flags = config.removeprefix("qc-").split("+")
-    return {"recipe": recipe, **{f: True for f in flags}}
+    budget = {"budget": MIXED_BUDGET} if recipe == "mixed" else {}
+    return {"recipe": recipe, **budget, **{f: True for f in flags}}
 
 
 def known_config(config: str) -> bool:

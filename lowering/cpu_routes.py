@@ -563,6 +563,27 @@ class LayerPlan:
     reason: str  # why this route; or, when not fast, why no int8 route beats float here
 
 
+def plan_a16(caps: CpuCapabilities, m: int, k: int, n: int,
+             weight_range: tuple[int, int]) -> LayerPlan:
+    """Whether a 16-bit-input linear (lowering/a16_ops.py: the int8 GEMM on 2M rows, the
+    input's two bytes, and a fused combine) beats float32 here. Its GEMM is the shape of
+    onednn-u8s8-split's, so it takes that route's crossovers without VNNI (bench_cpu_routes:
+    2M rows beat sgemm only where weight traffic dominates, M <= 128 and K*N >= 2**22);
+    with VNNI / AMX int8 dot products run 3-5x float, and two of them still win."""
+    if caps.avx512_vnni or caps.amx:
+        return LayerPlan("int-mm", True, "two int8 GEMMs with VNNI/AMX dot products")
+    onednn = ROUTES["onednn-u8s8"]
+    route = f"no exact int8 GEMM faster than float32 on {caps.describe()} for M={m}, K={k}, N={n}"
+    if not onednn.available(caps) or not _within(weight_range, onednn.weight_range(caps)):
+        return LayerPlan("fp32-exact", False, f"{route}: a 16-bit input needs two of them")
+    if 2 <= m <= SPLIT_MAX_M and k * n >= SPLIT_MIN_KN:
+        return LayerPlan(onednn.name, True, "oneDNN u8 x s8 on the input's two bytes (2M rows)")
+    return LayerPlan(onednn.name, False,
+                     f"a 16-bit input runs the int8 GEMM on 2M = {2 * m} rows, slower than "
+                     f"float32 on {caps.describe()} unless M <= {SPLIT_MAX_M} and K*N >= "
+                     f"2**22 (M={m}, K={k}, N={n})")
+
+
 def plan_layer(caps: CpuCapabilities, m: int, k: int, n: int,
                weight_range: tuple[int, int]) -> LayerPlan:
     choice = choose_route(caps, m, k, n, weight_range)

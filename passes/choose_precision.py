@@ -470,19 +470,58 @@ def _counters(sites: list[sens.Site], bits: dict[str, int]) -> dict[str, int]:
 
 def _apply(gm: GraphModule, ctx: PassContext, sites: list[sens.Site],
            bits: dict[str, int]) -> None:
-    """Widths where the later passes read them, and in the report."""
+    """Widths where the later passes read them, and in the report. A 16-bit input that
+    would run slower than float on this CPU (kernels="auto": never slower than float) makes
+    its layers run in float instead: as accurate, and not slower."""
     calib = ctx.analysis["calib"]
     narrow = {f"w:{name}" for name, b in bits.items() if b == 4}
+    slow = _slow_a16(gm, ctx, {s.name for s in sites if s.kind == "act" and bits[s.name] == 16})
+    if slow:
+        ctx.note(f"mixed precision: {len(slow)} 16-bit input site(s) run their layers in "
+                 f"float32, where two int8 GEMMs would be slower than float on this CPU: "
+                 f"{sorted(slow)}")
     for node in gm.graph.nodes:
         layer = ann.selected(node) if is_linear(node) else None
-        if layer is not None and f"w:{layer.name}" in narrow:
+        if layer is None:
+            continue
+        if f"w:{layer.name}" in narrow:
             layer.weight_bits = 4
+        site = ann.site(node.args[0], "input")
+        if site in slow:
+            layer.quantize = False
+            ctx.layer(layer.name, "linear").reason = (
+                f"the mixed-precision budget gave its input 16 bits, and {slow[site]}: it "
+                "runs in float32 (as accurate, not slower)")
     for s in sites:
         if s.kind == "act":
             calib[s.name].bits = bits[s.name]
     for layer, (wname, aname, _) in _layers_of(sites).items():
         rec = ctx.layer(layer, "linear")
-        rec.detail["precision"] = f"w{bits[wname]}a{bits[aname] if aname else 8}"
+        width = "float" if aname in slow else bits[aname] if aname else 8
+        rec.detail["precision"] = f"w{bits[wname]}a{width}"
+
+
+def _slow_a16(gm: GraphModule, ctx: PassContext, wide: set[str]) -> dict[str, str]:
+    """The 16-bit sites some reader of which would run slower than float32 on this CPU,
+    with the reason (CPU graphs under kernels="auto" only: "cpu" quantizes regardless)."""
+    from qcompile.lowering import cpu_routes
+    from qcompile.passes.select_layers import input_rows
+
+    if not wide or ctx.options.kernels != "auto":
+        return {}
+    caps = cpu_routes.cpu_capabilities()
+    slow: dict[str, str] = {}
+    for node in gm.graph.nodes:
+        layer = ann.selected(node) if is_linear(node) else None
+        site = ann.site(node.args[0], "input") if layer is not None else None
+        if site not in wide or site in slow or layer.route is None:  # route: a CPU graph
+            continue
+        n, k = node.args[1].meta["val"].shape
+        qmax = (1 << ((layer.weight_bits or 8) - 1)) - 1
+        plan = cpu_routes.plan_a16(caps, input_rows(node), k, n, (-qmax - 1, qmax))
+        if not plan.fast:
+            slow[site] = plan.reason
+    return slow
 
 
 def _layers_of(sites: list[sens.Site]) -> dict[str, tuple[str, str | None, int]]:

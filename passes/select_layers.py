@@ -53,7 +53,7 @@ def layer_reason(name: str, k: int, ctx: PassContext, packed_int4: bool = True) 
     return None
 
 
-def _rows(node: Node) -> int:
+def input_rows(node: Node) -> int:
     """M: the linear input's rows (all dims but the last), symbolic sizes at their hint."""
     shape = node.args[0].meta["val"].shape[:-1]
     return math.prod(int(d.node.hint) if isinstance(d, torch.SymInt) else int(d)
@@ -85,7 +85,7 @@ def _cpu_plan(ctx: PassContext, node: Node, layer: ann.Layer, rec, saved) -> str
         span = (min(lo for lo, _ in spans), max(hi for _, hi in spans)) if spans else (0, 0)
         n, k = node.args[1].meta["val"].shape
         if opts.kernels in ("auto", "cpu") and recipe.act is not None:
-            plan = cpu_routes.plan_layer(caps, _rows(node), k, n, span)
+            plan = cpu_routes.plan_layer(caps, input_rows(node), k, n, span)
             layer.route = plan.route
             rec.detail["route"] = f"{plan.route}: {plan.reason} (loaded weights)"
         return None
@@ -98,7 +98,7 @@ def _cpu_plan(ctx: PassContext, node: Node, layer: ann.Layer, rec, saved) -> str
                 "than float32" if opts.kernels == "auto" else None)
     qmax = (1 << ((layer.weight_bits or bits) - 1)) - 1
     n, k = node.args[1].meta["val"].shape
-    plan = cpu_routes.plan_layer(caps, _rows(node), k, n, (-qmax - 1, qmax))
+    plan = cpu_routes.plan_layer(caps, input_rows(node), k, n, (-qmax - 1, qmax))
     layer.route = plan.route
     rec.detail["route"] = f"{plan.route}: {plan.reason}"
     return plan.reason if not plan.fast and opts.kernels == "auto" else None

@@ -299,3 +299,19 @@ def test_fast_flags():
     assert not any(ROUTES["fp32-exact"].fast(c) for c in (AVX2, AVX512_VNNI, AMX, ARM))
     assert ROUTES["onednn-u8s8"].weight_range(AVX2) == SEVEN_BIT
     assert ROUTES["onednn-u8s8-split"].weight_range(AVX2) == FULL_RANGE
+
+
+@pytest.mark.parametrize("caps, m, kn, fast", [
+    (AVX512_VNNI, 4096, (384, 1536), True),  # two VNNI GEMMs still beat sgemm
+    (AVX2, 4096, (384, 1536), False),  # 2M rows: the split route's crossovers
+    (AVX2, 64, (4096, 4096), True),
+    (AVX2, 256, (4096, 4096), False),
+    (AVX2, 64, (384, 384), False),
+    (ARM, 64, (4096, 4096), False),  # no fast exact int8 GEMM at all
+])
+def test_a16_plan_follows_the_2m_row_crossovers(caps, m, kn, fast):
+    k, n = kn
+    plan = cpu_routes.plan_a16(caps, m, k, n, cpu_routes.SEVEN_BIT)
+    assert plan.fast == fast
+    if not fast:
+        assert f"M={m}, K={k}, N={n}" in plan.reason
