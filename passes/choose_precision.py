@@ -110,8 +110,8 @@ class PrecisionPlan:
 
 def _widths(options) -> tuple[tuple[int, ...], tuple[int, ...]]:
     budget = options.budget
-    w4 = any(k in budget for k in ("weight_bits", "size", "bops"))
-    a16 = any(k in budget for k in ("a16", "bops"))
+    w4 = any(k in budget for k in ("weight_bits", "size", "bops", "latency"))
+    a16 = any(k in budget for k in ("a16", "bops", "latency"))
     return (WEIGHT_WIDTHS if w4 else WEIGHT_WIDTHS[:1]), (ACT_WIDTHS if a16 else ACT_WIDTHS[:1])
 
 
@@ -192,6 +192,8 @@ class _Program:
     omega: dict[tuple[str, int], float]
     layers: dict[str, tuple[str, str | None, int]]  # layer -> (weight site, act site, N)
     act_numel: dict[str, int]  # act site -> elements of its sample value (for MACs)
+    # layer -> {(weight bits, input bits): ms}, measured (budget "latency" only)
+    latency: dict[str, dict[tuple[int, int], float]] | None = None
 
     def solve(self, budget: dict[str, float], fixed: dict[str, int] | None = None
               ) -> dict[str, int]:
@@ -200,7 +202,7 @@ class _Program:
         var = [(s.name, b) for s in self.sites for b in s.candidates]
         index = {v: i for i, v in enumerate(var)}
         pairs = []
-        if "bops" in budget:
+        if "bops" in budget or "latency" in budget:
             for layer, (wname, aname, _) in self.layers.items():
                 for bw in self._cands(wname):
                     for ba in self._cands(aname):
@@ -238,7 +240,7 @@ class _Program:
             size = budget["size"]
             limit_bits = size * 8 * total_w if size <= 1 else size * 8
             row(bits_row, 0, limit_bits)
-        if "bops" in budget and pairs:
+        if pairs:
             base = len(var)
             macs = {layer: self._macs(layer) for layer in self.layers}
             for layer, (wname, aname, _) in self.layers.items():
@@ -254,9 +256,15 @@ class _Program:
                     if aname is not None:
                         coeffs[index[(aname, ba)]] = -1.0
                     row(coeffs, 0, 0)
-            total = sum(64.0 * m for m in macs.values())
-            row({base + j: float(macs[lay] * bw * ba) for j, (lay, bw, ba) in enumerate(pairs)},
-                0, budget["bops"] * total)
+            if "bops" in budget:
+                total = sum(64.0 * m for m in macs.values())
+                row({base + j: float(macs[lay] * bw * ba)
+                     for j, (lay, bw, ba) in enumerate(pairs)}, 0, budget["bops"] * total)
+            if "latency" in budget:
+                lat = self.latency
+                total = sum(lat[layer][(8, 8)] for layer in self.layers)
+                row({base + j: lat[lay][(bw, ba)] for j, (lay, bw, ba) in enumerate(pairs)},
+                    0, budget["latency"] * total)
         res = milp(c, integrality=np.ones(n), bounds=Bounds(0, 1),
                    constraints=LinearConstraint(np.array(rows), lo, hi))
         if res.status != 0 or res.x is None:
@@ -301,6 +309,12 @@ class _Program:
             used = sum(self._macs(layer) * bits[w] * (bits[a] if a else 8)
                        for layer, (w, a, _) in self.layers.items())
             out["bops"] = (used / max(total, 1.0), budget["bops"])
+        if "latency" in budget:
+            lat = self.latency
+            used = sum(lat[layer][(bits[w], bits[a] if a else 8)]
+                       for layer, (w, a, _) in self.layers.items())
+            total = sum(lat[layer][(8, 8)] for layer in self.layers)
+            out["latency"] = (used / max(total, 1e-12), budget["latency"])
         return out
 
     def predicted(self, bits: dict[str, int]) -> float:
@@ -324,15 +338,16 @@ def _sweep(budget: dict[str, float], program: _Program) -> list[dict[str, float]
     if "size" in budget and budget["size"] <= 1:
         return [budget | {"size": 0.5 + 0.5 * i / (FRONTIER_POINTS - 1)}
                 for i in range(FRONTIER_POINTS)]
-    if "bops" in budget:
-        return [budget | {"bops": 0.5 + 1.5 * i / (FRONTIER_POINTS - 1)}
-                for i in range(FRONTIER_POINTS)]
+    for key in ("bops", "latency"):
+        if key in budget:
+            return [budget | {key: 0.5 + 1.5 * i / (FRONTIER_POINTS - 1)}
+                    for i in range(FRONTIER_POINTS)]
     return []
 
 
 def _frontier(program: _Program, budget, measure) -> list[dict[str, float]]:
     points, seen = [], set()
-    key = next(k for k in ("a16", "weight_bits", "size", "bops") if k in budget)
+    key = next(k for k in ("a16", "weight_bits", "size", "bops", "latency") if k in budget)
     for b in _sweep(budget, program):
         try:
             bits = program.solve(b)
@@ -423,7 +438,8 @@ def choose_precision(gm: GraphModule, ctx: PassContext) -> PassResult:
             ctx.note(f"mixed precision: no Hessian sensitivity for this graph ({exc})")
     method = "measured" if measured is not None else "hessian"
     omega = measured if measured is not None else hessian
-    program = _Program(sites, omega, layers, act_numel)
+    latency = _latencies(gm, ctx, sites, layers) if "latency" in opts.budget else None
+    program = _Program(sites, omega, layers, act_numel, latency)
     decided = earlier["bits"] if earlier is not None else {}
     fixed = {s.name: decided[s.name] for s in sites if s.name in decided}
     try:
@@ -499,6 +515,36 @@ def _apply(gm: GraphModule, ctx: PassContext, sites: list[sens.Site],
         rec = ctx.layer(layer, "linear")
         width = "float" if aname in slow else bits[aname] if aname else 8
         rec.detail["precision"] = f"w{bits[wname]}a{width}"
+
+
+def _latencies(gm: GraphModule, ctx: PassContext, sites: list[sens.Site],
+               layers: dict) -> dict[str, dict[tuple[int, int], float]]:
+    """Per layer, the measured ms of each (weight bits, input bits) it may get, with the
+    kernels it will run (lowering/latency.py, cached per machine); a 16-bit input that
+    runs its layer in float on this CPU costs the float layer."""
+    from qcompile.lowering import latency
+    from qcompile.passes.select_layers import input_rows
+
+    cands = {s.name: s.candidates for s in sites}
+    out = {}
+    for node in gm.graph.nodes:
+        layer = ann.selected(node) if is_linear(node) else None
+        if layer is None or layer.name in out or layer.name not in layers:
+            continue
+        wname, aname, n = layers[layer.name]
+        w = get_constant(gm, node.args[1])
+        device = w.device.type
+        k, m = w.shape[1], input_rows(node)
+        slow = _slow_a16(gm, ctx, {aname}) if aname else {}
+        table = {}
+        for bw in cands[wname]:
+            for ba in cands.get(aname, (8,)):
+                if ba == 16 and aname in slow:
+                    table[(bw, ba)] = latency.linear_ms(device, m, k, n, 8, None)
+                else:
+                    table[(bw, ba)] = latency.linear_ms(device, m, k, n, bw, ba)
+        out[layer.name] = table
+    return out
 
 
 def _slow_a16(gm: GraphModule, ctx: PassContext, wide: set[str]) -> dict[str, str]:

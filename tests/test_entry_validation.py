@@ -208,6 +208,11 @@ NUMERICS = [
     _case("observer-list", lambda: qn.MSEObserver().update([1.0]), TypeError, "x"),
     _case("hessian-int", lambda: qn.HessianObserver().update(torch.arange(8)), TypeError, "x"),
     _case("hessian-meta", lambda: qn.HessianObserver().update(META), ValueError, "x"),
+    _case("mean-int", lambda: qn.MeanObserver().update(torch.arange(8)), TypeError, "x"),
+    _case("mean-meta", lambda: qn.MeanObserver().update(META), ValueError, "x"),
+    _case("mean-channels", lambda: _twice(qn.MeanObserver(), X, X[:, :4]), ValueError,
+          "channel"),
+    _case("mean-axis", lambda: qn.MeanObserver(axis=3).update(X), ValueError, "axis"),
     _case("observer-channels", lambda: _twice(qn.PerChannelMinMaxObserver(), X, X[:, :4]),
           ValueError, "channel"),
     _case("observer-axis", lambda: qn.PerChannelMinMaxObserver(axis=3).update(X), ValueError,
@@ -300,7 +305,7 @@ def test_every_numerics_name_is_audited():
     """A new public name in qcompile.numerics gets cases here (or a reason it takes no
     input: constants, exception classes, base classes)."""
     no_input = {"OBSERVERS", "SCALE_EPS", "MultiplierRangeError", "Observer", "RangeObserver"}
-    audited = {"HessianObserver", "MinMaxObserver", "MovingAverageMinMaxObserver",
+    audited = {"HessianObserver", "MeanObserver", "MinMaxObserver", "MovingAverageMinMaxObserver",
                "MSEObserver", "PercentileObserver", "PerChannelAbsMaxObserver",
                "PerChannelMinMaxObserver", "observer_for", "QuantSpec", "choose_qparams",
                "compute_qparams", "dequantize", "dynamic_per_token_qparams", "expand_qparam",
@@ -434,6 +439,12 @@ CLI = [
     pytest.param(["demo", "--recipe", "w3a3"], "--recipe", id="demo-recipe"),
     pytest.param(["demo", "--repeats", "0"], "--repeats", id="demo-repeats"),
     pytest.param(["frobnicate"], "command", id="unknown-command"),
+    pytest.param(["sensitivity", "--budget", "a32=0.1"], "--budget", id="budget-key"),
+    pytest.param(["sensitivity", "--budget", "a16=lots"], "--budget", id="budget-value"),
+    pytest.param(["sensitivity", "--budget", "a16"], "--budget", id="budget-no-value"),
+    pytest.param(["sensitivity", "--budget", "weight_bits=2"], "--budget",
+                 id="budget-range"),
+    pytest.param(["sensitivity", "--model", "bert"], "--model", id="sensitivity-model"),
 ]
 
 

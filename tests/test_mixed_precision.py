@@ -162,3 +162,23 @@ def test_a_16_bit_input_slower_than_float_on_this_cpu_runs_its_layer_in_float():
     others = [r for r in rep.layers if r.kind == "linear" and r.name != layer]
     assert others and all(r.quantized for r in others)
     assert ops.QUANTIZE_INT16 not in _targets(cm)
+
+
+@pytest.mark.slow
+def test_latency_budget_times_each_shape_once_and_meets_the_budget(tmp_path, monkeypatch):
+    from qcompile.lowering import latency
+
+    monkeypatch.setattr(latency, "default_cache_dir", lambda: tmp_path)
+    monkeypatch.setattr(latency, "_MEMO", {})
+    before = latency.TIMED
+    _, cm, make, _ = _calibrated({"recipe": "mixed", "budget": {"latency": 1.2}})
+    plan = _plans(cm)[0]
+    used, limit = plan.costs["latency"]
+    assert used <= limit + 1e-9
+    timed = latency.TIMED - before
+    assert timed > 0 and (tmp_path / "latency.json").exists()
+    # another process (an empty memo) finds every shape in the file
+    monkeypatch.setattr(latency, "_MEMO", {})
+    torch._dynamo.reset()
+    _calibrated({"recipe": "mixed", "budget": {"latency": 1.2}})
+    assert latency.TIMED - before == timed

@@ -60,3 +60,16 @@ def _check_round_trip(cm, recipe, tok, evals, emb, tmp_path):
     qcompile.load(fresh, path)
     again = torch.cat([minilm.embed(fresh, i, m) for i, m in minilm.batches(tok, evals, 12)])
     assert torch.equal(again, emb)
+
+
+@pytest.mark.slow
+def test_sensitivity_command_prints_the_plan_and_draws_the_frontier(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from qcompile.cli import main
+
+    assert main(["sensitivity", "--budget", "a16=0.1", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "mixed precision (budget {'a16': 0.1}" in out
+    assert "rank correlation of measured and Hessian sensitivities" in out
+    assert "evaluation sentences: mean cosine" in out
+    assert (tmp_path / "precision-pareto.png").stat().st_size > 1000

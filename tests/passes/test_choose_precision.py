@@ -209,3 +209,14 @@ def _flat_graph(n_layers: int) -> torch.fx.Graph:
         h = g.call_function(F.linear, (h, w, b))
     g.output(h)
     return g
+
+
+def test_latency_budget_spends_measured_milliseconds():
+    # one layer; int4 weights save nothing, a 16-bit input costs twice the time
+    omega = {("w:l", 8): 0.0, ("w:l", 4): 0.5, ("in:l", 8): 1.0, ("in:l", 16): 0.0}
+    lat = {"l": {(8, 8): 1.0, (4, 8): 1.0, (8, 16): 2.0, (4, 16): 2.0}}
+    prog = _program(omega, weights=[("l", 16)], acts=["l"])
+    prog.latency = lat
+    assert prog.solve({"latency": 2.0}) == {"w:l": 8, "in:l": 16}
+    assert prog.solve({"latency": 1.5}) == {"w:l": 8, "in:l": 8}
+    assert prog.cost({"w:l": 8, "in:l": 16}, {"latency": 2.0})["latency"] == (2.0, 2.0)
