@@ -94,6 +94,8 @@ BUDGET_KEYS = {
     "weight_bits": "average bits per quantized weight (4..8): int4 where it costs least",
     "size": "weight bytes: a fraction (0..1] of the all-int8 size, or a number of bytes > 1",
     "bops": "bit operations (weight bits x activation bits x MACs), as a fraction of all-int8",
+    "latency": "the quantized linears' time, measured per layer with the kernels the model "
+               "runs, as a fraction of all-int8",
 }
 SENSITIVITIES = ("measured", "hessian", "both")
 OBSERVERS = ("minmax", "moving-minmax", "percentile", "mse")
@@ -257,7 +259,8 @@ class Options:
         if unknown:
             raise QCompileConfigError(f"unknown budget key(s) {unknown}; known: "
                                       f"{sorted(BUDGET_KEYS)} ({example})")
-        bounds = {"a16": (0.0, 1.0), "weight_bits": (4.0, 8.0), "bops": (0.0, 4.0)}
+        bounds = {"a16": (0.0, 1.0), "weight_bits": (4.0, 8.0), "bops": (0.0, 4.0),
+                  "latency": (0.0, 4.0)}
         for key, value in self.budget.items():
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
                 raise QCompileConfigError(f"budget[{key!r}] must be a number, got {value!r}")
