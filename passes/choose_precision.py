@@ -393,6 +393,13 @@ def choose_precision(gm: GraphModule, ctx: PassContext) -> PassResult:
         bits = {s.name: earlier["bits"][s.name] for s in sites}
         _apply(gm, ctx, sites, bits)
         ctx.analysis["precision"] = dataclasses.replace(earlier["plan"], real_measured=None)
+        if inputs is not None:  # measure-sqnr's figure for this graph, on its own rows
+            probe = probe_inputs(gm, inputs)
+            metric = sens.Distortion(sens.run(gm, probe))
+            defaults = {s.name: s.candidates[0] for s in sites}
+            metric.leave_out_unstable(metric.relative(sens.run(
+                gm, probe, sens.configuration(sites, defaults, _fake_quant(gm, ctx, sites)))))
+            ctx.analysis["distortion"] = metric
         return PassResult(gm, modified=False, counters=_counters(sites, bits))
     if inputs is None:
         raise RuntimeError("choose-precision needs sample inputs (the last calibration batch):"

@@ -168,7 +168,8 @@ class Options:
         """What calibration depends on: two compiles of one model with the same fingerprint
         share calibration statistics, with different ones never do."""
         keys = ("recipe", "smooth", "smooth_alpha", "rotate", "online_hadamard", "gptq",
-                "integer_nonlinear", "observer_name", "skip", "seed", "budget_key")
+                "integer_nonlinear", "observer_name", "skip", "seed", "budget_key",
+                "sensitivity")
         return ";".join(f"{k}={getattr(self, k)!r}" for k in keys)
 
     @classmethod
