@@ -25,7 +25,6 @@ CLI: python -m qcompile.lowering.autotune --shapes 128x4096x4096,1x4096x11008 [-
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import threading
@@ -35,13 +34,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from qcompile.lowering import device as qdevice
-from qcompile.lowering.cache_dir import (
-    locked,
-    read_cache_text,
-    trusted_dir,
-    warn_once,
-    write_atomic,
-)
+from qcompile.lowering.cache_dir import JsonEntries
 
 CACHE_VERSION = 1
 M_BUCKET_MAX = 16384  # every M above shares one config: tiles are saturated long before
@@ -200,74 +193,14 @@ def entry_problem(entry: object) -> str | None:
     return None
 
 
-class AutotuneCache:
-    """The JSON file of tuned configs: {"version": 1, "entries": {key: entry}}.
-
-    Reads are memoised per process; writes merge with what is on disk (another process
-    may have tuned other shapes meanwhile) under a lock and replace the file atomically.
-    """
+class AutotuneCache(JsonEntries):
+    """The JSON file of tuned configs: {"version": 1, "entries": {key: entry}}
+    (cache_dir.JsonEntries: memoised reads, merged atomic writes)."""
 
     def __init__(self, cache_dir: str | os.PathLike | None = None):
-        self.path = Path(cache_dir or default_cache_dir()).expanduser() / "autotune.json"
-        self._entries: dict[str, dict] | None = None
-
-    def _file(self) -> Path:
-        """The file in the checked, resolved directory (checked once per process)."""
-        return trusted_dir(self.path.parent, what=f"{_WHAT} directory",
-                           elsewhere=_ELSEWHERE) / self.path.name
-
-    def _read(self, path: Path) -> dict[str, dict]:
-        text = read_cache_text(path, _WHAT)
-        if text is None:
-            return {}
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            warn_once(path, _WHAT, f"it is not valid JSON (truncated?): {e}")
-            return {}
-        if not isinstance(data, dict):
-            warn_once(path, _WHAT, f"it holds a JSON {type(data).__name__}, not an object")
-            return {}
-        if data.get("version") != CACHE_VERSION:
-            # Another layout: tune again rather than misread it.
-            warn_once(path, _WHAT, f"its version is {data.get('version')!r}, this qcompile "
-                                   f"reads version {CACHE_VERSION}")
-            return {}
-        entries = data.get("entries")
-        if not isinstance(entries, dict):
-            warn_once(path, _WHAT, "its 'entries' is not an object")
-            return {}
-        good, bad = {}, []
-        for key, entry in entries.items():
-            problem = entry_problem(entry)
-            if problem is None:
-                good[key] = entry
-            else:
-                bad.append(f"{key!r}: {problem}")
-        if bad:
-            more = f"; and {len(bad) - 3} more" if len(bad) > 3 else ""
-            warn_once(path, _WHAT, f"{len(bad)} malformed entries are dropped: "
-                                   + "; ".join(bad[:3]) + more)
-        return good
-
-    def get(self, key: str, *, refresh: bool = False) -> dict | None:
-        """The entry for key; refresh re-reads the file (another process may have tuned)."""
-        if self._entries is None or refresh:
-            self._entries = self._read(self._file())
-        return self._entries.get(key)
-
-    def put(self, key: str, entry: dict) -> None:
-        problem = entry_problem(entry)
-        if problem is not None:
-            raise ValueError(f"refusing to store a malformed autotune entry for {key!r}: "
-                             f"{problem}")
-        path = self._file()
-        with locked(path.with_name(path.name + ".lock")):
-            entries = self._read(path)
-            entries[key] = entry
-            write_atomic(path, json.dumps({"version": CACHE_VERSION, "entries": entries},
-                                          indent=1, sort_keys=True))
-        self._entries = entries
+        super().__init__(Path(cache_dir or default_cache_dir()).expanduser() / "autotune.json",
+                         version=CACHE_VERSION, what=_WHAT, elsewhere=_ELSEWHERE,
+                         problem=entry_problem)
 
 
 _LOCK = threading.Lock()

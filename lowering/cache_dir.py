@@ -10,7 +10,9 @@ dumps) is written with:
 - `locked(lock_file)`: an exclusive fcntl.flock, held around a read-merge-write so two
   processes updating one file never lose each other's changes;
 - `read_cache_text` and `warn_once`: a cache file that cannot be used is ignored with one
-  CacheWarning naming the file and what is wrong, and the caller rebuilds it.
+  CacheWarning naming the file and what is wrong, and the caller rebuilds it;
+- `JsonEntries`: a versioned JSON file of entries built from the pieces above (the
+  autotune and latency caches).
 
 Why the directory check: generated kernels are imported and run as Python. Anyone who can
 write into the kernel directory, or rename it away and put their own in its place, can run
@@ -38,6 +40,7 @@ is accepted on the next call.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import stat
@@ -241,3 +244,74 @@ def read_cache_text(path: Path, what: str) -> str | None:
     except UnicodeDecodeError as e:
         warn_once(path, what, f"it is not UTF-8 text ({e.reason} at byte {e.start})")
         return None
+
+
+class JsonEntries:
+    """A JSON file of cache entries, {"version": V, "entries": {key: entry}}, shared by
+    processes: reads are memoised per process, each write merges with what is on disk under
+    the file's lock and replaces it atomically. A file that is not valid JSON or has
+    another version is ignored (warned once) and rebuilt; entries `problem(entry)` finds
+    fault with are dropped, with one warning. The directory must be private to this user
+    (`trusted_dir`). The autotune cache and the latency cache are two of these."""
+
+    def __init__(self, path: Path, *, version: int, what: str, elsewhere: str, problem):
+        self.path, self.version, self.what, self.elsewhere = path, version, what, elsewhere
+        self.problem = problem  # entry -> None, or what is wrong with it
+        self._entries: dict | None = None
+
+    def _file(self) -> Path:
+        """The file in the checked, resolved directory (checked once per process)."""
+        return trusted_dir(self.path.parent, what=f"{self.what} directory",
+                           elsewhere=self.elsewhere) / self.path.name
+
+    def _read(self, path: Path) -> dict:
+        text = read_cache_text(path, self.what)
+        if text is None:
+            return {}
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            warn_once(path, self.what, f"it is not valid JSON (truncated?): {e}")
+            return {}
+        if not isinstance(data, dict):
+            warn_once(path, self.what, f"it holds a JSON {type(data).__name__}, not an object")
+            return {}
+        if data.get("version") != self.version:  # another layout: rebuild, never misread
+            warn_once(path, self.what, f"its version is {data.get('version')!r}, this "
+                                       f"qcompile reads version {self.version}")
+            return {}
+        entries = data.get("entries")
+        if not isinstance(entries, dict):
+            warn_once(path, self.what, "its 'entries' is not an object")
+            return {}
+        good, bad = {}, []
+        for key, entry in entries.items():
+            problem = self.problem(entry)
+            if problem is None:
+                good[key] = entry
+            else:
+                bad.append(f"{key!r}: {problem}")
+        if bad:
+            more = f"; and {len(bad) - 3} more" if len(bad) > 3 else ""
+            warn_once(path, self.what, f"{len(bad)} malformed entries are dropped: "
+                                       + "; ".join(bad[:3]) + more)
+        return good
+
+    def get(self, key: str, *, refresh: bool = False):
+        """The entry for key; refresh re-reads the file (another process may have written)."""
+        if self._entries is None or refresh:
+            self._entries = self._read(self._file())
+        return self._entries.get(key)
+
+    def put(self, key: str, entry) -> None:
+        problem = self.problem(entry)
+        if problem is not None:
+            raise ValueError(f"refusing to store a malformed {self.what} entry for {key!r}: "
+                             f"{problem}")
+        path = self._file()
+        with locked(path.with_name(path.name + ".lock")):
+            entries = self._read(path)
+            entries[key] = entry
+            write_atomic(path, json.dumps({"version": self.version, "entries": entries},
+                                          indent=1, sort_keys=True))
+        self._entries = entries

@@ -17,7 +17,6 @@ so a second compile of the model times nothing.
 
 from __future__ import annotations
 
-import json
 import statistics
 import threading
 import time
@@ -27,13 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from qcompile.lowering.autotune import default_cache_dir, m_bucket
-from qcompile.lowering.cache_dir import (
-    locked,
-    read_cache_text,
-    trusted_dir,
-    warn_once,
-    write_atomic,
-)
+from qcompile.lowering.cache_dir import JsonEntries
 
 VERSION = 1
 _WHAT = "latency cache"
@@ -102,8 +95,8 @@ def linear_ms(device: str, m: int, k: int, n: int, w_bits: int, a_bits: int | No
     with _LOCK:
         if key in _MEMO:
             return _MEMO[key]
-        cache = _Cache(cache_dir)
-        found = cache.get(key)
+        cache = _cache(cache_dir)
+        found = cache.get(key, refresh=True)
         if found is None:
             found = _time_ms(_runner(device, m_bucket(m), k, n, w_bits, a_bits), device)
             TIMED += 1
@@ -112,38 +105,11 @@ def linear_ms(device: str, m: int, k: int, n: int, w_bits: int, a_bits: int | No
         return found
 
 
-class _Cache:
-    def __init__(self, cache_dir: str | None):
-        self.path = Path(cache_dir or default_cache_dir()).expanduser() / "latency.json"
+def _problem(entry) -> str | None:
+    ok = isinstance(entry, (int, float)) and not isinstance(entry, bool) and entry > 0
+    return None if ok else f"{entry!r} is not a positive number of milliseconds"
 
-    def _file(self) -> Path:
-        return trusted_dir(self.path.parent, what=f"{_WHAT} directory",
-                           elsewhere=_ELSEWHERE) / self.path.name
 
-    def _read(self, path: Path) -> dict[str, float]:
-        text = read_cache_text(path, _WHAT)
-        if text is None:
-            return {}
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            warn_once(path, _WHAT, f"it is not valid JSON (truncated?): {e}")
-            return {}
-        entries = data.get("entries") if isinstance(data, dict) else None
-        if not isinstance(data, dict) or data.get("version") != VERSION or not isinstance(
-                entries, dict):
-            warn_once(path, _WHAT, "it is not a version-1 latency cache: timing again")
-            return {}
-        return {k: float(v) for k, v in entries.items()
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0}
-
-    def get(self, key: str) -> float | None:
-        return self._read(self._file()).get(key)
-
-    def put(self, key: str, ms: float) -> None:
-        path = self._file()
-        with locked(path.with_name(path.name + ".lock")):
-            entries = self._read(path)
-            entries[key] = ms
-            write_atomic(path, json.dumps({"version": VERSION, "entries": entries},
-                                          indent=1, sort_keys=True))
+def _cache(cache_dir: str | None) -> JsonEntries:
+    return JsonEntries(Path(cache_dir or default_cache_dir()).expanduser() / "latency.json",
+                       version=VERSION, what=_WHAT, elsewhere=_ELSEWHERE, problem=_problem)

@@ -204,7 +204,8 @@ def test_directory_in_place_of_the_file_is_replaced(tmp_path, recwarn):
 
 
 def test_malformed_entries_are_never_written(tmp_path):
-    with pytest.raises(ValueError, match="malformed autotune entry for 'k': its config lacks"):
+    with pytest.raises(ValueError,
+                       match="malformed autotune cache entry for .k.: its config lacks"):
         autotune.AutotuneCache(tmp_path).put("k", {"config": {"block_m": 16}})
     assert not (tmp_path / "autotune.json").exists()
 
@@ -255,3 +256,22 @@ def test_concurrent_processes_lose_no_entries(tmp_path):
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [
         "autotune.json", "autotune.json.lock"
     ]
+
+
+def test_latency_cache_shares_the_file_discipline(tmp_path):
+    """lowering/latency.py keeps its timings in the same kind of file: a bad entry is
+    dropped with a warning, a good one read back by another process's cache object."""
+    import json
+
+    from qcompile.lowering import latency
+
+    cache = latency._cache(str(tmp_path))
+    cache.put("a", 1.5)
+    with pytest.raises(ValueError, match="positive number"):
+        cache.put("b", -1.0)
+    data = json.loads((tmp_path / "latency.json").read_text())
+    data["entries"]["c"] = "fast"
+    (tmp_path / "latency.json").write_text(json.dumps(data))
+    with pytest.warns(Warning, match="malformed entries are dropped"):
+        fresh = latency._cache(str(tmp_path))
+        assert fresh.get("a") == 1.5 and fresh.get("c") is None
