@@ -497,7 +497,7 @@ def _apply(gm: GraphModule, ctx: PassContext, sites: list[sens.Site],
     would run slower than float on this CPU (kernels="auto": never slower than float) makes
     its layers run in float instead: as accurate, and not slower."""
     calib = ctx.analysis["calib"]
-    narrow = {f"w:{name}" for name, b in bits.items() if b == 4}
+    narrow = {name for name, b in bits.items() if b == 4 and name.startswith("w:")}
     slow = _slow_a16(gm, ctx, {s.name for s in sites if s.kind == "act" and bits[s.name] == 16})
     if slow:
         ctx.note(f"mixed precision: {len(slow)} 16-bit input site(s) run their layers in "

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import qcompile
+from qcompile import annotations
 from qcompile.lowering import ops
 from qcompile.state import state_for_model
 from tests.models.zoo import MODELS
@@ -78,9 +79,14 @@ def test_weight_bits_budget_runs_int4_weights_and_meets_it():
     assert plan.method == "hessian" and plan.measured is None
     used, limit = plan.costs["weight_bits"]
     assert used <= limit == 6 and used < 8
-    assert ops.LINEAR_W4A8 in _targets(cm) or any(
-        rec.detail.get("precision", "").startswith("w4")
-        for rec in qcompile.report(cm).quantized)
+    # the int4 weights are what the graph runs: their Layer's quantized weight is 4-bit
+    four = {n.removeprefix("w:") for n, b in plan.bits.items() if b == 4}
+    assert four
+    for a in state_for_model(model).artifacts:
+        for node in a.gm.graph.nodes:
+            layer = annotations.get(node, annotations.Layer)
+            if layer is not None and layer.qweight is not None:
+                assert (layer.qweight.spec.bits == 4) == (layer.name in four), layer.name
     assert not any(b == 16 for b in plan.bits.values())  # no a16 in this budget
 
 
