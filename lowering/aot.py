@@ -1,11 +1,12 @@
 """Ahead-of-time compilation of every Triton kernel of qcompile for a GPU, without a GPU.
 
 What: `launches(arch)` lists the kernel launches the wrappers make (the generated int8
-GEMM for each epilogue and config, the quantize, Hadamard, W4, attention and integer
-non-linear kernels), each with example arguments (a torch dtype stands for a tensor of
-that dtype) and launch options. `compile_launch` compiles one with triton.compile for
-GPUTarget("cuda", arch, 32) and returns what the GPU compiler made of it: the PTX, the
-registers and spill bytes ptxas reported, and the shared memory from the compiled metadata.
+GEMM for each epilogue and config, the generated packed W4A4 GEMM, the quantize, Hadamard,
+W4, attention and integer non-linear kernels), each with example arguments (a torch dtype
+stands for a tensor of that dtype) and launch options. `compile_launch` compiles one with
+triton.compile for GPUTarget("cuda", arch, 32) and returns what the GPU compiler made of
+it: the PTX, the registers and spill bytes ptxas reported, and the shared memory from the
+compiled metadata.
 The kernel's own binder specialises the arguments (ints equal to 1 become constants,
 multiples of 16 get divisibility hints) exactly as a launch with those arguments would, so
 the code is what the GPU would run.
@@ -70,6 +71,7 @@ class Launch:
     args: dict[str, Any]
     options: dict[str, Any]
     tags: frozenset[str] = field(default_factory=frozenset)
+    template: str = "gemm_int8"  # an Epilogue's generated kernel: "gemm_int8", "gemm_w4a4"
 
     @property
     def id(self) -> str:
@@ -252,6 +254,50 @@ def w4_launches(arch: int) -> list[Launch]:
     return out
 
 
+def w4a4_epilogues() -> list[Epilogue]:
+    """What the packed W4A4 GEMM runs: linear_a4w4_dynamic's float32 dequantization, with
+    and without bias."""
+    return [Epilogue((Dequantize("float32", has_bias=b),)) for b in (False, True)]
+
+
+def w4a4_launches(arch: int) -> list[Launch]:
+    """The generated W4A4 GEMM (kernels/gemm_w4a4.py: x and w packed int4, two int8 dots a
+    K step) at every config the autotuner may pick ("tuned": on a GPU its wrapper always
+    tunes, no untuned default is launched), each made valid by its fit_config (BLOCK_K //
+    2 >= 32 on GPUs); and the per-token quantizer that packs x."""
+    from qcompile.lowering.codegen import _emit
+
+    def fit(cfg: GemmConfig) -> GemmConfig:  # gemm_w4a4.fit_config on a GPU target
+        return GemmConfig(cfg.block_m, cfg.block_n, max(cfg.block_k, 64), cfg.group_m,
+                          cfg.num_warps, cfg.num_stages)
+
+    out = []
+    for ep in w4a4_epilogues():
+        code = _emit(ep)
+        for cfg in map(fit, SM90_CONFIGS if arch >= 90 else SM80_CONFIGS):
+            args: dict[str, Any] = dict(
+                a_ptr=torch.uint8, w_ptr=torch.uint8, c_ptr=ep.out_dtype, M=4096, N=_N, K=_K,
+                stride_am=_K // 2, stride_ak=1, stride_wn=_K // 2, stride_wk=1, stride_cm=_N,
+                stride_cn=1, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                GROUP_M=cfg.group_m)
+            args.update({f"{p}_ptr": torch.float32 for p in code.pointers})
+            args.update({st: 1 for st, _ in code.strides})
+            options = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                           enable_fp_fusion=ep.integer_only)
+            name = f"gemm_w4a4[{ep.signature()}] {cfg} M=4096"
+            out.append(Launch(arch, name, ep, args, options, frozenset({"tuned", "mma:s8"}),
+                              "gemm_w4a4"))
+    for dt in _FLOATS:  # one pass up to 16384, then two
+        for k, block_b in ((4096, 2048), (32768, 8192)):
+            args = dict(x_ptr=dt, p_ptr=torch.uint8, scale_ptr=torch.float32, K=k,
+                        stride_xm=k, stride_xk=1, stride_pm=k // 2, stride_pk=1, EPS=1e-8,
+                        BLOCK_B=block_b, ONE_PASS=block_b >= k // 2)
+            out.append(_launch(arch, f"quantize_per_token_int4_packed[{_short(dt)}] K={k}",
+                               "quantize:_quantize_per_token_int4_packed_kernel", args,
+                               dict(num_warps=min(16, max(1, block_b // 256)))))
+    return out
+
+
 def _attention_args(d: int, mask_dtype, out_dtype, has_mask: bool) -> dict:
     """q [2, 32, 2048, d], k and v [2, 8, 2048, d] (grouped-query), contiguous."""
     hq, hkv, s = 32, 8, 2048
@@ -328,7 +374,8 @@ def int_nonlinear_launches(arch: int) -> list[Launch]:
 def launches(arch: int) -> list[Launch]:
     """Every launch to compile for sm_<arch>; ids are unique."""
     out = (gemm_launches(arch) + quantize_launches(arch) + hadamard_launches(arch)
-           + w4_launches(arch) + attention_launches(arch) + int_nonlinear_launches(arch))
+           + w4_launches(arch) + w4a4_launches(arch) + attention_launches(arch)
+           + int_nonlinear_launches(arch))
     ids = [x.id for x in out]
     assert len(set(ids)) == len(ids), "launch ids must be unique"
     return out
@@ -342,13 +389,15 @@ _PTXAS_FRAME = re.compile(
 _PTXAS_REGS = re.compile(r"Used (\d+) registers")
 
 
-def _jit_function(kernel: str | Epilogue, kernel_dir: Path):
+def _jit_function(kernel: str | Epilogue, kernel_dir: Path, template: str = "gemm_int8"):
     from triton.runtime.jit import JITFunction
 
     if isinstance(kernel, Epilogue):
         from qcompile.lowering.codegen import load_kernel
+        from qcompile.lowering.kernels.gemm_w4a4 import load_w4a4_kernel
 
-        fn = load_kernel(kernel, origin="qcompile.lowering.aot", cache_dir=kernel_dir).fn
+        load = load_w4a4_kernel if template == "gemm_w4a4" else load_kernel
+        fn = load(kernel, origin="qcompile.lowering.aot", cache_dir=kernel_dir).fn
     else:
         module, name = kernel.split(":")
         fn = getattr(importlib.import_module(module), name)
@@ -370,7 +419,7 @@ def compile_launch(launch: Launch, out_dir: str | os.PathLike) -> dict[str, Any]
     start = time.perf_counter()
     log = io.StringIO()
     try:
-        fn = _jit_function(launch.kernel, Path(out_dir) / "kernels")
+        fn = _jit_function(launch.kernel, Path(out_dir) / "kernels", launch.template)
         target = GPUTarget("cuda", launch.arch, 32)
         backend = make_backend(target)
         # The launch path's own binder and packing (JITFunction.run does the same with the

@@ -43,16 +43,20 @@ def _check_inputs(a: torch.Tensor, w: torch.Tensor) -> None:
     qdevice.check_can_launch(a)
 
 
-def _launch(
+def launch(
     spec: KernelSpec,
     a: torch.Tensor,
     w: torch.Tensor,
     c: torch.Tensor,
     v: dict[str, Any],
     cfg: GemmConfig,
+    k: int | None = None,
 ) -> None:
-    m, k = a.shape
-    n = w.shape[0]
+    """Launch a generated GEMM kernel on A [M, *], W [N, *] into C [M, N] with the epilogue
+    operands `v`; K is A's columns unless given (the int4 kernels count K in elements, two
+    a byte)."""
+    m, n = a.shape[0], w.shape[0]
+    k = a.shape[1] if k is None else k
     args: dict[str, Any] = dict(
         a_ptr=a, w_ptr=w, c_ptr=c, M=m, N=n, K=k,
         stride_am=a.stride(0), stride_ak=a.stride(1),
@@ -149,16 +153,16 @@ def plan_gemm_int8(
     # (3) launch
     spec = load_kernel(epilogue, origin=origin, cache_dir=kernel_cache_dir)
     if config is None:
-        run = (lambda cfg: _launch(spec, a, w, out, v, cfg)) if autotune else None
+        run = (lambda cfg: launch(spec, a, w, out, v, cfg)) if autotune else None
         config = get_config(
             KERNEL_NAME, spec.signature, m, n, k, run=run, cache_dir=autotune_cache_dir
         ).config
 
-    def launch() -> torch.Tensor:
-        _launch(spec, a, w, out, v, config)
+    def run_planned() -> torch.Tensor:
+        launch(spec, a, w, out, v, config)
         return out
 
-    return launch
+    return run_planned
 
 
 def example_epilogue(kind: str) -> Epilogue:
@@ -191,7 +195,7 @@ def tune_gemm(
     out = torch.empty((m, n), dtype=epilogue.out_dtype, device=a.device)
     return get_config(
         KERNEL_NAME, spec.signature, m, n, k,
-        run=lambda cfg: _launch(spec, a, w, out, v, cfg), cache_dir=cache_dir,
+        run=lambda cfg: launch(spec, a, w, out, v, cfg), cache_dir=cache_dir,
     )
 
 

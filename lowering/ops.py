@@ -28,7 +28,9 @@ Float-output ops:
   hadamard_transform  x @ H^T / sqrt(n) over the last dim (online rotations)
 The I-BERT integer non-linear ops are declared in lowering/int_ops.py; the int16-activation
 ops (quantize_int16, linear_a16w8, linear_a16w8_dq: int16 x int8 as two int8 GEMMs, for
-mixed precision) in lowering/a16_ops.py.
+mixed precision) in lowering/a16_ops.py; the int4-activation ops (quantize_per_token_int4,
+linear_a4w4_dynamic: per-token dynamic int4 x int4, float epilogue, for w4a4) in
+lowering/a4_ops.py.
 """
 
 from __future__ import annotations
@@ -404,14 +406,18 @@ def _cpu_weights(args: dict) -> dict:
     return {"w": specs.unpack_int4(w)} if w.dtype == torch.uint8 else {}
 
 
-def gemm_op(body, epilogue=None):
+def gemm_op(body, epilogue=None, *, triton: bool = True):
     """Register `body(backend, *args, origin)` as the reference, every CPU and the triton
     implementation of a GEMM op: one body, the backend's pieces swapped in. `epilogue`
-    maps the call's arguments (by name) to the Epilogue its generated kernel runs."""
+    maps the call's arguments (by name) to the Epilogue its generated kernel runs.
+    triton=False: the op registers its Triton implementation itself (a kernel other than
+    the int8 GEMM, e.g. the packed W4A4 GEMM of lowering/a4_ops.py)."""
 
     def register(op):
         op.epilogue = epilogue
         for name, backend in BACKENDS.items():
+            if name == "triton" and not triton:
+                continue
             prepare = _cpu_weights if name.startswith("cpu") else None
             runs_on = _RUNS_ON[name]
             kw = {"runs_on": runs_on} if runs_on is not None else {}
@@ -741,18 +747,24 @@ from qcompile.lowering.conv_ops import CONV2D_INT8  # noqa: E402
 
 REQUANT_OPS = (LINEAR_INT8, LINEAR_W4A8, CONV2D_INT8)
 
-# The int16-activation ops (lowering/a16_ops.py, which builds on this module) are declared
-# whenever these are, and reachable here like every other op: ops.LINEAR_A16W8, ... (a
-# module __getattr__, since a16_ops may be the module imported first, this one inside it).
+# The int16- and int4-activation ops (lowering/a16_ops.py, lowering/a4_ops.py, which build
+# on this module) are declared whenever these are, and reachable here like every other op:
+# ops.LINEAR_A16W8, ops.LINEAR_A4W4_DYNAMIC, ... (a module __getattr__, since either may be
+# the module imported first, this one inside it).
+import qcompile.lowering.a4_ops  # noqa: E402, F401
 import qcompile.lowering.a16_ops  # noqa: E402, F401
 
-_A16_NAMES = ("quantize_int16", "linear_a16w8", "linear_a16w8_dq", "QUANTIZE_INT16",
-              "LINEAR_A16W8", "LINEAR_A16W8_DQ")
+_MODULE_OF = {
+    **dict.fromkeys(("quantize_int16", "linear_a16w8", "linear_a16w8_dq", "QUANTIZE_INT16",
+                     "LINEAR_A16W8", "LINEAR_A16W8_DQ"), "a16_ops"),
+    **dict.fromkeys(("quantize_per_token_int4", "linear_a4w4_dynamic",
+                     "QUANTIZE_PER_TOKEN_INT4", "LINEAR_A4W4_DYNAMIC"), "a4_ops"),
+}
 
 
 def __getattr__(name: str):
-    if name in _A16_NAMES:
-        from qcompile.lowering import a16_ops
+    if name in _MODULE_OF:
+        import importlib
 
-        return getattr(a16_ops, name)
+        return getattr(importlib.import_module(f"qcompile.lowering.{_MODULE_OF[name]}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -305,6 +305,7 @@ def bound_impl(node: Node) -> str:
 
 def all_ops() -> list[QuantizedOp]:
     """Every declared op (importing the modules that declare them)."""
+    import qcompile.lowering.a4_ops  # noqa: F401
     import qcompile.lowering.a16_ops  # noqa: F401
     import qcompile.lowering.conv_ops  # noqa: F401
     import qcompile.lowering.int_ops  # noqa: F401

@@ -11,6 +11,9 @@ What, for x [..., K]:
 - `quantize_per_token_*(x)`: symmetric dynamic per-row quantization in one pass over x:
   scale[m] = max(absmax(x[m]) / qmax, eps) exactly as specs.dynamic_per_token_qparams,
   then q as above. Returns (int8 [..., K], float32 scale [...]).
+- `quantize_per_token_int4_packed_*(x)`: quantize_per_token at 4 bits, the values packed
+  two per byte along K as they are made (specs.pack_int4's layout): what the packed W4A4
+  GEMM reads (lowering/kernels/gemm_w4a4.py).
 - `hadamard_quantize_per_token_*(x)`: quantize_per_token(H x / sqrt(K)) fused: the row is
   rotated in registers (lowering/kernels/hadamard.py) and never written in float.
 
@@ -24,7 +27,7 @@ tl.math.div_rn (IEEE), not `/`, which compiles to the approximate div.full.f32 o
 Every kernel has `<op>_triton` (CUDA or the interpreter) and `<op>_ref` (pure torch, the
 definition); their integer outputs are bit-identical. Which implementation a graph runs is
 the op registry's choice (lowering/ops.py: `quantize`, and the per-token step of
-`linear_dynamic`), never this module's.
+`linear_dynamic`; lowering/a4_ops.py: `quantize_per_token_int4`), never this module's.
 """
 
 from __future__ import annotations
@@ -209,6 +212,65 @@ def _quantize_per_token_kernel(
 
 
 @triton.jit
+def pack_nibbles(lo, hi):
+    """Two int4 values (int32 in [-8, 7]) -> one uint8 byte, lo in the low nibble, hi in the
+    high one: the layout of qcompile.numerics.specs.pack_int4."""
+    return ((lo & 0xF) | ((hi & 0xF) << 4)).to(tl.uint8)
+
+
+@triton.jit
+def _quantize_per_token_int4_packed_kernel(
+    # pointers
+    x_ptr,
+    p_ptr,  # uint8 [M, K // 2]: element 2b in the low nibble of byte b, 2b + 1 in the high
+    scale_ptr,
+    # shapes
+    K,  # even
+    # strides
+    stride_xm,
+    stride_xk,
+    stride_pm,
+    stride_pk,
+    # meta-parameters
+    EPS: tl.constexpr,
+    BLOCK_B: tl.constexpr,  # bytes (pairs of elements) a step
+    ONE_PASS: tl.constexpr,  # BLOCK_B >= K // 2: the row is read once, kept in registers
+):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_xm
+    p_row = p_ptr + row * stride_pm
+    half = K // 2
+    offs = tl.arange(0, BLOCK_B)  # byte b holds the elements 2b (even) and 2b + 1 (odd)
+    if ONE_PASS:
+        mask = offs < half
+        x_even = tl.load(x_row + (2 * offs) * stride_xk, mask=mask, other=0.0).to(tl.float32)
+        x_odd = tl.load(x_row + (2 * offs + 1) * stride_xk, mask=mask, other=0.0).to(tl.float32)
+        amax = tl.maximum(tl.max(tl.abs(x_even), axis=0), tl.max(tl.abs(x_odd), axis=0))
+    else:
+        amax = tl.max(tl.zeros((BLOCK_B,), dtype=tl.float32), axis=0)  # a 0-d float32
+        for b0 in range(0, half, BLOCK_B):
+            mask = b0 + offs < half
+            x_even = tl.load(x_row + (2 * (b0 + offs)) * stride_xk, mask=mask, other=0.0)
+            x_odd = tl.load(x_row + (2 * (b0 + offs) + 1) * stride_xk, mask=mask, other=0.0)
+            amax = tl.maximum(amax, tl.max(tl.abs(x_even.to(tl.float32)), axis=0))
+            amax = tl.maximum(amax, tl.max(tl.abs(x_odd.to(tl.float32)), axis=0))
+    scale = tl.maximum(tl.math.div_rn(amax, 7.0), EPS)
+    tl.store(scale_ptr + row, scale)
+    if ONE_PASS:
+        lo = quantize_float(x_even, scale, 0.0, -8, 7).to(tl.int32)  # exact: an integer
+        hi = quantize_float(x_odd, scale, 0.0, -8, 7).to(tl.int32)
+        tl.store(p_row + offs * stride_pk, pack_nibbles(lo, hi), mask=mask)
+    else:
+        for b0 in range(0, half, BLOCK_B):
+            mask = b0 + offs < half
+            x_even = tl.load(x_row + (2 * (b0 + offs)) * stride_xk, mask=mask, other=0.0)
+            x_odd = tl.load(x_row + (2 * (b0 + offs) + 1) * stride_xk, mask=mask, other=0.0)
+            lo = quantize_float(x_even.to(tl.float32), scale, 0.0, -8, 7).to(tl.int32)
+            hi = quantize_float(x_odd.to(tl.float32), scale, 0.0, -8, 7).to(tl.int32)
+            tl.store(p_row + (b0 + offs) * stride_pk, pack_nibbles(lo, hi), mask=mask)
+
+
+@triton.jit
 def _hadamard_quantize_kernel(
     # pointers
     x_ptr,
@@ -329,6 +391,30 @@ def quantize_per_token_triton(x, *, bits=8, block_k=None):
     return q.reshape(x.shape), scale.reshape(x.shape[:-1])
 
 
+def quantize_per_token_int4_packed_triton(x, *, block_b=None):
+    """quantize_per_token_triton(x, bits=4) with the int4 values packed two per byte along
+    K (specs.pack_int4's layout) in the same pass: (uint8 [..., K // 2], float32 [...]).
+    block_b (bytes a step) below K // 2 forces the two-pass (long-row) variant; tests use it."""
+    check_can_launch(x)
+    _check_float(x)
+    k = x.shape[-1]
+    if k % 2:
+        raise ValueError(f"packing int4 needs an even K (two values a byte), got K = {k}")
+    x2 = _rows(x)  # [M, K]
+    M = x2.shape[0]
+    p = torch.empty((M, k // 2), dtype=torch.uint8, device=x.device)
+    scale = torch.empty(M, dtype=torch.float32, device=x.device)
+    if block_b is None:
+        block_b = min(triton.next_power_of_2(max(k // 2, 1)), _ONE_PASS_MAX_K // 2)
+    if M and k:
+        _quantize_per_token_int4_packed_kernel[(M,)](
+            x2, p, scale, k, x2.stride(0), x2.stride(1), p.stride(0), p.stride(1),
+            EPS=SCALE_EPS, BLOCK_B=block_b, ONE_PASS=block_b >= k // 2,
+            num_warps=min(16, max(1, block_b // 256)),
+        )  # fmt: skip
+    return p.reshape(*x.shape[:-1], k // 2), scale.reshape(x.shape[:-1])
+
+
 def hadamard_quantize_per_token_triton(x, *, bits=8):
     check_can_launch(x)
     _check_float(x)
@@ -370,6 +456,13 @@ def quantize_per_token_ref(x, *, bits=8):
     spec = specs.QuantSpec(bits=bits, granularity="per_token")
     scale, zp = specs.dynamic_per_token_qparams(x, spec)
     return specs.quantize(x, scale, zp, spec), scale
+
+
+def quantize_per_token_int4_packed_ref(x):
+    """specs.pack_int4 of quantize_per_token_ref(x, bits=4): (uint8 [..., K // 2], float32
+    [...])."""
+    q, scale = quantize_per_token_ref(x, bits=4)
+    return specs.pack_int4(q), scale
 
 
 def hadamard_quantize_per_token_ref(x, *, bits=8):

@@ -72,6 +72,57 @@ def test_implementations_agree_bit_for_bit(other):
     assert torch.equal(out_a[0], out_b[0])
 
 
+def _w4a4_lowered(kernels, **options):
+    """IntegerChain under w4a4 (no rotations, RTN: nothing to calibrate), lowered to one
+    family: every linear a linear_a4w4_dynamic."""
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    cm = torch.compile(IntegerChain().eval(), backend="qcompile", options={
+        "recipe": "w4a4", "kernels": kernels, "rotate": False, "online_hadamard": False,
+        "gptq": False, **options})
+    with torch.no_grad():
+        cm(torch.randn(3, 5, 24))
+    (variant,) = [v for v in state_for_model(cm).artifacts if v.finalized]
+    return variant
+
+
+class _Outputs(Interpreter):
+    def __init__(self, gm, target):
+        super().__init__(gm)
+        self.target, self.outs = target, {}
+
+    def run_node(self, n):
+        out = super().run_node(n)
+        if n.target is self.target:
+            self.outs[n.name] = out
+        return out
+
+
+def test_w4a4_lowerings_agree_bit_for_bit(tmp_path):
+    """Per-token int4 activations, int4 weights (packed for Triton, unpacked for the CPU
+    routes' int8 GEMM), the float epilogue: the same floats from every family. The debug
+    dump holds the packed W4A4 kernel each linear runs on CUDA."""
+    runs = {}
+    for kernels in ("reference", "cpu", "triton"):
+        variant = _w4a4_lowered(kernels, **({"debug_dir": str(tmp_path)}
+                                            if kernels == "triton" else {}))
+        nodes = [n for n in variant.gm.graph.nodes if n.target is ops.LINEAR_A4W4_DYNAMIC]
+        assert len(nodes) == 3 and all(n.kwargs["impl"].split("-")[0] == kernels for n in nodes)
+        weight = get_constant(variant.gm, nodes[0].args[1])
+        assert weight.dtype == (torch.int8 if kernels == "cpu" else torch.uint8)  # prepared
+        run = _Outputs(variant.gm, ops.LINEAR_A4W4_DYNAMIC)
+        with torch.no_grad():
+            out = run.run(torch.linspace(-3, 3, 360).reshape(3, 5, 24))[0]
+        runs[kernels] = (run.outs, out)
+    dumps = sorted(tmp_path.rglob("kernels/*.py"))
+    assert len(dumps) == 3 and all("def gemm_w4a4_kernel" in p.read_text() for p in dumps)
+    (ref, ref_out), *others = runs.values()
+    for outs, out in others:
+        assert outs.keys() == ref.keys()
+        assert all(torch.equal(outs[k], ref[k]) for k in ref)
+        assert torch.equal(out, ref_out)
+
+
 def test_implementation_is_recorded_in_the_report():
     variant = _lowered("triton")
     kernels = {layer.kernel for layer in variant.ctx.layers.values() if layer.quantized}

@@ -208,6 +208,21 @@ def _samples(name, g, extreme):
         xf = torch.randn(*x.shape, generator=g) * 3
         xf[0, 0] = 0.0  # an all-zero row: the scale guard
         return (xf, w, torch.rand(w.shape[0], generator=g) * 0.01, torch.randn(w.shape[0]))
+    if name == "quantize_per_token_int4":
+        m, k = _dims(g, (1, 9), (1, 33))
+        x = torch.randn(2, m, 2 * k, generator=g) * 3
+        if extreme:  # an all-zero row, a row of one value, a huge outlier
+            x[0, 0], x[1, 0], x[1, -1, 0] = 0.0, -2.5, 1e30
+        return (x, bool(m % 2))
+    if name == "linear_a4w4_dynamic":
+        x, w, *_ = _linear_args(g, extreme, int4=True)  # w: packed int4, at -8 / 7 if extreme
+        n = w.shape[0]
+        xf = torch.randn(*x.shape, generator=g) * 3
+        xf[0, 0] = 0.0  # an all-zero row: the scale guard
+        if extreme:  # a row of one value and a huge outlier
+            xf[1, 0], xf[1, -1, 0] = -2.5, 1e6
+        return (xf, w, torch.rand(n, generator=g) * 0.01,
+                torch.randn(n, generator=g) if n % 2 else None)
     if name == "linear_w4a16":
         m, groups, n = _dims(g, (1, 9), (1, 3), (1, 24))
         k, gs = groups * 32, 32

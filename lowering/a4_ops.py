@@ -1,0 +1,236 @@
+"""int4-activation ops (the w4a4 recipe: int4 weights, int4 per-token dynamic activations
+after the online Hadamard, as QuaRot runs W4A4), declared once (lowering/registry.py) with
+their fake and every implementation:
+
+  quantize_per_token_int4  float x [..., K] -> (int4 values, float32 scale [...]):
+                           symmetric per token (row), scale[m] = max(max|x[m]| / 7,
+                           SCALE_EPS) in float32, q = clamp(round_half_even(x / scale),
+                           -8, 7) (float32 true division): ops._per_token_body's arithmetic
+                           at 4 bits. packed=True: two values a byte along K
+                           (specs.pack_int4's layout, uint8 [..., K // 2]); else int8 [..., K]
+  linear_a4w4_dynamic      float x [..., K] -> per-token int4 x, int4 w (packed uint8
+                           [N, K // 2]) with per-channel scales, exact int32 accumulator,
+                           float epilogue acc * x_scale[m] * w_scale[n] (+ bias) -> x.dtype
+
+Why a float epilogue, where the design's recipe table has w4a4 requantize dyadically: a
+dyadic multiplier (q, shift) is fixed at compile time from known scales, and a per-token
+scale exists only at run time. So, as in linear_dynamic (W8A8) and in QuaRot (its int4
+GEMM's int32 output is scaled by the token's and the channel's scale in fp16), the
+accumulator of a linear whose input is quantized per token is dequantized in float, once,
+and the next quantized linear quantizes its own input again, per token; the design's rule
+"a linear whose output enters a float island dequantizes its int32 accumulator directly"
+is what every such linear does. The integer-only 4-bit path, static per-tensor activations
+with dyadic requantization, is the recipe w4a4-static.
+
+Implementations, the same integers bit for bit, and the same float epilogue:
+  reference         kernels/quantize.py's per-token reference (specs' arithmetic) and
+                    reference.gemm_int8_ref on the int4 values (exact)
+  cpu, cpu-<route>  the CPU per-token quantizer (ops._per_token_body, Inductor-fused when
+                    large) and the CPU int8 GEMM of the route (lowering/cpu.py, via
+                    ops.gemm_op): the CPU routes have no int4 GEMM, so the int4 values run
+                    through the int8 GEMM as int8 integers (the same integers, the same
+                    exact int32 accumulator); `prepare` unpacks the weights once, at
+                    lowering. Activations are not packed: the int8 GEMM reads bytes.
+  triton            the per-token kernel packs x as it quantizes it (kernels/quantize.py)
+                    and the generated W4A4 GEMM (kernels/gemm_w4a4.py) reads x and w packed
+The epilogue is lowering/epilogue.py's Dequantize step (ops.dynamic_epilogue, as
+linear_dynamic's): applied by reference.apply_epilogue_ref, by the CPU GEMM's epilogue, and
+emitted into the Triton kernel by lowering/codegen.py, each in the op order
+((float32(acc) * x_scale[m]) * w_scale[n]) + bias[n], then one cast to x.dtype.
+
+Range: |int4 x int4| <= 64, so the int32 accumulator is exact for K < 2**25; every
+implementation holds K to the int8 GEMM's K <= 131071 (reference.check_k), the bound the
+reference and CPU GEMMs it runs on enforce. K must be even (int4 packs two a byte along K;
+select-layers keeps odd-K layers float).
+
+The ops and their graph targets are also reachable as lowering.ops attributes
+(ops.LINEAR_A4W4_DYNAMIC, ...).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from qcompile.lowering.device import triton_runs_on
+from qcompile.lowering.ops import (
+    _FUSE_MIN_ELEMENTS,
+    BACKENDS,
+    _elementwise,
+    _int8_weight,
+    _per_token_body,
+    _rows,
+    dynamic_epilogue,
+    gemm_op,
+)
+from qcompile.lowering.registry import on_cpu, quantized_op
+from qcompile.numerics import specs
+
+INT4_MAX = 7  # symmetric: scale = max|x| / 7, values in [-7, 7], clamped to [-8, 7]
+_KERNEL_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# ---------------------------------------------------------------- float -> int4 per token
+
+
+def _check_quantize(x, packed) -> None:
+    fn = "quantize_per_token_int4"
+    if not isinstance(x, Tensor) or not x.dtype.is_floating_point or x.dim() < 1:
+        raise TypeError(f"{fn}: x must be a floating-point tensor [..., K], got "
+                        f"{getattr(x, 'dtype', type(x).__name__)}")
+    if packed and x.shape[-1] % 2:
+        raise ValueError(f"{fn}: packing needs an even K (two int4 values a byte), got "
+                         f"K = {x.shape[-1]}")
+
+
+def pack_int4_values(q: Tensor) -> Tensor:
+    """int8 [..., K] of int4 values -> uint8 [..., K // 2] in specs.pack_int4's layout,
+    without reading the values back to check them (an activation, packed every call):
+    byte b = (q[2b] & 0xF) | (q[2b + 1] << 4), in int8 arithmetic (16 * [-8, 7] fits)."""
+    return torch.bitwise_or(torch.bitwise_and(q[..., 0::2], 0xF), q[..., 1::2] * 16).view(
+        torch.uint8)
+
+
+@quantized_op
+def quantize_per_token_int4(x: Tensor, packed: bool) -> tuple[Tensor, Tensor]:
+    """Dynamic symmetric int4 per token: (q, scale float32 [...]) for float x [..., K], with
+    scale[m] = max(max|x[m, :]| / 7, SCALE_EPS) in float32 and q = clamp(round_half_even(
+    x / scale), -8, 7) in float32. packed: q as uint8 [..., K // 2], two values a byte
+    along K (specs.pack_int4's layout; K even); else int8 [..., K]."""
+
+
+@quantize_per_token_int4.fake
+def _(x, packed):
+    _check_quantize(x, packed)
+    shape = (*x.shape[:-1], x.shape[-1] // 2) if packed else x.shape
+    q = x.new_empty(shape, dtype=torch.uint8 if packed else torch.int8)
+    return q, x.new_empty(x.shape[:-1], dtype=torch.float32)
+
+
+@quantize_per_token_int4.impl("reference")
+def _(x, packed):
+    from qcompile.lowering.kernels.quantize import quantize_per_token_ref
+
+    _check_quantize(x, packed)
+    q, scale = quantize_per_token_ref(x, bits=4)
+    return (specs.pack_int4(q) if packed else q), scale
+
+
+@quantize_per_token_int4.impl("cpu", runs_on=on_cpu)
+def _(x, packed):
+    _check_quantize(x, packed)
+    rows = _rows(x)  # [M, K]
+    q, scale = _elementwise(_per_token_body, rows.numel() >= _FUSE_MIN_ELEMENTS, rows,
+                            float(INT4_MAX), specs.SCALE_EPS)
+    q = q.reshape(x.shape)
+    return (pack_int4_values(q) if packed else q), scale.reshape(x.shape[:-1])
+
+
+@quantize_per_token_int4.impl("triton", runs_on=triton_runs_on)
+def _(x, packed):
+    from qcompile.lowering.kernels import quantize as kernels
+
+    _check_quantize(x, packed)
+    if x.dtype not in _KERNEL_FLOATS:  # float64: the reference's x.float(), then the kernel
+        x = x.float()
+    if packed:
+        return kernels.quantize_per_token_int4_packed_triton(x)
+    return kernels.quantize_per_token_triton(x, bits=4)
+
+
+# ---------------------------------------------------------------- int4 x int4 -> float
+
+
+def _check_linear(x, w, w_scale, bias) -> None:
+    """Shapes and dtypes (no data is read: the fake runs it too)."""
+    fn = "linear_a4w4_dynamic"
+    if not isinstance(x, Tensor) or not x.dtype.is_floating_point or x.dim() < 1:
+        raise TypeError(f"{fn}: x must be a floating-point tensor [..., K], got "
+                        f"{getattr(x, 'dtype', type(x).__name__)}")
+    if not isinstance(w, Tensor) or w.dtype not in (torch.uint8, torch.int8) or w.dim() != 2:
+        raise TypeError(f"{fn}: w must be packed int4, uint8 [N, K // 2] (or its int4 values "
+                        f"as int8 [N, K] after a CPU implementation's prepare), got "
+                        f"{getattr(w, 'dtype', type(w).__name__)} "
+                        f"{tuple(getattr(w, 'shape', ()))}")
+    k = w.shape[1] * (2 if w.dtype == torch.uint8 else 1)
+    if x.shape[-1] != k or k % 2:
+        raise ValueError(f"{fn}: x has K = {x.shape[-1]} but w {tuple(w.shape)} ({w.dtype}) "
+                         f"has K = {k} (K must be even)")
+    n = w.shape[0]
+    for name, t in (("w_scale", w_scale), ("bias", bias)):
+        if t is None and name == "bias":
+            continue
+        if not isinstance(t, Tensor) or not t.dtype.is_floating_point:
+            raise TypeError(f"{fn}: {name} must be a float tensor [N], got "
+                            f"{getattr(t, 'dtype', type(t).__name__)}")
+        if t.numel() != n:
+            raise ValueError(f"{fn}: {name} must have N = {n} elements, got {tuple(t.shape)}")
+
+
+def _epilogue_values(x_scale: Tensor, w_scale: Tensor, bias: Tensor | None) -> dict:
+    values = dict(row_scale=x_scale.float(), col_scale=w_scale.float().reshape(-1))
+    if bias is not None:
+        values["float_bias"] = bias.float().reshape(-1)
+    return values
+
+
+def _linear_a4w4(backend, x, w, w_scale, bias, origin=""):
+    """Reference and CPU: the family's per-token int4 quantizer (int8 storage), then the
+    backend's int8 GEMM on the int4 values with the Dequantize epilogue."""
+    _check_linear(x, w, w_scale, bias)
+    family = backend.name.split("-", 1)[0]
+    xq, x_scale = quantize_per_token_int4.run(family, (_rows(x), False))  # [M, K], [M]
+    y = backend.gemm(xq, _int8_weight(w), dynamic_epilogue(bias is not None), origin,
+                     **_epilogue_values(x_scale, w_scale, bias))
+    return y.to(x.dtype).reshape(*x.shape[:-1], w.shape[0])
+
+
+def _source(args: dict, origin: str) -> str:
+    """The generated W4A4 kernel a call runs on CUDA (its epilogue: bias or not)."""
+    from qcompile.lowering.kernels.gemm_w4a4 import generated_source
+
+    return generated_source(dynamic_epilogue(args["bias"] is not None), origin)
+
+
+@gemm_op(_linear_a4w4, epilogue=lambda a: dynamic_epilogue(a["bias"] is not None),
+         triton=False)
+@quantized_op
+def linear_a4w4_dynamic(x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None) -> Tensor:
+    """W4A4 dynamic: x [..., K] quantized per token to int4 (quantize_per_token_int4), int4
+    w [N, K] packed two a byte along K (uint8 [N, K // 2]) with per-channel scales; the
+    exact int32 accumulator dequantized, ((float32(acc) * x_scale[m]) * w_scale[n]) +
+    bias[n] in float32, cast to x.dtype. Implementations may hold w unpacked (int8 [N, K])
+    after `prepare`."""
+
+
+@linear_a4w4_dynamic.fake
+def _(x, w, w_scale, bias):
+    _check_linear(x, w, w_scale, bias)
+    return x.new_empty((*x.shape[:-1], w.shape[0]))
+
+
+linear_a4w4_dynamic.kernel_source = _source
+
+
+@linear_a4w4_dynamic.impl("triton", runs_on=triton_runs_on)
+def _(x, w, w_scale, bias, origin=""):
+    """x packed as it is quantized, then the packed W4A4 GEMM; a weight given as int8
+    values runs the int8 GEMM on the unpacked x instead (the same integers)."""
+    from qcompile.lowering.kernels.gemm_w4a4 import gemm_w4a4_triton
+
+    _check_linear(x, w, w_scale, bias)
+    rows = _rows(x)  # [M, K]
+    epilogue = dynamic_epilogue(bias is not None)
+    packed = w.dtype == torch.uint8
+    xq, x_scale = quantize_per_token_int4.run("triton", (rows, packed))
+    values = _epilogue_values(x_scale, w_scale, bias)
+    if packed:
+        y = gemm_w4a4_triton(xq, w, epilogue, origin=origin, **values)
+    else:
+        y = BACKENDS["triton"].gemm(xq, w, epilogue, origin, **values)
+    return y.to(x.dtype).reshape(*x.shape[:-1], w.shape[0])
+
+
+# Graph targets: the OpOverloads.
+QUANTIZE_PER_TOKEN_INT4 = quantize_per_token_int4.overload
+LINEAR_A4W4_DYNAMIC = linear_a4w4_dynamic.overload

@@ -1,0 +1,298 @@
+"""The int4-activation ops (lowering/a4_ops.py): quantize_per_token_int4 and
+linear_a4w4_dynamic, and the kernels under them (kernels/quantize.py's packing per-token
+kernel, kernels/gemm_w4a4.py). The reference against its definition written out here;
+every implementation that runs on this machine (CPU routes, the Triton interpreter)
+against the reference bit for bit, on odd shapes (M, N, K of 1, 7, 34, 66), rows of equal
+values, zeros, ties, huge outliers, int4 weights at -8 and 7; packing against
+specs.pack_int4 and back; the checks that make bad arguments loud."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qcompile.lowering import a4_ops, cpu_routes, registry
+from qcompile.lowering.epilogue import Epilogue
+from qcompile.lowering.kernels import gemm_w4a4
+from qcompile.lowering.kernels.quantize import (
+    quantize_per_token_int4_packed_ref,
+    quantize_per_token_int4_packed_triton,
+)
+from qcompile.lowering.ops import dynamic_epilogue
+from qcompile.lowering.reference import AccumulatorRangeError
+from qcompile.numerics.specs import SCALE_EPS, pack_int4, unpack_int4
+
+QUANTIZE, LINEAR = a4_ops.quantize_per_token_int4, a4_ops.linear_a4w4_dynamic
+
+
+def _impls(op) -> list[str]:
+    return [n for n in sorted(op.impls) if n != "reference" and op.impls[n].runs_on("cpu")]
+
+
+# ---------------------------------------------------------------- definitions
+
+
+def _quantize_def(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """scale = max(max|x[m]| / 7, eps) and q = clamp(round_half_even(x / scale), -8, 7),
+    all in float32."""
+    xf = x.float()
+    scale = (xf.abs().amax(dim=-1) / 7).clamp(min=SCALE_EPS)
+    q = torch.round(xf / scale[..., None]).clamp(-8, 7).to(torch.int8)
+    return q, scale
+
+
+def _linear_def(x, w, w_scale, bias) -> torch.Tensor:
+    """Per-token int4 x, the exact int64 accumulator, then ((float32(acc) * x_scale[m]) *
+    w_scale[n]) + bias[n] in float32, one cast to x.dtype."""
+    q, s = _quantize_def(x.reshape(-1, x.shape[-1]))
+    acc = q.long() @ unpack_int4(w).long().T  # [M, N], exact
+    y = (acc.float() * s[:, None]) * w_scale.float()[None, :]
+    if bias is not None:
+        y = y + bias.float()[None, :]
+    return y.to(x.dtype).reshape(*x.shape[:-1], w.shape[0])
+
+
+# ---------------------------------------------------------------- quantize_per_token_int4
+
+
+def _quantize_cases():
+    g = torch.Generator().manual_seed(0)
+    s = 2.0**-4  # a power of two: x / s is exact, so (j + 0.5) s are exact ties
+    ties = torch.cat([(torch.arange(-7, 7) + 0.5) * s, torch.tensor([7 * s, -7 * s])])  # [16]
+    ends = torch.zeros(4, 34)
+    ends[0] = 3.25  # one value throughout: every q is 7
+    ends[1] = -1e-3  # ... or -7
+    ends[2, 5] = 3e38  # a huge outlier: everything else rounds to 0
+    ends[2, 6] = -1.0
+    ends[3] = 0.0  # all zeros: the scale guard, q = 0
+    outlier = torch.randn(7, 66, generator=g)
+    outlier[:, 3] = 1e4  # one outlier channel, as before a Hadamard
+    return [
+        ("random 7x66", torch.randn(7, 66, generator=g) * 3),
+        ("one row, K=34", torch.randn(1, 34, generator=g)),
+        ("K=2", torch.randn(5, 2, generator=g)),
+        ("batched", torch.randn(2, 3, 34, generator=g) * 0.1),
+        ("ties", ties.reshape(1, 16).repeat(2, 1)),
+        ("equal rows, outlier, zeros", ends),
+        ("outlier channel", outlier),
+        ("float16", (torch.randn(3, 34, generator=g) * 50).half()),
+        ("bfloat16", torch.randn(3, 66, generator=g).bfloat16()),
+        ("float64", torch.randn(2, 34, generator=g, dtype=torch.float64)),
+        ("transposed", torch.randn(34, 7, generator=g).T),
+    ]
+
+
+QCASES = _quantize_cases()
+QIDS = [c[0] for c in QCASES]
+
+
+@pytest.mark.parametrize("name, x", QCASES, ids=QIDS)
+def test_quantize_reference_is_the_definition(name, x):
+    q, scale = QUANTIZE(x, False, impl="reference")
+    want_q, want_s = _quantize_def(x)
+    assert q.dtype == torch.int8 and scale.dtype == torch.float32
+    assert torch.equal(q, want_q) and torch.equal(scale, want_s)
+    assert q.shape == x.shape and scale.shape == x.shape[:-1]
+
+
+def test_quantize_cases_reach_the_ends():
+    _, _, _, _, (_, ties), (_, ends), *_ = QCASES
+    q, _ = QUANTIZE(ties, False, impl="reference")
+    assert q[0, :14].tolist() == [-6, -6, -4, -4, -2, -2, 0, 0, 2, 2, 4, 4, 6, 6]  # to even
+    q, s = QUANTIZE(ends, False, impl="reference")
+    assert (q[0] == 7).all() and (q[1] == -7).all() and (q[3] == 0).all()
+    assert q[2, 5] == 7 and q[2].abs().sum() == 7 and s[3] == SCALE_EPS
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("impl", _impls(QUANTIZE))
+def test_quantize_implementations_equal_the_reference(impl, packed):
+    for name, x in QCASES:
+        want_q, want_s = QUANTIZE(x, packed, impl="reference")
+        q, s = QUANTIZE(x, packed, impl=impl)
+        assert q.dtype == want_q.dtype and torch.equal(q, want_q), name
+        assert torch.equal(s, want_s), name
+
+
+@pytest.mark.parametrize("impl", sorted(QUANTIZE.impls))
+def test_packing_round_trips(impl):
+    """packed == specs.pack_int4(unpacked), and unpacking gives the values back."""
+    if not QUANTIZE.impls[impl].runs_on("cpu"):
+        pytest.skip(f"{impl} does not run here")
+    for name, x in QCASES:
+        q, _ = QUANTIZE(x, False, impl=impl)
+        p, _ = QUANTIZE(x, True, impl=impl)
+        assert p.dtype == torch.uint8 and p.shape == (*x.shape[:-1], x.shape[-1] // 2), name
+        assert torch.equal(p, pack_int4(q)) and torch.equal(unpack_int4(p), q), name
+
+
+def test_pack_int4_values_is_specs_layout_for_every_pair():
+    v = torch.arange(-8, 8, dtype=torch.int8)
+    pairs = torch.stack(torch.meshgrid(v, v, indexing="ij"), dim=-1).reshape(1, 512)  # 256 pairs
+    assert torch.equal(a4_ops.pack_int4_values(pairs), pack_int4(pairs))
+    assert torch.equal(unpack_int4(a4_ops.pack_int4_values(pairs)), pairs)
+
+
+def test_long_rows_take_the_two_pass_kernel():
+    """Rows longer than a step (block_b below K // 2): the kernel reads x twice, same bytes."""
+    x = torch.randn(3, 130, generator=torch.Generator().manual_seed(1))
+    x[1, 129] = 40.0  # the row's max in the last step
+    want = quantize_per_token_int4_packed_ref(x)
+    for got, ref in zip(quantize_per_token_int4_packed_triton(x, block_b=16), want, strict=True):
+        assert torch.equal(got, ref)
+
+
+# ---------------------------------------------------------------- linear_a4w4_dynamic
+
+
+def _linear_case(name: str):
+    """(x, w packed, w_scale, bias) for linear_a4w4_dynamic; (M, N, K) odd where it can be."""
+    g = torch.Generator().manual_seed(len(name))
+    m, n, k = {"random": (7, 33, 66), "one row": (1, 7, 34), "batched": (6, 66, 34),
+               "extremes": (4, 7, 34), "bfloat16": (7, 1, 66)}[name]
+    x = torch.randn(m, k, generator=g) * 3
+    w = torch.randint(-8, 8, (n, k), generator=g, dtype=torch.int8)
+    w_scale = torch.rand(n, generator=g) * 0.01 + 1e-3
+    bias = torch.randn(n, generator=g)
+    if name == "batched":
+        x, bias = x.reshape(2, 3, k), None
+    elif name == "extremes":
+        x[0] = -2.5  # equal values: q = -7 throughout
+        x[1] = 0.0  # all zeros
+        x[2, 0] = 1e6  # an outlier
+        x[3] = torch.where(torch.arange(k) % 2 == 0, 7.0, -7.0)
+        w[0], w[1] = -8, 7  # the ends of int4
+        w[2] = torch.where(torch.arange(k) % 2 == 0, -8, 7).to(torch.int8)
+    elif name == "bfloat16":
+        x, bias = x.bfloat16(), bias.bfloat16()
+    return x, pack_int4(w), w_scale, bias
+
+
+LINEAR_CASES = ["random", "one row", "batched", "extremes", "bfloat16"]
+
+
+@pytest.mark.parametrize("case", LINEAR_CASES)
+def test_linear_reference_is_the_definition(case):
+    args = _linear_case(case)
+    got = LINEAR(*args, impl="reference")
+    assert got.dtype == args[0].dtype
+    assert torch.equal(got, _linear_def(*args))
+
+
+def test_extremes_reach_the_accumulator_ends():
+    x, w, *_ = _linear_case("extremes")
+    q, _ = QUANTIZE(x, False, impl="reference")
+    acc = q.long() @ unpack_int4(w).long().T
+    k = x.shape[-1]
+    assert acc[0, 0] == 56 * k and acc[0, 1] == -49 * k  # -7 x -8 and -7 x 7 throughout
+    assert acc[3, 2] == -(56 + 49) * (k // 2) and (acc[1] == 0).all()  # 7 x -8, -7 x 7
+
+
+@pytest.mark.parametrize("impl", _impls(LINEAR))
+def test_linear_implementations_equal_the_reference(impl):
+    prepare = LINEAR.impls[impl].prepare
+    for case in LINEAR_CASES:
+        x, w, w_scale, bias = _linear_case(case)
+        want = LINEAR(x, w, w_scale, bias, impl="reference")
+        assert torch.equal(LINEAR(x, w, w_scale, bias, impl=impl), want), case
+        if prepare is not None:  # the CPU implementations unpack w at lowering: same outputs
+            pw = prepare({"w": w})["w"]
+            assert pw.dtype == torch.int8
+            assert torch.equal(LINEAR(x, pw, w_scale, bias, impl=impl), want), case
+
+
+def test_triton_takes_an_unpacked_weight_too():
+    """int4 values in int8 storage run the generated int8 GEMM on the unpacked x."""
+    x, w, w_scale, bias = _linear_case("one row")
+    want = LINEAR(x, w, w_scale, bias, impl="reference")
+    assert torch.equal(LINEAR(x, unpack_int4(w), w_scale, bias, impl="triton"), want)
+
+
+def test_w4a4_gemm_accumulator_is_exact_at_the_ends():
+    """The packed kernel's int32 accumulator (no epilogue): -8 x -8 and 7 x -8 throughout,
+    and mixed signs, over K = 66 (a masked last K tile)."""
+    k = 66
+    a = torch.full((3, k), -8, dtype=torch.int8)
+    a[1] = 7
+    a[2] = torch.where(torch.arange(k) % 3 == 0, -8, 7).to(torch.int8)
+    w = torch.full((5, k), -8, dtype=torch.int8)
+    w[1] = 7
+    w[2, ::2] = 7
+    w[4] = torch.randint(-8, 8, (k,), generator=torch.Generator().manual_seed(2),
+                         dtype=torch.int8)
+    acc = gemm_w4a4.gemm_w4a4_triton(pack_int4(a), pack_int4(w), Epilogue())
+    assert acc.dtype == torch.int32
+    assert acc.tolist() == (a.long() @ w.long().T).tolist()
+    assert acc[0, 0] == 64 * k
+    assert torch.equal(acc, gemm_w4a4.gemm_w4a4_ref(pack_int4(a), pack_int4(w)))
+
+
+def test_generated_kernel_has_the_int8_gemms_dequantize_lines():
+    """The float epilogue is the codegen's Dequantize step, as in the int8 GEMM."""
+    from qcompile.lowering.codegen import generated_source
+
+    src = gemm_w4a4.generated_source(dynamic_epilogue(True), origin="test")
+    gemm_src = generated_source(dynamic_epilogue(True))
+    for line in ("y = x.to(tl.float32) * row_scale[:, None]", "y = y * col_scale[None, :]",
+                 "y = y + float_bias[None, :]"):
+        assert line in src and line in gemm_src
+    torch.testing.FileCheck().check("def gemm_w4a4_kernel").check("unpack_int4(a)").check(
+        "tl.dot(a_even, w_even").check("tl.dot(a_odd, w_odd").run(src)
+
+
+# ---------------------------------------------------------------- registry, fakes, errors
+
+
+def test_registered_with_every_family():
+    assert {"reference", "cpu", "triton"} | {f"cpu-{r}" for r in cpu_routes.ROUTES} <= set(
+        LINEAR.impls)
+    assert set(QUANTIZE.impls) == {"reference", "cpu", "triton"}
+    assert LINEAR.exact and QUANTIZE.exact
+    assert registry.choose(LINEAR, "auto", "cpu").name == "cpu"
+    assert LINEAR.epilogue({"bias": None}).signature() == "dequant.float32"
+    assert all(op in registry.all_ops() for op in (QUANTIZE, LINEAR))
+
+
+def test_fakes_give_shapes_and_dtypes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x, w, w_scale, bias = _linear_case("batched")
+    odd = x[..., :-1]
+    with FakeTensorMode() as mode:
+        f = mode.from_tensor
+        y = LINEAR(f(x), f(w), f(w_scale), None)
+        assert y.shape == (2, 3, w.shape[0]) and y.dtype == x.dtype
+        q, s = QUANTIZE(f(x), True)
+        assert q.shape == (2, 3, 17) and q.dtype == torch.uint8 and s.shape == (2, 3)
+        q, s = QUANTIZE(f(x), False)
+        assert q.shape == x.shape and q.dtype == torch.int8 and s.dtype == torch.float32
+        with pytest.raises(ValueError, match="even K"):
+            QUANTIZE(f(odd), True)
+
+
+@pytest.mark.parametrize("impl", ["reference", "cpu", "triton"])
+def test_bad_arguments_are_loud(impl):
+    x, w, w_scale, bias = _linear_case("random")
+    for args, error, message in [
+        ((x.to(torch.int8), w, w_scale, bias), TypeError, "x must be a floating"),
+        ((x, w.to(torch.int16), w_scale, bias), TypeError, "w must be packed int4"),
+        ((x[:, :-2], w, w_scale, bias), ValueError, "K = 64 but w"),
+        ((x, w, w_scale[:-1], bias), ValueError, "w_scale must have N = 33"),
+        ((x, w, w_scale.long(), bias), TypeError, "w_scale must be a float"),
+        ((x, w, w_scale, bias[:3]), ValueError, "bias must have N"),
+    ]:
+        with pytest.raises(error, match=message):
+            LINEAR(*args, impl=impl)
+    with pytest.raises(ValueError, match="even K"):
+        QUANTIZE(x[:, :-1], True, impl=impl)
+    with pytest.raises(TypeError, match="floating-point"):
+        QUANTIZE(x.to(torch.int8), False, impl=impl)
+
+
+def test_k_is_held_to_the_int8_gemms_bound():
+    """Every family refuses K > 131071, as the int8 GEMM the reference runs on does."""
+    a = torch.zeros(1, 131072 // 2, dtype=torch.uint8)
+    with pytest.raises(AccumulatorRangeError, match="131071"):
+        gemm_w4a4.gemm_w4a4_triton(a, a, Epilogue())
+    with pytest.raises(AccumulatorRangeError, match="131071"):
+        gemm_w4a4.gemm_w4a4_ref(a, a, Epilogue())
