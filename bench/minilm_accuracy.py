@@ -35,6 +35,10 @@ CONFIGS = {
     "w4a4 min-max ranges": {"recipe": "w4a4", "observer": "minmax"},
     "w4a4 (rotations + GPTQ + MSE ranges)": {"recipe": "w4a4"},
     "w8a8-static integer GELU/LN/softmax": {"recipe": "w8a8-static", "integer_nonlinear": True},
+    "w8a8-static + bias correction": {"recipe": "w8a8-static", "bias_correction": True},
+    "w4a8 (rotations) + bias correction": {"recipe": "w4a8", "bias_correction": True},
+    "w4a4 + bias correction": {"recipe": "w4a4", "bias_correction": True},
+    "w4a4-static + bias correction": {"recipe": "w4a4-static", "bias_correction": True},
 }
 
 

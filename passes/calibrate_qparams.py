@@ -2,7 +2,9 @@
 
 What: for every Observe node, the site's range observer gives a static per-tensor
 (scale, zero point) for the recipe's activation bits (asymmetric, full signed range); the
-per-channel ranges (smoothing) and Hessians (GPTQ) are kept for the passes that need them.
+per-channel ranges (smoothing), Hessians (GPTQ) and means (bias correction) are kept for
+the passes that need them; a row sample (bias correction) becomes the per-channel mean
+rounding error E[x - Q(x)] under the parameters just computed, and is dropped.
 A site that saw no calibration data gets no parameters: the layers that need it stay in
 float, and the report says so. Each Observe node is replaced by its input. A model given a
 saved quantization (qcompile.load) takes its sites' parameters from it instead.
@@ -19,7 +21,7 @@ import torch
 from torch.fx import GraphModule
 
 from qcompile import annotations as ann
-from qcompile.numerics.specs import SCALE_EPS, QuantSpec
+from qcompile.numerics.specs import SCALE_EPS, QuantSpec, fake_quantize
 from qcompile.pass_manager import PassContext, PassResult, graph_pass
 from qcompile.passes.insert_observers import observer_key
 
@@ -35,6 +37,9 @@ class CalibSite:
     seen: bool = False
     absmax: float | None = None  # max |x| seen: the symmetric 16-bit scale's range
     bits: int = 8  # the activation's width: 16 where choose-precision widened it
+    mean: torch.Tensor | None = None  # float64 per-channel E[x] (bias correction)
+    # float64 per-channel E[x - Q(x)] under (scale, zero_point) at `bits`, over a row sample
+    act_error: torch.Tensor | None = None
 
     @property
     def scale16(self) -> float | None:
@@ -51,6 +56,15 @@ def observed_absmax(obs, spec: QuantSpec) -> float:
     if lo is None or hi is None:
         lo, hi = obs.range(spec)
     return max(abs(float(lo)), abs(float(hi)))
+
+
+def activation_error(rows: torch.Tensor, scale: float, zero_point: int,
+                     spec: QuantSpec) -> torch.Tensor:
+    """E[x - Q(x)] per channel over rows [n, K], float64 [K]: what the static quantizer
+    (scale, zero point; the quantize op's arithmetic, clipping included) takes off x on
+    average."""
+    q = fake_quantize(rows, torch.tensor(scale), torch.tensor(zero_point), spec)
+    return (rows.double() - q.double()).mean(dim=0)
 
 
 def loaded_quantization(ctx: PassContext):
@@ -79,6 +93,7 @@ def calibrate_qparams(gm: GraphModule, ctx: PassContext) -> PassResult:
             saved = loaded.sites.get(module.site)
             calib[module.site] = dataclasses.replace(saved) if saved else CalibSite()
         site = calib.setdefault(module.site, CalibSite())
+        samples = None
         for kind in module.kinds if loaded is None else ():
             obs = state.observers.get(observer_key(ctx, module.site, kind)) if state else None
             if obs is None or obs.count == 0:
@@ -92,6 +107,12 @@ def calibrate_qparams(gm: GraphModule, ctx: PassContext) -> PassResult:
                 site.channel_range = obs.range(QuantSpec(granularity="per_channel", axis=-1))
             elif kind == "hessian":
                 site.hessian = obs.hessian
+            elif kind == "mean":
+                site.mean = obs.mean
+            elif kind == "sample":
+                samples = obs.rows
+        if samples is not None and site.scale is not None:
+            site.act_error = activation_error(samples, site.scale, site.zero_point, spec)
         counters["sites"] += 1
         counters["no_data"] += not site.seen
         if not site.seen:

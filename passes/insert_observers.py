@@ -7,7 +7,9 @@ for attention, on q, k and v ("attn:<v layer>:q|k|v"); for a residual add of a q
 layer's output and another quantized activation, on the sum ("add:<layer>"; after a ReLU
 that reads only the sum, as for a convolution). Which statistics each keeps depends on
 the options: a range observer (options.observer, else the recipe's) always; per-channel min/max when
-smoothing is on (SmoothQuant needs max|X_j|); the Hessian X^T X when GPTQ is on.
+smoothing is on (SmoothQuant needs max|X_j|); the Hessian X^T X when GPTQ is on; when bias
+correction is on, on linear inputs, the per-channel mean E[x_j] and (static activations) a
+uniform sample of SAMPLE_ROWS rows, whose rounding error is measured once the scale is known.
 Observers are identity functions in the graph: the model computes in float while
 calibrating. They store into the model's ModelState (ctx.state), keyed by site, so every
 graph of the model and every recompile shares them.
@@ -32,6 +34,7 @@ from qcompile.pass_manager import PassContext, PassResult, graph_pass
 from qcompile.passes._activations import fused_activation
 from qcompile.sites import attention_site, is_conv, is_layer, producer_through_layout
 
+SAMPLE_ROWS = 512  # rows of each linear input kept for bias correction's activation part
 _OBSERVER_NAMES = {"minmax": "minmax", "moving-minmax": "moving_average_minmax",
                    "percentile": "percentile", "mse": "mse"}
 
@@ -64,6 +67,10 @@ def _make(kind: str, ctx: PassContext):
         return observer_for("per_channel_minmax", axis=-1)
     if kind == "hessian":
         return observer_for("hessian")
+    if kind == "mean":
+        return observer_for("per_channel_mean", axis=-1)
+    if kind == "sample":
+        return observer_for("row_sample", rows=SAMPLE_ROWS, seed=ctx.options.seed)
     raise ValueError(kind)
 
 
@@ -89,6 +96,11 @@ def _input_kinds(ctx: PassContext) -> tuple[str, ...]:
         kinds.append("channels")
     if ctx.options.transform_on("gptq"):
         kinds.append("hessian")
+    if ctx.options.transform_on("bias_correction"):
+        kinds.append("mean")  # E[x]: the weight part of the output shift
+        act = ctx.options.recipe_obj.act
+        if act is not None and not act.dynamic:  # rows: E[x - Q(x)] once Q's scale is known
+            kinds.append("sample")
     return tuple(kinds)
 
 

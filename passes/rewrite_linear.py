@@ -1,6 +1,8 @@
 """rewrite-linear: canonical linear -> quantized linear op, per recipe.
 
   w8a8 (dynamic)      y = linear_dynamic(x, Wq, w_scale, b)              float in, float out
+  w4a4 (dynamic)      y = linear_a4w4_dynamic(x, Wq4, w_scale, b)        float in, float out
+                      (per-token int4 x, the int4 weight packed two a byte along K)
   w4a16               y = linear_w4a16(x, Wq4, scales, None, g, b)       float in, float out
   static recipes      xq = quantize(x, s_x, zp_x)        (one per activation, shared)
                       yq = linear_int8(xq, Wq, b_i32, zp_x*colsum(Wq), q, shift, zp_y)
@@ -12,8 +14,10 @@
                       xq = quantize_int16(x, s_x); yq = linear_a16w8(xq, Wq, b_i64, q, shift,
                       zp_y): two int8 GEMMs on the input's high and low bytes, combined in
                       int64; int4 weights (choose-precision's Layer.weight_bits) as above.
-The int32 bias is round(b / (s_x * s_w[c])); the accumulator range check (|acc| + |bias|
-+ |zp term| < 2**31 for every possible int8 input) runs here, at compile time.
+The int32 bias is round(b / (s_x * s_w[c])); where bias-correct ran, b is the float bias
+plus Layer.bias_correction (the float-epilogue ops above take that sum as their bias). The
+accumulator range check (|acc| + |bias| + |zp term| < 2**31 for every possible int8 input)
+runs here, at compile time.
 The quantize/dequantize pairs this leaves between integer ops are removed by
 integer-dataflow.
 Pre: quantize-weights (and calibrate-qparams for static recipes).
@@ -51,15 +55,40 @@ def _tag(new: Node, layer: ann.Layer) -> Node:
     return new
 
 
+def _float_bias(gm, b: Node | None, layer: ann.Layer) -> torch.Tensor | None:
+    """The layer's float bias, float64 [N], with bias-correct's correction added (a layer
+    without a bias gets one); None: no bias and no correction."""
+    bias = get_constant(gm, b).double() if b is not None else None
+    c = layer.bias_correction
+    if c is None:
+        return bias
+    return c.double() if bias is None else bias + c.double()
+
+
+def _bias_arg(gm, node: Node, b: Node | None, layer: ann.Layer) -> Node | None:
+    """The bias of an op with a float epilogue: b, or where bias-correct ran a constant
+    holding b plus the correction, in the output's dtype."""
+    if layer.bias_correction is None:
+        return b
+    bias = _float_bias(gm, b, layer).to(tensor_val(node).dtype)
+    return _const(gm, node, f"{layer.name.replace('.', '_')}_bias_corrected", bias)
+
+
 def _rewrite_dynamic(gm, ctx, node, qw, layer):
+    """Per-token dynamic activations: int8 (linear_dynamic) or, for 4-bit activations,
+    int4 with the int4 weight packed two a byte along K (linear_a4w4_dynamic)."""
     x, _, b = node.args
     name = layer.name.replace(".", "_")
-    w = _const(gm, node, f"{name}_wq", qw.qweight.contiguous())
+    if ctx.options.recipe_obj.act.bits == 4:
+        w = _const(gm, node, f"{name}_wq4", pack_int4(qw.qweight))
+        op, kind = ops.LINEAR_A4W4_DYNAMIC, "linear_a4w4_dynamic"
+    else:
+        w = _const(gm, node, f"{name}_wq", qw.qweight.contiguous())
+        op, kind = ops.LINEAR_DYNAMIC, "linear_dynamic"
     ws = _const(gm, node, f"{name}_wscale", qw.scale.float().reshape(-1))
-    bias = b if b is not None else None
     with gm.graph.inserting_before(node):
-        new = gm.graph.call_function(ops.LINEAR_DYNAMIC, (x, w, ws, bias))
-    return _tag(new, layer), "linear_dynamic"
+        new = gm.graph.call_function(op, (x, w, ws, _bias_arg(gm, node, b, layer)))
+    return _tag(new, layer), kind
 
 
 def _rewrite_w4a16(gm, ctx, node, qw, layer):
@@ -69,7 +98,8 @@ def _rewrite_w4a16(gm, ctx, node, qw, layer):
     scales = _const(gm, node, f"{name}_wscale", qw.scale.float())
     g = qw.spec.group_size
     with gm.graph.inserting_before(node):
-        new = gm.graph.call_function(ops.LINEAR_W4A16, (x, w, scales, None, g, b))
+        new = gm.graph.call_function(ops.LINEAR_W4A16, (x, w, scales, None, g,
+                                                         _bias_arg(gm, node, b, layer)))
     return _tag(new, layer), "linear_w4a16"
 
 
@@ -109,8 +139,8 @@ def _rewrite_static(gm, ctx, node, qw, layer, cache):
     if xq.target is ops.QUANTIZE_INT16:
         return _rewrite_a16(gm, ctx, node, qw, layer, xq, out)
     bias_i32 = None
-    if b is not None:
-        bias_f = get_constant(gm, b).double()
+    bias_f = _float_bias(gm, b, layer)
+    if bias_f is not None:
         bias_i32 = torch.round(bias_f / (s_x * s_w)).to(torch.int64)
     zp_term = (zp_x * wq.to(torch.int64).sum(dim=1)) if zp_x else None
     check_accumulator_range(wq.shape[1], wq, bias=bias_i32, zp_term=zp_term)
@@ -125,23 +155,36 @@ def _rewrite_static(gm, ctx, node, qw, layer, cache):
         b_node = _const(gm, node, f"{name}_bias_i32", bias_i32.to(torch.int32))
     if zp_term is not None:
         zp_node = _const(gm, node, f"{name}_zp_term", zp_term.to(torch.int32))
-    # compute-dyadic writes the integer multiplier and shift into these
+    oqmin, oqmax = ACT[ctx.options.recipe_obj.act.bits]
+    epilogue = _float_epilogue(s_x, qw, bias_f, wq if qw.spec.bits == 4 else None)
+    y = _requantizing(gm, node, layer, op, (xq, w_node, b_node, zp_node),
+                      (out.zero_point, oqmin, oqmax), mult, out, epilogue)
+    return y, op._opname  # the LayerOutput; yq carries the Layer
+
+
+def _float_epilogue(s_x, qw, bias_f, w_int8):
+    """What integer-dataflow needs if the output only feeds float islands."""
+    return ann.FloatEpilogue(s_x, qw.scale.float().reshape(-1),
+                             bias_f.float() if bias_f is not None else None,
+                             w_int8.contiguous() if w_int8 is not None else None)
+
+
+def _requantizing(gm, node, layer, op, head: tuple, tail: tuple, mult, out, epilogue):
+    """op(*head, q, shift, *tail) -> int8 at `out`'s parameters, and its dequantize: the
+    float value standing for the layer. q and shift are zeros that compute-dyadic fills
+    from the real multipliers `mult` (a PendingRequant)."""
+    name = layer.name.replace(".", "_")
     q_node = _const(gm, node, f"{name}_q", torch.zeros_like(mult, dtype=torch.int64))
     shift_node = _const(gm, node, f"{name}_shift", torch.zeros_like(mult, dtype=torch.int64))
-    oqmin, oqmax = ACT[ctx.options.recipe_obj.act.bits]
     with gm.graph.inserting_before(node):
-        yq = gm.graph.call_function(op, (xq, w_node, b_node, zp_node, q_node, shift_node,
-                                         out.zero_point, oqmin, oqmax))
+        yq = gm.graph.call_function(op, (*head, q_node, shift_node, *tail))
         y = gm.graph.call_function(ops.DEQUANTIZE, (yq, out.scale, out.zero_point,
                                                     tensor_val(node).dtype))
     _tag(yq, layer)
     ann.put(yq, ann.QParams(out.scale, out.zero_point))
     ann.put(yq, ann.PendingRequant((mult,)))
-    # what integer-dataflow needs if this output only feeds float islands
-    bias_f = get_constant(gm, b).float() if b is not None else None
-    ann.put(yq, ann.FloatEpilogue(s_x, qw.scale.float().reshape(-1), bias_f,
-                                  wq.contiguous() if qw.spec.bits == 4 else None))
-    return y, op._opname  # the LayerOutput; yq carries the Layer
+    ann.put(yq, epilogue)
+    return y
 
 
 def _rewrite_a16(gm, ctx, node, qw, layer, xq, out):
@@ -152,26 +195,17 @@ def _rewrite_a16(gm, ctx, node, qw, layer, xq, out):
     s_w = qw.scale.double().reshape(-1)  # [N]
     wq = qw.qweight
     bias_i64 = None
-    if b is not None:
-        bias_i64 = torch.round(get_constant(gm, b).double() / (s_x * s_w)).to(torch.int64)
+    bias_f = _float_bias(gm, b, layer)
+    if bias_f is not None:
+        bias_i64 = torch.round(bias_f / (s_x * s_w)).to(torch.int64)
     check_a16_accumulator_range(wq.shape[1], wq, bias=bias_i64)
     mult = s_x * s_w / out.scale
     name = layer.name.replace(".", "_")
     w_node = (_const(gm, node, f"{name}_wq4", pack_int4(wq)) if qw.spec.bits == 4 else
               _const(gm, node, f"{name}_wq", wq.contiguous()))
     b_node = _const(gm, node, f"{name}_bias_i64", bias_i64) if bias_i64 is not None else None
-    q_node = _const(gm, node, f"{name}_q", torch.zeros_like(mult, dtype=torch.int64))
-    shift_node = _const(gm, node, f"{name}_shift", torch.zeros_like(mult, dtype=torch.int64))
-    with gm.graph.inserting_before(node):
-        yq = gm.graph.call_function(ops.LINEAR_A16W8, (xq, w_node, b_node, q_node, shift_node,
-                                                       out.zero_point, *ACT[8]))
-        y = gm.graph.call_function(ops.DEQUANTIZE, (yq, out.scale, out.zero_point,
-                                                    tensor_val(node).dtype))
-    _tag(yq, layer)
-    ann.put(yq, ann.QParams(out.scale, out.zero_point))
-    ann.put(yq, ann.PendingRequant((mult,)))
-    bias_f = get_constant(gm, b).float() if b is not None else None
-    ann.put(yq, ann.FloatEpilogue(s_x, qw.scale.float().reshape(-1), bias_f, None))
+    y = _requantizing(gm, node, layer, ops.LINEAR_A16W8, (xq, w_node, b_node),
+                      (out.zero_point, *ACT[8]), mult, out, _float_epilogue(s_x, qw, bias_f, None))
     return y, "linear_a16w8"
 
 

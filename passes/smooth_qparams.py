@@ -5,9 +5,10 @@ linears, and the outputs of the producers that absorbed 1/s) and marks those nod
 a `Smoothed(s)` annotation. Their quantization sites were calibrated before smoothing;
 with the per-channel ranges [lo_j, hi_j] that calibration kept, the range of x / s is
 exactly [min_j lo_j / s_j, max_j hi_j / s_j] (s > 0). Each such node gets a new site
-"<site>@smooth" with parameters from that range, and GPTQ's Hessian of a smoothed input
-becomes S^-1 H S^-1 (the Hessian of x / s). Exact for min-max observers; for MSE and
-percentile observers the per-channel min-max range stands in (the report notes it).
+"<site>@smooth" with parameters from that range; GPTQ's Hessian of a smoothed input
+becomes S^-1 H S^-1 (the Hessian of x / s), and its mean (bias correction) E[x] / s.
+Exact for min-max observers; for MSE and percentile observers the per-channel min-max
+range stands in (the report notes it).
 Pre: smooth, calibrate-qparams (per-channel ranges: insert-observers adds them when
 smoothing is on). Post: every rescaled node's input / output sites name fresh
 parameters; a site without per-channel ranges leaves its layers in float, with a note.
@@ -52,7 +53,9 @@ def smooth_qparams(gm: GraphModule, ctx: PassContext) -> PassResult:
                 if old.hessian is not None:
                     inv = (1.0 / s).to(old.hessian.dtype)
                     hessian = old.hessian * inv[:, None] * inv[None, :]
-                calib[new_site] = CalibSite(float(scale), int(zp), (lo, hi), hessian, True)
+                mean = old.mean / s if old.mean is not None else None
+                calib[new_site] = CalibSite(float(scale), int(zp), (lo, hi), hessian, True,
+                                            mean=mean)
                 counters["sites"] += 1
             setattr(ann.get(node, ann.Sites), role, new_site)
     if ctx.options.observer_name != "minmax" and counters["sites"]:

@@ -6,7 +6,7 @@ through `get` / `put` / `take`:
 
   Layer           a layer's decisions, from select-layers on (on the canonical linear,
                   then on the quantized ops that replace it; attention ops too): its
-                  name, quantized or not, its quantized weight
+                  name, quantized or not, its quantized weight, its bias correction
   Sites           a float value calibration observes, by role: input of linears, output of
                   a linear, residual sum, attention q / k / v: the stable site names whose
                   statistics give its quantization parameters
@@ -71,6 +71,9 @@ class Layer:
     route: str | None = None  # the CPU int8 GEMM route (lowering/cpu_routes.py)
     # the weight transforms the quantized weight was made under (see weight_transforms)
     qweight_transforms: tuple[str, ...] = ()
+    # float64 [N], from bias-correct: the quantized layer's mean output shift on the
+    # calibration data, which rewrite-linear adds to the float bias (then the integer bias)
+    bias_correction: torch.Tensor | None = None
 
 
 def weight_transforms(transforms: list[str]) -> tuple[str, ...]:

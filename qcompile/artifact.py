@@ -369,12 +369,15 @@ def _observed_sites(gm: GraphModule) -> list[str]:
     return sites
 
 
+CALIBRATED_OPTIONS = ("smooth", "gptq", "bias_correction")  # options that need data
+
+
 def _needs_what(options: Options) -> str:
     """What in these options needs calibration data."""
     act = options.recipe_obj.act
     needs = [f"recipe {options.recipe!r} quantizes activations with static scales"] if (
         act is not None and not act.dynamic) else []
-    needs += [f"option {name!r} needs activation statistics" for name in ("smooth", "gptq")
+    needs += [f"option {name!r} needs activation statistics" for name in CALIBRATED_OPTIONS
               if options.transform_on(name)]
     return " and ".join(needs) or f"recipe {options.recipe!r} needs calibration"
 
@@ -382,7 +385,7 @@ def _needs_what(options: Options) -> str:
 def _without_calibration(options: Options) -> str:
     """The nearest configuration that needs no calibration."""
     act = options.recipe_obj.act
-    off = [f"{name!r}: False" for name in ("smooth", "gptq") if options.transform_on(name)]
+    off = [f"{name!r}: False" for name in CALIBRATED_OPTIONS if options.transform_on(name)]
     if act is not None and not act.dynamic:
         recipe = ("the weight-only recipe 'w4a16'" if options.recipe_obj.weight.bits == 4
                   else "the dynamic recipe 'w8a8'")

@@ -47,6 +47,7 @@ class Recipe:
     online_hadamard: bool = False
     gptq: bool = False
     integer_nonlinear: bool = False
+    bias_correction: bool = False
     observer: str = "minmax"  # activation ranges; MSE clipping matters at 4 bits
     description: str = ""
 
@@ -74,9 +75,15 @@ RECIPES: dict[str, Recipe] = {
         Recipe("w4a8", WeightQuant(4), ActQuant(8, dynamic=False), "dyadic", rotate=True,
                online_hadamard=True,
                description="int4 per-channel weights, int8 static activations, rotations on"),
-        Recipe("w4a4", WeightQuant(4), ActQuant(4, dynamic=False), "dyadic", rotate=True,
-               online_hadamard=True, gptq=True, observer="mse",
-               description="int4 weights (GPTQ), int4 activations, rotations on"),
+        Recipe("w4a4", WeightQuant(4), ActQuant(4, dynamic=True), "float", rotate=True,
+               online_hadamard=True, gptq=True,
+               description="int4 per-channel weights (GPTQ), int4 per-token dynamic "
+                           "activations after the online Hadamard (QuaRot), float epilogue; "
+                           "rotations on; calibration for GPTQ's Hessians"),
+        Recipe("w4a4-static", WeightQuant(4), ActQuant(4, dynamic=False), "dyadic",
+               rotate=True, online_hadamard=True, gptq=True, observer="mse",
+               description="int4 weights (GPTQ), int4 per-tensor static activations (MSE "
+                           "ranges), integer-only dyadic requantization, rotations on"),
         Recipe("mixed", WeightQuant(8), ActQuant(8, dynamic=False), "dyadic",
                description="static integer-only; each layer's weight bits (int8 / int4) and "
                            "each activation's (int8 / int16) chosen under options['budget'] "
@@ -116,7 +123,10 @@ class Options:
     online_hadamard: bool | None = None
     gptq: bool | None = None
     integer_nonlinear: bool | None = None
-    observer: str | None = None  # None: the recipe's (min-max; MSE search for w4a4)
+    # each quantized linear's mean output shift on the calibration data, E[x] (W - W_q)^T,
+    # folded into its bias (passes/bias_correct.py); needs calibration, whatever the recipe
+    bias_correction: bool | None = None
+    observer: str | None = None  # None: the recipe's (min-max; MSE search for w4a4-static)
     skip: tuple[str, ...] = ()  # fnmatch patterns of layer names left in float
     # mixed precision (recipe "mixed"): what the choice may spend (BUDGET_KEYS), and how
     # each site's sensitivity is found: one site quantized at a time ("measured"), the
@@ -158,7 +168,8 @@ class Options:
     def needs_calibration(self) -> bool:
         r = self.recipe_obj
         static_act = r.act is not None and not r.act.dynamic
-        return static_act or self.transform_on("gptq") or self.transform_on("smooth")
+        return static_act or any(self.transform_on(t) for t in ("gptq", "smooth",
+                                                                 "bias_correction"))
 
     @property
     def budget_key(self) -> tuple | None:
@@ -168,8 +179,8 @@ class Options:
         """What calibration depends on: two compiles of one model with the same fingerprint
         share calibration statistics, with different ones never do."""
         keys = ("recipe", "smooth", "smooth_alpha", "rotate", "online_hadamard", "gptq",
-                "integer_nonlinear", "observer_name", "skip", "seed", "budget_key",
-                "sensitivity")
+                "integer_nonlinear", "bias_correction", "observer_name", "skip", "seed",
+                "budget_key", "sensitivity")
         return ";".join(f"{k}={getattr(self, k)!r}" for k in keys)
 
     @classmethod
@@ -226,13 +237,13 @@ class Options:
         if not 0.0 <= self.smooth_alpha <= 1.0:
             raise QCompileConfigError(f"smooth_alpha must be in [0, 1], got {self.smooth_alpha}")
         for name in ("smooth", "rotate", "online_hadamard", "gptq", "integer_nonlinear",
-                     "narrow_weights", "inductor"):
+                     "bias_correction", "narrow_weights", "inductor"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, bool):
                 raise QCompileConfigError(f"option {name!r} takes True/False, got {value!r}")
         self._validate_budget()
         if not self.recipe_obj.quantizes:
-            on = [n for n in ("smooth", "rotate", "gptq") if getattr(self, n)]
+            on = [n for n in ("smooth", "rotate", "gptq", "bias_correction") if getattr(self, n)]
             if on:
                 raise QCompileConfigError(
                     f"recipe 'float' quantizes nothing; options {on} need a quantizing recipe"

@@ -50,6 +50,10 @@ def smooth(o: Options) -> bool:
     return quantizes(o) and o.transform_on("smooth")
 
 
+def bias_correction(o: Options) -> bool:
+    return quantizes(o) and o.transform_on("bias_correction")
+
+
 def mixed(o: Options) -> bool:
     return o.recipe == "mixed"
 
@@ -115,6 +119,10 @@ PIPELINE: tuple[Step, ...] = (
          "ranges and the final float weights (after smoothing), and decides what "
          "quantize-weights and the rewrites do"),
     Step("quantize-weights", F, quantizes, "RTN or GPTQ, per channel / per group"),
+    Step("bias-correct", F, bias_correction,
+         "the mean output shift E[x W^T - Q(x) W_q^T] needs the quantized weight and the "
+         "calibrated input statistics; it joins the bias before rewrite-linear rounds that "
+         "to int32"),
     Step("rewrite-linear", F, quantizes,
          "linear -> quantized linear; quantize / dequantize at its boundary"),
     Step("rewrite-conv", F, quantizes,

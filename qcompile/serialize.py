@@ -7,12 +7,13 @@
     ep = qcompile.export(cm)                  # the quantized graph as a torch.export program
 
 What is saved: everything the finalize phase derives from data, so loading needs none:
-every calibrated site's activation parameters (scale, zero point, per-channel ranges; the
-sites are named after parameter paths, so every graph and every recompile finds them),
-every quantized layer's weight (int8 values with their scales and spec: round-to-nearest
-or GPTQ, after the transforms), the options that made them, a fingerprint of every float
-weight (name, shape, dtype, sha256), and a format version. Tensors go in the safetensors
-body, the rest as JSON in its header metadata: loading never unpickles anything.
+every calibrated site's activation parameters (scale, zero point, per-channel ranges, means
+and rounding errors; the sites are named after parameter paths, so every graph and every
+recompile finds them), every quantized layer's weight (int8 values with their scales and
+spec: round-to-nearest or GPTQ, after the transforms), the options that made them, a
+fingerprint of every float weight (name, shape, dtype, sha256), and a format version.
+Tensors go in the safetensors body, the rest as JSON in its header metadata: loading never
+unpickles anything.
 What is not saved: kernels. A loaded model is lowered on the machine that loads it (its
 CPU route or Triton), since the artifact holds integers; the data-free transforms
 (rotations from options["seed"], norm folding, online Hadamards) are recomputed exactly.
@@ -172,6 +173,10 @@ def save(model, path: str | os.PathLike) -> str:
                 lo, hi = site.channel_range
                 tensors[f"site/{name}/lo"], tensors[f"site/{name}/hi"] = lo.float(), hi.float()
                 entry["channel_range"] = True
+            for key in ("mean", "act_error"):  # bias correction's statistics
+                if getattr(site, key) is not None:
+                    tensors[f"site/{name}/{key}"] = getattr(site, key).double()
+                    entry[key] = True
             sites[name] = entry
         for node in art.gm.graph.nodes:
             layer = ann.get(node, ann.Layer)
@@ -256,7 +261,9 @@ def load(model, path: str | os.PathLike) -> Loaded:
             rng = (tensors[f"site/{name}/lo"], tensors[f"site/{name}/hi"])
         loaded.sites[name] = CalibSite(entry["scale"], entry["zero_point"], rng, None,
                                        entry["seen"], entry.get("absmax"),
-                                       entry.get("bits", 8))
+                                       entry.get("bits", 8),
+                                       **{key: tensors[f"site/{name}/{key}"]
+                                          for key in ("mean", "act_error") if entry.get(key)})
     for name, variants in meta["layers"].items():
         for i, entry in enumerate(variants):
             spec = QuantSpec(bits=entry["bits"], symmetric=entry["symmetric"],

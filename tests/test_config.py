@@ -40,6 +40,13 @@ def test_recipe_defaults_and_switches():
     assert opts.transform_on("rotate") and opts.transform_on("gptq") and opts.needs_calibration
     opts = Options.from_user(None, {"recipe": "w4a4", "gptq": False, "rotate": False})
     assert not opts.transform_on("gptq") and not opts.transform_on("rotate")
+    # w4a4: int4 per-token dynamic activations (QuaRot): calibration only for GPTQ's Hessians
+    w4a4 = RECIPES["w4a4"]
+    assert (w4a4.act.bits, w4a4.act.dynamic, w4a4.requant) == (4, True, "float")
+    assert not opts.needs_calibration
+    static = RECIPES["w4a4-static"]  # the integer-only variant: static per-tensor int4
+    assert (static.act.bits, static.act.dynamic, static.requant) == (4, False, "dyadic")
+    assert Options.from_user(None, {"recipe": "w4a4-static", "gptq": False}).needs_calibration
     assert not Options.from_user(None, {}).needs_calibration  # w8a8 is dynamic
     assert Options.from_user("max-autotune", {}).autotune
     assert "recipe" in known_options()

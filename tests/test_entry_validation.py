@@ -213,6 +213,14 @@ NUMERICS = [
     _case("mean-channels", lambda: _twice(qn.MeanObserver(), X, X[:, :4]), ValueError,
           "channel"),
     _case("mean-axis", lambda: qn.MeanObserver(axis=3).update(X), ValueError, "axis"),
+    _case("sample-int", lambda: qn.RowSampleObserver().update(torch.arange(8)), TypeError,
+          "x"),
+    _case("sample-meta", lambda: qn.RowSampleObserver().update(META), ValueError, "x"),
+    _case("sample-0d", lambda: qn.RowSampleObserver().update(torch.tensor(1.0)), ValueError,
+          "x"),
+    _case("sample-features", lambda: _twice(qn.RowSampleObserver(), X, X[:, :4]), ValueError,
+          "features"),
+    _case("sample-rows", lambda: qn.RowSampleObserver(rows=0), ValueError, "rows"),
     _case("observer-channels", lambda: _twice(qn.PerChannelMinMaxObserver(), X, X[:, :4]),
           ValueError, "channel"),
     _case("observer-axis", lambda: qn.PerChannelMinMaxObserver(axis=3).update(X), ValueError,
@@ -305,10 +313,11 @@ def test_every_numerics_name_is_audited():
     """A new public name in qcompile.numerics gets cases here (or a reason it takes no
     input: constants, exception classes, base classes)."""
     no_input = {"OBSERVERS", "SCALE_EPS", "MultiplierRangeError", "Observer", "RangeObserver"}
-    audited = {"HessianObserver", "MeanObserver", "MinMaxObserver", "MovingAverageMinMaxObserver",
-               "MSEObserver", "PercentileObserver", "PerChannelAbsMaxObserver",
-               "PerChannelMinMaxObserver", "observer_for", "QuantSpec", "choose_qparams",
-               "compute_qparams", "dequantize", "dynamic_per_token_qparams", "expand_qparam",
+    audited = {"HessianObserver", "MeanObserver", "MinMaxObserver",
+               "MovingAverageMinMaxObserver", "MSEObserver", "PercentileObserver",
+               "PerChannelAbsMaxObserver", "PerChannelMinMaxObserver", "RowSampleObserver",
+               "observer_for", "QuantSpec", "choose_qparams", "compute_qparams",
+               "dequantize", "dynamic_per_token_qparams", "expand_qparam",
                "fake_quantize", "pack_int4", "quantize", "quantize_multiplier",
                "reduce_min_max", "requantize", "rounding_shift", "unpack_int4", "weight_spec",
                "QuantizedWeight", "gptq_quantize", "quantize_weight_rtn"}

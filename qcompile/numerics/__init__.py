@@ -9,6 +9,7 @@ from qcompile.numerics.dyadic import (
 from qcompile.numerics.observers import (
     OBSERVERS,
     HessianObserver,
+    MeanObserver,
     MinMaxObserver,
     MovingAverageMinMaxObserver,
     MSEObserver,
@@ -17,6 +18,7 @@ from qcompile.numerics.observers import (
     PerChannelAbsMaxObserver,
     PerChannelMinMaxObserver,
     RangeObserver,
+    RowSampleObserver,
     observer_for,
 )
 from qcompile.numerics.specs import (
@@ -39,6 +41,7 @@ from qcompile.numerics.weights import QuantizedWeight, gptq_quantize, quantize_w
 __all__ = [
     "OBSERVERS",
     "HessianObserver",
+    "MeanObserver",
     "MinMaxObserver",
     "MovingAverageMinMaxObserver",
     "MSEObserver",
@@ -47,6 +50,7 @@ __all__ = [
     "PerChannelAbsMaxObserver",
     "PerChannelMinMaxObserver",
     "RangeObserver",
+    "RowSampleObserver",
     "observer_for",
     "SCALE_EPS",
     "MultiplierRangeError",

@@ -396,6 +396,90 @@ class HessianObserver(Observer):
         return {"rows": self.count, "features": None if self.xtx is None else self.xtx.shape[0]}
 
 
+class MeanObserver(Observer):
+    """The mean of x per channel of `axis` (default: the last dim, a linear's input
+    features) over every other dim, summed in float64: E[x_j], from which bias correction
+    computes a layer's mean output shift. `count` here is rows (values per channel)."""
+
+    def __init__(self, axis: int = -1):
+        super().__init__()
+        self.axis = _checks.int_arg(type(self).__name__, "axis", axis)
+        self.total: torch.Tensor | None = None  # float64 [C]
+
+    def update(self, x: torch.Tensor) -> None:
+        x = _as_float(self, x)
+        if x.numel() == 0:
+            return
+        if not -x.dim() <= self.axis < x.dim():
+            raise ValueError(f"{type(self).__name__}.update: axis {self.axis} is out of range "
+                             f"for x of shape {tuple(x.shape)}")
+        rows = x.movedim(self.axis, -1).reshape(-1, x.shape[self.axis])  # [n, C]
+        total = rows.sum(dim=0, dtype=torch.float64)
+        if self.total is None:
+            self.total = total
+        elif self.total.shape != total.shape:
+            raise ValueError(f"{type(self).__name__}: channel count changed from "
+                             f"{self.total.numel()} to {total.numel()}")
+        else:
+            self.total += total
+        self.count += rows.shape[0]
+
+    @property
+    def mean(self) -> torch.Tensor:
+        if self.count == 0:
+            raise RuntimeError("MeanObserver has seen no data: run calibration first")
+        return self.total / self.count
+
+    @property
+    def stats(self):
+        return {"mean": None if self.count == 0 else self.mean, "rows": self.count}
+
+
+class RowSampleObserver(Observer):
+    """A uniform sample without replacement of at most `rows` rows of x [..., K] (each row
+    gets a uniform random key; the sample is the rows with the smallest keys so far, as in
+    _UniformSample), for statistics that need quantization parameters known only once
+    calibration ends (bias correction's activation part). Seeded: the same data in the same
+    order gives the same sample. Memory: rows x K float32. `count` here is rows seen."""
+
+    def __init__(self, rows: int = 512, seed: int = 0):
+        super().__init__()
+        name = type(self).__name__
+        self.size = _checks.int_arg(name, "rows", rows, lo=1)
+        self.seed = _checks.int_arg(name, "seed", seed)
+        self.generator: torch.Generator | None = None
+        self.rows: torch.Tensor | None = None  # float32 [<= size, K]
+        self.keys: torch.Tensor | None = None
+
+    def update(self, x: torch.Tensor) -> None:
+        x = _as_float(self, x)
+        if x.numel() == 0:
+            return
+        if x.dim() == 0:
+            raise ValueError(f"{type(self).__name__}.update: x must be [..., K], got a 0-d "
+                             "tensor")
+        rows = x.reshape(-1, x.shape[-1])  # [n, K]
+        n = rows.shape[0]
+        if self.generator is None:
+            self.generator = torch.Generator(device=rows.device).manual_seed(self.seed)
+        keys = torch.rand(n, generator=self.generator, device=rows.device)
+        if self.rows is not None:
+            if self.rows.shape[1] != rows.shape[1]:
+                raise ValueError(f"{type(self).__name__}: input features changed from "
+                                 f"{self.rows.shape[1]} to {rows.shape[1]}")
+            rows, keys = torch.cat((self.rows, rows)), torch.cat((self.keys, keys))
+        if rows.shape[0] > self.size:
+            keys, idx = torch.topk(keys, self.size, largest=False, sorted=False)
+            rows = rows[idx]
+        self.rows = rows.clone() if rows.data_ptr() == x.data_ptr() else rows
+        self.keys = keys
+        self.count += n
+
+    @property
+    def stats(self):
+        return {"rows": self.count, "kept": 0 if self.rows is None else self.rows.shape[0]}
+
+
 OBSERVERS: dict[str, type[Observer]] = {
     "minmax": MinMaxObserver,
     "moving_average_minmax": MovingAverageMinMaxObserver,
@@ -404,6 +488,8 @@ OBSERVERS: dict[str, type[Observer]] = {
     "per_channel_minmax": PerChannelMinMaxObserver,
     "per_channel_absmax": PerChannelAbsMaxObserver,
     "hessian": HessianObserver,
+    "per_channel_mean": MeanObserver,
+    "row_sample": RowSampleObserver,
 }
 
 

@@ -670,7 +670,8 @@ RECIPE_OPTIONS = {
                     "rotate": (None, True)},
     "w4a16": {"gptq": (None, True)},
     "w4a8": {"rotate": (None, False), "online_hadamard": (None, False)},
-    "w4a4": {"gptq": (None, False), "observer": (None, "minmax")},
+    "w4a4": {"gptq": (None, False)},
+    "w4a4-static": {"gptq": (None, False), "observer": (None, "minmax")},
     "float": {},
 }
 

@@ -41,9 +41,9 @@ ACCEPTED_ERRORS = (
 )
 
 _FP32 = {"float": 0.9999, "w8a8": 0.99, "w8a8-static": 0.98, "w4a16": 0.93, "w4a8": 0.85,
-         "w4a4": 0.6}
+         "w4a4": 0.6, "w4a4-static": 0.6}
 _LOW = {"float": 0.995, "w8a8": 0.98, "w8a8-static": 0.97, "w4a16": 0.92, "w4a8": 0.83,
-        "w4a4": 0.6}
+        "w4a4": 0.6, "w4a4-static": 0.6}
 CLOSE = {recipe: {"float32": _FP32[recipe], "bfloat16": _LOW[recipe], "float16": _LOW[recipe]}
          for recipe in _FP32}
 

@@ -110,13 +110,13 @@ REGRESSIONS = {
     # it has been defined". A replayed op goes after the last of its inputs now.
     "replayed-view-after-its-sizes": (
         Case(d=16, blocks=(Linear(out=16, spelling='addmm', bias=False), Linear(out=16, spelling='module', bias=False)), batch=2, seq=3, dtype='float32', contiguous=False, dynamic=True, kernels='cpu', options=(), tuple_output=False, seed=0, calib_seq=4, loop=False),  # noqa: E501
-        "w4a4"),
+        "w4a4-static"),
     # An activation between two 4-bit values became a lookup table of 16 entries, indexed
     # by the int8 code + 128 (IndexError in measure-sqnr): tables always cover the 256
     # int8 codes (passes/integer_dataflow.py _Int8Builder).
     "int4-activation-table": (
         Case(d=16, blocks=(Conv(kind='conv1d', act='hardswish'), Conv(kind='conv1d'))),
-        "w4a4"),
+        "w4a4-static"),
 }
 
 

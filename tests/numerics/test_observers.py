@@ -1,4 +1,5 @@
-"""Tests for qcompile.numerics.observers: ranges, bounded memory, factory, Hessian."""
+"""Tests for qcompile.numerics.observers: ranges, bounded memory, factory, Hessian, mean,
+row samples."""
 
 import pytest
 import torch
@@ -8,12 +9,14 @@ from hypothesis import strategies as st
 from qcompile.numerics.observers import (
     OBSERVERS,
     HessianObserver,
+    MeanObserver,
     MinMaxObserver,
     MovingAverageMinMaxObserver,
     MSEObserver,
     PercentileObserver,
     PerChannelAbsMaxObserver,
     PerChannelMinMaxObserver,
+    RowSampleObserver,
     observer_for,
 )
 from qcompile.numerics.specs import QuantSpec, choose_qparams, compute_qparams, fake_quantize
@@ -232,3 +235,47 @@ def test_observer_for_factory():
         assert type(observer_for(name)) is cls
     with pytest.raises(ValueError, match="known observers: .*minmax.*percentile"):
         observer_for("histogram")
+
+
+def test_mean_observer_is_the_per_channel_mean_in_float64():
+    torch.manual_seed(0)
+    x = torch.randn(6, 7, 12) + torch.arange(12.0)  # channel j has mean ~ j
+    split, whole = MeanObserver(), MeanObserver()
+    for part in x.split(2):
+        split.update(part)
+    whole.update(x.reshape(-1, 12))
+    expected = x.reshape(-1, 12).double().mean(0)
+    assert split.count == whole.count == 42 and split.mean.dtype == torch.float64
+    torch.testing.assert_close(split.mean, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(whole.mean, expected, rtol=1e-12, atol=1e-12)
+    first = MeanObserver(axis=0)  # another axis: channels of dim 0
+    first.update(x.reshape(-1, 12).T)
+    torch.testing.assert_close(first.mean, expected, rtol=1e-12, atol=1e-12)
+    with pytest.raises(RuntimeError, match="no data"):
+        _ = MeanObserver().mean
+
+
+def test_row_sample_keeps_at_most_its_rows_of_the_input_uniformly_and_seeded():
+    x = torch.arange(100 * 3, dtype=torch.float32).reshape(100, 3)  # row i: 3i, 3i+1, 3i+2
+    obs = RowSampleObserver(rows=10, seed=1)
+    for part in x.reshape(10, 10, 3):  # batches of [10, 3]
+        obs.update(part)
+    assert obs.count == 100 and obs.rows.shape == (10, 3)
+    picked = (obs.rows[:, 0] / 3).long()
+    assert torch.equal(obs.rows, x[picked]) and picked.unique().numel() == 10  # whole rows
+    again = RowSampleObserver(rows=10, seed=1)
+    for part in x.reshape(10, 10, 3):
+        again.update(part)
+    assert torch.equal(again.rows, obs.rows)
+    small = RowSampleObserver(rows=200)  # fewer rows than it keeps: all of them, copied
+    small.update(x)
+    assert torch.equal(small.rows.sort(dim=0).values, x) and small.rows.data_ptr() != x.data_ptr()
+    # uniform: each row is in a sample of 10 out of 100 with probability 1/10
+    hits = torch.zeros(100)
+    for seed in range(300):
+        s = RowSampleObserver(rows=10, seed=seed)
+        s.update(x)
+        hits[(s.rows[:, 0] / 3).long()] += 1
+    assert 10 < float(hits.min()) and float(hits.max()) < 60  # mean 30
+    with pytest.raises(ValueError, match="features"):
+        obs.update(torch.randn(2, 4))

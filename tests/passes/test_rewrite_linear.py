@@ -1,13 +1,15 @@
 """rewrite-linear: Before/Expected on Chain (tests/passes/quantized_graphs.py): static
 recipes put quantize / linear_int8 / dequantize at each linear with the calibrated
-parameters, the dynamic recipe one linear_dynamic op; the float round trips this leaves
-between integer ops are integer-dataflow's (tests/passes/test_integer_dataflow.py)."""
+parameters, the dynamic recipes one linear_dynamic (w8a8) or linear_a4w4_dynamic (w4a4)
+op; the float round trips this leaves between integer ops are integer-dataflow's
+(tests/passes/test_integer_dataflow.py)."""
 
 import pytest
 import torch
 
 import qcompile
 from qcompile import annotations as ann
+from qcompile.numerics.specs import pack_int4
 from qcompile.state import state_for_model
 from tests.helpers import expect
 from tests.passes.quantized_graphs import walked
@@ -83,6 +85,28 @@ def test_dynamic_linear_becomes_one_op():
         # CHECK-NEXT: return (linear_dynamic_default_2,)
         # CHECK-NOT: quantize
     """)
+
+
+def test_w4a4_linear_becomes_one_int4_op_with_a_packed_weight():
+    """w4a4: per-token dynamic int4 activations inside the op (no quantize / dequantize
+    around it), the int4 weight packed two a byte along K (uint8 [N, K // 2])."""
+    cap, graphs = walked("chain", "w4a4")
+    _, after = graphs["rewrite-linear"]
+    expect(after, """
+        # CHECK-NOT: quantize
+        # CHECK: = torch.ops.qcompile.linear_a4w4_dynamic.default(l_x_, fc1_wq4, fc1_wscale,
+        # CHECK-SAME: fc1_bias)
+        # CHECK: = torch.ops.qcompile.linear_a4w4_dynamic.default(relu, fc2_wq4, fc2_wscale,
+        # CHECK: = torch.ops.qcompile.linear_a4w4_dynamic.default(reshape, fc3_wq4,
+        # CHECK-NOT: quantize
+    """)
+    assert next(r for r in cap.ctx.history if r.name == "rewrite-linear").counters == {
+        "linear_a4w4_dynamic": 3}
+    layer = ann.get(next(n for n in cap.gm.graph.nodes if n.name.startswith("linear_a4w4")),
+                    ann.Layer)
+    assert torch.equal(cap.gm.fc1_wq4, pack_int4(layer.qweight.qweight))  # [16, 8] uint8
+    assert cap.gm.fc1_wq4.dtype == torch.uint8 and cap.gm.fc1_wq4.shape == (16, 8)
+    assert {r.kernel for r in cap.ctx.layers.values()} == {"linear_a4w4_dynamic:cpu-fp32-exact"}
 
 
 class _Direct(torch.nn.Module):
