@@ -105,7 +105,7 @@ def test_bops_budget_and_the_pareto_picture(tmp_path):
 
 @pytest.mark.slow
 def test_a_new_shape_keeps_the_widths_and_save_load_restores_them(tmp_path):
-    options = {"recipe": "mixed", "budget": {"a16": 0.25}}
+    options = {"recipe": "mixed", "budget": {"a16": 0.25}, "sensitivity": "measured"}
     model, cm, make, key = _calibrated(options)
     torch.manual_seed(3)
     shapes = [make(3, 11), make(1, 5)]
@@ -127,7 +127,7 @@ def test_a_new_shape_keeps_the_widths_and_save_load_restores_them(tmp_path):
 @pytest.mark.slow
 def test_an_impossible_budget_is_an_error_that_says_what_is_reachable():
     with pytest.raises(Exception, match="narrowest weights average"):
-        _calibrated({"recipe": "mixed", "budget": {"size": 0.3}})
+        _calibrated({"recipe": "mixed", "budget": {"size": 0.3}, "sensitivity": "hessian"})
 
 
 class _Mlp(torch.nn.Module):
@@ -177,7 +177,8 @@ def test_latency_budget_times_each_shape_once_and_meets_the_budget(tmp_path, mon
     monkeypatch.setattr(latency, "default_cache_dir", lambda: tmp_path)
     monkeypatch.setattr(latency, "_MEMO", {})
     before = latency.TIMED
-    _, cm, make, _ = _calibrated({"recipe": "mixed", "budget": {"latency": 1.2}})
+    options = {"recipe": "mixed", "budget": {"latency": 1.2}, "sensitivity": "hessian"}
+    _, cm, make, _ = _calibrated(options)
     plan = _plans(cm)[0]
     used, limit = plan.costs["latency"]
     assert used <= limit + 1e-9
@@ -186,5 +187,5 @@ def test_latency_budget_times_each_shape_once_and_meets_the_budget(tmp_path, mon
     # another process (an empty memo) finds every shape in the file
     monkeypatch.setattr(latency, "_MEMO", {})
     torch._dynamo.reset()
-    _calibrated({"recipe": "mixed", "budget": {"latency": 1.2}})
+    _calibrated(options)
     assert latency.TIMED - before == timed
