@@ -82,14 +82,12 @@ def _sensitivity(args) -> int:
     ref = torch.cat([minilm.embed(model, i, m) for i, m in minilm.batches(tok, evals, 16)])
     emb = torch.cat([minilm.embed(cm, i, m) for i, m in minilm.batches(tok, evals, 16)])
     rep = qcompile.report(cm)
-    for g in rep.graphs:
-        if g.precision is not None:
-            print(g.precision.to_text())
-            print(f"{'budget':>10} {'cost':>10} {'predicted D':>12} {'measured D':>12}")
-            for p in sorted(g.precision.frontier, key=lambda p: p["cost"]):
-                measured = f"{p['measured']:12.3e}" if "measured" in p else f"{'':>12}"
-                print(f"{p['budget']:10.4g} {p['cost']:10.4g} {p['predicted']:12.3e} "
-                      f"{measured}")
+    for plan in rep.precision_plans():
+        print(plan.to_text())
+        print(f"{'budget':>10} {'cost':>10} {'predicted D':>12} {'measured D':>12}")
+        for p in sorted(plan.frontier, key=lambda p: p["cost"]):
+            measured = f"{p['measured']:12.3e}" if "measured" in p else f"{'':>12}"
+            print(f"{p['budget']:10.4g} {p['cost']:10.4g} {p['predicted']:12.3e} {measured}")
     result = minilm.compare(ref, emb)
     print(f"evaluation sentences: mean cosine {result['cosine_mean']:.5f}, min "
           f"{result['cosine_min']:.5f}, ranking agreement {result['ranking_agreement']:.3f}")

@@ -98,12 +98,23 @@ class Report:
         plt.close(fig)
         return path
 
+    def precision_plans(self) -> list:
+        """The mixed-precision plans of the graphs, each once: a graph compiled later for a
+        new shape keeps the widths (and the plan) of the graph before it."""
+        plans, seen = [], set()
+        for g in self.graphs:
+            key = None if g.precision is None else tuple(sorted(g.precision.bits.items()))
+            if key is not None and key not in seen:
+                seen.add(key)
+                plans.append(g.precision)
+        return plans
+
     def plot_precision(self, path: str) -> str:
         """The mixed-precision choice as a picture (PNG): per graph, the Pareto frontier of
         cost (the budget's first key) against output distortion, predicted (summed site
         sensitivities) and measured (the whole choice fake-quantized), with the chosen point
         and the integer graph's own distortion. Needs matplotlib."""
-        plans = [g.precision for g in self.graphs if g.precision is not None]
+        plans = self.precision_plans()
         if not plans:
             raise ValueError("no mixed-precision choice in this report: compile with "
                              "options={'recipe': 'mixed', 'budget': {...}}")
