@@ -33,6 +33,22 @@ HEADER = string.Template(
 """
 )
 
+# The program id -> tile of C mapping every generated GEMM template shares (the int4 one too).
+GROUPED_TILES = """\
+    # -----------------------------------------------------------
+    # Map program ids to the block of C they compute, in grouped order: GROUP_M row
+    # blocks walk the same band of columns together, so W tiles are reused from L2.
+    pid = tl.program_id(axis=0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+"""
+
 BODY = string.Template(
     '''
 import triton
@@ -58,19 +74,9 @@ ${epilogue_scalars}
     GROUP_M: tl.constexpr,
 ):
     """Epilogue ${signature} of A @ W^T with int32 accumulation (exact for K <= 131071)."""
-    # -----------------------------------------------------------
-    # Map program ids to the block of C they compute, in grouped order: GROUP_M row
-    # blocks walk the same band of columns together, so W tiles are reused from L2.
-    pid = tl.program_id(axis=0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
-
+'''
+    + GROUPED_TILES
+    + '''
     # -----------------------------------------------------------
     # Pointers to the first tiles. Rows and columns past the edge wrap around (% M, % N):
     # their loads stay in bounds without masks and their results are never stored.

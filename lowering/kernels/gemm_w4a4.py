@@ -41,6 +41,7 @@ from qcompile.lowering import device as qdevice
 from qcompile.lowering.autotune import GemmConfig, get_config
 from qcompile.lowering.epilogue import Epilogue, bind_operands
 from qcompile.lowering.gemm import launch
+from qcompile.lowering.kernels.gemm_int8 import GROUPED_TILES
 from qcompile.lowering.reference import check_k, gemm_int8_ref
 from qcompile.numerics import specs
 
@@ -92,18 +93,9 @@ ${epilogue_scalars}
     GROUP_M: tl.constexpr,
 ):
     """Epilogue ${signature} of A @ W^T for packed int4 A and W, int32 accumulation."""
-    # -----------------------------------------------------------
-    # Program id -> block of C, in the int8 GEMM's grouped order (W tiles reused from L2).
-    pid = tl.program_id(axis=0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
-
+'''
+    + GROUPED_TILES
+    + '''
     # -----------------------------------------------------------
     # Pointers to the first byte tiles; rows and columns past the edge wrap around (% M,
     # % N), so their loads need no mask; their results are never stored.
