@@ -149,13 +149,15 @@ def _sites(gm: GraphModule, ctx: PassContext) -> tuple[list[sens.Site], dict]:
 
 def _fake_quant(gm: GraphModule, ctx: PassContext, sites: list[sens.Site]) -> sens.FakeQuant:
     calib = ctx.analysis["calib"]
+    # 8, or the narrower width select-layers gave a layer for this CPU's kernel
+    widths = {layer.name: layer.weight_bits or 8 for node in gm.graph.nodes
+              if is_linear(node) and (layer := ann.selected(node)) is not None}
     weights = {}
     for s in sites:
         if s.kind != "weight":
             continue
         w = get_constant(gm, s.node).detach().float()
-        layer = s.layers[0]
-        default = _default_weight_bits(gm, layer)
+        default = widths.get(s.layers[0], 8)
         for b in s.candidates:
             bits = default if b == 8 else b
             spec = QuantSpec(bits=bits, granularity="per_channel", axis=0)
@@ -172,15 +174,6 @@ def _fake_quant(gm: GraphModule, ctx: PassContext, sites: list[sens.Site]) -> se
         return ((q - site.zero_point) * s).to(x.dtype)
 
     return sens.FakeQuant(weights, act)
-
-
-def _default_weight_bits(gm: GraphModule, layer: str) -> int:
-    """8, or the narrower width select-layers gave the layer for this CPU's kernel."""
-    for node in gm.graph.nodes:
-        found = ann.selected(node) if is_linear(node) else None
-        if found is not None and found.name == layer:
-            return found.weight_bits or 8
-    return 8
 
 
 # ------------------------------------------------------------------ the integer program
@@ -391,7 +384,7 @@ def choose_precision(gm: GraphModule, ctx: PassContext) -> PassResult:
         # another graph of this model (a new shape) decided every site already: the same
         # widths, the same plan (its integer-graph figure is this graph's own)
         bits = {s.name: earlier["bits"][s.name] for s in sites}
-        _apply(gm, ctx, sites, bits)
+        _apply(gm, ctx, sites, layers, bits)
         ctx.analysis["precision"] = dataclasses.replace(earlier["plan"], real_measured=None)
         if inputs is not None:  # measure-sqnr's figure for this graph, on its own rows
             probe = probe_inputs(gm, inputs)
@@ -476,7 +469,7 @@ def choose_precision(gm: GraphModule, ctx: PassContext) -> PassResult:
     plan.rows = (metric.rows, metric.all_rows)
     plan.costs = program.cost(bits, opts.budget)
     plan.frontier = _frontier(program, opts.budget, measure)
-    _apply(gm, ctx, sites, bits)
+    _apply(gm, ctx, sites, layers, bits)
     plan.seconds = time.perf_counter() - t0
     ctx.analysis["precision"] = plan
     ctx.analysis["distortion"] = metric  # measure-sqnr's figure for the integer graph
@@ -491,7 +484,7 @@ def _counters(sites: list[sens.Site], bits: dict[str, int]) -> dict[str, int]:
             "sites": len(sites)}
 
 
-def _apply(gm: GraphModule, ctx: PassContext, sites: list[sens.Site],
+def _apply(gm: GraphModule, ctx: PassContext, sites: list[sens.Site], layers: dict,
            bits: dict[str, int]) -> None:
     """Widths where the later passes read them, and in the report. A 16-bit input that
     would run slower than float on this CPU (kernels="auto": never slower than float) makes
@@ -518,7 +511,7 @@ def _apply(gm: GraphModule, ctx: PassContext, sites: list[sens.Site],
     for s in sites:
         if s.kind == "act":
             calib[s.name].bits = bits[s.name]
-    for layer, (wname, aname, _) in _layers_of(sites).items():
+    for layer, (wname, aname, _) in layers.items():
         rec = ctx.layer(layer, "linear")
         width = "float" if aname in slow else bits[aname] if aname else 8
         rec.detail["precision"] = f"w{bits[wname]}a{width}"
@@ -533,6 +526,7 @@ def _latencies(gm: GraphModule, ctx: PassContext, sites: list[sens.Site],
     from qcompile.passes.select_layers import input_rows
 
     cands = {s.name: s.candidates for s in sites}
+    slow = _slow_a16(gm, ctx, {s.name for s in sites if s.kind == "act" and 16 in s.candidates})
     out = {}
     for node in gm.graph.nodes:
         layer = ann.selected(node) if is_linear(node) else None
@@ -542,7 +536,6 @@ def _latencies(gm: GraphModule, ctx: PassContext, sites: list[sens.Site],
         w = get_constant(gm, node.args[1])
         device = w.device.type
         k, m = w.shape[1], input_rows(node)
-        slow = _slow_a16(gm, ctx, {aname}) if aname else {}
         table = {}
         for bw in cands[wname]:
             for ba in cands.get(aname, (8,)):
@@ -575,12 +568,3 @@ def _slow_a16(gm: GraphModule, ctx: PassContext, wide: set[str]) -> dict[str, st
         if not plan.fast:
             slow[site] = plan.reason
     return slow
-
-
-def _layers_of(sites: list[sens.Site]) -> dict[str, tuple[str, str | None, int]]:
-    out: dict[str, list] = {}
-    for s in sites:
-        for layer in s.layers:
-            entry = out.setdefault(layer, [None, None, 0])
-            entry[0 if s.kind == "weight" else 1] = s.name
-    return {k: tuple(v) for k, v in out.items()}
