@@ -337,3 +337,33 @@ def cpu_gemm_int8(
     p = prepared(r, w)
     acc = r.matmul_f32(a, p) if p.f32_exact and r.native_f32 else r.matmul(a, p)
     return run_epilogue(acc, epilogue, v, mode)
+
+
+# ---------------------------------------------------------------- the GEMM as a graph op
+
+
+@torch.library.custom_op("qcompile::cpu_acc_f32", mutates_args=())
+def cpu_acc_f32(a: torch.Tensor, w: torch.Tensor, route: str) -> torch.Tensor:
+    """acc float32 [..., N] = A [..., K] @ W [N, K]^T through `route`, holding the exact
+    integers: the GEMM alone, for graphs whose epilogue Inductor fuses with the ops
+    around it (lowering/inline.py). The caller checked, once, that the route computes in
+    float32 and that this weight keeps |acc| <= 2**24 (`inline_route`)."""
+    r = cpu_routes.ROUTES[route]
+    acc = r.matmul_f32(a.reshape(-1, a.shape[-1]), prepared(r, w))  # [M, N]
+    return acc.reshape(*a.shape[:-1], w.shape[0])
+
+
+@cpu_acc_f32.register_fake
+def _(a, w, route):
+    return a.new_empty((*a.shape[:-1], w.shape[0]), dtype=torch.float32)
+
+
+def inline_route(impl: str, w: torch.Tensor) -> str | None:
+    """The route of a call bound to `impl` ("cpu-<route>") whose accumulator cpu_acc_f32
+    can return exactly for weight w (int8 [N, K]), else None: a route chosen per call
+    ("cpu"), one that accumulates in int32, or a weight that allows |acc| > 2**24."""
+    route = impl.removeprefix("cpu-")
+    r = cpu_routes.ROUTES.get(route)
+    if not impl.startswith("cpu-") or r is None or not r.native_f32 or w.dtype != torch.int8:
+        return None
+    return route if prepared(r, w).f32_exact else None

@@ -268,10 +268,17 @@ def _prepack(w: torch.Tensor) -> torch.Tensor:
     return torch.ops.onednn.qlinear_prepack(w.contiguous(), None)
 
 
+@functools.cache
+def _unit_scales(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # read-only operands of every call with N = n: made once, not twice per call
+    return torch.ones(n), torch.zeros(n, dtype=torch.int64)
+
+
 def _onednn_gemm(a_u8: torch.Tensor, packed: torch.Tensor, n: int, zero_point: int):
     """float32 [M, N] = sum_k (a_u8 - zero_point) * w: scales 1, no bias, no post-op."""
+    scales, zero_points = _unit_scales(n)
     return torch.ops.onednn.qlinear_pointwise(
-        a_u8, 1.0, zero_point, packed, torch.ones(n), torch.zeros(n, dtype=torch.int64),
+        a_u8, 1.0, zero_point, packed, scales, zero_points,
         None, 1.0, 0, torch.float32, "none", [None], "",
     )
 

@@ -45,7 +45,7 @@ from torch import Tensor
 
 from qcompile.lowering.device import inside_compiler, triton_runs_on
 from qcompile.lowering.epilogue import Bias, Dequantize, Epilogue, InputZeroPoint, Requantize
-from qcompile.lowering.registry import on_cpu, quantized_op
+from qcompile.lowering.registry import Inline, on_cpu, quantized_op
 from qcompile.numerics import specs
 from qcompile.numerics.dyadic import rounding_shift_unchecked
 
@@ -103,6 +103,15 @@ def _(x, scale, zero_point, qmin, qmax):
 def _(x, scale, zero_point, qmin, qmax):
     return _elementwise(_quantize_body, x.numel() >= _FUSE_MIN_ELEMENTS, x,
                         torch.tensor(scale, dtype=torch.float32), zero_point, qmin, qmax)
+
+
+@quantize.inliner("cpu")
+def _(a, impl):
+    return Inline(_quantize_inline, {"scale_t": torch.tensor(a["scale"], dtype=torch.float32)})
+
+
+def _quantize_inline(x, scale, zero_point, qmin, qmax, *, scale_t):
+    return _quantize_body(x, scale_t, zero_point, qmin, qmax)
 
 
 @quantize.impl("triton", runs_on=triton_runs_on)
@@ -542,6 +551,39 @@ def _(x, w, bias, zp_term, x_scale, w_scale, out_dtype):
     return x.new_empty((*x.shape[:-1], w.shape[0]), dtype=out_dtype)
 
 
+@linear_int8_dq.inliner("cpu")
+def _(a, impl):
+    from qcompile.lowering.cpu import F32_EXACT, inline_route
+
+    route = inline_route(impl, a["w"])
+    zp = a["zp_term"]
+    if route is None or (zp is not None and zp.numel() and int(zp.abs().max()) > F32_EXACT):
+        return None  # the float32 epilogue would not be exact: the op runs as it is
+    consts = {"row_scale": torch.tensor([a["x_scale"]], dtype=torch.float32)}
+    if zp is not None:
+        consts["zp_f32"] = zp.to(torch.float32)
+    return Inline(_linear_dq_inline, consts, {"route": route})
+
+
+def _operand(a, route):
+    """The A operand of an inlined GEMM in the layout its route reads: oneDNN's u8 x s8
+    kernels take a + 128 as uint8, which Inductor then computes in the loop that quantizes
+    a (the route would otherwise add 128 in a pass of its own)."""
+    if route.startswith("onednn"):
+        return (a.to(torch.float32) + 128).to(torch.uint8)  # exact: integers below 2**8
+    return a
+
+
+def _linear_dq_inline(x, w, bias, zp_term, x_scale, w_scale, out_dtype, *, row_scale,
+                      route, zp_f32=None):
+    from qcompile.lowering.cpu import _dequant_body, cpu_acc_f32
+
+    acc = cpu_acc_f32(_operand(_rows(x), route), w, route)  # [M, N] float32, exact
+    bias = bias.float() if bias is not None else None
+    y = _dequant_body(acc, zp_f32, row_scale, w_scale.float(), bias)
+    return y.to(out_dtype).reshape(*x.shape[:-1], w.shape[0])
+
+
 def _linear_dynamic(backend, x, w, w_scale, bias, origin=""):
     rows = _rows(x)
     xq, x_scale = backend.per_token(rows)
@@ -562,6 +604,27 @@ def linear_dynamic(x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None) -
 @linear_dynamic.fake
 def _(x, w, w_scale, bias):
     return x.new_empty((*x.shape[:-1], w.shape[0]))
+
+
+@linear_dynamic.inliner("cpu")
+def _(a, impl):
+    from qcompile.lowering.cpu import inline_route
+
+    route = inline_route(impl, a["w"])
+    if route is None:
+        return None
+    consts = {"qmax": torch.tensor(127.0), "eps": torch.tensor(specs.SCALE_EPS)}
+    return Inline(_linear_dynamic_inline, consts, {"route": route})
+
+
+def _linear_dynamic_inline(x, w, w_scale, bias, *, qmax, eps, route):
+    from qcompile.lowering.cpu import _dequant_body, cpu_acc_f32
+
+    xq, x_scale = _per_token_body(_rows(x), qmax, eps)  # int8 [M, K], float32 [M]
+    acc = cpu_acc_f32(_operand(xq, route), w, route)
+    bias = bias.float() if bias is not None else None
+    y = _dequant_body(acc, None, x_scale, w_scale.float(), bias)
+    return y.to(x.dtype).reshape(*x.shape[:-1], w.shape[0])
 
 
 # ---------------------------------------------------------------- weight-only int4

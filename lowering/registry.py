@@ -78,6 +78,19 @@ def on_cpu(device: str) -> bool:
     return device == "cpu"
 
 
+@dataclass(frozen=True)
+class Inline:
+    """A call written out for Inductor: `fn(*call_args, **constants, **options)` returns
+    what the op returns. `constants` are new tensors the call needs (divisors reach
+    Inductor as tensors: it turns division by a constant into a multiplication by its
+    reciprocal, which rounds differently, on GPUs, and on CPUs in earlier releases,
+    pytorch#157959); `options` plain values (a route's name)."""
+
+    fn: Callable
+    constants: dict[str, torch.Tensor] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
+
+
 @dataclass
 class QuantizedOp:
     """A declared op: its torch.library op, fake and implementations."""
@@ -95,6 +108,10 @@ class QuantizedOp:
     # ops whose generated kernel is not the GEMM's (convolutions): its source, from the
     # arguments by name and the origin (for debug dumps)
     kernel_source: Callable[[dict[str, Any], str], str] | None = None
+    # family -> how a call bound to one of its implementations is written out in plain
+    # torch for Inductor (lowering/inline.py)
+    inliners: dict[str, Callable[[dict[str, Any], str], Inline | None]] = field(
+        default_factory=dict)
 
     # ------------------------------------------------------------------ declaring
 
@@ -120,6 +137,20 @@ class QuantizedOp:
         def wrap(fn: Callable) -> Callable:
             takes_origin = "origin" in inspect.signature(fn).parameters
             self.impls[name] = Impl(name, fn, runs_on, prepare, priority, takes_origin)
+            return fn
+
+        return wrap
+
+    def inliner(self, family: str) -> Callable[[Callable], Callable]:
+        """Register `fn(args_by_name, impl_name) -> Inline | None`: the same values as the
+        implementation a call is bound to, in plain torch ops (and opaque GEMM calls) that
+        Inductor can fuse with the graph around the call; None where that is not exact for
+        this call's constants (lowering/inline.py)."""
+        if family not in FAMILIES:
+            raise ValueError(f"inliner of {self.name!r}: family must be one of {FAMILIES}")
+
+        def wrap(fn: Callable) -> Callable:
+            self.inliners[family] = fn
             return fn
 
         return wrap

@@ -167,11 +167,15 @@ class GraphVariant:
         from torch._dynamo.exc import TensorifyScalarRestartAnalysis
         from torch._inductor.compile_fx import compile_fx
 
+        from qcompile.lowering.inline import inline_for_inductor
+
         fake = [n.meta["val"] for n in self.gm.graph.nodes if n.op == "placeholder"]
         # our graph, not Dynamo's: without Dynamo's metadata (which AOTAutograd would
-        # read as a promise about parameters it no longer holds)
-        graph_module = GraphModule(self.gm, self.gm.graph)
+        # read as a promise about parameters it no longer holds); a copy, in which the
+        # quantize ops and float epilogues are written out for Inductor to fuse
+        graph_module = copy_graph_module(self.gm)
         graph_module.meta = {}
+        inlined = inline_for_inductor(graph_module)
         for attempt in range(2):
             try:
                 with self.ctx.fake_mode:
@@ -183,6 +187,10 @@ class GraphVariant:
                 if attempt:
                     raise
         self.ctx.note("the float remainder of the graph runs compiled by Inductor")
+        if inlined:
+            calls = ", ".join(f"{n} {name}" for name, n in sorted(inlined.items()))
+            self.ctx.note(f"Inductor fuses {calls} call(s) with the ops around them (each "
+                          "GEMM stays one call of its CPU route)")
 
     def _describe_float_layers(self) -> None:
         recipe = self.options.recipe_obj

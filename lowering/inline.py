@@ -1,0 +1,61 @@
+"""Quantized ops written out in plain torch, so that Inductor fuses them with their graph.
+
+What: `inline_for_inductor(gm)` replaces each call of a registered op that has an inliner
+for its bound implementation's family (QuantizedOp.inliner) with the inliner's plain
+torch function: the activation quantization, the per-token scales, the float epilogue of
+a dequantizing GEMM become ordinary element-wise and reduction ops, and only the GEMM
+itself stays opaque (lowering/cpu.py: cpu_acc_f32). Calls whose constants break an
+inliner's bound (|acc| or the zero-point term beyond 2**24 in float32, a route chosen per
+call) stay as they are.
+
+Why: each opaque op is a pass over memory of its own. On CPU, a MiniLM layer spent about
+as long in its quantize and epilogue passes as in the LayerNorm, GELU and residual adds
+around them; written out, Inductor folds the quantization into the LayerNorm or GELU that
+produces its input and the epilogue into the add or GELU that consumes its output.
+
+Exact: each inliner runs the arithmetic of the implementation it replaces (the same
+bodies: ops._quantize_body, ops._per_token_body, cpu._dequant_body, which Inductor already
+compiled when they ran inside the op), in the reference's op order. Divisors reach
+Inductor as tensors (Inline.constants), never as constants it could turn into a
+multiplication by the reciprocal. Tests compare the inlined, compiled graph with the
+graph as lowered and with the reference, bit for bit.
+
+Used on a copy of the lowered graph, the one Inductor compiles (artifact.py); the graph
+the report, the debug dumps and measure-sqnr read keeps its ops.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from torch.fx import GraphModule
+
+from qcompile.fx_utils import add_constant
+from qcompile.lowering import registry
+
+
+def inline_for_inductor(gm: GraphModule) -> Counter:
+    """Rewrite gm in place; the count of inlined calls per op name."""
+    done: Counter = Counter()
+    for node in list(gm.graph.nodes):
+        op = registry.op_of(node) if node.op == "call_function" else None
+        if op is None:
+            continue
+        impl = registry.bound_impl(node)
+        inliner = op.inliners.get(impl.split("-", 1)[0]) if impl else None
+        plan = inliner(registry.args_of(gm, node), impl) if inliner is not None else None
+        if plan is None:
+            continue
+        consts = {name: add_constant(gm, f"{node.name}_{name}", value, before=node)
+                  for name, value in plan.constants.items()}
+        call_args = tuple(registry.arg(node, name) for name in op.params)
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_function(plan.fn, call_args, {**consts, **plan.options})
+        new.meta.update(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        done[op.name] += 1
+    if done:
+        gm.graph.lint()
+        gm.recompile()
+    return done

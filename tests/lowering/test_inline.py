@@ -1,0 +1,149 @@
+"""lowering/inline.py: quantized ops written out for Inductor give the ops' values bit for
+bit, and calls whose bounds do not hold stay ops."""
+
+import copy
+
+import pytest
+import torch
+from torch._inductor.compile_fx import compile_fx
+
+import qcompile
+from qcompile.fx_utils import copy_graph_module
+from qcompile.lowering import cpu_routes, ops  # noqa: F401  (declares the ops)
+from qcompile.lowering.inline import inline_for_inductor
+
+ROUTES = [r for r in ("onednn-u8s8", "onednn-u8s8-split", "fp32-exact")
+          if cpu_routes.ROUTES[r].available(cpu_routes.cpu_capabilities())]
+SCALE = 0.1  # float32(0.1): x / s and x * (1 / s) round apart for many x
+
+
+def _division_sensitive(n: int) -> torch.Tensor:
+    """float32 x whose quantization by SCALE differs between true division and a
+    multiplication by the reciprocal (what Inductor makes of division by a constant)."""
+    s = torch.tensor(SCALE)
+    x = (torch.arange(-2000, 2000) + 0.5) * s  # near the round-half points of x / s
+    x = torch.cat([x, torch.nextafter(x, x + 1), torch.nextafter(x, x - 1)])
+    differ = torch.round(x / s) != torch.round(x * (1 / s))
+    assert differ.sum() >= n  # else this test could not see the difference
+    return x[differ][:n]
+
+
+class _Graph(torch.nn.Module):
+    """quantize -> linear_int8_dq -> (h * h) -> linear_dynamic, each bound to `impl`."""
+
+    def __init__(self, impl: str, k: int = 48, n: int = 40, zp_term_scale: int = 1):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.impl = impl
+        self.register_buffer("w1", torch.randint(-64, 64, (n, k), dtype=torch.int8, generator=g))
+        self.register_buffer("w2", torch.randint(-64, 64, (24, n), dtype=torch.int8, generator=g))
+        self.register_buffer("b1", torch.randn(n, generator=g))
+        zp_term = 3 * self.w1.to(torch.int32).sum(1) * zp_term_scale
+        self.register_buffer("zp_term", zp_term)
+        self.register_buffer("ws1", torch.rand(n, generator=g) * 0.01 + 1e-3)
+        self.register_buffer("ws2", torch.rand(24, generator=g) * 0.01 + 1e-3)
+
+    def forward(self, x):
+        q = torch.ops.qcompile.quantize.default(x, SCALE, 3, -128, 127, impl="cpu")
+        h = torch.ops.qcompile.linear_int8_dq.default(
+            q, self.w1, self.b1, self.zp_term, SCALE, self.ws1, torch.float32, impl=self.impl)
+        h = h * h  # a float op between them, exact in every implementation
+        return torch.ops.qcompile.linear_dynamic.default(h, self.w2, self.ws2, None,
+                                                         impl=self.impl)
+
+
+def _inputs(k: int = 48) -> torch.Tensor:
+    x = torch.randn(5, 7, k) * 4
+    tricky = _division_sensitive(64)
+    x.view(-1)[: tricky.numel()] = tricky
+    return x
+
+
+def _inlined(module: torch.nn.Module, x: torch.Tensor):
+    gm = torch.fx.symbolic_trace(module)
+    copy = copy_graph_module(gm)
+    counts = inline_for_inductor(copy)
+    return gm, counts, compile_fx(copy, [x])
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_inlined_ops_compile_to_the_same_values(route):
+    x = _inputs()
+    gm, counts, compiled = _inlined(_Graph(f"cpu-{route}"), x)
+    assert counts == {"quantize": 1, "linear_int8_dq": 1, "linear_dynamic": 1}
+    got = compiled(x)[0] if isinstance(compiled(x), (tuple, list)) else compiled(x)
+    assert torch.equal(got, gm(x))  # the ops, run one by one
+    reference = _Graph("reference")
+    assert torch.equal(got, torch.fx.symbolic_trace(reference)(x))
+
+
+def test_quantize_keeps_true_division():
+    """Inductor has turned x / constant into x * (1 / constant) (on GPUs it still does,
+    pytorch#157959); the inlined quantize divides by a tensor, and these inputs are ones
+    where the two round apart."""
+    x = _division_sensitive(256)
+
+    class Q(torch.nn.Module):
+        def forward(self, x):
+            return torch.ops.qcompile.quantize.default(x, SCALE, 0, -128, 127, impl="cpu")
+
+    gm, counts, compiled = _inlined(Q(), x)
+    assert counts == {"quantize": 1}
+    out = compiled(x)
+    out = out[0] if isinstance(out, (tuple, list)) else out
+    assert torch.equal(out, gm(x))
+
+
+def test_calls_whose_bounds_do_not_hold_stay_ops():
+    x = _inputs()
+    # a zero-point term beyond 2**24 is not exact in a float32 epilogue
+    big_zp = _Graph("cpu-fp32-exact", zp_term_scale=2**16)
+    assert int(big_zp.zp_term.abs().max()) > 2**24
+    gm, counts, compiled = _inlined(big_zp, x)
+    assert counts == {"quantize": 1, "linear_dynamic": 1}
+    out = compiled(x)
+    assert torch.equal(out[0] if isinstance(out, (tuple, list)) else out, gm(x))
+    # a route chosen per call ("cpu"): no one route to write out
+    _, counts, _ = _inlined(_Graph("cpu"), x)
+    assert counts == {"quantize": 1}
+    # a weight whose sums can pass 2**24: float32 cannot hold the accumulator
+    k = 2100
+    wide = _Graph("cpu-fp32-exact", k=k)
+    wide.w1.fill_(63)
+    wide.zp_term.copy_(3 * wide.w1.to(torch.int32).sum(1))
+    _, counts, _ = _inlined(wide, torch.randn(3, k))
+    assert counts == {"quantize": 1, "linear_dynamic": 1}
+
+
+def test_a_compiled_model_runs_its_quantized_layers_inlined():
+    """Under options["inductor"], the graph Inductor compiles has the ops written out; the
+    report says so, and the results equal the uncompiled graph's (its float ops are exact
+    here)."""
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1 = torch.nn.Linear(64, 96)
+            self.fc2 = torch.nn.Linear(96, 32)
+
+        def forward(self, x):
+            h = self.fc1(x)
+            return self.fc2(h * h)
+
+    torch.manual_seed(0)
+    model = M().eval()
+    xs = [torch.randn(4, 64) for _ in range(3)]
+    outs = {}
+    for inductor in (False, True):
+        torch._dynamo.reset()
+        m = copy.deepcopy(model)  # its own calibration
+        cm = torch.compile(m, backend="qcompile", options={
+            "recipe": "w8a8-static", "kernels": "cpu", "inductor": inductor})
+        with torch.no_grad(), qcompile.calibrate(cm):
+            for x in xs:
+                cm(x)
+        with torch.no_grad():
+            outs[inductor] = cm(xs[0])
+        notes = [n for g in qcompile.report(cm).graphs for n in g.notes]
+        assert any("Inductor fuses" in n and "linear_int8_dq" in n for n in notes) == inductor
+    assert torch.equal(outs[True], outs[False])
