@@ -342,28 +342,41 @@ def cpu_gemm_int8(
 # ---------------------------------------------------------------- the GEMM as a graph op
 
 
-@torch.library.custom_op("qcompile::cpu_acc_f32", mutates_args=())
-def cpu_acc_f32(a: torch.Tensor, w: torch.Tensor, route: str) -> torch.Tensor:
-    """acc float32 [..., N] = A [..., K] @ W [N, K]^T through `route`, holding the exact
-    integers: the GEMM alone, for graphs whose epilogue Inductor fuses with the ops
-    around it (lowering/inline.py). The caller checked, once, that the route computes in
-    float32 and that this weight keeps |acc| <= 2**24 (`inline_route`)."""
+@torch.library.custom_op("qcompile::cpu_acc", mutates_args=())
+def cpu_acc(a: torch.Tensor, w: torch.Tensor, route: str) -> torch.Tensor:
+    """acc [..., N] = A [..., K] @ W [N, K]^T through `route`: float32 holding the exact
+    integers where the route computes in float32, else int32. The GEMM alone, for graphs
+    whose epilogue Inductor fuses with the ops around it (lowering/inline.py); the caller
+    checked, once, that a float32 accumulator is exact for this weight (`inline_route`)."""
     r = cpu_routes.ROUTES[route]
-    acc = r.matmul_f32(a.reshape(-1, a.shape[-1]), prepared(r, w))  # [M, N]
+    rows, p = a.reshape(-1, a.shape[-1]), prepared(r, w)  # [M, K]
+    acc = r.matmul_f32(rows, p) if r.native_f32 else r.matmul(rows, p)  # [M, N]
     return acc.reshape(*a.shape[:-1], w.shape[0])
 
 
-@cpu_acc_f32.register_fake
+@cpu_acc.register_fake
 def _(a, w, route):
-    return a.new_empty((*a.shape[:-1], w.shape[0]), dtype=torch.float32)
+    dtype = torch.float32 if cpu_routes.ROUTES[route].native_f32 else torch.int32
+    return a.new_empty((*a.shape[:-1], w.shape[0]), dtype=dtype)
 
 
 def inline_route(impl: str, w: torch.Tensor) -> str | None:
-    """The route of a call bound to `impl` ("cpu-<route>") whose accumulator cpu_acc_f32
-    can return exactly for weight w (int8 [N, K]), else None: a route chosen per call
-    ("cpu"), one that accumulates in int32, or a weight that allows |acc| > 2**24."""
+    """The route of a call bound to `impl` ("cpu-<route>") for which cpu_acc returns the
+    exact accumulator with weight w (int8 [N, K]), else None: a route chosen per call
+    ("cpu"), or a float32 route with a weight that allows |acc| > 2**24."""
     route = impl.removeprefix("cpu-")
     r = cpu_routes.ROUTES.get(route)
-    if not impl.startswith("cpu-") or r is None or not r.native_f32 or w.dtype != torch.int8:
+    if not impl.startswith("cpu-") or r is None or w.dtype != torch.int8:
         return None
-    return route if prepared(r, w).f32_exact else None
+    return route if not r.native_f32 or prepared(r, w).f32_exact else None
+
+
+def acc_to_f32(acc: torch.Tensor, zp_term: torch.Tensor | None) -> torch.Tensor:
+    """float32(acc - zp_term), rounded once as the reference rounds it, from cpu_acc's
+    accumulator: a float32 one (exact integers; zp_term given as exact float32, IEEE
+    subtraction rounds the exact difference) or an int32 one (subtracted in int64)."""
+    if acc.dtype == torch.float32:
+        return acc - zp_term if zp_term is not None else acc
+    if zp_term is not None:
+        return (acc.to(torch.int64) - zp_term.to(torch.int64)).to(torch.float32)
+    return acc.to(torch.float32)

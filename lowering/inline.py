@@ -4,7 +4,7 @@ What: `inline_for_inductor(gm)` replaces each call of a registered op that has a
 for its bound implementation's family (QuantizedOp.inliner) with the inliner's plain
 torch function: the activation quantization, the per-token scales, the float epilogue of
 a dequantizing GEMM become ordinary element-wise and reduction ops, and only the GEMM
-itself stays opaque (lowering/cpu.py: cpu_acc_f32). Calls whose constants break an
+itself stays opaque (lowering/cpu.py: cpu_acc). Calls whose constants break an
 inliner's bound (|acc| or the zero-point term beyond 2**24 in float32, a route chosen per
 call) stay as they are.
 

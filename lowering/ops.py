@@ -553,14 +553,17 @@ def _(x, w, bias, zp_term, x_scale, w_scale, out_dtype):
 
 @linear_int8_dq.inliner("cpu")
 def _(a, impl):
+    from qcompile.lowering import cpu_routes
     from qcompile.lowering.cpu import F32_EXACT, inline_route
 
     route = inline_route(impl, a["w"])
     zp = a["zp_term"]
-    if route is None or (zp is not None and zp.numel() and int(zp.abs().max()) > F32_EXACT):
-        return None  # the float32 epilogue would not be exact: the op runs as it is
+    if route is None:
+        return None
     consts = {"row_scale": torch.tensor([a["x_scale"]], dtype=torch.float32)}
-    if zp is not None:
+    if zp is not None and cpu_routes.ROUTES[route].native_f32:
+        if zp.numel() and int(zp.abs().max()) > F32_EXACT:
+            return None  # not exact in float32: the op runs as it is
         consts["zp_f32"] = zp.to(torch.float32)
     return Inline(_linear_dq_inline, consts, {"route": route})
 
@@ -574,13 +577,14 @@ def _operand(a, route):
     return a
 
 
-def _linear_dq_inline(x, w, bias, zp_term, x_scale, w_scale, out_dtype, *, row_scale,
-                      route, zp_f32=None):
-    from qcompile.lowering.cpu import _dequant_body, cpu_acc_f32
+def _linear_dq_inline(x, w, bias, zp_term, x_scale, w_scale, out_dtype, *, row_scale, route,
+                      zp_f32=None):
+    from qcompile.lowering.cpu import _dequant_body, acc_to_f32, cpu_acc
 
-    acc = cpu_acc_f32(_operand(_rows(x), route), w, route)  # [M, N] float32, exact
+    acc = cpu_acc(_operand(_rows(x), route), w, route)  # [M, N]
+    zp = zp_f32 if acc.dtype == torch.float32 else zp_term
     bias = bias.float() if bias is not None else None
-    y = _dequant_body(acc, zp_f32, row_scale, w_scale.float(), bias)
+    y = _dequant_body(acc_to_f32(acc, zp), None, row_scale, w_scale.float(), bias)
     return y.to(out_dtype).reshape(*x.shape[:-1], w.shape[0])
 
 
@@ -618,12 +622,12 @@ def _(a, impl):
 
 
 def _linear_dynamic_inline(x, w, w_scale, bias, *, qmax, eps, route):
-    from qcompile.lowering.cpu import _dequant_body, cpu_acc_f32
+    from qcompile.lowering.cpu import _dequant_body, acc_to_f32, cpu_acc
 
     xq, x_scale = _per_token_body(_rows(x), qmax, eps)  # int8 [M, K], float32 [M]
-    acc = cpu_acc_f32(_operand(xq, route), w, route)
+    acc = cpu_acc(_operand(xq, route), w, route)
     bias = bias.float() if bias is not None else None
-    y = _dequant_body(acc, None, x_scale, w_scale.float(), bias)
+    y = _dequant_body(acc_to_f32(acc, None), None, x_scale, w_scale.float(), bias)
     return y.to(x.dtype).reshape(*x.shape[:-1], w.shape[0])
 
 
