@@ -11,6 +11,12 @@ results):
                 (w8a8-static between integer ops)
   ours-dynamic  linear_dynamic: per-token quantize of float x, int8 GEMM, float epilogue
                 (w8a8, float in, float out, like torchao's)
+  qcompile-static / qcompile-dynamic
+                an nn.Linear through torch.compile(backend="qcompile") with recipe
+                w8a8-static (calibrated on x) / w8a8, kernels="auto": what a user's model
+                runs, Inductor fusing the quantization and the epilogue around the GEMM
+                (lowering/inline.py); select-layers may keep the layer float where no int8
+                route beats float here (the row's "qcompile_layer" says)
   torchao       torchao quantize_(Int8DynamicActivationInt8WeightConfig()) under
                 torch.compile (when torchao imports; otherwise the row says why)
   pt2e          PT2E's x86 path: torchao's X86InductorQuantizer (static per-tensor
@@ -58,9 +64,27 @@ SHAPES = [
     ("minilm mlp up 384->1536", 4096, 384, 1536),
     ("minilm mlp down 1536->384", 4096, 1536, 384),
     ("llama up 4096->11008, 128 tokens", 128, 4096, 11008),
+    ("llama 4096->4096, 64 tokens", 64, 4096, 4096),
     ("llama 4096->4096, decode", 1, 4096, 4096),
 ]
-COLUMNS = ["float", "ours-static", "ours-requant", "ours-dynamic", "torchao", "pt2e"]
+COLUMNS = ["float", "ours-static", "ours-requant", "ours-dynamic", "qcompile-static",
+           "qcompile-dynamic", "torchao", "pt2e"]
+
+
+def _qcompile_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, recipe: str):
+    """An nn.Linear compiled by qcompile (calibrated on x for a static recipe), and how
+    its report says the layer runs."""
+    import qcompile
+
+    torch._dynamo.reset()
+    cm = torch.compile(_linear_module(w, b), backend="qcompile", options={"recipe": recipe})
+    if qcompile.Options.from_user(None, {"recipe": recipe}).needs_calibration:
+        with qcompile.calibrate(cm):
+            cm(x)
+    cm(x)
+    (layer,) = qcompile.report(cm).layers
+    how = layer.kernel if layer.quantized else f"float: {layer.reason}"
+    return cm, how
 
 
 def _pt2e_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor):
@@ -150,6 +174,10 @@ def bench_shape(label: str, m: int, k: int, n: int, rounds: int, clock) -> dict:
                                                 127, impl=impl),
         "ours-dynamic": lambda: ops.linear_dynamic(x, wq, w_scale, b, impl=impl),
     }
+    layers = {}
+    for name, recipe in (("qcompile-static", "w8a8-static"), ("qcompile-dynamic", "w8a8")):
+        compiled, layers[name] = _qcompile_linear(x, w, b, recipe)
+        fns[name] = lambda compiled=compiled: compiled(x)
     ao, ao_note = _torchao_linear(w, b)
     if ao is not None:
         fns["torchao"] = lambda: ao(x)
@@ -159,7 +187,8 @@ def bench_shape(label: str, m: int, k: int, n: int, rounds: int, clock) -> dict:
     compile_s, times = warm_then_interleaved(fns, rounds, clock)
     ref = F.linear(x, w, b)
     err = {name: float((fns[name]() - ref).abs().max() / ref.abs().max())
-           for name in ("ours-static", "ours-dynamic", "torchao", "pt2e") if name in fns}
+           for name in ("ours-static", "ours-dynamic", "qcompile-static", "qcompile-dynamic",
+                        "torchao", "pt2e") if name in fns}
     same = {name: bool(torch.equal(fns[name](), getattr(ops, op)(*args, impl="reference")))
             for name, op, args in (
                 ("ours-dynamic", "linear_dynamic", (x, wq, w_scale, b)),
@@ -175,6 +204,7 @@ def bench_shape(label: str, m: int, k: int, n: int, rounds: int, clock) -> dict:
         "first_call_s": compile_s,
         "max_rel_err_vs_float": err,
         "bit_identical_to_reference": same,
+        "qcompile_layer": layers,
         "torchao": ao_note,
         "pt2e": pt2e_note,
     }
