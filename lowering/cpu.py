@@ -204,7 +204,7 @@ def _float_epilogue(acc: torch.Tensor, epilogue: Epilogue, v: dict[str, Any], mo
     return None
 
 
-def _dequant_body(acc, zp_term, row_scale, col_scale, float_bias):
+def dequant_body(acc, zp_term, row_scale, col_scale, float_bias):
     # the reference's op order: ((float32(acc - zp_term) * row_scale[m]) * col_scale[c])
     # + bias[c]. acc and zp_term are exact float32 integers, and IEEE subtraction rounds
     # the exact difference to nearest even, as the reference's int64 -> float32 does.
@@ -221,7 +221,7 @@ def _dequant_body(acc, zp_term, row_scale, col_scale, float_bias):
 
 @functools.cache
 def _compiled_dequant():
-    return torch.compile(_dequant_body, dynamic=True, fullgraph=True)
+    return torch.compile(dequant_body, dynamic=True, fullgraph=True)
 
 
 def _dequantize_f32(acc, zp_term, epilogue, v, mode):
@@ -229,7 +229,7 @@ def _dequantize_f32(acc, zp_term, epilogue, v, mode):
     bias = v.get("float_bias") if step.has_bias else None
     args = (acc, zp_term, v["row_scale"], v["col_scale"], bias)
     y = _compiled_or_eager("f32 " + epilogue.signature(), mode, acc.numel(),
-                           lambda: _compiled_dequant()(*args), lambda: _dequant_body(*args))
+                           lambda: _compiled_dequant()(*args), lambda: dequant_body(*args))
     return y.to(epilogue.out_dtype)
 
 

@@ -579,12 +579,12 @@ def _operand(a, route):
 
 def _linear_dq_inline(x, w, bias, zp_term, x_scale, w_scale, out_dtype, *, row_scale, route,
                       zp_f32=None):
-    from qcompile.lowering.cpu import _dequant_body, acc_to_f32, cpu_acc
+    from qcompile.lowering.cpu import acc_to_f32, cpu_acc, dequant_body
 
     acc = cpu_acc(_operand(_rows(x), route), w, route)  # [M, N]
     zp = zp_f32 if acc.dtype == torch.float32 else zp_term
     bias = bias.float() if bias is not None else None
-    y = _dequant_body(acc_to_f32(acc, zp), None, row_scale, w_scale.float(), bias)
+    y = dequant_body(acc_to_f32(acc, zp), None, row_scale, w_scale.float(), bias)
     return y.to(out_dtype).reshape(*x.shape[:-1], w.shape[0])
 
 
@@ -622,12 +622,12 @@ def _(a, impl):
 
 
 def _linear_dynamic_inline(x, w, w_scale, bias, *, qmax, eps, route):
-    from qcompile.lowering.cpu import _dequant_body, acc_to_f32, cpu_acc
+    from qcompile.lowering.cpu import acc_to_f32, cpu_acc, dequant_body
 
     xq, x_scale = _per_token_body(_rows(x), qmax, eps)  # int8 [M, K], float32 [M]
     acc = cpu_acc(_operand(xq, route), w, route)
     bias = bias.float() if bias is not None else None
-    y = _dequant_body(acc_to_f32(acc, None), None, x_scale, w_scale.float(), bias)
+    y = dequant_body(acc_to_f32(acc, None), None, x_scale, w_scale.float(), bias)
     return y.to(x.dtype).reshape(*x.shape[:-1], w.shape[0])
 
 
