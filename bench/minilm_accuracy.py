@@ -35,6 +35,9 @@ CONFIGS = {
     "w4a4-static min-max ranges": {"recipe": "w4a4-static", "observer": "minmax"},
     "w4a4-static (rotations + GPTQ + MSE ranges)": {"recipe": "w4a4-static"},
     "w4a4 (rotations + GPTQ, per-token dynamic A4)": {"recipe": "w4a4"},
+    # the per-token int4 activations' clip ratio (the recipe's default is one of these)
+    **{f"w4a4 activation_clip={c}": {"recipe": "w4a4", "activation_clip": c}
+       for c in (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)},
     "w8a8-static integer GELU/LN/softmax": {"recipe": "w8a8-static", "integer_nonlinear": True},
     "w8a8-static + bias correction": {"recipe": "w8a8-static", "bias_correction": True},
     "w4a8 (rotations) + bias correction": {"recipe": "w4a8", "bias_correction": True},

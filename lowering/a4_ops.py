@@ -3,14 +3,23 @@ after the online Hadamard, as QuaRot runs W4A4), declared once (lowering/registr
 their fake and every implementation:
 
   quantize_per_token_int4  float x [..., K] -> (int4 values, float32 scale [...]):
-                           symmetric per token (row), scale[m] = max(max|x[m]| / 7,
+                           symmetric per token (row), scale[m] = max((max|x[m]| * clip) / 7,
                            SCALE_EPS) in float32, q = clamp(round_half_even(x / scale),
                            -8, 7) (float32 true division): ops._per_token_body's arithmetic
                            at 4 bits. packed=True: two values a byte along K
                            (specs.pack_int4's layout, uint8 [..., K // 2]); else int8 [..., K]
-  linear_a4w4_dynamic      float x [..., K] -> per-token int4 x, int4 w (packed uint8
-                           [N, K // 2]) with per-channel scales, exact int32 accumulator,
-                           float epilogue acc * x_scale[m] * w_scale[n] (+ bias) -> x.dtype
+  linear_a4w4_dynamic      float x [..., K] -> per-token int4 x (at clip), int4 w (packed
+                           uint8 [N, K // 2]) with per-channel scales, exact int32
+                           accumulator, float epilogue acc * x_scale[m] * w_scale[n] (+ bias)
+                           -> x.dtype
+
+The clip ratio (options["activation_clip"]; QuaRot's is 0.9, w4a4's default is measured in
+qcompile/config.py): int4 has 16 levels, and a row's few largest values, even after the
+Hadamard, stretch the step for all the others; with the range at clip * absmax the values
+beyond it saturate at -8 / 7 and the rest are rounded on a finer grid. One op order
+everywhere (specs.dynamic_per_token_qparams): clip is rounded to float32 once, absmax * clip
+is rounded to float32, then divided by 7 (IEEE); clip = 1.0 multiplies exactly, so it is
+the unclipped quantizer bit for bit. Graphs carry clip as the ops' last argument.
 
 Why a float epilogue, where the design's recipe table has w4a4 requantize dyadically: a
 dyadic multiplier (q, shift) is fixed at compile time from known scales, and a per-token
@@ -73,11 +82,18 @@ _KERNEL_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 # ---------------------------------------------------------------- float -> int4 per token
 
 
-def _check_quantize(x, packed) -> None:
+def _check_clip(fn: str, clip) -> None:
+    if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not 0.0 < clip <= 1.0:
+        raise ValueError(f"{fn}: clip must be a number in (0, 1] (1.0: no clipping), got "
+                         f"{clip!r}")
+
+
+def _check_quantize(x, packed, clip) -> None:
     fn = "quantize_per_token_int4"
     if not isinstance(x, Tensor) or not x.dtype.is_floating_point or x.dim() < 1:
         raise TypeError(f"{fn}: x must be a floating-point tensor [..., K], got "
                         f"{getattr(x, 'dtype', type(x).__name__)}")
+    _check_clip(fn, clip)
     if packed and x.shape[-1] % 2:
         raise ValueError(f"{fn}: packing needs an even K (two int4 values a byte), got "
                          f"K = {x.shape[-1]}")
@@ -92,58 +108,61 @@ def pack_int4_values(q: Tensor) -> Tensor:
 
 
 @quantized_op
-def quantize_per_token_int4(x: Tensor, packed: bool) -> tuple[Tensor, Tensor]:
+def quantize_per_token_int4(x: Tensor, packed: bool, clip: float) -> tuple[Tensor, Tensor]:
     """Dynamic symmetric int4 per token: (q, scale float32 [...]) for float x [..., K], with
-    scale[m] = max(max|x[m, :]| / 7, SCALE_EPS) in float32 and q = clamp(round_half_even(
-    x / scale), -8, 7) in float32. packed: q as uint8 [..., K // 2], two values a byte
-    along K (specs.pack_int4's layout; K even); else int8 [..., K]."""
+    scale[m] = max((max|x[m, :]| * clip) / 7, SCALE_EPS) in float32 (clip in (0, 1] rounded
+    to float32) and q = clamp(round_half_even(x / scale), -8, 7) in float32. packed: q as
+    uint8 [..., K // 2], two values a byte along K (specs.pack_int4's layout; K even); else
+    int8 [..., K]."""
 
 
 @quantize_per_token_int4.fake
-def _(x, packed):
-    _check_quantize(x, packed)
+def _(x, packed, clip):
+    _check_quantize(x, packed, clip)
     shape = (*x.shape[:-1], x.shape[-1] // 2) if packed else x.shape
     q = x.new_empty(shape, dtype=torch.uint8 if packed else torch.int8)
     return q, x.new_empty(x.shape[:-1], dtype=torch.float32)
 
 
 @quantize_per_token_int4.impl("reference")
-def _(x, packed):
+def _(x, packed, clip):
     from qcompile.lowering.kernels.quantize import quantize_per_token_ref
 
-    _check_quantize(x, packed)
-    q, scale = quantize_per_token_ref(x, bits=4)
+    _check_quantize(x, packed, clip)
+    q, scale = quantize_per_token_ref(x, bits=4, clip=clip)
     return (specs.pack_int4(q) if packed else q), scale
 
 
 @quantize_per_token_int4.impl("cpu", runs_on=on_cpu)
-def _(x, packed):
-    _check_quantize(x, packed)
+def _(x, packed, clip):
+    _check_quantize(x, packed, clip)
     rows = _rows(x)  # [M, K]
+    # _elementwise makes the Python float clip a float32 0-d tensor: rounded as the spec
     q, scale = _elementwise(_per_token_body, rows.numel() >= _FUSE_MIN_ELEMENTS, rows,
-                            float(INT4_MAX), specs.SCALE_EPS)
+                            float(INT4_MAX), specs.SCALE_EPS, float(clip))
     q = q.reshape(x.shape)
     return (pack_int4_values(q) if packed else q), scale.reshape(x.shape[:-1])
 
 
 @quantize_per_token_int4.impl("triton", runs_on=triton_runs_on)
-def _(x, packed):
+def _(x, packed, clip):
     from qcompile.lowering.kernels import quantize as kernels
 
-    _check_quantize(x, packed)
+    _check_quantize(x, packed, clip)
     if x.dtype not in _KERNEL_FLOATS:  # float64: the reference's x.float(), then the kernel
         x = x.float()
     if packed:
-        return kernels.quantize_per_token_int4_packed_triton(x)
-    return kernels.quantize_per_token_triton(x, bits=4)
+        return kernels.quantize_per_token_int4_packed_triton(x, clip=clip)
+    return kernels.quantize_per_token_triton(x, bits=4, clip=clip)
 
 
 # ---------------------------------------------------------------- int4 x int4 -> float
 
 
-def _check_linear(x, w, w_scale, bias) -> None:
-    """Shapes and dtypes (no data is read: the fake runs it too)."""
+def _check_linear(x, w, w_scale, bias, clip) -> None:
+    """Shapes, dtypes and the clip (no data is read: the fake runs it too)."""
     fn = "linear_a4w4_dynamic"
+    _check_clip(fn, clip)
     if not isinstance(x, Tensor) or not x.dtype.is_floating_point or x.dim() < 1:
         raise TypeError(f"{fn}: x must be a floating-point tensor [..., K], got "
                         f"{getattr(x, 'dtype', type(x).__name__)}")
@@ -174,12 +193,12 @@ def _epilogue_values(x_scale: Tensor, w_scale: Tensor, bias: Tensor | None) -> d
     return values
 
 
-def _linear_a4w4(backend, x, w, w_scale, bias, origin=""):
+def _linear_a4w4(backend, x, w, w_scale, bias, clip, origin=""):
     """Reference and CPU: the family's per-token int4 quantizer (int8 storage), then the
     backend's int8 GEMM on the int4 values with the Dequantize epilogue."""
-    _check_linear(x, w, w_scale, bias)
+    _check_linear(x, w, w_scale, bias, clip)
     family = backend.name.split("-", 1)[0]
-    xq, x_scale = quantize_per_token_int4.run(family, (_rows(x), False))  # [M, K], [M]
+    xq, x_scale = quantize_per_token_int4.run(family, (_rows(x), False, clip))  # [M, K], [M]
     y = backend.gemm(xq, _int8_weight(w), dynamic_epilogue(bias is not None), origin,
                      **_epilogue_values(x_scale, w_scale, bias))
     return y.to(x.dtype).reshape(*x.shape[:-1], w.shape[0])
@@ -195,17 +214,18 @@ def _source(args: dict, origin: str) -> str:
 @gemm_op(_linear_a4w4, epilogue=lambda a: dynamic_epilogue(a["bias"] is not None),
          triton=False)
 @quantized_op
-def linear_a4w4_dynamic(x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None) -> Tensor:
-    """W4A4 dynamic: x [..., K] quantized per token to int4 (quantize_per_token_int4), int4
-    w [N, K] packed two a byte along K (uint8 [N, K // 2]) with per-channel scales; the
-    exact int32 accumulator dequantized, ((float32(acc) * x_scale[m]) * w_scale[n]) +
-    bias[n] in float32, cast to x.dtype. Implementations may hold w unpacked (int8 [N, K])
-    after `prepare`."""
+def linear_a4w4_dynamic(x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None,
+                        clip: float) -> Tensor:
+    """W4A4 dynamic: x [..., K] quantized per token to int4 at clip (quantize_per_token_int4;
+    clip in (0, 1], 1.0: the absmax), int4 w [N, K] packed two a byte along K (uint8
+    [N, K // 2]) with per-channel scales; the exact int32 accumulator dequantized,
+    ((float32(acc) * x_scale[m]) * w_scale[n]) + bias[n] in float32, cast to x.dtype.
+    Implementations may hold w unpacked (int8 [N, K]) after `prepare`."""
 
 
 @linear_a4w4_dynamic.fake
-def _(x, w, w_scale, bias):
-    _check_linear(x, w, w_scale, bias)
+def _(x, w, w_scale, bias, clip):
+    _check_linear(x, w, w_scale, bias, clip)
     return x.new_empty((*x.shape[:-1], w.shape[0]))
 
 
@@ -213,16 +233,16 @@ linear_a4w4_dynamic.kernel_source = _source
 
 
 @linear_a4w4_dynamic.impl("triton", runs_on=triton_runs_on)
-def _(x, w, w_scale, bias, origin=""):
+def _(x, w, w_scale, bias, clip, origin=""):
     """x packed as it is quantized, then the packed W4A4 GEMM; a weight given as int8
     values runs the int8 GEMM on the unpacked x instead (the same integers)."""
     from qcompile.lowering.kernels.gemm_w4a4 import gemm_w4a4_triton
 
-    _check_linear(x, w, w_scale, bias)
+    _check_linear(x, w, w_scale, bias, clip)
     rows = _rows(x)  # [M, K]
     epilogue = dynamic_epilogue(bias is not None)
     packed = w.dtype == torch.uint8
-    xq, x_scale = quantize_per_token_int4.run("triton", (rows, packed))
+    xq, x_scale = quantize_per_token_int4.run("triton", (rows, packed, clip))
     values = _epilogue_values(x_scale, w_scale, bias)
     if packed:
         y = gemm_w4a4_triton(xq, w, epilogue, origin=origin, **values)

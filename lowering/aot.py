@@ -174,9 +174,9 @@ def quantize_launches(arch: int) -> list[Launch]:
     # One pass up to the longest row held in registers, then the two-pass variant.
     for dt in _FLOATS:
         for k, block_k in ((4096, 4096), (16384, 16384), (32768, 16384)):
-            args = dict(x_ptr=dt, q_ptr=torch.int8, scale_ptr=torch.float32, K=k, stride_xm=k,
-                        stride_xk=1, stride_qm=k, stride_qk=1, **_Q8, EPS=1e-8, BLOCK_K=block_k,
-                        ONE_PASS=block_k >= k)
+            args = dict(x_ptr=dt, q_ptr=torch.int8, scale_ptr=torch.float32, K=k, clip=1.0,
+                        stride_xm=k, stride_xk=1, stride_qm=k, stride_qk=1, **_Q8, EPS=1e-8,
+                        BLOCK_K=block_k, ONE_PASS=block_k >= k)
             out.append(_launch(arch, f"quantize_per_token[{_short(dt)}] K={k}",
                                "quantize:_quantize_per_token_kernel", args,
                                dict(num_warps=min(16, max(1, block_k // 512)))))
@@ -289,7 +289,7 @@ def w4a4_launches(arch: int) -> list[Launch]:
                               "gemm_w4a4"))
     for dt in _FLOATS:  # one pass up to 16384, then two
         for k, block_b in ((4096, 2048), (32768, 8192)):
-            args = dict(x_ptr=dt, p_ptr=torch.uint8, scale_ptr=torch.float32, K=k,
+            args = dict(x_ptr=dt, p_ptr=torch.uint8, scale_ptr=torch.float32, K=k, clip=0.9,
                         stride_xm=k, stride_xk=1, stride_pm=k // 2, stride_pk=1, EPS=1e-8,
                         BLOCK_B=block_b, ONE_PASS=block_b >= k // 2)
             out.append(_launch(arch, f"quantize_per_token_int4_packed[{_short(dt)}] K={k}",

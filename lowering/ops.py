@@ -363,13 +363,19 @@ def _per_token_reference(rows):
     return quantize_per_token_ref(rows)
 
 
-def _per_token_body(x, qmax, eps):
+def _per_token_body(x, qmax, eps, clip=None):
     # numerics.specs.dynamic_per_token_qparams + quantize: scale = max(-min, max) / qmax
-    # over the row (the range stretched to include 0), at least eps; round half to even
+    # over the row (the range stretched to include 0), at least eps; round half to even.
+    # clip (a float32 0-d tensor, the int4 activations' clip ratio): (absmax * clip) / qmax,
+    # the product rounded to float32 before the division, as the spec; None (int8): no
+    # factor at all, so the int8 graphs are the unclipped ones
     xf = x.float()
     lo = xf.amin(dim=-1, keepdim=True).clamp(max=0.0)
     hi = xf.amax(dim=-1, keepdim=True).clamp(min=0.0)
-    scale = (torch.maximum(-lo, hi) / qmax).clamp(min=eps)
+    absmax = torch.maximum(-lo, hi)
+    if clip is not None:
+        absmax = absmax * clip
+    scale = (absmax / qmax).clamp(min=eps)
     q = torch.round(xf / scale).clamp(-qmax - 1, qmax).to(torch.int8)
     return q, scale.squeeze(-1)
 

@@ -1,8 +1,9 @@
 """rewrite-linear: canonical linear -> quantized linear op, per recipe.
 
   w8a8 (dynamic)      y = linear_dynamic(x, Wq, w_scale, b)              float in, float out
-  w4a4 (dynamic)      y = linear_a4w4_dynamic(x, Wq4, w_scale, b)        float in, float out
-                      (per-token int4 x, the int4 weight packed two a byte along K)
+  w4a4 (dynamic)      y = linear_a4w4_dynamic(x, Wq4, w_scale, b, clip)  float in, float out
+                      (per-token int4 x at options' activation clip ratio, the int4 weight
+                      packed two a byte along K)
   w4a16               y = linear_w4a16(x, Wq4, scales, None, g, b)       float in, float out
   static recipes      xq = quantize(x, s_x, zp_x)        (one per activation, shared)
                       yq = linear_int8(xq, Wq, b_i32, zp_x*colsum(Wq), q, shift, zp_y)
@@ -79,15 +80,17 @@ def _rewrite_dynamic(gm, ctx, node, qw, layer):
     int4 with the int4 weight packed two a byte along K (linear_a4w4_dynamic)."""
     x, _, b = node.args
     name = layer.name.replace(".", "_")
+    tail = ()
     if ctx.options.recipe_obj.act.bits == 4:
         w = _const(gm, node, f"{name}_wq4", pack_int4(qw.qweight))
         op, kind = ops.LINEAR_A4W4_DYNAMIC, "linear_a4w4_dynamic"
+        tail = (ctx.options.act_clip,)
     else:
         w = _const(gm, node, f"{name}_wq", qw.qweight.contiguous())
         op, kind = ops.LINEAR_DYNAMIC, "linear_dynamic"
     ws = _const(gm, node, f"{name}_wscale", qw.scale.float().reshape(-1))
     with gm.graph.inserting_before(node):
-        new = gm.graph.call_function(op, (x, w, ws, _bias_arg(gm, node, b, layer)))
+        new = gm.graph.call_function(op, (x, w, ws, _bias_arg(gm, node, b, layer), *tail))
     return _tag(new, layer), kind
 
 

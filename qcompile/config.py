@@ -49,7 +49,16 @@ class Recipe:
     integer_nonlinear: bool = False
     bias_correction: bool = False
     observer: str = "minmax"  # activation ranges; MSE clipping matters at 4 bits
+    # per-token dynamic int4 activations: the range is this fraction of each row's absmax
+    # (QuaRot); None where the recipe has no such activations
+    activation_clip: float | None = None
     description: str = ""
+
+    @property
+    def per_token_int4(self) -> bool:
+        """Whether the activations are quantized per token at run time to int4 (what
+        activation_clip applies to)."""
+        return self.act is not None and self.act.dynamic and self.act.bits == 4
 
     @property
     def quantizes(self) -> bool:
@@ -60,6 +69,15 @@ class Recipe:
         """Static activation scales and GPTQ Hessians both come from calibration batches."""
         return (self.act is not None and not self.act.dynamic) or self.gptq or self.smooth
 
+
+# w4a4's activation clip ratio, measured (QuaRot uses 0.9 on LLMs): all-MiniLM-L6-v2 under
+# w4a4 (rotations + GPTQ), embedding cosine to float on the held-out sentences, mean / min
+# (bench/minilm_accuracy.py, 2-core AMD EPYC, AVX2):
+#   clip 1.0 0.9056 / 0.8746   0.95 0.9126 / 0.8737   0.9 0.9188 / 0.8915
+#        0.85 0.9244 / 0.8895   0.8 0.9253 / 0.8950   0.75 0.9264 / 0.8818   0.7 0.9243 / 0.9001
+# The mean is flat within 0.002 from 0.85 down to 0.7; 0.8 sits in the middle of that
+# plateau rather than at its noisiest point.
+DEFAULT_ACTIVATION_CLIP = 0.8
 
 RECIPES: dict[str, Recipe] = {
     r.name: r
@@ -76,10 +94,11 @@ RECIPES: dict[str, Recipe] = {
                online_hadamard=True,
                description="int4 per-channel weights, int8 static activations, rotations on"),
         Recipe("w4a4", WeightQuant(4), ActQuant(4, dynamic=True), "float", rotate=True,
-               online_hadamard=True, gptq=True,
+               online_hadamard=True, gptq=True, activation_clip=DEFAULT_ACTIVATION_CLIP,
                description="int4 per-channel weights (GPTQ), int4 per-token dynamic "
-                           "activations after the online Hadamard (QuaRot), float epilogue; "
-                           "rotations on; calibration for GPTQ's Hessians"),
+                           "activations after the online Hadamard, clipped at "
+                           f"{DEFAULT_ACTIVATION_CLIP} of each row's absmax (QuaRot), float "
+                           "epilogue; rotations on; calibration for GPTQ's Hessians"),
         Recipe("w4a4-static", WeightQuant(4), ActQuant(4, dynamic=False), "dyadic",
                rotate=True, online_hadamard=True, gptq=True, observer="mse",
                description="int4 weights (GPTQ), int4 per-tensor static activations (MSE "
@@ -127,6 +146,9 @@ class Options:
     # folded into its bias (passes/bias_correct.py); needs calibration, whatever the recipe
     bias_correction: bool | None = None
     observer: str | None = None  # None: the recipe's (min-max; MSE search for w4a4-static)
+    # per-token dynamic int4 activations (recipe w4a4) are quantized with the range at this
+    # fraction of each row's absmax, in (0, 1]; 1.0: no clipping; None: the recipe's
+    activation_clip: float | None = None
     skip: tuple[str, ...] = ()  # fnmatch patterns of layer names left in float
     # mixed precision (recipe "mixed"): what the choice may spend (BUDGET_KEYS), and how
     # each site's sensitivity is found: one site quantized at a time ("measured"), the
@@ -172,15 +194,26 @@ class Options:
                                                                  "bias_correction"))
 
     @property
+    def act_clip(self) -> float:
+        """The clip ratio of the per-token int4 activations: the option, else the recipe's;
+        1.0 (no clipping) for recipes without such activations."""
+        if self.activation_clip is not None:
+            return float(self.activation_clip)
+        return self.recipe_obj.activation_clip or 1.0
+
+    @property
     def budget_key(self) -> tuple | None:
         return tuple(sorted(self.budget.items())) if self.budget else None
 
     def fingerprint(self) -> str:
-        """What calibration depends on: two compiles of one model with the same fingerprint
-        share calibration statistics, with different ones never do."""
+        """What calibration and the quantized graph depend on: two compiles of one model with
+        the same fingerprint share calibration statistics (and a saved quantization), with
+        different ones never do."""
         keys = ("recipe", "smooth", "smooth_alpha", "rotate", "online_hadamard", "gptq",
                 "integer_nonlinear", "bias_correction", "observer_name", "skip", "seed",
                 "budget_key", "sensitivity")
+        if self.recipe_obj.per_token_int4:  # only where it applies: no other recipe names it
+            keys += ("act_clip",)
         return ";".join(f"{k}={getattr(self, k)!r}" for k in keys)
 
     @classmethod
@@ -242,6 +275,7 @@ class Options:
             if value is not None and not isinstance(value, bool):
                 raise QCompileConfigError(f"option {name!r} takes True/False, got {value!r}")
         self._validate_budget()
+        self._validate_activation_clip()
         if not self.recipe_obj.quantizes:
             on = [n for n in ("smooth", "rotate", "gptq", "bias_correction") if getattr(self, n)]
             if on:
@@ -249,6 +283,24 @@ class Options:
                     f"recipe 'float' quantizes nothing; options {on} need a quantizing recipe"
                 )
 
+
+    def _validate_activation_clip(self) -> None:
+        clip = self.activation_clip
+        if clip is None:
+            return
+        example = f"e.g. {{'recipe': 'w4a4', 'activation_clip': {DEFAULT_ACTIVATION_CLIP}}}"
+        if not self.recipe_obj.per_token_int4:
+            with_int4 = sorted(n for n, r in RECIPES.items() if r.per_token_int4)
+            raise QCompileConfigError(
+                f"option 'activation_clip' clips per-token dynamic int4 activations (recipe "
+                f"{' / '.join(map(repr, with_int4))}); recipe {self.recipe!r} has none: drop "
+                f"it, or use {example}")
+        if isinstance(clip, bool) or not isinstance(clip, (int, float)) or \
+                not 0.0 < clip <= 1.0:
+            raise QCompileConfigError(
+                f"activation_clip must be a number in (0, 1], the fraction of each token's "
+                f"absmax the int4 range covers (1.0: no clipping; {example}), got {clip!r}")
+        self.activation_clip = float(clip)
 
     def _validate_budget(self) -> None:
         if self.sensitivity not in SENSITIVITIES:

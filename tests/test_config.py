@@ -3,7 +3,13 @@
 import pytest
 import torch
 
-from qcompile.config import RECIPES, Options, QCompileConfigError, known_options
+from qcompile.config import (
+    DEFAULT_ACTIVATION_CLIP,
+    RECIPES,
+    Options,
+    QCompileConfigError,
+    known_options,
+)
 from tests.helpers import TinyMLP
 
 
@@ -56,3 +62,39 @@ def test_backend_rejects_unknown_option_through_torch_compile():
     cm = torch.compile(TinyMLP().eval(), backend="qcompile", options={"nope": 1})
     with pytest.raises(Exception, match="known options"):
         cm(torch.randn(2, 16))
+
+
+def test_activation_clip_default_option_and_fingerprint():
+    """w4a4's per-token int4 activations are clipped at the recipe's ratio unless the option
+    says otherwise; the ratio is part of the fingerprint there, and only there."""
+    w4a4 = Options.from_user(None, {"recipe": "w4a4"})
+    assert w4a4.act_clip == RECIPES["w4a4"].activation_clip == DEFAULT_ACTIVATION_CLIP
+    assert Options.from_user(None, {"recipe": "w4a4", "activation_clip": 1}).act_clip == 1.0
+    other = Options.from_user(None, {"recipe": "w4a4", "activation_clip": 0.95})
+    assert other.act_clip == 0.95 and other.fingerprint() != w4a4.fingerprint()
+    same = Options.from_user(None, {"recipe": "w4a4", "activation_clip": DEFAULT_ACTIVATION_CLIP})
+    assert same.fingerprint() == w4a4.fingerprint()
+    w8a8 = Options.from_user(None, {})
+    assert w8a8.act_clip == 1.0 and "act_clip" not in w8a8.fingerprint()
+    assert [n for n, r in RECIPES.items() if r.per_token_int4] == ["w4a4"]
+
+
+@pytest.mark.parametrize("value", [0, 0.0, -0.5, 1.5, float("nan"), "0.9", True])
+def test_activation_clip_out_of_range_says_what_to_give(value):
+    with pytest.raises(QCompileConfigError) as info:
+        Options.from_user(None, {"recipe": "w4a4", "activation_clip": value})
+    message = str(info.value)
+    assert "activation_clip must be a number in (0, 1]" in message and "1.0: no clipping" in message
+    assert repr(value) in message
+
+
+@pytest.mark.parametrize("recipe", ["w8a8", "w8a8-static", "w4a16", "w4a8", "w4a4-static",
+                                    "mixed", "float"])
+def test_activation_clip_belongs_to_per_token_int4_recipes(recipe):
+    options = {"recipe": recipe, "activation_clip": 0.9}
+    if recipe == "mixed":
+        options["budget"] = {"a16": 0.1}
+    with pytest.raises(QCompileConfigError) as info:
+        Options.from_user(None, options)
+    message = str(info.value)
+    assert f"recipe {recipe!r} has none" in message and "'recipe': 'w4a4'" in message

@@ -8,10 +8,11 @@ What, for x [..., K]:
   same kernel writing int16, zero point 0 (the int16 activations of lowering/a16_ops.py).
 - `requantize_int_*(acc, q, shift, zp)`: int32 -> int8 by the dyadic contract
   (qcompile.numerics.dyadic.requantize), in int64 integer arithmetic only.
-- `quantize_per_token_*(x)`: symmetric dynamic per-row quantization in one pass over x:
-  scale[m] = max(absmax(x[m]) / qmax, eps) exactly as specs.dynamic_per_token_qparams,
-  then q as above. Returns (int8 [..., K], float32 scale [...]).
-- `quantize_per_token_int4_packed_*(x)`: quantize_per_token at 4 bits, the values packed
+- `quantize_per_token_*(x, clip)`: symmetric dynamic per-row quantization in one pass over
+  x: scale[m] = max((absmax(x[m]) * clip) / qmax, eps) exactly as
+  specs.dynamic_per_token_qparams (clip a float32; 1.0, the default, multiplies exactly:
+  no clipping), then q as above. Returns (int8 [..., K], float32 scale [...]).
+- `quantize_per_token_int4_packed_*(x, clip)`: quantize_per_token at 4 bits, the values packed
   two per byte along K as they are made (specs.pack_int4's layout): what the packed W4A4
   GEMM reads (lowering/kernels/gemm_w4a4.py).
 - `hadamard_quantize_per_token_*(x)`: quantize_per_token(H x / sqrt(K)) fused: the row is
@@ -174,8 +175,9 @@ def _quantize_per_token_kernel(
     x_ptr,
     q_ptr,
     scale_ptr,
-    # shapes
+    # shapes and parameters
     K,
+    clip,  # float32 in (0, 1]: the range is clip * absmax (1.0: the absmax)
     # strides
     stride_xm,
     stride_xk,
@@ -200,7 +202,7 @@ def _quantize_per_token_kernel(
         for k0 in range(0, K, BLOCK_K):
             x = tl.load(x_row + (k0 + offs) * stride_xk, mask=k0 + offs < K, other=0.0)
             amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), axis=0))
-    scale = tl.maximum(tl.math.div_rn(amax, QMAX * 1.0), EPS)
+    scale = tl.maximum(tl.math.div_rn(amax * clip, QMAX * 1.0), EPS)  # the spec's op order
     tl.store(scale_ptr + row, scale)
     if ONE_PASS:
         tl.store(q_row + offs * stride_qk, quantize_value(x, scale, 0.0, QMIN, QMAX), offs < K)
@@ -224,8 +226,9 @@ def _quantize_per_token_int4_packed_kernel(
     x_ptr,
     p_ptr,  # uint8 [M, K // 2]: element 2b in the low nibble of byte b, 2b + 1 in the high
     scale_ptr,
-    # shapes
+    # shapes and parameters
     K,  # even
+    clip,  # float32 in (0, 1]: the range is clip * absmax (1.0: the absmax)
     # strides
     stride_xm,
     stride_xk,
@@ -254,7 +257,7 @@ def _quantize_per_token_int4_packed_kernel(
             x_odd = tl.load(x_row + (2 * (b0 + offs) + 1) * stride_xk, mask=mask, other=0.0)
             amax = tl.maximum(amax, tl.max(tl.abs(x_even.to(tl.float32)), axis=0))
             amax = tl.maximum(amax, tl.max(tl.abs(x_odd.to(tl.float32)), axis=0))
-    scale = tl.maximum(tl.math.div_rn(amax, 7.0), EPS)
+    scale = tl.maximum(tl.math.div_rn(amax * clip, 7.0), EPS)  # the spec's op order
     tl.store(scale_ptr + row, scale)
     if ONE_PASS:
         lo = quantize_float(x_even, scale, 0.0, -8, 7).to(tl.int32)  # exact: an integer
@@ -371,11 +374,21 @@ def requantize_int_triton(acc, q, shift, zero_point=0, qmin=-128, qmax=127):
     return out.reshape(acc.shape)
 
 
-def quantize_per_token_triton(x, *, bits=8, block_k=None):
+def _clip32(clip) -> float:
+    """clip as the float32 the kernels multiply by (Triton passes a Python float as float32;
+    rounded here once, as torch.tensor(clip, dtype=float32) rounds it for the reference)."""
+    clip = float(clip)
+    if not 0.0 < clip <= 1.0:
+        raise ValueError(f"clip must be in (0, 1] (1.0: no clipping), got {clip!r}")
+    return float(torch.tensor(clip, dtype=torch.float32))
+
+
+def quantize_per_token_triton(x, *, bits=8, clip=1.0, block_k=None):
     """block_k below K forces the two-pass (long-row) variant; tests use it."""
     check_can_launch(x)
     _check_float(x)
     qmin, qmax = _range(bits)
+    clip = _clip32(clip)
     x2 = _rows(x)  # [M, K]
     M, K = x2.shape
     q = torch.empty(x2.shape, dtype=torch.int8, device=x.device)
@@ -384,19 +397,21 @@ def quantize_per_token_triton(x, *, bits=8, block_k=None):
         block_k = min(triton.next_power_of_2(max(K, 1)), _ONE_PASS_MAX_K)
     if M:
         _quantize_per_token_kernel[(M,)](
-            x2, q, scale, K, x2.stride(0), x2.stride(1), q.stride(0), q.stride(1),
+            x2, q, scale, K, clip, x2.stride(0), x2.stride(1), q.stride(0), q.stride(1),
             QMIN=qmin, QMAX=qmax, EPS=SCALE_EPS, BLOCK_K=block_k, ONE_PASS=block_k >= K,
             num_warps=min(16, max(1, block_k // 512)),
         )  # fmt: skip
     return q.reshape(x.shape), scale.reshape(x.shape[:-1])
 
 
-def quantize_per_token_int4_packed_triton(x, *, block_b=None):
-    """quantize_per_token_triton(x, bits=4) with the int4 values packed two per byte along
-    K (specs.pack_int4's layout) in the same pass: (uint8 [..., K // 2], float32 [...]).
-    block_b (bytes a step) below K // 2 forces the two-pass (long-row) variant; tests use it."""
+def quantize_per_token_int4_packed_triton(x, *, clip=1.0, block_b=None):
+    """quantize_per_token_triton(x, bits=4, clip=clip) with the int4 values packed two per
+    byte along K (specs.pack_int4's layout) in the same pass: (uint8 [..., K // 2], float32
+    [...]). block_b (bytes a step) below K // 2 forces the two-pass (long-row) variant; tests
+    use it."""
     check_can_launch(x)
     _check_float(x)
+    clip = _clip32(clip)
     k = x.shape[-1]
     if k % 2:
         raise ValueError(f"packing int4 needs an even K (two values a byte), got K = {k}")
@@ -408,7 +423,7 @@ def quantize_per_token_int4_packed_triton(x, *, block_b=None):
         block_b = min(triton.next_power_of_2(max(k // 2, 1)), _ONE_PASS_MAX_K // 2)
     if M and k:
         _quantize_per_token_int4_packed_kernel[(M,)](
-            x2, p, scale, k, x2.stride(0), x2.stride(1), p.stride(0), p.stride(1),
+            x2, p, scale, k, clip, x2.stride(0), x2.stride(1), p.stride(0), p.stride(1),
             EPS=SCALE_EPS, BLOCK_B=block_b, ONE_PASS=block_b >= k // 2,
             num_warps=min(16, max(1, block_b // 256)),
         )  # fmt: skip
@@ -451,17 +466,17 @@ def requantize_int_ref(acc, q, shift, zero_point=0, qmin=-128, qmax=127):
     return requantize(acc, q, shift, zero_point, qmin, qmax, out_dtype=torch.int8)
 
 
-def quantize_per_token_ref(x, *, bits=8):
+def quantize_per_token_ref(x, *, bits=8, clip=1.0):
     """specs.dynamic_per_token_qparams + specs.quantize: (int8 [..., K], float32 [...])."""
     spec = specs.QuantSpec(bits=bits, granularity="per_token")
-    scale, zp = specs.dynamic_per_token_qparams(x, spec)
+    scale, zp = specs.dynamic_per_token_qparams(x, spec, clip=clip)
     return specs.quantize(x, scale, zp, spec), scale
 
 
-def quantize_per_token_int4_packed_ref(x):
-    """specs.pack_int4 of quantize_per_token_ref(x, bits=4): (uint8 [..., K // 2], float32
-    [...])."""
-    q, scale = quantize_per_token_ref(x, bits=4)
+def quantize_per_token_int4_packed_ref(x, *, clip=1.0):
+    """specs.pack_int4 of quantize_per_token_ref(x, bits=4, clip=clip): (uint8 [..., K // 2],
+    float32 [...])."""
+    q, scale = quantize_per_token_ref(x, bits=4, clip=clip)
     return specs.pack_int4(q), scale
 
 

@@ -255,19 +255,33 @@ def choose_qparams(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torc
 
 
 def dynamic_per_token_qparams(
-    x: torch.Tensor, spec: QuantSpec | None = None
+    x: torch.Tensor, spec: QuantSpec | None = None, clip: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row (scale, zero_point) of an activation x [..., K], both shaped x.shape[:-1].
 
     The symmetric case is absmax / qmax per row, which the dynamic-activation kernels
-    compute the same way in float32.
+    compute the same way in float32. clip in (0, 1] (symmetric specs only) shrinks the
+    range to clip * absmax, so the values beyond it saturate at qmin / qmax (QuaRot's 0.9
+    for int4 activations): scale = max((absmax * clip) / qmax, SCALE_EPS), clip rounded
+    to float32 first, one float32 rounding for the product and one for the quotient.
+    clip = 1.0 multiplies exactly: the unclipped scale, bit for bit.
     """
     fn = "dynamic_per_token_qparams"
     spec = _checks.quant_spec(fn, spec or QuantSpec(granularity="per_token"))
     if spec.granularity != "per_token":
         raise ValueError(f"{fn}: spec must be a per_token spec, got {spec}")
     _checks.floating(fn, "x", x)
-    return choose_qparams(x, spec)
+    if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not 0.0 < clip <= 1.0:
+        raise ValueError(f"{fn}: clip must be a number in (0, 1] (1.0: no clipping), got "
+                         f"{clip!r}")
+    if clip != 1.0 and not spec.symmetric:
+        raise ValueError(f"{fn}: clip applies to symmetric specs (scale from absmax), got {spec}")
+    # A positive factor commutes with the float32 rounding of max(-lo, hi) and with the
+    # clamps to 0, so scaling the float32 range by clip gives compute_qparams'
+    # (absmax * clip) / qmax exactly.
+    lo, hi = reduce_min_max(x, spec)
+    c = torch.tensor(clip, dtype=torch.float32)
+    return compute_qparams(lo * c, hi * c, spec)
 
 
 def expand_qparam(t: torch.Tensor, x_shape: torch.Size | tuple, spec: QuantSpec) -> torch.Tensor:

@@ -3,20 +3,23 @@ linear_a4w4_dynamic, and the kernels under them (kernels/quantize.py's packing p
 kernel, kernels/gemm_w4a4.py). The reference against its definition written out here;
 every implementation that runs on this machine (CPU routes, the Triton interpreter)
 against the reference bit for bit, on odd shapes (M, N, K of 1, 7, 34, 66), rows of equal
-values, zeros, ties, huge outliers, int4 weights at -8 and 7; packing against
-specs.pack_int4 and back; the checks that make bad arguments loud."""
+values, zeros, ties, huge outliers, int4 weights at -8 and 7, unclipped and clipped (the
+activation clip ratio: which values saturate, and the one op order of the scale);
+packing against specs.pack_int4 and back; the checks that make bad arguments loud."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from qcompile.lowering import a4_ops, cpu_routes, registry
+from qcompile.lowering import a4_ops, cpu_routes, ops, registry
 from qcompile.lowering.epilogue import Epilogue
 from qcompile.lowering.kernels import gemm_w4a4
 from qcompile.lowering.kernels.quantize import (
     quantize_per_token_int4_packed_ref,
     quantize_per_token_int4_packed_triton,
+    quantize_per_token_ref,
+    quantize_per_token_triton,
 )
 from qcompile.lowering.ops import dynamic_epilogue
 from qcompile.lowering.reference import AccumulatorRangeError
@@ -32,19 +35,20 @@ def _impls(op) -> list[str]:
 # ---------------------------------------------------------------- definitions
 
 
-def _quantize_def(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """scale = max(max|x[m]| / 7, eps) and q = clamp(round_half_even(x / scale), -8, 7),
-    all in float32."""
+def _quantize_def(x: torch.Tensor, clip: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """scale = max((max|x[m]| * clip) / 7, eps) and q = clamp(round_half_even(x / scale),
+    -8, 7), all in float32 (clip too)."""
     xf = x.float()
-    scale = (xf.abs().amax(dim=-1) / 7).clamp(min=SCALE_EPS)
+    clip32 = torch.tensor(clip, dtype=torch.float32)
+    scale = ((xf.abs().amax(dim=-1) * clip32) / 7).clamp(min=SCALE_EPS)
     q = torch.round(xf / scale[..., None]).clamp(-8, 7).to(torch.int8)
     return q, scale
 
 
-def _linear_def(x, w, w_scale, bias) -> torch.Tensor:
+def _linear_def(x, w, w_scale, bias, clip=1.0) -> torch.Tensor:
     """Per-token int4 x, the exact int64 accumulator, then ((float32(acc) * x_scale[m]) *
     w_scale[n]) + bias[n] in float32, one cast to x.dtype."""
-    q, s = _quantize_def(x.reshape(-1, x.shape[-1]))
+    q, s = _quantize_def(x.reshape(-1, x.shape[-1]), clip)
     acc = q.long() @ unpack_int4(w).long().T  # [M, N], exact
     y = (acc.float() * s[:, None]) * w_scale.float()[None, :]
     if bias is not None:
@@ -82,14 +86,31 @@ def _quantize_cases():
     ]
 
 
-QCASES = _quantize_cases()
+def _op_order_rows() -> torch.Tensor:
+    """Rows whose absmax a makes (a * 0.9) / 7, the op order every implementation keeps,
+    differ in float32 from a * (0.9 / 7) and from (a / 7) * 0.9: a different order would
+    give other scales here."""
+    c = torch.tensor(0.9, dtype=torch.float32)
+    a = torch.rand(4096, generator=torch.Generator().manual_seed(3)) * 10 + 0.1
+    ours = (a * c) / 7
+    a = a[(ours != a * (c / 7)) & (ours != (a / 7) * c)][:6]
+    assert a.numel() == 6
+    rows = torch.linspace(-1, 1, 34).repeat(6, 1) * a[:, None] * 0.5
+    rows[:, 7] = a  # the absmax, once per row
+    return rows
+
+
+QCASES = [*_quantize_cases(), ("op order", _op_order_rows())]
 QIDS = [c[0] for c in QCASES]
+# 1.0: no clipping; QuaRot's 0.9; 0.3 saturates much of a row, 1e-3 nearly all of it
+CLIPS = [1.0, 0.9, 0.3, 1e-3]
 
 
+@pytest.mark.parametrize("clip", CLIPS)
 @pytest.mark.parametrize("name, x", QCASES, ids=QIDS)
-def test_quantize_reference_is_the_definition(name, x):
-    q, scale = QUANTIZE(x, False, impl="reference")
-    want_q, want_s = _quantize_def(x)
+def test_quantize_reference_is_the_definition(name, x, clip):
+    q, scale = QUANTIZE(x, False, clip, impl="reference")
+    want_q, want_s = _quantize_def(x, clip)
     assert q.dtype == torch.int8 and scale.dtype == torch.float32
     assert torch.equal(q, want_q) and torch.equal(scale, want_s)
     assert q.shape == x.shape and scale.shape == x.shape[:-1]
@@ -97,21 +118,56 @@ def test_quantize_reference_is_the_definition(name, x):
 
 def test_quantize_cases_reach_the_ends():
     _, _, _, _, (_, ties), (_, ends), *_ = QCASES
-    q, _ = QUANTIZE(ties, False, impl="reference")
+    q, _ = QUANTIZE(ties, False, 1.0, impl="reference")
     assert q[0, :14].tolist() == [-6, -6, -4, -4, -2, -2, 0, 0, 2, 2, 4, 4, 6, 6]  # to even
-    q, s = QUANTIZE(ends, False, impl="reference")
+    q, s = QUANTIZE(ends, False, 1.0, impl="reference")
     assert (q[0] == 7).all() and (q[1] == -7).all() and (q[3] == 0).all()
     assert q[2, 5] == 7 and q[2].abs().sum() == 7 and s[3] == SCALE_EPS
 
 
+@pytest.mark.parametrize("clip", CLIPS)
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("impl", _impls(QUANTIZE))
-def test_quantize_implementations_equal_the_reference(impl, packed):
+def test_quantize_implementations_equal_the_reference(impl, packed, clip):
     for name, x in QCASES:
-        want_q, want_s = QUANTIZE(x, packed, impl="reference")
-        q, s = QUANTIZE(x, packed, impl=impl)
+        want_q, want_s = QUANTIZE(x, packed, clip, impl="reference")
+        q, s = QUANTIZE(x, packed, clip, impl=impl)
         assert q.dtype == want_q.dtype and torch.equal(q, want_q), name
         assert torch.equal(s, want_s), name
+
+
+@pytest.mark.parametrize("impl", sorted(QUANTIZE.impls))
+def test_clip_saturates_the_values_beyond_it(impl):
+    """absmax 14 at clip 0.5: scale (14 * 0.5) / 7 = 1 exactly, so x / scale is x: what lies
+    beyond 7 saturates at 7, beyond -8.5 at -8, the rest rounds on the finer grid; unclipped,
+    the scale is 2 and only the absmax reaches the ends (7, -7)."""
+    if not QUANTIZE.impls[impl].runs_on("cpu"):
+        pytest.skip(f"{impl} does not run here")
+    x = torch.tensor([[14.0, -14.0, 8.0, -9.0, 7.6, -8.4, 7.4, 3.0, -3.5, 0.0]])
+    q, s = QUANTIZE(x, False, 0.5, impl=impl)
+    assert s.tolist() == [1.0]
+    assert q.tolist() == [[7, -8, 7, -8, 7, -8, 7, 3, -4, 0]]
+    q, s = QUANTIZE(x, False, 1.0, impl=impl)
+    assert s.tolist() == [2.0]
+    assert q.tolist() == [[7, -7, 4, -4, 4, -4, 4, 2, -2, 0]]
+    p, _ = QUANTIZE(x, True, 0.5, impl=impl)
+    assert torch.equal(unpack_int4(p), torch.tensor([[7, -8, 7, -8, 7, -8, 7, 3, -4, 0]]))
+
+
+def test_clip_saturates_the_tail_of_a_gaussian_row():
+    """QuaRot's 0.9 on a Gaussian row (its absmax positive): every value from 0.9 of the
+    absmax up is 7, every one from -(7.5 / 7) * 0.9 of it down -8 (where x / scale rounds
+    to -8 or beyond), more values at the ends than unclipped."""
+    x = torch.randn(1, 4096, generator=torch.Generator().manual_seed(16))
+    x = x * x.flatten()[x.abs().argmax()].sign()
+    a = x.abs().max()
+    top, bottom = x >= a * 0.9, x <= -a * 0.9 * 7.5 / 7
+    assert int(top.sum()) == 7 and int(bottom.sum()) == 1  # more than the absmax itself
+    q, _ = QUANTIZE(x, False, 0.9, impl="reference")
+    assert (q[top] == 7).all() and (q[bottom] == -8).all()
+    q1, _ = QUANTIZE(x, False, 1.0, impl="reference")
+    ends = lambda t: int(((t == 7) | (t == -8)).sum())  # noqa: E731
+    assert ends(q) > ends(q1) and not (q1 == -8).any()  # unclipped, the grid ends at -7
 
 
 @pytest.mark.parametrize("impl", sorted(QUANTIZE.impls))
@@ -120,8 +176,8 @@ def test_packing_round_trips(impl):
     if not QUANTIZE.impls[impl].runs_on("cpu"):
         pytest.skip(f"{impl} does not run here")
     for name, x in QCASES:
-        q, _ = QUANTIZE(x, False, impl=impl)
-        p, _ = QUANTIZE(x, True, impl=impl)
+        q, _ = QUANTIZE(x, False, 0.9, impl=impl)
+        p, _ = QUANTIZE(x, True, 0.9, impl=impl)
         assert p.dtype == torch.uint8 and p.shape == (*x.shape[:-1], x.shape[-1] // 2), name
         assert torch.equal(p, pack_int4(q)) and torch.equal(unpack_int4(p), q), name
 
@@ -133,13 +189,31 @@ def test_pack_int4_values_is_specs_layout_for_every_pair():
     assert torch.equal(unpack_int4(a4_ops.pack_int4_values(pairs)), pairs)
 
 
-def test_long_rows_take_the_two_pass_kernel():
-    """Rows longer than a step (block_b below K // 2): the kernel reads x twice, same bytes."""
+@pytest.mark.parametrize("clip", [1.0, 0.9])
+def test_long_rows_take_the_two_pass_kernel(clip):
+    """Rows longer than a step (block_b, block_k below K): the kernels read x twice, same
+    bytes."""
     x = torch.randn(3, 130, generator=torch.Generator().manual_seed(1))
     x[1, 129] = 40.0  # the row's max in the last step
-    want = quantize_per_token_int4_packed_ref(x)
-    for got, ref in zip(quantize_per_token_int4_packed_triton(x, block_b=16), want, strict=True):
-        assert torch.equal(got, ref)
+    want = quantize_per_token_int4_packed_ref(x, clip=clip)
+    got = quantize_per_token_int4_packed_triton(x, clip=clip, block_b=16)
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
+    want = quantize_per_token_ref(x, bits=4, clip=clip)
+    got = quantize_per_token_triton(x, bits=4, clip=clip, block_k=16)
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_large_inputs_take_the_fused_cpu_path_with_the_same_integers():
+    """2**18 elements and more run Inductor-fused on the CPU path: the clip's product and
+    the division stay two float32 roundings there too."""
+    x = torch.randn(64, 4096, generator=torch.Generator().manual_seed(5)) * 3
+    x[:, 11] = torch.rand(64, generator=torch.Generator().manual_seed(6)) * 40  # absmaxes
+    assert x.numel() >= ops._FUSE_MIN_ELEMENTS
+    want_q, want_s = QUANTIZE(x, False, 0.9, impl="reference")
+    q, s = QUANTIZE(x, False, 0.9, impl="cpu")
+    assert torch.equal(q, want_q) and torch.equal(s, want_s)
 
 
 # ---------------------------------------------------------------- linear_a4w4_dynamic
@@ -171,41 +245,43 @@ def _linear_case(name: str):
 LINEAR_CASES = ["random", "one row", "batched", "extremes", "bfloat16"]
 
 
+@pytest.mark.parametrize("clip", [1.0, 0.9])
 @pytest.mark.parametrize("case", LINEAR_CASES)
-def test_linear_reference_is_the_definition(case):
+def test_linear_reference_is_the_definition(case, clip):
     args = _linear_case(case)
-    got = LINEAR(*args, impl="reference")
+    got = LINEAR(*args, clip, impl="reference")
     assert got.dtype == args[0].dtype
-    assert torch.equal(got, _linear_def(*args))
+    assert torch.equal(got, _linear_def(*args, clip))
 
 
 def test_extremes_reach_the_accumulator_ends():
     x, w, *_ = _linear_case("extremes")
-    q, _ = QUANTIZE(x, False, impl="reference")
+    q, _ = QUANTIZE(x, False, 1.0, impl="reference")
     acc = q.long() @ unpack_int4(w).long().T
     k = x.shape[-1]
     assert acc[0, 0] == 56 * k and acc[0, 1] == -49 * k  # -7 x -8 and -7 x 7 throughout
     assert acc[3, 2] == -(56 + 49) * (k // 2) and (acc[1] == 0).all()  # 7 x -8, -7 x 7
 
 
+@pytest.mark.parametrize("clip", [1.0, 0.9, 0.3])
 @pytest.mark.parametrize("impl", _impls(LINEAR))
-def test_linear_implementations_equal_the_reference(impl):
+def test_linear_implementations_equal_the_reference(impl, clip):
     prepare = LINEAR.impls[impl].prepare
     for case in LINEAR_CASES:
         x, w, w_scale, bias = _linear_case(case)
-        want = LINEAR(x, w, w_scale, bias, impl="reference")
-        assert torch.equal(LINEAR(x, w, w_scale, bias, impl=impl), want), case
+        want = LINEAR(x, w, w_scale, bias, clip, impl="reference")
+        assert torch.equal(LINEAR(x, w, w_scale, bias, clip, impl=impl), want), case
         if prepare is not None:  # the CPU implementations unpack w at lowering: same outputs
             pw = prepare({"w": w})["w"]
             assert pw.dtype == torch.int8
-            assert torch.equal(LINEAR(x, pw, w_scale, bias, impl=impl), want), case
+            assert torch.equal(LINEAR(x, pw, w_scale, bias, clip, impl=impl), want), case
 
 
 def test_triton_takes_an_unpacked_weight_too():
     """int4 values in int8 storage run the generated int8 GEMM on the unpacked x."""
     x, w, w_scale, bias = _linear_case("one row")
-    want = LINEAR(x, w, w_scale, bias, impl="reference")
-    assert torch.equal(LINEAR(x, unpack_int4(w), w_scale, bias, impl="triton"), want)
+    want = LINEAR(x, w, w_scale, bias, 0.9, impl="reference")
+    assert torch.equal(LINEAR(x, unpack_int4(w), w_scale, bias, 0.9, impl="triton"), want)
 
 
 def test_w4a4_gemm_accumulator_is_exact_at_the_ends():
@@ -260,33 +336,40 @@ def test_fakes_give_shapes_and_dtypes():
     odd = x[..., :-1]
     with FakeTensorMode() as mode:
         f = mode.from_tensor
-        y = LINEAR(f(x), f(w), f(w_scale), None)
+        y = LINEAR(f(x), f(w), f(w_scale), None, 0.9)
         assert y.shape == (2, 3, w.shape[0]) and y.dtype == x.dtype
-        q, s = QUANTIZE(f(x), True)
+        q, s = QUANTIZE(f(x), True, 0.9)
         assert q.shape == (2, 3, 17) and q.dtype == torch.uint8 and s.shape == (2, 3)
-        q, s = QUANTIZE(f(x), False)
+        q, s = QUANTIZE(f(x), False, 1.0)
         assert q.shape == x.shape and q.dtype == torch.int8 and s.dtype == torch.float32
         with pytest.raises(ValueError, match="even K"):
-            QUANTIZE(f(odd), True)
+            QUANTIZE(f(odd), True, 1.0)
+        with pytest.raises(ValueError, match=r"clip must be a number in \(0, 1\]"):
+            QUANTIZE(f(x), False, 0.0)
 
 
 @pytest.mark.parametrize("impl", ["reference", "cpu", "triton"])
 def test_bad_arguments_are_loud(impl):
     x, w, w_scale, bias = _linear_case("random")
     for args, error, message in [
-        ((x.to(torch.int8), w, w_scale, bias), TypeError, "x must be a floating"),
-        ((x, w.to(torch.int16), w_scale, bias), TypeError, "w must be packed int4"),
-        ((x[:, :-2], w, w_scale, bias), ValueError, "K = 64 but w"),
-        ((x, w, w_scale[:-1], bias), ValueError, "w_scale must have N = 33"),
-        ((x, w, w_scale.long(), bias), TypeError, "w_scale must be a float"),
-        ((x, w, w_scale, bias[:3]), ValueError, "bias must have N"),
+        ((x.to(torch.int8), w, w_scale, bias, 0.9), TypeError, "x must be a floating"),
+        ((x, w.to(torch.int16), w_scale, bias, 0.9), TypeError, "w must be packed int4"),
+        ((x[:, :-2], w, w_scale, bias, 0.9), ValueError, "K = 64 but w"),
+        ((x, w, w_scale[:-1], bias, 0.9), ValueError, "w_scale must have N = 33"),
+        ((x, w, w_scale.long(), bias, 0.9), TypeError, "w_scale must be a float"),
+        ((x, w, w_scale, bias[:3], 0.9), ValueError, "bias must have N"),
+        ((x, w, w_scale, bias, 1.5), ValueError, r"clip must be a number in \(0, 1\]"),
+        ((x, w, w_scale, bias, -0.9), ValueError, r"clip must be a number in \(0, 1\]"),
     ]:
         with pytest.raises(error, match=message):
             LINEAR(*args, impl=impl)
     with pytest.raises(ValueError, match="even K"):
-        QUANTIZE(x[:, :-1], True, impl=impl)
+        QUANTIZE(x[:, :-1], True, 0.9, impl=impl)
     with pytest.raises(TypeError, match="floating-point"):
-        QUANTIZE(x.to(torch.int8), False, impl=impl)
+        QUANTIZE(x.to(torch.int8), False, 0.9, impl=impl)
+    for clip in (0.0, 1.01, float("nan")):
+        with pytest.raises(ValueError, match=r"clip must be a number in \(0, 1\]"):
+            QUANTIZE(x, False, clip, impl=impl)
 
 
 def test_k_is_held_to_the_int8_gemms_bound():

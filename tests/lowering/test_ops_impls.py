@@ -7,8 +7,9 @@ import torch
 from torch.fx import Interpreter
 
 import qcompile
+from qcompile.config import DEFAULT_ACTIVATION_CLIP
 from qcompile.fx_utils import get_constant
-from qcompile.lowering import ops
+from qcompile.lowering import ops, registry
 from qcompile.state import state_for_model
 
 INTEGER_OPS = (ops.QUANTIZE, ops.LINEAR_INT8, ops.REQUANT_INT8, ops.ADD_INT8)
@@ -121,6 +122,29 @@ def test_w4a4_lowerings_agree_bit_for_bit(tmp_path):
         assert outs.keys() == ref.keys()
         assert all(torch.equal(outs[k], ref[k]) for k in ref)
         assert torch.equal(out, ref_out)
+
+
+@pytest.mark.parametrize("clip", [None, 0.9, 1.0])
+def test_w4a4_graph_carries_the_activation_clip(clip):
+    """Every linear_a4w4_dynamic of a compiled model holds the option's clip ratio (the
+    recipe's where not given), and the outputs it gives are the reference op's at that
+    ratio."""
+    variant = _w4a4_lowered("cpu", **({} if clip is None else {"activation_clip": clip}))
+    want = DEFAULT_ACTIVATION_CLIP if clip is None else clip
+    nodes = [n for n in variant.gm.graph.nodes if n.target is ops.LINEAR_A4W4_DYNAMIC]
+    assert len(nodes) == 3 and [registry.arg(n, "clip") for n in nodes] == [want] * 3
+    first = nodes[0]
+    x = torch.linspace(-3, 3, 360).reshape(3, 5, 24)
+    run = _Outputs(variant.gm, ops.LINEAR_A4W4_DYNAMIC)
+    with torch.no_grad():
+        run.run(x)
+    w, w_scale, bias = (get_constant(variant.gm, a) if a is not None else None
+                        for a in first.args[1:4])
+    ref = ops.linear_a4w4_dynamic(x, w, w_scale, bias, want, impl="reference")
+    assert torch.equal(run.outs[first.name], ref)
+    if want != 1.0:
+        assert not torch.equal(ref, ops.linear_a4w4_dynamic(x, w, w_scale, bias, 1.0,
+                                                            impl="reference"))
 
 
 def test_implementation_is_recorded_in_the_report():

@@ -213,7 +213,7 @@ def _samples(name, g, extreme):
         x = torch.randn(2, m, 2 * k, generator=g) * 3
         if extreme:  # an all-zero row, a row of one value, a huge outlier
             x[0, 0], x[1, 0], x[1, -1, 0] = 0.0, -2.5, 1e30
-        return (x, bool(m % 2))
+        return (x, bool(m % 2), 0.3 if extreme else 0.9)  # clip 0.3: most of a row saturates
     if name == "linear_a4w4_dynamic":
         x, w, *_ = _linear_args(g, extreme, int4=True)  # w: packed int4, at -8 / 7 if extreme
         n = w.shape[0]
@@ -222,7 +222,7 @@ def _samples(name, g, extreme):
         if extreme:  # a row of one value and a huge outlier
             xf[1, 0], xf[1, -1, 0] = -2.5, 1e6
         return (xf, w, torch.rand(n, generator=g) * 0.01,
-                torch.randn(n, generator=g) if n % 2 else None)
+                torch.randn(n, generator=g) if n % 2 else None, 0.3 if extreme else 0.9)
     if name == "linear_w4a16":
         m, groups, n = _dims(g, (1, 9), (1, 3), (1, 24))
         k, gs = groups * 32, 32

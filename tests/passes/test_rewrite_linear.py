@@ -95,7 +95,7 @@ def test_w4a4_linear_becomes_one_int4_op_with_a_packed_weight():
     expect(after, """
         # CHECK-NOT: quantize
         # CHECK: = torch.ops.qcompile.linear_a4w4_dynamic.default(l_x_, fc1_wq4, fc1_wscale,
-        # CHECK-SAME: fc1_bias)
+        # CHECK-SAME: fc1_bias, 0.8)
         # CHECK: = torch.ops.qcompile.linear_a4w4_dynamic.default(relu, fc2_wq4, fc2_wscale,
         # CHECK: = torch.ops.qcompile.linear_a4w4_dynamic.default(reshape, fc3_wq4,
         # CHECK-NOT: quantize
