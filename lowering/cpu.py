@@ -335,8 +335,7 @@ def cpu_gemm_int8(
     v = bind_operands(epilogue, a.shape[0], w.shape[0], "cpu", values)
     r = cpu_routes.ROUTES[route] if route is not None else route_for(a.shape[0], w)
     p = prepared(r, w)
-    acc = r.matmul_f32(a, p) if p.f32_exact and r.native_f32 else r.matmul(a, p)
-    return run_epilogue(acc, epilogue, v, mode)
+    return run_epilogue(r.accumulate(a, p), epilogue, v, mode)
 
 
 # ---------------------------------------------------------------- the GEMM as a graph op
@@ -345,12 +344,12 @@ def cpu_gemm_int8(
 @torch.library.custom_op("qcompile::cpu_acc", mutates_args=())
 def cpu_acc(a: torch.Tensor, w: torch.Tensor, route: str) -> torch.Tensor:
     """acc [..., N] = A [..., K] @ W [N, K]^T through `route`: float32 holding the exact
-    integers where the route computes in float32, else int32. The GEMM alone, for graphs
-    whose epilogue Inductor fuses with the ops around it (lowering/inline.py); the caller
-    checked, once, that a float32 accumulator is exact for this weight (`inline_route`)."""
+    integers where the route computes in float32, else int32 (the dtype the fake promises:
+    the caller checked, once, that this weight keeps a float32 accumulator exact,
+    `inline_route`). The GEMM alone, for graphs whose epilogue Inductor fuses with the ops
+    around it (lowering/inline.py)."""
     r = cpu_routes.ROUTES[route]
-    rows, p = a.reshape(-1, a.shape[-1]), prepared(r, w)  # [M, K]
-    acc = r.matmul_f32(rows, p) if r.native_f32 else r.matmul(rows, p)  # [M, N]
+    acc = r.accumulate(a.reshape(-1, a.shape[-1]), prepared(r, w))  # [M, N]
     return acc.reshape(*a.shape[:-1], w.shape[0])
 
 

@@ -321,6 +321,7 @@ class Route:
 
     name = ""
     native_f32 = True  # computes in float32: matmul_f32 saves the int32 conversion
+    reads_u8 = False  # reads A as uint8 a + 128 (an int8 A costs it a conversion pass)
 
     def available(self, caps: CpuCapabilities) -> bool:
         return True
@@ -365,6 +366,11 @@ class Route:
         if m == 0 or p.n == 0 or p.k == 0:
             return torch.zeros((m, p.n), dtype=torch.int32)
         return self._int32(a, p)
+
+    def accumulate(self, a: torch.Tensor, p: Prepared) -> torch.Tensor:
+        """The exact accumulator in the cheapest form: float32 (matmul_f32) where the route
+        computes in float32 and this weight keeps |acc| <= 2**24, else int32 (matmul)."""
+        return self.matmul_f32(a, p) if p.f32_exact and self.native_f32 else self.matmul(a, p)
 
     def matmul_f32(self, a: torch.Tensor, p: Prepared) -> torch.Tensor:
         """The same integers held exactly in float32 [M, N] (needs p.f32_exact)."""
@@ -428,6 +434,7 @@ class IntMM(Route):
 
 class OneDnnU8S8(Route):
     name = "onednn-u8s8"
+    reads_u8 = True
 
     def available(self, caps):
         return caps.onednn
@@ -450,6 +457,7 @@ class OneDnnU8S8(Route):
 
 class OneDnnSplit(OneDnnU8S8):
     name = "onednn-u8s8-split"
+    reads_u8 = False  # splits the signed values: a uint8 A is converted back
 
     def weight_range(self, caps):
         return FULL_RANGE

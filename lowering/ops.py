@@ -575,10 +575,12 @@ def _(a, impl):
 
 
 def _operand(a, route):
-    """The A operand of an inlined GEMM in the layout its route reads: oneDNN's u8 x s8
-    kernels take a + 128 as uint8, which Inductor then computes in the loop that quantizes
-    a (the route would otherwise add 128 in a pass of its own)."""
-    if route.startswith("onednn"):
+    """The A operand of an inlined GEMM in the layout its route reads: a route that takes
+    a + 128 as uint8 (oneDNN's u8 x s8) gets it from the loop that quantizes a, which
+    Inductor fuses it into (the route would otherwise add 128 in a pass of its own)."""
+    from qcompile.lowering import cpu_routes
+
+    if cpu_routes.ROUTES[route].reads_u8:
         return (a.to(torch.float32) + 128).to(torch.uint8)  # exact: integers below 2**8
     return a
 
