@@ -4,7 +4,8 @@ What: for every Observe node, the site's range observer gives a static per-tenso
 (scale, zero point) for the recipe's activation bits (asymmetric, full signed range); the
 per-channel ranges (smoothing), Hessians (GPTQ) and means (bias correction) are kept for
 the passes that need them; a row sample (bias correction) becomes the per-channel mean
-rounding error E[x - Q(x)] under the parameters just computed, and is dropped.
+rounding error E[x - Q(x)] under the parameters just computed, and is dropped (kept on the
+site where smooth measures its candidates on it; smooth-qparams drops it).
 A site that saw no calibration data gets no parameters: the layers that need it stay in
 float, and the report says so. Each Observe node is replaced by its input. A model given a
 saved quantization (qcompile.load) takes its sites' parameters from it instead.
@@ -23,6 +24,7 @@ from torch.fx import GraphModule
 from qcompile import annotations as ann
 from qcompile.numerics.specs import SCALE_EPS, QuantSpec, fake_quantize
 from qcompile.pass_manager import PassContext, PassResult, graph_pass
+from qcompile.passes._migration import Migration
 from qcompile.passes.insert_observers import observer_key
 
 INT16_MAX = 32767
@@ -40,6 +42,12 @@ class CalibSite:
     mean: torch.Tensor | None = None  # float64 per-channel E[x] (bias correction)
     # float64 per-channel E[x - Q(x)] under (scale, zero_point) at `bits`, over a row sample
     act_error: torch.Tensor | None = None
+    # float32 [n, K]: the row sample itself, kept (until smooth-qparams) only where smooth
+    # measures candidates on it
+    rows: torch.Tensor | None = None
+    # what smooth chose for the linears reading this input (saved with the quantization, so
+    # a loaded model needs no rows to redo the search)
+    migration: Migration | None = None
 
     @property
     def scale16(self) -> float | None:
@@ -113,6 +121,8 @@ def calibrate_qparams(gm: GraphModule, ctx: PassContext) -> PassResult:
                 samples = obs.rows
         if samples is not None and site.scale is not None:
             site.act_error = activation_error(samples, site.scale, site.zero_point, spec)
+        if samples is not None and ctx.options.smooth_search:
+            site.rows = samples
         counters["sites"] += 1
         counters["no_data"] += not site.seen
         if not site.seen:

@@ -9,7 +9,9 @@ that reads only the sum, as for a convolution). Which statistics each keeps depe
 the options: a range observer (options.observer, else the recipe's) always; per-channel min/max when
 smoothing is on (SmoothQuant needs max|X_j|); the Hessian X^T X when GPTQ is on; when bias
 correction is on, on linear inputs, the per-channel mean E[x_j] and (static activations) a
-uniform sample of SAMPLE_ROWS rows, whose rounding error is measured once the scale is known.
+uniform sample of SAMPLE_ROWS rows, whose rounding error is measured once the scale is known;
+the mean and the row sample also when smoothing searches each layer's shift and scale (the
+sample is what it measures the candidates on).
 Observers are identity functions in the graph: the model computes in float while
 calibrating. They store into the model's ModelState (ctx.state), keyed by site, so every
 graph of the model and every recompile shares them.
@@ -101,6 +103,8 @@ def _input_kinds(ctx: PassContext) -> tuple[str, ...]:
         act = ctx.options.recipe_obj.act
         if act is not None and not act.dynamic:  # rows: E[x - Q(x)] once Q's scale is known
             kinds.append("sample")
+    if ctx.options.smooth_search:  # rows to measure each candidate's output error on; the
+        kinds += [k for k in ("mean", "sample") if k not in kinds]  # mean: a shifted Hessian
     return tuple(kinds)
 
 

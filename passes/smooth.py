@@ -1,32 +1,45 @@
-"""smooth: SmoothQuant per-channel scales between activations and weights.
+"""smooth: per-channel shift and scale between activations and the weights that read them.
 
-What: for the linears reading one input x [..., K] (q/k/v share theirs), with calibrated
-per-channel activation maxima a_j = max|X_j| and weight maxima w_j = max over those
-linears' column j of |W|,
-    s_j = a_j^alpha / w_j^(1 - alpha)           (alpha = options.smooth_alpha)
-the activation is divided by s and every consumer's columns multiplied by it:
-X W^T = (X diag(1/s)) (W diag(s))^T. The division is folded into the producer of x
-when every reader of the producer's output is one of these linears:
-    a norm            gamma <- gamma / s, beta <- beta / s (gamma = 1/s if it had none)
-    a linear          its output rows and bias / s
+What: for the linears reading one input x [..., K] (q/k/v share theirs), a per-channel
+shift z and scale s > 0 with
+    x~ = (x - z) / s,     W~ = W diag(s),     b~ = b + W z        (x W^T + b = x~ W~^T + b~)
+chosen one of two ways:
+  options.smooth_alpha None (the default): per group, by measurement (passes/_migration.py):
+      no change, a shift only, Outlier Suppression+'s clipped scales with or without the
+      shift, or SmoothQuant's scales, whichever gives the group's outputs the least error on
+      the calibration rows under the recipe's own activation and weight quantizers; a
+      group where no change wins is left as it is (the report says so, with the errors);
+  a number alpha in [0, 1]: SmoothQuant everywhere, no shift, with the calibrated
+      per-channel maxima a_j = max|X_j| and w_j = max over the linears' column j of |W|:
+      s_j = a_j^alpha / w_j^(1 - alpha).
+The new input x~ is folded into the producer of x when every reader of the producer's
+output is one of these linears:
+    a LayerNorm       gamma <- gamma / s, beta <- (beta - z) / s
+    an RMSNorm        gamma <- gamma / s (no shift: it has no beta)
+    a linear          its output rows / s, its bias (b - z) / s
     a gated product   u * v with u (or v) a linear read only here: that linear's rows / s
-Otherwise an explicit `x * (1/s)` is inserted in front of the linears (before the
-quantizer), and the report records it.
-Statistics (per consumer site, float [K]): ctx.analysis["smooth_stats"][site] (tests),
+                      (no shift)
+Otherwise an explicit `x * (1/s) + (-z/s)` is inserted in front of the linears (before the
+quantizer; Inductor fuses it into the quantization on CPU), and the report records it.
+Statistics: the per-channel range [min_j, max_j] and (searching) the row sample of the
+linears' input from calibrate-qparams (ctx.analysis["calib"]["in:<layer>"]: channel_range,
+rows; a loaded quantization brings the chosen migration instead of rows); else, for the
+fixed alpha, per consumer site in ctx.analysis["smooth_stats"][site] (tests) or
 ctx.state.stats[site], for site = the weight's parameter name, the layer name or
-"in:<layer>"; or calibrate-qparams' ctx.analysis["calib"]["in:<layer>"].channel_range;
-or insert-observers' per-channel observer of "in:<layer>" in ctx.state.observers.
-A tensor, {"absmax": t} or {"min": t, "max": t}, or an observer (PerChannelAbsMaxObserver)
-are accepted. A linear group with no statistics is skipped, with the reason recorded.
-Why: activation outliers sit in a few channels; moving part of their range into the
-weights makes both quantize well (SmoothQuant, Xiao et al. 2023). Exact in real arithmetic.
+"in:<layer>", or insert-observers' per-channel observer of "in:<layer>". A tensor (max|X_j|),
+{"absmax": t} or {"min": t, "max": t}, or an observer are accepted. A group without the
+statistics it needs is skipped, with the reason recorded.
+Why: activation outliers sit in a few channels (and, after GELU or in BERT's LayerNorm
+outputs, off-centre); moving part of their range into the weights, and their centre into
+the bias, makes both quantize well (SmoothQuant, Xiao et al. 2023; Outlier Suppression+,
+Wei et al. 2023). Exact in real arithmetic.
 Runs in the finalize phase, after calibration. Note: per-tensor activation scales
-computed from the un-smoothed ranges are stale afterwards (the per-channel ranges / s
-give the new ones).
-Pre: analyze-structure. Post: same function; smoothed linears record "smooth(...)"; every
-node whose values were divided by s carries a `Smoothed(s)` annotation, and the explicit
-multiply inherits x's quantization sites (smooth-qparams rescales those sites). A group
-whose input already carries Smoothed is not smoothed again.
+computed from the untransformed ranges are stale afterwards (smooth-qparams recomputes
+them from the per-channel ranges).
+Pre: analyze-structure. Post: same function; transformed linears record "smooth(...)";
+every node whose values became (x - z) / s carries a `Smoothed(s, shift=z)` annotation, and
+the explicit op inherits x's quantization sites (smooth-qparams rescales those sites). A
+group whose input already carries Smoothed is not smoothed again.
 """
 
 from __future__ import annotations
@@ -40,6 +53,14 @@ from torch.fx import GraphModule, Node
 from qcompile import annotations as ann
 from qcompile.fx_utils import add_constant, is_call, tensor_val
 from qcompile.pass_manager import PassContext, PassResult, graph_pass
+from qcompile.passes._migration import (
+    Migration,
+    choose,
+    smoothquant_scales,
+    static_quantizer,
+    token_quantizer,
+    weight_quantizer,
+)
 from qcompile.passes._shapes import (
     is_linear_input,
     last_dim_consumers,
@@ -55,53 +76,63 @@ from qcompile.passes._structure import (
     param_name,
     set_linear,
 )
+from qcompile.passes.calibrate_qparams import activation_spec
+from qcompile.passes.quantize_weights import weight_spec_for
 
 
-def _absmax(value) -> torch.Tensor | None:
+def _range(value) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(min_j, max_j) float64 from a statistic: a tensor or {"absmax": t} (max|X_j|, so
+    (-t, t)), {"min": t, "max": t}, a (min, max) pair, or an observer; None otherwise."""
+    def signed(a):
+        a = a.detach().abs().double()
+        return -a, a
+
     if isinstance(value, torch.Tensor):
-        return value.detach().abs()
+        return signed(value)
     if isinstance(value, dict):
         if value.get("absmax") is not None:
-            return value["absmax"].detach().abs()
+            return signed(value["absmax"])
         if value.get("min") is not None and value.get("max") is not None:
-            return torch.maximum(value["min"].abs(), value["max"].abs())
+            return value["min"].detach().double(), value["max"].detach().double()
         return None
     if isinstance(value, (tuple, list)) and len(value) == 2:
-        return torch.maximum(value[0].abs(), value[1].abs())
-    for lo, hi in (("absmax", None), ("min_val", "max_val")):
-        a = getattr(value, lo, None)
-        if a is not None:
-            return a.detach().abs() if hi is None else torch.maximum(
-                a.abs(), getattr(value, hi).abs())
+        return value[0].detach().double(), value[1].detach().double()
+    if getattr(value, "absmax", None) is not None:
+        return signed(value.absmax)
+    if getattr(value, "min_val", None) is not None:
+        return value.min_val.detach().double(), value.max_val.detach().double()
     return None
 
 
-def activation_absmax(ctx: PassContext, linear: Node) -> torch.Tensor | None:
-    """max |x_j| of the linear's input over the calibration data, or None."""
+def activation_range(ctx: PassContext, linear: Node) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Per-channel (min, max) of the linear's input over the calibration data, or None."""
     layer = layer_name(linear)
     keys = (param_name(linear.args[1]), layer, f"in:{layer}")
     state = ctx.state
     for source in (ctx.analysis.get("smooth_stats") or {}, getattr(state, "stats", None) or {}):
         for key in keys:
-            if key in source and _absmax(source[key]) is not None:
-                return _absmax(source[key])
+            if key in source and _range(source[key]) is not None:
+                return _range(source[key])
     calib = (ctx.analysis.get("calib") or {}).get(f"in:{layer}")
     if getattr(calib, "channel_range", None) is not None:
-        return _absmax(tuple(calib.channel_range))
+        return _range(tuple(calib.channel_range))
     # insert-observers' per-channel observer, keyed "<options>|in:<layer>|channels"
     for key, obs in (getattr(state, "observers", None) or {}).items():
         if key.endswith(f"in:{layer}|channels") and getattr(obs, "count", 1):
-            return _absmax(obs)
+            return _range(obs)
     return None
+
+
+def activation_absmax(ctx: PassContext, linear: Node) -> torch.Tensor | None:
+    """max |x_j| of the linear's input over the calibration data, or None."""
+    found = activation_range(ctx, linear)
+    return None if found is None else torch.maximum(found[0].abs(), found[1].abs())
 
 
 def smoothing_scales(ax: torch.Tensor, weights: list[torch.Tensor], alpha: float):
     """s [K] float64 from activation maxima [K] and the consumers' weights [N_i, K]."""
-    aw = torch.stack([w.abs().amax(0) for w in weights]).amax(0)
-    ax = ax.to(torch.float64)
-    s = ax.clamp(min=1e-5) ** alpha / aw.clamp(min=1e-5) ** (1.0 - alpha)
-    s = s.clamp(min=1e-5)
-    return torch.where((ax > 0) & (aw > 0), s, torch.ones_like(s))
+    return smoothquant_scales(ax, torch.stack([w.abs().amax(0) for w in weights]).amax(0),
+                              alpha)
 
 
 def _exclusive(node: Node, linears: list[Node]) -> bool:
@@ -120,50 +151,104 @@ def _normalizes_last_dim_only(norm: Node) -> bool:
     return isinstance(shape, (list, tuple)) and len(shape) == 1
 
 
-def _fold_producer(ed: WeightEditor, x: Node, linears: list[Node], s: torch.Tensor) -> str | None:
-    """Divide what produces x by s; returns how, or None when nothing can absorb it."""
+def _fold_producer(ed: WeightEditor, x: Node, linears: list[Node], m: Migration) -> str | None:
+    """Make what produces x compute (x - z) / s; returns how, or None when nothing can."""
     p = last_dim_producer(x)
+    s, z = m.scale, m.shift
     k = s.shape[0]
     if not _exclusive(p, linears) or last_size(p) != k:
         return None
-    ann.put(x, ann.Smoothed(s))  # x's values are now x / s (smooth-qparams rescales)
-    if is_call(p, *NORMS) and _normalizes_last_dim_only(p):
+    smoothed = ann.Smoothed(s, shift=z)
+    if is_call(p, *NORMS) and _normalizes_last_dim_only(p) and (
+            z is None or p.target is F.layer_norm):
+        ann.put(x, smoothed)  # x's values are now (x - z) / s (smooth-qparams rescales)
         like = torch.empty(0, dtype=tensor_val(p).dtype, device=tensor_val(p).device)
         gamma = ed.get64(p, 2)
         ed.set(p, 2, (gamma if gamma is not None else torch.ones_like(s)) / s, like=like,
                name=f"smooth_{p.name}_weight")
-        if p.target is F.layer_norm and p.args[3] is not None:
-            ed.set(p, 3, ed.get64(p, 3) / s, like=like, name=f"smooth_{p.name}_bias")
+        if p.target is F.layer_norm and (z is not None or p.args[3] is not None):
+            beta = ed.get64(p, 3) if p.args[3] is not None else torch.zeros_like(s)
+            ed.set(p, 3, (beta - (0 if z is None else z)) / s, like=like,
+                   name=f"smooth_{p.name}_bias")
         return "norm"
     if is_call(p, F.linear):
+        ann.put(x, smoothed)
         w, b = linear_params(ed, p)
-        set_linear(ed, p, weight=w / s[:, None], bias=None if b is None else b / s)
-        ann.put(p, ann.Smoothed(s))
+        if b is None and z is not None:
+            b = torch.zeros_like(s)
+        set_linear(ed, p, weight=w / s[:, None],
+                   bias=None if b is None else (b - (0 if z is None else z)) / s)
+        ann.put(p, smoothed)
         return "linear"
-    if is_call(p, operator.mul, torch.mul) and all(isinstance(a, Node) for a in p.args):
+    if z is None and is_call(p, operator.mul, torch.mul) and all(
+            isinstance(a, Node) for a in p.args):
         for factor in p.args:
             f = last_dim_producer(factor)
             if is_call(f, F.linear) and last_size(f) == k and all(
                     u is p for u, _ in last_dim_consumers(f)) and (
                     tensor_val(factor).shape == tensor_val(p).shape):
+                ann.put(x, smoothed)
                 w, b = linear_params(ed, f)
                 set_linear(ed, f, weight=w / s[:, None], bias=None if b is None else b / s)
-                ann.put(f, ann.Smoothed(s))
+                ann.put(f, smoothed)
                 return "gated linear"
-    ann.take(x, ann.Smoothed)  # nothing absorbed 1/s: x keeps its values
     return None
 
 
-def _explicit(gm: GraphModule, x: Node, linears: list[Node], s: torch.Tensor) -> None:
-    inv = add_constant(gm, f"smooth_inv_scale_{x.name}", (1.0 / s).to(tensor_val(x).dtype),
+def _explicit(gm: GraphModule, x: Node, linears: list[Node], m: Migration) -> None:
+    dtype = tensor_val(x).dtype
+    inv = add_constant(gm, f"smooth_inv_scale_{x.name}", (1.0 / m.scale).to(dtype),
                        before=linears[0])
+    offset = None
+    if m.shift is not None:
+        offset = add_constant(gm, f"smooth_offset_{x.name}", (-m.shift / m.scale).to(dtype),
+                              before=linears[0])
     with gm.graph.inserting_before(linears[0]):
         scaled = gm.graph.call_function(operator.mul, (x, inv))
-    ann.put(scaled, ann.Smoothed(s, explicit=True))
-    if ann.site(x, "input") is not None:  # the linears now read x / s: same site, rescaled
+        if offset is not None:
+            scaled = gm.graph.call_function(operator.add, (scaled, offset))
+    ann.put(scaled, ann.Smoothed(m.scale, explicit=True, shift=m.shift))
+    if ann.site(x, "input") is not None:  # the linears now read x~: same site, rescaled
         ann.put(scaled, ann.Sites(input=ann.site(x, "input")))
     for lin in linears:
         lin.replace_input_with(x, scaled)
+
+
+def _quantizers(ctx: PassContext, k: int, bits: int | None):
+    """The recipe's activation quantizer (static per-tensor from the transformed range,
+    per-token dynamic, or none) and its RTN weight quantizer, for _migration to measure."""
+    act = ctx.options.recipe_obj.act
+    if act is None:
+        def quantize_act(x, lo, hi):
+            return x
+    elif act.dynamic:
+        quantize_act = token_quantizer(act.bits, ctx.options.act_clip)
+    else:
+        quantize_act = static_quantizer(activation_spec(ctx))
+    return quantize_act, weight_quantizer(weight_spec_for(ctx, k, bits)[0])
+
+
+def _search(ctx: PassContext, linears: list[Node], weights: list[torch.Tensor],
+            k: int, errors: list) -> tuple[Migration | None, str]:
+    """The group's migration: saved (a loaded quantization) or measured (its output errors
+    before and after join `errors`); (None, why) where there is nothing to measure with."""
+    calib = ctx.analysis.get("calib") or {}
+    site = next((calib[f"in:{layer_name(lin)}"] for lin in linears
+                 if f"in:{layer_name(lin)}" in calib), None)
+    if site is not None and site.migration is not None:
+        return site.migration, "as saved"
+    if site is None or site.rows is None or site.channel_range is None:
+        return None, ("no calibration rows of its input to measure candidates on (the row "
+                      "sample and per-channel ranges of 'in:<layer>')")
+    if site.rows.shape[-1] != k:
+        return None, f"the calibration rows do not have the input's {k} channels"
+    bits = next((ann.selected(lin).weight_bits for lin in linears if ann.selected(lin)), None)
+    choice = choose(site.rows, *site.channel_range, weights, *_quantizers(ctx, k, bits))
+    site.migration = choice.best
+    errors.append((choice.baseline, choice.error))
+    change = choice.error / choice.baseline - 1 if choice.baseline > 0 else 0.0
+    return choice.best, (f"output error {choice.baseline:.3g} -> {choice.error:.3g} "
+                         f"({change:+.0%}), best of {choice.tried}")
 
 
 @graph_pass("smooth", requires=("analyze-structure",))
@@ -173,8 +258,10 @@ def smooth(gm: GraphModule, ctx: PassContext) -> PassResult:
     skips = Skips(ctx, "smooth")
     explicit = Skips(ctx, "smooth", verb="scaled explicitly")
     counters = {"groups": 0, "linears": 0, "into_norm": 0, "into_linear": 0,
-                "into_gated_linear": 0, "explicit": 0, "skipped": 0}
+                "into_gated_linear": 0, "explicit": 0, "skipped": 0, "unchanged": 0,
+                "shifted": 0}
     groups: dict[Node, list[Node]] = {}
+    errors: list[tuple[float, float]] = []  # measured groups' output error: none, chosen
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     for node in gm.graph.nodes:
         if is_call(node, F.linear) and isinstance(node.args[0], Node):
@@ -183,34 +270,60 @@ def smooth(gm: GraphModule, ctx: PassContext) -> PassResult:
         names = "/".join(layer_name(lin) for lin in linears)
         if ann.get(x, ann.Smoothed) is not None:  # smoothed before
             continue
-        found = [a for a in (activation_absmax(ctx, lin) for lin in linears) if a is not None]
         k = last_size(x)
-        if not found:
-            skips.add(names, "no calibration statistics (max|X_j|) for its input")
-            counters["skipped"] += 1
-            continue
-        if any(a.shape != (k,) for a in found):
-            skips.add(names, f"statistics do not have the input's {k} channels")
-            counters["skipped"] += 1
-            continue
-        ax = torch.stack([a.to(torch.float64) for a in found]).amax(0)
         weights = [linear_params(ed, lin)[0] for lin in linears]
-        s = smoothing_scales(ax, weights, alpha)
-        how = _fold_producer(ed, x, linears, s)
+        if alpha is None:
+            m, why = _search(ctx, linears, weights, k, errors)
+            if m is None:
+                skips.add(names, why)
+                counters["skipped"] += 1
+                continue
+            for lin in linears:
+                ctx.layer(layer_name(lin), "linear").detail["smooth"] = (
+                    f"{m.label}: {why}" if not m.identity else
+                    f"unchanged: no shift or scale beat no change ({why})")
+            if m.identity:
+                counters["unchanged"] += 1
+                continue
+        else:
+            found = [a for a in (activation_absmax(ctx, lin) for lin in linears)
+                     if a is not None]
+            if not found:
+                skips.add(names, "no calibration statistics (max|X_j|) for its input")
+                counters["skipped"] += 1
+                continue
+            if any(a.shape != (k,) for a in found):
+                skips.add(names, f"statistics do not have the input's {k} channels")
+                counters["skipped"] += 1
+                continue
+            ax = torch.stack([a.to(torch.float64) for a in found]).amax(0)
+            m = Migration(f"alpha={alpha:g}", smoothing_scales(ax, weights, alpha))
+        how = _fold_producer(ed, x, linears, m)
         if how is None:
-            _explicit(gm, x, sorted(linears, key=order.__getitem__), s)
+            _explicit(gm, x, sorted(linears, key=order.__getitem__), m)
             how = "explicit"
-            explicit.add(names, "no producer can absorb 1/s, so x * (1/s) runs before the "
-                         "quantizer")
+            explicit.add(names, "no producer can absorb the shift and 1/s, so "
+                         "x * (1/s) - z/s runs before the quantizer")
         for lin, w in zip(linears, weights, strict=True):
-            set_linear(ed, lin, weight=w * s[None, :])
+            b = linear_params(ed, lin)[1]
+            if m.shift is not None:
+                b = (b if b is not None else torch.zeros(w.shape[0], dtype=w.dtype)) + \
+                    w @ m.shift
+            set_linear(ed, lin, weight=w * m.scale[None, :], bias=b)
             ctx.layer(layer_name(lin), "linear").transforms.append(
-                f"smooth(alpha={alpha:g}, into={how})")
+                f"smooth({m.label}, into={how})")
             counters["linears"] += 1
         counters["groups"] += 1
+        counters["shifted"] += m.shift is not None
         counters["into_" + how.replace(" ", "_") if how != "explicit" else "explicit"] += 1
     skips.flush()
     explicit.flush()
+    if errors:
+        before, after = (sum(e[i] for e in errors) for i in (0, 1))
+        ctx.note(f"smooth: measured {len(errors)} group(s) of linears; "
+                 f"{len(errors) - counters['unchanged']} shifted or scaled, "
+                 f"{counters['unchanged']} unchanged; summed output error on the calibration "
+                 f"rows {before:.4g} -> {after:.4g}")
     if ed.untied:
         ctx.note(f"smooth: gave {sorted(set(ed.untied))} a separate copy per reader")
     return PassResult(gm, modified=counters["groups"] > 0,

@@ -1,12 +1,15 @@
 """smooth-qparams: static activation parameters that smoothing invalidated, recomputed.
 
-What: smooth divides some activations by per-channel scales s (the input of smoothed
-linears, and the outputs of the producers that absorbed 1/s) and marks those nodes with
-a `Smoothed(s)` annotation. Their quantization sites were calibrated before smoothing;
-with the per-channel ranges [lo_j, hi_j] that calibration kept, the range of x / s is
-exactly [min_j lo_j / s_j, max_j hi_j / s_j] (s > 0). Each such node gets a new site
-"<site>@smooth" with parameters from that range; GPTQ's Hessian of a smoothed input
-becomes S^-1 H S^-1 (the Hessian of x / s), and its mean (bias correction) E[x] / s.
+What: smooth turns some activations x into (x - z) / s per channel (the input of smoothed
+linears, and the outputs of the producers that absorbed it) and marks those nodes with
+a `Smoothed(s, shift=z)` annotation. Their quantization sites were calibrated before
+smoothing; with the per-channel ranges [lo_j, hi_j] that calibration kept, the range of
+x~ is exactly [min_j (lo_j - z_j) / s_j, max_j (hi_j - z_j) / s_j] (s > 0). Each such node
+gets a new site "<site>@smooth" with parameters from that range; GPTQ's Hessian becomes
+S^-1 (H - 2(z m^T + m z^T - z z^T)) S^-1 (the Hessian of x~, m = E[x]), its mean (bias
+correction) (E[x] - z) / s, and, where the row sample is still there, its mean rounding
+error is measured again on the transformed rows under the new parameters. The row samples
+are dropped here.
 Exact for min-max observers; for MSE and percentile observers the per-channel min-max
 range stands in (the report notes it).
 Pre: smooth, calibrate-qparams (per-channel ranges: insert-observers adds them when
@@ -22,7 +25,7 @@ from torch.fx import GraphModule
 from qcompile import annotations as ann
 from qcompile.numerics.specs import compute_qparams
 from qcompile.pass_manager import PassContext, PassResult, graph_pass
-from qcompile.passes.calibrate_qparams import CalibSite, activation_spec
+from qcompile.passes.calibrate_qparams import CalibSite, activation_error, activation_spec
 
 
 @graph_pass("smooth-qparams", requires=("smooth", "calibrate-qparams"))
@@ -35,6 +38,7 @@ def smooth_qparams(gm: GraphModule, ctx: PassContext) -> PassResult:
         if smoothed is None:
             continue
         s = smoothed.divisor.to(torch.float64)
+        z = smoothed.shift.to(torch.float64) if smoothed.shift is not None else None
         for role in ("input", "output"):
             site = ann.site(node, role)
             if site is None or site.endswith("@smooth") or site not in calib:
@@ -47,18 +51,38 @@ def smooth_qparams(gm: GraphModule, ctx: PassContext) -> PassResult:
                 calib[new_site] = CalibSite(seen=False)
                 counters["no_channel_ranges"] += 1
             else:
-                lo, hi = (t.to(torch.float64) / s for t in old.channel_range)
-                scale, zp = compute_qparams(lo.min(), hi.max(), spec)
-                hessian = None
-                if old.hessian is not None:
-                    inv = (1.0 / s).to(old.hessian.dtype)
-                    hessian = old.hessian * inv[:, None] * inv[None, :]
-                mean = old.mean / s if old.mean is not None else None
-                calib[new_site] = CalibSite(float(scale), int(zp), (lo, hi), hessian, True,
-                                            mean=mean)
+                calib[new_site] = _transformed(old, s, z, spec, calib.get(new_site))
                 counters["sites"] += 1
             setattr(ann.get(node, ann.Sites), role, new_site)
+    for site in calib.values():  # the row samples have served: memory, not statistics
+        site.rows = None
     if ctx.options.observer_name != "minmax" and counters["sites"]:
         ctx.note(f"smooth-qparams: smoothed sites use per-channel min-max ranges, not the "
                  f"{ctx.options.observer_name!r} observer")
     return PassResult(gm, modified=False, counters=counters)
+
+
+def _transformed(old: CalibSite, s: torch.Tensor, z: torch.Tensor | None, spec,
+                 loaded: CalibSite | None) -> CalibSite:
+    """The statistics of x~ = (x - z) / s from those of x."""
+    shift = torch.zeros_like(s) if z is None else z
+    lo, hi = ((t.to(torch.float64) - shift) / s for t in old.channel_range)
+    scale, zp = compute_qparams(lo.min(), hi.max(), spec)
+    hessian = None
+    if old.hessian is not None:  # H = 2/n sum x x^T; for x - z it is H - 2(z m^T + m z^T - z z^T)
+        h = old.hessian.double()
+        if z is not None:
+            if old.mean is None:
+                raise ValueError("smooth-qparams: a shifted input's Hessian needs its mean "
+                                 "(insert-observers keeps it when smoothing searches)")
+            m = old.mean.double()
+            h = h - 2 * (torch.outer(z, m) + torch.outer(m, z) - torch.outer(z, z))
+        inv = 1.0 / s
+        hessian = (h * inv[:, None] * inv[None, :]).to(old.hessian.dtype)
+    mean = (old.mean - shift) / s if old.mean is not None else None
+    act_error = loaded.act_error if loaded is not None else None  # a loaded quantization's
+    if old.rows is not None and old.act_error is not None:  # bias correction's activation part
+        act_error = activation_error(((old.rows.double() - shift) / s).float(), float(scale),
+                                     int(zp), spec)
+    return CalibSite(float(scale), int(zp), (lo, hi), hessian, True, mean=mean,
+                     act_error=act_error)

@@ -16,7 +16,7 @@ through `get` / `put` / `take`:
   FloatEpilogue   a requantizing linear whose output may only feed float islands: what it
                   needs to dequantize its accumulator instead (integer-dataflow)
   LayerOutput     the node whose value stands for a layer's output (measure-sqnr)
-  Smoothed        a value that SmoothQuant divided by per-channel scales s
+  Smoothed        a value that smooth shifted and divided per channel: (x - z) / s
 
 Graph facts that are not quantization state stay plain provenance tags in node.meta
 (passes/README.md lists them): qc_pass, qc_param_name, qc_source, qc_is_param,
@@ -157,5 +157,6 @@ class LayerOutput:
 
 @dataclass(frozen=True)
 class Smoothed:
-    divisor: torch.Tensor  # s [C]: the node's values are x / s
-    explicit: bool = False  # an inserted x * (1 / s), not a producer that absorbed it
+    divisor: torch.Tensor  # s [C]: the node's values are (x - shift) / s
+    explicit: bool = False  # an inserted (x - shift) * (1 / s), not a producer that absorbed it
+    shift: torch.Tensor | None = None  # z [C] (Outlier Suppression+), None: no shift

@@ -137,7 +137,11 @@ class Options:
     recipe: str = DEFAULT_RECIPE
     # transforms (None: the recipe's default)
     smooth: bool | None = None
-    smooth_alpha: float = 0.5
+    # None: each group of linears gets the shift and scale (Outlier Suppression+), the
+    # SmoothQuant scales or no change, whichever gives its outputs the least error on the
+    # calibration rows (passes/_migration.py); a number in [0, 1]: SmoothQuant with this
+    # fixed alpha everywhere
+    smooth_alpha: float | None = None
     rotate: bool | None = None
     online_hadamard: bool | None = None
     gptq: bool | None = None
@@ -185,6 +189,12 @@ class Options:
         """A transform's switch: the option where given, else the recipe's default."""
         value = getattr(self, name)
         return getattr(self.recipe_obj, name) if value is None else bool(value)
+
+    @property
+    def smooth_search(self) -> bool:
+        """Smoothing is on and chooses each group's shift and scale by measurement (it needs
+        a sample of each linear input's rows from calibration)."""
+        return self.transform_on("smooth") and self.smooth_alpha is None
 
     @property
     def needs_calibration(self) -> bool:
@@ -267,8 +277,12 @@ class Options:
             raise QCompileConfigError(
                 f"print_after must be one of {list(PRINT_AFTER)}, got {self.print_after!r}"
             )
-        if not 0.0 <= self.smooth_alpha <= 1.0:
-            raise QCompileConfigError(f"smooth_alpha must be in [0, 1], got {self.smooth_alpha}")
+        alpha = self.smooth_alpha
+        if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))
+                                  or not 0.0 <= alpha <= 1.0):
+            raise QCompileConfigError(
+                f"smooth_alpha must be None (each layer's shift and scale chosen by its output "
+                f"error) or SmoothQuant's alpha, a number in [0, 1]; got {alpha!r}")
         for name in ("smooth", "rotate", "online_hadamard", "gptq", "integer_nonlinear",
                      "bias_correction", "narrow_weights", "inductor"):
             value = getattr(self, name)

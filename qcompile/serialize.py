@@ -8,7 +8,7 @@
 
 What is saved: everything the finalize phase derives from data, so loading needs none:
 every calibrated site's activation parameters (scale, zero point, per-channel ranges, means
-and rounding errors; the sites are named after parameter paths, so every graph and every
+and rounding errors, and the shift and scale smooth chose for the linears reading it; the sites are named after parameter paths, so every graph and every
 recompile finds them), every quantized layer's weight (int8 values with their scales and
 spec: round-to-nearest or GPTQ, after the transforms), the options that made them, a
 fingerprint of every float weight (name, shape, dtype, sha256), and a format version.
@@ -177,6 +177,11 @@ def save(model, path: str | os.PathLike) -> str:
                 if getattr(site, key) is not None:
                     tensors[f"site/{name}/{key}"] = getattr(site, key).double()
                     entry[key] = True
+            if site.migration is not None:  # smooth's choice, measured on rows not saved
+                entry["migration"] = site.migration.label
+                tensors[f"site/{name}/migration_scale"] = site.migration.scale.double()
+                if site.migration.shift is not None:
+                    tensors[f"site/{name}/migration_shift"] = site.migration.shift.double()
             sites[name] = entry
         for node in art.gm.graph.nodes:
             layer = ann.get(node, ann.Layer)
@@ -236,6 +241,7 @@ def load(model, path: str | os.PathLike) -> Loaded:
     finalize with it at their first call, without calibration."""
     from qcompile.numerics.specs import QuantSpec
     from qcompile.numerics.weights import QuantizedWeight
+    from qcompile.passes._migration import Migration
     from qcompile.passes.calibrate_qparams import CalibSite
     from qcompile.state import compile_fingerprint, state_for_model
 
@@ -259,9 +265,13 @@ def load(model, path: str | os.PathLike) -> Loaded:
         rng = None
         if entry.get("channel_range"):
             rng = (tensors[f"site/{name}/lo"], tensors[f"site/{name}/hi"])
+        migration = None
+        if entry.get("migration") is not None:
+            migration = Migration(entry["migration"], tensors[f"site/{name}/migration_scale"],
+                                  tensors.get(f"site/{name}/migration_shift"))
         loaded.sites[name] = CalibSite(entry["scale"], entry["zero_point"], rng, None,
                                        entry["seen"], entry.get("absmax"),
-                                       entry.get("bits", 8),
+                                       entry.get("bits", 8), migration=migration,
                                        **{key: tensors[f"site/{name}/{key}"]
                                           for key in ("mean", "act_error") if entry.get(key)})
     for name, variants in meta["layers"].items():

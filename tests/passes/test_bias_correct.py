@@ -146,8 +146,8 @@ def test_smoothed_inputs_carry_their_mean_divided_by_s():
     model, x = _model_and_batch()
     with cpu_routes.override_capabilities(PLAIN_CPU):
         cap = stage(model, x, before="integer-dataflow",
-                    options={"recipe": "w8a8-static", "smooth": True, "bias_correction": True,
-                             "kernels": "cpu"})
+                    options={"recipe": "w8a8-static", "smooth": True, "smooth_alpha": 0.5,
+                             "bias_correction": True, "kernels": "cpu"})
     calib = cap.ctx.analysis["calib"]
     smoothed = {ann.site(n, "input"): ann.get(n, ann.Smoothed).divisor.double()
                 for n in cap.gm.graph.nodes if ann.get(n, ann.Smoothed) is not None}
@@ -163,6 +163,30 @@ def test_smoothed_inputs_carry_their_mean_divided_by_s():
     # the rows were sampled before smoothing, under other parameters: no activation part
     assert "activation part none (no row sample" in cap.ctx.layers["fc1"].detail[
         "bias_correction"]
+
+
+def test_searched_shift_and_scale_keep_both_parts():
+    """smooth's searched migration x~ = (x - z) / s: the new site's mean is (E[x] - z) / s,
+    and its rounding error is measured again on the transformed row sample, under the new
+    parameters (the row sample is kept for the search), so both parts stay."""
+    model, x = _model_and_batch()
+    with cpu_routes.override_capabilities(PLAIN_CPU):
+        cap = stage(model, x, before="integer-dataflow",
+                    options={"recipe": "w8a8-static", "smooth": True, "bias_correction": True,
+                             "kernels": "cpu"})
+    calib = cap.ctx.analysis["calib"]
+    smoothed = {ann.site(n, "input"): ann.get(n, ann.Smoothed) for n in cap.gm.graph.nodes
+                if ann.get(n, ann.Smoothed) is not None and ann.site(n, "input")}
+    assert smoothed, "the batch's off-centre channels should make the search move something"
+    for site, sm in smoothed.items():
+        old = calib[site.removesuffix("@smooth")]
+        z = sm.shift if sm.shift is not None else 0
+        torch.testing.assert_close(calib[site].mean, (old.mean - z) / sm.divisor.double())
+        assert calib[site].act_error is not None
+        assert old.rows is None and old.migration is not None  # dropped; the choice kept
+    for name in ("fc1", "fc2"):
+        detail = cap.ctx.layers[name].detail["bias_correction"]
+        assert "no row sample" not in detail
 
 
 def test_float_epilogue_ops_take_the_corrected_bias():

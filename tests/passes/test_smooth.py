@@ -137,7 +137,8 @@ def test_layernorm_bias_and_tied_head():
 
 @pytest.mark.parametrize("how", ["missing", "wrong-size"])
 def test_skipped_without_statistics(how):
-    cap, _ = transformed(Gated(), torch.randn(2, 5, 16), passes=[], smooth=True)
+    cap, _ = transformed(Gated(), torch.randn(2, 5, 16), passes=[], smooth=True,
+                         smooth_alpha=0.5)
     code = cap.gm.code
     if how == "wrong-size":
         cap.ctx.analysis["smooth_stats"] = {k: torch.ones(7) for k in _stats(cap)}
@@ -152,7 +153,8 @@ def test_statistics_from_observers_and_calibration_results():
 
     from qcompile.numerics.observers import PerChannelAbsMaxObserver
 
-    cap, before = transformed(Gated(), torch.randn(2, 5, 16), passes=[], smooth=True)
+    cap, before = transformed(Gated(), torch.randn(2, 5, 16), passes=[], smooth=True,
+                              smooth_alpha=0.5)
     obs = PerChannelAbsMaxObserver()
     obs.update(torch.randn(4, 16) * 3)
     down = PerChannelAbsMaxObserver()
@@ -163,9 +165,135 @@ def test_statistics_from_observers_and_calibration_results():
     assert cap.ctx.history[-1].counters["groups"] == 2
     assert_close(cap(), before)
 
-    cap, before = transformed(Gated(), torch.randn(2, 5, 16), passes=[], smooth=True)
+    cap, before = transformed(Gated(), torch.randn(2, 5, 16), passes=[], smooth=True,
+                              smooth_alpha=0.5)
     hi = torch.rand(32) + 1
     cap.ctx.analysis["calib"] = {"in:down": SimpleNamespace(channel_range=(-hi, hi))}
     cap.run_pass("smooth")
     assert cap.ctx.history[-1].counters["groups"] == 1
     assert_close(cap(), before)
+
+
+class Chain(torch.nn.Module):
+    """A linear read only by another linear (v -> o_proj without the attention)."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = torch.nn.Linear(d, 24, bias=False)
+        self.b = torch.nn.Linear(24, d)
+
+    def forward(self, x):
+        return self.b(self.a(x))
+
+
+@pytest.mark.parametrize("model,x,folded", [
+    (PreNorm("layer"), torch.randint(0, 24, (2, 5)), {"into_norm": 3, "explicit": 2}),
+    (PreNorm("rms"), torch.randint(0, 24, (2, 5)), {"explicit": 5}),  # no beta for z
+    (PostNorm(), torch.randn(2, 5, 16), {"explicit": 4}),
+    (Gated(), torch.randn(2, 5, 16), {"explicit": 2}),  # a gated product takes no shift
+    (Chain(), torch.randn(2, 5, 16), {"into_linear": 1, "explicit": 1}),
+], ids=["layernorm", "rmsnorm", "post-norm", "gated", "linear"])
+def test_shift_and_scale_fold_exactly(model, x, folded):
+    """A migration (as a loaded quantization brings it: no rows needed) with a shift and a
+    scale on every group: folded into a LayerNorm's gamma and beta, a linear's rows and bias,
+    or applied explicitly; the function is the same in float64."""
+    from qcompile.passes._migration import Migration
+    from qcompile.passes._structure import layer_name
+    from qcompile.passes.calibrate_qparams import CalibSite
+
+    cap, before = transformed(model, x, passes=[], smooth=True)
+    gen = torch.Generator().manual_seed(3)
+    cap.ctx.analysis["calib"] = {
+        f"in:{layer_name(n)}": CalibSite(migration=Migration(
+            "test", torch.rand(k, generator=gen, dtype=torch.float64) * 3 + 0.25,
+            torch.randn(k, generator=gen, dtype=torch.float64)))
+        for n in nodes(cap.gm, F.linear) for k in [n.args[1].meta["val"].shape[1]]}
+    cap.run_pass("smooth")
+    counters = cap.ctx.history[-1].counters
+    assert {k: v for k, v in counters.items() if k in ("into_norm", "into_linear",
+                                                      "into_gated_linear", "explicit")} == folded
+    assert counters["shifted"] == counters["groups"] == sum(folded.values())
+    assert all(t.startswith("smooth(test, into=") for layer in cap.ctx.layers.values()
+               for t in layer.transforms if t.startswith("smooth"))
+    assert all(layer.detail["smooth"] == "test: as saved" for layer in cap.ctx.layers.values())
+    shifted = [n for n in cap.gm.graph.nodes if ann.get(n, ann.Smoothed) is not None]
+    assert all(ann.get(n, ann.Smoothed).shift is not None for n in shifted)
+    assert_close(cap(), before, rtol=1e-11)
+
+
+def test_search_needs_rows_and_keeps_what_no_candidate_beats():
+    """Searching (smooth_alpha None) without calibration rows skips the group and says why;
+    a group whose rows no shift or scale helps (no outliers) is left unchanged, reported."""
+    from qcompile.passes.calibrate_qparams import CalibSite
+
+    cap, _ = transformed(Chain(), torch.randn(2, 5, 16), passes=[], smooth=True)
+    code = cap.gm.code
+    cap.run_pass("smooth")
+    assert not cap.ctx.history[-1].modified and cap.gm.code == code
+    assert any("no calibration rows" in n for n in cap.ctx.notes)
+
+    cap, _ = transformed(Chain(), torch.randn(2, 5, 16), passes=[], smooth=True,
+                         recipe="w8a8-static")
+    code = cap.gm.code
+    gen = torch.Generator().manual_seed(0)
+    v = torch.randn(128, generator=gen)
+    for layer, k in (("a", 16), ("b", 24)):
+        # every channel holds the values +-v (one range, centred at 0) and every weight
+        # column has one magnitude: a shift is 0 and every scale is uniform, which
+        # quantization does not see
+        rows = torch.stack([torch.cat((v, -v))[torch.randperm(256, generator=gen)]
+                            for _ in range(k)], dim=1)
+        cap.ctx.analysis.setdefault("calib", {})[f"in:{layer}"] = CalibSite(
+            channel_range=(rows.amin(0), rows.amax(0)), rows=rows)
+    for lin in nodes(cap.gm, F.linear):
+        w = get_constant(cap.gm, lin.args[1])
+        w.copy_(torch.sign(torch.randn(w.shape, generator=gen, dtype=w.dtype)) * 0.1)
+    cap.run_pass("smooth")
+    assert cap.ctx.history[-1].counters == {"unchanged": 2}
+    assert cap.gm.code == code
+    assert cap.ctx.layers["a"].detail["smooth"].startswith("unchanged: no shift or scale")
+    assert not any(t.startswith("smooth") for t in cap.ctx.layers["a"].transforms)
+
+
+class NormMLP(torch.nn.Module):
+    def __init__(self, d=32, hidden=64):
+        super().__init__()
+        torch.manual_seed(0)
+        self.norm = torch.nn.LayerNorm(d)
+        self.up = torch.nn.Linear(d, hidden)
+        self.down = torch.nn.Linear(hidden, d)
+        with torch.no_grad():  # BERT's LayerNorm outliers: one channel off-centre, one wide
+            self.norm.bias[5], self.norm.weight[9] = 30.0, 12.0
+
+    def forward(self, x):
+        return self.down(F.gelu(self.up(self.norm(x))))
+
+
+def test_search_through_the_pipeline_cuts_the_error_of_outlier_channels():
+    """w8a8-static with outlier channels in a LayerNorm's output: the shift and scale chosen
+    on the calibration rows (into the norm; explicit after GELU) make the integer model's
+    outputs closer to float than no smoothing does, and the report says what was measured."""
+    import qcompile
+
+    model = NormMLP().eval()
+    gen = torch.Generator().manual_seed(0)
+    calib, x = torch.randn(8, 16, 32, generator=gen), torch.randn(4, 16, 32, generator=gen)
+    with torch.no_grad():
+        ref = model(x)
+    errors = {}
+    for on in (False, True):
+        torch._dynamo.reset()
+        cm = torch.compile(model, backend="qcompile", options={
+            "recipe": "w8a8-static", "smooth": on, "kernels": "reference"})
+        with torch.no_grad():
+            with qcompile.calibrate(cm):
+                cm(calib)
+            errors[on] = float((cm(x) - ref).pow(2).mean() / ref.pow(2).mean())
+    assert errors[True] < errors[False] / 2, errors
+    report = qcompile.report(cm)
+    up = next(layer for layer in report.layers if layer.name == "up")
+    assert up.transforms == [t for t in up.transforms if "into=norm" in t] and up.transforms
+    assert "output error" in up.detail["smooth"]
+    assert any(n.startswith("smooth: measured 2 group(s)") for g in report.graphs
+               for n in g.notes)

@@ -1,0 +1,166 @@
+"""Channel-wise shift and scale between an activation and the linears that read it, chosen
+by those linears' output error on calibration rows (Outlier Suppression+, Wei et al. 2023).
+
+For an input x [..., K] read by linears y_i = x W_i^T + b_i, a per-channel shift z and
+scale s > 0 give the same outputs in real arithmetic:
+    x~ = (x - z) / s,     W~_i = W_i diag(s),     b~_i = b_i + W_i z
+    y_i = x~ W~_i^T + b~_i
+Quantization sees x~ and W~_i instead of x and W_i. Which (z, s) is best depends on the
+activation quantizer (a static per-tensor range, per-token scales, none), the weight
+quantizer (bits, per channel or group) and the data, so it is chosen by measuring, per
+group of linears sharing x, the summed output error
+    sum_i || Q_a(x~) Q_w(W~_i)^T + W_i z - x W_i^T ||^2       (mean over sampled rows)
+over these candidates:
+    no change                         z = 0, s = 1 (so the search never makes it worse)
+    shift only                        z = (max_j + min_j) / 2, s = 1
+    OS+ scales, with or without shift s_j = max(1, r_j / t), r_j the channel's half-range
+                                      (after the shift) or max |x_j|, t on a geometric grid
+                                      from max r down to the median r
+    SmoothQuant, with or without shift s_j = r_j^alpha / max_i |W_i[:, j]|^(1 - alpha)
+The channel ranges come from calibration (all the data); the rows are a uniform sample.
+Why per group and by measurement: a fixed SmoothQuant alpha made all-MiniLM-L6-v2 worse
+under w8a8-static (0.9931 -> 0.9909 mean cosine), since what helps one layer hurts another.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from qcompile.numerics.specs import SCALE_EPS, QuantSpec, compute_qparams
+
+ALPHAS = (0.25, 0.5, 0.75)  # SmoothQuant's migration strengths among the candidates
+STEPS = 12  # OS+ thresholds t between max r and median r
+MIN_GAIN = 0.01  # a candidate must cut "no change"'s output error by this fraction to win
+
+# x~ [n, K] float32 and its per-channel range (lo, hi) [K] -> Q(x~) dequantized [n, K]
+ActQuantizer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# W~ [N, K] float32 -> Q(W~) dequantized [N, K]
+WeightQuantizer = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Migration:
+    """x~ = (x - shift) / scale; scale float64 [K] > 0, shift float64 [K] or None."""
+
+    label: str
+    scale: torch.Tensor
+    shift: torch.Tensor | None = None
+
+    @property
+    def identity(self) -> bool:
+        return self.shift is None and bool((self.scale == 1).all())
+
+
+@dataclass(frozen=True)
+class Choice:
+    best: Migration
+    error: float  # its summed output MSE
+    baseline: float  # the "no change" candidate's
+    tried: int
+
+
+def weight_quantizer(spec: QuantSpec) -> WeightQuantizer:
+    """Round to nearest with symmetric min-max scales per output row or per group, as
+    quantize_weight_rtn computes them, without its checks (called once per candidate)."""
+    def quantize(w: torch.Tensor) -> torch.Tensor:
+        g = w if spec.granularity != "per_group" else w.reshape(
+            w.shape[0], -1, spec.group_size)  # [N, K // g, g]
+        scale = (g.abs().amax(-1, keepdim=True) / spec.qmax).clamp(min=SCALE_EPS)
+        return ((g / scale).round().clamp(spec.qmin, spec.qmax) * scale).reshape(w.shape)
+    return quantize
+
+
+def static_quantizer(spec: QuantSpec) -> ActQuantizer:
+    """One (scale, zero point) for the tensor from its per-channel range, as smooth-qparams
+    computes the new site's."""
+    def quantize(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+        scale, zp = compute_qparams(lo.min(), hi.max(), spec)
+        q = ((x / scale).round() + zp).clamp(spec.qmin, spec.qmax)
+        return (q - zp) * scale
+    return quantize
+
+
+def token_quantizer(bits: int, clip: float = 1.0) -> ActQuantizer:
+    """Symmetric per-row scales, max(|x|) * clip / qmax (the dynamic activation ops')."""
+    spec = QuantSpec(bits=bits, granularity="per_token")
+
+    def quantize(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+        scale = (x.abs().amax(-1, keepdim=True) * clip / spec.qmax).clamp(min=SCALE_EPS)
+        return (x / scale).round().clamp(spec.qmin, spec.qmax) * scale
+    return quantize
+
+
+def _weight_absmax(weights: list[torch.Tensor]) -> torch.Tensor:
+    return torch.stack([w.abs().amax(0) for w in weights]).amax(0)
+
+
+def smoothquant_scales(a: torch.Tensor, w_absmax: torch.Tensor, alpha: float) -> torch.Tensor:
+    """s_j = a_j^alpha / w_j^(1 - alpha), 1 where either statistic is 0; float64 [K]."""
+    a, w = a.double(), w_absmax.double()
+    s = (a.clamp(min=1e-5) ** alpha / w.clamp(min=1e-5) ** (1.0 - alpha)).clamp(min=1e-5)
+    return torch.where((a > 0) & (w > 0), s, torch.ones_like(s))
+
+
+def candidates(lo: torch.Tensor, hi: torch.Tensor,
+               weights: list[torch.Tensor]) -> list[Migration]:
+    """Every candidate for an input with per-channel range [lo, hi] (float64 [K]) read by
+    linears with these weights [N_i, K]; "no change" first."""
+    lo, hi = lo.double(), hi.double()
+    k = lo.shape[0]
+    one = torch.ones(k, dtype=torch.float64)
+    mid = (hi + lo) / 2
+    out = [Migration("none", one), Migration("shift", one, mid)]
+    w_absmax = _weight_absmax([w.double() for w in weights])
+    for shift, r in ((None, torch.maximum(lo.abs(), hi.abs())), (mid, (hi - lo) / 2)):
+        tag = "shift, " if shift is not None else ""
+        top, median = float(r.max()), float(r.median())
+        if median > 0 and top > median * (1 + 1e-6):
+            for i in range(1, STEPS + 1):
+                t = top * (median / top) ** (i / STEPS)
+                out.append(Migration(f"os+({tag}t={t:.3g})", (r / t).clamp(min=1.0), shift))
+        for alpha in ALPHAS:
+            out.append(Migration(f"smoothquant({tag}alpha={alpha:g})",
+                                 smoothquant_scales(r, w_absmax, alpha), shift))
+    return out
+
+
+def output_error(m: Migration, rows: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+                 weights: list[torch.Tensor], refs: list[torch.Tensor],
+                 quantize_act: ActQuantizer, quantize_weight: WeightQuantizer) -> float:
+    """Summed mean squared output error of the linears under migration m; refs[i] is
+    rows @ W_i^T in float32."""
+    s = m.scale.float()
+    z = m.shift.float() if m.shift is not None else None
+    x = rows if z is None else rows - z
+    xq = quantize_act(x / s, (lo - (0 if z is None else z.double())) / m.scale,
+                      (hi - (0 if z is None else z.double())) / m.scale)
+    total = 0.0
+    for w, ref in zip(weights, refs, strict=True):
+        y = xq @ quantize_weight(w * s).T
+        if z is not None:
+            y = y + w @ z
+        total += float((y - ref).pow(2).sum()) / rows.shape[0]
+    return total
+
+
+def choose(rows: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+           weights: list[torch.Tensor], quantize_act: ActQuantizer,
+           quantize_weight: WeightQuantizer) -> Choice:
+    """The candidate with the least output error ("no change" unless one beats it by
+    MIN_GAIN) for
+    sampled input rows [n, K], the input's calibrated per-channel range [lo, hi] [K], and
+    the readers' float weights [N_i, K]."""
+    rows = rows.float()
+    weights = [w.float() for w in weights]
+    lo, hi = lo.double(), hi.double()
+    refs = [rows @ w.T for w in weights]
+    found = [(output_error(m, rows, lo, hi, weights, refs, quantize_act, quantize_weight), m)
+             for m in candidates(lo, hi, weights)]
+    error, best = min(found, key=lambda e: e[0])
+    baseline = found[0][0]
+    if error > baseline * (1 - MIN_GAIN):  # not worth a transform (or float32 noise)
+        error, best = found[0]
+    return Choice(best, error, baseline, len(found))
