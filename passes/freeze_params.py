@@ -45,10 +45,13 @@ def source_name(node) -> str | None:
 
 
 def param_path(source: str) -> str:
-    """L['self']._modules['layers']._modules['0']._parameters['weight'] -> layers.0.weight"""
+    """L['self']._modules['layers']._modules['0']._parameters['weight'] -> layers.0.weight
+    (and L['args'][0]._modules['layers']... alike: the module as a wrapper's argument)"""
     parts = re.findall(r"\[['\"]?([^'\"\]]+)['\"]?\]", source)
     if parts and parts[0] in ("self", "mod", "model", "m"):
         parts = parts[1:]
+    elif len(parts) > 2 and parts[0] == "args" and parts[1].isdigit():
+        parts = parts[2:]  # the module passed as an argument: a decorated forward(self, ...)
     return ".".join(parts) or source
 
 
@@ -151,7 +154,11 @@ def _is_module_scalar(node, example) -> bool:
     source = source_name(node) or ""
     if not (isinstance(example, torch.Tensor) and example.dim() == 0):
         return False
-    if not source.startswith("L['self']") or _MODULE_STATE.search(source):
+    # the module is L['self'], or an argument of a wrapper Dynamo traced (transformers
+    # decorates forward, so its frames see the model as L['args'][0]): a submodule's
+    # attribute goes through ._modules[...]
+    of_module = source.startswith("L['self']") or "._modules[" in source
+    if not of_module or _MODULE_STATE.search(source):
         return False
     return bool(node.users) and all(u.op == "call_method" and u.target == "item"
                                     for u in node.users)

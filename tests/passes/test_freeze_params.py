@@ -1,6 +1,7 @@
 """freeze-params: Before/Expected on a small module with a parameter, a buffer and an eval
 dropout (training mode and gradients are refused: tests/test_inference_only.py)."""
 
+import pytest
 import torch
 
 from tests.helpers import assert_same_function, expect, stage
@@ -46,3 +47,29 @@ def test_parameters_and_buffers_become_constants_and_eval_dropout_goes():
     assert cap.gm.fc_weight.data_ptr() == model.fc.weight.data_ptr()  # no copy
     assert cap.ctx.frozen["names"] == ["fc.weight", "fc.bias", "shift"]
     assert_same_function(model, cap, x, exact=True)
+
+
+def test_scalars_of_a_module_passed_as_an_argument_fold_under_dynamic_shapes():
+    """transformers decorates forward, so under dynamic=True Dynamo's frame sees the model
+    as L['args'][0] and passes each RMSNorm's eps as a 0-d tensor read by .item(): it is
+    folded to a number all the same (so canonicalize-norm finds the norms and the rotations
+    apply), and parameter names carry no "args.0." prefix."""
+    pytest.importorskip("transformers")
+    import qcompile
+    from tests.models import zoo
+
+    model = zoo.llama().eval()
+    torch._dynamo.reset()
+    cm = torch.compile(model, backend="qcompile", dynamic=True,
+                       options={"recipe": "w8a8", "rotate": True, "kernels": "cpu"})
+    with torch.no_grad():
+        ref, out = model(torch.randint(0, zoo.VOCAB, (2, 8))), None
+        out = cm(torch.randint(0, zoo.VOCAB, (2, 8)))
+    assert out.logits.shape == ref.logits.shape
+    graphs = qcompile.report(cm).graphs
+    freeze = [p for g in graphs for p in g.passes if p.name == "freeze-params"]
+    assert freeze and all(p.counters.get("scalars", 0) >= 5 for p in freeze)  # 5 RMSNorm eps
+    structure = [n for g in graphs for n in g.notes if n.startswith("structure of")]
+    assert structure and all("pre-norm; 5 norms" in n for n in structure), structure
+    names = [layer.name for g in graphs for layer in g.layers]
+    assert names and not any(n.startswith("args.") for n in names), names
