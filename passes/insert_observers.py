@@ -5,13 +5,13 @@ input (site "in:<layer>") and on its output ("out:<layer>"; for a convolution re
 a ReLU / ReLU6 / clamp, on the activation's output, which its requantization absorbs);
 for attention, on q, k and v ("attn:<v layer>:q|k|v"); for a residual add of a quantized
 layer's output and another quantized activation, on the sum ("add:<layer>"; after a ReLU
-that reads only the sum, as for a convolution). Which statistics each keeps depends on
-the options: a range observer (options.observer, else the recipe's) always; per-channel min/max when
-smoothing is on (SmoothQuant needs max|X_j|); the Hessian X^T X when GPTQ is on; when bias
-correction is on, on linear inputs, the per-channel mean E[x_j] and (static activations) a
-uniform sample of SAMPLE_ROWS rows, whose rounding error is measured once the scale is known;
-the mean and the row sample also when smoothing searches each layer's shift and scale (the
-sample is what it measures the candidates on).
+that reads only the sum, as for a convolution). Which statistics each keeps depends on the
+options: a range observer (options.observer, else the recipe's) always; per-channel
+min/max when smoothing is on (SmoothQuant needs max|X_j|); the Hessian X^T X when GPTQ or
+weight clipping is on; when bias correction is on, on linear inputs, the per-channel mean
+E[x_j] and (static activations) a uniform sample of SAMPLE_ROWS rows, whose rounding error
+is measured once the scale is known; the mean and the row sample also when smoothing
+searches each layer's shift and scale (the sample is what it measures the candidates on).
 Observers are identity functions in the graph: the model computes in float while
 calibrating. They store into the model's ModelState (ctx.state), keyed by site, so every
 graph of the model and every recompile shares them.
@@ -96,7 +96,7 @@ def _input_kinds(ctx: PassContext) -> tuple[str, ...]:
     kinds = ["range"]
     if ctx.options.transform_on("smooth"):
         kinds.append("channels")
-    if ctx.options.transform_on("gptq"):
+    if ctx.options.transform_on("gptq") or ctx.options.transform_on("weight_clip"):
         kinds.append("hessian")
     if ctx.options.transform_on("bias_correction"):
         kinds.append("mean")  # E[x]: the weight part of the output shift

@@ -6,7 +6,10 @@ where select-layers narrowed them for this CPU's int8 kernel). 4-bit with intege
 activations (w4a8, w4a4): symmetric per output channel, so the accumulator has one scale
 per channel and dyadic requantization applies. 4-bit weight-only (w4a16): group-wise,
 group 128 (one group per row when K is not a multiple of 128; the report says so).
-Pre: select-layers (and calibrate-qparams when GPTQ is on).
+With options["weight_clip"], each row's range is first clipped to the ratio whose rounding
+gives the layer the least output error (numerics.weights.clip_search, Hessian-weighted
+where calibration gathered the input's Hessian), for RTN and GPTQ alike.
+Pre: select-layers (and calibrate-qparams when GPTQ or weight clipping is on).
 A model given a saved quantization (qcompile.load) takes each layer's weight from it.
 Post: each selected linear's Layer annotation holds its numerics.weights.QuantizedWeight.
 The graph itself is unchanged; the rewrite passes use the quantized weights.
@@ -14,13 +17,14 @@ The graph itself is unchanged; the rewrite passes use the quantized weights.
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch.fx import GraphModule
 
 from qcompile import annotations as ann
 from qcompile.fx_utils import get_constant, is_call
 from qcompile.numerics.specs import QuantSpec
-from qcompile.numerics.weights import gptq_quantize, quantize_weight_rtn
+from qcompile.numerics.weights import clip_search, gptq_quantize, quantize_weight_rtn
 from qcompile.pass_manager import PassContext, PassResult, graph_pass
 from qcompile.passes.calibrate_qparams import loaded_quantization
 from qcompile.sites import is_conv
@@ -43,10 +47,11 @@ def weight_spec_for(ctx: PassContext, k: int,
 
 @graph_pass("quantize-weights", requires=("select-layers",))
 def quantize_weights(gm: GraphModule, ctx: PassContext) -> PassResult:
-    counters = {"rtn": 0, "gptq": 0, "loaded": 0}
+    counters = {"rtn": 0, "gptq": 0, "loaded": 0, "clipped_rows": 0}
     calib = ctx.analysis.get("calib", {})
     loaded = loaded_quantization(ctx)
     use_gptq = ctx.options.transform_on("gptq")
+    use_clip = ctx.options.transform_on("weight_clip")
     for node in gm.graph.nodes:
         conv = is_conv(node)
         selected = ann.selected(node) if is_call(node, F.linear) or conv else None
@@ -71,14 +76,32 @@ def quantize_weights(gm: GraphModule, ctx: PassContext) -> PassResult:
             counters["loaded"] += 1
             layer.transforms.append("loaded")
         elif use_gptq and hessian is not None and not conv:
-            qw = gptq_quantize(w, hessian.to(w.device), spec)
+            clip = _clip(layer, w, spec, hessian, counters) if use_clip else None
+            qw = gptq_quantize(w, hessian.to(w.device), spec, clip=clip)
             counters["gptq"] += 1
             layer.transforms.append("gptq")
         else:
             if use_gptq:
                 layer.detail["gptq"] = ("a convolution: round-to-nearest" if conv else
                                         "no Hessian was gathered: round-to-nearest")
-            qw = quantize_weight_rtn(w, spec)
+            clip = _clip(layer, w, spec, None if conv else hessian, counters) \
+                if use_clip else None
+            qw = quantize_weight_rtn(w, spec, clip=clip)
             counters["rtn"] += 1
         selected.qweight = qw
     return PassResult(gm, modified=False, counters=counters)
+
+
+def _clip(layer, w: torch.Tensor, spec, hessian, counters) -> torch.Tensor | None:
+    """Each row's clip ratio (numerics.weights.clip_search), with what it weighed in the
+    layer's detail; None for a per-tensor weight."""
+    if spec.granularity == "per_tensor":
+        return None
+    clip = clip_search(w, spec, None if hessian is None else hessian.to(w.device))
+    clipped = int((clip < 1).sum())
+    counters["clipped_rows"] += clipped
+    layer.detail["weight_clip"] = (
+        f"{clipped} of {clip.numel()} rows clipped (mean ratio {float(clip.mean()):.3f}), "
+        + ("by the Hessian-weighted output error" if hessian is not None else
+           "by the weight's squared error (no calibration Hessian)"))
+    return clip

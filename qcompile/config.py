@@ -48,6 +48,7 @@ class Recipe:
     gptq: bool = False
     integer_nonlinear: bool = False
     bias_correction: bool = False
+    weight_clip: bool = False
     observer: str = "minmax"  # activation ranges; MSE clipping matters at 4 bits
     # per-token dynamic int4 activations: the range is this fraction of each row's absmax
     # (QuaRot); None where the recipe has no such activations
@@ -149,6 +150,10 @@ class Options:
     # each quantized linear's mean output shift on the calibration data, E[x] (W - W_q)^T,
     # folded into its bias (passes/bias_correct.py); needs calibration, whatever the recipe
     bias_correction: bool | None = None
+    # each weight row's range clipped to the ratio (1.0 .. 0.5) whose rounding gives the
+    # layer the least output error (Hessian-weighted where calibration gathered one, else
+    # the weight's own squared error): numerics.weights.clip_search; None: the recipe's
+    weight_clip: bool | None = None
     observer: str | None = None  # None: the recipe's (min-max; MSE search for w4a4-static)
     # per-token dynamic int4 activations (recipe w4a4) are quantized with the range at this
     # fraction of each row's absmax, in (0, 1]; 1.0: no clipping; None: the recipe's
@@ -220,7 +225,8 @@ class Options:
         the same fingerprint share calibration statistics (and a saved quantization), with
         different ones never do."""
         keys = ("recipe", "smooth", "smooth_alpha", "rotate", "online_hadamard", "gptq",
-                "integer_nonlinear", "bias_correction", "observer_name", "skip", "seed",
+                "integer_nonlinear", "bias_correction", "weight_clip", "observer_name", "skip",
+                "seed",
                 "budget_key", "sensitivity")
         if self.recipe_obj.per_token_int4:  # only where it applies: no other recipe names it
             keys += ("act_clip",)
@@ -284,14 +290,15 @@ class Options:
                 f"smooth_alpha must be None (each layer's shift and scale chosen by its output "
                 f"error) or SmoothQuant's alpha, a number in [0, 1]; got {alpha!r}")
         for name in ("smooth", "rotate", "online_hadamard", "gptq", "integer_nonlinear",
-                     "bias_correction", "narrow_weights", "inductor"):
+                     "bias_correction", "weight_clip", "narrow_weights", "inductor"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, bool):
                 raise QCompileConfigError(f"option {name!r} takes True/False, got {value!r}")
         self._validate_budget()
         self._validate_activation_clip()
         if not self.recipe_obj.quantizes:
-            on = [n for n in ("smooth", "rotate", "gptq", "bias_correction") if getattr(self, n)]
+            on = [n for n in ("smooth", "rotate", "gptq", "bias_correction", "weight_clip")
+                  if getattr(self, n)]
             if on:
                 raise QCompileConfigError(
                     f"recipe 'float' quantizes nothing; options {on} need a quantizing recipe"

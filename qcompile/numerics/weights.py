@@ -31,6 +31,7 @@ from qcompile.numerics.specs import (
     compute_qparams,
     dequantize,
     pack_int4,
+    reduce_min_max,
     weight_spec,
 )
 
@@ -93,17 +94,74 @@ def _check_weight(fn: str, w: torch.Tensor, spec: QuantSpec) -> None:
         raise ValueError(f"{fn}: w holds inf or NaN")
 
 
-def quantize_weight_rtn(w: torch.Tensor, spec: QuantSpec | None = None) -> QuantizedWeight:
+def _row_clip(fn: str, clip: torch.Tensor | None, w: torch.Tensor,
+              spec: QuantSpec) -> torch.Tensor | None:
+    """clip [N] float32 in (0, 1], checked (per-tensor weights take none)."""
+    if clip is None:
+        return None
+    clip = _checks.floating(fn, "clip", _checks.tensor(fn, "clip", clip)).float()
+    if clip.shape != (w.shape[0],) or spec.granularity == "per_tensor":
+        raise ValueError(f"{fn}: clip must be one ratio per output row, shape "
+                         f"[{w.shape[0]}], of a per-channel or per-group weight; got "
+                         f"{tuple(clip.shape)} for {spec.granularity}")
+    if not bool(((clip > 0) & (clip <= 1)).all()):
+        raise ValueError(f"{fn}: clip ratios must be in (0, 1]")
+    return clip
+
+
+def _clipped_qparams(w: torch.Tensor, spec: QuantSpec, clip: torch.Tensor | None):
+    """min-max parameters of w, each row's range scaled by its clip ratio first."""
+    if clip is None:
+        return choose_qparams(w, spec)
+    lo, hi = reduce_min_max(w, spec)  # [N] or [N, K // g]
+    c = clip.to(lo.device).reshape(-1, *([1] * (lo.dim() - 1)))
+    return compute_qparams(lo * c, hi * c, spec)
+
+
+def quantize_weight_rtn(w: torch.Tensor, spec: QuantSpec | None = None, *,
+                        clip: torch.Tensor | None = None) -> QuantizedWeight:
     """Round-to-nearest with min-max scales; spec defaults to int8 per output channel.
 
-    Every element is within scale / 2 of its dequantized value.
+    Every element is within scale / 2 of its dequantized value, unless clip [N] (ratios in
+    (0, 1], one per output row: clip_search) shrinks a row's ranges, and the values beyond
+    them saturate.
     """
+    fn = "quantize_weight_rtn"
     spec = spec or weight_spec(8)
-    _check_weight("quantize_weight_rtn", w, spec)
-    scale, zero_point = choose_qparams(w, spec)
-    s = _expand("quantize_weight_rtn", "scale", scale, w.shape, spec)
-    z = _expand("quantize_weight_rtn", "zero_point", zero_point, w.shape, spec)
+    _check_weight(fn, w, spec)
+    scale, zero_point = _clipped_qparams(w, spec, _row_clip(fn, clip, w, spec))
+    s = _expand(fn, "scale", scale, w.shape, spec)
+    z = _expand(fn, "zero_point", zero_point, w.shape, spec)
     return QuantizedWeight(_quantize(w, s, z, spec), scale, zero_point, spec)
+
+
+CLIP_RATIOS = tuple(1.0 - 0.025 * i for i in range(21))  # 1.0 down to 0.5
+
+
+def clip_search(w: torch.Tensor, spec: QuantSpec, H: torch.Tensor | None = None,
+                ratios: tuple[float, ...] = CLIP_RATIOS) -> torch.Tensor:
+    """Per output row, the clip ratio (of `ratios`) whose round-to-nearest weight gives the
+    layer the least output error: d H d^T for the row's error d = w - Q(w) and the input's
+    Hessian H [K, K] (HessianObserver: the error of x w^T over the calibration rows), or
+    |d|^2 without one. float32 [N]. Rows are independent (their scales are), so each keeps
+    its own best; ratio 1.0 (min-max) wins ties. (The clipping search of GPTQ's reference
+    quantizer and of OmniQuant's learnable weight clipping, as a grid search.)"""
+    fn = "clip_search"
+    _check_weight(fn, w, spec)
+    if spec.granularity == "per_tensor":
+        raise ValueError(f"{fn}: a per-tensor weight has no per-row ranges to clip")
+    w = w.detach().float()
+    h = None if H is None else H.detach().to(w.device, torch.float32)
+    best = torch.full((w.shape[0],), float("inf"), device=w.device)
+    clip = torch.ones(w.shape[0], device=w.device)
+    for r in sorted(ratios, reverse=True):
+        c = torch.full_like(clip, r)
+        d = w - quantize_weight_rtn(w, spec, clip=c).dequantize()
+        err = (d @ h * d).sum(1) if h is not None else d.pow(2).sum(1)
+        better = err < best * (1 - 1e-6)
+        best = torch.where(better, err, best)
+        clip = torch.where(better, c, clip)
+    return clip
 
 
 def _inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
@@ -128,9 +186,12 @@ def gptq_quantize(
     damp: float = 0.01,
     act_order: bool = False,
     block_size: int = 128,
+    clip: torch.Tensor | None = None,
 ) -> QuantizedWeight:
     """GPTQ-quantize a linear weight w [N, K] given the Hessian H [K, K] of its input.
 
+    clip [N]: each row's ranges scaled by its ratio in (0, 1] before its parameters are
+    chosen (clip_search), as quantize_weight_rtn does.
     damp: fraction of mean(diag H) added to the diagonal (numerical stability).
     act_order: quantize columns in order of descending diag(H) (most important first).
       The result is returned in the original column order, and group parameters still
@@ -152,6 +213,7 @@ def gptq_quantize(
     damp = _checks.real_arg(fn, "damp", damp, lo=0.0)
     block_size = _checks.int_arg(fn, "block_size", block_size, lo=1)
     _checks.bool_arg(fn, "act_order", act_order)
+    clip = _row_clip(fn, clip, w, spec)
     weight = w.detach().to(torch.float64).clone()  # [N, K]
     h = H.detach().to(device=weight.device, dtype=torch.float64).clone()  # [K, K]
     if not torch.isfinite(h).all():
@@ -167,7 +229,7 @@ def gptq_quantize(
         zero_point = torch.empty(n, k // g, dtype=torch.int32, device=weight.device)
         group_ready = [False] * (k // g)
     else:
-        scale, zero_point = choose_qparams(weight.float(), spec)
+        scale, zero_point = _clipped_qparams(weight.float(), spec, clip)
     # Per column the parameters are a vector over rows (or one scalar).
     col_spec = spec if spec.granularity == "per_tensor" else _row_spec(spec)
 
@@ -193,8 +255,9 @@ def gptq_quantize(
                     cur = _current_columns(
                         weight, block, err, u, inv_perm[gi * g : (gi + 1) * g], b0, b1, j
                     )
+                    c = 1.0 if clip is None else clip.to(cur.device)
                     scale[:, gi], zero_point[:, gi] = compute_qparams(
-                        cur.amin(dim=1), cur.amax(dim=1), spec
+                        cur.amin(dim=1).float() * c, cur.amax(dim=1).float() * c, spec
                     )
                     group_ready[gi] = True
                 s, z = scale[:, gi], zero_point[:, gi]

@@ -231,3 +231,55 @@ def test_gptq_speed_1536x384():
     finally:
         torch.set_num_threads(threads)
     assert min(times) < 1.0
+
+
+# ---------------------------------------------------------------------------------------
+# clipping: per-row ratios searched on the output error
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(bits=4, granularity="per_channel"),
+                                  weight_spec(4, group_size=32)], ids=["channel", "g32"])
+def test_clip_search_cuts_output_error_and_feeds_rtn_and_gptq(spec):
+    from qcompile.numerics.weights import clip_search
+
+    w, x, h = _problem(seed=5)
+    w[:, 7] *= 6  # a heavy-tailed column: clipping it trades its error for every other's
+    clip = clip_search(w, spec, h)
+    assert clip.shape == (w.shape[0],) and bool(((clip >= 0.5) & (clip <= 1)).all())
+    assert int((clip < 1).sum()) > 0
+    rtn, clipped = quantize_weight_rtn(w, spec), quantize_weight_rtn(w, spec, clip=clip)
+    assert _output_error(x, w, clipped) < 0.97 * _output_error(x, w, rtn)
+    # each row's range (every group's) shrinks by exactly its ratio
+    lo = quantize_weight_rtn(w, spec, clip=torch.ones_like(clip))
+    assert torch.equal(lo.qweight, rtn.qweight) and torch.equal(lo.scale, rtn.scale)
+    ratio = clipped.scale / rtn.scale
+    expected = clip if ratio.dim() == 1 else clip[:, None].expand_as(ratio)
+    torch.testing.assert_close(ratio, expected, rtol=1e-5, atol=0)
+    gptq = gptq_quantize(w, h, spec, clip=clip)
+    assert _output_error(x, w, gptq) < _output_error(x, w, gptq_quantize(w, h, spec))
+
+
+def test_clip_search_without_hessian_minimises_the_weight_error():
+    from qcompile.numerics.weights import clip_search
+
+    spec = QuantSpec(bits=4, granularity="per_channel")
+    w = torch.randn(32, 64, generator=torch.Generator().manual_seed(0))
+    clip = clip_search(w, spec)
+    for r in (1.0, 0.9, 0.75, 0.5):  # no single ratio beats the per-row choice on any row
+        d = (w - quantize_weight_rtn(w, spec, clip=torch.full((32,), r)).dequantize())
+        best = (w - quantize_weight_rtn(w, spec, clip=clip).dequantize())
+        assert bool((best.pow(2).sum(1) <= d.pow(2).sum(1) * (1 + 1e-5)).all())
+
+
+def test_clip_errors():
+    from qcompile.numerics.weights import clip_search
+
+    w = torch.randn(4, 8)
+    spec = QuantSpec(bits=4, granularity="per_channel")
+    with pytest.raises(ValueError, match="one ratio per output row"):
+        quantize_weight_rtn(w, spec, clip=torch.ones(3))
+    with pytest.raises(ValueError, match=r"in \(0, 1\]"):
+        quantize_weight_rtn(w, spec, clip=torch.tensor([1.0, 0.0, 1.0, 1.0]))
+    with pytest.raises(ValueError, match="per-tensor"):
+        clip_search(w, QuantSpec(bits=4))

@@ -69,11 +69,12 @@ MODELS = {"chain": (Chain, (2, 3, 16)), "attention": (Attention, (2, 5, 16)),
 
 
 @functools.cache
-def walked(model: str, recipe: str):
+def walked(model: str, recipe: str, **options):
     """(captured after the last pass, {pass: (code before, code after)}); the example
-    input is the calibration batch of static recipes. Read-only: the result is shared."""
+    input is the calibration batch of static recipes; options join the recipe's.
+    Read-only: the result is shared."""
     cls, shape = MODELS[model]
     torch.manual_seed(0)
     m, x = cls().eval(), torch.randn(shape)
     with cpu_routes.override_capabilities(PLAIN_CPU):
-        return walk(m, x, options={"recipe": recipe, "kernels": "cpu"})
+        return walk(m, x, options={"recipe": recipe, "kernels": "cpu", **options})

@@ -14,7 +14,8 @@ def test_graph_unchanged_and_weights_rounded_per_channel():
     before, after = graphs["quantize-weights"]
     assert after == before
     rec = next(r for r in cap.ctx.history if r.name == "quantize-weights")
-    assert not rec.modified and rec.counters == {"rtn": 3, "gptq": 0, "loaded": 0}
+    assert not rec.modified and rec.counters == {"rtn": 3, "gptq": 0, "loaded": 0,
+                                                 "clipped_rows": 0}
     # the integers appear in the graph once rewrite-linear reads them
     expect(graphs["rewrite-linear"][1], """
         # CHECK: linear_int8.default(quantize_default, fc1_wq,
@@ -33,3 +34,21 @@ def test_graph_unchanged_and_weights_rounded_per_channel():
         err = (w - qw.dequantize()).abs()
         assert (err <= qw.scale.reshape(-1, 1) / 2 * (1 + 1e-6)).all(), name
         assert torch.equal(getattr(cap.gm, f"{name}_wq"), qw.qweight)
+
+
+def test_weight_clip_option_clips_rows_by_the_calibration_hessian():
+    """options["weight_clip"]: the calibrated Hessian weighs each row's clip search (a
+    Hessian observer joins the inputs' even without GPTQ); the layers say how many rows
+    were clipped, and every clipped row's scale is below its min-max scale."""
+    cap, _ = walked("chain", "w4a8", weight_clip=True)
+    rec = next(r for r in cap.ctx.history if r.name == "quantize-weights")
+    assert rec.counters["clipped_rows"] > 0
+    for node in cap.gm.graph.nodes:
+        layer = ann.get(node, ann.Layer)
+        if layer is None or layer.qweight is None:
+            continue
+        detail = cap.ctx.layers[layer.name].detail["weight_clip"]
+        assert "Hessian-weighted" in detail
+        w = getattr(cap.ctx.analysis["float_gm"], f"{layer.name}_weight")
+        minmax = w.abs().amax(1) / 7
+        assert bool((layer.qweight.scale <= minmax * (1 + 1e-6)).all())
