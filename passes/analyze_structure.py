@@ -14,10 +14,12 @@ What (stored as a `Structure`, passes/_structure.py, in ctx.analysis["structure"
   works), head count, KV head count (grouped KV), head size, whether q/k are rotated by
   RoPE (x * cos + cat(-x2, x1) * sin) after the projection, and where its output goes
   (the o projection);
-- MLP down projections: linears that write a stream and whose input is computed from
-  other linears (activation, gating) rather than attention;
-- style: "pre-norm" (LLaMA, GPT-2, OPT, ViT), "post-norm" (BERT: a norm writes the
-  stream) or "none"; tied embeddings (lm_head reads the embedding's tensor).
+- MLP down projections: linears that write a stream, directly or through a norm of
+  their own output (the sandwich norms of Gemma), and whose input is computed from other
+  linears (activation, gating) rather than attention;
+- style: "pre-norm" (LLaMA, GPT-2, OPT, ViT), "post-norm" (BERT, and Gemma's sandwich
+  norms: a norm writes the stream) or "none"; tied embeddings (lm_head reads the
+  embedding's tensor).
 
 Why: the transforms must be valid for any traced graph; they decide from this, not from
 module names. The analysis is structural: no weights are read, nothing is run.
@@ -237,6 +239,15 @@ def _fed_by_linear(node: Node, depth: int = 8) -> bool:
     return False
 
 
+def _normed_linear(writer: Writer) -> Node | None:
+    """The linear a norm writer normalizes (a sandwich norm, as Gemma's after attention
+    and MLP: stream + norm(o_proj(...))), else None."""
+    if writer.kind != "norm":
+        return None
+    src = last_dim_producer(writer.node.args[0])
+    return src if is_call(src, F.linear) else None
+
+
 def _tied(gm: GraphModule) -> list[tuple[Node, Node]]:
     def ident(node):
         t = get_constant(gm, node)
@@ -262,13 +273,18 @@ def analyze(gm: GraphModule) -> Structure:
     mlp_down = []
     for s in streams:
         for w in s.writers:
-            if w.kind != "linear":
+            lin = w.node if w.kind == "linear" else _normed_linear(w)
+            if lin is None:
                 continue
-            if w.node in o_linears:
-                w.role = "attn_out"
-            elif _fed_by_linear(last_dim_producer(w.node.args[0])) and w.node not in mlp_down:
-                w.role = "mlp_down"
-                mlp_down.append(w.node)
+            role = ""
+            if lin in o_linears:
+                role = "attn_out"
+            elif _fed_by_linear(last_dim_producer(lin.args[0])):
+                role = "mlp_down"
+                if lin not in mlp_down:
+                    mlp_down.append(lin)
+            if w.kind == "linear":
+                w.role = role
     norms = []
     for n in norm_nodes:
         kind = "layer_norm" if n.target is F.layer_norm else "rms_norm"

@@ -5,7 +5,9 @@ Spellings: the functional / module calls (Dynamo shows nn.LayerNorm as F.layer_n
 and nn.RMSNorm as torch.rms_norm), torch.layer_norm, and the decomposed forms
   RMSNorm:   x * rsqrt(mean(x^2, -1, keepdim) + eps) [* w]   (x^2 as pow(2), x*x, x**2;
              rsqrt as torch.rsqrt / .rsqrt() / 1 / sqrt; weight on either side;
-             the fp32 round trip `.to(float32)` ... `.to(dtype)` of LLaMA-style code)
+             the fp32 round trip `.to(float32)` ... `.to(dtype)` of LLaMA-style code;
+             w a constant or an element-wise expression of one, such as Gemma's
+             `1.0 + w.float()`, which becomes a constant holding its value)
   LayerNorm: (x - mean) * rsqrt(var + eps) [* w] [+ b]   (var as mean((x - mean)^2) or
              x.var(-1, unbiased=False, keepdim=True); rsqrt spelled as above or / sqrt)
 Why: norm folding and LayerNorm -> RMSNorm conversion need to find every norm.
@@ -23,6 +25,7 @@ import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
 from qcompile.fx_utils import (
+    add_constant,
     erase_unused,
     get_constant,
     is_call,
@@ -93,21 +96,77 @@ def _var_plus_eps(node):
     return None
 
 
+# element-wise ops a norm's weight may be computed with from one constant (and numbers)
+_CONSTANT_OPS = (operator.add, operator.sub, operator.mul, operator.truediv, operator.neg,
+                 torch.add, torch.sub, torch.mul)
+_CONSTANT_METHODS = ("to", "float", "double", "add", "sub", "mul")
+
+
+def _constant_expr(gm, node) -> tuple[Node, torch.Tensor] | None:
+    """(the constant, the value) when node is a constant, or an element-wise expression
+    of exactly one constant and numbers (Gemma's RMSNorm weight `1.0 + w.float()`),
+    computed here as the graph would compute it; else None."""
+    if get_constant(gm, node) is not None:
+        return node, get_constant(gm, node)
+    if not (is_call(node, *_CONSTANT_OPS) or is_method(node, *_CONSTANT_METHODS)):
+        return None
+    leaf, args = None, []
+    for arg in node.args:
+        if isinstance(arg, Node):
+            found = _constant_expr(gm, arg)
+            if found is None or leaf is not None:
+                return None
+            leaf, value = found
+            args.append(value)
+        elif isinstance(arg, (int, float, bool, torch.dtype)):
+            args.append(arg)
+        else:
+            return None
+    if leaf is None or any(isinstance(v, Node) for v in node.kwargs.values()):
+        return None
+    fn = getattr(args[0], node.target) if node.op == "call_method" else node.target
+    with torch.no_grad():
+        value = fn(*args[1:], **node.kwargs) if node.op == "call_method" else fn(*args,
+                                                                                   **node.kwargs)
+    return (leaf, value) if isinstance(value, torch.Tensor) else None
+
+
+def _affine_operand(gm, user: Node, node: Node) -> Node | None:
+    """What user multiplies (or shifts) node by, when it is a 1-D constant or an
+    expression of one (see _constant_expr), else None."""
+    other = user.args[1] if user.args[0] is node else user.args[0]
+    found = _constant_expr(gm, other)
+    return other if found is not None and found[1].dim() == 1 else None
+
+
+def _as_constant(gm, node: Node | None, before: Node) -> Node | None:
+    """node itself when it is a constant; for an expression of one, a new constant holding
+    its value (named after the parameter it is computed from), inserted before `before`."""
+    if node is None or get_constant(gm, node) is not None:
+        return node
+    leaf, value = _constant_expr(gm, node)
+    name = leaf.meta.get("qc_param_name", leaf.target)
+    new = add_constant(gm, name, value, before=before)
+    new.meta["qc_param_name"] = name
+    return new
+
+
 def _affine_tail(gm, node: Node):
-    """Follow `* w` and `+ b` with 1-D constants. Returns (last node, w, b)."""
+    """Follow `* w` and `+ b` with 1-D constants or expressions of one. Returns (last
+    node, w, b)."""
     w = b = None
     user = next(iter(node.users)) if len(node.users) == 1 else None
     if user is not None and is_method(user, "to") and _single(user):
         node, user = user, next(iter(user.users))  # .to(input dtype) before the weight
     if is_call(user, operator.mul, torch.mul):
-        other = user.args[1] if user.args[0] is node else user.args[0]
-        if get_constant(gm, other) is not None and get_constant(gm, other).dim() == 1:
-            w, node = other, user
+        w = _affine_operand(gm, user, node)
+        if w is not None:
+            node = user
             user = next(iter(node.users)) if len(node.users) == 1 else None
     if is_call(user, operator.add, torch.add) and w is not None:
-        other = user.args[1] if user.args[0] is node else user.args[0]
-        if get_constant(gm, other) is not None and get_constant(gm, other).dim() == 1:
-            b, node = other, user
+        b = _affine_operand(gm, user, node)
+        if b is not None:
+            node = user
     return node, w, b
 
 
@@ -196,9 +255,11 @@ def canonicalize_norm(gm: GraphModule, ctx: PassContext) -> PassResult:
         shape = (size,)
         with gm.graph.inserting_after(at):
             if kind == "layer_norm":
-                new = gm.graph.call_function(F.layer_norm, (x, shape, w, b, eps))
+                new = gm.graph.call_function(F.layer_norm, (x, shape, None, None, eps))
             else:
-                new = gm.graph.call_function(F.rms_norm, (x, shape, w, eps))
+                new = gm.graph.call_function(F.rms_norm, (x, shape, None, eps))
+        w, b = _as_constant(gm, w, before=new), _as_constant(gm, b, before=new)
+        new.args = (x, shape, w, b, eps) if kind == "layer_norm" else (x, shape, w, eps)
         tail.replace_all_uses_with(new)
         bump(f"decomposed_{kind}")
     if any(k.startswith("decomposed") for k in counters):

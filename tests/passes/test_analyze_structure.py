@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 import qcompile
 from qcompile.passes._shapes import index_on_last
+from qcompile.passes._structure import layer_name
 
 transformers = pytest.importorskip("transformers")
 
@@ -127,3 +128,35 @@ def test_non_linear_writer_and_input_are_recorded():
 ])
 def test_index_on_last(index, expected):
     assert index_on_last(index, 3, 8) == expected
+
+
+def tiny_gemma3():
+    """Gemma 3's sandwich norms (a norm before and after attention and the MLP), q/k norms,
+    GeGLU, a sliding-window layer, the embedding scaled by sqrt(d), norm weights stored as
+    offsets from 1."""
+    torch.manual_seed(0)
+    cfg = transformers.Gemma3TextConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=8, sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"], max_position_embeddings=64)
+    model = transformers.Gemma3ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(0, 0.3)
+    return model
+
+
+def test_gemma3_sandwich_norms_write_the_stream():
+    s, counters = analyzed(tiny_gemma3(), torch.randint(0, 64, (2, 7)))
+    assert s.style == "post-norm" and counters["analyze-structure.post_norm"] == 1
+    [stream] = s.streams
+    # the norms after attention and after the MLP write the stream, through their weights
+    # (1 + w, a constant once canonicalized); the scaled embedding is not a plain writer
+    assert sorted(w.kind for w in stream.writers) == ["norm"] * 4 + ["other"]
+    # the MLP down projections are found behind the norms of their outputs
+    assert [layer_name(n) for n in s.mlp_down] == [f"model.layers.{i}.mlp.down_proj"
+                                                   for i in range(2)]
+    assert counters["analyze-structure.mlp_down"] == 2
+    assert len(s.attention) == 2
+    assert sorted(n.position for n in s.norms).count("post") == 4

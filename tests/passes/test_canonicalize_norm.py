@@ -153,3 +153,60 @@ def test_sum_of_squares_is_not_rmsnorm():
         # CHECK: sum_1 = pow_1.sum(-1, keepdim = True)
         # CHECK-NOT: rms_norm
     """)
+
+
+class OffsetWeightRMS(torch.nn.Module):
+    """Gemma's RMSNorm: the weight is stored as an offset from 1 and applied as
+    `(1.0 + w.float())`, then the result is cast back with type_as."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(d) * 0.3)
+
+    def forward(self, x):
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return (h * (1.0 + self.weight.float())).type_as(x)
+
+
+def test_weight_expression_becomes_a_constant():
+    model = OffsetWeightRMS()
+    x = torch.randn(2, 5, 16)
+    cap = canonical(model, x, until="canonicalize-norm")
+    expect(cap.gm, """
+        # CHECK-NOT: mean
+        # CHECK: rms_norm = torch.nn.functional.rms_norm(l_x_, (16,), weight_1, 1e-06)
+        # CHECK-NEXT: type_as = rms_norm.type_as(l_x_)
+    """)
+    assert cap.ctx.history[-1].counters == {"decomposed_rms_norm": 1}
+    norm = next(n for n in cap.gm.graph.nodes if n.target is F.rms_norm)
+    weight = getattr(cap.gm, norm.args[2].target)
+    assert torch.equal(weight, 1.0 + model.weight.detach())  # the value, computed once
+    assert norm.args[2].meta["qc_param_name"] == "weight"
+    assert torch.equal(model.weight, model.weight.detach())  # the user's tensor untouched
+    assert_same_function(model, cap, x, exact=False, rtol=1e-6)
+
+
+class TwoConstantsWeight(torch.nn.Module):
+    """A weight computed from two parameters is not one constant's expression: left as is."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.a = torch.nn.Parameter(torch.randn(d))
+        self.b = torch.nn.Parameter(torch.randn(d))
+
+    def forward(self, x):
+        h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return h * (self.a + self.b)
+
+
+def test_weight_of_two_constants_stays_a_multiply():
+    model = TwoConstantsWeight()
+    x = torch.randn(2, 16)
+    cap = canonical(model, x, until="canonicalize-norm")
+    expect(cap.gm, """
+        # CHECK: rms_norm = torch.nn.functional.rms_norm(l_x_, (16,), None, 1e-06)
+        # CHECK-NEXT: add_1 = a + b
+        # CHECK-NEXT: mul_1 = rms_norm * add_1
+    """)
+    assert_same_function(model, cap, x, exact=False, rtol=1e-6)

@@ -280,3 +280,19 @@ def test_hadamard_op(dtype, n):
 
     with FakeTensorMode():
         assert HADAMARD(torch.empty(2, n, dtype=dtype)).shape == (2, n)
+
+
+def test_online_hadamard_sandwich_norm_down_projection():
+    from tests.passes.test_analyze_structure import tiny_gemma3
+
+    pytest.importorskip("transformers")
+    model = tiny_gemma3()
+    cap, before = transformed(model, torch.randint(0, 64, (2, 7)), passes=["online-hadamard"])
+    counters = cap.ctx.history[-1].counters
+    # Gemma's down projections write the stream through a norm of their output; their
+    # input gets the online Hadamard as a plain pre-norm model's would
+    assert counters["down_proj"] == 2 and counters["qk"] == 2
+    for i in range(2):
+        down = linear_by_param(cap.gm, f"model.layers.{i}.mlp.down_proj.weight")
+        assert down.args[0].target is HADAMARD and down.meta["qc_online_hadamard"] == "down"
+    assert_close(cap()[-1], before[-1], rtol=1e-6)  # the logits (float32 q/k/v norms inside)
