@@ -233,10 +233,17 @@ def _search(ctx: PassContext, linears: list[Node], weights: list[torch.Tensor],
     """The group's migration: saved (a loaded quantization) or measured (its output errors
     before and after join `errors`); (None, why) where there is nothing to measure with."""
     calib = ctx.analysis.get("calib") or {}
-    site = next((calib[f"in:{layer_name(lin)}"] for lin in linears
+    name = next((f"in:{layer_name(lin)}" for lin in linears
                  if f"in:{layer_name(lin)}" in calib), None)
+    site = calib.get(name)
     if site is not None and site.migration is not None:
         return site.migration, "as saved"
+    cache = getattr(ctx.state, "migrations", None)
+    key = f"{ctx.options.fingerprint()}|{name}"
+    if site is not None and cache is not None and key in cache and \
+            cache[key][0].scale.shape == (k,):
+        site.migration = cache[key][0]
+        return cache[key][0], f"{cache[key][1]} (measured for an earlier graph)"
     if site is None or site.rows is None or site.channel_range is None:
         return None, ("no calibration rows of its input to measure candidates on (the row "
                       "sample and per-channel ranges of 'in:<layer>')")
@@ -247,8 +254,11 @@ def _search(ctx: PassContext, linears: list[Node], weights: list[torch.Tensor],
     site.migration = choice.best
     errors.append((choice.baseline, choice.error))
     change = choice.error / choice.baseline - 1 if choice.baseline > 0 else 0.0
-    return choice.best, (f"output error {choice.baseline:.3g} -> {choice.error:.3g} "
-                         f"({change:+.0%}), best of {choice.tried}")
+    why = (f"output error {choice.baseline:.3g} -> {choice.error:.3g} ({change:+.0%}), "
+           f"best of {choice.tried}")
+    if cache is not None:
+        cache[key] = (choice.best, why)
+    return choice.best, why
 
 
 @graph_pass("smooth", requires=("analyze-structure",))
@@ -299,6 +309,13 @@ def smooth(gm: GraphModule, ctx: PassContext) -> PassResult:
             ax = torch.stack([a.to(torch.float64) for a in found]).amax(0)
             m = Migration(f"alpha={alpha:g}", smoothing_scales(ax, weights, alpha))
         how = _fold_producer(ed, x, linears, m)
+        if how is None and alpha is None and ctx.options.transform_on("integer_nonlinear"):
+            # an explicit float multiply-add between an integer GELU / LayerNorm and the
+            # quantizer would cut the integer dataflow integer-nonlinear builds
+            skips.add(names, "with integer_nonlinear, only a shift and scale its producer "
+                      "absorbs: an explicit one would break the integer dataflow")
+            counters["skipped"] += 1
+            continue
         if how is None:
             _explicit(gm, x, sorted(linears, key=order.__getitem__), m)
             how = "explicit"
@@ -318,12 +335,12 @@ def smooth(gm: GraphModule, ctx: PassContext) -> PassResult:
         counters["into_" + how.replace(" ", "_") if how != "explicit" else "explicit"] += 1
     skips.flush()
     explicit.flush()
-    if errors:
+    if alpha is None and counters["groups"] + counters["unchanged"]:
         before, after = (sum(e[i] for e in errors) for i in (0, 1))
-        ctx.note(f"smooth: measured {len(errors)} group(s) of linears; "
-                 f"{len(errors) - counters['unchanged']} shifted or scaled, "
-                 f"{counters['unchanged']} unchanged; summed output error on the calibration "
-                 f"rows {before:.4g} -> {after:.4g}")
+        ctx.note(f"smooth: {counters['groups']} group(s) of linears shifted or scaled, "
+                 f"{counters['unchanged']} unchanged" + (
+                     f"; {len(errors)} measured here, summed output error on the "
+                     f"calibration rows {before:.4g} -> {after:.4g}" if errors else ""))
     if ed.untied:
         ctx.note(f"smooth: gave {sorted(set(ed.untied))} a separate copy per reader")
     return PassResult(gm, modified=counters["groups"] > 0,

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch.fx import GraphModule
 
-from qcompile.config import Options
+from qcompile.config import RECIPES, Options
 from qcompile.fx_utils import copy_graph_module, graph_fake_mode, seed_meta_from_dynamo
 from qcompile.pass_manager import PassContext, PassManager
 from qcompile.pipeline import Step, passes, steps
@@ -404,8 +404,13 @@ def _without_calibration(options: Options) -> str:
     act = options.recipe_obj.act
     off = [f"{name!r}: False" for name in CALIBRATED_OPTIONS if options.transform_on(name)]
     if act is not None and not act.dynamic:
-        recipe = ("the weight-only recipe 'w4a16'" if options.recipe_obj.weight.bits == 4
-                  else "the dynamic recipe 'w8a8'")
+        name = "w4a16" if options.recipe_obj.weight.bits == 4 else "w8a8"
+        recipe = (f"the weight-only recipe {name!r}" if name == "w4a16"
+                  else f"the dynamic recipe {name!r}")
+        # what would still be on there: the user's own switches, and that recipe's defaults
+        off = [f"{t!r}: False" for t in CALIBRATED_OPTIONS
+               if (getattr(options, t) if getattr(options, t) is not None
+                   else getattr(RECIPES[name], t))]
         return (f"choose {recipe}"
                 + (f" with options {{{', '.join(off)}}}" if off else "") + ", which needs none")
     return f"turn off what needs data: options {{{', '.join(off)}}}"

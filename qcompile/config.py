@@ -87,8 +87,11 @@ RECIPES: dict[str, Recipe] = {
                description="int8 per-channel weights, int8 per-token dynamic activations, "
                            "float epilogue; no calibration (default)"),
         Recipe("w8a8-static", WeightQuant(8), ActQuant(8, dynamic=False), "dyadic",
+               smooth=True,
                description="int8 per-channel weights, int8 per-tensor static activations, "
-                           "integer-only dyadic requantization; needs calibration"),
+                           "each layer's input shifted and scaled where that cuts its output "
+                           "error (smooth), integer-only dyadic requantization; needs "
+                           "calibration"),
         Recipe("w4a16", WeightQuant(4, group_size=128), None, None,
                description="int4 group-wise (128) weights, float activations"),
         Recipe("w4a8", WeightQuant(4), ActQuant(8, dynamic=False), "dyadic", rotate=True,

@@ -8,10 +8,11 @@
 
 What is saved: everything the finalize phase derives from data, so loading needs none:
 every calibrated site's activation parameters (scale, zero point, per-channel ranges, means
-and rounding errors, and the shift and scale smooth chose for the linears reading it; the sites are named after parameter paths, so every graph and every
-recompile finds them), every quantized layer's weight (int8 values with their scales and
-spec: round-to-nearest or GPTQ, after the transforms), the options that made them, a
-fingerprint of every float weight (name, shape, dtype, sha256), and a format version.
+and rounding errors, and the shift and scale smooth chose for the linears reading it; the
+sites are named after parameter paths, so every graph and every recompile finds them),
+every quantized layer's weight (int8 values with their scales and spec: round-to-nearest
+or GPTQ, after the transforms), the options that made them, a fingerprint of every float
+weight (name, shape, dtype, sha256), and a format version.
 Tensors go in the safetensors body, the rest as JSON in its header metadata: loading never
 unpickles anything.
 What is not saved: kernels. A loaded model is lowered on the machine that loads it (its

@@ -77,6 +77,9 @@ class ModelState:
         # choose-precision decided (recipe "mixed"): a graph compiled later (a new shape)
         # keeps the same widths
         self.precision: dict[str, dict[str, Any]] = {}
+        # "<options fingerprint>|<site>" -> (Migration, why) that smooth measured for the
+        # linears reading the site: a graph compiled later (a new shape) reuses it
+        self.migrations: dict[str, Any] = {}
         # options fingerprint -> serialize.Loaded: a saved quantization, in place of
         # calibration data (qcompile.load)
         self.loaded: dict[str, Any] = {}

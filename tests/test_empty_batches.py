@@ -107,7 +107,11 @@ def test_an_empty_calibration_batch_changes_no_quantization_parameter():
         return {(site, c.scale, c.zero_point) for a in state_for_model(cm).artifacts
                 for site, c in a.ctx.analysis["calib"].items()}
 
-    assert len(scales(plain)) == 4  # in and out of both linears, each with one scale
+    sites = {site for site, *_ in scales(plain)}
+    # in and out of both linears (and smooth's shifted inputs), each with one scale
+    assert {s.removesuffix("@smooth") for s in sites} == {"in:fc1", "in:fc2", "out:fc1",
+                                                           "out:fc2"}
+    assert len(scales(plain)) == len(sites)
     assert scales(plain) == scales(with_empty)
 
 
