@@ -79,6 +79,8 @@ from qcompile.passes._structure import (
 from qcompile.passes.calibrate_qparams import activation_spec
 from qcompile.passes.quantize_weights import weight_spec_for
 
+MIN_ROWS = 64  # calibration rows below which a search would fit noise
+
 
 def _range(value) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(min_j, max_j) float64 from a statistic: a tensor or {"absmax": t} (max|X_j|, so
@@ -249,6 +251,9 @@ def _search(ctx: PassContext, linears: list[Node], weights: list[torch.Tensor],
                       "sample and per-channel ranges of 'in:<layer>')")
     if site.rows.shape[-1] != k:
         return None, f"the calibration rows do not have the input's {k} channels"
+    if site.rows.shape[0] < MIN_ROWS:
+        return None, (f"{site.rows.shape[0]} calibration rows: too few to tell the candidates "
+                      f"apart (at least {MIN_ROWS}; calibrate on more data)")
     bits = next((ann.selected(lin).weight_bits for lin in linears if ann.selected(lin)), None)
     choice = choose(site.rows, *site.channel_range, weights, *_quantizers(ctx, k, bits))
     site.migration = choice.best

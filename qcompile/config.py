@@ -92,19 +92,22 @@ RECIPES: dict[str, Recipe] = {
                            "each layer's input shifted and scaled where that cuts its output "
                            "error (smooth), integer-only dyadic requantization; needs "
                            "calibration"),
-        Recipe("w4a16", WeightQuant(4, group_size=128), None, None,
-               description="int4 group-wise (128) weights, float activations"),
+        Recipe("w4a16", WeightQuant(4, group_size=128), None, None, weight_clip=True,
+               description="int4 group-wise (128) weights, each row's range clipped where "
+                           "that cuts its error, float activations"),
         Recipe("w4a8", WeightQuant(4), ActQuant(8, dynamic=False), "dyadic", rotate=True,
-               online_hadamard=True,
-               description="int4 per-channel weights, int8 static activations, rotations on"),
+               online_hadamard=True, smooth=True, weight_clip=True,
+               description="int4 per-channel weights (rows clipped by their output error), "
+                           "int8 static activations, rotations and smooth on"),
         Recipe("w4a4", WeightQuant(4), ActQuant(4, dynamic=True), "float", rotate=True,
-               online_hadamard=True, gptq=True, activation_clip=DEFAULT_ACTIVATION_CLIP,
+               online_hadamard=True, gptq=True, smooth=True, weight_clip=True,
+               activation_clip=DEFAULT_ACTIVATION_CLIP,
                description="int4 per-channel weights (GPTQ), int4 per-token dynamic "
                            "activations after the online Hadamard, clipped at "
                            f"{DEFAULT_ACTIVATION_CLIP} of each row's absmax (QuaRot), float "
                            "epilogue; rotations on; calibration for GPTQ's Hessians"),
         Recipe("w4a4-static", WeightQuant(4), ActQuant(4, dynamic=False), "dyadic",
-               rotate=True, online_hadamard=True, gptq=True, observer="mse",
+               rotate=True, online_hadamard=True, gptq=True, weight_clip=True, observer="mse",
                description="int4 weights (GPTQ), int4 per-tensor static activations (MSE "
                            "ranges), integer-only dyadic requantization, rotations on"),
         Recipe("mixed", WeightQuant(8), ActQuant(8, dynamic=False), "dyadic",

@@ -44,7 +44,8 @@ def test_bad_values():
 def test_recipe_defaults_and_switches():
     opts = Options.from_user(None, {"recipe": "w4a4"})
     assert opts.transform_on("rotate") and opts.transform_on("gptq") and opts.needs_calibration
-    opts = Options.from_user(None, {"recipe": "w4a4", "gptq": False, "rotate": False})
+    opts = Options.from_user(None, {"recipe": "w4a4", "gptq": False, "rotate": False,
+                                    "smooth": False})
     assert not opts.transform_on("gptq") and not opts.transform_on("rotate")
     # w4a4: int4 per-token dynamic activations (QuaRot): calibration only for GPTQ's Hessians
     w4a4 = RECIPES["w4a4"]

@@ -139,19 +139,23 @@ CLIP_RATIOS = tuple(1.0 - 0.025 * i for i in range(21))  # 1.0 down to 0.5
 
 
 def clip_search(w: torch.Tensor, spec: QuantSpec, H: torch.Tensor | None = None,
-                ratios: tuple[float, ...] = CLIP_RATIOS) -> torch.Tensor:
+                ratios: tuple[float, ...] = CLIP_RATIOS, damp: float = 0.1) -> torch.Tensor:
     """Per output row, the clip ratio (of `ratios`) whose round-to-nearest weight gives the
     layer the least output error: d H d^T for the row's error d = w - Q(w) and the input's
-    Hessian H [K, K] (HessianObserver: the error of x w^T over the calibration rows), or
-    |d|^2 without one. float32 [N]. Rows are independent (their scales are), so each keeps
-    its own best; ratio 1.0 (min-max) wins ties. (The clipping search of GPTQ's reference
-    quantizer and of OmniQuant's learnable weight clipping, as a grid search.)"""
+    Hessian H [K, K] (HessianObserver: the error of x w^T over the calibration rows), damped
+    by damp * mean(diag H) * |d|^2 so that a Hessian of few rows (rank below K) cannot pick
+    a clip that only suits them; |d|^2 without one. float32 [N]. Rows are independent
+    (their scales are), so each keeps its own best; ratio 1.0 (min-max) wins ties. (The
+    clipping search of GPTQ's reference quantizer and of OmniQuant's learnable weight
+    clipping, as a grid search.)"""
     fn = "clip_search"
     _check_weight(fn, w, spec)
     if spec.granularity == "per_tensor":
         raise ValueError(f"{fn}: a per-tensor weight has no per-row ranges to clip")
     w = w.detach().float()
     h = None if H is None else H.detach().to(w.device, torch.float32)
+    if h is not None:
+        h = h + torch.eye(h.shape[0], device=w.device) * (damp * float(h.diagonal().mean()))
     best = torch.full((w.shape[0],), float("inf"), device=w.device)
     clip = torch.ones(w.shape[0], device=w.device)
     for r in sorted(ratios, reverse=True):
