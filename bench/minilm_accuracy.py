@@ -37,6 +37,12 @@ CONFIGS = {
                                   "smooth": True},
     "w4a4 + smooth": {"recipe": "w4a4", "smooth": True},
     "w4a4-static + smooth": {"recipe": "w4a4-static", "smooth": True},
+    "w4a16 + weight clip": {"recipe": "w4a16", "weight_clip": True},
+    "w4a16 GPTQ + weight clip": {"recipe": "w4a16", "gptq": True, "weight_clip": True},
+    "w4a8 (rotations) + weight clip": {"recipe": "w4a8", "weight_clip": True},
+    "w4a8 (rotations) + smooth + weight clip + bias correction": {
+        "recipe": "w4a8", "smooth": True, "weight_clip": True, "bias_correction": True},
+    "w4a4 + weight clip": {"recipe": "w4a4", "weight_clip": True},
     "w4a16 RTN": {"recipe": "w4a16"},
     "w4a16 GPTQ": {"recipe": "w4a16", "gptq": True},
     "w4a8 no rotation": {"recipe": "w4a8", "rotate": False, "online_hadamard": False},
