@@ -149,18 +149,27 @@ def output_error(m: Migration, rows: torch.Tensor, lo: torch.Tensor, hi: torch.T
 def choose(rows: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
            weights: list[torch.Tensor], quantize_act: ActQuantizer,
            quantize_weight: WeightQuantizer) -> Choice:
-    """The candidate with the least output error ("no change" unless one beats it by
-    MIN_GAIN) for
+    """The candidate with the least output error on half the rows ("no change" unless it
+    beats that by MIN_GAIN there and on the other half) for
     sampled input rows [n, K], the input's calibrated per-channel range [lo, hi] [K], and
     the readers' float weights [N_i, K]."""
     rows = rows.float()
     weights = [w.float() for w in weights]
     lo, hi = lo.double(), hi.double()
-    refs = [rows @ w.T for w in weights]
-    found = [(output_error(m, rows, lo, hi, weights, refs, quantize_act, quantize_weight), m)
-             for m in candidates(lo, hi, weights)]
+    # chosen on half the rows, confirmed on the other half: a choice that only suits the
+    # rows it was fitted on (few calibration rows) does not pass
+    fit, held = rows[0::2], rows[1::2]
+
+    def errors(part, ms):
+        refs = [part @ w.T for w in weights]
+        return [output_error(m, part, lo, hi, weights, refs, quantize_act, quantize_weight)
+                for m in ms]
+
+    found = list(zip(errors(fit, cands := candidates(lo, hi, weights)), cands, strict=True))
     error, best = min(found, key=lambda e: e[0])
     baseline = found[0][0]
-    if error > baseline * (1 - MIN_GAIN):  # not worth a transform (or float32 noise)
-        error, best = found[0]
+    if not best.identity:
+        held_best, held_base = errors(held, [best, cands[0]])
+        if error > baseline * (1 - MIN_GAIN) or held_best > held_base * (1 - MIN_GAIN):
+            error, best = found[0]  # not worth a transform, or it does not generalize
     return Choice(best, error, baseline, len(found))

@@ -78,8 +78,10 @@ from qcompile.passes._structure import (
 )
 from qcompile.passes.calibrate_qparams import activation_spec
 from qcompile.passes.quantize_weights import weight_spec_for
+from qcompile.sites import producer_through_layout
 
 MIN_ROWS = 64  # calibration rows below which a search would fit noise
+_LAYOUT = {"contiguous", "reshape", "view", "transpose", "permute", "flatten", "unflatten"}
 
 
 def _range(value) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -216,6 +218,29 @@ def _explicit(gm: GraphModule, x: Node, linears: list[Node], m: Migration) -> No
         lin.replace_input_with(x, scaled)
 
 
+def _integer_producer(ctx: PassContext, x: Node) -> bool:
+    """x will be the output of an integer op under a static recipe: a layer or attention
+    select-layers quantizes, or (integer_nonlinear) anything."""
+    act = ctx.options.recipe_obj.act
+    if act is None or act.dynamic:
+        return False
+    if ctx.options.transform_on("integer_nonlinear"):
+        return True
+    node = x
+    while True:  # up through layout ops (attention's [B, H, S, D] -> [B, S, H * D])
+        up = producer_through_layout(node)
+        if up is node and isinstance(node, Node) and node.op in ("call_method",
+                                                                 "call_function") and \
+                str(getattr(node.target, "__name__", node.target)) in _LAYOUT and node.args:
+            up = node.args[0]
+        if up is node or not isinstance(up, Node):
+            # attention: select-layers' choice for it is not on the sdpa node yet, and a
+            # static recipe's int8 attention requantizes its output in the kernel
+            return ann.selected(node) is not None or is_call(
+                node, F.scaled_dot_product_attention)
+        node = up
+
+
 def _quantizers(ctx: PassContext, k: int, bits: int | None):
     """The recipe's activation quantizer (static per-tensor from the transformed range,
     per-token dynamic, or none) and its RTN weight quantizer, for _migration to measure."""
@@ -314,11 +339,12 @@ def smooth(gm: GraphModule, ctx: PassContext) -> PassResult:
             ax = torch.stack([a.to(torch.float64) for a in found]).amax(0)
             m = Migration(f"alpha={alpha:g}", smoothing_scales(ax, weights, alpha))
         how = _fold_producer(ed, x, linears, m)
-        if how is None and alpha is None and ctx.options.transform_on("integer_nonlinear"):
-            # an explicit float multiply-add between an integer GELU / LayerNorm and the
-            # quantizer would cut the integer dataflow integer-nonlinear builds
-            skips.add(names, "with integer_nonlinear, only a shift and scale its producer "
-                      "absorbs: an explicit one would break the integer dataflow")
+        if how is None and alpha is None and _integer_producer(ctx, x):
+            # an explicit float multiply-add after an op that will produce integers (a
+            # quantized attention or layer; integer GELU / LayerNorm) would force a float
+            # round trip and a second rounding the search does not see
+            skips.add(names, "its input comes from an integer op: only a shift and scale "
+                      "that op absorbs would keep the integer dataflow, and none does")
             counters["skipped"] += 1
             continue
         if how is None:

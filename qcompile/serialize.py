@@ -178,7 +178,9 @@ def save(model, path: str | os.PathLike) -> str:
                 if getattr(site, key) is not None:
                     tensors[f"site/{name}/{key}"] = getattr(site, key).double()
                     entry[key] = True
-            if site.migration is not None:  # smooth's choice, measured on rows not saved
+            if site.migration is None and sites.get(name, {}).get("migration"):
+                entry["migration"] = sites[name]["migration"]  # a graph that measured it
+            elif site.migration is not None:  # smooth's choice, measured on rows not saved
                 entry["migration"] = site.migration.label
                 tensors[f"site/{name}/migration_scale"] = site.migration.scale.double()
                 if site.migration.shift is not None:

@@ -117,17 +117,11 @@ REGRESSIONS = {
     "int4-activation-table": (
         Case(d=16, blocks=(Conv(kind='conv1d', act='hardswish'), Conv(kind='conv1d'))),
         "w4a4-static"),
-}
-
-
-# Found and not fixed yet: strict xfails, so a fix shows up as a failure to remove here.
-# SmoothQuant scales from very few calibration tokens (calib_seq=1: 16 tokens): a channel
-# the ReLU left (nearly) silent in calibration gets a tiny s_j, so at eval its values
-# divided by s_j overshoot the static per-tensor range and are clipped. Cosine 0.968 with
-# smoothing against 0.987 without (0.9675 / 0.9924 for the bf16 case); with 64 tokens both
-# pass. Open: a floor on max|X_j| relative to the other channels, or a calibration that
-# says it saw too few tokens for smoothing.
-UNFIXED = {
+    # SmoothQuant scales from very few calibration tokens (calib_seq=1: 16 tokens): a
+    # channel the ReLU left (nearly) silent in calibration got a tiny s_j, so at eval its
+    # values divided by s_j overshot the static range (cosine 0.968 against 0.987 without).
+    # smooth now measures each candidate on the calibration rows, keeps "no change" unless
+    # one cuts the error by 1%, and does not search on fewer than 64 rows.
     "smooth-from-few-calibration-tokens-gated-mlp": (
         Case(d=16, blocks=(MLP(hidden=16, act='relu', gated=True, spelling='module'),), batch=2, seq=3, dtype='float32', contiguous=False, dynamic=False, kernels='cpu', options=(('smooth', True),), tuple_output=False, seed=51, calib_seq=1, loop=False),  # noqa: E501
         "w8a8-static"),
@@ -135,6 +129,10 @@ UNFIXED = {
         Case(d=16, blocks=(Linear(out=16, spelling='module', bias=False), Act(kind='relu'), Act(kind='gelu'), Linear(out=16, spelling='module', bias=False)), batch=2, seq=3, dtype='bfloat16', contiguous=False, dynamic=False, kernels='cpu', options=(('smooth', True),), tuple_output=False, seed=4, calib_seq=1, loop=False),  # noqa: E501
         "w8a8-static"),
 }
+
+
+# Found and not fixed yet: strict xfails, so a fix shows up as a failure to remove here.
+UNFIXED: dict = {}
 
 
 def _check(case, recipe):
@@ -148,9 +146,9 @@ def test_regression(name):
     _check(*REGRESSIONS[name])
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="smoothing from a few calibration tokens (see UNFIXED)")
-@pytest.mark.parametrize("name", list(UNFIXED))
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="see UNFIXED")
+@pytest.mark.parametrize("name", list(UNFIXED) or [pytest.param(None, marks=pytest.mark.skip(
+    reason="no known unfixed case"))])
 def test_unfixed(name):
     _check(*UNFIXED[name])
 

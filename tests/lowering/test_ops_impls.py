@@ -80,7 +80,7 @@ def _w4a4_lowered(kernels, **options):
     torch._dynamo.reset()
     cm = torch.compile(IntegerChain().eval(), backend="qcompile", options={
         "recipe": "w4a4", "kernels": kernels, "rotate": False, "online_hadamard": False,
-        "gptq": False, **options})
+        "gptq": False, "smooth": False, **options})  # no calibration
     with torch.no_grad():
         cm(torch.randn(3, 5, 24))
     (variant,) = [v for v in state_for_model(cm).artifacts if v.finalized]
