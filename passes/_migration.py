@@ -93,7 +93,7 @@ def token_quantizer(bits: int, clip: float = 1.0) -> ActQuantizer:
     return quantize
 
 
-def _weight_absmax(weights: list[torch.Tensor]) -> torch.Tensor:
+def weight_absmax(weights: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([w.abs().amax(0) for w in weights]).amax(0)
 
 
@@ -113,7 +113,7 @@ def candidates(lo: torch.Tensor, hi: torch.Tensor,
     one = torch.ones(k, dtype=torch.float64)
     mid = (hi + lo) / 2
     out = [Migration("none", one), Migration("shift", one, mid)]
-    w_absmax = _weight_absmax([w.double() for w in weights])
+    w_absmax = weight_absmax([w.double() for w in weights])
     for shift, r in ((None, torch.maximum(lo.abs(), hi.abs())), (mid, (hi - lo) / 2)):
         tag = "shift, " if shift is not None else ""
         top, median = float(r.max()), float(r.median())
@@ -134,9 +134,9 @@ def output_error(m: Migration, rows: torch.Tensor, lo: torch.Tensor, hi: torch.T
     rows @ W_i^T in float32."""
     s = m.scale.float()
     z = m.shift.float() if m.shift is not None else None
+    z64 = z.double() if z is not None else torch.zeros_like(m.scale)
     x = rows if z is None else rows - z
-    xq = quantize_act(x / s, (lo - (0 if z is None else z.double())) / m.scale,
-                      (hi - (0 if z is None else z.double())) / m.scale)
+    xq = quantize_act(x / s, (lo - z64) / m.scale, (hi - z64) / m.scale)
     total = 0.0
     for w, ref in zip(weights, refs, strict=True):
         y = xq @ quantize_weight(w * s).T

@@ -97,7 +97,7 @@ def _clip(layer, w: torch.Tensor, spec, hessian, counters) -> torch.Tensor | Non
     layer's detail; None for a per-tensor weight."""
     if spec.granularity == "per_tensor":
         return None
-    clip = clip_search(w, spec, None if hessian is None else hessian.to(w.device))
+    clip = clip_search(w, spec, hessian)
     clipped = int((clip < 1).sum())
     counters["clipped_rows"] += clipped
     layer.detail["weight_clip"] = (

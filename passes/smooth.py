@@ -59,6 +59,7 @@ from qcompile.passes._migration import (
     smoothquant_scales,
     static_quantizer,
     token_quantizer,
+    weight_absmax,
     weight_quantizer,
 )
 from qcompile.passes._shapes import (
@@ -81,7 +82,6 @@ from qcompile.passes.quantize_weights import weight_spec_for
 from qcompile.sites import producer_through_layout
 
 MIN_ROWS = 64  # calibration rows below which a search would fit noise
-_LAYOUT = {"contiguous", "reshape", "view", "transpose", "permute", "flatten", "unflatten"}
 
 
 def _range(value) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -135,8 +135,7 @@ def activation_absmax(ctx: PassContext, linear: Node) -> torch.Tensor | None:
 
 def smoothing_scales(ax: torch.Tensor, weights: list[torch.Tensor], alpha: float):
     """s [K] float64 from activation maxima [K] and the consumers' weights [N_i, K]."""
-    return smoothquant_scales(ax, torch.stack([w.abs().amax(0) for w in weights]).amax(0),
-                              alpha)
+    return smoothquant_scales(ax, weight_absmax(weights), alpha)
 
 
 def _exclusive(node: Node, linears: list[Node]) -> bool:
@@ -159,6 +158,7 @@ def _fold_producer(ed: WeightEditor, x: Node, linears: list[Node], m: Migration)
     """Make what produces x compute (x - z) / s; returns how, or None when nothing can."""
     p = last_dim_producer(x)
     s, z = m.scale, m.shift
+    shift = torch.zeros_like(s) if z is None else z
     k = s.shape[0]
     if not _exclusive(p, linears) or last_size(p) != k:
         return None
@@ -172,7 +172,7 @@ def _fold_producer(ed: WeightEditor, x: Node, linears: list[Node], m: Migration)
                name=f"smooth_{p.name}_weight")
         if p.target is F.layer_norm and (z is not None or p.args[3] is not None):
             beta = ed.get64(p, 3) if p.args[3] is not None else torch.zeros_like(s)
-            ed.set(p, 3, (beta - (0 if z is None else z)) / s, like=like,
+            ed.set(p, 3, (beta - shift) / s, like=like,
                    name=f"smooth_{p.name}_bias")
         return "norm"
     if is_call(p, F.linear):
@@ -180,8 +180,7 @@ def _fold_producer(ed: WeightEditor, x: Node, linears: list[Node], m: Migration)
         w, b = linear_params(ed, p)
         if b is None and z is not None:
             b = torch.zeros_like(s)
-        set_linear(ed, p, weight=w / s[:, None],
-                   bias=None if b is None else (b - (0 if z is None else z)) / s)
+        set_linear(ed, p, weight=w / s[:, None], bias=None if b is None else (b - shift) / s)
         ann.put(p, smoothed)
         return "linear"
     if z is None and is_call(p, operator.mul, torch.mul) and all(
@@ -226,19 +225,11 @@ def _integer_producer(ctx: PassContext, x: Node) -> bool:
         return False
     if ctx.options.transform_on("integer_nonlinear"):
         return True
-    node = x
-    while True:  # up through layout ops (attention's [B, H, S, D] -> [B, S, H * D])
-        up = producer_through_layout(node)
-        if up is node and isinstance(node, Node) and node.op in ("call_method",
-                                                                 "call_function") and \
-                str(getattr(node.target, "__name__", node.target)) in _LAYOUT and node.args:
-            up = node.args[0]
-        if up is node or not isinstance(up, Node):
-            # attention: select-layers' choice for it is not on the sdpa node yet, and a
-            # static recipe's int8 attention requantizes its output in the kernel
-            return ann.selected(node) is not None or is_call(
-                node, F.scaled_dot_product_attention)
-        node = up
+    # up through layout ops (attention's [B, H, S, D] -> [B, S, H * D]); select-layers'
+    # choice for an attention is not on the sdpa node yet, and a static recipe's int8
+    # attention requantizes its output in the kernel
+    node = producer_through_layout(x)
+    return ann.selected(node) is not None or is_call(node, F.scaled_dot_product_attention)
 
 
 def _quantizers(ctx: PassContext, k: int, bits: int | None):

@@ -129,7 +129,13 @@ def quantize_weight_rtn(w: torch.Tensor, spec: QuantSpec | None = None, *,
     fn = "quantize_weight_rtn"
     spec = spec or weight_spec(8)
     _check_weight(fn, w, spec)
-    scale, zero_point = _clipped_qparams(w, spec, _row_clip(fn, clip, w, spec))
+    return _rtn(w, spec, _row_clip(fn, clip, w, spec))
+
+
+def _rtn(w: torch.Tensor, spec: QuantSpec, clip: torch.Tensor | None) -> QuantizedWeight:
+    """quantize_weight_rtn's arithmetic on a checked weight and clip."""
+    fn = "quantize_weight_rtn"
+    scale, zero_point = _clipped_qparams(w, spec, clip)
     s = _expand(fn, "scale", scale, w.shape, spec)
     z = _expand(fn, "zero_point", zero_point, w.shape, spec)
     return QuantizedWeight(_quantize(w, s, z, spec), scale, zero_point, spec)
@@ -160,7 +166,7 @@ def clip_search(w: torch.Tensor, spec: QuantSpec, H: torch.Tensor | None = None,
     clip = torch.ones(w.shape[0], device=w.device)
     for r in sorted(ratios, reverse=True):
         c = torch.full_like(clip, r)
-        d = w - quantize_weight_rtn(w, spec, clip=c).dequantize()
+        d = w - _rtn(w, spec, c).dequantize()  # w checked once, above
         err = (d @ h * d).sum(1) if h is not None else d.pow(2).sum(1)
         better = err < best * (1 - 1e-6)
         best = torch.where(better, err, best)
