@@ -18,9 +18,12 @@ The worker is a separate process with TRITON_INTERPRET unset: this one interpret
 (conftest.py sets it without a GPU, and Triton decides when a kernel is decorated). Under
 pytest-xdist the first worker to get there compiles for all; the others read its results.
 
-Tier: marker `aot`. A representative subset (below) runs in the fast tier; the rest of
-the catalogue is also marked `slow` (the full catalogue takes most of an hour on two
-cores).
+Tier: marker `aot`. A representative subset (below) runs in the fast tier; the rest is
+also marked `slow`. The full suite compiles every kernel at its default configs and every
+autotune config for the GEMM epilogues that hold the most registers (TUNED_EPILOGUES: each
+of the others is a subset of one of them, and the main loop is the same); the full cross
+product of autotune configs and epilogues (416 compiles more, about 6 minutes on two cores)
+runs with QCOMPILE_AOT_ALL=1.
 """
 
 from __future__ import annotations
@@ -52,6 +55,12 @@ pytestmark = pytest.mark.aot
 # config is in the slow tier.
 FAST_GEMM_EPILOGUES = {"requant.pt", "izp+dequant.float32+fbias"}
 FAST_TUNED_EPILOGUES: set[str] = set()
+# Every autotune config is compiled for these epilogues (all of them with QCOMPILE_AOT_ALL=1):
+# the widest requantizing epilogue, the widest int32 one, the widest float32 one and a 16-bit
+# output; every other epilogue adds a subset of one of these to the same main loop.
+TUNED_EPILOGUES = {"izp+bias+requant.pc", "izp+dequant.float32+fbias",
+                   "dequant.bfloat16+fbias", "izp+bias"}
+ALL_TUNED = os.environ.get("QCOMPILE_AOT_ALL") == "1"
 FAST_KERNELS = {
     "quantize_per_tensor[bfloat16]", "requantize[per_channel]",
     "quantize_per_token[bfloat16] K=4096", "hadamard_quantize_per_token[bfloat16] n=3072",
@@ -80,11 +89,17 @@ def _fast(launch: aot.Launch) -> bool:
     return launch.name in FAST_KERNELS
 
 
+def _in_suite(launch: aot.Launch) -> bool:
+    if ALL_TUNED or "gemm" not in launch.tags or "tuned" not in launch.tags:
+        return True
+    return launch.kernel.signature() in TUNED_EPILOGUES
+
+
 def _params(select=lambda launch: True, xfail=None):
     out = []
     for arch in aot.ARCHS:
         for launch in aot.launches(arch):
-            if not select(launch):
+            if not (select(launch) and _in_suite(launch)):
                 continue
             marks = [] if _fast(launch) else [pytest.mark.slow]
             reason = xfail(launch) if xfail else None
@@ -157,7 +172,7 @@ def test_catalogue_covers_every_config_the_autotuner_may_pick():
         assert set(space) <= cfgs
         assert {default_config(cap, m, 4096, 4096) for m in aot.DEFAULT_CONFIG_M} <= cfgs
         sigs = {x.kernel.signature() for x in gemms}
-        assert FAST_GEMM_EPILOGUES | FAST_TUNED_EPILOGUES <= sigs
+        assert FAST_GEMM_EPILOGUES | FAST_TUNED_EPILOGUES | TUNED_EPILOGUES <= sigs
         assert len(sigs) == len(aot.gemm_epilogues()) == 20
     names = {x.name for x in aot.launches(90)}
     assert FAST_KERNELS <= names

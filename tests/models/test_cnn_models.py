@@ -117,6 +117,8 @@ def test_resnet_static_is_integer_only_between_boundaries():
     assert clamped == 5  # the stem's, each block's first conv's and each block's sum's
 
 
+@pytest.mark.slow  # the Triton interpreter runs every convolution; each kernel's own
+# bit-exactness against the reference is in the fast tier (tests/lowering/test_conv_kernel.py)
 def test_every_implementation_gives_the_same_outputs():
     """kernels="reference", "cpu" and "triton" (the interpreter here) run the same
     integers: a tiny CNN's outputs are equal bit for bit."""
