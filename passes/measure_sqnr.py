@@ -18,6 +18,7 @@ Pre: lower. Post: ctx.layers[name].sqnr_db set; the graph is unchanged.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +26,12 @@ from torch.fx import GraphModule, Interpreter, Node
 
 from qcompile import annotations as ann
 from qcompile.fx_utils import is_call
-from qcompile.pass_manager import PassContext, PassResult, graph_pass
+from qcompile.pass_manager import (
+    PassContext,
+    PassResult,
+    QuantizationAccuracyWarning,
+    graph_pass,
+)
 from qcompile.passes._activations import fused_activation
 from qcompile.passes._sensitivity import float_outputs
 from qcompile.sites import is_conv, linear_name
@@ -142,7 +148,7 @@ def _measure(gm: GraphModule, ctx: PassContext, float_gm, inputs) -> PassResult:
         act = ctx.options.recipe_obj.act
         fused = act is not None and not act.dynamic
         ref = _Record(float_gm, lambda n: _float_layer_of(n, fused))
-        ref.run(*inputs)
+        ref_out = float_outputs(ref.run(*inputs))
         test = _Record(gm, _layer_of)
         test_out = test.run(*inputs)
     plan, metric = ctx.analysis.get("precision"), ctx.analysis.pop("distortion", None)
@@ -156,11 +162,37 @@ def _measure(gm: GraphModule, ctx: PassContext, float_gm, inputs) -> PassResult:
         if layer in test.seen and layer in ctx.layers and y.numel():
             ctx.layers[layer].sqnr_db = sqnr_db(y, test.seen[layer])
             measured += 1
+    _alarm(ctx, ref_out, test_out)
     if not measured and ref.seen:
         ctx.note("the sample inputs reach every layer with 0 rows: per-layer SQNR not "
                  "measured")
     _activation_ranges(ctx, float_gm, inputs)
     return PassResult(gm, modified=False, counters={"layers": measured})
+
+
+# A graph output whose quantization noise is as large as the output itself (SQNR <= 0 dB:
+# returning zeros would be as close to float) is wrong values, whatever the recipe meant.
+ALARM_SQNR_DB = 0.0
+
+
+def _alarm(ctx: PassContext, ref: list, test: list) -> None:
+    """Warn (and note) when a float output of the quantized graph is no closer to float
+    than zeros on the probe rows, naming the layers where the error is first that large."""
+    if len(ref) != len(test):
+        return
+    worst = min((sqnr_db(r, t) for r, t in zip(ref, test)
+                 if r.numel() and r.shape == t.shape), default=math.inf)
+    if worst > ALARM_SQNR_DB:
+        return
+    first = [name for name, layer in ctx.layers.items()  # in graph order
+             if layer.sqnr_db is not None and layer.sqnr_db <= 10.0][:4]
+    msg = (f"qcompile: {ctx.name} under recipe {ctx.options.recipe!r}: an output of the "
+           f"quantized graph is no closer to float than zeros would be (SQNR {worst:.1f} dB "
+           "on the probe rows): its values are wrong, not approximate. Layers whose error "
+           f"first reaches 10 dB: {first or 'none'}. Use a recipe with more bits, leave "
+           "those layers in float (options={'skip': [...]}), or read qcompile.report(model)")
+    ctx.note(msg)
+    warnings.warn(msg, QuantizationAccuracyWarning, stacklevel=2)
 
 
 class _Inputs(Interpreter):

@@ -11,13 +11,13 @@
 from qcompile.calibration import CalibrationError, calibrate
 from qcompile.config import RECIPES, Options, QCompileConfigError, known_options
 from qcompile.debug import Captured, capture, capture_all, load_repro
+from qcompile.pass_manager import QuantizationAccuracyWarning
 from qcompile.report import report
 from qcompile.serialize import ArtifactMismatchError, export, load, save
 
 __version__ = "0.1.0"
 __all__ = [
     "RECIPES", "ArtifactMismatchError", "CalibrationError", "Captured", "Options",
-    "QCompileConfigError", "calibrate", "capture", "capture_all", "export", "known_options",
-    "load",
-    "load_repro", "report", "save",
+    "QCompileConfigError", "QuantizationAccuracyWarning", "calibrate", "capture",
+    "capture_all", "export", "known_options", "load", "load_repro", "report", "save",
 ]

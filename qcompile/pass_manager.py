@@ -97,6 +97,11 @@ class PassContext:
         self.notes.append(text)
 
 
+class QuantizationAccuracyWarning(UserWarning):
+    """A quantized graph whose outputs are no closer to float than zeros would be
+    (measure-sqnr)."""
+
+
 class PassError(RuntimeError):
     """A pass failed; the message names it, the passes before it, and the reproducer."""
 

@@ -2,6 +2,9 @@
 sized consistently with the graph's symbolic sizes, and the same figures the full batch
 gives (the statistics of a few hundred tokens are the report's)."""
 
+import warnings
+
+import pytest
 import torch
 
 import qcompile
@@ -80,3 +83,40 @@ def test_report_from_the_probe_matches_the_full_batch(monkeypatch):
     assert probed.keys() == full.keys() == {"fc1", "fc2"}
     for name in full:
         assert probed[name] > 20 and abs(probed[name] - full[name]) < 1.0, (probed, full)
+
+
+class _Swamped(torch.nn.Module):
+    """A linear whose int8 weight grid is set by one huge weight on an input channel that is
+    always 0: every other weight rounds to 0, so the quantized output is all zeros."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(16, 8, bias=False)
+        with torch.no_grad():
+            self.fc.weight[:, 0] = 1e6
+
+    def forward(self, x):
+        return self.fc(torch.cat([torch.zeros_like(x[..., :1]), x[..., 1:]], dim=-1))
+
+
+def _run(model, recipe="w8a8"):
+    cm = torch.compile(model.eval(), backend="qcompile", options={"recipe": recipe})
+    with torch.no_grad():
+        cm(torch.randn(32, 16))
+    return qcompile.report(cm)
+
+
+def test_outputs_no_closer_to_float_than_zeros_warn_and_name_the_layer():
+    torch._dynamo.reset()
+    with pytest.warns(qcompile.QuantizationAccuracyWarning, match=r"values are wrong") as rec:
+        rep = _run(_Swamped())
+    assert "['fc']" in str(rec[0].message)  # the first layer at or below 10 dB
+    assert any("values are wrong" in n for g in rep.graphs for n in g.notes)
+
+
+def test_a_well_quantized_model_does_not_warn():
+    torch._dynamo.reset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", qcompile.QuantizationAccuracyWarning)
+        rep = _run(TinyMLP())
+    assert not any("values are wrong" in n for g in rep.graphs for n in g.notes)
