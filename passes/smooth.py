@@ -334,8 +334,12 @@ def smooth(gm: GraphModule, ctx: PassContext) -> PassResult:
             # an explicit float multiply-add after an op that will produce integers (a
             # quantized attention or layer; integer GELU / LayerNorm) would force a float
             # round trip and a second rounding the search does not see
-            skips.add(names, "its input comes from an integer op: only a shift and scale "
-                      "that op absorbs would keep the integer dataflow, and none does")
+            why = ("its input comes from an integer op: only a shift and scale that op "
+                   "absorbs would keep the integer dataflow, and none does")
+            skips.add(names, why)
+            for lin in linears:  # not the migration the search measured: none is applied
+                ctx.layer(layer_name(lin), "linear").detail["smooth"] = (
+                    f"skipped ({m.label} measured best): {why}")
             counters["skipped"] += 1
             continue
         if how is None:

@@ -298,3 +298,25 @@ def test_search_through_the_pipeline_cuts_the_error_of_outlier_channels():
     notes = [n for g in report.graphs for n in g.notes if n.startswith("smooth: 2 group(s)")]
     assert notes and "2 measured here" in notes[0]  # the first graph; a recompile reuses
     assert all("unchanged" in n for n in notes)
+
+
+def test_no_explicit_transform_after_an_integer_producer_and_the_report_says_so():
+    """With integer GELU (integer_nonlinear), the down projection's input comes from an
+    integer op that cannot absorb a shift and scale: smooth leaves the group alone, and its
+    report entry says it was skipped rather than naming the migration it measured."""
+    import qcompile
+
+    model = NormMLP().eval()
+    gen = torch.Generator().manual_seed(0)
+    calib = torch.randn(8, 16, 32, generator=gen)
+    torch._dynamo.reset()
+    cm = torch.compile(model, backend="qcompile", options={
+        "recipe": "w8a8-static", "integer_nonlinear": True, "kernels": "reference"})
+    with torch.no_grad(), qcompile.calibrate(cm):
+        cm(calib)
+    report = qcompile.report(cm)
+    down = next(layer for layer in report.layers if layer.name == "down")
+    assert down.detail["smooth"].startswith("skipped ("), down.detail["smooth"]
+    assert not any(t.startswith("smooth") for t in down.transforms)
+    assert any("down" in n and "comes from an integer op" in n
+               for g in report.graphs for n in g.notes)
