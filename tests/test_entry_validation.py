@@ -417,7 +417,8 @@ def test_every_top_level_name_is_audited():
     audited = {"calibrate", "capture", "capture_all", "report", "save", "load", "export",
                "load_repro"}
     no_input = {"RECIPES", "ArtifactMismatchError", "CalibrationError", "Captured",
-                "QCompileConfigError", "Options", "known_options"}  # config: test_config.py
+                "QCompileConfigError", "QuantizationAccuracyWarning", "Options",
+                "known_options"}  # config: test_config.py
     assert set(qcompile.__all__) == audited | no_input
 
 
