@@ -12,6 +12,8 @@ canonical graph) and after them, for the report's picture.
 Why: the report says, per layer, how much quantization costs and what transforms did.
 With a mixed-precision plan (choose-precision), the distortion of the graph's outputs
 (passes/_sensitivity.py's D, on the same rows) is recorded beside the plan's prediction.
+A graph output no closer to float than zeros (SQNR <= ALARM_SQNR_DB) is wrong values: a
+QuantizationAccuracyWarning and a report note say so.
 Pre: lower. Post: ctx.layers[name].sqnr_db set; the graph is unchanged.
 """
 
@@ -173,6 +175,7 @@ def _measure(gm: GraphModule, ctx: PassContext, float_gm, inputs) -> PassResult:
 # A graph output whose quantization noise is as large as the output itself (SQNR <= 0 dB:
 # returning zeros would be as close to float) is wrong values, whatever the recipe meant.
 ALARM_SQNR_DB = 0.0
+BAD_LAYER_SQNR_DB = 10.0  # the alarm names the first layers at or below this
 
 
 def _alarm(ctx: PassContext, ref: list, test: list) -> None:
@@ -185,11 +188,11 @@ def _alarm(ctx: PassContext, ref: list, test: list) -> None:
     if worst > ALARM_SQNR_DB:
         return
     first = [name for name, layer in ctx.layers.items()  # in graph order
-             if layer.sqnr_db is not None and layer.sqnr_db <= 10.0][:4]
+             if layer.sqnr_db is not None and layer.sqnr_db <= BAD_LAYER_SQNR_DB][:4]
     msg = (f"qcompile: {ctx.name} under recipe {ctx.options.recipe!r}: an output of the "
            f"quantized graph is no closer to float than zeros would be (SQNR {worst:.1f} dB "
-           "on the probe rows): its values are wrong, not approximate. Layers whose error "
-           f"first reaches 10 dB: {first or 'none'}. Use a recipe with more bits, leave "
+           "on the probe rows): its values are wrong, not approximate. Layers whose SQNR first "
+           f"falls to {BAD_LAYER_SQNR_DB:g} dB: {first or 'none'}. Use a recipe with more bits, leave "
            "those layers in float (options={'skip': [...]}), or read qcompile.report(model)")
     ctx.note(msg)
     warnings.warn(msg, QuantizationAccuracyWarning, stacklevel=2)
