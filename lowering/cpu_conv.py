@@ -9,11 +9,12 @@ GEMM epilogues of lowering/cpu.py run on its [B*Ho*Wo, N] view unchanged.
 Routes (the same facts as the linear routes in lowering/cpu_routes.py, measured with
 bench/bench_cpu_conv.py):
   onednn-u8s8  onednn.qconv2d_pointwise on u8 activations x + 128 (zero point 128 + in_zp,
-               which oneDNN also pads with) and s8 weights, float32 output. Without VNNI
-               its VPMADDUBSW sums pairs of u8 x s8 products in int16 with saturation:
-               exact only for weights in [-64, 63] (2 * 255 * 64 < 2**15); with VNNI / AMX
-               any int8 weights (cpu_routes' capability probe). oneDNN accumulates in int32,
-               removes the zero-point compensation in int32 and converts to float32 once:
+               also the value of the padding, written by padded_u8) and s8 weights,
+               float32 output. Without VNNI its VPMADDUBSW sums pairs of u8 x s8 products
+               in int16 with saturation: exact only for weights in [-64, 63]
+               (2 * 255 * 64 < 2**15); with VNNI / AMX any int8 weights (cpu_routes'
+               capability probe). oneDNN accumulates in int32, removes the zero-point
+               compensation in int32 and converts to float32 once:
                exact while |acc| <= 2**24: checked at run time where the weights allow
                more (conv_acc); where that check fails, input channels are split into
                chunks that guarantee it (`plan_channel_chunks`), summed in int32.
@@ -143,7 +144,7 @@ class PreparedConv:
 def _pack(w: torch.Tensor, in_zp: int, g: ConvGeometry) -> torch.Tensor:
     n = w.shape[0]
     return torch.ops.onednn.qconv_prepack(w.contiguous(), torch.ones(n), 1.0, 128 + in_zp,
-                                          list(g.stride), list(g.padding), list(g.dilation),
+                                          list(g.stride), [0, 0], list(g.dilation),
                                           g.groups, None)
 
 
@@ -174,16 +175,33 @@ def _prepare_unchecked(w: torch.Tensor, in_zp: int, g: ConvGeometry) -> Prepared
 
 def _onednn_call(x_u8: torch.Tensor, zp: int, packed: torch.Tensor, n: int,
                  g: ConvGeometry) -> torch.Tensor:
+    """oneDNN on an input already padded (padded_u8): the call itself pads nothing."""
     return torch.ops.onednn.qconv2d_pointwise(
         x_u8, 1.0, zp, packed, torch.ones(n), torch.zeros(n, dtype=torch.int64), None,
-        list(g.stride), list(g.padding), list(g.dilation), g.groups, 1.0, 0, torch.float32,
+        list(g.stride), [0, 0], list(g.dilation), g.groups, 1.0, 0, torch.float32,
         "none", [], "")
+
+
+def padded_u8(x: torch.Tensor, in_zp: int, g: ConvGeometry) -> torch.Tensor:
+    """int8 x -> uint8 x + 128, channels-last, with g.padding rows and columns of the zero
+    point (128 + in_zp: real zero) around it. The padding is written here, not left to
+    oneDNN: its AVX512-VNNI grouped kernel returned garbage (|acc| ~ 1e9) for outputs
+    whose window lies wholly in the padding when the u8 zero point was not 0 (groups 3, a
+    2 x 3 kernel, padding 2 x 1, stride 2 x 1: tests/lowering/test_cpu_conv.py)."""
+    ph, pw = g.padding
+    if not (ph or pw):
+        return cpu_routes._to_u8(x).contiguous(memory_format=torch.channels_last)
+    b, c, h, w = x.shape
+    out = torch.full((b, c, h + 2 * ph, w + 2 * pw), 128 + in_zp, dtype=torch.uint8
+                     ).contiguous(memory_format=torch.channels_last)
+    out[:, :, ph:ph + h, pw:pw + w] = cpu_routes._to_u8(x)
+    return out
 
 
 def run_prepared(x: torch.Tensor, p: PreparedConv) -> torch.Tensor:
     """acc [B, N, Ho, Wo] channels-last, exact: float32 from one chunk (|acc| <= 2**24),
     int32 summed over several (each chunk exact; their sum may pass 2**24)."""
-    x_u8 = cpu_routes._to_u8(x).contiguous(memory_format=torch.channels_last)
+    x_u8 = padded_u8(x, p.in_zp, p.geometry)
     zp = 128 + p.in_zp
     if len(p.chunks) == 1:
         return _onednn_call(x_u8, zp, p.chunks[0][2], p.n, p.geometry)
@@ -282,7 +300,7 @@ def conv_acc(x: torch.Tensor, w: torch.Tensor, in_zp: int, g: ConvGeometry) -> t
         # once and check. oneDNN rounds the exact int32 accumulator to float32 once, and
         # rounding is monotone, so |acc| > 2**24 cannot come out below 2**24: every
         # |value| < 2**24 proves them all exact. Otherwise the chunked, exact run.
-        x_u8 = cpu_routes._to_u8(x).contiguous(memory_format=torch.channels_last)
+        x_u8 = padded_u8(x, p.in_zp, p.geometry)
         y = _onednn_call(x_u8, 128 + p.in_zp, p.whole, p.n, p.geometry)
         lo, hi = torch.aminmax(y)
         if -F32_EXACT < lo.item() and hi.item() < F32_EXACT:
