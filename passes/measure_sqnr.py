@@ -191,9 +191,10 @@ def _alarm(ctx: PassContext, ref: list, test: list) -> None:
              if layer.sqnr_db is not None and layer.sqnr_db <= BAD_LAYER_SQNR_DB][:4]
     msg = (f"qcompile: {ctx.name} under recipe {ctx.options.recipe!r}: an output of the "
            f"quantized graph is no closer to float than zeros would be (SQNR {worst:.1f} dB "
-           "on the probe rows): its values are wrong, not approximate. Layers whose SQNR first "
-           f"falls to {BAD_LAYER_SQNR_DB:g} dB: {first or 'none'}. Use a recipe with more bits, leave "
-           "those layers in float (options={'skip': [...]}), or read qcompile.report(model)")
+           "on the probe rows): its values are wrong, not approximate. Layers whose SQNR "
+           f"first falls to {BAD_LAYER_SQNR_DB:g} dB: {first or 'none'}. Use a recipe with "
+           "more bits, leave those layers in float (options={'skip': [...]}), or read "
+           "qcompile.report(model)")
     ctx.note(msg)
     warnings.warn(msg, QuantizationAccuracyWarning, stacklevel=2)
 
