@@ -60,6 +60,11 @@ CONFIGS = {
     "w4a8 (rotations) + bias correction": {"recipe": "w4a8", "bias_correction": True},
     "w4a4 + bias correction": {"recipe": "w4a4", "bias_correction": True},
     "w4a4-static + bias correction": {"recipe": "w4a4-static", "bias_correction": True},
+    # group-wise int4 weights on the row's integer grid (integer-only; options group_size)
+    **{f"w4a8 (rotations) group {g}": {"recipe": "w4a8", "group_size": g}
+       for g in (32, 64, 128)},
+    "w4a8 (rotations) group 32 + GPTQ": {"recipe": "w4a8", "group_size": 32, "gptq": True},
+    "w4a4-static group 32": {"recipe": "w4a4-static", "group_size": 32},
 }
 
 

@@ -13,6 +13,8 @@ to Inductor, which treats them as opaque calls.
 Integer-only ops (no float anywhere between int8 input and int8 output):
   linear_int8      int8 x int8 -> int32 -> bias, input zero point, dyadic requant -> int8
   linear_w4a8      int8 x packed int4 -> the same epilogue -> int8
+  linear_w4a8_grouped  int8 x packed int4 in groups whose scales are the row's times small
+                   integers: the same GEMM on the int8 values q * mult, the same epilogue
   requant_int8     int8 -> int8 at another scale (replaces dequantize -> quantize)
   add_int8         two int8 tensors, each side rescaled dyadically, one rounding -> int8
 Boundary ops (float islands start and end here):
@@ -531,6 +533,72 @@ def _(x, w, bias, zp_term, q, shift, out_zp, qmin, qmax, origin=""):
     return y.reshape(*x.shape[:-1], w.shape[0])
 
 
+def grouped_int4_values(w: Tensor, mult: Tensor) -> Tensor:
+    """int8 [N, K]: linear_w4a8_grouped's integer weight, each int4 value of w (packed,
+    uint8 [N, K // 2]) times its group's multiplier in mult (int8 [N, K // g], 1..16)."""
+    from qcompile.numerics import _checks
+
+    q = specs.unpack_int4(w)
+    n, k = q.shape
+    if mult.dtype != torch.int8 or mult.dim() != 2 or mult.shape[0] != n or \
+            not mult.shape[1] or k % mult.shape[1]:
+        raise ValueError(f"linear_w4a8_grouped: mult must be int8 [N, K // group_size] with "
+                         f"a group size dividing K = {k}, N = {n}; got {mult.dtype} "
+                         f"{tuple(mult.shape)}")
+    if _checks.reads_data(mult) and mult.numel() and \
+            (int(mult.min()) < 1 or int(mult.max()) > GROUP_MULT_MAX):
+        raise ValueError(f"linear_w4a8_grouped: group multipliers must lie in "
+                         f"[1, {GROUP_MULT_MAX}] (q * mult must be an int8 value), got "
+                         f"[{int(mult.min())}, {int(mult.max())}]")
+    m = mult.to(torch.int16).repeat_interleave(k // mult.shape[1], dim=1)
+    return (q.to(torch.int16) * m).to(torch.int8)
+
+
+GROUP_MULT_MAX = 16  # -8 * 16 = -128: the products of int4 values stay int8
+
+
+def _grouped_weights(args: dict) -> dict:
+    """Once, at lowering: the grouped int4 weight as its int8 values q * mult, which every
+    int8 GEMM route multiplies as it is (the same integers as the reference's)."""
+    w = args["w"]
+    return {"w": grouped_int4_values(w, args["mult"])} if w.dtype == torch.uint8 else {}
+
+
+def _linear_grouped(backend, x, w, mult, bias, zp_term, q, shift, out_zp, qmin, qmax,
+                    origin=""):
+    w = grouped_int4_values(w, mult) if w.dtype == torch.uint8 else w  # else prepared
+    return _linear_requant(backend, x, w, bias, zp_term, q, shift, out_zp, qmin, qmax, origin)
+
+
+@quantized_op
+def linear_w4a8_grouped(x: Tensor, w: Tensor, mult: Tensor, bias: Tensor | None,
+                        zp_term: Tensor | None, q: Tensor, shift: Tensor, out_zp: int,
+                        qmin: int, qmax: int) -> Tensor:
+    """linear_int8 with group-wise int4 weights, packed two per byte along K (uint8
+    [N, K // 2]), whose group scales are the row's scale times small integers: mult int8
+    [N, K // g] in 1..16 (g = K // mult.shape[1]). The integer weight q[n, k] *
+    mult[n, k // g] is an int8 value, so the int32 accumulator, the zero-point term and the
+    per-row dyadic requantization are linear_int8's. Implementations may hold the weight
+    as those int8 values (int8 [N, K]) after `prepare`."""
+
+
+linear_w4a8_grouped.epilogue = _requant_epilogue_of
+
+
+@linear_w4a8_grouped.fake
+def _(x, w, mult, bias, zp_term, q, shift, out_zp, qmin, qmax):
+    return x.new_empty((*x.shape[:-1], w.shape[0]), dtype=torch.int8)
+
+
+for _name, _backend in BACKENDS.items():
+    # the reference expands the int4 values at every call (the definition); every other
+    # implementation once, at lowering, and runs its int8 GEMM on them
+    linear_w4a8_grouped.impl(
+        _name, prepare=None if _name == "reference" else _grouped_weights,
+        **({"runs_on": _RUNS_ON[_name]} if _RUNS_ON[_name] is not None else {}))(
+        functools.partial(_linear_grouped, _backend))
+
+
 def _linear_dequant(backend, x, w, bias, zp_term, x_scale, w_scale, out_dtype, origin=""):
     values = dict(row_scale=x_scale, col_scale=w_scale.float())
     if bias is not None:
@@ -808,6 +876,7 @@ QUANTIZE = quantize.overload
 DEQUANTIZE = dequantize.overload
 LINEAR_INT8 = linear_int8.overload
 LINEAR_W4A8 = linear_w4a8.overload
+LINEAR_W4A8_GROUPED = linear_w4a8_grouped.overload
 LINEAR_INT8_DQ = linear_int8_dq.overload
 LINEAR_DYNAMIC = linear_dynamic.overload
 LINEAR_W4A16 = linear_w4a16.overload
@@ -820,7 +889,7 @@ HADAMARD = hadamard_transform.overload
 # lowering/a16_ops.py adds linear_a16w8 when it is declared
 from qcompile.lowering.conv_ops import CONV2D_INT8  # noqa: E402
 
-REQUANT_OPS = (LINEAR_INT8, LINEAR_W4A8, CONV2D_INT8)
+REQUANT_OPS = (LINEAR_INT8, LINEAR_W4A8, LINEAR_W4A8_GROUPED, CONV2D_INT8)
 
 # The int16- and int4-activation ops (lowering/a16_ops.py, lowering/a4_ops.py, which build
 # on this module) are declared whenever these are, and reachable here like every other op:

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from qcompile.numerics.specs import SCALE_EPS, QuantSpec, compute_qparams
+from qcompile.numerics.weights import leveled_scales
 
 ALPHAS = (0.25, 0.5, 0.75)  # SmoothQuant's migration strengths among the candidates
 STEPS = 12  # OS+ thresholds t between max r and median r
@@ -63,12 +64,16 @@ class Choice:
 
 
 def weight_quantizer(spec: QuantSpec) -> WeightQuantizer:
-    """Round to nearest with symmetric min-max scales per output row or per group, as
-    quantize_weight_rtn computes them, without its checks (called once per candidate)."""
+    """Round to nearest with symmetric min-max scales per output row or per group (on the
+    row's grid where spec.group_levels is set), as quantize_weight_rtn computes them,
+    without its checks (called once per candidate)."""
     def quantize(w: torch.Tensor) -> torch.Tensor:
         g = w if spec.granularity != "per_group" else w.reshape(
             w.shape[0], -1, spec.group_size)  # [N, K // g, g]
         scale = (g.abs().amax(-1, keepdim=True) / spec.qmax).clamp(min=SCALE_EPS)
+        if spec.group_levels is not None:  # [N, G, 1]
+            row = scale.amax(dim=1)[:, 0] / spec.group_levels
+            scale = leveled_scales(scale[..., 0], row, spec.group_levels)[..., None]
         return ((g / scale).round().clamp(spec.qmin, spec.qmax) * scale).reshape(w.shape)
     return quantize
 

@@ -265,7 +265,7 @@ _ELEMENTWISE = (F.hardswish, F.hardsigmoid, F.silu, F.mish, F.gelu, F.elu, F.sel
                 torch.sigmoid, torch.tanh, F.sigmoid, F.tanh)
 # an int8 value a linear made keeps the float-island rule (its accumulator is dequantized
 # for a float activation: more precise, and what the transformer recipes are tuned on)
-_LINEARS = (ops.LINEAR_INT8, ops.LINEAR_W4A8, ops.LINEAR_A16W8)
+_LINEARS = (ops.LINEAR_INT8, ops.LINEAR_W4A8, ops.LINEAR_W4A8_GROUPED, ops.LINEAR_A16W8)
 _CATS = (torch.cat, torch.concat, torch.concatenate)
 
 

@@ -4,8 +4,12 @@ What: round-to-nearest, or GPTQ where the recipe or options turn it on and calib
 gathered the input's Hessian. 8-bit: symmetric per output channel (7-bit, [-64, 63],
 where select-layers narrowed them for this CPU's int8 kernel). 4-bit with integer
 activations (w4a8, w4a4): symmetric per output channel, so the accumulator has one scale
-per channel and dyadic requantization applies. 4-bit weight-only (w4a16): group-wise,
-group 128 (one group per row when K is not a multiple of 128; the report says so).
+per channel and dyadic requantization applies; with options["group_size"] (w4a8,
+w4a4-static), group-wise with each group's scale its row's times an integer in
+1..Layer.group_levels (QuantSpec.group_levels): q times that integer is an int8 value, so
+the GEMM is still one int8 GEMM with one scale per row. 4-bit weight-only (w4a16):
+group-wise, group 128 (one group per row when K is not a multiple of 128; the report says
+so).
 With options["weight_clip"], each row's range is first clipped to the ratio whose rounding
 gives the layer the least output error (numerics.weights.clip_search, Hessian-weighted
 where calibration gathered the input's Hessian), for RTN and GPTQ alike.
@@ -23,26 +27,42 @@ from torch.fx import GraphModule
 
 from qcompile import annotations as ann
 from qcompile.fx_utils import get_constant, is_call
+from qcompile.lowering.ops import GROUP_MULT_MAX
 from qcompile.numerics.specs import QuantSpec
 from qcompile.numerics.weights import clip_search, gptq_quantize, quantize_weight_rtn
 from qcompile.pass_manager import PassContext, PassResult, graph_pass
 from qcompile.passes.calibrate_qparams import loaded_quantization
 from qcompile.sites import is_conv
 
+# the integer group multipliers' bound of a group-wise int4 weight in an integer-only
+# recipe: linear_w4a8_grouped's (-8 * 16 = -128, so q * multiplier is an int8 value)
+GROUP_LEVELS = GROUP_MULT_MAX
 
-def weight_spec_for(ctx: PassContext, k: int,
-                    bits: int | None = None) -> tuple[QuantSpec, str | None]:
+
+def weight_spec_for(ctx: PassContext, k: int, bits: int | None = None,
+                    levels: int | None = None, conv: bool = False
+                    ) -> tuple[QuantSpec, str | None]:
     """The weight spec of a layer: the recipe's, at `bits` where select-layers narrowed
-    them for the CPU route."""
+    them for the CPU route; group-wise where options["group_size"] or the recipe says, with
+    integer group multipliers up to `levels` (select-layers' Layer.group_levels, else
+    GROUP_LEVELS) where the activations are integers too."""
     recipe = ctx.options.recipe_obj
     bits = bits or recipe.weight.bits
-    if recipe.weight.group_size is None:
-        return QuantSpec(bits=bits, granularity="per_channel", axis=0), None
-    g = recipe.weight.group_size
+    g = ctx.options.weight_group_size
+    channel = QuantSpec(bits=bits, granularity="per_channel", axis=0)
+    if g is None:
+        return channel, None
+    if conv:
+        return channel, "a convolution: per output channel (no group-wise convolution)"
+    if recipe.act is None:  # weight-only: float group scales
+        if k % g:
+            return (QuantSpec(bits=bits, granularity="per_group", group_size=k),
+                    f"K={k} is not a multiple of {g}: one group per row")
+        return QuantSpec(bits=bits, granularity="per_group", group_size=g), None
     if k % g:
-        return (QuantSpec(bits=bits, granularity="per_group", group_size=k),
-                f"K={k} is not a multiple of {g}: one group per row")
-    return QuantSpec(bits=bits, granularity="per_group", group_size=g), None
+        return channel, f"K={k} is not a multiple of group_size {g}: per output channel"
+    return QuantSpec(bits=bits, granularity="per_group", group_size=g,
+                     group_levels=levels or GROUP_LEVELS), None
 
 
 @graph_pass("quantize-weights", requires=("select-layers",))
@@ -60,7 +80,8 @@ def quantize_weights(gm: GraphModule, ctx: PassContext) -> PassResult:
         w = get_constant(gm, node.args[1]).detach().float()
         shape = w.shape
         w = w.reshape(shape[0], -1)  # a conv's [N, C/g, kh, kw] as the GEMM's [N, K]
-        spec, note = weight_spec_for(ctx, w.shape[1], selected.weight_bits)
+        spec, note = weight_spec_for(ctx, w.shape[1], selected.weight_bits,
+                                     selected.group_levels, conv)
         layer = ctx.layer(selected.name, "linear")
         if note:
             layer.detail["weight_groups"] = note
@@ -89,6 +110,10 @@ def quantize_weights(gm: GraphModule, ctx: PassContext) -> PassResult:
             qw = quantize_weight_rtn(w, spec, clip=clip)
             counters["rtn"] += 1
         selected.qweight = qw
+        if qw.spec.group_levels is not None:
+            layer.detail["weight_groups"] = (
+                f"int4 in groups of {qw.spec.group_size}, each group's scale the row's times "
+                f"an integer in 1..{qw.spec.group_levels}")
     return PassResult(gm, modified=False, counters=counters)
 
 

@@ -10,7 +10,9 @@
                       y  = dequantize(yq, s_y, zp_y)
                       with M[c] = s_x * s_w[c] / s_y kept (float64) in a PendingRequant
                       annotation until compute-dyadic fills q and shift; int4 weights
-                      use linear_w4a8 with the weight packed two per byte.
+                      use linear_w4a8 with the weight packed two per byte, group-wise
+                      int4 (options group_size) linear_w4a8_grouped with each group's
+                      integer multiplier of the row's scale (s_w is the row's).
   recipe "mixed"      where choose-precision widened the input to 16 bits:
                       xq = quantize_int16(x, s_x); yq = linear_a16w8(xq, Wq, b_i64, q, shift,
                       zp_y): two int8 GEMMs on the input's high and low bytes, combined in
@@ -137,8 +139,9 @@ def _rewrite_static(gm, ctx, node, qw, layer, cache):
         return None, "no calibration data reached this layer's input or output"
     qp = ann.get(xq, ann.QParams)
     s_x, zp_x = qp.scale, qp.zero_point
-    s_w = qw.scale.double().reshape(-1)  # [N]
-    wq = qw.qweight  # int8 [N, K] (int4 values for 4-bit)
+    s_w = qw.int_scale().double().reshape(-1)  # [N]
+    # int8 [N, K]: int4 values for 4-bit, times their group's multiplier in groups
+    wq = qw.int_values()
     if xq.target is ops.QUANTIZE_INT16:
         return _rewrite_a16(gm, ctx, node, qw, layer, xq, out)
     bias_i32 = None
@@ -149,7 +152,11 @@ def _rewrite_static(gm, ctx, node, qw, layer, cache):
     check_accumulator_range(wq.shape[1], wq, bias=bias_i32, zp_term=zp_term)
     mult = s_x * s_w / out.scale  # [N] float64: becomes (q, shift) in compute-dyadic
     name = layer.name.replace(".", "_")
-    if qw.spec.bits == 4:
+    head: tuple = ()
+    if qw.group_mult is not None:
+        w_node, op = _const(gm, node, f"{name}_wq4", qw.packed()), ops.LINEAR_W4A8_GROUPED
+        head = (_const(gm, node, f"{name}_wmult", qw.group_mult),)
+    elif qw.spec.bits == 4:
         w_node, op = _const(gm, node, f"{name}_wq4", pack_int4(wq)), ops.LINEAR_W4A8
     else:
         w_node, op = _const(gm, node, f"{name}_wq", wq.contiguous()), ops.LINEAR_INT8
@@ -160,14 +167,14 @@ def _rewrite_static(gm, ctx, node, qw, layer, cache):
         zp_node = _const(gm, node, f"{name}_zp_term", zp_term.to(torch.int32))
     oqmin, oqmax = ACT[ctx.options.recipe_obj.act.bits]
     epilogue = _float_epilogue(s_x, qw, bias_f, wq if qw.spec.bits == 4 else None)
-    y = _requantizing(gm, node, layer, op, (xq, w_node, b_node, zp_node),
+    y = _requantizing(gm, node, layer, op, (xq, w_node, *head, b_node, zp_node),
                       (out.zero_point, oqmin, oqmax), mult, out, epilogue)
     return y, op._opname  # the LayerOutput; yq carries the Layer
 
 
 def _float_epilogue(s_x, qw, bias_f, w_int8):
     """What integer-dataflow needs if the output only feeds float islands."""
-    return ann.FloatEpilogue(s_x, qw.scale.float().reshape(-1),
+    return ann.FloatEpilogue(s_x, qw.int_scale().float().reshape(-1),
                              bias_f.float() if bias_f is not None else None,
                              w_int8.contiguous() if w_int8 is not None else None)
 

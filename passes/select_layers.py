@@ -35,6 +35,7 @@ from qcompile.lowering import cpu_routes
 from qcompile.lowering.reference import MAX_SAFE_K
 from qcompile.pass_manager import PassContext, PassResult, graph_pass
 from qcompile.passes.calibrate_qparams import loaded_quantization
+from qcompile.passes.quantize_weights import GROUP_LEVELS
 from qcompile.sites import is_conv, is_linear, layer_kind, layer_name
 
 
@@ -81,7 +82,8 @@ def _cpu_plan(ctx: PassContext, node: Node, layer: ann.Layer, rec, saved) -> str
     opts, recipe = ctx.options, ctx.options.recipe_obj
     caps = cpu_routes.cpu_capabilities()
     if saved is not None:  # every saved variant of the weight: the route must fit them all
-        spans = [(int(s.qweight.min()), int(s.qweight.max())) for s in saved if s.qweight.numel()]
+        spans = [(int(v.min()), int(v.max())) for v in (s.int_values() for s in saved)
+                 if v.numel()]
         span = (min(lo for lo, _ in spans), max(hi for _, hi in spans)) if spans else (0, 0)
         n, k = node.args[1].meta["val"].shape
         if opts.kernels in ("auto", "cpu") and recipe.act is not None:
@@ -89,19 +91,52 @@ def _cpu_plan(ctx: PassContext, node: Node, layer: ann.Layer, rec, saved) -> str
             layer.route = plan.route
             rec.detail["route"] = f"{plan.route}: {plan.reason} (loaded weights)"
         return None
-    _narrow_weights(ctx, layer, rec, cpu_routes.narrow_weight_range(caps), "int8 kernel")
+    narrow = cpu_routes.narrow_weight_range(caps)
+    _narrow_weights(ctx, layer, rec, narrow, "int8 kernel")
     bits = recipe.weight.bits
+    n, k = node.args[1].meta["val"].shape
+    top = 1 << ((layer.weight_bits or bits) - 1)
+    span = (-top, top - 1)
+    if _leveled_groups(ctx, k):
+        span = _group_levels(ctx, layer, rec, narrow)
     if opts.kernels not in ("auto", "cpu"):
         return None
     if recipe.act is None:  # weight-only: no int8 GEMM
         return ("weight-only int4 on CPU dequantizes the whole weight at every call: slower "
                 "than float32" if opts.kernels == "auto" else None)
-    qmax = (1 << ((layer.weight_bits or bits) - 1)) - 1
-    n, k = node.args[1].meta["val"].shape
-    plan = cpu_routes.plan_layer(caps, input_rows(node), k, n, (-qmax - 1, qmax))
+    plan = cpu_routes.plan_layer(caps, input_rows(node), k, n, span)
     layer.route = plan.route
     rec.detail["route"] = f"{plan.route}: {plan.reason}"
     return plan.reason if not plan.fast and opts.kernels == "auto" else None
+
+
+def _leveled_groups(ctx: PassContext, k: int) -> bool:
+    """Whether a linear of this K gets group-wise int4 weights on its row's grid
+    (options group_size with integer activations; quantize-weights' weight_spec_for)."""
+    g, recipe = ctx.options.weight_group_size, ctx.options.recipe_obj
+    return g is not None and recipe.act is not None and k % g == 0
+
+
+def _group_levels(ctx: PassContext, layer: ann.Layer, rec, narrow) -> tuple[int, int]:
+    """The integer group multipliers' bound (Layer.group_levels): 16, so q * multiplier
+    spans int8, or where this CPU's fast exact int8 kernel needs narrower weights (or the
+    option narrow_weights says so) the most that keeps q * multiplier inside them. The
+    integer weights' span, for the route plan."""
+    opts = ctx.options
+    if opts.narrow_weights is True and narrow is None:
+        narrow = cpu_routes.SEVEN_BIT
+    if opts.narrow_weights is False:
+        narrow = None
+    qmin, qmax = -8, 7
+    levels = GROUP_LEVELS
+    if narrow is not None:
+        levels = min(levels, narrow[0] // qmin, narrow[1] // qmax)
+        rec.detail["weights"] = (f"int4 groups of {opts.weight_group_size} at 1..{levels} "
+                                 f"times the row's scale: the exact range {list(narrow)} of "
+                                 f"this CPU's int8 kernel "
+                                 f"({cpu_routes.cpu_capabilities().describe()})")
+    layer.group_levels = levels
+    return qmin * levels, qmax * levels
 
 
 def _conv_reason(ctx: PassContext) -> str | None:

@@ -232,7 +232,7 @@ def _integer_producer(ctx: PassContext, x: Node) -> bool:
     return ann.selected(node) is not None or is_call(node, F.scaled_dot_product_attention)
 
 
-def _quantizers(ctx: PassContext, k: int, bits: int | None):
+def _quantizers(ctx: PassContext, k: int, bits: int | None, levels: int | None = None):
     """The recipe's activation quantizer (static per-tensor from the transformed range,
     per-token dynamic, or none) and its RTN weight quantizer, for _migration to measure."""
     act = ctx.options.recipe_obj.act
@@ -243,7 +243,7 @@ def _quantizers(ctx: PassContext, k: int, bits: int | None):
         quantize_act = token_quantizer(act.bits, ctx.options.act_clip)
     else:
         quantize_act = static_quantizer(activation_spec(ctx))
-    return quantize_act, weight_quantizer(weight_spec_for(ctx, k, bits)[0])
+    return quantize_act, weight_quantizer(weight_spec_for(ctx, k, bits, levels)[0])
 
 
 def _search(ctx: PassContext, linears: list[Node], weights: list[torch.Tensor],
@@ -270,8 +270,10 @@ def _search(ctx: PassContext, linears: list[Node], weights: list[torch.Tensor],
     if site.rows.shape[0] < MIN_ROWS:
         return None, (f"{site.rows.shape[0]} calibration rows: too few to tell the candidates "
                       f"apart (at least {MIN_ROWS}; calibrate on more data)")
-    bits = next((ann.selected(lin).weight_bits for lin in linears if ann.selected(lin)), None)
-    choice = choose(site.rows, *site.channel_range, weights, *_quantizers(ctx, k, bits))
+    first = next((ann.selected(lin) for lin in linears if ann.selected(lin)), None)
+    bits, levels = (first.weight_bits, first.group_levels) if first else (None, None)
+    choice = choose(site.rows, *site.channel_range, weights,
+                    *_quantizers(ctx, k, bits, levels))
     site.migration = choice.best
     errors.append((choice.baseline, choice.error))
     change = choice.error / choice.baseline - 1 if choice.baseline > 0 else 0.0

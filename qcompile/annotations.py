@@ -68,6 +68,10 @@ class Layer:
     quantize: bool = True
     qweight: Any = None  # numerics.weights.QuantizedWeight, from quantize-weights
     weight_bits: int | None = None  # narrower than the recipe's, where the CPU route needs it
+    # a group-wise int4 weight of an integer-only recipe: its group scales are the row's
+    # times an integer in 1..group_levels (numerics QuantSpec.group_levels); fewer than 16
+    # where the CPU route needs 7-bit integer weights
+    group_levels: int | None = None
     route: str | None = None  # the CPU int8 GEMM route (lowering/cpu_routes.py)
     # the weight transforms the quantized weight was made under (see weight_transforms)
     qweight_transforms: tuple[str, ...] = ()

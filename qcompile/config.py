@@ -161,6 +161,12 @@ class Options:
     # the weight's own squared error): numerics.weights.clip_search; None: the recipe's
     weight_clip: bool | None = None
     observer: str | None = None  # None: the recipe's (min-max; MSE search for w4a4-static)
+    # int4 weights in groups of this many input columns, one scale per group (w4a16: float
+    # scales; w4a8 / w4a4-static: each group's scale its row's times an integer in 1..16,
+    # 1..8 where the CPU's int8 route needs 7-bit weights, so the GEMM stays one int8 GEMM
+    # with a per-row dyadic requantization); a K it does not divide: per channel, said in
+    # the report; None: the recipe's (w4a16 128, w4a8 / w4a4-static per channel)
+    group_size: int | None = None
     # per-token dynamic int4 activations (recipe w4a4) are quantized with the range at this
     # fraction of each row's absmax, in (0, 1]; 1.0: no clipping; None: the recipe's
     activation_clip: float | None = None
@@ -223,6 +229,15 @@ class Options:
         return self.recipe_obj.activation_clip or 1.0
 
     @property
+    def weight_group_size(self) -> int | None:
+        """The group size of the recipe's int4 weights: the option, else the recipe's; None:
+        per output channel."""
+        if self.group_size is not None:
+            return self.group_size
+        w = self.recipe_obj.weight
+        return w.group_size if w is not None else None
+
+    @property
     def budget_key(self) -> tuple | None:
         return tuple(sorted(self.budget.items())) if self.budget else None
 
@@ -236,6 +251,8 @@ class Options:
                 "budget_key", "sensitivity")
         if self.recipe_obj.per_token_int4:  # only where it applies: no other recipe names it
             keys += ("act_clip",)
+        if self.group_size is not None:  # likewise: fingerprints without it stay as they were
+            keys += ("group_size",)
         return ";".join(f"{k}={getattr(self, k)!r}" for k in keys)
 
     @classmethod
@@ -302,6 +319,7 @@ class Options:
                 raise QCompileConfigError(f"option {name!r} takes True/False, got {value!r}")
         self._validate_budget()
         self._validate_activation_clip()
+        self._validate_group_size()
         if not self.recipe_obj.quantizes:
             on = [n for n in ("smooth", "rotate", "gptq", "bias_correction", "weight_clip")
                   if getattr(self, n)]
@@ -310,6 +328,27 @@ class Options:
                     f"recipe 'float' quantizes nothing; options {on} need a quantizing recipe"
                 )
 
+
+    def _validate_group_size(self) -> None:
+        g = self.group_size
+        if g is None:
+            return
+        grouped = sorted(n for n, r in RECIPES.items() if r.weight is not None and
+                         r.weight.bits == 4 and not (r.act is not None and r.act.dynamic))
+        example = "e.g. {'recipe': 'w4a8', 'group_size': 64}"
+        r = self.recipe_obj
+        if r.weight is None or r.weight.bits != 4 or r.name == "mixed" or \
+                (r.act is not None and r.act.dynamic):
+            why = ("its int4 x int4 GEMM takes per-channel weight scales" if r.per_token_int4
+                   else "its weights are not int4" if r.name != "mixed"
+                   else "it chooses each layer's weight bits itself")
+            raise QCompileConfigError(
+                f"option 'group_size' groups int4 weights (recipes {grouped}); recipe "
+                f"{self.recipe!r} takes none: {why} ({example})")
+        if isinstance(g, bool) or not isinstance(g, int) or g < 2 or g % 2:
+            raise QCompileConfigError(
+                f"group_size must be an even int >= 2, the input columns sharing one weight "
+                f"scale ({example}), got {g!r}")
 
     def _validate_activation_clip(self) -> None:
         clip = self.activation_clip

@@ -197,9 +197,11 @@ def save(model, path: str | os.PathLike) -> str:
             spec = qw.spec
             variants.append({"transforms": list(layer.qweight_transforms), "bits": spec.bits,
                              "symmetric": spec.symmetric, "granularity": spec.granularity,
-                             "group_size": spec.group_size, "axis": spec.axis})
-            for key in ("qweight", "scale", "zero_point"):
-                tensors[f"layer/{layer.name}/{i}/{key}"] = getattr(qw, key).detach().cpu()
+                             "group_size": spec.group_size, "axis": spec.axis,
+                             "group_levels": spec.group_levels})
+            for key in ("qweight", "scale", "zero_point", "row_scale"):
+                if getattr(qw, key) is not None:
+                    tensors[f"layer/{layer.name}/{i}/{key}"] = getattr(qw, key).detach().cpu()
     meta = {
         "format": FORMAT, "version": FORMAT_VERSION, "options": options.fingerprint(),
         "recipe": options.recipe, "sites": sites, "layers": layers,
@@ -281,10 +283,10 @@ def load(model, path: str | os.PathLike) -> Loaded:
         for i, entry in enumerate(variants):
             spec = QuantSpec(bits=entry["bits"], symmetric=entry["symmetric"],
                              granularity=entry["granularity"], group_size=entry["group_size"],
-                             axis=entry["axis"])
+                             axis=entry["axis"], group_levels=entry.get("group_levels"))
             loaded.weights.setdefault(name, {})[tuple(entry["transforms"])] = QuantizedWeight(
                 *(tensors[f"layer/{name}/{i}/{k}"] for k in ("qweight", "scale", "zero_point")),
-                spec)
+                spec, tensors.get(f"layer/{name}/{i}/row_scale"))
     state = state_for_model(model)
     if any(a.finalized for a in state.artifacts if a.options.fingerprint() == compiled):
         raise RuntimeError("qcompile.load: this compiled model already ran quantized; load "

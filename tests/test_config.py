@@ -99,3 +99,34 @@ def test_activation_clip_belongs_to_per_token_int4_recipes(recipe):
         Options.from_user(None, options)
     message = str(info.value)
     assert f"recipe {recipe!r} has none" in message and "'recipe': 'w4a4'" in message
+
+
+def test_group_size_option_groups_int4_weights_and_enters_the_fingerprint():
+    """options group_size: the recipe's group size (w4a16's 128) unless given; w4a8 and
+    w4a4-static take one (integer group multipliers); the fingerprint names it only when
+    given, so every other configuration keeps its fingerprint."""
+    assert Options.from_user(None, {"recipe": "w4a16"}).weight_group_size == 128
+    assert Options.from_user(None, {"recipe": "w4a8"}).weight_group_size is None
+    w4a8 = Options.from_user(None, {"recipe": "w4a8", "group_size": 32})
+    assert w4a8.weight_group_size == 32
+    assert "group_size" in w4a8.fingerprint()
+    assert "group_size" not in Options.from_user(None, {"recipe": "w4a8"}).fingerprint()
+    assert Options.from_user(None, {"recipe": "w4a4-static", "group_size": 64}).group_size == 64
+
+
+@pytest.mark.parametrize("recipe, why", [
+    ("w8a8", "not int4"), ("w8a8-static", "not int4"), ("mixed", "weight bits itself"),
+    ("w4a4", "per-channel weight scales"), ("float", "not int4")])
+def test_group_size_belongs_to_int4_recipes_with_group_scales(recipe, why):
+    with pytest.raises(QCompileConfigError) as info:
+        Options.from_user(None, {"recipe": recipe, "group_size": 32,
+                                 **({"budget": {"a16": 0.1}} if recipe == "mixed" else {})})
+    message = str(info.value)
+    assert "'group_size' groups int4 weights" in message and why in message
+    assert "'w4a8'" in message and "'w4a16'" in message and "'w4a4-static'" in message
+
+
+@pytest.mark.parametrize("value", [0, 3, -32, 32.0, "32", True])
+def test_group_size_must_be_an_even_int(value):
+    with pytest.raises(QCompileConfigError, match="group_size must be an even int"):
+        Options.from_user(None, {"recipe": "w4a8", "group_size": value})

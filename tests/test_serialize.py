@@ -19,9 +19,9 @@ from qcompile.state import state_for_model
 from tests.models.zoo import MODELS
 
 # w8a8-static exercises every saved piece (sites and weights); the others run in the full
-# suite only
+# suite only ("w4a8 g16": group-wise int4 weights with their row scales)
 RECIPES = [pytest.param(r, marks=[] if r == "w8a8-static" else [pytest.mark.slow])
-           for r in ("w8a8", "w8a8-static", "w4a16", "w4a8", "w4a4")]
+           for r in ("w8a8", "w8a8-static", "w4a16", "w4a8", "w4a4", "w4a8 g16")]
 
 
 def _compiled(name, options, seed=0):
@@ -50,7 +50,8 @@ def _outputs(cm, make, key):
 
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_round_trip_is_bit_identical(tmp_path, recipe):
-    options = {"recipe": recipe}
+    recipe, _, group = recipe.partition(" g")
+    options = {"recipe": recipe, **({"group_size": int(group)} if group else {})}
     cm, make, key = _calibrated("llama", options)
     want = _outputs(cm, make, key)
     path = qcompile.save(cm, tmp_path / "llama.qc.safetensors")

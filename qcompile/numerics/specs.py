@@ -92,6 +92,11 @@ class QuantSpec:
       per_token:   x.shape[:-1]               one pair per row (all dims but the last)
       per_group:   x.shape[:-1] + (K // g,)   groups of group_size along the last dim
     Storage: int8 tensors for every bits <= 8 (int4 values in [-8, 7] until pack_int4).
+    group_levels (per_group, symmetric weights only): every group's scale is its row's
+      scale times an integer in 1..group_levels, so that q times that integer is the
+      weight's integer value at one scale per row: a group-wise weight whose GEMM keeps one
+      int32 accumulator per output and one dyadic requantization per row (integer-only
+      recipes). qmin * group_levels must fit int8, so the products are int8 values.
     """
 
     bits: int = 8
@@ -99,6 +104,7 @@ class QuantSpec:
     granularity: str = "per_tensor"
     group_size: int | None = None
     axis: int = 0  # only for per_channel: the channel axis of the quantized tensor
+    group_levels: int | None = None
 
     def __post_init__(self):
         fn = "QuantSpec"
@@ -121,6 +127,16 @@ class QuantSpec:
             raise ValueError(
                 f"{fn}: group_size is only meaningful for per_group, not {self.granularity}"
             )
+        if self.group_levels is not None:
+            _checks.int_arg(fn, "group_levels", self.group_levels, lo=1)
+            if self.granularity != "per_group" or not self.symmetric:
+                raise ValueError(f"{fn}: group_levels belongs to symmetric per_group specs, "
+                                 f"not {'asymmetric ' if not self.symmetric else ''}"
+                                 f"{self.granularity}")
+            if self.qmin * self.group_levels < -128:
+                raise ValueError(
+                    f"{fn}: group_levels {self.group_levels} times qmin {self.qmin} leaves "
+                    f"int8; at most {128 // -self.qmin} for {self.bits}-bit values")
 
     @property
     def qmin(self) -> int:

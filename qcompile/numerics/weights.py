@@ -46,6 +46,9 @@ class QuantizedWeight:
     scale: torch.Tensor  # float32, shape per spec.granularity (see module docstring)
     zero_point: torch.Tensor  # int32, same shape as scale
     spec: QuantSpec
+    # float32 [N] where spec.group_levels is set: scale[n, j] = row_scale[n] * an integer
+    # in 1..group_levels (group_mult), rounded to float32
+    row_scale: torch.Tensor | None = None
 
     def __post_init__(self):
         fn = "QuantizedWeight"
@@ -58,6 +61,42 @@ class QuantizedWeight:
         _checks.integer(fn, "zero_point", self.zero_point, data=False)
         _expand(fn, "scale", self.scale, q.shape, spec)
         _expand(fn, "zero_point", self.zero_point, q.shape, spec)
+        if (self.row_scale is None) != (spec.group_levels is None):
+            raise ValueError(f"{fn}: row_scale goes with a spec of group_levels, and only "
+                             f"with one (group_levels={spec.group_levels})")
+        if self.row_scale is not None:
+            _checks.floating(fn, "row_scale", self.row_scale, data=False)
+            if tuple(self.row_scale.shape) != (q.shape[0],):
+                raise ValueError(f"{fn}: row_scale must be [N] = [{q.shape[0]}], got "
+                                 f"{tuple(self.row_scale.shape)}")
+
+    @property
+    def group_mult(self) -> torch.Tensor | None:
+        """int8 [N, K // group_size]: each group's scale over its row's (spec.group_levels),
+        in 1..group_levels; None for other weights."""
+        if self.row_scale is None:
+            return None
+        return torch.round(self.scale / self.row_scale[:, None]).to(torch.int8)
+
+    def int_values(self) -> torch.Tensor:
+        """int8 [N, K]: the integers the GEMM multiplies at one scale per row (int_scale):
+        qweight, times its group's multiplier where spec.group_levels is set."""
+        mult = self.group_mult
+        if mult is None:
+            return self.qweight
+        g = self.spec.group_size
+        return (self.qweight.to(torch.int16) * mult.repeat_interleave(g, dim=1)).to(torch.int8)
+
+    def int_scale(self) -> torch.Tensor:
+        """float32 [N] per-row (or [] per-tensor) scale of int_values(); for a per-group
+        weight without group_levels there is none (its GEMM needs one accumulator per
+        group), a ValueError."""
+        if self.row_scale is not None:
+            return self.row_scale
+        if self.spec.granularity == "per_group":
+            raise ValueError("a per-group weight without group_levels has no single scale per "
+                             "row: its integer GEMM needs one accumulator per group")
+        return self.scale
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize(self.qweight, self.scale, self.zero_point, self.spec, dtype)
@@ -110,12 +149,26 @@ def _row_clip(fn: str, clip: torch.Tensor | None, w: torch.Tensor,
 
 
 def _clipped_qparams(w: torch.Tensor, spec: QuantSpec, clip: torch.Tensor | None):
-    """min-max parameters of w, each row's range scaled by its clip ratio first."""
+    """min-max parameters of w, each row's range scaled by its clip ratio first; with
+    group_levels, (scale, zero_point, row_scale) (see leveled_scales), else row_scale None."""
     if clip is None:
-        return choose_qparams(w, spec)
-    lo, hi = reduce_min_max(w, spec)  # [N] or [N, K // g]
-    c = clip.to(lo.device).reshape(-1, *([1] * (lo.dim() - 1)))
-    return compute_qparams(lo * c, hi * c, spec)
+        scale, zero_point = choose_qparams(w, spec)
+    else:
+        lo, hi = reduce_min_max(w, spec)  # [N] or [N, K // g]
+        c = clip.to(lo.device).reshape(-1, *([1] * (lo.dim() - 1)))
+        scale, zero_point = compute_qparams(lo * c, hi * c, spec)
+    if spec.group_levels is None:
+        return scale, zero_point, None
+    row = scale.amax(dim=1) / spec.group_levels
+    return leveled_scales(scale, row, spec.group_levels), zero_point, row
+
+
+def leveled_scales(scale: torch.Tensor, row: torch.Tensor, levels: int) -> torch.Tensor:
+    """Group scales [N, G] moved onto their row's grid: row [N] times the smallest integer
+    in 1..levels that covers the group's own scale (rounding up: a group's range never
+    shrinks, except where a scale exceeds row * levels, which clips at that)."""
+    m = torch.ceil(scale / row[:, None] * (1 - 1e-6)).clamp(1, levels)
+    return (row[:, None] * m).float()
 
 
 def quantize_weight_rtn(w: torch.Tensor, spec: QuantSpec | None = None, *,
@@ -135,10 +188,10 @@ def quantize_weight_rtn(w: torch.Tensor, spec: QuantSpec | None = None, *,
 def _rtn(w: torch.Tensor, spec: QuantSpec, clip: torch.Tensor | None) -> QuantizedWeight:
     """quantize_weight_rtn's arithmetic on a checked weight and clip."""
     fn = "quantize_weight_rtn"
-    scale, zero_point = _clipped_qparams(w, spec, clip)
+    scale, zero_point, row = _clipped_qparams(w, spec, clip)
     s = _expand(fn, "scale", scale, w.shape, spec)
     z = _expand(fn, "zero_point", zero_point, w.shape, spec)
-    return QuantizedWeight(_quantize(w, s, z, spec), scale, zero_point, spec)
+    return QuantizedWeight(_quantize(w, s, z, spec), scale, zero_point, spec, row)
 
 
 CLIP_RATIOS = tuple(1.0 - 0.025 * i for i in range(21))  # 1.0 down to 0.5
@@ -233,13 +286,16 @@ def gptq_quantize(
     h[dead, dead] = 1.0  # any positive value: these columns are zero and see no input
     weight[:, dead] = 0.0
 
+    row = None
     if spec.granularity == "per_group":
         g = spec.group_size
         scale = torch.empty(n, k // g, dtype=torch.float32, device=weight.device)
         zero_point = torch.empty(n, k // g, dtype=torch.int32, device=weight.device)
         group_ready = [False] * (k // g)
+        if spec.group_levels is not None:  # the rows' grid, from the weight before updates
+            row = _clipped_qparams(weight.float(), spec, clip)[2]
     else:
-        scale, zero_point = _clipped_qparams(weight.float(), spec, clip)
+        scale, zero_point, _ = _clipped_qparams(weight.float(), spec, clip)
     # Per column the parameters are a vector over rows (or one scalar).
     col_spec = spec if spec.granularity == "per_tensor" else _row_spec(spec)
 
@@ -266,9 +322,11 @@ def gptq_quantize(
                         weight, block, err, u, inv_perm[gi * g : (gi + 1) * g], b0, b1, j
                     )
                     c = 1.0 if clip is None else clip.to(cur.device)
-                    scale[:, gi], zero_point[:, gi] = compute_qparams(
+                    sg, zero_point[:, gi] = compute_qparams(
                         cur.amin(dim=1).float() * c, cur.amax(dim=1).float() * c, spec
                     )
+                    scale[:, gi] = sg if row is None else \
+                        leveled_scales(sg[:, None], row, spec.group_levels)[:, 0]
                     group_ready[gi] = True
                 s, z = scale[:, gi], zero_point[:, gi]
             else:
@@ -284,12 +342,13 @@ def gptq_quantize(
             block[:, j + 1 :] -= e[:, None] * u[i, i + 1 : b1][None, :]
             err[:, j] = e
         weight[:, b1:] -= err @ u[b0:b1, b1:]
-    return QuantizedWeight(qweight[:, inv_perm], scale, zero_point, spec)
+    return QuantizedWeight(qweight[:, inv_perm], scale, zero_point, spec, row)
 
 
 def _row_spec(spec: QuantSpec) -> QuantSpec:
     """The spec of one weight column [N, 1] quantized with one parameter pair per row."""
-    return dataclasses.replace(spec, granularity="per_channel", group_size=None, axis=0)
+    return dataclasses.replace(spec, granularity="per_channel", group_size=None, axis=0,
+                               group_levels=None)
 
 
 def _current_columns(

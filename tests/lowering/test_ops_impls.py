@@ -192,3 +192,38 @@ def test_int4_weights_run_through_the_int8_gemm_on_cpu():
         with torch.no_grad():
             outs[kernels] = variant.gm(torch.linspace(-3, 3, 360).reshape(3, 5, 24))[0]
     assert torch.equal(outs["reference"], outs["cpu"])
+
+
+def test_grouped_int4_weights_give_the_same_integers_in_every_implementation():
+    """w4a8 with options group_size: the fc layers run linear_w4a8_grouped, packed int4
+    values with one integer multiplier per group of 8 columns; the CPU and Triton
+    implementations' prepare hooks hold the int8 values q * mult once, at lowering (the
+    reference keeps them packed), and every lowering gives the reference's integers."""
+    outs = {}
+    for kernels in ("reference", "cpu", "triton"):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = IntegerChain().eval()
+        with torch.no_grad():  # groups of different ranges: multipliers that differ
+            model.fc1.weight[:, :8] *= 6
+            model.fc2.weight[:, 16:24] *= 6
+        cm = torch.compile(model, backend="qcompile", options={
+            "recipe": "w4a8", "kernels": kernels, "group_size": 8, "rotate": False,
+            "online_hadamard": False})
+        with torch.no_grad(), qcompile.calibrate(cm):
+            cm(torch.randn(3, 5, 24))
+        (variant,) = [v for v in state_for_model(cm).artifacts if v.finalized]
+        grouped = [n for n in variant.gm.graph.nodes if n.target is ops.LINEAR_W4A8_GROUPED]
+        assert grouped
+        for node in grouped:
+            weight = get_constant(variant.gm, node.args[1])
+            mult = get_constant(variant.gm, node.args[2])
+            assert weight.dtype == (torch.uint8 if kernels == "reference" else torch.int8)
+            assert mult.dtype == torch.int8 and mult.shape[1] == weight.shape[1] * (
+                2 if kernels == "reference" else 1) // 8
+            assert 1 <= int(mult.min()) < int(mult.max()) <= 16
+            assert node.kwargs["impl"].split("-")[0] == kernels
+        with torch.no_grad():
+            outs[kernels] = variant.gm(torch.linspace(-3, 3, 360).reshape(3, 5, 24))[0]
+    assert torch.equal(outs["reference"], outs["cpu"])
+    assert torch.equal(outs["reference"], outs["triton"])

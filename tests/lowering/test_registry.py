@@ -59,6 +59,24 @@ def _linear_args(g, extreme, *, int4=False):
     return (x, w_arg, bias if m % 2 else None, zp_term, q, shift, out_zp, -128, 127)
 
 
+def _grouped_args(g, extreme):
+    """linear_w4a8_grouped: groups of 2..16 columns, multipliers across 1..16 (at both ends
+    when extreme), the zero-point term of the integer weight q * mult."""
+    m, groups, gsel, n = _dims(g, (1, 33), (1, 6), (0, 3), (1, 40))
+    gs = (2, 4, 8, 16)[gsel]
+    k = groups * gs
+    x = _int8(g, 2, m, k, extreme=extreme)
+    w = _int8(g, n, k, lo=-8, hi=7, extreme=extreme)
+    mult = _int8(g, n, groups, lo=1, hi=16, extreme=extreme)
+    wi = w.long() * mult.long().repeat_interleave(gs, dim=1)
+    bias = torch.randint(-2**16, 2**16, (n,), generator=g, dtype=torch.int32)
+    zp = int(torch.randint(-20, 21, (1,), generator=g))
+    zp_term = (zp * wi.sum(1)).to(torch.int32) if zp else None
+    q, shift = _requant_qs(g, n, k, extreme)
+    return (x, pack_int4(w), mult, bias if m % 2 else None, zp_term, q, shift,
+            int(torch.randint(-10, 11, (1,), generator=g)), -128, 127)
+
+
 def _a16_args(g, extreme, *, int4=False):
     """int16 x [2, M, K] (both ends of int16 when extreme), int8 (or packed int4) w [N, K]."""
     m, k, n = _dims(g, (1, 33), (1, 64), (1, 40))
@@ -198,6 +216,8 @@ def _samples(name, g, extreme):
         return (a, b, 4, -9, *ops.add_multipliers(ma, mb), 2, -128, 127)
     if name in ("linear_int8", "linear_w4a8"):
         return _linear_args(g, extreme, int4=name == "linear_w4a8")
+    if name == "linear_w4a8_grouped":
+        return _grouped_args(g, extreme)
     if name == "linear_int8_dq":
         x, w, _, zp_term, *_ = _linear_args(g, extreme)
         n = w.shape[0]
@@ -292,6 +312,10 @@ def _within_route_range(op, impl, args):
     lo, hi = route.weight_range(cpu_routes.cpu_capabilities())
     i = op.params.index("w")
     w = args[i]
+    if op.name == "linear_w4a8_grouped":  # the integer weight is q * mult: bound mult
+        j = op.params.index("mult")
+        top = max(1, min(lo // -8, hi // 7))
+        return (*args[:j], args[j].clamp(max=top), *args[j + 1:])
     if w.dtype != torch.int8:  # packed int4 values are inside every route's range
         return args
     return (*args[:i], w.clamp(lo, hi), *args[i + 1:])

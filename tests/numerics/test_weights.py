@@ -283,3 +283,84 @@ def test_clip_errors():
         quantize_weight_rtn(w, spec, clip=torch.tensor([1.0, 0.0, 1.0, 1.0]))
     with pytest.raises(ValueError, match="per-tensor"):
         clip_search(w, QuantSpec(bits=4))
+
+
+# ---------------------------------------------------------------------------------------
+# Group scales on the row's integer grid (integer-only group-wise int4)
+# ---------------------------------------------------------------------------------------
+
+LEVELED = QuantSpec(bits=4, granularity="per_group", group_size=16, group_levels=16)
+
+
+def _grouped_weight(seed=5, n=48, k=128):
+    """Rows whose groups span ranges 1 to 40x apart (what per-channel int4 loses on)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * 0.02
+    spread = torch.rand(n, k // 16, generator=g) * 39 + 1
+    return w * spread.repeat_interleave(16, dim=1)
+
+
+@pytest.mark.parametrize("levels", [16, 8, 1])
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_leveled_groups_are_int8_values_at_one_scale_per_row(levels, method):
+    """Each group's scale is row_scale times an integer in 1..levels, so int_values()
+    (q * that integer) times row_scale is the dequantized weight, in the int8 range the
+    levels allow; levels=1 is one scale per row."""
+    spec = QuantSpec(bits=4, granularity="per_group", group_size=16, group_levels=levels)
+    w, x, h = _problem(seed=2)
+    qw = quantize_weight_rtn(w, spec) if method == "rtn" else gptq_quantize(w, h, spec)
+    mult = qw.group_mult
+    assert mult.dtype == torch.int8 and mult.shape == (64, 8)
+    assert 1 <= int(mult.min()) and int(mult.max()) == levels
+    ints = qw.int_values()
+    assert ints.dtype == torch.int8
+    assert -8 * levels <= int(ints.min()) and int(ints.max()) <= 7 * levels
+    torch.testing.assert_close(ints.float() * qw.int_scale()[:, None], qw.dequantize(),
+                               rtol=1e-6, atol=0)
+    if levels == 1:  # every group at the row's scale: the per-channel weight
+        channel = quantize_weight_rtn(w, QuantSpec(bits=4, granularity="per_channel"))
+        if method == "rtn":
+            assert torch.equal(ints, channel.qweight)
+
+
+def test_leveled_groups_keep_most_of_what_float_group_scales_gain():
+    """On rows with groups of very different ranges, integer group multipliers (16 levels)
+    cut the weight error to under half of per-channel int4's, close to float group scales'."""
+    w = _grouped_weight()
+    err = {}
+    for name, spec in (("channel", QuantSpec(bits=4, granularity="per_channel")),
+                       ("float groups", weight_spec(4, group_size=16)),
+                       ("16 levels", LEVELED)):
+        err[name] = float((quantize_weight_rtn(w, spec).dequantize() - w).pow(2).sum())
+    assert err["16 levels"] < 0.5 * err["channel"]
+    assert err["16 levels"] < 1.2 * err["float groups"]
+
+
+def test_a_group_never_gets_a_narrower_range_than_its_own():
+    """Rounding a group's scale up to the row's grid: no value saturates that min-max
+    group scales would not (every |w| <= 7.5 steps of its group's scale)."""
+    w = _grouped_weight(seed=7)
+    qw = quantize_weight_rtn(w, LEVELED)
+    scale = qw.scale.repeat_interleave(16, dim=1)
+    assert bool((w.abs() <= 7.5 * scale * (1 + 1e-6)).all())
+    assert bool((qw.qweight.abs() <= 7).all())
+
+
+def test_group_levels_errors():
+    with pytest.raises(ValueError, match="symmetric per_group"):
+        QuantSpec(bits=4, granularity="per_channel", group_levels=16)
+    with pytest.raises(ValueError, match="symmetric per_group"):
+        QuantSpec(bits=4, symmetric=False, granularity="per_group", group_size=8,
+                  group_levels=16)
+    with pytest.raises(ValueError, match="at most 16 for 4-bit"):
+        QuantSpec(bits=4, granularity="per_group", group_size=8, group_levels=17)
+    with pytest.raises(ValueError, match="at most 1 for 8-bit"):
+        QuantSpec(bits=8, granularity="per_group", group_size=8, group_levels=2)
+    w = torch.randn(4, 16)
+    qw = quantize_weight_rtn(w, LEVELED)
+    with pytest.raises(ValueError, match="row_scale goes with"):
+        type(qw)(qw.qweight, qw.scale, qw.zero_point, LEVELED)
+    plain = quantize_weight_rtn(w, weight_spec(4, group_size=8))
+    assert plain.group_mult is None and torch.equal(plain.int_values(), plain.qweight)
+    with pytest.raises(ValueError, match="one accumulator per group"):
+        plain.int_scale()

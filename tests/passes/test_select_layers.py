@@ -157,3 +157,34 @@ def test_attention_stays_float_on_cpu_under_auto():
     _, art, _ = _compile(SelfAttention(), torch.randn(2, 5, 16), AVX2, kernels="cpu")
     (rec,) = [r for r in art.ctx.layers.values() if r.kind == "attention"]
     assert rec.quantized and rec.kernel == "attention_int8:cpu"
+
+
+@pytest.mark.skipif(not REAL.onednn, reason="needs oneDNN's int8 kernels")
+@pytest.mark.parametrize("caps, levels", [(AVX2, 8), (VNNI, 16)], ids=["avx2", "vnni"])
+def test_grouped_int4_multipliers_fit_the_route_range(caps, levels):
+    """w4a8 with group_size: each group's integer multiplier goes up to 16 where the route
+    takes full-range int8 weights, to 8 where it needs 7-bit ones (q * 8 in [-64, 56]); the
+    report says which groups and levels each layer got."""
+    torch.manual_seed(0)
+    model, x = Wide(), torch.randn(64, 512)
+    torch._dynamo.reset()
+    with cpu_routes.override_capabilities(caps):
+        cm = torch.compile(model.eval(), backend="qcompile", options={
+            "recipe": "w4a8", "group_size": 64, "kernels": "cpu", "rotate": False,
+            "online_hadamard": False, "smooth": False})
+        with torch.no_grad():
+            with qcompile.calibrate(cm):
+                cm(x)
+            out = cm(x)
+    (art,) = [a for a in state_for_model(cm).artifacts if a.finalized]
+    for layer in _layers(art).values():
+        assert layer.group_levels == levels
+        lo, hi = cpu_routes.ROUTES[layer.route].weight_range(caps)
+        ints = layer.qweight.int_values()
+        assert lo <= -8 * levels <= int(ints.min()) and int(ints.max()) <= 7 * levels <= hi
+        assert int(layer.qweight.group_mult.max()) == levels
+    for rec in qcompile.report(cm).layers:
+        assert "groups of 64" in rec.detail["weight_groups"]
+        assert f"1..{levels}" in rec.detail["weight_groups"]
+    with torch.no_grad():
+        assert torch.nn.functional.cosine_similarity(out, model(x)).min() > 0.99
