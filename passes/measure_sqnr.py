@@ -1,6 +1,7 @@
 """measure-sqnr: per-layer SQNR of the quantized graph against the float graph.
 
-What: runs the float graph (as it was before the rewrites) and the quantized graph on the
+What: runs the float graph (as it was before the rewrites, after smoothing where that ran:
+smoothing rescales the outputs of the layers it folds into) and the quantized graph on the
 same sample inputs (the last calibration batch, or the compile-time example inputs; a few
 leading rows of them, `probe_inputs`: the statistics of a few hundred tokens are the
 report's, and a full serving batch made this pass most of a compile), and

@@ -35,7 +35,7 @@ from torch.fx import GraphModule
 from qcompile.config import RECIPES, Options
 from qcompile.fx_utils import copy_graph_module, graph_fake_mode, seed_meta_from_dynamo
 from qcompile.pass_manager import PassContext, PassManager
-from qcompile.pipeline import Step, passes, steps
+from qcompile.pipeline import Step, steps
 from qcompile.sites import attention_site, is_layer, layer_kind, layer_name
 from qcompile.state import ModelState, state_for_tensors
 
@@ -115,9 +115,16 @@ class GraphVariant:
     def _finalize(self) -> None:
         if self.finalized:
             return
-        self.ctx.analysis["float_gm"] = copy_graph_module(self.gm)  # for per-layer SQNR
+        # the float graph per-layer SQNR compares with: this one, or where smoothing ran the
+        # one after it (pipeline.py's snapshot), whose layers' outputs it rescaled
+        self.ctx.analysis["float_gm"] = copy_graph_module(self.gm)
         self.ctx.analysis["sample_inputs"] = self.sample
-        self.gm = PassManager(passes(self.options, "finalize"), self.ctx).run(self.gm)
+        finalize_steps = steps(self.options, "finalize")
+        manager = PassManager([s.fn for s in finalize_steps], self.ctx)
+        for step in finalize_steps:
+            self.gm = manager.run_one(step.fn, self.gm)
+            if step.snapshot:
+                self.ctx.analysis[step.snapshot] = copy_graph_module(self.gm)
         for key in ["float_gm", "sample_inputs"] + [s.snapshot for s in steps(self.options)
                                                     if s.snapshot]:
             self.ctx.analysis.pop(key, None)

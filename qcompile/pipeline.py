@@ -113,7 +113,8 @@ PIPELINE: tuple[Step, ...] = (
     Step("smooth", F, smooth,
          "SmoothQuant needs the calibrated max|X_j|, so it runs here, not with the "
          "data-free transforms"),
-    Step("smooth-qparams", F, smooth, "the activation scales smoothing changed, recomputed"),
+    Step("smooth-qparams", F, smooth, "the activation scales smoothing changed, recomputed",
+         snapshot="float_gm"),  # measure-sqnr's float reference: smooth rescaled outputs
     Step("choose-precision", F, mixed,
          "each weight's and activation's width under the budget: needs the calibrated "
          "ranges and the final float weights (after smoothing), and decides what "

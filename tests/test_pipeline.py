@@ -42,4 +42,5 @@ def test_conditions_pick_the_passes():
     assert static.index("insert-observers") < static.index("calibrate-qparams")
     assert "rotate-residual" in names(recipe="w4a8")
     assert "rotate-residual" not in names(recipe="w4a8", rotate=False)
-    assert [s.snapshot for s in PIPELINE if s.snapshot] == ["canonical_gm"]
+    assert [(s.name, s.snapshot) for s in PIPELINE if s.snapshot] == [
+        ("canonicalize-norm", "canonical_gm"), ("smooth-qparams", "float_gm")]
