@@ -46,6 +46,11 @@ CONFIGS = {
     "w8a8, smooth": {"recipe": "w8a8", "smooth": True},
     "w8a8-static": {"recipe": "w8a8-static"},
     "w4a8": {"recipe": "w4a8"},
+    # group-wise int4 on the row's integer grid (integer-only). Every K of Gemma 3 270M (640,
+    # 1024, 2048) is a multiple of 128, so every group size that divides them all holds
+    # whole k-quant blocks of 32 or sits inside one: none avoids the alignment
+    "w4a8, group 128": {"recipe": "w4a8", "group_size": 128},
+    "w4a8, group 32": {"recipe": "w4a8", "group_size": 32},
     "w4a4": {"recipe": "w4a4"},
     "w4a16": {"recipe": "w4a16"},
     # a CPU without VNNI runs int8 with 7-bit weights ([-64, 63]); this shows what that costs
@@ -76,7 +81,8 @@ def perplexity(model, ids: torch.Tensor) -> float:
 def weight_grouping(options: dict) -> dict:
     """The recipe's weight bits and group size (None: one scale per output channel)."""
     weight = RECIPES[options["recipe"]].weight
-    return {"weight_bits": weight.bits, "weight_group_size": weight.group_size}
+    return {"weight_bits": weight.bits,
+            "weight_group_size": options.get("group_size", weight.group_size)}
 
 
 def evaluate(options: dict, model, evals, calib, float_ppl: float) -> dict:
@@ -164,6 +170,9 @@ def main() -> None:
             results[name] = {"options": options, **weight_grouping(options),
                              "error": f"{type(exc).__name__}: {exc}"[:2000],
                              "where": [f"{f.filename}:{f.lineno} {f.name}" for f in tb[-6:]]}
+        # the file keeps earlier runs' results: each names the machine it ran on (integers
+        # depend on it: 7-bit int8 weights without VNNI)
+        results[name]["machine"] = _machine.cpu_info()["capabilities"]
         report_line(name, results[name])
         # written after every configuration: a run stopped midway keeps what it measured
         with open(args.out, "w") as f:

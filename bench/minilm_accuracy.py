@@ -64,6 +64,12 @@ CONFIGS = {
     **{f"w4a8 (rotations) group {g}": {"recipe": "w4a8", "group_size": g}
        for g in (32, 64, 128)},
     "w4a8 (rotations) group 32 + GPTQ": {"recipe": "w4a8", "group_size": 32, "gptq": True},
+    "w4a8 group 32 + GPTQ, no rotation": {"recipe": "w4a8", "group_size": 32, "gptq": True,
+                                          "rotate": False, "online_hadamard": False},
+    "w4a8 group 32 + GPTQ, no online Hadamard": {"recipe": "w4a8", "group_size": 32,
+                                                 "gptq": True, "online_hadamard": False},
+    "w4a8 (rotations) group 32 + GPTQ + bias correction": {
+        "recipe": "w4a8", "group_size": 32, "gptq": True, "bias_correction": True},
     "w4a4-static group 32": {"recipe": "w4a4-static", "group_size": 32},
 }
 

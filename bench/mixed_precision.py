@@ -41,10 +41,21 @@ MINILM = {
     "mixed weights <=5 bits, a16<=10%": {"recipe": "mixed", "kernels": "cpu",
                                          "budget": {"weight_bits": 5, "a16": 0.1}},
     "mixed bops <=0.8": {"recipe": "mixed", "budget": {"bops": 0.8}, "kernels": "cpu"},
+    # int4 layers in groups of 32 on the row's integer grid (their multipliers counted:
+    # 4.25 bits per int4 weight); smooth as w8a8-static has it by default
+    "mixed weights <=5 bits, groups of 32": {"recipe": "mixed", "budget": {"weight_bits": 5},
+                                             "group_size": 32, "kernels": "cpu"},
+    "mixed weights <=5 bits, groups of 32, smooth": {
+        "recipe": "mixed", "budget": {"weight_bits": 5}, "group_size": 32, "smooth": True,
+        "kernels": "cpu"},
+    "mixed a16<=10%, smooth": {"recipe": "mixed", "budget": {"a16": 0.1}, "smooth": True,
+                               "kernels": "cpu"},
 }
 LLAMAS = {
     "w8a8-static": {"recipe": "w8a8-static", "kernels": "cpu"},
     "mixed a16<=10%": {"recipe": "mixed", "budget": {"a16": 0.1}, "kernels": "cpu"},
+    "mixed a16<=10%, smooth": {"recipe": "mixed", "budget": {"a16": 0.1}, "smooth": True,
+                               "kernels": "cpu"},
 }
 
 

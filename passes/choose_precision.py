@@ -36,12 +36,12 @@ from torch.fx import GraphModule
 
 from qcompile import annotations as ann
 from qcompile.fx_utils import get_constant
-from qcompile.numerics.specs import QuantSpec
 from qcompile.numerics.weights import quantize_weight_rtn
 from qcompile.pass_manager import PassContext, PassResult, graph_pass
 from qcompile.passes import _sensitivity as sens
 from qcompile.passes.calibrate_qparams import loaded_quantization
 from qcompile.passes.measure_sqnr import probe_inputs
+from qcompile.passes.quantize_weights import weight_spec_for
 from qcompile.sites import is_linear
 
 WEIGHT_WIDTHS = (8, 4)
@@ -150,19 +150,24 @@ def _sites(gm: GraphModule, ctx: PassContext) -> tuple[list[sens.Site], dict]:
 def _fake_quant(gm: GraphModule, ctx: PassContext, sites: list[sens.Site]) -> sens.FakeQuant:
     calib = ctx.analysis["calib"]
     # 8, or the narrower width select-layers gave a layer for this CPU's kernel
-    widths = {layer.name: layer.weight_bits or 8 for node in gm.graph.nodes
-              if is_linear(node) and (layer := ann.selected(node)) is not None}
+    selected = {layer.name: layer for node in gm.graph.nodes
+                if is_linear(node) and (layer := ann.selected(node)) is not None}
     weights = {}
     for s in sites:
         if s.kind != "weight":
             continue
         w = get_constant(gm, s.node).detach().float()
-        default = widths.get(s.layers[0], 8)
+        w = w.reshape(w.shape[0], -1)
+        layer = selected.get(s.layers[0])
+        default = (layer.weight_bits if layer is not None else None) or 8
         for b in s.candidates:
             bits = default if b == 8 else b
-            spec = QuantSpec(bits=bits, granularity="per_channel", axis=0)
-            qw = quantize_weight_rtn(w.reshape(w.shape[0], -1), spec)
-            weights[(s.name, b)] = qw.dequantize().reshape(w.shape).to(w.dtype)
+            # quantize-weights' spec: int4 in groups where options group_size says so
+            spec = weight_spec_for(ctx, w.shape[1], bits,
+                                   layer.group_levels if layer is not None else None)[0]
+            qw = quantize_weight_rtn(w, spec)
+            weights[(s.name, b)] = qw.dequantize().reshape(
+                get_constant(gm, s.node).shape).to(w.dtype)
 
     def act(name: str, bits: int, x: torch.Tensor) -> torch.Tensor:
         site = calib[name]
@@ -187,6 +192,13 @@ class _Program:
     act_numel: dict[str, int]  # act site -> elements of its sample value (for MACs)
     # layer -> {(weight bits, input bits): ms}, measured (budget "latency" only)
     latency: dict[str, dict[tuple[int, int], float]] | None = None
+    # bits per weight an int4 weight stores beyond its 4: its group multipliers (int8, one
+    # per group of options group_size), 0 per channel
+    group_bits: float = 0.0
+
+    def stored_bits(self, b: int) -> float:
+        """What a weight of width b costs in the size and weight_bits budgets."""
+        return b + self.group_bits if b == 4 else float(b)
 
     def solve(self, budget: dict[str, float], fixed: dict[str, int] | None = None
               ) -> dict[str, int]:
@@ -225,7 +237,7 @@ class _Program:
         if "a16" in budget and acts:
             cap = math.floor(budget["a16"] * len(acts) + 1e-9)
             row({index[(s.name, 16)]: 1.0 for s in acts if 16 in s.candidates}, 0, cap)
-        bits_row = {index[(s.name, b)]: float(b * s.numel) for s in weights
+        bits_row = {index[(s.name, b)]: self.stored_bits(b) * s.numel for s in weights
                     for b in s.candidates}
         if "weight_bits" in budget and weights:
             row(bits_row, 0, budget["weight_bits"] * total_w)
@@ -276,7 +288,8 @@ class _Program:
     def _infeasible(self, budget) -> str:
         weights = [s for s in self.sites if s.kind == "weight"]
         total = sum(s.numel for s in weights)
-        least = sum(min(s.candidates) * s.numel for s in weights) / max(1, total)
+        least = sum(self.stored_bits(min(s.candidates)) * s.numel
+                    for s in weights) / max(1, total)
         return (f"no choice of widths meets budget {budget}: the narrowest weights average "
                 f"{least:g} bits ({least / 8:.3g} of the int8 size); int4 needs an even K, "
                 f"and only linears with a calibrated input take 16-bit activations. Raise "
@@ -286,7 +299,7 @@ class _Program:
         weights = [s for s in self.sites if s.kind == "weight"]
         acts = [s for s in self.sites if s.kind == "act"]
         total_w = max(1, sum(s.numel for s in weights))
-        avg = sum(bits[s.name] * s.numel for s in weights) / total_w
+        avg = sum(self.stored_bits(bits[s.name]) * s.numel for s in weights) / total_w
         out = {}
         if "a16" in budget:
             out["a16"] = (sum(bits[s.name] == 16 for s in acts) / max(1, len(acts)),
@@ -296,7 +309,8 @@ class _Program:
         if "size" in budget:
             size = budget["size"]
             out["size"] = ((avg / 8, size) if size <= 1 else
-                           (sum(bits[s.name] * s.numel for s in weights) / 8, size))
+                           (sum(self.stored_bits(bits[s.name]) * s.numel
+                                for s in weights) / 8, size))
         if "bops" in budget:
             total = sum(64.0 * self._macs(layer) for layer in self.layers)
             used = sum(self._macs(layer) * bits[w] * (bits[a] if a else 8)
@@ -439,7 +453,9 @@ def choose_precision(gm: GraphModule, ctx: PassContext) -> PassResult:
     method = "measured" if measured is not None else "hessian"
     omega = measured if measured is not None else hessian
     latency = _latencies(gm, ctx, sites, layers) if "latency" in opts.budget else None
-    program = _Program(sites, omega, layers, act_numel, latency)
+    g = ctx.options.weight_group_size
+    program = _Program(sites, omega, layers, act_numel, latency,
+                       group_bits=8.0 / g if g else 0.0)
     decided = earlier["bits"] if earlier is not None else {}
     fixed = {s.name: decided[s.name] for s in sites if s.name in decided}
     try:

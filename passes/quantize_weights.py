@@ -50,7 +50,7 @@ def weight_spec_for(ctx: PassContext, k: int, bits: int | None = None,
     bits = bits or recipe.weight.bits
     g = ctx.options.weight_group_size
     channel = QuantSpec(bits=bits, granularity="per_channel", axis=0)
-    if g is None:
+    if g is None or bits > 4:  # groups are for int4 (recipe mixed: its int4 layers)
         return channel, None
     if conv:
         return channel, "a convolution: per output channel (no group-wise convolution)"

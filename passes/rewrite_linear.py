@@ -202,8 +202,8 @@ def _rewrite_a16(gm, ctx, node, qw, layer, xq, out):
     with an int64 bias and the same dyadic requantization; no zero-point term."""
     _, _, b = node.args
     s_x = ann.get(xq, ann.QParams).scale
-    s_w = qw.scale.double().reshape(-1)  # [N]
-    wq = qw.qweight
+    s_w = qw.int_scale().double().reshape(-1)  # [N]
+    wq = qw.int_values()  # grouped int4: q * mult, int8 values at the row's scale
     bias_i64 = None
     bias_f = _float_bias(gm, b, layer)
     if bias_f is not None:
@@ -211,7 +211,8 @@ def _rewrite_a16(gm, ctx, node, qw, layer, xq, out):
     check_a16_accumulator_range(wq.shape[1], wq, bias=bias_i64)
     mult = s_x * s_w / out.scale
     name = layer.name.replace(".", "_")
-    w_node = (_const(gm, node, f"{name}_wq4", pack_int4(wq)) if qw.spec.bits == 4 else
+    w_node = (_const(gm, node, f"{name}_wq4", pack_int4(wq))
+              if qw.spec.bits == 4 and qw.group_mult is None else
               _const(gm, node, f"{name}_wq", wq.contiguous()))
     b_node = _const(gm, node, f"{name}_bias_i64", bias_i64) if bias_i64 is not None else None
     y = _requantizing(gm, node, layer, ops.LINEAR_A16W8, (xq, w_node, b_node),

@@ -90,6 +90,41 @@ def test_weight_bits_budget_runs_int4_weights_and_meets_it():
     assert not any(b == 16 for b in plan.bits.values())  # no a16 in this budget
 
 
+def test_group_size_puts_the_int4_layers_in_groups_and_counts_their_multipliers():
+    """With options group_size the int4 layers the budget buys are group-wise on the row's
+    integer grid (linear_w4a8_grouped, or the int8 GEMM of their q * mult values), the
+    8-bit ones stay per channel, and each int4 weight costs 4 + 8 / g bits in the budget."""
+    model, cm, make, key = _calibrated({"recipe": "mixed", "budget": {"weight_bits": 6},
+                                        "sensitivity": "hessian", "group_size": 16})
+    torch.manual_seed(2)
+    x = make(2, 12)
+    with torch.no_grad():
+        ref, out = getattr(model(*x), key), getattr(cm(*x), key)
+    assert torch.nn.functional.cosine_similarity(ref.flatten(1), out.flatten(1)).mean() > 0.95
+    plan = _plans(cm)[0]
+    used, limit = plan.costs["weight_bits"]
+    assert used <= limit == 6
+    four = {n.removeprefix("w:") for n, b in plan.bits.items() if b == 4}
+    assert four
+    sizes = {s["name"]: s["numel"] for s in plan.sites if s["kind"] == "weight"}
+    expected = sum((4 + 8 / 16 if plan.bits[n] == 4 else 8) * k for n, k in sizes.items())
+    assert used == pytest.approx(expected / sum(sizes.values()))
+    seen = set()
+    for a in state_for_model(model).artifacts:
+        for node in a.gm.graph.nodes:
+            layer = annotations.get(node, annotations.Layer)
+            if layer is None or layer.qweight is None:
+                continue
+            spec = layer.qweight.spec
+            if layer.name in four:
+                assert spec.granularity == "per_group" and spec.group_size == 16
+                assert spec.group_levels is not None
+                seen.add(layer.name)
+            else:
+                assert spec.granularity == "per_channel" and spec.bits == 8
+    assert seen == four
+
+
 @pytest.mark.slow
 def test_bops_budget_and_the_pareto_picture(tmp_path):
     pytest.importorskip("matplotlib")
