@@ -52,6 +52,7 @@ CONFIGS = {
     "w4a8, group 128": {"recipe": "w4a8", "group_size": 128},
     "w4a8, group 32": {"recipe": "w4a8", "group_size": 32},
     "w4a4": {"recipe": "w4a4"},
+    "w4a4, group 32": {"recipe": "w4a4", "group_size": 32},
     "w4a16": {"recipe": "w4a16"},
     # a CPU without VNNI runs int8 with 7-bit weights ([-64, 63]); this shows what that costs
     "w8a8, 8-bit weights": {"recipe": "w8a8", "narrow_weights": False},

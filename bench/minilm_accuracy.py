@@ -71,6 +71,11 @@ CONFIGS = {
     "w4a8 (rotations) group 32 + GPTQ + bias correction": {
         "recipe": "w4a8", "group_size": 32, "gptq": True, "bias_correction": True},
     "w4a4-static group 32": {"recipe": "w4a4-static", "group_size": 32},
+    "w4a4 group 32": {"recipe": "w4a4", "group_size": 32},
+    # where w4a8's error comes from: its weights alone, its activations and rotations alone
+    "w4a16 group 32 + GPTQ": {"recipe": "w4a16", "group_size": 32, "gptq": True},
+    "w8a8-static + rotations": {"recipe": "w8a8-static", "rotate": True,
+                                "online_hadamard": True},
 }
 
 

@@ -12,6 +12,8 @@ their fake and every implementation:
                            uint8 [N, K // 2]) with per-channel scales, exact int32
                            accumulator, float epilogue acc * x_scale[m] * w_scale[n] (+ bias)
                            -> x.dtype
+  linear_a4w4_grouped_dynamic  the same with group-wise int4 w whose group scales are
+                           the row's times integers (mult): linear_a4w4_dynamic on q * mult
 
 The clip ratio (options["activation_clip"]; QuaRot's is 0.9, w4a4's default is measured in
 qcompile/config.py): int4 has 16 levels, and a row's few largest values, even after the
@@ -58,6 +60,8 @@ The ops and their graph targets are also reachable as lowering.ops attributes
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -66,11 +70,13 @@ from qcompile.lowering.ops import (
     _FUSE_MIN_ELEMENTS,
     BACKENDS,
     _elementwise,
+    _grouped_weights,
     _int8_weight,
     _per_token_body,
     _rows,
     dynamic_epilogue,
     gemm_op,
+    grouped_int4_values,
 )
 from qcompile.lowering.registry import on_cpu, quantized_op
 from qcompile.numerics import specs
@@ -251,6 +257,38 @@ def _(x, w, w_scale, bias, clip, origin=""):
     return y.to(x.dtype).reshape(*x.shape[:-1], w.shape[0])
 
 
+@quantized_op
+def linear_a4w4_grouped_dynamic(x: Tensor, w: Tensor, mult: Tensor, w_scale: Tensor,
+                                bias: Tensor | None, clip: float) -> Tensor:
+    """linear_a4w4_dynamic with group-wise int4 weights whose group scales are the row's
+    times small integers (options group_size): w packed uint8 [N, K // 2], mult int8
+    [N, K // g] in 1..16, w_scale the row scales [N]; the integer weight q * mult is an int8
+    value (ops.grouped_int4_values), and the call is linear_a4w4_dynamic's on it, the same
+    implementation by name. Implementations may hold w as those int8 values after
+    `prepare`."""
+
+
+@linear_a4w4_grouped_dynamic.fake
+def _(x, w, mult, w_scale, bias, clip):
+    _check_linear(x, w, w_scale, bias, clip)
+    return x.new_empty((*x.shape[:-1], w.shape[0]))
+
+
+def _linear_a4w4_grouped(name, x, w, mult, w_scale, bias, clip, origin=""):
+    w = grouped_int4_values(w, mult) if w.dtype == torch.uint8 else w  # else prepared
+    return linear_a4w4_dynamic.run(name, (x, w, w_scale, bias, clip), origin)
+
+
+for _name, _impl in linear_a4w4_dynamic.impls.items():
+    # the reference expands the int4 values at every call (the definition); every other
+    # implementation once, at lowering
+    linear_a4w4_grouped_dynamic.impl(
+        _name, runs_on=_impl.runs_on,
+        prepare=None if _name == "reference" else _grouped_weights)(
+        functools.partial(_linear_a4w4_grouped, _name))
+
+
 # Graph targets: the OpOverloads.
 QUANTIZE_PER_TOKEN_INT4 = quantize_per_token_int4.overload
 LINEAR_A4W4_DYNAMIC = linear_a4w4_dynamic.overload
+LINEAR_A4W4_GROUPED_DYNAMIC = linear_a4w4_grouped_dynamic.overload

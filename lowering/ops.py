@@ -902,7 +902,8 @@ _MODULE_OF = {
     **dict.fromkeys(("quantize_int16", "linear_a16w8", "linear_a16w8_dq", "QUANTIZE_INT16",
                      "LINEAR_A16W8", "LINEAR_A16W8_DQ"), "a16_ops"),
     **dict.fromkeys(("quantize_per_token_int4", "linear_a4w4_dynamic",
-                     "QUANTIZE_PER_TOKEN_INT4", "LINEAR_A4W4_DYNAMIC"), "a4_ops"),
+                     "linear_a4w4_grouped_dynamic", "QUANTIZE_PER_TOKEN_INT4",
+                     "LINEAR_A4W4_DYNAMIC", "LINEAR_A4W4_GROUPED_DYNAMIC"), "a4_ops"),
 }
 
 

@@ -3,7 +3,8 @@
   w8a8 (dynamic)      y = linear_dynamic(x, Wq, w_scale, b)              float in, float out
   w4a4 (dynamic)      y = linear_a4w4_dynamic(x, Wq4, w_scale, b, clip)  float in, float out
                       (per-token int4 x at options' activation clip ratio, the int4 weight
-                      packed two a byte along K)
+                      packed two a byte along K; with options group_size
+                      linear_a4w4_grouped_dynamic(x, Wq4, mult, row_scale, b, clip))
   w4a16               y = linear_w4a16(x, Wq4, scales, None, g, b)       float in, float out
   static recipes      xq = quantize(x, s_x, zp_x)        (one per activation, shared)
                       yq = linear_int8(xq, Wq, b_i32, zp_x*colsum(Wq), q, shift, zp_y)
@@ -83,16 +84,21 @@ def _rewrite_dynamic(gm, ctx, node, qw, layer):
     x, _, b = node.args
     name = layer.name.replace(".", "_")
     tail = ()
+    head = ()
     if ctx.options.recipe_obj.act.bits == 4:
         w = _const(gm, node, f"{name}_wq4", pack_int4(qw.qweight))
         op, kind = ops.LINEAR_A4W4_DYNAMIC, "linear_a4w4_dynamic"
+        if qw.group_mult is not None:  # options group_size: the row's grid
+            head = (_const(gm, node, f"{name}_wmult", qw.group_mult),)
+            op, kind = ops.LINEAR_A4W4_GROUPED_DYNAMIC, "linear_a4w4_grouped_dynamic"
         tail = (ctx.options.act_clip,)
     else:
         w = _const(gm, node, f"{name}_wq", qw.qweight.contiguous())
         op, kind = ops.LINEAR_DYNAMIC, "linear_dynamic"
-    ws = _const(gm, node, f"{name}_wscale", qw.scale.float().reshape(-1))
+    ws = _const(gm, node, f"{name}_wscale", qw.int_scale().float().reshape(-1))
     with gm.graph.inserting_before(node):
-        new = gm.graph.call_function(op, (x, w, ws, _bias_arg(gm, node, b, layer), *tail))
+        new = gm.graph.call_function(op, (x, w, *head, ws, _bias_arg(gm, node, b, layer),
+                                          *tail))
     return _tag(new, layer), kind
 
 

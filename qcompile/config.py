@@ -162,11 +162,11 @@ class Options:
     weight_clip: bool | None = None
     observer: str | None = None  # None: the recipe's (min-max; MSE search for w4a4-static)
     # int4 weights in groups of this many input columns, one scale per group (w4a16: float
-    # scales; w4a8 / w4a4-static / mixed's int4 layers: each group's scale its row's times
-    # an integer in 1..16,
+    # scales; w4a8 / w4a4 / w4a4-static / mixed's int4 layers: each group's scale its row's
+    # times an integer in 1..16,
     # 1..8 where the CPU's int8 route needs 7-bit weights, so the GEMM stays one int8 GEMM
-    # with a per-row dyadic requantization); a K it does not divide: per channel, said in
-    # the report; None: the recipe's (w4a16 128, w4a8 / w4a4-static per channel)
+    # with one scale per row); a K it does not divide: per channel, said in the report;
+    # None: the recipe's (w4a16 128, the others per channel)
     group_size: int | None = None
     # per-token dynamic int4 activations (recipe w4a4) are quantized with the range at this
     # fraction of each row's absmax, in (0, 1]; 1.0: no clipping; None: the recipe's
@@ -335,13 +335,11 @@ class Options:
         if g is None:
             return
         grouped = sorted(n for n, r in RECIPES.items() if r.weight is not None and
-                         (r.weight.bits == 4 or n == "mixed") and
-                         not (r.act is not None and r.act.dynamic))
+                         (r.weight.bits == 4 or n == "mixed"))
         example = "e.g. {'recipe': 'w4a8', 'group_size': 64}"
         r = self.recipe_obj
         if r.name not in grouped:
-            why = ("its int4 x int4 GEMM takes per-channel weight scales" if r.per_token_int4
-                   else "its weights are not int4")
+            why = "its weights are not int4"
             raise QCompileConfigError(
                 f"option 'group_size' groups int4 weights (recipes {grouped}); recipe "
                 f"{self.recipe!r} takes none: {why} ({example})")

@@ -194,11 +194,14 @@ def test_int4_weights_run_through_the_int8_gemm_on_cpu():
     assert torch.equal(outs["reference"], outs["cpu"])
 
 
-def test_grouped_int4_weights_give_the_same_integers_in_every_implementation():
-    """w4a8 with options group_size: the fc layers run linear_w4a8_grouped, packed int4
-    values with one integer multiplier per group of 8 columns; the CPU and Triton
-    implementations' prepare hooks hold the int8 values q * mult once, at lowering (the
-    reference keeps them packed), and every lowering gives the reference's integers."""
+@pytest.mark.parametrize("recipe", ["w4a8", "w4a4"])
+def test_grouped_int4_weights_give_the_same_integers_in_every_implementation(recipe):
+    """options group_size: the fc layers run linear_w4a8_grouped (w4a8) or
+    linear_a4w4_grouped_dynamic (w4a4), packed int4 values with one integer multiplier per
+    group of 8 columns; the CPU and Triton implementations' prepare hooks hold the int8
+    values q * mult once, at lowering (the reference keeps them packed), and every lowering
+    gives the reference's outputs bit for bit."""
+    target = {"w4a8": ops.LINEAR_W4A8_GROUPED, "w4a4": ops.LINEAR_A4W4_GROUPED_DYNAMIC}[recipe]
     outs = {}
     for kernels in ("reference", "cpu", "triton"):
         torch._dynamo.reset()
@@ -208,12 +211,12 @@ def test_grouped_int4_weights_give_the_same_integers_in_every_implementation():
             model.fc1.weight[:, :8] *= 6
             model.fc2.weight[:, 16:24] *= 6
         cm = torch.compile(model, backend="qcompile", options={
-            "recipe": "w4a8", "kernels": kernels, "group_size": 8, "rotate": False,
-            "online_hadamard": False})
+            "recipe": recipe, "kernels": kernels, "group_size": 8, "rotate": False,
+            "online_hadamard": False, "gptq": False})
         with torch.no_grad(), qcompile.calibrate(cm):
             cm(torch.randn(3, 5, 24))
         (variant,) = [v for v in state_for_model(cm).artifacts if v.finalized]
-        grouped = [n for n in variant.gm.graph.nodes if n.target is ops.LINEAR_W4A8_GROUPED]
+        grouped = [n for n in variant.gm.graph.nodes if n.target is target]
         assert grouped
         for node in grouped:
             weight = get_constant(variant.gm, node.args[1])

@@ -243,6 +243,15 @@ def _samples(name, g, extreme):
             xf[1, 0], xf[1, -1, 0] = -2.5, 1e6
         return (xf, w, torch.rand(n, generator=g) * 0.01,
                 torch.randn(n, generator=g) if n % 2 else None, 0.3 if extreme else 0.9)
+    if name == "linear_a4w4_grouped_dynamic":
+        x, w, mult, *_ = _grouped_args(g, extreme)
+        n = w.shape[0]
+        xf = torch.randn(*x.shape, generator=g) * 3
+        xf[0, 0] = 0.0  # an all-zero row: the scale guard
+        if extreme:  # a row of one value and a huge outlier
+            xf[1, 0], xf[1, -1, 0] = -2.5, 1e6
+        return (xf, w, mult, torch.rand(n, generator=g) * 0.01,
+                torch.randn(n, generator=g) if n % 2 else None, 0.3 if extreme else 0.9)
     if name == "linear_w4a16":
         m, groups, n = _dims(g, (1, 9), (1, 3), (1, 24))
         k, gs = groups * 32, 32
@@ -312,7 +321,7 @@ def _within_route_range(op, impl, args):
     lo, hi = route.weight_range(cpu_routes.cpu_capabilities())
     i = op.params.index("w")
     w = args[i]
-    if op.name == "linear_w4a8_grouped":  # the integer weight is q * mult: bound mult
+    if "mult" in op.params:  # grouped int4: the integer weight is q * mult: bound mult
         j = op.params.index("mult")
         top = max(1, min(lo // -8, hi // 7))
         return (*args[:j], args[j].clamp(max=top), *args[j + 1:])
