@@ -73,9 +73,14 @@ CONFIGS = {
     "w4a4-static group 32": {"recipe": "w4a4-static", "group_size": 32},
     "w4a4 group 32": {"recipe": "w4a4", "group_size": 32},
     # where w4a8's error comes from: its weights alone, its activations and rotations alone
-    "w4a16 group 32 + GPTQ": {"recipe": "w4a16", "group_size": 32, "gptq": True},
+    "w4a16 group 32 + GPTQ": {"recipe": "w4a16", "group_size": 32, "gptq": True,
+                              "kernels": "cpu"},  # "auto" keeps weight-only int4 float on CPU
     "w8a8-static + rotations": {"recipe": "w8a8-static", "rotate": True,
                                 "online_hadamard": True},
+    "w4a8 (rotations) group 32 + GPTQ, no weight clip": {
+        "recipe": "w4a8", "group_size": 32, "gptq": True, "weight_clip": False},
+    "w4a8 (rotations) group 32 + GPTQ, no smooth": {
+        "recipe": "w4a8", "group_size": 32, "gptq": True, "smooth": False},
 }
 
 

@@ -48,14 +48,25 @@ MINILM = {
     "mixed weights <=5 bits, groups of 32, smooth": {
         "recipe": "mixed", "budget": {"weight_bits": 5}, "group_size": 32, "smooth": True,
         "kernels": "cpu"},
+    "mixed weights <=5 bits, groups of 32, smooth, rotations": {
+        "recipe": "mixed", "budget": {"weight_bits": 5}, "group_size": 32, "smooth": True,
+        "rotate": True, "online_hadamard": True, "kernels": "cpu"},
     "mixed a16<=10%, smooth": {"recipe": "mixed", "budget": {"a16": 0.1}, "smooth": True,
                                "kernels": "cpu"},
+    "mixed a16<=10%, smooth, rotations": {"recipe": "mixed", "budget": {"a16": 0.1},
+                                          "smooth": True, "rotate": True,
+                                          "online_hadamard": True, "kernels": "cpu"},
 }
 LLAMAS = {
     "w8a8-static": {"recipe": "w8a8-static", "kernels": "cpu"},
+    "w8a8-static + rotations": {"recipe": "w8a8-static", "rotate": True,
+                                "online_hadamard": True, "kernels": "cpu"},
     "mixed a16<=10%": {"recipe": "mixed", "budget": {"a16": 0.1}, "kernels": "cpu"},
     "mixed a16<=10%, smooth": {"recipe": "mixed", "budget": {"a16": 0.1}, "smooth": True,
                                "kernels": "cpu"},
+    "mixed a16<=10%, smooth, rotations": {"recipe": "mixed", "budget": {"a16": 0.1},
+                                          "smooth": True, "rotate": True,
+                                          "online_hadamard": True, "kernels": "cpu"},
 }
 
 

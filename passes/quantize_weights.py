@@ -1,7 +1,7 @@
 """quantize-weights: every selected linear's weight becomes integers with scales.
 
-What: round-to-nearest, or GPTQ where the recipe or options turn it on and calibration
-gathered the input's Hessian. 8-bit: symmetric per output channel (7-bit, [-64, 63],
+What: round-to-nearest, or GPTQ (columns in act_order) where the recipe or options turn
+it on and calibration gathered the input's Hessian. 8-bit: symmetric per output channel (7-bit, [-64, 63],
 where select-layers narrowed them for this CPU's int8 kernel). 4-bit with integer
 activations (w4a8, w4a4): symmetric per output channel, so the accumulator has one scale
 per channel and dyadic requantization applies; with options["group_size"] (w4a8,
@@ -98,7 +98,9 @@ def quantize_weights(gm: GraphModule, ctx: PassContext) -> PassResult:
             layer.transforms.append("loaded")
         elif use_gptq and hessian is not None and not conv:
             clip = _clip(layer, w, spec, hessian, counters) if use_clip else None
-            qw = gptq_quantize(w, hessian.to(w.device), spec, clip=clip)
+            # columns in order of decreasing Hessian diagonal (GPTQ's act_order, AutoGPTQ's
+            # desc_act): all-MiniLM-L6-v2 w4a8, groups of 32, mean cosine 0.9865 -> 0.9880
+            qw = gptq_quantize(w, hessian.to(w.device), spec, clip=clip, act_order=True)
             counters["gptq"] += 1
             layer.transforms.append("gptq")
         else:
