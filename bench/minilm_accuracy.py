@@ -5,6 +5,8 @@ sentences, and compares mean-pooled sentence embeddings with float: mean / min c
 and nearest-neighbour ranking agreement. Each configuration is a fresh compile.
 
     python bench/minilm_accuracy.py [--out bench/results/minilm-accuracy.json] [--only NAME]
+
+With --only, the file's other results are kept (each result names its machine and day).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import time
 import warnings
 
 import torch
+from _machine import cpu_info
 
 import qcompile
 from qcompile import minilm
@@ -115,6 +118,12 @@ def main() -> None:
     ref = torch.cat([minilm.embed(model, ids, mask)
                      for ids, mask in minilm.batches(tok, evals, 16)])
     results = {}
+    if args.only:  # keep the other configurations' results of an earlier run
+        try:
+            with open(args.out) as f:
+                results = json.load(f).get("results", {})
+        except (FileNotFoundError, json.JSONDecodeError):
+            pass
     for name, options in CONFIGS.items():
         if args.only and name not in args.only:
             continue
@@ -123,6 +132,8 @@ def main() -> None:
         except Exception as exc:  # recorded, never hidden
             results[name] = {"options": options, "error": f"{type(exc).__name__}: {exc}"[:2000]}
         r = results[name]
+        # the file keeps earlier runs' results: each names its machine and day
+        r.update(machine=cpu_info()["capabilities"], date=time.strftime("%Y-%m-%d"))
         if "error" in r:
             print(f"{name:28s} ERROR {r['error'][:200]}")
         else:
