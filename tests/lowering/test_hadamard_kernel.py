@@ -92,3 +92,16 @@ def test_cuda_large(n, dtype):
     ref = hadamard_transform_ref(x, torch.float64)
     rtol = 1e-5 if dtype == torch.float32 else 2 * 2.0**-8
     torch.testing.assert_close(y.double(), ref, atol=_tol(n, x.float()), rtol=rtol)
+
+
+@pytest.mark.parametrize("n", [ops.KRON_MIN_ORDER, 1536, 2048, 1280, 172 * 8])
+def test_cpu_op_two_factor_path_matches_the_reference(n):
+    """From KRON_MIN_ORDER the CPU implementation applies H_n = H_a (x) H_b as two GEMMs:
+    the same transform (float64 reference within float32 rounding), batched and in bf16."""
+    x = torch.randn(3, 7, n, generator=torch.Generator().manual_seed(n))
+    y = ops.hadamard_transform(x, impl="cpu")
+    assert y.shape == x.shape and y.dtype == x.dtype
+    assert (y.double() - hadamard_transform_ref(x, torch.float64)).abs().max() <= _tol(n, x)
+    xb = x.to(torch.bfloat16)
+    torch.testing.assert_close(ops.hadamard_transform(xb, impl="cpu"),
+                               hadamard_transform_ref(xb), atol=1e-5, rtol=2 * 2.0**-8)
