@@ -1,8 +1,8 @@
 """quantize-weights: every selected linear's weight becomes integers with scales.
 
 What: round-to-nearest, or GPTQ (columns in act_order) where the recipe or options turn
-it on and calibration gathered the input's Hessian. 8-bit: symmetric per output channel (7-bit, [-64, 63],
-where select-layers narrowed them for this CPU's int8 kernel). 4-bit with integer
+it on and calibration gathered the input's Hessian. 8-bit: symmetric per output channel
+(7-bit, [-64, 63], where select-layers narrowed them for this CPU's int8 kernel). 4-bit with integer
 activations (w4a8, w4a4): symmetric per output channel, so the accumulator has one scale
 per channel and dyadic requantization applies; with options["group_size"] (w4a8,
 w4a4-static), group-wise with each group's scale its row's times an integer in
