@@ -2,14 +2,13 @@
 
 What: round-to-nearest, or GPTQ (columns in act_order) where the recipe or options turn
 it on and calibration gathered the input's Hessian. 8-bit: symmetric per output channel
-(7-bit, [-64, 63], where select-layers narrowed them for this CPU's int8 kernel). 4-bit with integer
-activations (w4a8, w4a4): symmetric per output channel, so the accumulator has one scale
-per channel and dyadic requantization applies; with options["group_size"] (w4a8,
-w4a4-static), group-wise with each group's scale its row's times an integer in
-1..Layer.group_levels (QuantSpec.group_levels): q times that integer is an int8 value, so
-the GEMM is still one int8 GEMM with one scale per row. 4-bit weight-only (w4a16):
-group-wise, group 128 (one group per row when K is not a multiple of 128; the report says
-so).
+(7-bit, [-64, 63], where select-layers narrowed them for this CPU's int8 kernel). 4-bit
+with integer activations (w4a8, w4a4, w4a4-static, mixed's int4 layers): symmetric per
+output channel, so the accumulator has one scale per channel; with options["group_size"],
+group-wise with each group's scale its row's times an integer in 1..Layer.group_levels
+(QuantSpec.group_levels): q times that integer is an int8 value, so the GEMM is still one
+int8 GEMM with one scale per row. 4-bit weight-only (w4a16): group-wise, group 128 (one
+group per row when K is not a multiple of 128; the report says so).
 With options["weight_clip"], each row's range is first clipped to the ratio whose rounding
 gives the layer the least output error (numerics.weights.clip_search, Hessian-weighted
 where calibration gathered the input's Hessian), for RTN and GPTQ alike.
