@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from torch.testing import FileCheck
 
@@ -86,6 +87,7 @@ def test_report_picture_and_transform_effect(tmp_path):
     assert os.path.getsize(path) > 10_000
 
 
+@pytest.mark.slow  # 12-18 s; the fast tier keeps test_inductor_compiles_the_float_remainder
 def test_inductor_remainder_on_a_transformer():
     """Inductor checks the strides the quantized ops' fake implementations promise."""
     from tests.models.zoo import MODELS

@@ -110,6 +110,7 @@ def test_the_file_holds_tensors_and_json_only(saved):
     assert any(n.endswith("/qweight") for n in names)
 
 
+@pytest.mark.slow  # a second interpreter importing torch and compiling: 15-20 s
 def test_loading_in_another_process(saved, tmp_path):
     path, options, want = saved
     torch.save(want[0], tmp_path / "want.pt")
