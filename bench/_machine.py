@@ -65,3 +65,15 @@ def interleaved(fns: dict, rounds: int, clock) -> dict[str, list[float]]:
             fn()
             times[name].append((clock() - t0) * 1e3)
     return times
+
+
+def earlier_results(path: str) -> dict:
+    """The "results" of an earlier run's JSON at path ({} when there is none): a bench script
+    rerunning some configurations (--only) keeps the others', each naming its machine."""
+    import json
+
+    try:
+        with open(path) as f:
+            return json.load(f).get("results", {})
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}

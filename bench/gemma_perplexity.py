@@ -154,13 +154,7 @@ def main() -> None:
             "torch": torch.__version__, "transformers": transformers.__version__,
             "triton": triton.__version__, "machine": _machine.cpu_info(),
             "date": time.strftime("%Y-%m-%d")}
-    results = {}
-    if args.only:  # keep the other configurations' results of an earlier run
-        try:
-            with open(args.out) as f:
-                results = json.load(f).get("results", {})
-        except (FileNotFoundError, json.JSONDecodeError):
-            pass
+    results = _machine.earlier_results(args.out) if args.only else {}
     for name, options in CONFIGS.items():
         if args.only and name not in args.only:
             continue

@@ -18,7 +18,7 @@ import time
 import warnings
 
 import torch
-from _machine import cpu_info
+from _machine import cpu_info, earlier_results
 
 import qcompile
 from qcompile import minilm
@@ -117,13 +117,7 @@ def main() -> None:
     calib, evals = minilm.sentences()
     ref = torch.cat([minilm.embed(model, ids, mask)
                      for ids, mask in minilm.batches(tok, evals, 16)])
-    results = {}
-    if args.only:  # keep the other configurations' results of an earlier run
-        try:
-            with open(args.out) as f:
-                results = json.load(f).get("results", {})
-        except (FileNotFoundError, json.JSONDecodeError):
-            pass
+    results = earlier_results(args.out) if args.only else {}
     for name, options in CONFIGS.items():
         if args.only and name not in args.only:
             continue
