@@ -252,11 +252,13 @@ MIXED_BUDGET = {"a16": 0.1}
 
 def qc_options(config: str) -> dict:
     """qc-<recipe>[+<flag>...] -> qcompile options; e.g. qc-w8a8+inductor also hands the
-    float remainder of each graph to Inductor (options["inductor"]); qc-mixed runs under
-    MIXED_BUDGET."""
+    float remainder of each graph to Inductor (options["inductor"]), qc-w4a8+g32 groups the
+    int4 weights by 32 (options["group_size"]); qc-mixed runs under MIXED_BUDGET."""
     recipe, *flags = config.removeprefix("qc-").split("+")
     budget = {"budget": MIXED_BUDGET} if recipe == "mixed" else {}
-    return {"recipe": recipe, **budget, **{f: True for f in flags}}
+    groups = {"group_size": int(f[1:]) for f in flags if f[:1] == "g" and f[1:].isdigit()}
+    return {"recipe": recipe, **budget, **groups,
+            **{f: True for f in flags if not (f[:1] == "g" and f[1:].isdigit())}}
 
 
 def known_config(config: str) -> bool:

@@ -84,5 +84,8 @@ def _transformed(old: CalibSite, s: torch.Tensor, z: torch.Tensor | None, spec,
     if old.rows is not None and old.act_error is not None:  # bias correction's activation part
         act_error = activation_error(((old.rows.double() - shift) / s).float(), float(scale),
                                      int(zp), spec)
-    return CalibSite(float(scale), int(zp), (lo, hi), hessian, True, mean=mean,
+    # max |x~|: the 16-bit scale choose-precision offers (without it a smoothed input was
+    # never a 16-bit candidate)
+    absmax = max(abs(float(lo.min())), abs(float(hi.max())))
+    return CalibSite(float(scale), int(zp), (lo, hi), hessian, True, absmax=absmax, mean=mean,
                      act_error=act_error)

@@ -69,6 +69,22 @@ def test_a16_budget_widens_the_costliest_activations_and_runs_them_as_integers()
     assert "mixed precision (budget {'a16': 0.25}" in text and "rank correlation" in text
 
 
+def test_smoothed_inputs_are_16_bit_candidates_too():
+    """With smooth on, the inputs it transformed (sites "in:...@smooth") keep a 16-bit scale,
+    so the a16 budget can widen them (before, a smoothed input was silently no candidate)."""
+    model, cm, make, key = _calibrated({"recipe": "mixed", "budget": {"a16": 0.25},
+                                        "smooth": True, "smooth_alpha": 0.5,
+                                        "sensitivity": "hessian"})
+    with torch.no_grad():
+        cm(*make(1, 7))
+    (plan,) = _plans(cm)[:1]
+    acts = [s["name"] for s in plan.sites if s["kind"] == "act"]
+    assert any(name.endswith("@smooth") for name in acts)
+    wide = [name for name in acts if plan.bits[name] == 16]
+    assert len(wide) == math.floor(0.25 * len(acts)) > 0
+    assert ops.QUANTIZE_INT16 in _targets(cm)
+
+
 @pytest.mark.slow
 def test_weight_bits_budget_runs_int4_weights_and_meets_it():
     model, cm, make, key = _calibrated({"recipe": "mixed", "budget": {"weight_bits": 6},

@@ -49,6 +49,10 @@ def test_smoothed_sites_are_rescaled_from_channel_ranges():
     assert f"{site}@smooth" in calib
     plain, smoothed = calib[site], calib[f"{site}@smooth"]
     assert smoothed.scale < plain.scale / 2  # the outlier's range moved into the weights
+    # its max |x~| too: the symmetric 16-bit scale recipe "mixed" may widen it to
+    lo, hi = smoothed.channel_range
+    assert smoothed.absmax == max(-float(lo.min()), float(hi.max())) < plain.absmax / 2
+    assert smoothed.scale16 == smoothed.absmax / 32767
     # Expected: the graph as smooth left it (1/s folded into the norm); the quantizer of the
     # norm's output, which rewrite-linear places later, reads the new site
     rec = next(r for r in variant.ctx.history if r.name == "smooth-qparams")
