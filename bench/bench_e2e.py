@@ -256,9 +256,13 @@ def qc_options(config: str) -> dict:
     int4 weights by 32 (options["group_size"]); qc-mixed runs under MIXED_BUDGET."""
     recipe, *flags = config.removeprefix("qc-").split("+")
     budget = {"budget": MIXED_BUDGET} if recipe == "mixed" else {}
-    groups = {"group_size": int(f[1:]) for f in flags if f[:1] == "g" and f[1:].isdigit()}
-    return {"recipe": recipe, **budget, **groups,
-            **{f: True for f in flags if not (f[:1] == "g" and f[1:].isdigit())}}
+    opts = {"recipe": recipe, **budget}
+    for f in flags:
+        if f[:1] == "g" and f[1:].isdigit():
+            opts["group_size"] = int(f[1:])
+        else:
+            opts[f] = True
+    return opts
 
 
 def known_config(config: str) -> bool:
