@@ -110,11 +110,11 @@ RECIPES: dict[str, Recipe] = {
                rotate=True, online_hadamard=True, gptq=True, weight_clip=True, observer="mse",
                description="int4 weights (GPTQ), int4 per-tensor static activations (MSE "
                            "ranges), integer-only dyadic requantization, rotations on"),
-        Recipe("mixed", WeightQuant(8), ActQuant(8, dynamic=False), "dyadic",
-               description="static integer-only; each layer's weight bits (int8 / int4) and "
-                           "each activation's (int8 / int16) chosen under options['budget'] "
-                           "by an integer program over measured sensitivities (HAWQ-V3); "
-                           "needs calibration"),
+        Recipe("mixed", WeightQuant(8), ActQuant(8, dynamic=False), "dyadic", smooth=True,
+               description="static integer-only, smoothed as w8a8-static; each layer's "
+                           "weight bits (int8 / int4) and each activation's (int8 / int16) "
+                           "chosen under options['budget'] by an integer program over "
+                           "measured sensitivities (HAWQ-V3); needs calibration"),
         Recipe("float", None, None, None,
                description="capture and canonicalize only; nothing is quantized (debugging)"),
     )

@@ -211,8 +211,8 @@ def test_a_16_bit_input_slower_than_float_on_this_cpu_runs_its_layer_in_float():
     assert torch.nn.functional.cosine_similarity(y.flatten(), model(x).flatten(), 0) > 0.99
     rep = qcompile.report(cm)
     (plan,) = _plans(cm)
-    (wide,) = [n for n, b in plan.bits.items() if b == 16]
-    layer = wide.removeprefix("in:")
+    (wide,) = [s for s in plan.sites if plan.bits[s["name"]] == 16]
+    (layer,) = wide["layers"]
     rec = next(r for r in rep.layers if r.name == layer)
     assert not rec.quantized and "runs in float32" in rec.reason
     assert rec.detail["precision"] == "w8afloat"
