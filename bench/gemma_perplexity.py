@@ -51,6 +51,10 @@ CONFIGS = {
     # whole k-quant blocks of 32 or sits inside one: none avoids the alignment
     "w4a8, group 128": {"recipe": "w4a8", "group_size": 128},
     "w4a8, group 32": {"recipe": "w4a8", "group_size": 32},
+    # what makes groups of 32 lose end to end (their weights are closer to float)
+    "w4a8, group 32, no smooth": {"recipe": "w4a8", "group_size": 32, "smooth": False},
+    "w4a8, group 32, no weight clip": {"recipe": "w4a8", "group_size": 32,
+                                       "weight_clip": False},
     "w4a4": {"recipe": "w4a4"},
     "w4a4, group 32": {"recipe": "w4a4", "group_size": 32},
     "w4a16": {"recipe": "w4a16"},
