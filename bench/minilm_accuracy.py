@@ -75,6 +75,8 @@ CONFIGS = {
         "recipe": "w4a8", "group_size": 32, "gptq": True, "bias_correction": True},
     "w4a4-static group 32": {"recipe": "w4a4-static", "group_size": 32},
     "w4a4 group 32": {"recipe": "w4a4", "group_size": 32},
+    "w4a4 group 16": {"recipe": "w4a4", "group_size": 16},
+    "w4a8 (rotations) group 16 + GPTQ": {"recipe": "w4a8", "group_size": 16, "gptq": True},
     # where w4a8's error comes from: its weights alone, its activations and rotations alone
     "w4a16 group 32 + GPTQ": {"recipe": "w4a16", "group_size": 32, "gptq": True,
                               "kernels": "cpu"},  # "auto" keeps weight-only int4 float on CPU

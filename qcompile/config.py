@@ -95,10 +95,14 @@ RECIPES: dict[str, Recipe] = {
         Recipe("w4a16", WeightQuant(4, group_size=128), None, None, weight_clip=True,
                description="int4 group-wise (128) weights, each row's range clipped where "
                            "that cuts its error, float activations"),
+        # smooth off: on Gemma 3 270M with int4 groups of 32 it took perplexity from 1.18x
+        # float to 1.64x (each group's migration is chosen by that group's own output error,
+        # blind to what follows); on all-MiniLM-L6-v2 w4a8 it moved the cosine by < 0.0001
         Recipe("w4a8", WeightQuant(4), ActQuant(8, dynamic=False), "dyadic", rotate=True,
-               online_hadamard=True, smooth=True, weight_clip=True,
-               description="int4 per-channel weights (rows clipped by their output error), "
-                           "int8 static activations, rotations and smooth on"),
+               online_hadamard=True, weight_clip=True,
+               description="int4 per-channel weights (rows clipped by their output error; "
+                           "groups with options group_size), int8 static activations, "
+                           "rotations on"),
         Recipe("w4a4", WeightQuant(4), ActQuant(4, dynamic=True), "float", rotate=True,
                online_hadamard=True, gptq=True, smooth=True, weight_clip=True,
                activation_clip=DEFAULT_ACTIVATION_CLIP,
