@@ -45,6 +45,7 @@ CONFIGS = {
     # the searched shift and scale (smooth) on the calibration-free default: needs calibration
     "w8a8, smooth": {"recipe": "w8a8", "smooth": True},
     "w8a8-static": {"recipe": "w8a8-static"},
+    "w8a8-static, no smooth": {"recipe": "w8a8-static", "smooth": False},
     "w4a8": {"recipe": "w4a8"},
     # group-wise int4 on the row's integer grid (integer-only). Every K of Gemma 3 270M (640,
     # 1024, 2048) is a multiple of 128, so every group size that divides them all holds
