@@ -98,11 +98,14 @@ RECIPES: dict[str, Recipe] = {
         # smooth off: on Gemma 3 270M with int4 groups of 32 it took perplexity from 1.18x
         # float to 1.64x (each group's migration is chosen by that group's own output error,
         # blind to what follows); on all-MiniLM-L6-v2 w4a8 it moved the cosine by < 0.0001
-        Recipe("w4a8", WeightQuant(4), ActQuant(8, dynamic=False), "dyadic", rotate=True,
-               online_hadamard=True, weight_clip=True,
-               description="int4 per-channel weights (rows clipped by their output error; "
-                           "groups with options group_size), int8 static activations, "
-                           "rotations on"),
+        # groups of 32 (torchao's int8-activation int4-weight default): all-MiniLM-L6-v2
+        # 0.9789 mean cosine against 0.9724 per channel; Gemma 3 270M 1.18x float
+        # perplexity against 1.39x; the same int8 GEMM on CPU (q * mult is int8)
+        Recipe("w4a8", WeightQuant(4, group_size=32), ActQuant(8, dynamic=False), "dyadic",
+               rotate=True, online_hadamard=True, weight_clip=True,
+               description="int4 weights in groups of 32 along K, each group's scale the "
+                           "row's times an integer (rows clipped by their output error), "
+                           "int8 static activations, rotations on"),
         Recipe("w4a4", WeightQuant(4), ActQuant(4, dynamic=True), "float", rotate=True,
                online_hadamard=True, gptq=True, smooth=True, weight_clip=True,
                activation_clip=DEFAULT_ACTIVATION_CLIP,
@@ -170,7 +173,7 @@ class Options:
     # times an integer in 1..16,
     # 1..8 where the CPU's int8 route needs 7-bit weights, so the GEMM stays one int8 GEMM
     # with one scale per row); a K it does not divide: per channel, said in the report;
-    # None: the recipe's (w4a16 128, the others per channel)
+    # None: the recipe's (w4a16 128, w4a8 32, the others per channel)
     group_size: int | None = None
     # per-token dynamic int4 activations (recipe w4a4) are quantized with the range at this
     # fraction of each row's absmax, in (0, 1]; 1.0: no clipping; None: the recipe's
