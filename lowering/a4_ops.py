@@ -76,7 +76,7 @@ from qcompile.lowering.ops import (
     _rows,
     dynamic_epilogue,
     gemm_op,
-    grouped_int4_values,
+    grouped_weight,
 )
 from qcompile.lowering.registry import on_cpu, quantized_op
 from qcompile.numerics import specs
@@ -275,8 +275,8 @@ def _(x, w, mult, w_scale, bias, clip):
 
 
 def _linear_a4w4_grouped(name, x, w, mult, w_scale, bias, clip, origin=""):
-    w = grouped_int4_values(w, mult) if w.dtype == torch.uint8 else w  # else prepared
-    return linear_a4w4_dynamic.run(name, (x, w, w_scale, bias, clip), origin)
+    return linear_a4w4_dynamic.run(name, (x, grouped_weight(w, mult), w_scale, bias, clip),
+                                   origin)
 
 
 for _name, _impl in linear_a4w4_dynamic.impls.items():

@@ -533,6 +533,9 @@ def _(x, w, bias, zp_term, q, shift, out_zp, qmin, qmax, origin=""):
     return y.reshape(*x.shape[:-1], w.shape[0])
 
 
+GROUP_MULT_MAX = 16  # -8 * 16 = -128: the products of int4 values stay int8
+
+
 def grouped_int4_values(w: Tensor, mult: Tensor) -> Tensor:
     """int8 [N, K]: linear_w4a8_grouped's integer weight, each int4 value of w (packed,
     uint8 [N, K // 2]) times its group's multiplier in mult (int8 [N, K // g], 1..16)."""
@@ -554,20 +557,22 @@ def grouped_int4_values(w: Tensor, mult: Tensor) -> Tensor:
     return (q.to(torch.int16) * m).to(torch.int8)
 
 
-GROUP_MULT_MAX = 16  # -8 * 16 = -128: the products of int4 values stay int8
+def grouped_weight(w: Tensor, mult: Tensor) -> Tensor:
+    """The int8 values of a grouped int4 weight given packed (expanded here) or as
+    `_grouped_weights` prepared it (int8 [N, K], as it is)."""
+    return grouped_int4_values(w, mult) if w.dtype == torch.uint8 else w
 
 
 def _grouped_weights(args: dict) -> dict:
     """Once, at lowering: the grouped int4 weight as its int8 values q * mult, which every
     int8 GEMM route multiplies as it is (the same integers as the reference's)."""
-    w = args["w"]
-    return {"w": grouped_int4_values(w, args["mult"])} if w.dtype == torch.uint8 else {}
+    return {"w": grouped_weight(args["w"], args["mult"])}
 
 
 def _linear_grouped(backend, x, w, mult, bias, zp_term, q, shift, out_zp, qmin, qmax,
                     origin=""):
-    w = grouped_int4_values(w, mult) if w.dtype == torch.uint8 else w  # else prepared
-    return _linear_requant(backend, x, w, bias, zp_term, q, shift, out_zp, qmin, qmax, origin)
+    return _linear_requant(backend, x, grouped_weight(w, mult), bias, zp_term, q, shift,
+                           out_zp, qmin, qmax, origin)
 
 
 @quantized_op

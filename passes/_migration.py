@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from qcompile.numerics.specs import SCALE_EPS, QuantSpec, compute_qparams
-from qcompile.numerics.weights import leveled_scales
+from qcompile.numerics.weights import on_row_grid
 
 ALPHAS = (0.25, 0.5, 0.75)  # SmoothQuant's migration strengths among the candidates
 STEPS = 12  # OS+ thresholds t between max r and median r
@@ -72,8 +72,7 @@ def weight_quantizer(spec: QuantSpec) -> WeightQuantizer:
             w.shape[0], -1, spec.group_size)  # [N, K // g, g]
         scale = (g.abs().amax(-1, keepdim=True) / spec.qmax).clamp(min=SCALE_EPS)
         if spec.group_levels is not None:  # [N, G, 1]
-            row = scale.amax(dim=1)[:, 0] / spec.group_levels
-            scale = leveled_scales(scale[..., 0], row, spec.group_levels)[..., None]
+            scale = on_row_grid(scale[..., 0], spec.group_levels)[0][..., None]
         return ((g / scale).round().clamp(spec.qmin, spec.qmax) * scale).reshape(w.shape)
     return quantize
 

@@ -157,7 +157,8 @@ def _fake_quant(gm: GraphModule, ctx: PassContext, sites: list[sens.Site]) -> se
         if s.kind != "weight":
             continue
         w = get_constant(gm, s.node).detach().float()
-        w = w.reshape(w.shape[0], -1)
+        shape = w.shape
+        w = w.reshape(shape[0], -1)
         layer = selected.get(s.layers[0])
         default = (layer.weight_bits if layer is not None else None) or 8
         for b in s.candidates:
@@ -166,8 +167,7 @@ def _fake_quant(gm: GraphModule, ctx: PassContext, sites: list[sens.Site]) -> se
             spec = weight_spec_for(ctx, w.shape[1], bits,
                                    layer.group_levels if layer is not None else None)[0]
             qw = quantize_weight_rtn(w, spec)
-            weights[(s.name, b)] = qw.dequantize().reshape(
-                get_constant(gm, s.node).shape).to(w.dtype)
+            weights[(s.name, b)] = qw.dequantize().reshape(shape).to(w.dtype)
 
     def act(name: str, bits: int, x: torch.Tensor) -> torch.Tensor:
         site = calib[name]

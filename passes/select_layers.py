@@ -35,7 +35,7 @@ from qcompile.lowering import cpu_routes
 from qcompile.lowering.reference import MAX_SAFE_K
 from qcompile.pass_manager import PassContext, PassResult, graph_pass
 from qcompile.passes.calibrate_qparams import loaded_quantization
-from qcompile.passes.quantize_weights import GROUP_LEVELS
+from qcompile.passes.quantize_weights import GROUP_LEVELS, weight_spec_for
 from qcompile.sites import is_conv, is_linear, layer_kind, layer_name
 
 
@@ -61,14 +61,19 @@ def input_rows(node: Node) -> int:
                      for d in shape)
 
 
+def _narrow_range(ctx: PassContext, narrow) -> tuple[int, int] | None:
+    """The integer weight range the layers keep to: `narrow` (what this CPU's fast exact
+    kernel needs, or None), as option narrow_weights overrides it."""
+    if ctx.options.narrow_weights is True and narrow is None:
+        return cpu_routes.SEVEN_BIT
+    return None if ctx.options.narrow_weights is False else narrow
+
+
 def _narrow_weights(ctx: PassContext, layer: ann.Layer, rec, narrow, kernel: str) -> None:
     """8-bit weights in `narrow` ([-64, 63]: 7 bits) where this CPU's fast exact `kernel`
     needs them, or as option narrow_weights says; the report says so."""
     opts = ctx.options
-    if opts.narrow_weights is True and narrow is None:
-        narrow = cpu_routes.SEVEN_BIT
-    if opts.narrow_weights is False:
-        narrow = None
+    narrow = _narrow_range(ctx, narrow)
     if narrow is not None and opts.recipe_obj.weight.bits == 8:
         layer.weight_bits = narrow[1].bit_length() + 1
         rec.detail["weights"] = (f"{layer.weight_bits}-bit, the exact range of this CPU's "
@@ -97,8 +102,10 @@ def _cpu_plan(ctx: PassContext, node: Node, layer: ann.Layer, rec, saved) -> str
     n, k = node.args[1].meta["val"].shape
     top = 1 << ((layer.weight_bits or bits) - 1)
     span = (-top, top - 1)
-    if _leveled_groups(ctx, k):
-        span = _group_levels(ctx, layer, rec, narrow)
+    if weight_spec_for(ctx, k, 4)[0].group_levels is not None:  # int4 layers in groups
+        grouped = _group_levels(ctx, layer, rec, narrow)
+        # recipe mixed: a layer may stay 8-bit, whose span covers the groups' one
+        span = grouped if bits == 4 else span
     if opts.kernels not in ("auto", "cpu"):
         return None
     if recipe.act is None:  # weight-only: no int8 GEMM
@@ -110,23 +117,13 @@ def _cpu_plan(ctx: PassContext, node: Node, layer: ann.Layer, rec, saved) -> str
     return plan.reason if not plan.fast and opts.kernels == "auto" else None
 
 
-def _leveled_groups(ctx: PassContext, k: int) -> bool:
-    """Whether a linear of this K gets group-wise int4 weights on its row's grid
-    (options group_size with integer activations; quantize-weights' weight_spec_for)."""
-    g, recipe = ctx.options.weight_group_size, ctx.options.recipe_obj
-    return g is not None and recipe.act is not None and k % g == 0
-
-
 def _group_levels(ctx: PassContext, layer: ann.Layer, rec, narrow) -> tuple[int, int]:
     """The integer group multipliers' bound (Layer.group_levels): 16, so q * multiplier
     spans int8, or where this CPU's fast exact int8 kernel needs narrower weights (or the
     option narrow_weights says so) the most that keeps q * multiplier inside them. The
     integer weights' span, for the route plan."""
     opts = ctx.options
-    if opts.narrow_weights is True and narrow is None:
-        narrow = cpu_routes.SEVEN_BIT
-    if opts.narrow_weights is False:
-        narrow = None
+    narrow = _narrow_range(ctx, narrow)
     qmin, qmax = -8, 7
     levels = GROUP_LEVELS
     if narrow is not None:

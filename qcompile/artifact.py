@@ -71,12 +71,7 @@ class GraphVariant:
         gm = copy_graph_module(source_gm)
         for node in gm.graph.nodes:
             node.meta["qc_pass"] = "capture"
-        compile_steps = _until(steps(options, "compile"), options.stop_after)
-        manager = PassManager([s.fn for s in compile_steps], ctx)
-        for step in compile_steps:
-            gm = manager.run_one(step.fn, gm)
-            if step.snapshot:  # a copy the finalize phase reads (pipeline.py says which)
-                ctx.analysis[step.snapshot] = copy_graph_module(gm)
+        gm = _run_steps(_until(steps(options, "compile"), options.stop_after), ctx, gm)
         self.gm = gm
         self.ctx = ctx
         frozen = ctx.frozen
@@ -119,12 +114,7 @@ class GraphVariant:
         # one after it (pipeline.py's snapshot), whose layers' outputs it rescaled
         self.ctx.analysis["float_gm"] = copy_graph_module(self.gm)
         self.ctx.analysis["sample_inputs"] = self.sample
-        finalize_steps = steps(self.options, "finalize")
-        manager = PassManager([s.fn for s in finalize_steps], self.ctx)
-        for step in finalize_steps:
-            self.gm = manager.run_one(step.fn, self.gm)
-            if step.snapshot:
-                self.ctx.analysis[step.snapshot] = copy_graph_module(self.gm)
+        self.gm = _run_steps(steps(self.options, "finalize"), self.ctx, self.gm)
         for key in ["float_gm", "sample_inputs"] + [s.snapshot for s in steps(self.options)
                                                     if s.snapshot]:
             self.ctx.analysis.pop(key, None)
@@ -457,6 +447,17 @@ _UNSUPPORTED = {"conv1d": "convolution", "conv2d": "convolution", "conv3d": "con
                 "conv_transpose1d": "transposed convolution",
                 "conv_transpose2d": "transposed convolution", "bmm": "batched matmul",
                 "baddbmm": "batched matmul", "einsum": "einsum"}
+
+
+def _run_steps(run: list[Step], ctx: PassContext, gm: GraphModule) -> GraphModule:
+    """The steps' passes on gm, in order, keeping a copy of the graph after each step that
+    names a snapshot (pipeline.py says which, and which later pass reads it)."""
+    manager = PassManager([s.fn for s in run], ctx)
+    for step in run:
+        gm = manager.run_one(step.fn, gm)
+        if step.snapshot:
+            ctx.analysis[step.snapshot] = copy_graph_module(gm)
+    return gm
 
 
 def _until(compile_steps: list[Step], stop_after: str | None) -> list[Step]:

@@ -159,8 +159,15 @@ def _clipped_qparams(w: torch.Tensor, spec: QuantSpec, clip: torch.Tensor | None
         scale, zero_point = compute_qparams(lo * c, hi * c, spec)
     if spec.group_levels is None:
         return scale, zero_point, None
-    row = scale.amax(dim=1) / spec.group_levels
-    return leveled_scales(scale, row, spec.group_levels), zero_point, row
+    leveled, row = on_row_grid(scale, spec.group_levels)
+    return leveled, zero_point, row
+
+
+def on_row_grid(scale: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(group scales [N, G] on their row's grid, the row scales [N]): each row's scale is
+    its largest group scale over `levels` (leveled_scales)."""
+    row = scale.amax(dim=1) / levels
+    return leveled_scales(scale, row, levels), row
 
 
 def leveled_scales(scale: torch.Tensor, row: torch.Tensor, levels: int) -> torch.Tensor:
