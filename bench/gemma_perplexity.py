@@ -61,9 +61,11 @@ CONFIGS = {
     "w4a16": {"recipe": "w4a16"},
     # a CPU without VNNI runs int8 with 7-bit weights ([-64, 63]); this shows what that costs
     "w8a8, 8-bit weights": {"recipe": "w8a8", "narrow_weights": False},
+    # integer-only with at most 10% of the quantized activation sites at 16 bits (smooth on)
+    "mixed a16<=10%": {"recipe": "mixed", "budget": {"a16": 0.1}},
 }
 # the targets: perplexity at most this many times float's
-TARGETS = {"w8a8": 1.02, "w8a8-static": 1.02, "w4a8": 1.05, "w4a4": 1.15}
+TARGETS = {"w8a8": 1.02, "w8a8-static": 1.02, "w4a8": 1.05, "w4a4": 1.15, "mixed": 1.01}
 
 
 def token_windows(tokenizer) -> tuple[torch.Tensor, torch.Tensor]:

@@ -86,6 +86,18 @@ CONFIGS = {
         "recipe": "w4a8", "group_size": 32, "gptq": True, "weight_clip": False},
     "w4a8 (rotations) group 32 + GPTQ, no smooth": {
         "recipe": "w4a8", "group_size": 32, "gptq": True, "smooth": False},
+    "w4a16 group 32 + GPTQ + rotations": {"recipe": "w4a16", "group_size": 32, "gptq": True,
+                                          "rotate": True, "online_hadamard": True,
+                                          "kernels": "cpu"},
+    "w4a16 group 16 + GPTQ + rotations": {"recipe": "w4a16", "group_size": 16, "gptq": True,
+                                          "rotate": True, "online_hadamard": True,
+                                          "kernels": "cpu"},
+    # block-wise learned clip ratios and shifts / scales (passes/learn_transforms.py)
+    "w4a8 (rotations) group 32 + GPTQ + learn": {
+        "recipe": "w4a8", "group_size": 32, "gptq": True, "learn": True},
+    "w4a8 (rotations) group 32 + learn": {"recipe": "w4a8", "group_size": 32, "learn": True},
+    "w4a16 group 32 + GPTQ + learn": {"recipe": "w4a16", "group_size": 32, "gptq": True,
+                                      "learn": True, "kernels": "cpu"},
 }
 
 

@@ -855,6 +855,15 @@ def _dense_t(n: int, device: str) -> Tensor:
         device=device, dtype=torch.float32)
 
 
+def _hadamard_backward(ctx, grad: Tensor) -> Tensor:
+    """y = x (H_n / sqrt(n))^T, so dL/dx = dL/dy (H_n / sqrt(n)): learn-transforms fits
+    parameters through the online rotations."""
+    return (grad.float() @ _dense_t(grad.shape[-1], str(grad.device)).T).to(grad.dtype)
+
+
+torch.library.register_autograd("qcompile::hadamard_transform", _hadamard_backward)
+
+
 # From this order on the CPU applies H_n = H_a (x) H_b as two GEMMs of n * (a + b)
 # multiply-adds a row instead of one of n * n. Measured (4096 rows, 2-core Xeon, AVX512):
 # n = 384 dense 21 ms, two factors 35 ms; 768: 50 / 38 ms; 1536: 221 / 49 ms; 4096:

@@ -48,6 +48,8 @@ class CalibSite:
     # what smooth chose for the linears reading this input (saved with the quantization, so
     # a loaded model needs no rows to redo the search)
     migration: Migration | None = None
+    # what learn-transforms learned for them after that (saved likewise)
+    learned: Migration | None = None
 
     @property
     def scale16(self) -> float | None:

@@ -7,11 +7,13 @@ for attention, on q, k and v ("attn:<v layer>:q|k|v"); for a residual add of a q
 layer's output and another quantized activation, on the sum ("add:<layer>"; after a ReLU
 that reads only the sum, as for a convolution). Which statistics each keeps depends on the
 options: a range observer (options.observer, else the recipe's) always; per-channel
-min/max when smoothing is on (SmoothQuant needs max|X_j|); the Hessian X^T X when GPTQ or
-weight clipping is on; when bias correction is on, on linear inputs, the per-channel mean
-E[x_j] and (static activations) a uniform sample of SAMPLE_ROWS rows, whose rounding error
-is measured once the scale is known; the mean and the row sample also when smoothing
-searches each layer's shift and scale (the sample is what it measures the candidates on).
+min/max when smoothing or the learned transforms are on (the ranges of their shifted and
+scaled activations come from these), with the per-channel mean for learning; the Hessian
+X^T X when GPTQ or weight clipping is on; when bias correction is on, on linear inputs,
+the per-channel mean E[x_j] and (static activations) a uniform sample of SAMPLE_ROWS
+rows, whose rounding error is measured once the scale is known; the mean and the row
+sample also when smoothing searches each layer's shift and scale (the sample is what it
+measures the candidates on).
 Observers are identity functions in the graph: the model computes in float while
 calibrating. They store into the model's ModelState (ctx.state), keyed by site, so every
 graph of the model and every recompile shares them.
@@ -94,7 +96,7 @@ def _observe(gm: GraphModule, ctx: PassContext, node: Node, site: str, kinds: tu
 
 def _input_kinds(ctx: PassContext) -> tuple[str, ...]:
     kinds = ["range"]
-    if ctx.options.transform_on("smooth"):
+    if _rescales(ctx):
         kinds.append("channels")
     if ctx.options.transform_on("gptq") or ctx.options.transform_on("weight_clip"):
         kinds.append("hessian")
@@ -105,7 +107,15 @@ def _input_kinds(ctx: PassContext) -> tuple[str, ...]:
             kinds.append("sample")
     if ctx.options.smooth_search:  # rows to measure each candidate's output error on; the
         kinds += [k for k in ("mean", "sample") if k not in kinds]  # mean: a shifted Hessian
+    if ctx.options.transform_on("learn") and "mean" not in kinds:
+        kinds.append("mean")  # a learned shift moves the Hessian by the mean
     return tuple(kinds)
+
+
+def _rescales(ctx: PassContext) -> bool:
+    """Whether smooth or the learned transforms may shift and scale activations per channel
+    (their new ranges come from per-channel ones)."""
+    return ctx.options.transform_on("smooth") or ctx.options.transform_on("learn")
 
 
 @graph_pass("insert-observers", requires=("select-layers",))
@@ -124,7 +134,7 @@ def insert_observers(gm: GraphModule, ctx: PassContext) -> PassResult:
             counters["inputs"] += _observe(gm, ctx, x, f"in:{layer}", kinds, "input")
         if static:
             # smoothing may fold 1/s into this linear's output rows: keep channel ranges
-            out_kinds = ("range", "channels") if ctx.options.transform_on("smooth") else ("range",)
+            out_kinds = ("range", "channels") if _rescales(ctx) else ("range",)
             out = node
             if is_conv(node):
                 out_kinds = ("range",)

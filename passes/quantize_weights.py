@@ -11,7 +11,8 @@ int8 GEMM with one scale per row. 4-bit weight-only (w4a16): group-wise, group 1
 group per row when K is not a multiple of 128; the report says so).
 With options["weight_clip"], each row's range is first clipped to the ratio whose rounding
 gives the layer the least output error (numerics.weights.clip_search, Hessian-weighted
-where calibration gathered the input's Hessian), for RTN and GPTQ alike.
+where calibration gathered the input's Hessian), for RTN and GPTQ alike; a layer whose
+clip ratios learn-transforms learned (Layer.clip) uses those instead.
 Pre: select-layers (and calibrate-qparams when GPTQ or weight clipping is on).
 A model given a saved quantization (qcompile.load) takes each layer's weight from it.
 Post: each selected linear's Layer annotation holds its numerics.weights.QuantizedWeight.
@@ -96,7 +97,7 @@ def quantize_weights(gm: GraphModule, ctx: PassContext) -> PassResult:
             counters["loaded"] += 1
             layer.transforms.append("loaded")
         elif use_gptq and hessian is not None and not conv:
-            clip = _clip(layer, w, spec, hessian, counters) if use_clip else None
+            clip = _clip(layer, w, spec, hessian, counters, selected, use_clip)
             # columns in order of decreasing Hessian diagonal (GPTQ's act_order, AutoGPTQ's
             # desc_act): all-MiniLM-L6-v2 w4a8, groups of 32, mean cosine 0.9865 -> 0.9880
             qw = gptq_quantize(w, hessian.to(w.device), spec, clip=clip, act_order=True)
@@ -106,8 +107,8 @@ def quantize_weights(gm: GraphModule, ctx: PassContext) -> PassResult:
             if use_gptq:
                 layer.detail["gptq"] = ("a convolution: round-to-nearest" if conv else
                                         "no Hessian was gathered: round-to-nearest")
-            clip = _clip(layer, w, spec, None if conv else hessian, counters) \
-                if use_clip else None
+            clip = _clip(layer, w, spec, None if conv else hessian, counters, selected,
+                         use_clip)
             qw = quantize_weight_rtn(w, spec, clip=clip)
             counters["rtn"] += 1
         selected.qweight = qw
@@ -118,16 +119,20 @@ def quantize_weights(gm: GraphModule, ctx: PassContext) -> PassResult:
     return PassResult(gm, modified=False, counters=counters)
 
 
-def _clip(layer, w: torch.Tensor, spec, hessian, counters) -> torch.Tensor | None:
-    """Each row's clip ratio (numerics.weights.clip_search), with what it weighed in the
-    layer's detail; None for a per-tensor weight."""
-    if spec.granularity == "per_tensor":
+def _clip(layer, w: torch.Tensor, spec, hessian, counters, selected: ann.Layer,
+          search: bool) -> torch.Tensor | None:
+    """Each row's clip ratio: learned (learn-transforms), else searched where `search`
+    (numerics.weights.clip_search), with what it weighed in the layer's detail; None for a
+    per-tensor weight or neither."""
+    learned = selected.clip is not None and selected.clip.shape == (w.shape[0],)
+    if spec.granularity == "per_tensor" or not (learned or search):
         return None
-    clip = clip_search(w, spec, hessian)
+    clip = selected.clip.float() if learned else clip_search(w, spec, hessian)
     clipped = int((clip < 1).sum())
     counters["clipped_rows"] += clipped
     layer.detail["weight_clip"] = (
         f"{clipped} of {clip.numel()} rows clipped (mean ratio {float(clip.mean()):.3f}), "
-        + ("by the Hessian-weighted output error" if hessian is not None else
+        + ("learned against the block's output error" if learned else
+           "by the Hessian-weighted output error" if hessian is not None else
            "by the weight's squared error (no calibration Hessian)"))
     return clip

@@ -154,18 +154,42 @@ def _normalizes_last_dim_only(norm: Node) -> bool:
     return isinstance(shape, (list, tuple)) and len(shape) == 1
 
 
-def _fold_producer(ed: WeightEditor, x: Node, linears: list[Node], m: Migration) -> str | None:
-    """Make what produces x compute (x - z) / s; returns how, or None when nothing can."""
+def absorber(x: Node, linears: list[Node], shifted: bool) -> tuple[str, Node] | None:
+    """What can make x's values (x - z) / s for these linears, its readers: ("norm", the
+    norm), ("linear", the linear producing x) or ("gated linear", the linear factor of a
+    gated product; no shift), else None (only an explicit op could)."""
     p = last_dim_producer(x)
-    s, z = m.scale, m.shift
-    shift = torch.zeros_like(s) if z is None else z
-    k = s.shape[0]
+    k = last_size(x)
     if not _exclusive(p, linears) or last_size(p) != k:
         return None
-    smoothed = ann.Smoothed(s, shift=z)
     if is_call(p, *NORMS) and _normalizes_last_dim_only(p) and (
-            z is None or p.target is F.layer_norm):
-        ann.put(x, smoothed)  # x's values are now (x - z) / s (smooth-qparams rescales)
+            not shifted or p.target is F.layer_norm):
+        return "norm", p
+    if is_call(p, F.linear):
+        return "linear", p
+    if not shifted and is_call(p, operator.mul, torch.mul) and all(
+            isinstance(a, Node) for a in p.args):
+        for factor in p.args:
+            f = last_dim_producer(factor)
+            if is_call(f, F.linear) and last_size(f) == k and all(
+                    u is p for u, _ in last_dim_consumers(f)) and (
+                    tensor_val(factor).shape == tensor_val(p).shape):
+                return "gated linear", f
+    return None
+
+
+def fold_producer(ed: WeightEditor, x: Node, linears: list[Node], m: Migration) -> str | None:
+    """Make what produces x compute (x - z) / s (absorber); returns how, or None when
+    nothing can. x (and a linear that absorbed it) carry Smoothed(s, shift=z) after."""
+    found = absorber(x, linears, m.shift is not None)
+    if found is None:
+        return None
+    how, p = found
+    s, z = m.scale, m.shift
+    shift = torch.zeros_like(s) if z is None else z
+    smoothed = ann.Smoothed(s, shift=z)
+    ann.put(x, smoothed)  # x's values are now (x - z) / s (smooth-qparams rescales)
+    if how == "norm":
         like = torch.empty(0, dtype=tensor_val(p).dtype, device=tensor_val(p).device)
         gamma = ed.get64(p, 2)
         ed.set(p, 2, (gamma if gamma is not None else torch.ones_like(s)) / s, like=like,
@@ -174,28 +198,13 @@ def _fold_producer(ed: WeightEditor, x: Node, linears: list[Node], m: Migration)
             beta = ed.get64(p, 3) if p.args[3] is not None else torch.zeros_like(s)
             ed.set(p, 3, (beta - shift) / s, like=like,
                    name=f"smooth_{p.name}_bias")
-        return "norm"
-    if is_call(p, F.linear):
-        ann.put(x, smoothed)
+    else:  # a linear's output rows (its bias too), or a gated product's linear factor's
         w, b = linear_params(ed, p)
         if b is None and z is not None:
             b = torch.zeros_like(s)
         set_linear(ed, p, weight=w / s[:, None], bias=None if b is None else (b - shift) / s)
         ann.put(p, smoothed)
-        return "linear"
-    if z is None and is_call(p, operator.mul, torch.mul) and all(
-            isinstance(a, Node) for a in p.args):
-        for factor in p.args:
-            f = last_dim_producer(factor)
-            if is_call(f, F.linear) and last_size(f) == k and all(
-                    u is p for u, _ in last_dim_consumers(f)) and (
-                    tensor_val(factor).shape == tensor_val(p).shape):
-                ann.put(x, smoothed)
-                w, b = linear_params(ed, f)
-                set_linear(ed, f, weight=w / s[:, None], bias=None if b is None else b / s)
-                ann.put(f, smoothed)
-                return "gated linear"
-    return None
+    return how
 
 
 def _explicit(gm: GraphModule, x: Node, linears: list[Node], m: Migration) -> None:
@@ -331,7 +340,7 @@ def smooth(gm: GraphModule, ctx: PassContext) -> PassResult:
                 continue
             ax = torch.stack([a.to(torch.float64) for a in found]).amax(0)
             m = Migration(f"alpha={alpha:g}", smoothing_scales(ax, weights, alpha))
-        how = _fold_producer(ed, x, linears, m)
+        how = fold_producer(ed, x, linears, m)
         if how is None and alpha is None and _integer_producer(ctx, x):
             # an explicit float multiply-add after an op that will produce integers (a
             # quantized attention or layer; integer GELU / LayerNorm) would force a float

@@ -1,8 +1,8 @@
 """smooth-qparams: static activation parameters that smoothing invalidated, recomputed.
 
-What: smooth turns some activations x into (x - z) / s per channel (the input of smoothed
-linears, and the outputs of the producers that absorbed it) and marks those nodes with
-a `Smoothed(s, shift=z)` annotation. Their quantization sites were calibrated before
+What: smooth and learn-transforms turn some activations x into (x - z) / s per channel (the
+input of smoothed linears, and the outputs of the producers that absorbed it) and mark those
+nodes with a `Smoothed(s, shift=z)` annotation. Their quantization sites were calibrated before
 smoothing; with the per-channel ranges [lo_j, hi_j] that calibration kept, the range of
 x~ is exactly [min_j (lo_j - z_j) / s_j, max_j (hi_j - z_j) / s_j] (s > 0). Each such node
 gets a new site "<site>@smooth" with parameters from that range; GPTQ's Hessian becomes
@@ -12,9 +12,10 @@ error is measured again on the transformed rows under the new parameters. The ro
 are dropped here.
 Exact for min-max observers; for MSE and percentile observers the per-channel min-max
 range stands in (the report notes it).
-Pre: smooth, calibrate-qparams (per-channel ranges: insert-observers adds them when
-smoothing is on). Post: every rescaled node's input / output sites name fresh
-parameters; a site without per-channel ranges leaves its layers in float, with a note.
+Pre: calibrate-qparams (per-channel ranges: insert-observers adds them when smoothing or
+learning is on), then smooth and / or learn-transforms. Post: every rescaled node's input /
+output sites name fresh parameters; a site without per-channel ranges leaves its layers
+in float, with a note.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from qcompile.pass_manager import PassContext, PassResult, graph_pass
 from qcompile.passes.calibrate_qparams import CalibSite, activation_error, activation_spec
 
 
-@graph_pass("smooth-qparams", requires=("smooth", "calibrate-qparams"))
+@graph_pass("smooth-qparams", requires=("calibrate-qparams",))
 def smooth_qparams(gm: GraphModule, ctx: PassContext) -> PassResult:
     calib = ctx.analysis.get("calib", {})
     spec = activation_spec(ctx)

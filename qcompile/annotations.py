@@ -78,6 +78,9 @@ class Layer:
     # float64 [N], from bias-correct: the quantized layer's mean output shift on the
     # calibration data, which rewrite-linear adds to the float bias (then the integer bias)
     bias_correction: torch.Tensor | None = None
+    # float32 [N] in (0, 1], from learn-transforms: each weight row's learned clip ratio,
+    # which quantize-weights uses in place of its own clip search
+    clip: torch.Tensor | None = None
 
 
 def weight_transforms(transforms: list[str]) -> tuple[str, ...]:

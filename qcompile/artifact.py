@@ -41,6 +41,7 @@ from qcompile.state import ModelState, state_for_tensors
 
 _GRAPH_IDS = itertools.count()
 MAX_VARIANTS = 4  # weight sets kept compiled per graph (model instances alternating)
+MAX_LEARN_BATCHES = 64  # calibration batches kept for the learned transforms to replay
 
 
 class CalibrationRequiredError(RuntimeError):
@@ -85,6 +86,8 @@ class GraphVariant:
         self.calls_calibrating = 0
         self.run_graph = None  # Inductor's compiled graph, when options["inductor"]
         self.sample = [_concrete(example_inputs[i]) for i in self.live]
+        # every calibration batch's inputs, where the learned transforms replay them
+        self.calib_inputs: list[list] = []
         # the activation sites this graph needs calibration statistics for
         self.sites = _observed_sites(gm)
         self.finalized = False
@@ -114,9 +117,11 @@ class GraphVariant:
         # one after it (pipeline.py's snapshot), whose layers' outputs it rescaled
         self.ctx.analysis["float_gm"] = copy_graph_module(self.gm)
         self.ctx.analysis["sample_inputs"] = self.sample
+        self.ctx.analysis["calib_inputs"] = self.calib_inputs
+        self.calib_inputs = []  # the pass holds them while it needs them
         self.gm = _run_steps(steps(self.options, "finalize"), self.ctx, self.gm)
-        for key in ["float_gm", "sample_inputs"] + [s.snapshot for s in steps(self.options)
-                                                    if s.snapshot]:
+        for key in ["float_gm", "sample_inputs", "calib_inputs"] + [
+                s.snapshot for s in steps(self.options) if s.snapshot]:
             self.ctx.analysis.pop(key, None)
         try:
             self._describe_float_layers()
@@ -267,6 +272,10 @@ class GraphVariant:
             live = [args[i] for i in self.live]
             if not any(isinstance(a, torch.Tensor) and not a.numel() for a in live):
                 self.sample = live  # the last batch with rows, for SQNR
+                if self.options.transform_on("learn") and \
+                        len(self.calib_inputs) < MAX_LEARN_BATCHES:
+                    self.calib_inputs.append([a.detach().clone() if isinstance(
+                        a, torch.Tensor) else a for a in live])
             progress = getattr(self.state, "progress", None)
             if progress is not None:
                 progress.update(self.state.batches)

@@ -49,6 +49,7 @@ class Recipe:
     integer_nonlinear: bool = False
     bias_correction: bool = False
     weight_clip: bool = False
+    learn: bool = False
     observer: str = "minmax"  # activation ranges; MSE clipping matters at 4 bits
     # per-token dynamic int4 activations: the range is this fraction of each row's absmax
     # (QuaRot); None where the recipe has no such activations
@@ -168,6 +169,15 @@ class Options:
     # layer the least output error (Hessian-weighted where calibration gathered one, else
     # the weight's own squared error): numerics.weights.clip_search; None: the recipe's
     weight_clip: bool | None = None
+    # block by block, each quantized linear's weight clip ratios and each linear input's
+    # per-channel scale and shift, learned (Adam, straight-through rounding) to cut the
+    # block's output error against float on the calibration batches, then folded into the
+    # weights (OmniQuant's LWC and LET; passes/learn_transforms.py); needs calibration
+    learn: bool | None = None
+    learn_steps: int = 40  # Adam steps per block (each on one calibration batch)
+    # a cap on the whole pass's seconds: blocks share it equally, the report says where it
+    # cut steps short; None: no cap
+    learn_time_s: float | None = None
     observer: str | None = None  # None: the recipe's (min-max; MSE search for w4a4-static)
     # int4 weights in groups of this many input columns, one scale per group (w4a16: float
     # scales; w4a8 / w4a4 / w4a4-static / mixed's int4 layers: each group's scale its row's
@@ -227,7 +237,7 @@ class Options:
         r = self.recipe_obj
         static_act = r.act is not None and not r.act.dynamic
         return static_act or any(self.transform_on(t) for t in ("gptq", "smooth",
-                                                                 "bias_correction"))
+                                                                 "bias_correction", "learn"))
 
     @property
     def act_clip(self) -> float:
@@ -262,6 +272,8 @@ class Options:
             keys += ("act_clip",)
         if self.group_size is not None:  # likewise: fingerprints without it stay as they were
             keys += ("group_size",)
+        if self.learn:
+            keys += ("learn", "learn_steps", "learn_time_s")
         return ";".join(f"{k}={getattr(self, k)!r}" for k in keys)
 
     @classmethod
@@ -292,6 +304,11 @@ class Options:
             options["skip"] = (skip,) if isinstance(skip, str) else tuple(skip)
         if "kernels" not in options and os.environ.get("QCOMPILE_KERNELS"):
             options["kernels"] = os.environ["QCOMPILE_KERNELS"]
+        tuning = sorted(k for k in ("learn_steps", "learn_time_s") if k in options)
+        if tuning and not options.get("learn"):
+            raise QCompileConfigError(
+                f"option(s) {tuning} tune the learned transforms, which are off: add "
+                f"'learn': True (e.g. {{'recipe': 'w4a8', 'learn': True, 'learn_steps': 40}})")
         opts = cls(**options)
         if mode and mode.startswith("max-autotune"):
             opts.autotune = True
@@ -322,21 +339,36 @@ class Options:
                 f"smooth_alpha must be None (each layer's shift and scale chosen by its output "
                 f"error) or SmoothQuant's alpha, a number in [0, 1]; got {alpha!r}")
         for name in ("smooth", "rotate", "online_hadamard", "gptq", "integer_nonlinear",
-                     "bias_correction", "weight_clip", "narrow_weights", "inductor"):
+                     "bias_correction", "weight_clip", "narrow_weights", "inductor", "learn"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, bool):
                 raise QCompileConfigError(f"option {name!r} takes True/False, got {value!r}")
         self._validate_budget()
         self._validate_activation_clip()
         self._validate_group_size()
+        self._validate_learn()
         if not self.recipe_obj.quantizes:
-            on = [n for n in ("smooth", "rotate", "gptq", "bias_correction", "weight_clip")
+            on = [n for n in ("smooth", "rotate", "gptq", "bias_correction", "weight_clip",
+                              "learn")
                   if getattr(self, n)]
             if on:
                 raise QCompileConfigError(
                     f"recipe 'float' quantizes nothing; options {on} need a quantizing recipe"
                 )
 
+
+    def _validate_learn(self) -> None:
+        steps, cap = self.learn_steps, self.learn_time_s
+        example = "e.g. {'recipe': 'w4a8', 'learn': True, 'learn_steps': 40}"
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise QCompileConfigError(
+                f"learn_steps must be an int >= 1, the Adam steps per block ({example}), got "
+                f"{steps!r}")
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float))
+                                or not cap > 0):
+            raise QCompileConfigError(
+                f"learn_time_s must be None (no cap) or a number of seconds > 0 for the whole "
+                f"learning pass, got {cap!r}")
 
     def _validate_group_size(self) -> None:
         g = self.group_size

@@ -50,6 +50,15 @@ def smooth(o: Options) -> bool:
     return quantizes(o) and o.transform_on("smooth")
 
 
+def learn(o: Options) -> bool:
+    return quantizes(o) and o.transform_on("learn")
+
+
+def rescaled(o: Options) -> bool:
+    """smooth or the learned transforms shift and scale activations per channel."""
+    return smooth(o) or learn(o)
+
+
 def bias_correction(o: Options) -> bool:
     return quantizes(o) and o.transform_on("bias_correction")
 
@@ -113,8 +122,13 @@ PIPELINE: tuple[Step, ...] = (
     Step("smooth", F, smooth,
          "SmoothQuant needs the calibrated max|X_j|, so it runs here, not with the "
          "data-free transforms"),
-    Step("smooth-qparams", F, smooth, "the activation scales smoothing changed, recomputed",
-         snapshot="float_gm"),  # measure-sqnr's float reference: smooth rescaled outputs
+    Step("learn-transforms", F, learn,
+         "clip ratios and shifts / scales fitted block by block to the block's output error: "
+         "starts from smooth's result, and its scales change the activation ranges that "
+         "smooth-qparams recomputes next"),
+    Step("smooth-qparams", F, rescaled,
+         "the activation scales smoothing and learning changed, recomputed",
+         snapshot="float_gm"),  # measure-sqnr's float reference: both rescaled outputs
     Step("choose-precision", F, mixed,
          "each weight's and activation's width under the budget: needs the calibrated "
          "ranges and the final float weights (after smoothing), and decides what "

@@ -178,13 +178,16 @@ def save(model, path: str | os.PathLike) -> str:
                 if getattr(site, key) is not None:
                     tensors[f"site/{name}/{key}"] = getattr(site, key).double()
                     entry[key] = True
-            if site.migration is None and sites.get(name, {}).get("migration"):
-                entry["migration"] = sites[name]["migration"]  # a graph that measured it
-            elif site.migration is not None:  # smooth's choice, measured on rows not saved
-                entry["migration"] = site.migration.label
-                tensors[f"site/{name}/migration_scale"] = site.migration.scale.double()
-                if site.migration.shift is not None:
-                    tensors[f"site/{name}/migration_shift"] = site.migration.shift.double()
+            # smooth's choice (measured on rows not saved) and learn-transforms'
+            for key in ("migration", "learned"):
+                m = getattr(site, key)
+                if m is None and sites.get(name, {}).get(key):
+                    entry[key] = sites[name][key]  # a graph that measured it
+                elif m is not None:
+                    entry[key] = m.label
+                    tensors[f"site/{name}/{key}_scale"] = m.scale.double()
+                    if m.shift is not None:
+                        tensors[f"site/{name}/{key}_shift"] = m.shift.double()
             sites[name] = entry
         for node in art.gm.graph.nodes:
             layer = ann.get(node, ann.Layer)
@@ -270,13 +273,12 @@ def load(model, path: str | os.PathLike) -> Loaded:
         rng = None
         if entry.get("channel_range"):
             rng = (tensors[f"site/{name}/lo"], tensors[f"site/{name}/hi"])
-        migration = None
-        if entry.get("migration") is not None:
-            migration = Migration(entry["migration"], tensors[f"site/{name}/migration_scale"],
-                                  tensors.get(f"site/{name}/migration_shift"))
+        migrations = {key: Migration(entry[key], tensors[f"site/{name}/{key}_scale"],
+                                     tensors.get(f"site/{name}/{key}_shift"))
+                      for key in ("migration", "learned") if entry.get(key) is not None}
         loaded.sites[name] = CalibSite(entry["scale"], entry["zero_point"], rng, None,
                                        entry["seen"], entry.get("absmax"),
-                                       entry.get("bits", 8), migration=migration,
+                                       entry.get("bits", 8), **migrations,
                                        **{key: tensors[f"site/{name}/{key}"]
                                           for key in ("mean", "act_error") if entry.get(key)})
     for name, variants in meta["layers"].items():

@@ -80,6 +80,10 @@ class ModelState:
         # "<options fingerprint>|<site>" -> (Migration, why) that smooth measured for the
         # linears reading the site: a graph compiled later (a new shape) reuses it
         self.migrations: dict[str, Any] = {}
+        # "<options fingerprint>|clip|<layer>" -> learned clip ratios (None: learning kept
+        # nothing) and "<options fingerprint>|let|<site>" -> Migration, from learn-transforms:
+        # a graph compiled later (a new shape) applies them instead of learning again
+        self.learned: dict[str, Any] = {}
         # options fingerprint -> serialize.Loaded: a saved quantization, in place of
         # calibration data (qcompile.load)
         self.loaded: dict[str, Any] = {}

@@ -21,7 +21,7 @@ def test_prerequisites_come_first_with_everything_on():
     opts = Options.from_user(None, {"recipe": "mixed", "budget": {"weight_bits": 5},
                                     "smooth": True, "integer_nonlinear": True, "rotate": True,
                                     "online_hadamard": True, "gptq": True,
-                                    "bias_correction": True})
+                                    "bias_correction": True, "learn": True})
     everything = steps(opts)
     assert [s.name for s in everything] == [s.name for s in PIPELINE]
     PassManager([s.fn for s in everything], PassContext(opts))  # raises on a bad order
