@@ -23,14 +23,20 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.fx import GraphModule
+from torch.fx import GraphModule, Node
 
 from qcompile import annotations as ann
 from qcompile.fx_utils import get_constant, is_call
 from qcompile.lowering.ops import GROUP_MULT_MAX
 from qcompile.numerics.specs import QuantSpec
-from qcompile.numerics.weights import clip_search, gptq_quantize, quantize_weight_rtn
+from qcompile.numerics.weights import (
+    QuantizedWeight,
+    clip_search,
+    gptq_quantize,
+    quantize_weight_rtn,
+)
 from qcompile.pass_manager import PassContext, PassResult, graph_pass
+from qcompile.passes._sequential import sequential_gptq
 from qcompile.passes.calibrate_qparams import loaded_quantization
 from qcompile.sites import is_conv
 
@@ -67,56 +73,111 @@ def weight_spec_for(ctx: PassContext, k: int, bits: int | None = None,
 
 @graph_pass("quantize-weights", requires=("select-layers",))
 def quantize_weights(gm: GraphModule, ctx: PassContext) -> PassResult:
-    counters = {"rtn": 0, "gptq": 0, "loaded": 0, "clipped_rows": 0}
-    calib = ctx.analysis.get("calib", {})
-    loaded = loaded_quantization(ctx)
+    counters = {"rtn": 0, "gptq": 0, "loaded": 0, "clipped_rows": 0, "sequential": 0,
+                "sequential_reused": 0}
+    todo = [n for n in gm.graph.nodes if (is_call(n, F.linear) or is_conv(n))
+            and ann.selected(n) is not None]
+    done: set[Node] = set()
+    if ctx.options.transform_on("gptq") and ctx.options.transform_on("sequential") and \
+            loaded_quantization(ctx) is None:
+        batches = ctx.analysis.get("calib_inputs") or []
+        eligible = [n for n in todo if not is_conv(n)]
+        cache = ctx.state.learned if ctx.state is not None else {}
+        keys = {n: _sequential_key(ctx, n) for n in eligible}
+        if eligible and all(k in cache for k in keys.values()):
+            for n in eligible:  # as the graph of the model that replayed most batches did
+                _quantize_layer(gm, ctx, n, counters, preset=cache[keys[n]])
+                done.add(n)
+            counters["sequential_reused"] = len(eligible)
+        elif batches:
+            def quantize(lin: Node, hessian: torch.Tensor, weight: torch.Tensor
+                         ) -> torch.Tensor:
+                done.add(lin)
+                qw = _quantize_layer(gm, ctx, lin, counters, hessian, weight=weight)
+                cache[keys[lin]] = qw
+                return qw.dequantize()
+
+            counters["sequential"] = sequential_gptq(gm, ctx, batches, set(eligible),
+                                                     quantize)
+        else:
+            ctx.note("quantize-weights: no calibration batch reached this graph, so GPTQ "
+                     "used the float model's Hessians, not the partly quantized model's")
+    for node in todo:
+        if node not in done:
+            _quantize_layer(gm, ctx, node, counters)
+    for key in ("sequential", "sequential_reused"):  # named only where sequential ran
+        if not counters[key]:
+            del counters[key]
+    return PassResult(gm, modified=False, counters=counters)
+
+
+def _sequential_key(ctx: PassContext, node: Node) -> str:
+    name = ann.selected(node).name
+    transforms = ann.weight_transforms(ctx.layer(name, "linear").transforms)
+    return f"{ctx.options.fingerprint()}|gptq|{name}|{transforms}"
+
+
+def _quantize_layer(gm: GraphModule, ctx: PassContext, node: Node, counters: dict,
+                    hessian: torch.Tensor | None = None,
+                    preset: QuantizedWeight | None = None,
+                    weight: torch.Tensor | None = None) -> QuantizedWeight:
+    """node's weight quantized (loaded, GPTQ or RTN) onto its Layer; `hessian`: the input's
+    Hessian sequential GPTQ gathered, in place of calibration's; `preset`: what sequential
+    GPTQ gave this layer in an earlier graph of the model."""
+    conv = is_conv(node)
+    selected = ann.selected(node)
+    w = get_constant(gm, node.args[1]).detach().float() if weight is None else weight
+    w = w.reshape(w.shape[0], -1)  # a conv's [N, C/g, kh, kw] as the GEMM's [N, K]
+    spec, note = weight_spec_for(ctx, w.shape[1], selected.weight_bits,
+                                 selected.group_levels, conv)
+    layer = ctx.layer(selected.name, "linear")
+    if note:
+        layer.detail["weight_groups"] = note
+    sequential = hessian is not None
+    if hessian is None:
+        site = (ctx.analysis.get("calib") or {}).get(ann.site(node.args[0], "input"))
+        hessian = site.hessian if site is not None else None  # q/k/v share one site
     use_gptq = ctx.options.transform_on("gptq")
     use_clip = ctx.options.transform_on("weight_clip")
-    for node in gm.graph.nodes:
-        conv = is_conv(node)
-        selected = ann.selected(node) if is_call(node, F.linear) or conv else None
-        if selected is None:
-            continue
-        w = get_constant(gm, node.args[1]).detach().float()
-        shape = w.shape
-        w = w.reshape(shape[0], -1)  # a conv's [N, C/g, kh, kw] as the GEMM's [N, K]
-        spec, note = weight_spec_for(ctx, w.shape[1], selected.weight_bits,
-                                     selected.group_levels, conv)
-        layer = ctx.layer(selected.name, "linear")
-        if note:
-            layer.detail["weight_groups"] = note
-        site = calib.get(ann.site(node.args[0], "input"))  # q/k/v share one site
-        hessian = site.hessian if site is not None else None
-        selected.qweight_transforms = ann.weight_transforms(layer.transforms)
-        saved = loaded.weight(selected.name, selected.qweight_transforms) if loaded else None
-        if saved is not None:
-            if tuple(saved.qweight.shape) != tuple(w.shape):
-                raise ValueError(f"the loaded weight of {selected.name} is "
-                                 f"{tuple(saved.qweight.shape)}, the layer's {tuple(w.shape)}")
-            qw = saved
-            counters["loaded"] += 1
-            layer.transforms.append("loaded")
-        elif use_gptq and hessian is not None and not conv:
-            clip = _clip(layer, w, spec, hessian, counters, selected, use_clip)
-            # columns in order of decreasing Hessian diagonal (GPTQ's act_order, AutoGPTQ's
-            # desc_act): all-MiniLM-L6-v2 w4a8, groups of 32, mean cosine 0.9865 -> 0.9880
-            qw = gptq_quantize(w, hessian.to(w.device), spec, clip=clip, act_order=True)
-            counters["gptq"] += 1
-            layer.transforms.append("gptq")
-        else:
-            if use_gptq:
-                layer.detail["gptq"] = ("a convolution: round-to-nearest" if conv else
-                                        "no Hessian was gathered: round-to-nearest")
-            clip = _clip(layer, w, spec, None if conv else hessian, counters, selected,
-                         use_clip)
-            qw = quantize_weight_rtn(w, spec, clip=clip)
-            counters["rtn"] += 1
-        selected.qweight = qw
-        if qw.spec.group_levels is not None:
-            layer.detail["weight_groups"] = (
-                f"int4 in groups of {qw.spec.group_size}, each group's scale the row's times "
-                f"an integer in 1..{qw.spec.group_levels}")
-    return PassResult(gm, modified=False, counters=counters)
+    loaded = loaded_quantization(ctx)
+    selected.qweight_transforms = ann.weight_transforms(layer.transforms)
+    saved = loaded.weight(selected.name, selected.qweight_transforms) if loaded else None
+    if preset is not None:
+        qw = preset
+        layer.transforms.append("gptq")
+        layer.detail["gptq"] = ("sequential, as quantized for the graph of the model that "
+                                "replayed the most calibration batches")
+    elif saved is not None:
+        if tuple(saved.qweight.shape) != tuple(w.shape):
+            raise ValueError(f"the loaded weight of {selected.name} is "
+                             f"{tuple(saved.qweight.shape)}, the layer's {tuple(w.shape)}")
+        qw = saved
+        counters["loaded"] += 1
+        layer.transforms.append("loaded")
+    elif use_gptq and hessian is not None and not conv:
+        clip = _clip(layer, w, spec, hessian, counters, selected, use_clip)
+        # columns in order of decreasing Hessian diagonal (GPTQ's act_order, AutoGPTQ's
+        # desc_act): all-MiniLM-L6-v2 w4a8, groups of 32, mean cosine 0.9865 -> 0.9880
+        qw = gptq_quantize(w, hessian.to(w.device), spec, clip=clip, act_order=True)
+        counters["gptq"] += 1
+        layer.transforms.append("gptq")
+        if sequential:
+            layer.detail["gptq"] = ("sequential: the Hessian of its input in the model "
+                                    "quantized up to it, rounded as it runs")
+    else:
+        if use_gptq:
+            layer.detail["gptq"] = ("a convolution: round-to-nearest" if conv else
+                                    "no Hessian was gathered: round-to-nearest")
+        clip = _clip(layer, w, spec, None if conv else hessian, counters, selected,
+                     use_clip)
+        qw = quantize_weight_rtn(w, spec, clip=clip)
+        counters["rtn"] += 1
+    selected.qweight = qw
+    if qw.spec.group_levels is not None:
+        layer.detail["weight_groups"] = (
+            f"int4 in groups of {qw.spec.group_size}, each group's scale the row's times "
+            f"an integer in 1..{qw.spec.group_levels}")
+    return qw
 
 
 def _clip(layer, w: torch.Tensor, spec, hessian, counters, selected: ann.Layer,

@@ -27,6 +27,7 @@ import os
 import threading
 import warnings
 from collections import OrderedDict
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +42,8 @@ from qcompile.state import ModelState, state_for_tensors
 
 _GRAPH_IDS = itertools.count()
 MAX_VARIANTS = 4  # weight sets kept compiled per graph (model instances alternating)
-MAX_LEARN_BATCHES = 64  # calibration batches kept for the learned transforms to replay
+MAX_REPLAY_BATCHES = 64  # calibration batches kept for learning and sequential GPTQ to replay
+MAX_REPLAY_BYTES = 256 << 20  # and at most this much of them
 
 
 class CalibrationRequiredError(RuntimeError):
@@ -86,8 +88,7 @@ class GraphVariant:
         self.calls_calibrating = 0
         self.run_graph = None  # Inductor's compiled graph, when options["inductor"]
         self.sample = [_concrete(example_inputs[i]) for i in self.live]
-        # every calibration batch's inputs, where the learned transforms replay them
-        self.calib_inputs: list[list] = []
+        self.replay = Replay(source_gm, self.live)
         # the activation sites this graph needs calibration statistics for
         self.sites = _observed_sites(gm)
         self.finalized = False
@@ -104,6 +105,13 @@ class GraphVariant:
                    for (i, t), v in zip(self.frozen, self.versions)) and all(
             float(args[i]) == value for i, value in self.scalars)
 
+    def replayable(self) -> int:
+        """How many kept calibration batches this graph can replay (0 where it replays
+        none)."""
+        if not self.options.replays_calibration:
+            return 0
+        return len(self.replay.batches(self.state.calib_batches))
+
     def finalize(self) -> None:
         """Quantization parameters exist: quantize weights, rewrite, lower. Once, by the
         first thread that asks (calibrate's end, a call after it); the others wait."""
@@ -117,8 +125,8 @@ class GraphVariant:
         # one after it (pipeline.py's snapshot), whose layers' outputs it rescaled
         self.ctx.analysis["float_gm"] = copy_graph_module(self.gm)
         self.ctx.analysis["sample_inputs"] = self.sample
-        self.ctx.analysis["calib_inputs"] = self.calib_inputs
-        self.calib_inputs = []  # the pass holds them while it needs them
+        if self.options.replays_calibration:
+            self.ctx.analysis["calib_inputs"] = self.replay.batches(self.state.calib_batches)
         self.gm = _run_steps(steps(self.options, "finalize"), self.ctx, self.gm)
         for key in ["float_gm", "sample_inputs", "calib_inputs"] + [
                 s.snapshot for s in steps(self.options) if s.snapshot]:
@@ -272,10 +280,8 @@ class GraphVariant:
             live = [args[i] for i in self.live]
             if not any(isinstance(a, torch.Tensor) and not a.numel() for a in live):
                 self.sample = live  # the last batch with rows, for SQNR
-                if self.options.transform_on("learn") and \
-                        len(self.calib_inputs) < MAX_LEARN_BATCHES:
-                    self.calib_inputs.append([a.detach().clone() if isinstance(
-                        a, torch.Tensor) else a for a in live])
+                if self.options.replays_calibration:
+                    self.replay.keep(self.state.calib_batches, live)
             progress = getattr(self.state, "progress", None)
             if progress is not None:
                 progress.update(self.state.batches)
@@ -428,6 +434,83 @@ def _needing_grad(args) -> int | None:
         if isinstance(arg, torch.Tensor) and arg.requires_grad:
             return i
     return None
+
+
+class Replay:
+    """A graph's live inputs by name, to keep calibration batches in the model's state and
+    give them back to any graph of the model with the same named inputs. Symbolic sizes
+    (a dynamic graph's SymInt inputs) are not kept: each is read back from the dim of a
+    tensor input whose size it is."""
+
+    def __init__(self, source_gm: GraphModule, live: list[int]):
+        from qcompile.passes.freeze_params import source_name
+
+        placeholders = [n for n in source_gm.graph.nodes if n.op == "placeholder"]
+        self.names: list[str] = []
+        self.sizes: dict[int, tuple[str, int]] = {}  # live position -> (tensor input, dim)
+        # tensor input -> (dtype, each dim's size: an int where the graph was specialized to
+        # it, else its symbol, which must take one value across the inputs (duck sizing
+        # gives equal sizes one symbol))
+        self.expect: dict[str, tuple[torch.dtype, list[Any]]] = {}
+        symbols: dict[Any, list[int]] = {}  # a size's symbol -> the live positions holding it
+        for pos, i in enumerate(live):
+            node = placeholders[i]
+            self.names.append(source_name(node) or node.name)
+            val = node.meta.get("val", node.meta.get("example_value"))
+            if isinstance(val, torch.SymInt):
+                symbols.setdefault(val.node.expr, []).append(pos)
+        for pos, i in enumerate(live):
+            val = placeholders[i].meta.get("val", placeholders[i].meta.get("example_value"))
+            if isinstance(val, torch.Tensor):
+                self.expect[self.names[pos]] = (val.dtype, [
+                    s.node.expr if isinstance(s, torch.SymInt) else int(s) for s in val.shape])
+                for dim, size in enumerate(val.shape):
+                    held = symbols.get(size.node.expr, []) if isinstance(
+                        size, torch.SymInt) else []
+                    for found in held:
+                        self.sizes.setdefault(found, (self.names[pos], dim))
+
+    def keep(self, kept: list[dict[str, Any]], live: list) -> None:
+        """Add this call's tensor inputs to `kept`, within the batch and byte caps."""
+        batch = {name: a.detach().clone() for name, a in zip(self.names, live, strict=True)
+                 if isinstance(a, torch.Tensor)}
+        used = sum(t.numel() * t.element_size() for b in kept for t in b.values())
+        size = sum(t.numel() * t.element_size() for t in batch.values())
+        if len(kept) < MAX_REPLAY_BATCHES and used + size <= MAX_REPLAY_BYTES:
+            kept.append(batch)
+
+    def batches(self, kept: list[dict[str, Any]]) -> list[list]:
+        """The kept batches this graph can run: its live inputs in order, sizes filled in."""
+        out = []
+        for batch in kept:
+            if not self._fits(batch):
+                continue
+            args = []
+            for pos, name in enumerate(self.names):
+                if pos in self.sizes:
+                    src, dim = self.sizes[pos]
+                    args.append(batch[src].shape[dim] if src in batch else None)
+                else:
+                    args.append(batch.get(name))
+            if all(a is not None for a in args):
+                out.append(args)
+        return out
+
+    def _fits(self, batch: dict[str, Any]) -> bool:
+        """The batch can be this graph's input: dtypes, ranks, specialized sizes, one value
+        per size symbol."""
+        values: dict[Any, int] = {}
+        for name, (dtype, sizes) in self.expect.items():
+            t = batch.get(name)
+            if not isinstance(t, torch.Tensor) or t.dtype != dtype or t.dim() != len(sizes):
+                return False
+            for s, d in zip(sizes, t.shape, strict=True):
+                if isinstance(s, int):
+                    if s != d:
+                        return False
+                elif values.setdefault(s, d) != d:
+                    return False
+        return True
 
 
 def _input_names(gm: GraphModule) -> list[tuple[str, str]]:

@@ -98,7 +98,10 @@ def calibrate(model, *, progress: bool | None = None):
             _nothing_calibrated(model, ran)
             return
         state.progress.close(state.batches)
-        for artifact in artifacts:
+        # the graph that can replay the most calibration batches (a dynamic variant, not the
+        # static one the first batch compiled) learns and quantizes first; the others of the
+        # model reuse what it found (learn-transforms, sequential GPTQ)
+        for artifact in sorted(artifacts, key=lambda a: -a.replayable()):
             if artifact.options.fingerprint() in state.calibrated:
                 artifact.finalize()
 

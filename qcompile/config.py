@@ -50,6 +50,7 @@ class Recipe:
     bias_correction: bool = False
     weight_clip: bool = False
     learn: bool = False
+    sequential: bool = False
     observer: str = "minmax"  # activation ranges; MSE clipping matters at 4 bits
     # per-token dynamic int4 activations: the range is this fraction of each row's absmax
     # (QuaRot); None where the recipe has no such activations
@@ -174,6 +175,10 @@ class Options:
     # block's output error against float on the calibration batches, then folded into the
     # weights (OmniQuant's LWC and LET; passes/learn_transforms.py); needs calibration
     learn: bool | None = None
+    # GPTQ in the model's order, each layer's Hessian from its input in the model quantized
+    # up to it (GPTQ's own procedure; passes/_sequential.py), not from the float model's;
+    # the calibration batches are kept and replayed for it. None: the recipe's
+    sequential: bool | None = None
     learn_steps: int = 40  # Adam steps per block (each on one calibration batch)
     # a cap on the whole pass's seconds: blocks share it equally, the report says where it
     # cut steps short; None: no cap
@@ -240,6 +245,13 @@ class Options:
                                                                  "bias_correction", "learn"))
 
     @property
+    def replays_calibration(self) -> bool:
+        """Whether finalizing replays the calibration batches (learn-transforms, sequential
+        GPTQ), so the compiled graph keeps their inputs."""
+        return self.recipe_obj.quantizes and (self.transform_on("learn") or (
+            self.transform_on("gptq") and self.transform_on("sequential")))
+
+    @property
     def act_clip(self) -> float:
         """The clip ratio of the per-token int4 activations: the option, else the recipe's;
         1.0 (no clipping) for recipes without such activations."""
@@ -274,6 +286,8 @@ class Options:
             keys += ("group_size",)
         if self.learn:
             keys += ("learn", "learn_steps", "learn_time_s")
+        if self.sequential is not None:
+            keys += ("sequential",)
         return ";".join(f"{k}={getattr(self, k)!r}" for k in keys)
 
     @classmethod
@@ -339,7 +353,8 @@ class Options:
                 f"smooth_alpha must be None (each layer's shift and scale chosen by its output "
                 f"error) or SmoothQuant's alpha, a number in [0, 1]; got {alpha!r}")
         for name in ("smooth", "rotate", "online_hadamard", "gptq", "integer_nonlinear",
-                     "bias_correction", "weight_clip", "narrow_weights", "inductor", "learn"):
+                     "bias_correction", "weight_clip", "narrow_weights", "inductor", "learn",
+                     "sequential"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, bool):
                 raise QCompileConfigError(f"option {name!r} takes True/False, got {value!r}")

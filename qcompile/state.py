@@ -84,6 +84,11 @@ class ModelState:
         # nothing) and "<options fingerprint>|let|<site>" -> Migration, from learn-transforms:
         # a graph compiled later (a new shape) applies them instead of learning again
         self.learned: dict[str, Any] = {}
+        # the calibration batches' graph inputs, {input name: tensor} (artifact.Replay), where
+        # finalizing replays them (learn-transforms, sequential GPTQ): every graph of the
+        # model (a static and a dynamic variant see different batches) and a graph compiled
+        # after calibration take what matches its own inputs
+        self.calib_batches: list[dict[str, Any]] = []
         # options fingerprint -> serialize.Loaded: a saved quantization, in place of
         # calibration data (qcompile.load)
         self.loaded: dict[str, Any] = {}

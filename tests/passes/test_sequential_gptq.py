@@ -1,0 +1,118 @@
+"""Sequential GPTQ (quantize-weights with options["sequential"]): with nothing quantized
+yet its Hessians are calibration's, its target weight is the regularized least-squares
+one, and end to end every linear is quantized in order, once per model: a graph compiled
+for another shape reuses the same integers; calibration batches are kept per model and
+each graph replays those its inputs fit."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import qcompile
+from qcompile import annotations as ann
+from qcompile.passes._sequential import DAMP, sequential_gptq, target_weight
+from qcompile.state import state_for_model
+from tests.helpers import stage
+from tests.models.zoo import MODELS
+
+
+def test_target_weight_is_the_regularized_least_squares_fit():
+    gen = torch.Generator().manual_seed(0)
+    xf = torch.randn(200, 12, generator=gen, dtype=torch.float64)
+    xq = xf + 0.1 * torch.randn(200, 12, generator=gen, dtype=torch.float64)
+    w = torch.randn(5, 12, generator=gen, dtype=torch.float64)
+    a, b = xq.T @ xq, xq.T @ xf
+    got = target_weight(w, a, b)
+    lam = DAMP * float(a.diagonal().mean())
+    # min ||X_q W*^T - X_f W^T||^2 + lam ||W* - W||^2 as one stacked least-squares problem
+    lhs = torch.cat([xq, lam ** 0.5 * torch.eye(12, dtype=torch.float64)])
+    rhs = torch.cat([xf @ w.T, lam ** 0.5 * w.T])
+    want = torch.linalg.lstsq(lhs, rhs).solution.T
+    torch.testing.assert_close(got, want)
+    # same inputs: the float weight itself
+    torch.testing.assert_close(target_weight(w, a, a), w)
+
+
+def _model():
+    build, make, key = MODELS["llama"]
+    torch.manual_seed(0)
+    model = build().eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if type(m).__name__.endswith("RMSNorm"):
+                m.weight[:3] *= 20
+    return model, make, key
+
+
+def test_hessians_with_nothing_quantized_are_calibrations():
+    """w4a16 (no activation rounding) and a callback that keeps every weight float: the
+    replay must see exactly what the calibration observers saw."""
+    model, make, key = _model()
+    torch.manual_seed(1)
+    cap = stage(model, *make(2, 8), before="quantize-weights",
+                options={"recipe": "w4a16", "gptq": True, "sequential": True})
+    calib = cap.ctx.analysis["calib"]
+    seen = {}
+
+    def keep_float(lin, hessian, weight):
+        seen[lin] = hessian
+        return weight
+
+    eligible = {n for n in cap.gm.graph.nodes
+                if n.op == "call_function" and n.target is F.linear and ann.selected(n)}
+    assert len(eligible) == 15
+    assert sequential_gptq(cap.gm, cap.ctx, [cap.inputs()], eligible, keep_float) == 15
+    for lin, hessian in seen.items():
+        site = calib[ann.site(lin.args[0], "input")]
+        torch.testing.assert_close(hessian, site.hessian.float(), rtol=1e-4, atol=1e-5)
+
+
+def test_end_to_end_in_order_and_reused_by_a_new_shape():
+    model, make, key = _model()
+    cm = torch.compile(model, backend="qcompile",
+                       options={"recipe": "w4a8", "gptq": True, "sequential": True},
+                       dynamic=False)
+    torch.manual_seed(1)
+    with torch.no_grad(), qcompile.calibrate(cm):
+        for _ in range(3):
+            cm(*make(2, 8))
+    torch.manual_seed(2)
+    with torch.no_grad():
+        x = make(2, 8)
+        cos = F.cosine_similarity(getattr(model(*x), key).flatten(1),
+                                  getattr(cm(*x), key).flatten(1)).mean()
+        cm(*make(2, 11))  # a new static graph, compiled after calibration
+    assert cos > 0.95
+    arts = sorted(state_for_model(model).artifacts, key=lambda a: a.name)
+    assert len(arts) == 2
+    first, second = (a.ctx.counters for a in arts)
+    assert first["quantize-weights.sequential"] == 15  # 2 layers x 7 linears + lm_head
+    assert second["quantize-weights.sequential_reused"] == 15
+    weights = [{ann.selected(n).name: ann.selected(n).qweight for n in a.gm.graph.nodes
+                if ann.selected(n) is not None and ann.selected(n).qweight is not None}
+               for a in arts]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k].qweight, weights[1][k].qweight) for k in weights[0])
+    details = [r.detail.get("gptq", "") for r in qcompile.report(cm).layers]
+    assert any(d.startswith("sequential") for d in details)
+
+
+def test_replay_takes_the_batches_a_graph_can_run():
+    """A dynamic graph replays every batch; the static one the first batch compiled only
+    those of its shapes; a graph whose sizes share one symbol only batches where they
+    agree."""
+    build, make, key = MODELS["bert"]
+    torch.manual_seed(0)
+    model = build().eval()
+    cm = torch.compile(model, backend="qcompile",
+                       options={"recipe": "w8a8-static", "gptq": True, "sequential": True})
+    torch.manual_seed(1)
+    with torch.no_grad(), qcompile.calibrate(cm):
+        for seq in (8, 8, 10, 12):
+            cm(*make(2, seq))
+    arts = sorted(state_for_model(model).artifacts, key=lambda a: a.name)
+    assert len(state_for_model(model).calib_batches) == 4
+    counts = [len(a.replay.batches(a.state.calib_batches)) for a in arts]
+    assert counts == [2, 4]  # static [2, 8]; then dynamic in the sequence length
+    assert arts[1].replayable() == 4
