@@ -10,8 +10,10 @@ mean (and min) cosine of the logits to float per token. MiniLM's ablation is in
 bench/minilm_accuracy.py (real weights, real sentences).
 
 Techniques (options): none of them, smooth (the searched shift and scale), weight_clip,
-bias_correction, each alone, and all three; the recipe's other transforms (rotations,
-GPTQ) as it has them. Each configuration is a fresh compile.
+bias_correction, each alone, and all three; learn (block-wise learned clip ratios and
+shift / scale) alone and with the three; GPTQ and sequential GPTQ with the three; the
+recipe's other transforms (rotations, GPTQ) as it has them. Each configuration is a fresh
+compile.
 
     python bench/ablation.py [--only-model llama] [--only-recipe w4a8]
                              [--out bench/results/ablation-outliers.json]
@@ -44,6 +46,16 @@ TECHNIQUES = {  # each alone on top of the recipe with all three off, then all t
     "weight_clip": {**OFF, "weight_clip": True},
     "bias_correction": {**OFF, "bias_correction": True},
     "all": {"smooth": True, "weight_clip": True, "bias_correction": True},
+    # block-wise learned clip ratios and shift / scale (passes/learn_transforms.py), alone
+    # and on top of the three
+    "learn": {**OFF, "learn": True},
+    "all + learn": {"smooth": True, "weight_clip": True, "bias_correction": True,
+                    "learn": True},
+    # GPTQ on the float model's Hessians, then sequential (passes/_sequential.py)
+    "all + gptq": {"smooth": True, "weight_clip": True, "bias_correction": True,
+                   "gptq": True},
+    "all + gptq sequential": {"smooth": True, "weight_clip": True, "bias_correction": True,
+                              "gptq": True, "sequential": True},
 }
 ARCHS = {
     "llama": ("LlamaConfig", "LlamaForCausalLM",
@@ -115,6 +127,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only-model", action="append")
     ap.add_argument("--only-recipe", action="append")
+    ap.add_argument("--only-technique", action="append")
     ap.add_argument("--out", default="bench/results/ablation-outliers.json")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
@@ -126,6 +139,8 @@ def main() -> None:
             refs = [model(input_ids=ids).logits for ids in evals]
         for recipe in args.only_recipe or RECIPES:
             for tech, options in TECHNIQUES.items():
+                if args.only_technique and tech not in args.only_technique:
+                    continue
                 try:
                     r = evaluate(model, recipe, options, calib, evals, refs)
                 except Exception as exc:  # recorded, never hidden

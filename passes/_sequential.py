@@ -31,8 +31,8 @@ from torch.fx import GraphModule, Node
 
 from qcompile import annotations as ann
 from qcompile.fx_utils import get_constant, is_call
-from qcompile.numerics.specs import SCALE_EPS
 from qcompile.pass_manager import PassContext
+from qcompile.passes._fake_quant import fake_fixed, fake_token
 from qcompile.passes._segments import block_ends, release, run_segment, segments
 from qcompile.passes.analyze_structure import analyze
 from qcompile.passes.calibrate_qparams import activation_spec
@@ -44,22 +44,12 @@ def act_quantizer(ctx: PassContext, x: Node) -> Callable[[torch.Tensor], torch.T
     if act is None:
         return lambda t: t
     if act.dynamic:
-        qmax = 2 ** (act.bits - 1) - 1
-        clip = ctx.options.act_clip
-
-        def per_token(t):
-            scale = (t.abs().amax(-1, keepdim=True) * clip / qmax).clamp(min=SCALE_EPS)
-            return (t / scale).round().clamp(-qmax - 1, qmax) * scale
-        return per_token
+        return lambda t: fake_token(t, act.bits, ctx.options.act_clip)
     site = (ctx.analysis.get("calib") or {}).get(ann.site(x, "input") or "")
     spec = activation_spec(ctx)
     if site is None or site.scale is None or site.bits != spec.bits:
         return lambda t: t  # uncalibrated (stays float) or widened to 16 bits
-
-    def static(t):
-        q = ((t / site.scale).round() + site.zero_point).clamp(spec.qmin, spec.qmax)
-        return (q - site.zero_point) * site.scale
-    return static
+    return lambda t: fake_fixed(t, site.scale, site.zero_point, spec)
 
 
 def sequential_gptq(gm: GraphModule, ctx: PassContext, batches: list, eligible: set[Node],

@@ -53,9 +53,10 @@ from torch.fx import GraphModule, Node
 
 from qcompile import annotations as ann
 from qcompile.fx_utils import get_constant, is_call
-from qcompile.numerics.specs import SCALE_EPS, QuantSpec
+from qcompile.numerics.specs import QuantSpec
 from qcompile.numerics.weights import clip_search
 from qcompile.pass_manager import PassContext, PassResult, graph_pass
+from qcompile.passes._fake_quant import fake_fixed, fake_static, fake_token, fake_weight
 from qcompile.passes._migration import Migration
 from qcompile.passes._segments import Segment, block_ends, release, run_segment, segments
 from qcompile.passes._structure import Skips, WeightEditor, layer_name, linear_params, set_linear
@@ -99,48 +100,6 @@ class _Block:
         let = [g.log_s for g in self.groups.values()] + [
             g.z for g in self.groups.values() if g.z is not None]
         return let + list(self.clip.values())
-
-
-def _ste_round(t: torch.Tensor) -> torch.Tensor:
-    return t + (t.round() - t).detach()
-
-
-def fake_weight(w: torch.Tensor, clip: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """w [N, K] round-to-nearest as numerics.weights.quantize_weight_rtn(w, spec, clip=clip)
-    dequantizes it, differentiable in w and clip [N] (straight-through rounding)."""
-    n, k = w.shape
-    g = w.reshape(n, -1, spec.group_size) if spec.granularity == "per_group" else \
-        w.reshape(n, 1, k)  # [N, G, g]
-    c = clip.reshape(n, 1, 1)
-    if spec.symmetric:
-        scale = (g.abs().amax(-1, keepdim=True) * c / spec.qmax).clamp(min=SCALE_EPS)
-        if spec.group_levels is not None:  # the row's grid: numerics.weights.on_row_grid
-            row = scale.amax(1, keepdim=True) / spec.group_levels
-            m = torch.ceil(scale / row * (1 - 1e-6)).clamp(1, spec.group_levels).detach()
-            scale = row * m
-        q = _ste_round(g / scale).clamp(spec.qmin, spec.qmax)
-        return (q * scale).reshape(n, k)
-    lo = (g.amin(-1, keepdim=True) * c).clamp(max=0)
-    hi = (g.amax(-1, keepdim=True) * c).clamp(min=0)
-    scale = ((hi - lo) / (spec.qmax - spec.qmin)).clamp(min=SCALE_EPS)
-    zp = (spec.qmin - (lo / scale).round()).clamp(spec.qmin, spec.qmax).detach()
-    q = (_ste_round(g / scale) + zp).clamp(spec.qmin, spec.qmax)
-    return ((q - zp) * scale).reshape(n, k)
-
-
-def _fake_static(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec):
-    """x quantized with one (scale, zero point) from its per-channel range [lo_j, hi_j], as
-    smooth-qparams will compute the site's."""
-    lo, hi = lo.min().clamp(max=0), hi.max().clamp(min=0)
-    scale = ((hi - lo) / (spec.qmax - spec.qmin)).clamp(min=SCALE_EPS)
-    zp = (spec.qmin - (lo / scale).round()).clamp(spec.qmin, spec.qmax).detach()
-    return ((_ste_round(x / scale) + zp).clamp(spec.qmin, spec.qmax) - zp) * scale
-
-
-def _fake_token(x: torch.Tensor, bits: int, clip: float) -> torch.Tensor:
-    qmax = 2 ** (bits - 1) - 1
-    scale = (x.abs().amax(-1, keepdim=True) * clip / qmax).clamp(min=SCALE_EPS)
-    return _ste_round(x / scale).clamp(-qmax - 1, qmax) * scale
 
 
 class _Quantized:
@@ -199,15 +158,13 @@ class _Quantized:
         if self.act is None:
             return x
         if self.act.dynamic:
-            return _fake_token(x, self.act.bits, self.act_clip)
+            return fake_token(x, self.act.bits, self.act_clip)
         if rng is not None:
-            return _fake_static(x, rng[0], rng[1], self.act_spec)
+            return fake_static(x, rng[0], rng[1], self.act_spec)
         fixed = self.fixed[lin]
         if fixed is None:
             return x
-        scale, zp = fixed
-        spec = self.act_spec
-        return ((_ste_round(x / scale) + zp).clamp(spec.qmin, spec.qmax) - zp) * scale
+        return fake_fixed(x, *fixed, self.act_spec)
 
 
 def _error(out: dict, target: dict) -> torch.Tensor:

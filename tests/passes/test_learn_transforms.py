@@ -15,11 +15,12 @@ from qcompile import annotations as ann
 from qcompile.config import QCompileConfigError
 from qcompile.numerics.specs import QuantSpec
 from qcompile.numerics.weights import quantize_weight_rtn
+from qcompile.passes._fake_quant import fake_weight
 from qcompile.passes._migration import Migration
 from qcompile.passes._segments import block_ends, release, run_segment, segments
 from qcompile.passes._structure import WeightEditor, layer_name
 from qcompile.passes.analyze_structure import analyze
-from qcompile.passes.learn_transforms import _fold_group, fake_weight
+from qcompile.passes.learn_transforms import _fold_group
 from qcompile.state import state_for_model
 from tests.models.zoo import MODELS
 from tests.passes.test_fold_norm_affine import PreNorm, assert_close, nodes, transformed

@@ -1,0 +1,63 @@
+"""Fake quantization with straight-through rounding: each function dequantizes what the
+recipe's integer path will compute (the same scales, zero points, rounding and clamps:
+tests hold fake_weight to numerics.weights.quantize_weight_rtn), and passes gradients
+through the rounding, so learn-transforms can fit clip ratios and shifts / scales through
+it; sequential GPTQ rounds activations with it (no gradients needed there).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qcompile.numerics.specs import SCALE_EPS, QuantSpec
+
+
+def ste_round(t: torch.Tensor) -> torch.Tensor:
+    """round(t), with the gradient of t (round(t) - t is exact in float, so is the sum)."""
+    return t + (t.round() - t).detach()
+
+
+def fake_weight(w: torch.Tensor, clip: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """w [N, K] round-to-nearest as numerics.weights.quantize_weight_rtn(w, spec, clip=clip)
+    dequantizes it, differentiable in w and clip [N] (straight-through rounding)."""
+    n, k = w.shape
+    g = w.reshape(n, -1, spec.group_size) if spec.granularity == "per_group" else \
+        w.reshape(n, 1, k)  # [N, G, g]
+    c = clip.reshape(n, 1, 1)
+    if spec.symmetric:
+        scale = (g.abs().amax(-1, keepdim=True) * c / spec.qmax).clamp(min=SCALE_EPS)
+        if spec.group_levels is not None:  # the row's grid: numerics.weights.on_row_grid
+            row = scale.amax(1, keepdim=True) / spec.group_levels
+            m = torch.ceil(scale / row * (1 - 1e-6)).clamp(1, spec.group_levels).detach()
+            scale = row * m
+        q = ste_round(g / scale).clamp(spec.qmin, spec.qmax)
+        return (q * scale).reshape(n, k)
+    lo = (g.amin(-1, keepdim=True) * c).clamp(max=0)
+    hi = (g.amax(-1, keepdim=True) * c).clamp(min=0)
+    scale = ((hi - lo) / (spec.qmax - spec.qmin)).clamp(min=SCALE_EPS)
+    zp = (spec.qmin - (lo / scale).round()).clamp(spec.qmin, spec.qmax).detach()
+    q = (ste_round(g / scale) + zp).clamp(spec.qmin, spec.qmax)
+    return ((q - zp) * scale).reshape(n, k)
+
+
+def fake_static(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec):
+    """x quantized with one (scale, zero point) from its per-channel range [lo_j, hi_j], as
+    smooth-qparams will compute the site's."""
+    lo, hi = lo.min().clamp(max=0), hi.max().clamp(min=0)
+    scale = ((hi - lo) / (spec.qmax - spec.qmin)).clamp(min=SCALE_EPS)
+    zp = (spec.qmin - (lo / scale).round()).clamp(spec.qmin, spec.qmax).detach()
+    return ((ste_round(x / scale) + zp).clamp(spec.qmin, spec.qmax) - zp) * scale
+
+
+def fake_token(x: torch.Tensor, bits: int, clip: float) -> torch.Tensor:
+    """x quantized per row (token) at run time, symmetric, max|x| * clip / qmax: the dynamic
+    activation ops' scales."""
+    qmax = 2 ** (bits - 1) - 1
+    scale = (x.abs().amax(-1, keepdim=True) * clip / qmax).clamp(min=SCALE_EPS)
+    return ste_round(x / scale).clamp(-qmax - 1, qmax) * scale
+
+
+def fake_fixed(x: torch.Tensor, scale: float, zero_point: int, spec: QuantSpec):
+    """x quantized with a site's calibrated (scale, zero point)."""
+    q = (ste_round(x / scale) + zero_point).clamp(spec.qmin, spec.qmax)
+    return (q - zero_point) * scale
