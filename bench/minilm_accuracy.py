@@ -92,6 +92,11 @@ CONFIGS = {
     "w4a16 group 16 + GPTQ + rotations": {"recipe": "w4a16", "group_size": 16, "gptq": True,
                                           "rotate": True, "online_hadamard": True,
                                           "kernels": "cpu"},
+    "w4a16 group 16 + GPTQ + rotations + bias correction": {
+        "recipe": "w4a16", "group_size": 16, "gptq": True, "rotate": True,
+        "online_hadamard": True, "bias_correction": True, "kernels": "cpu"},
+    "w4a8 (rotations) group 16 + GPTQ + bias correction": {
+        "recipe": "w4a8", "group_size": 16, "gptq": True, "bias_correction": True},
     # GPTQ on the partly quantized model's inputs (passes/_sequential.py)
     "w4a8 (rotations) group 32 + GPTQ sequential": {"recipe": "w4a8", "group_size": 32,
                                                     "gptq": True, "sequential": True},

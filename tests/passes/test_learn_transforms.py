@@ -172,6 +172,7 @@ def test_learns_clip_ratios_that_cut_block_error_and_output_error():
     assert any("learned against the block's output error" in d for d in details)
 
 
+@pytest.mark.slow  # a second compile and a save / load
 def test_reused_by_a_recompiled_graph_and_saved(tmp_path):
     options = {"recipe": "w4a8", "weight_clip": False, "group_size": 32, "learn": True,
                "learn_steps": 8}
@@ -187,6 +188,7 @@ def test_reused_by_a_recompiled_graph_and_saved(tmp_path):
     assert _cosine(model2, cm2, make2, key2) == pytest.approx(first, abs=1e-6)
 
 
+@pytest.mark.slow  # the fast tier learns once already
 def test_time_cap_stops_early_and_says_so(capsys):
     model, cm, make, key = _calibrated({"recipe": "w4a8", "learn": True,
                                         "learn_time_s": 1e-6})
