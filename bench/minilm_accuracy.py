@@ -105,6 +105,14 @@ CONFIGS = {
     "w4a16 group 32 + GPTQ sequential + rotations": {
         "recipe": "w4a16", "group_size": 32, "gptq": True, "sequential": True, "rotate": True,
         "online_hadamard": True, "kernels": "cpu"},
+    "w4a16 group 16 + GPTQ sequential + rotations": {
+        "recipe": "w4a16", "group_size": 16, "gptq": True, "sequential": True, "rotate": True,
+        "online_hadamard": True, "kernels": "cpu"},
+    "w4a8 (rotations) group 16 + GPTQ sequential + bias correction": {
+        "recipe": "w4a8", "group_size": 16, "gptq": True, "sequential": True,
+        "bias_correction": True},
+    "w4a4 group 16 + GPTQ sequential": {"recipe": "w4a4", "group_size": 16,
+                                        "sequential": True},
     # block-wise learned clip ratios and shifts / scales (passes/learn_transforms.py)
     "w4a8 (rotations) group 32 + GPTQ + learn": {
         "recipe": "w4a8", "group_size": 32, "gptq": True, "learn": True},
