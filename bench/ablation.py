@@ -46,6 +46,9 @@ TECHNIQUES = {  # each alone on top of the recipe with all three off, then all t
     "weight_clip": {**OFF, "weight_clip": True},
     "bias_correction": {**OFF, "bias_correction": True},
     "all": {"smooth": True, "weight_clip": True, "bias_correction": True},
+    # the recipe as it comes, and with GPTQ (sequential) on
+    "recipe defaults": {},
+    "recipe defaults + gptq": {"gptq": True},
     # block-wise learned clip ratios and shift / scale (passes/learn_transforms.py), alone
     # and on top of the three
     "learn": {**OFF, "learn": True},
