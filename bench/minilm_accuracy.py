@@ -35,21 +35,24 @@ CONFIGS = {
                                                "bias_correction": True},
     "w8a8 (dynamic) + smooth": {"recipe": "w8a8", "smooth": True},
     "w4a16 + smooth": {"recipe": "w4a16", "smooth": True},
-    "w4a8 (rotations) + smooth": {"recipe": "w4a8", "smooth": True},
-    "w4a8 no rotation + smooth": {"recipe": "w4a8", "rotate": False, "online_hadamard": False,
+    "w4a8 (rotations) + smooth": {"recipe": "w4a8", "gptq": False, "smooth": True},
+    "w4a8 no rotation + smooth": {
+        "recipe": "w4a8", "gptq": False, "rotate": False, "online_hadamard": False,
                                   "smooth": True},
     "w4a4 + smooth": {"recipe": "w4a4", "smooth": True},
     "w4a4-static + smooth": {"recipe": "w4a4-static", "smooth": True},
     "w4a16 + weight clip": {"recipe": "w4a16", "weight_clip": True},
     "w4a16 GPTQ + weight clip": {"recipe": "w4a16", "gptq": True, "weight_clip": True},
-    "w4a8 (rotations) + weight clip": {"recipe": "w4a8", "weight_clip": True},
+    "w4a8 (rotations) + weight clip": {"recipe": "w4a8", "gptq": False, "weight_clip": True},
     "w4a8 (rotations) + smooth + weight clip + bias correction": {
-        "recipe": "w4a8", "smooth": True, "weight_clip": True, "bias_correction": True},
+        "recipe": "w4a8", "gptq": False, "smooth": True, "weight_clip": True,
+        "bias_correction": True},
     "w4a4 + weight clip": {"recipe": "w4a4", "weight_clip": True},
     "w4a16 RTN": {"recipe": "w4a16"},
     "w4a16 GPTQ": {"recipe": "w4a16", "gptq": True},
-    "w4a8 no rotation": {"recipe": "w4a8", "rotate": False, "online_hadamard": False},
-    "w4a8 (rotations)": {"recipe": "w4a8"},
+    "w4a8 no rotation": {
+        "recipe": "w4a8", "gptq": False, "rotate": False, "online_hadamard": False},
+    "w4a8 (rotations)": {"recipe": "w4a8", "gptq": False},
     "w4a4-static RTN, no rotation": {"recipe": "w4a4-static", "rotate": False,
                                      "online_hadamard": False, "gptq": False},
     "w4a4-static min-max ranges": {"recipe": "w4a4-static", "observer": "minmax"},
@@ -60,7 +63,8 @@ CONFIGS = {
        for c in (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)},
     "w8a8-static integer GELU/LN/softmax": {"recipe": "w8a8-static", "integer_nonlinear": True},
     "w8a8-static + bias correction": {"recipe": "w8a8-static", "bias_correction": True},
-    "w4a8 (rotations) + bias correction": {"recipe": "w4a8", "bias_correction": True},
+    "w4a8 (rotations) + bias correction": {
+        "recipe": "w4a8", "gptq": False, "bias_correction": True},
     "w4a4 + bias correction": {"recipe": "w4a4", "bias_correction": True},
     "w4a4-static + bias correction": {"recipe": "w4a4-static", "bias_correction": True},
     # group-wise int4 weights on the row's integer grid (integer-only; options group_size)
@@ -116,7 +120,8 @@ CONFIGS = {
     # block-wise learned clip ratios and shifts / scales (passes/learn_transforms.py)
     "w4a8 (rotations) group 32 + GPTQ + learn": {
         "recipe": "w4a8", "group_size": 32, "gptq": True, "learn": True},
-    "w4a8 (rotations) group 32 + learn": {"recipe": "w4a8", "group_size": 32, "learn": True},
+    "w4a8 (rotations) group 32 + learn": {
+        "recipe": "w4a8", "gptq": False, "group_size": 32, "learn": True},
     "w4a16 group 32 + GPTQ + learn": {"recipe": "w4a16", "group_size": 32, "gptq": True,
                                       "learn": True, "kernels": "cpu"},
 }
