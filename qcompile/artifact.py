@@ -88,7 +88,9 @@ class GraphVariant:
         self.calls_calibrating = 0
         self.run_graph = None  # Inductor's compiled graph, when options["inductor"]
         self.sample = [_concrete(example_inputs[i]) for i in self.live]
-        self.replay = Replay(source_gm, self.live)
+        # batches are kept per set of parameters: the variants of one frame (static,
+        # dynamic) share it; another frame whose inputs have the same names does not
+        self.replay = Replay(source_gm, self.live, frozenset(frozen.get("names", ())))
         # the activation sites this graph needs calibration statistics for
         self.sites = _observed_sites(gm)
         self.finalized = False
@@ -436,15 +438,24 @@ def _needing_grad(args) -> int | None:
     return None
 
 
+OWNER = "<parameters>"  # a kept batch's key for the parameter names of the graph it ran
+
+
+def _nbytes(batch: dict[str, Any]) -> int:
+    return sum(t.numel() * t.element_size() for t in batch.values()
+               if isinstance(t, torch.Tensor))
+
+
 class Replay:
     """A graph's live inputs by name, to keep calibration batches in the model's state and
     give them back to any graph of the model with the same named inputs. Symbolic sizes
     (a dynamic graph's SymInt inputs) are not kept: each is read back from the dim of a
     tensor input whose size it is."""
 
-    def __init__(self, source_gm: GraphModule, live: list[int]):
+    def __init__(self, source_gm: GraphModule, live: list[int], owner: frozenset):
         from qcompile.passes.freeze_params import source_name
 
+        self.owner = owner  # the graph's parameter names
         placeholders = [n for n in source_gm.graph.nodes if n.op == "placeholder"]
         self.names: list[str] = []
         self.sizes: dict[int, tuple[str, int]] = {}  # live position -> (tensor input, dim)
@@ -474,8 +485,9 @@ class Replay:
         """Add this call's tensor inputs to `kept`, within the batch and byte caps."""
         batch = {name: a.detach().clone() for name, a in zip(self.names, live, strict=True)
                  if isinstance(a, torch.Tensor)}
-        used = sum(t.numel() * t.element_size() for b in kept for t in b.values())
-        size = sum(t.numel() * t.element_size() for t in batch.values())
+        batch[OWNER] = self.owner
+        used = sum(_nbytes(b) for b in kept)
+        size = _nbytes(batch)
         if len(kept) < MAX_REPLAY_BATCHES and used + size <= MAX_REPLAY_BYTES:
             kept.append(batch)
 
@@ -483,7 +495,7 @@ class Replay:
         """The kept batches this graph can run: its live inputs in order, sizes filled in."""
         out = []
         for batch in kept:
-            if not self._fits(batch):
+            if batch.get(OWNER) != self.owner or not self._fits(batch):
                 continue
             args = []
             for pos, name in enumerate(self.names):
