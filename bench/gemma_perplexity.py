@@ -56,6 +56,9 @@ CONFIGS = {
     "w4a8, group 32, no smooth": {"recipe": "w4a8", "group_size": 32, "smooth": False},
     "w4a8, group 32, no weight clip": {"recipe": "w4a8", "group_size": 32,
                                        "weight_clip": False},
+    # GPTQ in the model's order (sequential, how GPTQ runs now) on the two calibration
+    # windows (1,024 tokens; K is 640 to 2,048)
+    "w4a8, group 32, gptq": {"recipe": "w4a8", "group_size": 32, "gptq": True},
     "w4a4": {"recipe": "w4a4"},
     "w4a4, group 32": {"recipe": "w4a4", "group_size": 32},
     "w4a16": {"recipe": "w4a16"},
