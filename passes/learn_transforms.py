@@ -32,7 +32,7 @@ input site's `learned`) and its weights, and nothing is learned again.
 Measured: on all-MiniLM-L6-v2 and on the random outlier models it gains little or loses
 (bench/results): from the Hessian clip search's starting point, straight-through gradients
 of a few dozen steps rarely find better clip ratios, the ratios are learned through
-round-to-nearest while GPTQ (w4a8's default) rounds otherwise, and BERT's post-norm
+round-to-nearest while GPTQ, where it runs, rounds otherwise, and BERT's post-norm
 blocks leave no producer to absorb a shift or scale. Off by default.
 Why: the data-free and one-shot transforms choose per layer; a block's output error
 depends on how its layers' errors combine and on the error coming in, which only a
