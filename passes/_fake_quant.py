@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from qcompile.numerics.specs import SCALE_EPS, QuantSpec
+from qcompile.numerics.weights import on_row_grid
 
 
 def ste_round(t: torch.Tensor) -> torch.Tensor:
@@ -26,10 +27,8 @@ def fake_weight(w: torch.Tensor, clip: torch.Tensor, spec: QuantSpec) -> torch.T
     c = clip.reshape(n, 1, 1)
     if spec.symmetric:
         scale = (g.abs().amax(-1, keepdim=True) * c / spec.qmax).clamp(min=SCALE_EPS)
-        if spec.group_levels is not None:  # the row's grid: numerics.weights.on_row_grid
-            row = scale.amax(1, keepdim=True) / spec.group_levels
-            m = torch.ceil(scale / row * (1 - 1e-6)).clamp(1, spec.group_levels).detach()
-            scale = row * m
+        if spec.group_levels is not None:  # the row's grid (its integers carry no gradient)
+            scale = on_row_grid(scale[..., 0], spec.group_levels)[0][..., None]
         q = ste_round(g / scale).clamp(spec.qmin, spec.qmax)
         return (q * scale).reshape(n, k)
     lo = (g.amin(-1, keepdim=True) * c).clamp(max=0)

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
-from qcompile.numerics.specs import SCALE_EPS, QuantSpec, compute_qparams
-from qcompile.numerics.weights import on_row_grid
+from qcompile.numerics.specs import QuantSpec, compute_qparams
+from qcompile.passes._fake_quant import fake_token, fake_weight
 
 ALPHAS = (0.25, 0.5, 0.75)  # SmoothQuant's migration strengths among the candidates
 STEPS = 12  # OS+ thresholds t between max r and median r
@@ -68,12 +68,7 @@ def weight_quantizer(spec: QuantSpec) -> WeightQuantizer:
     row's grid where spec.group_levels is set), as quantize_weight_rtn computes them,
     without its checks (called once per candidate)."""
     def quantize(w: torch.Tensor) -> torch.Tensor:
-        g = w if spec.granularity != "per_group" else w.reshape(
-            w.shape[0], -1, spec.group_size)  # [N, K // g, g]
-        scale = (g.abs().amax(-1, keepdim=True) / spec.qmax).clamp(min=SCALE_EPS)
-        if spec.group_levels is not None:  # [N, G, 1]
-            scale = on_row_grid(scale[..., 0], spec.group_levels)[0][..., None]
-        return ((g / scale).round().clamp(spec.qmin, spec.qmax) * scale).reshape(w.shape)
+        return fake_weight(w, torch.ones(w.shape[0], dtype=w.dtype, device=w.device), spec)
     return quantize
 
 
@@ -89,11 +84,8 @@ def static_quantizer(spec: QuantSpec) -> ActQuantizer:
 
 def token_quantizer(bits: int, clip: float = 1.0) -> ActQuantizer:
     """Symmetric per-row scales, max(|x|) * clip / qmax (the dynamic activation ops')."""
-    spec = QuantSpec(bits=bits, granularity="per_token")
-
     def quantize(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-        scale = (x.abs().amax(-1, keepdim=True) * clip / spec.qmax).clamp(min=SCALE_EPS)
-        return (x / scale).round().clamp(spec.qmin, spec.qmax) * scale
+        return fake_token(x, bits, clip)
     return quantize
 
 

@@ -74,10 +74,15 @@ def sequential_gptq(gm: GraphModule, ctx: PassContext, batches: list, eligible: 
                 lin in eligible or ann.selected(lin) is not None) else (lambda t: t)
         return rounders[lin]
 
+    floats: dict[Node, tuple[torch.Tensor, torch.Tensor | None]] = {}
+
     def params(lin: Node) -> tuple[torch.Tensor, torch.Tensor | None]:
-        b = lin.args[2] if len(lin.args) > 2 else None
-        b = get_constant(gm, b).float() if isinstance(b, Node) else b
-        return get_constant(gm, lin.args[1]).float(), b
+        """lin's float weight and bias, read once (every stage replays every batch)."""
+        if lin not in floats:
+            b = lin.args[2] if len(lin.args) > 2 else None
+            b = get_constant(gm, b).float() if isinstance(b, Node) else b
+            floats[lin] = (get_constant(gm, lin.args[1]).float(), b)
+        return floats[lin]
 
     def quantized(seen: list | None = None, first: Node | None = None):
         """Linears as the quantized model runs them (the ones done so far; the others in

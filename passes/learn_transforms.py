@@ -64,11 +64,11 @@ from qcompile.pass_manager import PassContext, PassResult, graph_pass
 from qcompile.passes._fake_quant import fake_fixed, fake_static, fake_token, fake_weight
 from qcompile.passes._migration import Migration
 from qcompile.passes._segments import Segment, block_ends, release, run_segment, segments
-from qcompile.passes._structure import Skips, WeightEditor, layer_name, linear_params, set_linear
+from qcompile.passes._structure import Skips, WeightEditor, layer_name, linear_params
 from qcompile.passes.analyze_structure import analyze
 from qcompile.passes.calibrate_qparams import activation_spec, loaded_quantization
 from qcompile.passes.quantize_weights import weight_spec_for
-from qcompile.passes.smooth import absorber, fold_producer
+from qcompile.passes.smooth import absorber, fold_producer, linear_groups, scale_readers
 
 # Adam's rates: OmniQuant's (1e-2 clip, 5e-3 shift / scale) moved every parameter of
 # all-MiniLM-L6-v2's blocks by more than a few dozen steps of straight-through gradients can
@@ -101,10 +101,13 @@ class _Block:
     spec: dict[Node, QuantSpec] = field(default_factory=dict)
     kept: bool = False  # learning cut its error (or an earlier graph's did): fold it
 
-    def params(self) -> list[torch.Tensor]:
-        let = [g.log_s for g in self.groups.values()] + [
+    def let(self) -> list[torch.Tensor]:
+        """The shift / scale parameters."""
+        return [g.log_s for g in self.groups.values()] + [
             g.z for g in self.groups.values() if g.z is not None]
-        return let + list(self.clip.values())
+
+    def params(self) -> list[torch.Tensor]:
+        return self.let() + list(self.clip.values())
 
 
 class _Quantized:
@@ -209,6 +212,8 @@ def _learn_transforms(gm: GraphModule, ctx: PassContext) -> PassResult:
                  f"{len(todo)} block(s) learned nothing (quantized as without learning)")
         todo = []
     if todo:
+        for b in todo:
+            _start_clips(gm, ctx, b)
         _learn_blocks(gm, ctx, segs, blocks, set(map(id, todo)), batches, counters)
         for b in todo:
             _remember(b, cache, prefix)
@@ -294,19 +299,13 @@ def _block(gm: GraphModule, ctx: PassContext, seg: Segment, skips: Skips) -> _Bl
     if not linears:
         return None
     block = _Block(seg, linears)
-    calib = ctx.analysis.get("calib") or {}
-    clip_on = ctx.options.transform_on("weight_clip")
     ed = WeightEditor(gm)
     for lin in linears:
-        w = linear_params(ed, lin)[0].float()
+        w = linear_params(ed, lin)[0]
         sel = ann.selected(lin)
-        spec = weight_spec_for(ctx, w.shape[1], sel.weight_bits, sel.group_levels)[0]
-        block.spec[lin] = spec
-        start = torch.ones(w.shape[0])
-        if clip_on and spec.granularity != "per_tensor":
-            site = calib.get(ann.site(lin.args[0], "input") or "")
-            start = clip_search(w, spec, getattr(site, "hessian", None))
-        block.clip[lin] = start.float().clamp(CLIP_MIN, 1.0).requires_grad_()
+        block.spec[lin] = weight_spec_for(ctx, w.shape[1], sel.weight_bits,
+                                          sel.group_levels)[0]
+        block.clip[lin] = torch.ones(w.shape[0], requires_grad=True)
     for x in dict.fromkeys(lin.args[0] for lin in linears):
         if not isinstance(x, Node):
             continue
@@ -327,6 +326,24 @@ def _block(gm: GraphModule, ctx: PassContext, seg: Segment, skips: Skips) -> _Bl
     return block
 
 
+def _start_clips(gm: GraphModule, ctx: PassContext, block: _Block) -> None:
+    """Where weight clipping is on, start each row from quantize-weights' own clip search
+    (only for blocks that learn: a reused block takes what was learned)."""
+    if not ctx.options.transform_on("weight_clip"):
+        return
+    calib = ctx.analysis.get("calib") or {}
+    ed = WeightEditor(gm)
+    with torch.no_grad():
+        for lin, clip in block.clip.items():
+            spec = block.spec[lin]
+            if spec.granularity == "per_tensor":
+                continue
+            site = calib.get(ann.site(lin.args[0], "input") or "")
+            start = clip_search(linear_params(ed, lin)[0].float(), spec,
+                                getattr(site, "hessian", None))
+            clip.copy_(start.float().clamp(CLIP_MIN, 1.0))
+
+
 def _learn(gm: GraphModule, ctx: PassContext, block: _Block, inputs: list[dict],
            targets: list[dict], seconds: float | None, counters: dict) -> tuple[bool, str]:
     """Fit block's parameters on all batches but the last, which decides: what was learned
@@ -343,8 +360,7 @@ def _learn(gm: GraphModule, ctx: PassContext, block: _Block, inputs: list[dict],
                                     targets[i])) for i in which)
 
     before = (error(train), error([held]))
-    let = [g.log_s for g in block.groups.values()] + [
-        g.z for g in block.groups.values() if g.z is not None]
+    let = block.let()
     groups = [{"params": list(block.clip.values()), "lr": LR_CLIP}]
     if let:
         groups.append({"params": let, "lr": LR_SHIFT_SCALE})
@@ -413,7 +429,7 @@ def _fold_group(ctx: PassContext, ed: WeightEditor, x: Node, linears: list[Node]
         raise RuntimeError(f"learn-transforms: nothing absorbs the learned shift and scale of "
                            f"{x.name} any more")
     prior = {n: ann.get(n, ann.Smoothed) for n in (x, found[1])}
-    weights = {lin: linear_params(ed, lin) for lin in linears}
+    weights = [linear_params(ed, lin)[0] for lin in linears]
     how = fold_producer(ed, x, linears, m)
     for n, before in prior.items():
         now = ann.get(n, ann.Smoothed)
@@ -425,10 +441,8 @@ def _fold_group(ctx: PassContext, ed: WeightEditor, x: Node, linears: list[Node]
             shift = None if z1 is None and z2 is None else (
                 (z1 if z1 is not None else 0) + (s1 * z2 if z2 is not None else 0))
             ann.put(n, ann.Smoothed(s1 * now.divisor.double(), shift=shift))
-    for lin, (w, b) in weights.items():
-        if m.shift is not None:
-            b = (b if b is not None else torch.zeros(w.shape[0], dtype=w.dtype)) + w @ m.shift
-        set_linear(ed, lin, weight=w * m.scale[None, :], bias=b)
+    scale_readers(ed, linears, weights, m)
+    for lin in linears:
         ctx.layer(layer_name(lin), "linear").transforms.append(
             f"learn({'shift and scale' if m.shift is not None else 'scale'}, into={how})")
 
@@ -438,11 +452,7 @@ def _apply_saved(gm: GraphModule, ctx: PassContext) -> int:
     calib = ctx.analysis.get("calib") or {}
     ed = WeightEditor(gm)
     done = 0
-    groups: dict[Node, list[Node]] = {}
-    for n in gm.graph.nodes:
-        if is_call(n, F.linear) and isinstance(n.args[0], Node):
-            groups.setdefault(n.args[0], []).append(n)
-    for x, linears in groups.items():
+    for x, linears in linear_groups(gm).items():
         site = calib.get(ann.site(x, "input") or "")
         if site is not None and site.learned is not None:
             _fold_group(ctx, ed, x, linears, site.learned)

@@ -207,6 +207,26 @@ def fold_producer(ed: WeightEditor, x: Node, linears: list[Node], m: Migration) 
     return how
 
 
+def linear_groups(gm: GraphModule) -> dict[Node, list[Node]]:
+    """The linears of gm by the input node they read (q/k/v share theirs), in graph order."""
+    groups: dict[Node, list[Node]] = {}
+    for node in gm.graph.nodes:
+        if is_call(node, F.linear) and isinstance(node.args[0], Node):
+            groups.setdefault(node.args[0], []).append(node)
+    return groups
+
+
+def scale_readers(ed: WeightEditor, linears: list[Node], weights: list[torch.Tensor],
+                  m: Migration) -> None:
+    """The readers' side of x~ = (x - z) / s: W~ = W diag(s), b~ = b + W z, for their
+    weights as read before the producer absorbed 1/s."""
+    for lin, w in zip(linears, weights, strict=True):
+        b = linear_params(ed, lin)[1]
+        if m.shift is not None:
+            b = (b if b is not None else torch.zeros(w.shape[0], dtype=w.dtype)) + w @ m.shift
+        set_linear(ed, lin, weight=w * m.scale[None, :], bias=b)
+
+
 def _explicit(gm: GraphModule, x: Node, linears: list[Node], m: Migration) -> None:
     dtype = tensor_val(x).dtype
     inv = add_constant(gm, f"smooth_inv_scale_{x.name}", (1.0 / m.scale).to(dtype),
@@ -302,12 +322,9 @@ def smooth(gm: GraphModule, ctx: PassContext) -> PassResult:
     counters = {"groups": 0, "linears": 0, "into_norm": 0, "into_linear": 0,
                 "into_gated_linear": 0, "explicit": 0, "skipped": 0, "unchanged": 0,
                 "shifted": 0}
-    groups: dict[Node, list[Node]] = {}
     errors: list[tuple[float, float]] = []  # measured groups' output error: none, chosen
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    for node in gm.graph.nodes:
-        if is_call(node, F.linear) and isinstance(node.args[0], Node):
-            groups.setdefault(node.args[0], []).append(node)
+    groups = linear_groups(gm)
     for x, linears in groups.items():
         names = "/".join(layer_name(lin) for lin in linears)
         if ann.get(x, ann.Smoothed) is not None:  # smoothed before
@@ -358,12 +375,8 @@ def smooth(gm: GraphModule, ctx: PassContext) -> PassResult:
             how = "explicit"
             explicit.add(names, "no producer can absorb the shift and 1/s, so "
                          "x * (1/s) - z/s runs before the quantizer")
-        for lin, w in zip(linears, weights, strict=True):
-            b = linear_params(ed, lin)[1]
-            if m.shift is not None:
-                b = (b if b is not None else torch.zeros(w.shape[0], dtype=w.dtype)) + \
-                    w @ m.shift
-            set_linear(ed, lin, weight=w * m.scale[None, :], bias=b)
+        scale_readers(ed, linears, weights, m)
+        for lin in linears:
             ctx.layer(layer_name(lin), "linear").transforms.append(
                 f"smooth({m.label}, into={how})")
             counters["linears"] += 1
