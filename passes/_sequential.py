@@ -31,6 +31,7 @@ from torch.fx import GraphModule, Node
 
 from qcompile import annotations as ann
 from qcompile.fx_utils import get_constant, is_call
+from qcompile.numerics.observers import hessian_shrinkage
 from qcompile.pass_manager import PassContext
 from qcompile.passes._fake_quant import fake_fixed, fake_token
 from qcompile.passes._segments import block_ends, release, run_segment, segments
@@ -53,12 +54,13 @@ def act_quantizer(ctx: PassContext, x: Node) -> Callable[[torch.Tensor], torch.T
 
 
 def sequential_gptq(gm: GraphModule, ctx: PassContext, batches: list, eligible: set[Node],
-                    quantize: Callable[[Node, torch.Tensor, torch.Tensor], torch.Tensor]
+                    quantize: Callable[[Node, torch.Tensor, float, torch.Tensor], torch.Tensor]
                     ) -> int:
-    """Call `quantize(linear, hessian, weight) -> its dequantized weight` for every linear of
-    `eligible`, in the model's order: hessian = 2/n X_q^T X_q of its rounded input X_q in the
-    partly quantized model over `batches`, and weight the float weight moved to make up for
-    the error coming in (see target_weight); returns how many were quantized."""
+    """Call `quantize(linear, hessian, shrinkage, weight) -> its dequantized weight` for
+    every linear of `eligible`, in the model's order: hessian = 2/n X_q^T X_q of its rounded
+    input X_q in the partly quantized model over `batches` (shrinkage: its
+    observers.hessian_shrinkage), and weight the float weight moved to make up for the
+    error coming in (see target_weight); returns how many were quantized."""
     segs = segments(gm, block_ends(gm, analyze(gm)))
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     quant_envs = [dict(zip(placeholders, [a.clone() if isinstance(a, torch.Tensor) else a
@@ -127,9 +129,12 @@ def sequential_gptq(gm: GraphModule, ctx: PassContext, batches: list, eligible: 
                 a = sum(r.T @ r for r in xq_rows)  # X_q^T X_q
                 b = sum(q.T @ f for q, f in zip(xq_rows, xf_rows, strict=True))  # X_q^T X_f
                 n = sum(r.shape[0] for r in xq_rows)
+                h = 2.0 / n * a
+                rho = hessian_shrinkage(h, n, sum(float(r.pow(2).sum(1).pow(2).sum())
+                                                  for r in xq_rows))
                 for lin in stage:
-                    target = target_weight(params(lin)[0].double(), a, b)
-                    done[lin] = quantize(lin, (2.0 / n * a).float(), target.float())
+                    target = target_weight(params(lin)[0].double(), a, b, rho)
+                    done[lin] = quantize(lin, h.float(), rho, target.float())
                     count += 1
             if i + 1 < len(segs):
                 run(seg, quant_envs, quantized(), True, segs[i + 1:])
@@ -144,15 +149,22 @@ def sequential_gptq(gm: GraphModule, ctx: PassContext, batches: list, eligible: 
 DAMP = 1.0
 
 
-def target_weight(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def target_weight(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                  shrinkage: float = 0.0) -> torch.Tensor:
     """The weight W* [N, K] whose output on the quantized model's input X_q comes closest to
     the float layer's on the float model's input X_f, held near W:
         min ||X_q W*^T - X_f W^T||^2 + lambda ||W* - W||^2
         W* = (W B^T + lambda W) (A + lambda I)^-1,  A = X_q^T X_q, B = X_q^T X_f
     (GPTQ's asymmetric calibration, as GPTAQ: the layer also makes up for the error its
     input brings). GPTQ then quantizes W* with the Hessian of X_q: since the least-squares
-    residual is orthogonal to X_q, the two errors add. float64."""
-    lam = DAMP * float(a.diagonal().mean().clamp(min=1e-12))
+    residual is orthogonal to X_q, the two errors add. float64.
+    shrinkage (observers.hessian_shrinkage of A): A and B are each shrunk that far toward
+    their mean diagonal first, as estimates of the inputs' true moments: from rows too few
+    to say much, W* stays near W (at 1, W* = W up to the ratio of their mean diagonals)."""
     eye = torch.eye(a.shape[0], dtype=a.dtype)
+    if shrinkage > 0:
+        a = (1 - shrinkage) * a + shrinkage * a.diagonal().mean() * eye
+        b = (1 - shrinkage) * b + shrinkage * b.diagonal().mean() * eye
+    lam = DAMP * float(a.diagonal().mean().clamp(min=1e-12))
     rhs = w @ b.T + lam * w  # [N, K]
     return torch.linalg.solve(a + lam * eye, rhs.T).T  # A + lambda I is symmetric

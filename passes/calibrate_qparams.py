@@ -36,6 +36,8 @@ class CalibSite:
     zero_point: int | None = None
     channel_range: tuple[torch.Tensor, torch.Tensor] | None = None  # per-channel min, max
     hessian: torch.Tensor | None = None
+    # how far GPTQ shrinks `hessian` toward its mean diagonal (observers.hessian_shrinkage)
+    hessian_shrinkage: float = 0.0
     seen: bool = False
     absmax: float | None = None  # max |x| seen: the symmetric 16-bit scale's range
     bits: int = 8  # the activation's width: 16 where choose-precision widened it
@@ -116,7 +118,7 @@ def calibrate_qparams(gm: GraphModule, ctx: PassContext) -> PassResult:
             elif kind == "channels":
                 site.channel_range = obs.range(QuantSpec(granularity="per_channel", axis=-1))
             elif kind == "hessian":
-                site.hessian = obs.hessian
+                site.hessian, site.hessian_shrinkage = obs.hessian, obs.shrinkage
             elif kind == "mean":
                 site.mean = obs.mean
             elif kind == "sample":

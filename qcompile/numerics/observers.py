@@ -358,12 +358,15 @@ class HessianObserver(Observer):
 
     Keeps the float64 sum and the row count n; `hessian` divides on demand, so the result
     does not depend on how the rows were split into batches (up to float64 rounding).
-    `count` here is rows, not elements.
+    `count` here is rows, not elements. Also the sum of |x|^4 over rows, from which
+    `shrinkage` says how far to trust H as an estimate of the input's true second moment
+    (hessian_shrinkage).
     """
 
     def __init__(self):
         super().__init__()
         self.xtx: torch.Tensor | None = None
+        self.norm4 = 0.0  # sum over rows of |x|^4, float64
 
     def update(self, x: torch.Tensor) -> None:
         x = _as_float(self, x)
@@ -383,6 +386,7 @@ class HessianObserver(Observer):
                 f"to {rows.shape[1]}"
             )
         self.xtx += rows.T @ rows
+        self.norm4 += float(rows.pow(2).sum(1).pow(2).sum())
         self.count += rows.shape[0]
 
     @property
@@ -392,8 +396,42 @@ class HessianObserver(Observer):
         return self.xtx * (2.0 / self.count)
 
     @property
+    def shrinkage(self) -> float:
+        """hessian_shrinkage of what was seen: 0 trusts H as it is, 1 keeps only its mean
+        diagonal."""
+        return hessian_shrinkage(self.hessian, self.count, self.norm4)
+
+    @property
     def stats(self):
         return {"rows": self.count, "features": None if self.xtx is None else self.xtx.shape[0]}
+
+
+def hessian_shrinkage(h: torch.Tensor, n: int, norm4: float) -> float:
+    """Ledoit and Wolf's (2004) shrinkage intensity rho in [0, 1] for H = 2/n sum x x^T over
+    n rows x [K] with sum |x|^4 = norm4: (1 - rho) H + rho mean(diag H) I is, of that
+    family, the estimate of the inputs' true second moment with the least expected squared
+    error. rho is the sampling variance of H's entries over their spread around the mean
+    diagonal: near 1 from a few rows (H's rank is at most n), near 0 from many rows of
+    inputs far from isotropic. GPTQ on an unshrunk H from fewer rows than K fits the
+    weight to the calibration rows' subspace and nothing else.
+        rho = min(1, (norm4 / n^2 - |S|^2 / n) / |S - mu I|^2),  S = H / 2, mu = tr(S) / K
+    """
+    s = h.double() / 2.0
+    k = s.shape[0]
+    mu = float(s.diagonal().sum()) / k
+    spread = float(s.pow(2).sum()) - 2 * mu * float(s.diagonal().sum()) + k * mu * mu
+    if n <= 0 or spread <= 0:  # nothing seen, or already isotropic: nothing to shrink
+        return 0.0
+    variance = norm4 / (n * n) - float(s.pow(2).sum()) / n
+    return min(1.0, max(0.0, variance / spread))
+
+
+def shrink_hessian(h: torch.Tensor, rho: float) -> torch.Tensor:
+    """(1 - rho) H + rho mean(diag H) I (hessian_shrinkage), in H's dtype."""
+    if rho <= 0:
+        return h
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    return (1 - rho) * h + rho * h.diagonal().mean() * eye
 
 
 class MeanObserver(Observer):

@@ -18,6 +18,7 @@ from qcompile.numerics.observers import (
     PerChannelMinMaxObserver,
     RowSampleObserver,
     observer_for,
+    shrink_hessian,
 )
 from qcompile.numerics.specs import QuantSpec, choose_qparams, compute_qparams, fake_quantize
 
@@ -279,3 +280,47 @@ def test_row_sample_keeps_at_most_its_rows_of_the_input_uniformly_and_seeded():
     assert 10 < float(hits.min()) and float(hits.max()) < 60  # mean 30
     with pytest.raises(ValueError, match="features"):
         obs.update(torch.randn(2, 4))
+
+
+def test_hessian_shrinkage_is_ledoit_wolf():
+    """rho = min(1, beta^2 / delta^2) with beta^2 = 1/n^2 sum |x x^T - S|^2 and delta^2 =
+    |S - mu I|^2, written out over the rows; the same whatever the batching."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(40, 12, generator=g, dtype=torch.float64) @ \
+        torch.randn(12, 12, generator=g, dtype=torch.float64)
+    s = x.T @ x / 40
+    mu = s.trace() / 12
+    beta2 = sum(((r[:, None] * r[None, :] - s) ** 2).sum() for r in x) / 40 ** 2
+    delta2 = ((s - mu * torch.eye(12, dtype=torch.float64)) ** 2).sum()
+    expected = min(1.0, float(beta2 / delta2))
+    split = HessianObserver()
+    for i in range(4):
+        split.update(x[10 * i: 10 * i + 10].float())
+    assert 0 < expected < 1
+    assert split.shrinkage == pytest.approx(expected, rel=1e-4)
+    shrunk = shrink_hessian(split.hessian, split.shrinkage)
+    torch.testing.assert_close(
+        shrunk, (1 - expected) * 2 * s + expected * 2 * mu * torch.eye(12, dtype=torch.float64),
+        rtol=1e-4, atol=1e-6)
+
+
+def test_hessian_shrinkage_follows_how_much_the_rows_say():
+    """From fewer rows than inputs H is mostly noise: rho near 1, and the shrunk estimate is
+    closer to the true second moment than H; from many rows of anisotropic inputs rho is
+    near 0."""
+    g = torch.Generator().manual_seed(4)
+    k = 64
+    mix = torch.randn(k, k, generator=g, dtype=torch.float64) / k ** 0.5
+    truth = 2 * mix.T @ mix  # H of infinitely many rows x = z mix
+    few = HessianObserver()
+    few.update((torch.randn(8, k, generator=g, dtype=torch.float64) @ mix).float())
+    assert few.shrinkage > 0.5
+    shrunk = shrink_hessian(few.hessian, few.shrinkage)
+    assert (shrunk - truth).norm() < 0.8 * (few.hessian - truth).norm()
+    many = HessianObserver()
+    scales = torch.logspace(0, 2, 16, dtype=torch.float64)
+    many.update((torch.randn(4000, 16, generator=g, dtype=torch.float64) * scales).float())
+    assert many.shrinkage < 0.01
+    h = many.hessian
+    assert shrink_hessian(h, 0.0) is h
+    assert HessianObserver().norm4 == 0.0

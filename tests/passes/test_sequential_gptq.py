@@ -6,6 +6,7 @@ each graph replays those its inputs fit."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -32,6 +33,14 @@ def test_target_weight_is_the_regularized_least_squares_fit():
     torch.testing.assert_close(got, want)
     # same inputs: the float weight itself
     torch.testing.assert_close(target_weight(w, a, a), w)
+    # moments shrunk all the way (rows too few to say anything): W rescaled by the ratio of
+    # the mean diagonals, nothing fitted to the rows; halfway: the fit on the shrunk moments
+    mu_a, mu_b = float(a.diagonal().mean()), float(b.diagonal().mean())
+    torch.testing.assert_close(target_weight(w, a, b, 1.0),
+                               w * (mu_b + lam) / (mu_a + lam))
+    eye = torch.eye(12, dtype=torch.float64)
+    torch.testing.assert_close(target_weight(w, a, b, 0.5),
+                               target_weight(w, (a + mu_a * eye) / 2, (b + mu_b * eye) / 2))
 
 
 def _model():
@@ -55,17 +64,19 @@ def test_hessians_with_nothing_quantized_are_calibrations():
     calib = cap.ctx.analysis["calib"]
     seen = {}
 
-    def keep_float(lin, hessian, weight):
-        seen[lin] = hessian
+    def keep_float(lin, hessian, shrinkage, weight):
+        seen[lin] = hessian, shrinkage
         return weight
 
     eligible = {n for n in cap.gm.graph.nodes
                 if n.op == "call_function" and n.target is F.linear and ann.selected(n)}
     assert len(eligible) == 15
     assert sequential_gptq(cap.gm, cap.ctx, [cap.inputs()], eligible, keep_float) == 15
-    for lin, hessian in seen.items():
+    for lin, (hessian, shrinkage) in seen.items():
         site = calib[ann.site(lin.args[0], "input")]
         torch.testing.assert_close(hessian, site.hessian.float(), rtol=1e-4, atol=1e-5)
+        assert shrinkage == pytest.approx(site.hessian_shrinkage, rel=1e-6, abs=1e-9)
+        assert 0 < shrinkage < 1  # 16 rows for inputs of 32 and more: some, not all
 
 
 def test_end_to_end_in_order_and_reused_by_a_new_shape():
@@ -116,3 +127,29 @@ def test_replay_takes_the_batches_a_graph_can_run():
     counts = [len(a.replay.batches(a.state.calib_batches)) for a in arts]
     assert counts == [2, 4]  # static [2, 8]; then dynamic in the sequence length
     assert arts[1].replayable() == 4
+
+
+def test_few_calibration_tokens_do_not_overfit():
+    """w4a8 runs GPTQ by default: calibrated on 8 tokens (fewer rows than any layer's
+    inputs) it must stay as close to float as round-to-nearest. Unshrunk, sequential GPTQ
+    fits those 8 rows: 0.9800 mean cosine against round-to-nearest's 0.9877."""
+    build, make, key = MODELS["llama"]
+    cos = {}
+    for gptq in (False, True):
+        torch.manual_seed(0)
+        model = build().eval()
+        cm = torch.compile(model, backend="qcompile",
+                           options={"recipe": "w4a8", "gptq": gptq}, dynamic=False)
+        torch.manual_seed(1)
+        with torch.no_grad(), qcompile.calibrate(cm):
+            cm(*make(1, 8))
+        torch.manual_seed(2)
+        with torch.no_grad():
+            x = make(1, 8)
+            cos[gptq] = float(F.cosine_similarity(getattr(model(*x), key).flatten(1),
+                                                  getattr(cm(*x), key).flatten(1)).mean())
+        if gptq:
+            details = [r.detail.get("gptq", "") for r in qcompile.report(cm).layers]
+            shrunk = [float(d.split("shrunk ")[1].split()[0]) for d in details if d]
+            assert shrunk and sorted(shrunk)[len(shrunk) // 2] > 0.3  # 8 rows: much shrunk
+    assert cos[True] > cos[False] - 0.006
