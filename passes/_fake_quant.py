@@ -26,7 +26,9 @@ def fake_weight(w: torch.Tensor, clip: torch.Tensor, spec: QuantSpec) -> torch.T
         w.reshape(n, 1, k)  # [N, G, g]
     c = clip.reshape(n, 1, 1)
     if spec.symmetric:
-        scale = (g.abs().amax(-1, keepdim=True) * c / spec.qmax).clamp(min=SCALE_EPS)
+        lo = (g.amin(-1, keepdim=True) * c).clamp(max=0)  # weight_qparams' full range
+        hi = (g.amax(-1, keepdim=True) * c).clamp(min=0)
+        scale = torch.maximum(-lo / -spec.qmin, hi / spec.qmax).clamp(min=SCALE_EPS)
         if spec.group_levels is not None:  # the row's grid (its integers carry no gradient)
             scale = on_row_grid(scale[..., 0], spec.group_levels)[0][..., None]
         q = ste_round(g / scale).clamp(spec.qmin, spec.qmax)

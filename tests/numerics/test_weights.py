@@ -6,6 +6,7 @@ import time
 import pytest
 import torch
 
+from qcompile.numerics.observers import HessianObserver, shrink_hessian
 from qcompile.numerics.specs import (
     QuantSpec,
     compute_qparams,
@@ -15,7 +16,7 @@ from qcompile.numerics.specs import (
     quantize,
     weight_spec,
 )
-from qcompile.numerics.weights import gptq_quantize, quantize_weight_rtn
+from qcompile.numerics.weights import gptq_quantize, quantize_weight_rtn, weight_qparams
 
 RTN_SPECS = [
     weight_spec(8),
@@ -64,10 +65,10 @@ def test_rtn_error_is_at_most_half_a_step(spec):
 def test_rtn_group_scales_are_per_row_per_group():
     w = torch.zeros(2, 8)
     w[0, 5] = 7.0  # row 0, group 1 (columns 4..7)
-    w[1, 0] = -3.5  # row 1, group 0
+    w[1, 0] = -3.5  # row 1, group 0: a negative end reaches -8 (weight_qparams)
     qw = quantize_weight_rtn(w, weight_spec(4, group_size=4))
-    assert qw.scale[0, 1].item() == 1.0 and qw.scale[1, 0].item() == 0.5
-    assert qw.qweight[0, 5].item() == 7 and qw.qweight[1, 0].item() == -7
+    assert qw.scale[0, 1].item() == 1.0 and qw.scale[1, 0].item() == 3.5 / 8
+    assert qw.qweight[0, 5].item() == 7 and qw.qweight[1, 0].item() == -8
     assert torch.equal(qw.dequantize(), w)
 
 
@@ -110,14 +111,14 @@ def _obq_reference(w, h, spec, damp, act_order):
         g = spec.group_size
         params = {}
     else:
-        scale, zp = compute_qparams(w.float().amin(1), w.float().amax(1), row_spec)
+        scale, zp = weight_qparams(w.float().amin(1), w.float().amax(1), row_spec)
     q = torch.empty(n, k, dtype=torch.int8)
     for c in order:
         if spec.granularity == "per_group":
             gi = c // g
             if gi not in params:
                 cols = w[:, gi * g : (gi + 1) * g]
-                params[gi] = compute_qparams(cols.amin(1), cols.amax(1), row_spec)
+                params[gi] = weight_qparams(cols.amin(1), cols.amax(1), row_spec)
             scale, zp = params[gi]
         col = w[:, c : c + 1]
         q[:, c : c + 1] = quantize(col, scale, zp, row_spec)
@@ -177,6 +178,28 @@ def test_gptq_beats_rtn_on_correlated_inputs(spec, act_order):
     gptq = gptq_quantize(w, h, spec, act_order=act_order)
     rtn = quantize_weight_rtn(w, spec)
     assert _output_error(x, w, gptq) < 0.9 * _output_error(x, w, rtn)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("rows", [8, 32])
+def test_gptq_on_a_shrunk_hessian_from_few_rows_does_not_overfit(seed, rows):
+    """From fewer calibration rows than inputs (64), GPTQ on H as measured fits those rows
+    and loses to round-to-nearest on new rows of the same inputs; on H shrunk as
+    HessianObserver.shrinkage says it does not."""
+    g = torch.Generator().manual_seed(seed)
+    k = 64
+    mix = torch.randn(k, k, generator=g) / k ** 0.5 + torch.eye(k)
+    w = torch.randn(32, k, generator=g)
+    obs = HessianObserver()
+    obs.update(torch.randn(rows, k, generator=g) @ mix)
+    fresh = torch.randn(4000, k, generator=g) @ mix
+    spec = weight_spec(4, group_size=16)
+    rtn = _output_error(fresh, w, quantize_weight_rtn(w, spec))
+    raw = _output_error(fresh, w, gptq_quantize(w, obs.hessian, spec, act_order=True))
+    shrunk = _output_error(fresh, w, gptq_quantize(
+        w, shrink_hessian(obs.hessian, obs.shrinkage), spec, act_order=True))
+    assert raw > 1.15 * rtn
+    assert shrunk < 1.03 * rtn
 
 
 def test_gptq_dead_columns():
@@ -338,12 +361,13 @@ def test_leveled_groups_keep_most_of_what_float_group_scales_gain():
 
 def test_a_group_never_gets_a_narrower_range_than_its_own():
     """Rounding a group's scale up to the row's grid: no value saturates that min-max
-    group scales would not (every |w| <= 7.5 steps of its group's scale)."""
+    group scales would not (every w within -8.5 .. 7.5 steps of its group's scale)."""
     w = _grouped_weight(seed=7)
     qw = quantize_weight_rtn(w, LEVELED)
     scale = qw.scale.repeat_interleave(16, dim=1)
-    assert bool((w.abs() <= 7.5 * scale * (1 + 1e-6)).all())
-    assert bool((qw.qweight.abs() <= 7).all())
+    assert bool((w <= 7.5 * scale * (1 + 1e-6)).all())
+    assert bool((w >= -8.5 * scale * (1 + 1e-6)).all())
+    assert bool((qw.qweight >= -8).all() and (qw.qweight <= 7).all())
 
 
 def test_group_levels_errors():
@@ -364,3 +388,20 @@ def test_group_levels_errors():
     assert plain.group_mult is None and torch.equal(plain.int_values(), plain.qweight)
     with pytest.raises(ValueError, match="one accumulator per group"):
         plain.int_scale()
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_symmetric_weights_use_both_ends_of_the_range(bits):
+    """weight_qparams: a row whose larger end is negative reaches qmin, one whose larger end
+    is positive reaches qmax; asymmetric specs are compute_qparams' as they are."""
+    spec = QuantSpec(bits=bits, granularity="per_channel", axis=0)
+    w = torch.tensor([[-1.0, 0.5, 0.25], [1.0, -0.5, 0.25]])
+    qw = quantize_weight_rtn(w, spec)
+    assert qw.qweight[0, 0].item() == spec.qmin and qw.qweight[1, 0].item() == spec.qmax
+    torch.testing.assert_close(qw.scale, torch.tensor([1 / -spec.qmin, 1 / spec.qmax]))
+    assert torch.equal(qw.zero_point, torch.zeros(2, dtype=torch.int32))
+    asym = QuantSpec(bits=bits, symmetric=False, granularity="per_channel", axis=0)
+    lo, hi = w.amin(1), w.amax(1)
+    for got, want in zip(weight_qparams(lo, hi, asym), compute_qparams(lo, hi, asym),
+                         strict=True):
+        assert torch.equal(got, want)
