@@ -88,5 +88,7 @@ def _transformed(old: CalibSite, s: torch.Tensor, z: torch.Tensor | None, spec,
     # max |x~|: the 16-bit scale choose-precision offers (without it a smoothed input was
     # never a 16-bit candidate)
     absmax = max(abs(float(lo.min())), abs(float(hi.max())))
-    return CalibSite(float(scale), int(zp), (lo, hi), hessian, True, absmax=absmax, mean=mean,
-                     act_error=act_error)
+    # the shrinkage of the Hessian before the transform: how much its rows say is unchanged
+    return CalibSite(scale=float(scale), zero_point=int(zp), channel_range=(lo, hi),
+                     hessian=hessian, hessian_shrinkage=old.hessian_shrinkage, seen=True,
+                     absmax=absmax, mean=mean, act_error=act_error)

@@ -276,9 +276,10 @@ def load(model, path: str | os.PathLike) -> Loaded:
         migrations = {key: Migration(entry[key], tensors[f"site/{name}/{key}_scale"],
                                      tensors.get(f"site/{name}/{key}_shift"))
                       for key in ("migration", "learned") if entry.get(key) is not None}
-        loaded.sites[name] = CalibSite(entry["scale"], entry["zero_point"], rng, None,
-                                       entry["seen"], entry.get("absmax"),
-                                       entry.get("bits", 8), **migrations,
+        loaded.sites[name] = CalibSite(scale=entry["scale"], zero_point=entry["zero_point"],
+                                       channel_range=rng, seen=entry["seen"],
+                                       absmax=entry.get("absmax"),
+                                       bits=entry.get("bits", 8), **migrations,
                                        **{key: tensors[f"site/{name}/{key}"]
                                           for key in ("mean", "act_error") if entry.get(key)})
     for name, variants in meta["layers"].items():

@@ -65,3 +65,23 @@ def test_smoothed_sites_are_rescaled_from_channel_ranges():
     expect(variant.gm, f"# CHECK-NOT: {plain.scale}")
     assert variant.ctx.counters["smooth-qparams.sites"] >= 1
     assert err_smooth < err_plain  # and it pays off on this outlier-dominated block
+
+
+def test_a_transformed_site_keeps_what_it_does_not_transform():
+    """x~ = (x - z) / s: the Hessian is transformed, its shrinkage (how much the rows say)
+    is not, and the site stays seen."""
+    from qcompile.numerics.specs import QuantSpec
+    from qcompile.passes.calibrate_qparams import CalibSite
+    from qcompile.passes.smooth_qparams import _transformed
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 4, generator=g, dtype=torch.float64)
+    old = CalibSite(scale=0.1, zero_point=0, hessian=2 / 32 * x.T @ x, hessian_shrinkage=0.25,
+                    seen=True, channel_range=(x.amin(0), x.amax(0)), mean=x.mean(0))
+    s = torch.tensor([1.0, 2.0, 4.0, 0.5], dtype=torch.float64)
+    z = torch.tensor([0.1, 0.0, -0.2, 0.3], dtype=torch.float64)
+    new = _transformed(old, s, z, QuantSpec(), None)
+    xt = (x - z) / s
+    torch.testing.assert_close(new.hessian, 2 / 32 * xt.T @ xt)
+    assert new.hessian_shrinkage == 0.25 and new.seen and new.bits == 8
+    assert new.absmax == float(xt.abs().max())
