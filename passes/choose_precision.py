@@ -36,13 +36,12 @@ from torch.fx import GraphModule
 
 from qcompile import annotations as ann
 from qcompile.fx_utils import get_constant
-from qcompile.numerics.weights import quantize_weight_rtn
 from qcompile.pass_manager import PassContext, PassResult, graph_pass
 from qcompile.passes import _sensitivity as sens
 from qcompile.passes.calibrate_qparams import loaded_quantization
 from qcompile.passes.measure_sqnr import probe_inputs
-from qcompile.passes.quantize_weights import weight_spec_for
-from qcompile.sites import is_linear
+from qcompile.passes.quantize_weights import preview_weight, weight_spec_for
+from qcompile.sites import is_conv, is_linear
 
 WEIGHT_WIDTHS = (8, 4)
 ACT_WIDTHS = (8, 16)
@@ -150,8 +149,9 @@ def _sites(gm: GraphModule, ctx: PassContext) -> tuple[list[sens.Site], dict]:
 def _fake_quant(gm: GraphModule, ctx: PassContext, sites: list[sens.Site]) -> sens.FakeQuant:
     calib = ctx.analysis["calib"]
     # 8, or the narrower width select-layers gave a layer for this CPU's kernel
-    selected = {layer.name: layer for node in gm.graph.nodes
-                if is_linear(node) and (layer := ann.selected(node)) is not None}
+    nodes = {layer.name: node for node in gm.graph.nodes
+             if is_linear(node) and (layer := ann.selected(node)) is not None}
+    selected = {name: ann.selected(node) for name, node in nodes.items()}
     weights = {}
     for s in sites:
         if s.kind != "weight":
@@ -166,7 +166,9 @@ def _fake_quant(gm: GraphModule, ctx: PassContext, sites: list[sens.Site]) -> se
             # quantize-weights' spec: int4 in groups where options group_size says so
             spec = weight_spec_for(ctx, w.shape[1], bits,
                                    layer.group_levels if layer is not None else None)[0]
-            qw = quantize_weight_rtn(w, spec)
+            node = nodes.get(s.layers[0])
+            site = calib.get(ann.site(node.args[0], "input")) if node is not None else None
+            qw = preview_weight(ctx, w, spec, site, node is None or is_conv(node))
             weights[(s.name, b)] = qw.dequantize().reshape(shape).to(w.dtype)
 
     def act(name: str, bits: int, x: torch.Tensor) -> torch.Tensor:

@@ -190,6 +190,23 @@ def _quantize_layer(gm: GraphModule, ctx: PassContext, node: Node, counters: dic
     return qw
 
 
+def preview_weight(ctx: PassContext, w: torch.Tensor, spec: QuantSpec, site, conv: bool
+                   ) -> QuantizedWeight:
+    """What quantize-weights will make of a float weight w [N, K] whose input is the
+    calibrated `site` (a CalibSite, or None), short of sequential GPTQ's replay and of
+    learned clip ratios: GPTQ on the site's shrunk Hessian where gptq is on (not for a
+    convolution), else round-to-nearest; rows clipped by the Hessian-weighted search where
+    weight_clip is on. choose-precision measures each candidate width with it, so that
+    the distortion it predicts is that of the weights the model will run."""
+    hessian = site.hessian if site is not None and not conv else None
+    clip = clip_search(w, spec, hessian) if (
+        ctx.options.transform_on("weight_clip") and spec.granularity != "per_tensor") else None
+    if ctx.options.transform_on("gptq") and hessian is not None:
+        h = shrink_hessian(hessian.to(w.device), site.hessian_shrinkage)
+        return gptq_quantize(w, h, spec, clip=clip, act_order=True)
+    return quantize_weight_rtn(w, spec, clip=clip)
+
+
 def _clip(layer, w: torch.Tensor, spec, hessian, counters, selected: ann.Layer,
           search: bool) -> torch.Tensor | None:
     """Each row's clip ratio: learned (learn-transforms), else searched where `search`

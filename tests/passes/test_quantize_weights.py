@@ -52,3 +52,37 @@ def test_weight_clip_option_clips_rows_by_the_calibration_hessian():
         w = getattr(cap.ctx.analysis["float_gm"], f"{layer.name}_weight")
         minmax = w.abs().amax(1) / 7
         assert bool((layer.qweight.scale <= minmax * (1 + 1e-6)).all())
+
+
+def test_preview_weight_is_what_quantize_weights_makes():
+    """choose-precision measures each candidate width on preview_weight: without the
+    sequential replay it must be the weight quantize-weights gives the layer (GPTQ on the
+    shrunk Hessian, rows clipped), integer for integer."""
+    import torch.nn.functional as F
+
+    from qcompile.fx_utils import get_constant, is_call
+    from qcompile.passes.quantize_weights import preview_weight, weight_spec_for
+    from tests.helpers import stage
+    from tests.models.zoo import MODELS
+
+    build, make, _ = MODELS["llama"]
+    torch.manual_seed(0)
+    model = build().eval()
+    torch.manual_seed(1)
+    cap = stage(model, *make(2, 16), before="quantize-weights",
+                options={"recipe": "w4a8", "gptq": True, "sequential": False})
+    calib = cap.ctx.analysis["calib"]
+    linears = [n for n in cap.gm.graph.nodes if is_call(n, F.linear) and ann.selected(n)]
+    previews = {}
+    for n in linears:
+        la = ann.selected(n)
+        w = get_constant(cap.gm, n.args[1]).detach().float()
+        spec = weight_spec_for(cap.ctx, w.shape[1], la.weight_bits, la.group_levels)[0]
+        previews[la.name] = preview_weight(cap.ctx, w, spec,
+                                           calib.get(ann.site(n.args[0], "input")), False)
+    cap.run_pass("quantize-weights")
+    assert cap.ctx.counters["quantize-weights.gptq"] == len(linears) > 0
+    for n in linears:
+        la = ann.selected(n)
+        assert torch.equal(la.qweight.qweight, previews[la.name].qweight), la.name
+        assert torch.equal(la.qweight.scale, previews[la.name].scale), la.name
