@@ -46,6 +46,16 @@ CONFIGS = {
     "w8a8, smooth": {"recipe": "w8a8", "smooth": True},
     "w8a8-static": {"recipe": "w8a8-static"},
     "w8a8-static, no smooth": {"recipe": "w8a8-static", "smooth": False},
+    # Gemma's down / v projection inputs carry a few tokens and channels 10x their median:
+    # per-tensor int8 loses them unless rotated first (the online Hadamard: post-norm, so no
+    # residual rotation) and clipped at the MSE-best range
+    "w8a8-static, rotations": {"recipe": "w8a8-static", "rotate": True,
+                               "online_hadamard": True},
+    "w8a8-static, rotations, mse": {"recipe": "w8a8-static", "rotate": True,
+                                    "online_hadamard": True, "observer": "mse"},
+    "w8a8-static, rotations, mse, no smooth": {"recipe": "w8a8-static", "rotate": True,
+                                               "online_hadamard": True, "observer": "mse",
+                                               "smooth": False},
     "w4a8": {"recipe": "w4a8"},
     # group-wise int4 on the row's integer grid (integer-only). Every K of Gemma 3 270M (640,
     # 1024, 2048) is a multiple of 128, so every group size that divides them all holds
@@ -59,6 +69,9 @@ CONFIGS = {
     # GPTQ in the model's order (sequential, how GPTQ runs now) on the two calibration
     # windows (1,024 tokens; K is 640 to 2,048)
     "w4a8, group 32, gptq": {"recipe": "w4a8", "group_size": 32, "gptq": True},
+    # w4a8's static int8 activations at the MSE-best range (rotated first, as above)
+    "w4a8, group 32, gptq, mse": {"recipe": "w4a8", "group_size": 32, "gptq": True,
+                                  "observer": "mse"},
     "w4a4": {"recipe": "w4a4"},
     "w4a4, group 32": {"recipe": "w4a4", "group_size": 32},
     "w4a16": {"recipe": "w4a16"},

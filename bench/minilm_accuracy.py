@@ -86,6 +86,10 @@ CONFIGS = {
                               "kernels": "cpu"},  # "auto" keeps weight-only int4 float on CPU
     "w8a8-static + rotations": {"recipe": "w8a8-static", "rotate": True,
                                 "online_hadamard": True},
+    # what put Gemma 3 270M's w8a8-static at float perplexity: rotated, MSE ranges, no smooth
+    "w8a8-static + rotations, mse, no smooth": {"recipe": "w8a8-static", "rotate": True,
+                                                "online_hadamard": True, "observer": "mse",
+                                                "smooth": False},
     "w4a8 (rotations) group 32 + GPTQ, no weight clip": {
         "recipe": "w4a8", "group_size": 32, "gptq": True, "weight_clip": False},
     "w4a8 (rotations) group 32 + GPTQ, no smooth": {

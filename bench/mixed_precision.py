@@ -56,6 +56,14 @@ MINILM = {
     "mixed a16<=10%, smooth, rotations": {"recipe": "mixed", "budget": {"a16": 0.1},
                                           "smooth": True, "rotate": True,
                                           "online_hadamard": True, "kernels": "cpu"},
+    # the int4 layers as w4a8 has them: GPTQ (sequential, shrunk Hessians), with and
+    # without smooth
+    "mixed weights <=5 bits, groups of 32, rotations, gptq": {
+        "recipe": "mixed", "budget": {"weight_bits": 5}, "group_size": 32, "gptq": True,
+        "rotate": True, "online_hadamard": True, "kernels": "cpu"},
+    "mixed weights <=5 bits, groups of 32, rotations, gptq, no smooth": {
+        "recipe": "mixed", "budget": {"weight_bits": 5}, "group_size": 32, "gptq": True,
+        "smooth": False, "rotate": True, "online_hadamard": True, "kernels": "cpu"},
 }
 LLAMAS = {
     "w8a8-static": {"recipe": "w8a8-static", "kernels": "cpu"},
