@@ -79,6 +79,10 @@ CONFIGS = {
     "w8a8, 8-bit weights": {"recipe": "w8a8", "narrow_weights": False},
     # integer-only with at most 10% of the quantized activation sites at 16 bits (smooth on)
     "mixed a16<=10%": {"recipe": "mixed", "budget": {"a16": 0.1}},
+    # on w8a8-static's best static configuration (rotated, MSE ranges, no smooth)
+    "mixed a16<=10%, rotations, mse, no smooth": {
+        "recipe": "mixed", "budget": {"a16": 0.1}, "rotate": True, "online_hadamard": True,
+        "observer": "mse", "smooth": False, "sensitivity": "measured"},
 }
 # the targets: perplexity at most this many times float's
 TARGETS = {"w8a8": 1.02, "w8a8-static": 1.02, "w4a8": 1.05, "w4a4": 1.15, "mixed": 1.01}
