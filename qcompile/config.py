@@ -113,8 +113,9 @@ RECIPES: dict[str, Recipe] = {
         Recipe("w4a8", WeightQuant(4, group_size=32), ActQuant(8, dynamic=False), "dyadic",
                rotate=True, online_hadamard=True, weight_clip=True, gptq=True,
                description="int4 weights in groups of 32 along K, each group's scale the "
-                           "row's times an integer (rows clipped by their output error), "
-                           "int8 static activations, rotations on"),
+                           "row's times an integer (rows clipped by their output error; GPTQ "
+                           "in the model's order on shrunk Hessians), int8 static "
+                           "activations, rotations on"),
         Recipe("w4a4", WeightQuant(4), ActQuant(4, dynamic=True), "float", rotate=True,
                online_hadamard=True, gptq=True, smooth=True, weight_clip=True,
                activation_clip=DEFAULT_ACTIVATION_CLIP,
