@@ -61,6 +61,10 @@ MINILM = {
     "mixed weights <=5 bits, groups of 32, rotations, gptq": {
         "recipe": "mixed", "budget": {"weight_bits": 5}, "group_size": 32, "gptq": True,
         "rotate": True, "online_hadamard": True, "kernels": "cpu"},
+    # GPTQ on the calibration's float Hessians: the weights the choice measured on
+    "mixed weights <=5 bits, groups of 32, rotations, gptq, not sequential": {
+        "recipe": "mixed", "budget": {"weight_bits": 5}, "group_size": 32, "gptq": True,
+        "sequential": False, "rotate": True, "online_hadamard": True, "kernels": "cpu"},
     "mixed weights <=5 bits, groups of 32, rotations, gptq, no smooth": {
         "recipe": "mixed", "budget": {"weight_bits": 5}, "group_size": 32, "gptq": True,
         "smooth": False, "rotate": True, "online_hadamard": True, "kernels": "cpu"},
