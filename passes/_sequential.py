@@ -31,7 +31,7 @@ from torch.fx import GraphModule, Node
 
 from qcompile import annotations as ann
 from qcompile.fx_utils import get_constant, is_call
-from qcompile.numerics.observers import hessian_shrinkage
+from qcompile.numerics.observers import hessian_shrinkage, row_norm4, shrink_hessian
 from qcompile.pass_manager import PassContext
 from qcompile.passes._fake_quant import fake_fixed, fake_token
 from qcompile.passes._segments import block_ends, release, run_segment, segments
@@ -130,8 +130,7 @@ def sequential_gptq(gm: GraphModule, ctx: PassContext, batches: list, eligible: 
                 b = sum(q.T @ f for q, f in zip(xq_rows, xf_rows, strict=True))  # X_q^T X_f
                 n = sum(r.shape[0] for r in xq_rows)
                 h = 2.0 / n * a
-                rho = hessian_shrinkage(h, n, sum(float(r.pow(2).sum(1).pow(2).sum())
-                                                  for r in xq_rows))
+                rho = hessian_shrinkage(h, n, sum(row_norm4(r) for r in xq_rows))
                 for lin in stage:
                     target = target_weight(params(lin)[0].double(), a, b, rho)
                     done[lin] = quantize(lin, h.float(), rho, target.float())
@@ -162,9 +161,7 @@ def target_weight(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
     their mean diagonal first, as estimates of the inputs' true moments: from rows too few
     to say much, W* stays near W (at 1, W* = W up to the ratio of their mean diagonals)."""
     eye = torch.eye(a.shape[0], dtype=a.dtype)
-    if shrinkage > 0:
-        a = (1 - shrinkage) * a + shrinkage * a.diagonal().mean() * eye
-        b = (1 - shrinkage) * b + shrinkage * b.diagonal().mean() * eye
+    a, b = shrink_hessian(a, shrinkage), shrink_hessian(b, shrinkage)
     lam = DAMP * float(a.diagonal().mean().clamp(min=1e-12))
     rhs = w @ b.T + lam * w  # [N, K]
     return torch.linalg.solve(a + lam * eye, rhs.T).T  # A + lambda I is symmetric

@@ -161,13 +161,7 @@ def _quantize_layer(gm: GraphModule, ctx: PassContext, node: Node, counters: dic
         layer.transforms.append("loaded")
     elif use_gptq and hessian is not None and not conv:
         clip = _clip(layer, w, spec, hessian, counters, selected, use_clip)
-        # columns in order of decreasing Hessian diagonal (GPTQ's act_order, AutoGPTQ's
-        # desc_act): all-MiniLM-L6-v2 w4a8, groups of 32, mean cosine 0.9865 -> 0.9880
-        # the Hessian shrunk as far as its rows leave it uncertain (Ledoit-Wolf): from a
-        # handful of calibration tokens GPTQ over-fits them and nears round-to-nearest
-        # instead (a w4a8 fuzz model calibrated on 8 tokens: 0.80 cosine unshrunk)
-        h = shrink_hessian(hessian.to(w.device), shrinkage)
-        qw = gptq_quantize(w, h, spec, clip=clip, act_order=True)
+        qw = _gptq(w, hessian, shrinkage, spec, clip)
         counters["gptq"] += 1
         layer.transforms.append("gptq")
         layer.detail["gptq"] = (
@@ -202,9 +196,20 @@ def preview_weight(ctx: PassContext, w: torch.Tensor, spec: QuantSpec, site, con
     clip = clip_search(w, spec, hessian) if (
         ctx.options.transform_on("weight_clip") and spec.granularity != "per_tensor") else None
     if ctx.options.transform_on("gptq") and hessian is not None:
-        h = shrink_hessian(hessian.to(w.device), site.hessian_shrinkage)
-        return gptq_quantize(w, h, spec, clip=clip, act_order=True)
+        return _gptq(w, hessian, site.hessian_shrinkage, spec, clip)
     return quantize_weight_rtn(w, spec, clip=clip)
+
+
+def _gptq(w: torch.Tensor, hessian: torch.Tensor, shrinkage: float, spec: QuantSpec,
+          clip: torch.Tensor | None) -> QuantizedWeight:
+    """GPTQ as quantize-weights runs it (and preview_weight previews it). The Hessian is
+    shrunk as far as its rows leave it uncertain (Ledoit-Wolf): from a handful of
+    calibration tokens GPTQ over-fits them (a tiny LLaMA calibrated on 8 tokens: 0.9800
+    mean logit cosine unshrunk, 0.9845 shrunk, 0.9877 round-to-nearest). Columns go in
+    order of decreasing Hessian diagonal (GPTQ's act_order, AutoGPTQ's desc_act):
+    all-MiniLM-L6-v2 w4a8, groups of 32, mean cosine 0.9865 -> 0.9880."""
+    h = shrink_hessian(hessian.to(w.device), shrinkage)
+    return gptq_quantize(w, h, spec, clip=clip, act_order=True)
 
 
 def _clip(layer, w: torch.Tensor, spec, hessian, counters, selected: ann.Layer,

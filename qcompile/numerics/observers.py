@@ -386,7 +386,7 @@ class HessianObserver(Observer):
                 f"to {rows.shape[1]}"
             )
         self.xtx += rows.T @ rows
-        self.norm4 += float(rows.pow(2).sum(1).pow(2).sum())
+        self.norm4 += row_norm4(rows)
         self.count += rows.shape[0]
 
     @property
@@ -418,16 +418,23 @@ def hessian_shrinkage(h: torch.Tensor, n: int, norm4: float) -> float:
     """
     s = h.double() / 2.0
     k = s.shape[0]
-    mu = float(s.diagonal().sum()) / k
-    spread = float(s.pow(2).sum()) - 2 * mu * float(s.diagonal().sum()) + k * mu * mu
+    trace, frob2 = float(s.diagonal().sum()), float(s.pow(2).sum())
+    mu = trace / k
+    spread = frob2 - 2 * mu * trace + k * mu * mu  # |S - mu I|^2
     if n <= 0 or spread <= 0:  # nothing seen, or already isotropic: nothing to shrink
         return 0.0
-    variance = norm4 / (n * n) - float(s.pow(2).sum()) / n
+    variance = norm4 / (n * n) - frob2 / n
     return min(1.0, max(0.0, variance / spread))
 
 
+def row_norm4(rows: torch.Tensor) -> float:
+    """sum over the rows [n, K] of |x|^4 (hessian_shrinkage's norm4)."""
+    return float(rows.pow(2).sum(1).pow(2).sum())
+
+
 def shrink_hessian(h: torch.Tensor, rho: float) -> torch.Tensor:
-    """(1 - rho) H + rho mean(diag H) I (hessian_shrinkage), in H's dtype."""
+    """(1 - rho) H + rho mean(diag H) I (hessian_shrinkage), in H's dtype; any square
+    second-moment matrix (sequential GPTQ shrinks X_q^T X_f the same way)."""
     if rho <= 0:
         return h
     eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
