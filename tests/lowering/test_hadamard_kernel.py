@@ -105,3 +105,16 @@ def test_cpu_op_two_factor_path_matches_the_reference(n):
     xb = x.to(torch.bfloat16)
     torch.testing.assert_close(ops.hadamard_transform(xb, impl="cpu"),
                                hadamard_transform_ref(xb), atol=1e-5, rtol=2 * 2.0**-8)
+
+
+@pytest.mark.parametrize("n, split", [(384, (8, 48)), (1536, (32, 48)), (1024, (32, 32)),
+                                      (640, (16, 40)), (5632, (128, 44)), (172 * 8, (8, 172))])
+def test_cpu_two_factor_split(n, split):
+    """The inner factor is the smallest H_m (x) H_2^j of order >= 32 (the measured fastest
+    split on CPU), and the split is H_n itself: H_a (x) H_b == H_n."""
+    from qcompile.hadamard import hadamard_matrix
+
+    assert ops.kron_split(n) == split
+    a, b = split
+    if n <= 1536:
+        assert torch.equal(torch.kron(hadamard_matrix(a), hadamard_matrix(b)), hadamard_matrix(n))
