@@ -51,6 +51,8 @@ CONFIGS = {
     # residual rotation) and clipped at the MSE-best range
     "w8a8-static, rotations": {"recipe": "w8a8-static", "rotate": True,
                                "online_hadamard": True},
+    "w8a8-static, rotations, no smooth": {"recipe": "w8a8-static", "rotate": True,
+                                          "online_hadamard": True, "smooth": False},
     "w8a8-static, rotations, mse": {"recipe": "w8a8-static", "rotate": True,
                                     "online_hadamard": True, "observer": "mse"},
     "w8a8-static, rotations, mse, no smooth": {"recipe": "w8a8-static", "rotate": True,

@@ -18,7 +18,7 @@ import math
 import torch
 
 from qcompile.numerics import _checks
-from qcompile.numerics.specs import QuantSpec, compute_qparams, fake_quantize
+from qcompile.numerics.specs import QuantSpec, compute_qparams
 
 
 def _as_float(obs: Observer, x: torch.Tensor) -> torch.Tensor:
@@ -330,18 +330,26 @@ class MSEObserver(RangeObserver):
             self.max_val = torch.maximum(self.max_val, hi)
         self.sample.add(x)
 
+    # candidates scored per chunk: [chunk, sample_size] float32 temporaries (4 MiB each)
+    _CHUNK = 32
+
     def range(self, spec):
-        data = self.sample.values
-        best = None
-        for ratio in torch.linspace(self.min_ratio, 1.0, self.grid, dtype=torch.float64).tolist():
-            lo, hi = self.min_val * ratio, self.max_val * ratio
-            scale, zp = compute_qparams(lo, hi, spec)
-            err = float((fake_quantize(data, scale, zp, spec) - data).square().mean())
-            # Strict '<' keeps the smallest ratio on exact ties: deterministic.
-            if best is None or err < best[0]:
-                best = (err, ratio, lo, hi)
-        self.best_ratio = best[1]
-        return best[2], best[3]
+        data = self.sample.values.detach().float()
+        ratios = torch.linspace(self.min_ratio, 1.0, self.grid, dtype=torch.float64)
+        # float32 ratios: what min_val * ratio computed when each candidate was scored alone
+        r32 = ratios.to(device=data.device, dtype=torch.float32)
+        los, his = self.min_val * r32, self.max_val * r32
+        scale, zp = compute_qparams(los, his, spec)  # elementwise: each candidate's own
+        errs = []
+        for i in range(0, len(r32), self._CHUNK):
+            s, z = scale[i:i + self._CHUNK, None], zp[i:i + self._CHUNK, None].float()
+            e = torch.div(data, s).round_().add_(z).clamp_(spec.qmin, spec.qmax)
+            e = e.sub_(z).mul_(s).sub_(data)  # fake-quantized minus data, in place
+            errs.append(e.square_().sum(dim=1, dtype=torch.float64))
+        # argmin keeps the smallest ratio on exact ties: deterministic
+        best = int(torch.argmin(torch.cat(errs)))
+        self.best_ratio = float(ratios[best])
+        return los[best], his[best]
 
     @property
     def stats(self):

@@ -182,6 +182,28 @@ def test_mse_observer_beats_minmax_with_outliers():
         assert _mse(x, lo, hi, spec) <= _mse(x, x.min() * r, x.max() * r, spec)
 
 
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("spec", [QuantSpec(), QuantSpec(symmetric=False), QuantSpec(bits=4),
+                                  QuantSpec(bits=4, symmetric=False)], ids=str)
+def test_mse_observer_batched_search_is_the_one_candidate_at_a_time_search(seed, spec):
+    """The candidates are scored in one batched pass; the range is the one that scoring
+    each candidate's own qparams alone (fake_quantize) picks, ties to the smallest ratio."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(30_000, generator=g) * (seed + 1)
+    if seed % 2:
+        x = x.abs() + 0.3
+    x[: 3 * seed] *= 25.0
+    obs = MSEObserver(grid=60)
+    obs.update(x)
+    lo, hi = obs.range(spec)
+    best = None
+    for ratio in torch.linspace(obs.min_ratio, 1.0, obs.grid, dtype=torch.float64).tolist():
+        err = _mse(obs.sample.values, obs.min_val * ratio, obs.max_val * ratio, spec)
+        if best is None or err < best[0]:
+            best = (err, obs.min_val * ratio, obs.max_val * ratio)
+    assert torch.equal(lo, best[1]) and torch.equal(hi, best[2])
+
+
 def test_mse_observer_keeps_full_range_for_uniform_8bit():
     x = torch.rand(10_000, generator=torch.Generator().manual_seed(6)) * 2 - 1
     obs = MSEObserver()
