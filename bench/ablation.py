@@ -49,6 +49,7 @@ TECHNIQUES = {  # each alone on top of the recipe with all three off, then all t
     # the recipe as it comes, and with GPTQ (sequential) on
     "recipe defaults": {},
     "recipe defaults + gptq": {"gptq": True},
+    "recipe defaults + mse": {"observer": "mse"},  # static ranges at the MSE best
     # block-wise learned clip ratios and shift / scale (passes/learn_transforms.py), alone
     # and on top of the three
     "learn": {**OFF, "learn": True},

@@ -124,6 +124,8 @@ CONFIGS = {
     # smooth after the rotations hurt Gemma's w8a8-static and w4a8: w4a4 without it
     "w4a4 group 16 + GPTQ sequential, no smooth": {"recipe": "w4a4", "group_size": 16,
                                                    "sequential": True, "smooth": False},
+    # the defaults (groups of 32, GPTQ sequential) with static int8 ranges at the MSE best
+    "w4a8 defaults + mse": {"recipe": "w4a8", "observer": "mse"},
     # block-wise learned clip ratios and shifts / scales (passes/learn_transforms.py)
     "w4a8 (rotations) group 32 + GPTQ + learn": {
         "recipe": "w4a8", "group_size": 32, "gptq": True, "learn": True},
