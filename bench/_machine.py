@@ -21,15 +21,30 @@ def cpu_info() -> dict:
 
 
 def results_slug() -> str:
-    """host and ISA for results file names: one VM name covers CPUs of different kinds
-    (an AVX512-VNNI and an AVX2 EPYC were both "vm"), and their numbers must not mix."""
+    """host, CPU family and ISA for results file names: one VM name covers CPUs of
+    different kinds (an AVX512-VNNI EPYC, an AVX2 EPYC and an AVX512-VNNI Xeon were all
+    "vm"), and their numbers must not mix."""
     import socket
 
     from qcompile.lowering.cpu_routes import cpu_capabilities
 
     caps = cpu_capabilities()
     isa = caps.isa.lower() + ("-vnni" if caps.vnni and "vnni" not in caps.isa.lower() else "")
-    return f"{socket.gethostname().split('.')[0] or 'host'}-{isa}"
+    family = cpu_family(caps.model)
+    host = socket.gethostname().split(".")[0] or "host"
+    return "-".join(p for p in (host, family, isa) if p)
+
+
+def cpu_family(model: str | None) -> str:
+    """The first word of a CPU model name past vendor and trademark words, lower case:
+    "Intel(R) Xeon(R) Processor" -> "xeon", "AMD EPYC 7B13 64-Core Processor" -> "epyc";
+    "" where the OS names no model."""
+    import re
+
+    skip = {"intel", "amd", "genuine", "authentic", "cpu", "processor"}
+    words = re.sub(r"\((r|tm)\)", " ", (model or "").lower()).split()
+    words = [w for w in words if w not in skip and re.fullmatch(r"[a-z0-9][a-z0-9-]*", w)]
+    return words[0] if words else ""
 
 
 def cpu_model() -> str | None:
