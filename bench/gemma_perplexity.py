@@ -74,6 +74,9 @@ CONFIGS = {
     # w4a8's static int8 activations at the MSE-best range (rotated first, as above)
     "w4a8, group 32, gptq, mse": {"recipe": "w4a8", "group_size": 32, "gptq": True,
                                   "observer": "mse"},
+    # groups of 16 (half a k-quant block: the rotations' Hadamards mix the blocks anyway)
+    "w4a8, group 16, gptq, mse": {"recipe": "w4a8", "group_size": 16, "gptq": True,
+                                  "observer": "mse"},
     "w4a4": {"recipe": "w4a4"},
     "w4a4, group 32": {"recipe": "w4a4", "group_size": 32},
     "w4a16": {"recipe": "w4a16"},
