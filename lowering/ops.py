@@ -885,8 +885,7 @@ def kron_split(n: int) -> tuple[int, int]:
     such split gives H_n itself."""
     from qcompile.hadamard import hadamard_factor
 
-    pow2, m = hadamard_factor(n)
-    b = m
+    b = hadamard_factor(n)[1]  # m
     while b < KRON_INNER_MIN and n // b > 1:
         b *= 2
     return n // b, b
