@@ -50,6 +50,9 @@ TECHNIQUES = {  # each alone on top of the recipe with all three off, then all t
     "recipe defaults": {},
     "recipe defaults + gptq": {"gptq": True},
     "recipe defaults + mse": {"observer": "mse"},  # static ranges at the MSE best
+    # w4a4 only: QuaRot's symmetric per-token int4 activations instead of the default's
+    # zero point per token
+    "recipe defaults + symmetric activations": {"activation_symmetric": True},
     # block-wise learned clip ratios and shift / scale (passes/learn_transforms.py), alone
     # and on top of the three
     "learn": {**OFF, "learn": True},

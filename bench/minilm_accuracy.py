@@ -124,6 +124,11 @@ CONFIGS = {
     # smooth after the rotations hurt Gemma's w8a8-static and w4a8: w4a4 without it
     "w4a4 group 16 + GPTQ sequential, no smooth": {"recipe": "w4a4", "group_size": 16,
                                                    "sequential": True, "smooth": False},
+    # per-token int4 activations with a zero point per token (the recipe's default since
+    # it measured better) against QuaRot's symmetric ones
+    "w4a4 symmetric activations": {"recipe": "w4a4", "activation_symmetric": True},
+    "w4a4 group 16, symmetric activations": {"recipe": "w4a4", "group_size": 16,
+                                             "activation_symmetric": True},
     # the defaults (groups of 32, GPTQ sequential) with static int8 ranges at the MSE best
     "w4a8 defaults + mse": {"recipe": "w4a8", "observer": "mse"},
     # block-wise learned clip ratios and shifts / scales (passes/learn_transforms.py)

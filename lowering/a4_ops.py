@@ -2,16 +2,23 @@
 after the online Hadamard, as QuaRot runs W4A4), declared once (lowering/registry.py) with
 their fake and every implementation:
 
-  quantize_per_token_int4  float x [..., K] -> (int4 values, float32 scale [...]):
-                           symmetric per token (row), scale[m] = max((max|x[m]| * clip) / 7,
-                           SCALE_EPS) in float32, q = clamp(round_half_even(x / scale),
-                           -8, 7) (float32 true division): ops._per_token_body's arithmetic
-                           at 4 bits. packed=True: two values a byte along K
-                           (specs.pack_int4's layout, uint8 [..., K // 2]); else int8 [..., K]
+  quantize_per_token_int4  float x [..., K] -> (int4 values, float32 scale [...], int32
+                           zero point [...]): symmetric per token (row), scale[m] =
+                           max((max|x[m]| * clip) / 7, SCALE_EPS) in float32, q =
+                           clamp(round_half_even(x / scale), -8, 7) (float32 true division):
+                           ops._per_token_body's arithmetic at 4 bits, zero points 0; or
+                           asymmetric (symmetric=False): the row's [min, max] * clip onto
+                           [-8, 7] with a zero point per row (ops._per_token_asym_body),
+                           16 levels where a one-sided row (after a GELU) had 8. packed=True:
+                           two values a byte along K (specs.pack_int4's layout, uint8
+                           [..., K // 2]); else int8 [..., K]
   linear_a4w4_dynamic      float x [..., K] -> per-token int4 x (at clip), int4 w (packed
                            uint8 [N, K // 2]) with per-channel scales, exact int32
                            accumulator, float epilogue acc * x_scale[m] * w_scale[n] (+ bias)
-                           -> x.dtype
+                           -> x.dtype; with w_sum (the weight rows' sums, int32 [N]) the
+                           activations are asymmetric and the epilogue first removes the
+                           zero points' term x_zp[m] * w_sum[n] (epilogue.RowZeroPoint),
+                           exactly, in the integers
   linear_a4w4_grouped_dynamic  the same with group-wise int4 w whose group scales are
                            the row's times integers (mult): linear_a4w4_dynamic on q * mult
 
@@ -45,9 +52,13 @@ Implementations, the same integers bit for bit, and the same float epilogue:
   triton            the per-token kernel packs x as it quantizes it (kernels/quantize.py)
                     and the generated W4A4 GEMM (kernels/gemm_w4a4.py) reads x and w packed
 The epilogue is lowering/epilogue.py's Dequantize step (ops.dynamic_epilogue, as
-linear_dynamic's): applied by reference.apply_epilogue_ref, by the CPU GEMM's epilogue, and
-emitted into the Triton kernel by lowering/codegen.py, each in the op order
-((float32(acc) * x_scale[m]) * w_scale[n]) + bias[n], then one cast to x.dtype.
+linear_dynamic's), after a RowZeroPoint step for asymmetric activations: applied by
+reference.apply_epilogue_ref, by the CPU GEMM's epilogue, and emitted into the Triton
+kernel by lowering/codegen.py, each in the op order ((float32(acc - x_zp[m] * w_sum[n]) *
+x_scale[m]) * w_scale[n]) + bias[n], then one cast to x.dtype. The zero points' term is
+an integer, |x_zp| <= 8 and |w_sum| <= 128 K, and acc - x_zp * w_sum is the exact
+accumulator of (q - x_zp) and w, |.| <= 15 * 128 K < 2**31: every implementation computes
+it exactly and rounds it to float32 once.
 
 Range: |int4 x int4| <= 64, so the int32 accumulator is exact for K < 2**25; every
 implementation holds K to the int8 GEMM's K <= 131071 (reference.check_k), the bound the
@@ -66,12 +77,14 @@ import torch
 from torch import Tensor
 
 from qcompile.lowering.device import triton_runs_on
+from qcompile.lowering.epilogue import Epilogue
 from qcompile.lowering.ops import (
     _FUSE_MIN_ELEMENTS,
     BACKENDS,
     _elementwise,
     _grouped_weights,
     _int8_weight,
+    _per_token_asym_body,
     _per_token_body,
     _rows,
     dynamic_epilogue,
@@ -94,12 +107,14 @@ def _check_clip(fn: str, clip) -> None:
                          f"{clip!r}")
 
 
-def _check_quantize(x, packed, clip) -> None:
+def _check_quantize(x, packed, clip, symmetric) -> None:
     fn = "quantize_per_token_int4"
     if not isinstance(x, Tensor) or not x.dtype.is_floating_point or x.dim() < 1:
         raise TypeError(f"{fn}: x must be a floating-point tensor [..., K], got "
                         f"{getattr(x, 'dtype', type(x).__name__)}")
     _check_clip(fn, clip)
+    if not isinstance(symmetric, bool):
+        raise TypeError(f"{fn}: symmetric must be a bool, got {symmetric!r}")
     if packed and x.shape[-1] % 2:
         raise ValueError(f"{fn}: packing needs an even K (two int4 values a byte), got "
                          f"K = {x.shape[-1]}")
@@ -114,58 +129,83 @@ def pack_int4_values(q: Tensor) -> Tensor:
 
 
 @quantized_op
-def quantize_per_token_int4(x: Tensor, packed: bool, clip: float) -> tuple[Tensor, Tensor]:
-    """Dynamic symmetric int4 per token: (q, scale float32 [...]) for float x [..., K], with
-    scale[m] = max((max|x[m, :]| * clip) / 7, SCALE_EPS) in float32 (clip in (0, 1] rounded
-    to float32) and q = clamp(round_half_even(x / scale), -8, 7) in float32. packed: q as
-    uint8 [..., K // 2], two values a byte along K (specs.pack_int4's layout; K even); else
-    int8 [..., K]."""
+def quantize_per_token_int4(x: Tensor, packed: bool, clip: float,
+                            symmetric: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    """Dynamic int4 per token: (q, scale float32 [...], zero point int32 [...]) for float
+    x [..., K], as specs.dynamic_per_token_qparams and specs.quantize compute them in
+    float32 (clip in (0, 1] rounded to float32). symmetric: scale[m] = max((max|x[m, :]| *
+    clip) / 7, SCALE_EPS), zero point 0, q = clamp(round_half_even(x / scale), -8, 7);
+    else the row's [min * clip, max * clip] (stretched to include 0) onto [-8, 7]: scale =
+    max((hi - lo) / 15, SCALE_EPS), zero point clamp(-8 - round(lo / scale), -8, 7), q =
+    clamp(round(x / scale) + zero point, -8, 7). packed: q as uint8 [..., K // 2], two values
+    a byte along K (specs.pack_int4's layout; K even); else int8 [..., K]."""
 
 
 @quantize_per_token_int4.fake
-def _(x, packed, clip):
-    _check_quantize(x, packed, clip)
+def _(x, packed, clip, symmetric=True):
+    _check_quantize(x, packed, clip, symmetric)
     shape = (*x.shape[:-1], x.shape[-1] // 2) if packed else x.shape
     q = x.new_empty(shape, dtype=torch.uint8 if packed else torch.int8)
-    return q, x.new_empty(x.shape[:-1], dtype=torch.float32)
+    return (q, x.new_empty(x.shape[:-1], dtype=torch.float32),
+            x.new_empty(x.shape[:-1], dtype=torch.int32))
 
 
 @quantize_per_token_int4.impl("reference")
-def _(x, packed, clip):
-    from qcompile.lowering.kernels.quantize import quantize_per_token_ref
+def _(x, packed, clip, symmetric=True):
+    from qcompile.lowering.kernels.quantize import (
+        quantize_per_token_asym_ref,
+        quantize_per_token_ref,
+    )
 
-    _check_quantize(x, packed, clip)
-    q, scale = quantize_per_token_ref(x, bits=4, clip=clip)
-    return (specs.pack_int4(q) if packed else q), scale
+    _check_quantize(x, packed, clip, symmetric)
+    if symmetric:
+        q, scale = quantize_per_token_ref(x, bits=4, clip=clip)
+        zp = torch.zeros(scale.shape, dtype=torch.int32, device=x.device)
+    else:
+        q, scale, zp = quantize_per_token_asym_ref(x, bits=4, clip=clip)
+    return (specs.pack_int4(q) if packed else q), scale, zp
 
 
 @quantize_per_token_int4.impl("cpu", runs_on=on_cpu)
-def _(x, packed, clip):
-    _check_quantize(x, packed, clip)
+def _(x, packed, clip, symmetric=True):
+    _check_quantize(x, packed, clip, symmetric)
     rows = _rows(x)  # [M, K]
+    big = rows.numel() >= _FUSE_MIN_ELEMENTS
     # _elementwise makes the Python float clip a float32 0-d tensor: rounded as the spec
-    q, scale = _elementwise(_per_token_body, rows.numel() >= _FUSE_MIN_ELEMENTS, rows,
-                            float(INT4_MAX), specs.SCALE_EPS, float(clip))
+    if symmetric:
+        q, scale = _elementwise(_per_token_body, big, rows, float(INT4_MAX), specs.SCALE_EPS,
+                                float(clip))
+        zp = torch.zeros(scale.shape, dtype=torch.int32)
+    else:
+        q, scale, zp = _elementwise(_per_token_asym_body, big, rows, -8.0, float(INT4_MAX),
+                                    specs.SCALE_EPS, float(clip))
     q = q.reshape(x.shape)
-    return (pack_int4_values(q) if packed else q), scale.reshape(x.shape[:-1])
+    return ((pack_int4_values(q) if packed else q), scale.reshape(x.shape[:-1]),
+            zp.reshape(x.shape[:-1]))
 
 
 @quantize_per_token_int4.impl("triton", runs_on=triton_runs_on)
-def _(x, packed, clip):
+def _(x, packed, clip, symmetric=True):
     from qcompile.lowering.kernels import quantize as kernels
 
-    _check_quantize(x, packed, clip)
+    _check_quantize(x, packed, clip, symmetric)
     if x.dtype not in _KERNEL_FLOATS:  # float64: the reference's x.float(), then the kernel
         x = x.float()
     if packed:
-        return kernels.quantize_per_token_int4_packed_triton(x, clip=clip)
-    return kernels.quantize_per_token_triton(x, bits=4, clip=clip)
+        out = kernels.quantize_per_token_int4_packed_triton(x, clip=clip, symmetric=symmetric)
+        if symmetric:
+            out = (*out, torch.zeros(out[1].shape, dtype=torch.int32, device=x.device))
+        return out
+    if symmetric:
+        q, scale = kernels.quantize_per_token_triton(x, bits=4, clip=clip)
+        return q, scale, torch.zeros(scale.shape, dtype=torch.int32, device=x.device)
+    return kernels.quantize_per_token_asym_triton(x, bits=4, clip=clip)
 
 
 # ---------------------------------------------------------------- int4 x int4 -> float
 
 
-def _check_linear(x, w, w_scale, bias, clip) -> None:
+def _check_linear(x, w, w_scale, bias, clip, w_sum=None) -> None:
     """Shapes, dtypes and the clip (no data is read: the fake runs it too)."""
     fn = "linear_a4w4_dynamic"
     _check_clip(fn, clip)
@@ -190,23 +230,49 @@ def _check_linear(x, w, w_scale, bias, clip) -> None:
                             f"{getattr(t, 'dtype', type(t).__name__)}")
         if t.numel() != n:
             raise ValueError(f"{fn}: {name} must have N = {n} elements, got {tuple(t.shape)}")
+    if w_sum is not None and (not isinstance(w_sum, Tensor) or w_sum.dtype != torch.int32
+                              or w_sum.numel() != n):
+        raise TypeError(f"{fn}: w_sum (asymmetric activations) must be the weight rows' sums, "
+                        f"int32 [N = {n}], got {getattr(w_sum, 'dtype', type(w_sum).__name__)} "
+                        f"{tuple(getattr(w_sum, 'shape', ()))}")
 
 
-def _epilogue_values(x_scale: Tensor, w_scale: Tensor, bias: Tensor | None) -> dict:
+def weight_row_sums(w: Tensor) -> Tensor:
+    """sum_k w[n, k] as int32 [N] for an int4 weight (packed or as int8 values): the w_sum
+    of linear_a4w4_dynamic with asymmetric activations (|sum| <= 128 K fits int32)."""
+    return _int8_weight(w).to(torch.int64).sum(dim=1).to(torch.int32)
+
+
+def _epilogue(args: dict) -> Epilogue:
+    return dynamic_epilogue(args["bias"] is not None, args["w_sum"] is not None)
+
+
+def _epilogue_values(x_scale: Tensor, w_scale: Tensor, bias: Tensor | None,
+                     x_zp: Tensor, w_sum: Tensor | None) -> dict:
     values = dict(row_scale=x_scale.float(), col_scale=w_scale.float().reshape(-1))
     if bias is not None:
         values["float_bias"] = bias.float().reshape(-1)
+    if w_sum is not None:
+        values.update(row_zero_point=x_zp.reshape(-1), col_sum=w_sum.reshape(-1))
     return values
 
 
-def _linear_a4w4(backend, x, w, w_scale, bias, clip, origin=""):
+def _linear_a4w4(backend, x, w, w_scale, bias, clip, w_sum=None, origin=""):
     """Reference and CPU: the family's per-token int4 quantizer (int8 storage), then the
-    backend's int8 GEMM on the int4 values with the Dequantize epilogue."""
-    _check_linear(x, w, w_scale, bias, clip)
+    backend's int8 GEMM on the int4 values with the Dequantize epilogue (after the row
+    zero points' term, for asymmetric activations)."""
+    _check_linear(x, w, w_scale, bias, clip, w_sum)
     family = backend.name.split("-", 1)[0]
-    xq, x_scale = quantize_per_token_int4.run(family, (_rows(x), False, clip))  # [M, K], [M]
-    y = backend.gemm(xq, _int8_weight(w), dynamic_epilogue(bias is not None), origin,
-                     **_epilogue_values(x_scale, w_scale, bias))
+    wq = _int8_weight(w)
+    if family == "reference" and w_sum is not None and \
+            not torch.equal(w_sum.to(wq.device), weight_row_sums(wq)):
+        raise ValueError("linear_a4w4_dynamic: w_sum is not the weight rows' sums "
+                         "(a4_ops.weight_row_sums)")
+    xq, x_scale, x_zp = quantize_per_token_int4.run(
+        family, (_rows(x), False, clip, w_sum is None))  # [M, K], [M], [M]
+    epilogue = dynamic_epilogue(bias is not None, w_sum is not None)
+    y = backend.gemm(xq, wq, epilogue, origin,
+                     **_epilogue_values(x_scale, w_scale, bias, x_zp, w_sum))
     return y.to(x.dtype).reshape(*x.shape[:-1], w.shape[0])
 
 
@@ -214,24 +280,26 @@ def _source(args: dict, origin: str) -> str:
     """The generated W4A4 kernel a call runs on CUDA (its epilogue: bias or not)."""
     from qcompile.lowering.kernels.gemm_w4a4 import generated_source
 
-    return generated_source(dynamic_epilogue(args["bias"] is not None), origin)
+    return generated_source(_epilogue(args), origin)
 
 
-@gemm_op(_linear_a4w4, epilogue=lambda a: dynamic_epilogue(a["bias"] is not None),
-         triton=False)
+@gemm_op(_linear_a4w4, epilogue=_epilogue, triton=False)
 @quantized_op
 def linear_a4w4_dynamic(x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None,
-                        clip: float) -> Tensor:
+                        clip: float, w_sum: Tensor | None = None) -> Tensor:
     """W4A4 dynamic: x [..., K] quantized per token to int4 at clip (quantize_per_token_int4;
-    clip in (0, 1], 1.0: the absmax), int4 w [N, K] packed two a byte along K (uint8
+    clip in (0, 1], 1.0: the row's range), int4 w [N, K] packed two a byte along K (uint8
     [N, K // 2]) with per-channel scales; the exact int32 accumulator dequantized,
     ((float32(acc) * x_scale[m]) * w_scale[n]) + bias[n] in float32, cast to x.dtype.
+    w_sum None: symmetric activations; else asymmetric ones (a zero point per token), and
+    w_sum the weight rows' sums (int32 [N], weight_row_sums): acc - x_zp[m] * w_sum[n] is
+    what is dequantized, computed exactly (int64) before the one rounding to float32.
     Implementations may hold w unpacked (int8 [N, K]) after `prepare`."""
 
 
 @linear_a4w4_dynamic.fake
-def _(x, w, w_scale, bias, clip):
-    _check_linear(x, w, w_scale, bias, clip)
+def _(x, w, w_scale, bias, clip, w_sum=None):
+    _check_linear(x, w, w_scale, bias, clip, w_sum)
     return x.new_empty((*x.shape[:-1], w.shape[0]))
 
 
@@ -239,17 +307,18 @@ linear_a4w4_dynamic.kernel_source = _source
 
 
 @linear_a4w4_dynamic.impl("triton", runs_on=triton_runs_on)
-def _(x, w, w_scale, bias, clip, origin=""):
+def _(x, w, w_scale, bias, clip, w_sum=None, origin=""):
     """x packed as it is quantized, then the packed W4A4 GEMM; a weight given as int8
     values runs the int8 GEMM on the unpacked x instead (the same integers)."""
     from qcompile.lowering.kernels.gemm_w4a4 import gemm_w4a4_triton
 
-    _check_linear(x, w, w_scale, bias, clip)
+    _check_linear(x, w, w_scale, bias, clip, w_sum)
     rows = _rows(x)  # [M, K]
-    epilogue = dynamic_epilogue(bias is not None)
+    epilogue = dynamic_epilogue(bias is not None, w_sum is not None)
     packed = w.dtype == torch.uint8
-    xq, x_scale = quantize_per_token_int4.run("triton", (rows, packed, clip))
-    values = _epilogue_values(x_scale, w_scale, bias)
+    xq, x_scale, x_zp = quantize_per_token_int4.run("triton",
+                                                    (rows, packed, clip, w_sum is None))
+    values = _epilogue_values(x_scale, w_scale, bias, x_zp, w_sum)
     if packed:
         y = gemm_w4a4_triton(xq, w, epilogue, origin=origin, **values)
     else:
@@ -259,24 +328,25 @@ def _(x, w, w_scale, bias, clip, origin=""):
 
 @quantized_op
 def linear_a4w4_grouped_dynamic(x: Tensor, w: Tensor, mult: Tensor, w_scale: Tensor,
-                                bias: Tensor | None, clip: float) -> Tensor:
+                                bias: Tensor | None, clip: float,
+                                w_sum: Tensor | None = None) -> Tensor:
     """linear_a4w4_dynamic with group-wise int4 weights whose group scales are the row's
     times small integers (options group_size): w packed uint8 [N, K // 2], mult int8
     [N, K // g] in 1..16, w_scale the row scales [N]; the integer weight q * mult is an int8
     value (ops.grouped_int4_values), and the call is linear_a4w4_dynamic's on it, the same
-    implementation by name. Implementations may hold w as those int8 values after
-    `prepare`."""
+    implementation by name (w_sum, for asymmetric activations, the sums of those int8
+    values' rows). Implementations may hold w as those int8 values after `prepare`."""
 
 
 @linear_a4w4_grouped_dynamic.fake
-def _(x, w, mult, w_scale, bias, clip):
-    _check_linear(x, w, w_scale, bias, clip)
+def _(x, w, mult, w_scale, bias, clip, w_sum=None):
+    _check_linear(x, w, w_scale, bias, clip, w_sum)
     return x.new_empty((*x.shape[:-1], w.shape[0]))
 
 
-def _linear_a4w4_grouped(name, x, w, mult, w_scale, bias, clip, origin=""):
-    return linear_a4w4_dynamic.run(name, (x, grouped_weight(w, mult), w_scale, bias, clip),
-                                   origin)
+def _linear_a4w4_grouped(name, x, w, mult, w_scale, bias, clip, w_sum=None, origin=""):
+    return linear_a4w4_dynamic.run(
+        name, (x, grouped_weight(w, mult), w_scale, bias, clip, w_sum), origin)
 
 
 for _name, _impl in linear_a4w4_dynamic.impls.items():

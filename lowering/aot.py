@@ -32,6 +32,7 @@ import argparse
 import contextlib
 import importlib
 import io
+import itertools
 import json
 import os
 import re
@@ -174,9 +175,10 @@ def quantize_launches(arch: int) -> list[Launch]:
     # One pass up to the longest row held in registers, then the two-pass variant.
     for dt in _FLOATS:
         for k, block_k in ((4096, 4096), (16384, 16384), (32768, 16384)):
-            args = dict(x_ptr=dt, q_ptr=torch.int8, scale_ptr=torch.float32, K=k, clip=1.0,
-                        stride_xm=k, stride_xk=1, stride_qm=k, stride_qk=1, **_Q8, EPS=1e-8,
-                        BLOCK_K=block_k, ONE_PASS=block_k >= k)
+            args = dict(x_ptr=dt, q_ptr=torch.int8, scale_ptr=torch.float32,
+                        zp_ptr=torch.int32, K=k, clip=1.0, stride_xm=k, stride_xk=1,
+                        stride_qm=k, stride_qk=1, **_Q8, EPS=1e-8, BLOCK_K=block_k,
+                        ONE_PASS=block_k >= k, SYMMETRIC=True)
             out.append(_launch(arch, f"quantize_per_token[{_short(dt)}] K={k}",
                                "quantize:_quantize_per_token_kernel", args,
                                dict(num_warps=min(16, max(1, block_k // 512)))))
@@ -254,10 +256,16 @@ def w4_launches(arch: int) -> list[Launch]:
     return out
 
 
+# the epilogue operands that are not float32 (lowering/epilogue.py: bind_operands)
+_OPERAND_DTYPES = {"row_zero_point": torch.int32, "col_sum": torch.int32}
+
+
 def w4a4_epilogues() -> list[Epilogue]:
     """What the packed W4A4 GEMM runs: linear_a4w4_dynamic's float32 dequantization, with
-    and without bias."""
-    return [Epilogue((Dequantize("float32", has_bias=b),)) for b in (False, True)]
+    and without bias, after the row zero points' term (asymmetric activations) or not."""
+    from qcompile.lowering.ops import dynamic_epilogue
+
+    return [dynamic_epilogue(b, rzp) for rzp in (False, True) for b in (False, True)]
 
 
 def w4a4_launches(arch: int) -> list[Launch]:
@@ -266,6 +274,7 @@ def w4a4_launches(arch: int) -> list[Launch]:
     tunes, no untuned default is launched), each made valid by its fit_config (BLOCK_K //
     2 >= 32 on GPUs); and the per-token quantizer that packs x."""
     from qcompile.lowering.codegen import _emit
+    from qcompile.lowering.kernels.quantize import int4_packed_block
 
     def fit(cfg: GemmConfig) -> GemmConfig:  # gemm_w4a4.fit_config on a GPU target
         return GemmConfig(cfg.block_m, cfg.block_n, max(cfg.block_k, 64), cfg.group_m,
@@ -280,7 +289,8 @@ def w4a4_launches(arch: int) -> list[Launch]:
                 stride_am=_K // 2, stride_ak=1, stride_wn=_K // 2, stride_wk=1, stride_cm=_N,
                 stride_cn=1, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                 GROUP_M=cfg.group_m)
-            args.update({f"{p}_ptr": torch.float32 for p in code.pointers})
+            args.update({f"{p}_ptr": _OPERAND_DTYPES.get(p, torch.float32)
+                         for p in code.pointers})
             args.update({st: 1 for st, _ in code.strides})
             options = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                            enable_fp_fusion=ep.integer_only)
@@ -288,11 +298,15 @@ def w4a4_launches(arch: int) -> list[Launch]:
             out.append(Launch(arch, name, ep, args, options, frozenset({"tuned", "mma:s8"}),
                               "gemm_w4a4"))
     for dt in _FLOATS:  # one pass up to 16384, then two
-        for k, block_b in ((4096, 2048), (32768, 8192)):
-            args = dict(x_ptr=dt, p_ptr=torch.uint8, scale_ptr=torch.float32, K=k, clip=0.9,
-                        stride_xm=k, stride_xk=1, stride_pm=k // 2, stride_pk=1, EPS=1e-8,
-                        BLOCK_B=block_b, ONE_PASS=block_b >= k // 2)
-            out.append(_launch(arch, f"quantize_per_token_int4_packed[{_short(dt)}] K={k}",
+        for k, sym in itertools.product((4096, 32768), (True, False)):
+            block_b = int4_packed_block(k, sym)
+            args = dict(x_ptr=dt, p_ptr=torch.uint8, scale_ptr=torch.float32,
+                        zp_ptr=torch.int32, K=k, clip=0.9, stride_xm=k, stride_xk=1,
+                        stride_pm=k // 2, stride_pk=1, EPS=1e-8, BLOCK_B=block_b,
+                        ONE_PASS=block_b >= k // 2, SYMMETRIC=sym)
+            kind = "" if sym else ", asymmetric"
+            out.append(_launch(arch, f"quantize_per_token_int4_packed[{_short(dt)}{kind}] "
+                                     f"K={k}",
                                "quantize:_quantize_per_token_int4_packed_kernel", args,
                                dict(num_warps=min(16, max(1, block_b // 256)))))
     return out

@@ -44,7 +44,14 @@ from qcompile.lowering.cache_dir import (
     warn_once,
     write_atomic,
 )
-from qcompile.lowering.epilogue import Bias, Dequantize, Epilogue, InputZeroPoint, Requantize
+from qcompile.lowering.epilogue import (
+    Bias,
+    Dequantize,
+    Epilogue,
+    InputZeroPoint,
+    Requantize,
+    RowZeroPoint,
+)
 from qcompile.lowering.kernels.gemm_int8 import BODY, HEADER, TEMPLATE_VERSION
 
 _TL_DTYPE = {"float32": "tl.float32", "float16": "tl.float16", "bfloat16": "tl.bfloat16"}
@@ -101,8 +108,12 @@ def _emit(epilogue: Epilogue) -> _Code:
     if not epilogue.steps:
         b.append("out = acc  # [BLOCK_M, BLOCK_N] int32: no epilogue steps")
         return code
+    # RowZeroPoint alone before a Dequantize stays int32: its product and difference are
+    # bounded by the per-token int4 ops (|zp| <= 8, |colsum| <= 128 K, |x| <= 15 * 128 K,
+    # all below 2**31 for K <= 131071), and an int64 tile spills large float tiles
     wide = epilogue.requantize is not None or (
-        epilogue.dequantize is not None and len(epilogue.steps) > 1
+        epilogue.dequantize is not None
+        and any(isinstance(s, (InputZeroPoint, Bias)) for s in epilogue.steps)
     )
     if wide:
         # Integer steps before a requantization or a float conversion run in int64: exact,
@@ -121,6 +132,14 @@ def _emit(epilogue: Epilogue) -> _Code:
                 "# input zero point: subtract zp_x * colsum(W)[c]",
                 "zp_term = tl.load(zp_term_ptr + offs_n, mask=mask_n, other=0)  # [BLOCK_N] int32",
                 f"x = x - zp_term{widen}[None, :]",
+            ]
+        elif isinstance(step, RowZeroPoint):
+            code.pointers += ["row_zero_point", "col_sum"]
+            b += [
+                "# per-token zero points: subtract row_zero_point[m] * colsum(W)[c]",
+                "row_zp = tl.load(row_zero_point_ptr + offs_m, mask=mask_m, other=0)  # [BM] int32",
+                "col_sum = tl.load(col_sum_ptr + offs_n, mask=mask_n, other=0)  # [BLOCK_N] int32",
+                f"x = x - row_zp{widen}[:, None] * col_sum{widen}[None, :]",
             ]
         elif isinstance(step, Bias):
             code.pointers.append("bias")

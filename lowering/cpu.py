@@ -47,6 +47,7 @@ from qcompile.lowering.epilogue import (
     Epilogue,
     InputZeroPoint,
     Requantize,
+    RowZeroPoint,
     bind_operands,
 )
 from qcompile.lowering.reference import apply_bound_epilogue, check_k
@@ -110,8 +111,9 @@ def _chunked_eager(acc: torch.Tensor, epilogue: Epilogue, v: dict[str, Any]) -> 
     rows = max(1, _CHUNK_ELEMENTS // max(1, n))
     for i in range(0, m, rows):
         part = dict(v)
-        if "row_scale" in v:
-            part["row_scale"] = v["row_scale"][i : i + rows]
+        for name in ("row_scale", "row_zero_point"):
+            if name in v:
+                part[name] = v[name][i : i + rows]
         out[i : i + rows] = apply_bound_epilogue(acc[i : i + rows], epilogue, part)
     return out
 
@@ -189,14 +191,22 @@ def _float_epilogue(acc: torch.Tensor, epilogue: Epilogue, v: dict[str, Any], mo
     """The epilogue on an exact float32 accumulator, where a float path is exact (the
     dequantization overwrites acc); None where the integer path must run."""
     kinds = [type(s) for s in epilogue.steps]
-    if kinds and kinds[-1] is Dequantize and Bias not in kinds:
-        zp = None
+    one_subtraction = not (InputZeroPoint in kinds and RowZeroPoint in kinds)
+    if kinds and kinds[-1] is Dequantize and Bias not in kinds and one_subtraction:
+        zp = rows = None
         if InputZeroPoint in kinds:
             zp = v["zp_term"]
             if zp.numel() and int(zp.abs().max()) > F32_EXACT:
                 return None
             zp = zp.to(torch.float32)
-        return _dequantize_f32(acc, zp, epilogue, v, mode)
+        if RowZeroPoint in kinds:
+            # row_zero_point[m] * col_sum[c] is an exact float32 integer within 2**24
+            rzp, cs = v["row_zero_point"], v["col_sum"]
+            if rzp.numel() and cs.numel() and \
+                    int(rzp.abs().max()) * int(cs.abs().max()) > F32_EXACT:
+                return None
+            rows = (rzp.to(torch.float32), cs.to(torch.float32))
+        return _dequantize_f32(acc, zp, epilogue, v, mode, rows)
     if kinds and kinds[-1] is Requantize:
         offset = _integer_offset(epilogue, v, acc.shape[1])
         if offset is not None:
@@ -204,14 +214,18 @@ def _float_epilogue(acc: torch.Tensor, epilogue: Epilogue, v: dict[str, Any], mo
     return None
 
 
-def dequant_body(acc, zp_term, row_scale, col_scale, float_bias):
+def dequant_body(acc, zp_term, row_scale, col_scale, float_bias, row_zp=None, col_sum=None):
     # the reference's op order: ((float32(acc - zp_term) * row_scale[m]) * col_scale[c])
     # + bias[c]. acc and zp_term are exact float32 integers, and IEEE subtraction rounds
     # the exact difference to nearest even, as the reference's int64 -> float32 does.
+    # row_zp, col_sum (float32, exact; their products within 2**24): acc - row_zp[m] *
+    # col_sum[c] instead, the one other subtraction an epilogue has (RowZeroPoint).
     # In place: the route's accumulator is a fresh temporary, and writing the result into
     # it spares allocating (and page-faulting) another [M, N] float32 tensor per call
     if zp_term is not None:
         acc.sub_(zp_term[None, :])
+    if row_zp is not None:
+        acc.sub_(row_zp[:, None] * col_sum[None, :])
     acc.mul_(row_scale[:, None])
     acc.mul_(col_scale[None, :])
     if float_bias is not None:
@@ -224,10 +238,10 @@ def _compiled_dequant():
     return torch.compile(dequant_body, dynamic=True, fullgraph=True)
 
 
-def _dequantize_f32(acc, zp_term, epilogue, v, mode):
+def _dequantize_f32(acc, zp_term, epilogue, v, mode, rows=None):
     step = epilogue.dequantize
     bias = v.get("float_bias") if step.has_bias else None
-    args = (acc, zp_term, v["row_scale"], v["col_scale"], bias)
+    args = (acc, zp_term, v["row_scale"], v["col_scale"], bias, *(rows or (None, None)))
     y = _compiled_or_eager("f32 " + epilogue.signature(), mode, acc.numel(),
                            lambda: _compiled_dequant()(*args), lambda: dequant_body(*args))
     return y.to(epilogue.out_dtype)

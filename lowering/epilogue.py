@@ -7,6 +7,9 @@ its `signature()` keys the kernel cache and the autotune cache.
 An epilogue is a chain of steps on acc[M, N] = A[M, K] @ W[N, K]^T (int32):
 
     InputZeroPoint   acc -= zp_term[c]        zp_term = zp_x * colsum(W)[c], int32 [N]
+    RowZeroPoint     acc -= row_zero_point[m] * col_sum[c]
+                                              per-token zero points of a dynamic asymmetric
+                                              A (int32 [M]) times colsum(W) (int32 [N])
     Bias             acc += bias[c]           int32 [N], scale s_x * s_w[c]
     Requantize       y = clamp(round(acc * q / 2**shift) + out_zero_point, qmin, qmax)
                      -> int8; q/shift per tensor (ints) or per channel ([N]); ReLU is
@@ -42,6 +45,15 @@ class InputZeroPoint:
 
     def tag(self) -> str:
         return "izp"
+
+
+@dataclass(frozen=True)
+class RowZeroPoint:
+    """Subtract row_zero_point[m] * col_sum[c]: A quantized per token with a zero point each
+    (dynamic asymmetric activations), col_sum the rows' sums of W (int32 [N])."""
+
+    def tag(self) -> str:
+        return "rzp"
 
 
 @dataclass(frozen=True)
@@ -86,7 +98,7 @@ class Dequantize:
         return f"dequant.{self.out_dtype}" + ("+fbias" if self.has_bias else "")
 
 
-Step = InputZeroPoint | Bias | Requantize | Dequantize
+Step = InputZeroPoint | RowZeroPoint | Bias | Requantize | Dequantize
 _TERMINAL = (Requantize, Dequantize)
 
 
@@ -106,7 +118,7 @@ class Epilogue:
         object.__setattr__(self, "steps", steps)
         kinds = [type(s) for s in steps]
         for s in steps:
-            if not isinstance(s, (InputZeroPoint, Bias, Requantize, Dequantize)):
+            if not isinstance(s, (InputZeroPoint, RowZeroPoint, Bias, Requantize, Dequantize)):
                 raise TypeError(f"not an epilogue step: {s!r}")
         if len(set(kinds)) != len(kinds):
             raise ValueError(f"each epilogue step may appear once, got {self.describe(steps)}")
@@ -157,6 +169,8 @@ class Epilogue:
         for s in self.steps:
             if isinstance(s, InputZeroPoint):
                 names.append("zp_term")
+            elif isinstance(s, RowZeroPoint):
+                names += ["row_zero_point", "col_sum"]
             elif isinstance(s, Bias):
                 names.append("bias")
             elif isinstance(s, Requantize):
@@ -198,9 +212,10 @@ def bind_operands(
 ) -> dict[str, Any]:
     """Check and normalise the call-time values for an [M, N] output on `device`.
 
-    Post: integer vectors are contiguous int32 (bias, zp_term) or int64 (per-channel q,
-    shift) of shape [N]; float scales are float32 [M] / [N] (possibly stride-0 views);
-    scalars are Python ints. Missing or unexpected values raise: nothing is ignored.
+    Post: integer vectors are contiguous int32 (bias, zp_term, col_sum [N];
+    row_zero_point [M]) or int64 (per-channel q, shift [N]); float scales are float32
+    [M] / [N] (possibly stride-0 views); scalars are Python ints. Missing or unexpected
+    values raise: nothing is ignored.
     """
     device = torch.device(device)
     needed = epilogue.operand_names()
@@ -216,8 +231,10 @@ def bind_operands(
     out: dict[str, Any] = {}
     for name in needed:
         v = given.get(name, _DEFAULTS.get(name))
-        if name in ("bias", "zp_term"):
+        if name in ("bias", "zp_term", "col_sum"):
             out[name] = _vector(name, v, n, torch.int32, device)
+        elif name == "row_zero_point":
+            out[name] = _vector(name, v, m, torch.int32, device)
         elif name in ("q", "shift"):
             if epilogue.requantize.per_channel:
                 out[name] = _vector(name, v, n, torch.int64, device)

@@ -83,6 +83,8 @@ def gemm_int8(
     *,
     bias: torch.Tensor | None = None,
     zp_term: torch.Tensor | None = None,
+    row_zero_point: torch.Tensor | None = None,
+    col_sum: torch.Tensor | None = None,
     q: torch.Tensor | int | None = None,
     shift: torch.Tensor | int | None = None,
     out_zero_point: int | None = None,
@@ -107,7 +109,8 @@ def gemm_int8(
     stored), else (interpreter) the deterministic default.
     """
     values = dict(
-        bias=bias, zp_term=zp_term, q=q, shift=shift, out_zero_point=out_zero_point,
+        bias=bias, zp_term=zp_term, row_zero_point=row_zero_point, col_sum=col_sum, q=q,
+        shift=shift, out_zero_point=out_zero_point,
         qmin=qmin, qmax=qmax, row_scale=row_scale, col_scale=col_scale, float_bias=float_bias,
     )
     return plan_gemm_int8(

@@ -46,7 +46,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from qcompile.lowering.device import inside_compiler, triton_runs_on
-from qcompile.lowering.epilogue import Bias, Dequantize, Epilogue, InputZeroPoint, Requantize
+from qcompile.lowering.epilogue import (
+    Bias,
+    Dequantize,
+    Epilogue,
+    InputZeroPoint,
+    Requantize,
+    RowZeroPoint,
+)
 from qcompile.lowering.registry import Inline, on_cpu, quantized_op
 from qcompile.numerics import specs
 from qcompile.numerics.dyadic import rounding_shift_unchecked
@@ -318,9 +325,11 @@ def dequant_epilogue(has_bias: bool, has_zp_term: bool) -> Epilogue:
     return Epilogue((*steps, Dequantize(out_dtype="float32", has_bias=has_bias)))
 
 
-def dynamic_epilogue(has_bias: bool) -> Epilogue:
-    """The epilogue of linear_dynamic: per-token x per-channel scales, float32 out."""
-    return Epilogue((Dequantize(out_dtype="float32", has_bias=has_bias),))
+def dynamic_epilogue(has_bias: bool, row_zero_points: bool = False) -> Epilogue:
+    """The epilogue of linear_dynamic: per-token x per-channel scales, float32 out;
+    row_zero_points: the per-token zero points of asymmetric activations removed first."""
+    dequantize = Dequantize(out_dtype="float32", has_bias=has_bias)
+    return Epilogue((RowZeroPoint(), dequantize) if row_zero_points else (dequantize,))
 
 
 def accumulate_epilogue(has_bias: bool, has_zp_term: bool) -> Epilogue:
@@ -380,6 +389,20 @@ def _per_token_body(x, qmax, eps, clip=None):
     scale = (absmax / qmax).clamp(min=eps)
     q = torch.round(xf / scale).clamp(-qmax - 1, qmax).to(torch.int8)
     return q, scale.squeeze(-1)
+
+
+def _per_token_asym_body(x, qmin, qmax, eps, clip):
+    # numerics.specs.dynamic_per_token_qparams with an asymmetric spec + quantize: the row's
+    # min and max times clip, stretched to include 0, then compute_qparams' op order
+    # (scale = (hi - lo) / (qmax - qmin) at least eps, zero point qmin - round(lo / scale)
+    # clamped), q = clamp(round(x / scale) + zero point); round half to even throughout
+    xf = x.float()
+    lo = (xf.amin(dim=-1, keepdim=True) * clip).clamp(max=0.0)
+    hi = (xf.amax(dim=-1, keepdim=True) * clip).clamp(min=0.0)
+    scale = ((hi - lo) / (qmax - qmin)).clamp(min=eps)
+    zp = (qmin - torch.round(lo / scale)).clamp(qmin, qmax)
+    q = (torch.round(xf / scale) + zp).clamp(qmin, qmax).to(torch.int8)
+    return q, scale.squeeze(-1), zp.squeeze(-1).to(torch.int32)
 
 
 def _per_token_cpu(rows):

@@ -27,6 +27,7 @@ from qcompile.lowering.epilogue import (
     Epilogue,
     InputZeroPoint,
     Requantize,
+    RowZeroPoint,
     bind_operands,
 )
 from qcompile.numerics.dyadic import requantize
@@ -185,6 +186,8 @@ def apply_bound_epilogue(acc: torch.Tensor, epilogue: Epilogue, v: dict[str, Any
     for step in epilogue.steps:
         if isinstance(step, InputZeroPoint):
             x = x - v["zp_term"].to(torch.int64)
+        elif isinstance(step, RowZeroPoint):
+            x = x - v["row_zero_point"].to(torch.int64)[:, None] * v["col_sum"].to(torch.int64)
         elif isinstance(step, Bias):
             x = x + v["bias"].to(torch.int64)
         elif isinstance(step, Requantize):

@@ -293,7 +293,15 @@ def arg(node: Node, name: str) -> Any:
     if name in ("impl", "origin"):
         return node.kwargs.get(name, UNBOUND)
     i = _index(op, name)
-    return node.args[i] if i < len(node.args) else node.kwargs[name]
+    if i < len(node.args):
+        return node.args[i]
+    if name in node.kwargs:
+        return node.kwargs[name]
+    default = inspect.signature(op.declaration).parameters[name].default
+    if default is inspect.Parameter.empty:
+        raise KeyError(f"{node.format_node()} does not give qcompile::{op.name}'s argument "
+                       f"{name!r}")
+    return default  # a trailing argument with a default, left out
 
 
 def set_arg(node: Node, name: str, value: Any) -> None:

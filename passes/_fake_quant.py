@@ -50,12 +50,19 @@ def fake_static(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, spec: Quant
     return ((ste_round(x / scale) + zp).clamp(spec.qmin, spec.qmax) - zp) * scale
 
 
-def fake_token(x: torch.Tensor, bits: int, clip: float) -> torch.Tensor:
-    """x quantized per row (token) at run time, symmetric, max|x| * clip / qmax: the dynamic
-    activation ops' scales."""
+def fake_token(x: torch.Tensor, bits: int, clip: float, symmetric: bool = True) -> torch.Tensor:
+    """x quantized per row (token) at run time, as the dynamic activation ops quantize it:
+    symmetric, max|x| * clip / qmax; else the row's [min, max] * clip (stretched to include
+    0) onto [qmin, qmax] with a zero point per row."""
     qmax = 2 ** (bits - 1) - 1
-    scale = (x.abs().amax(-1, keepdim=True) * clip / qmax).clamp(min=SCALE_EPS)
-    return ste_round(x / scale).clamp(-qmax - 1, qmax) * scale
+    if symmetric:
+        scale = (x.abs().amax(-1, keepdim=True) * clip / qmax).clamp(min=SCALE_EPS)
+        return ste_round(x / scale).clamp(-qmax - 1, qmax) * scale
+    lo = (x.amin(-1, keepdim=True) * clip).clamp(max=0)
+    hi = (x.amax(-1, keepdim=True) * clip).clamp(min=0)
+    scale = ((hi - lo) / (2 * qmax + 1)).clamp(min=SCALE_EPS)
+    zp = (-qmax - 1 - (lo / scale).round()).clamp(-qmax - 1, qmax).detach()
+    return ((ste_round(x / scale) + zp).clamp(-qmax - 1, qmax) - zp) * scale
 
 
 def fake_fixed(x: torch.Tensor, scale: float, zero_point: int, spec: QuantSpec):

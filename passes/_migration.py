@@ -82,10 +82,10 @@ def static_quantizer(spec: QuantSpec) -> ActQuantizer:
     return quantize
 
 
-def token_quantizer(bits: int, clip: float = 1.0) -> ActQuantizer:
-    """Symmetric per-row scales, max(|x|) * clip / qmax (the dynamic activation ops')."""
+def token_quantizer(bits: int, clip: float = 1.0, symmetric: bool = True) -> ActQuantizer:
+    """Per-row scales (and zero points where not symmetric), the dynamic activation ops'."""
     def quantize(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-        return fake_token(x, bits, clip)
+        return fake_token(x, bits, clip, symmetric)
     return quantize
 
 

@@ -118,6 +118,7 @@ class _Quantized:
         self.act = ctx.options.recipe_obj.act
         self.act_spec = activation_spec(ctx)
         self.act_clip = ctx.options.act_clip
+        self.act_symmetric = ctx.options.act_symmetric
         calib = ctx.analysis.get("calib") or {}
         ed = WeightEditor(gm)
         self.weights = {lin: tuple(None if t is None else t.float() for t in
@@ -166,7 +167,7 @@ class _Quantized:
         if self.act is None:
             return x
         if self.act.dynamic:
-            return fake_token(x, self.act.bits, self.act_clip)
+            return fake_token(x, self.act.bits, self.act_clip, self.act_symmetric)
         if rng is not None:
             return fake_static(x, rng[0], rng[1], self.act_spec)
         fixed = self.fixed[lin]

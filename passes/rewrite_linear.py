@@ -38,7 +38,7 @@ from torch.fx import GraphModule, Node
 
 from qcompile import annotations as ann
 from qcompile.fx_utils import add_constant, erase_unused, get_constant, is_call, tensor_val
-from qcompile.lowering import ops
+from qcompile.lowering import a4_ops, ops
 from qcompile.lowering.reference import (
     AccumulatorRangeError,
     check_a16_accumulator_range,
@@ -92,6 +92,9 @@ def _rewrite_dynamic(gm, ctx, node, qw, layer):
             head = (_const(gm, node, f"{name}_wmult", qw.group_mult),)
             op, kind = ops.LINEAR_A4W4_GROUPED_DYNAMIC, "linear_a4w4_grouped_dynamic"
         tail = (ctx.options.act_clip,)
+        if not ctx.options.act_symmetric:  # a zero point per token: the weight rows' sums
+            w_sum = a4_ops.weight_row_sums(qw.int_values())
+            tail += (_const(gm, node, f"{name}_wsum", w_sum),)
     else:
         w = _const(gm, node, f"{name}_wq", qw.qweight.contiguous())
         op, kind = ops.LINEAR_DYNAMIC, "linear_dynamic"

@@ -269,7 +269,8 @@ def _quantizers(ctx: PassContext, k: int, bits: int | None, levels: int | None =
         def quantize_act(x, lo, hi):
             return x
     elif act.dynamic:
-        quantize_act = token_quantizer(act.bits, ctx.options.act_clip)
+        quantize_act = token_quantizer(act.bits, ctx.options.act_clip,
+                                       ctx.options.act_symmetric)
     else:
         quantize_act = static_quantizer(activation_spec(ctx))
     return quantize_act, weight_quantizer(weight_spec_for(ctx, k, bits, levels)[0])

@@ -12,9 +12,12 @@ What, for x [..., K]:
   x: scale[m] = max((absmax(x[m]) * clip) / qmax, eps) exactly as
   specs.dynamic_per_token_qparams (clip a float32; 1.0, the default, multiplies exactly:
   no clipping), then q as above. Returns (int8 [..., K], float32 scale [...]).
-- `quantize_per_token_int4_packed_*(x, clip)`: quantize_per_token at 4 bits, the values packed
-  two per byte along K as they are made (specs.pack_int4's layout): what the packed W4A4
-  GEMM reads (lowering/kernels/gemm_w4a4.py).
+- `quantize_per_token_asym_*(x, clip)`: the same with an asymmetric spec: each row's
+  [min, max] (times clip, stretched to include 0) onto [qmin, qmax] with a zero point per
+  row, as specs.dynamic_per_token_qparams; returns (int8, float32 scale, int32 zero point).
+- `quantize_per_token_int4_packed_*(x, clip, symmetric)`: quantize_per_token (or its
+  asymmetric form) at 4 bits, the values packed two per byte along K as they are made
+  (specs.pack_int4's layout): what the packed W4A4 GEMM reads (lowering/kernels/gemm_w4a4.py).
 - `hadamard_quantize_per_token_*(x)`: quantize_per_token(H x / sqrt(K)) fused: the row is
   rotated in registers (lowering/kernels/hadamard.py) and never written in float.
 
@@ -170,14 +173,54 @@ def _requantize_kernel(
 
 
 @triton.jit
+def row_range(a, b, SYMMETRIC: tl.constexpr):
+    """(lo, hi) over the values of two blocks (a row's even and odd elements, or one block
+    twice), stretched to include 0: symmetric, (-absmax, absmax) (max(-lo, hi) is all
+    row_qparams reads of them); else (min, max)."""
+    if SYMMETRIC:
+        m = tl.maximum(tl.max(tl.abs(a), axis=0), tl.max(tl.abs(b), axis=0))
+        return -m, m
+    lo = tl.minimum(tl.minimum(tl.min(a, axis=0), tl.min(b, axis=0)), 0.0)
+    return lo, tl.maximum(tl.maximum(tl.max(a, axis=0), tl.max(b, axis=0)), 0.0)
+
+
+@triton.jit
+def merge_range(lo, hi, step_lo, step_hi, SYMMETRIC: tl.constexpr):
+    """The range so far joined with a step's (symmetric: lo is -hi, one value carried)."""
+    hi = tl.maximum(hi, step_hi)
+    if SYMMETRIC:
+        return -hi, hi
+    return tl.minimum(lo, step_lo), hi
+
+
+@triton.jit
+def row_qparams(lo, hi, clip, QMIN: tl.constexpr, QMAX: tl.constexpr, EPS: tl.constexpr,
+                SYMMETRIC: tl.constexpr):
+    """(scale, zero point as a float32 integer) of a row whose min and max (each stretched to
+    include 0) are lo and hi, as specs.dynamic_per_token_qparams: the range times clip,
+    then compute_qparams, in its op order."""
+    lo = lo * clip
+    hi = hi * clip
+    if SYMMETRIC:
+        scale = tl.maximum(tl.math.div_rn(tl.maximum(-lo, hi), QMAX * 1.0), EPS)
+        zp = 0.0
+    else:
+        scale = tl.maximum(tl.math.div_rn(hi - lo, (QMAX - QMIN) * 1.0), EPS)
+        zp = QMIN - round_half_even(tl.math.div_rn(lo, scale))
+        zp = tl.minimum(tl.maximum(zp, QMIN * 1.0), QMAX * 1.0)
+    return scale, zp
+
+
+@triton.jit
 def _quantize_per_token_kernel(
     # pointers
     x_ptr,
     q_ptr,
     scale_ptr,
+    zp_ptr,  # int32 [M], written where not SYMMETRIC
     # shapes and parameters
     K,
-    clip,  # float32 in (0, 1]: the range is clip * absmax (1.0: the absmax)
+    clip,  # float32 in (0, 1]: the range is clip times the row's (1.0: the row's)
     # strides
     stride_xm,
     stride_xk,
@@ -189,27 +232,33 @@ def _quantize_per_token_kernel(
     EPS: tl.constexpr,
     BLOCK_K: tl.constexpr,
     ONE_PASS: tl.constexpr,  # BLOCK_K >= K: the row is read once and kept in registers
+    SYMMETRIC: tl.constexpr,  # zero point 0, the scale from absmax; else per-row zero points
 ):
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_xm
     q_row = q_ptr + row * stride_qm
     offs = tl.arange(0, BLOCK_K)
+    # masked lanes read 0.0, which the range (stretched to include 0) holds anyway
     if ONE_PASS:
         x = tl.load(x_row + offs * stride_xk, mask=offs < K, other=0.0).to(tl.float32)
-        amax = tl.max(tl.abs(x), axis=0)
+        lo, hi = row_range(x, x, SYMMETRIC)
     else:
-        amax = tl.max(tl.zeros((BLOCK_K,), dtype=tl.float32), axis=0)  # a 0-d float32
+        lo = tl.min(tl.zeros((BLOCK_K,), dtype=tl.float32), axis=0)  # a 0-d float32
+        hi = lo
         for k0 in range(0, K, BLOCK_K):
             x = tl.load(x_row + (k0 + offs) * stride_xk, mask=k0 + offs < K, other=0.0)
-            amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), axis=0))
-    scale = tl.maximum(tl.math.div_rn(amax * clip, QMAX * 1.0), EPS)  # the spec's op order
+            step_lo, step_hi = row_range(x.to(tl.float32), x.to(tl.float32), SYMMETRIC)
+            lo, hi = merge_range(lo, hi, step_lo, step_hi, SYMMETRIC)
+    scale, zp = row_qparams(lo, hi, clip, QMIN, QMAX, EPS, SYMMETRIC)
     tl.store(scale_ptr + row, scale)
+    if not SYMMETRIC:
+        tl.store(zp_ptr + row, zp.to(tl.int32))
     if ONE_PASS:
-        tl.store(q_row + offs * stride_qk, quantize_value(x, scale, 0.0, QMIN, QMAX), offs < K)
+        tl.store(q_row + offs * stride_qk, quantize_value(x, scale, zp, QMIN, QMAX), offs < K)
     else:
         for k0 in range(0, K, BLOCK_K):
             x = tl.load(x_row + (k0 + offs) * stride_xk, mask=k0 + offs < K, other=0.0)
-            q = quantize_value(x.to(tl.float32), scale, 0.0, QMIN, QMAX)
+            q = quantize_value(x.to(tl.float32), scale, zp, QMIN, QMAX)
             tl.store(q_row + (k0 + offs) * stride_qk, q, mask=k0 + offs < K)
 
 
@@ -226,9 +275,10 @@ def _quantize_per_token_int4_packed_kernel(
     x_ptr,
     p_ptr,  # uint8 [M, K // 2]: element 2b in the low nibble of byte b, 2b + 1 in the high
     scale_ptr,
+    zp_ptr,  # int32 [M], written where not SYMMETRIC
     # shapes and parameters
     K,  # even
-    clip,  # float32 in (0, 1]: the range is clip * absmax (1.0: the absmax)
+    clip,  # float32 in (0, 1]: the range is clip times the row's (1.0: the row's)
     # strides
     stride_xm,
     stride_xk,
@@ -238,6 +288,7 @@ def _quantize_per_token_int4_packed_kernel(
     EPS: tl.constexpr,
     BLOCK_B: tl.constexpr,  # bytes (pairs of elements) a step
     ONE_PASS: tl.constexpr,  # BLOCK_B >= K // 2: the row is read once, kept in registers
+    SYMMETRIC: tl.constexpr,  # zero point 0, the scale from absmax; else per-row zero points
 ):
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_xm
@@ -248,29 +299,34 @@ def _quantize_per_token_int4_packed_kernel(
         mask = offs < half
         x_even = tl.load(x_row + (2 * offs) * stride_xk, mask=mask, other=0.0).to(tl.float32)
         x_odd = tl.load(x_row + (2 * offs + 1) * stride_xk, mask=mask, other=0.0).to(tl.float32)
-        amax = tl.maximum(tl.max(tl.abs(x_even), axis=0), tl.max(tl.abs(x_odd), axis=0))
+        lo, hi = row_range(x_even, x_odd, SYMMETRIC)
     else:
-        amax = tl.max(tl.zeros((BLOCK_B,), dtype=tl.float32), axis=0)  # a 0-d float32
+        lo = tl.min(tl.zeros((BLOCK_B,), dtype=tl.float32), axis=0)  # a 0-d float32
+        hi = lo
         for b0 in range(0, half, BLOCK_B):
             mask = b0 + offs < half
             x_even = tl.load(x_row + (2 * (b0 + offs)) * stride_xk, mask=mask, other=0.0)
             x_odd = tl.load(x_row + (2 * (b0 + offs) + 1) * stride_xk, mask=mask, other=0.0)
-            amax = tl.maximum(amax, tl.max(tl.abs(x_even.to(tl.float32)), axis=0))
-            amax = tl.maximum(amax, tl.max(tl.abs(x_odd.to(tl.float32)), axis=0))
-    scale = tl.maximum(tl.math.div_rn(amax * clip, 7.0), EPS)  # the spec's op order
+            x_even = x_even.to(tl.float32)
+            x_odd = x_odd.to(tl.float32)
+            step_lo, step_hi = row_range(x_even, x_odd, SYMMETRIC)
+            lo, hi = merge_range(lo, hi, step_lo, step_hi, SYMMETRIC)
+    scale, zp = row_qparams(lo, hi, clip, -8, 7, EPS, SYMMETRIC)
     tl.store(scale_ptr + row, scale)
+    if not SYMMETRIC:
+        tl.store(zp_ptr + row, zp.to(tl.int32))
     if ONE_PASS:
-        lo = quantize_float(x_even, scale, 0.0, -8, 7).to(tl.int32)  # exact: an integer
-        hi = quantize_float(x_odd, scale, 0.0, -8, 7).to(tl.int32)
-        tl.store(p_row + offs * stride_pk, pack_nibbles(lo, hi), mask=mask)
+        q_even = quantize_float(x_even, scale, zp, -8, 7).to(tl.int32)  # exact: an integer
+        q_odd = quantize_float(x_odd, scale, zp, -8, 7).to(tl.int32)
+        tl.store(p_row + offs * stride_pk, pack_nibbles(q_even, q_odd), mask=mask)
     else:
         for b0 in range(0, half, BLOCK_B):
             mask = b0 + offs < half
             x_even = tl.load(x_row + (2 * (b0 + offs)) * stride_xk, mask=mask, other=0.0)
             x_odd = tl.load(x_row + (2 * (b0 + offs) + 1) * stride_xk, mask=mask, other=0.0)
-            lo = quantize_float(x_even.to(tl.float32), scale, 0.0, -8, 7).to(tl.int32)
-            hi = quantize_float(x_odd.to(tl.float32), scale, 0.0, -8, 7).to(tl.int32)
-            tl.store(p_row + (b0 + offs) * stride_pk, pack_nibbles(lo, hi), mask=mask)
+            q_even = quantize_float(x_even.to(tl.float32), scale, zp, -8, 7).to(tl.int32)
+            q_odd = quantize_float(x_odd.to(tl.float32), scale, zp, -8, 7).to(tl.int32)
+            tl.store(p_row + (b0 + offs) * stride_pk, pack_nibbles(q_even, q_odd), mask=mask)
 
 
 @triton.jit
@@ -385,6 +441,16 @@ def _clip32(clip) -> float:
 
 def quantize_per_token_triton(x, *, bits=8, clip=1.0, block_k=None):
     """block_k below K forces the two-pass (long-row) variant; tests use it."""
+    q, scale, _ = _per_token_triton(x, bits, clip, block_k, symmetric=True)
+    return q, scale
+
+
+def quantize_per_token_asym_triton(x, *, bits=8, clip=1.0, block_k=None):
+    """quantize_per_token_asym_ref's (q, scale, zero point int32 [...]) in one pass."""
+    return _per_token_triton(x, bits, clip, block_k, symmetric=False)
+
+
+def _per_token_triton(x, bits, clip, block_k, symmetric):
     check_can_launch(x)
     _check_float(x)
     qmin, qmax = _range(bits)
@@ -393,22 +459,33 @@ def quantize_per_token_triton(x, *, bits=8, clip=1.0, block_k=None):
     M, K = x2.shape
     q = torch.empty(x2.shape, dtype=torch.int8, device=x.device)
     scale = torch.empty(M, dtype=torch.float32, device=x.device)
+    zp = torch.zeros(M, dtype=torch.int32, device=x.device)
     if block_k is None:
         block_k = min(triton.next_power_of_2(max(K, 1)), _ONE_PASS_MAX_K)
     if M:
         _quantize_per_token_kernel[(M,)](
-            x2, q, scale, K, clip, x2.stride(0), x2.stride(1), q.stride(0), q.stride(1),
+            x2, q, scale, zp, K, clip, x2.stride(0), x2.stride(1), q.stride(0), q.stride(1),
             QMIN=qmin, QMAX=qmax, EPS=SCALE_EPS, BLOCK_K=block_k, ONE_PASS=block_k >= K,
-            num_warps=min(16, max(1, block_k // 512)),
+            SYMMETRIC=symmetric, num_warps=min(16, max(1, block_k // 512)),
         )  # fmt: skip
-    return q.reshape(x.shape), scale.reshape(x.shape[:-1])
+    rows = x.shape[:-1]
+    return q.reshape(x.shape), scale.reshape(rows), zp.reshape(rows)
 
 
-def quantize_per_token_int4_packed_triton(x, *, clip=1.0, block_b=None):
+def int4_packed_block(k: int, symmetric: bool) -> int:
+    """Bytes a step of the packing per-token kernel: the whole row up to 8192 (one pass),
+    else 8192, or 4096 where asymmetric (its two passes carry min and max: sm_80 spilled
+    at 8192 with float32 rows)."""
+    block = min(triton.next_power_of_2(max(k // 2, 1)), _ONE_PASS_MAX_K // 2)
+    return block // 2 if not symmetric and block < k // 2 else block
+
+
+def quantize_per_token_int4_packed_triton(x, *, clip=1.0, block_b=None, symmetric=True):
     """quantize_per_token_triton(x, bits=4, clip=clip) with the int4 values packed two per
     byte along K (specs.pack_int4's layout) in the same pass: (uint8 [..., K // 2], float32
-    [...]). block_b (bytes a step) below K // 2 forces the two-pass (long-row) variant; tests
-    use it."""
+    [...]); symmetric=False: quantize_per_token_asym_triton's, packed, and its zero points
+    int32 [...] third. block_b (bytes a step) below K // 2 forces the two-pass (long-row)
+    variant; tests use it."""
     check_can_launch(x)
     _check_float(x)
     clip = _clip32(clip)
@@ -419,15 +496,17 @@ def quantize_per_token_int4_packed_triton(x, *, clip=1.0, block_b=None):
     M = x2.shape[0]
     p = torch.empty((M, k // 2), dtype=torch.uint8, device=x.device)
     scale = torch.empty(M, dtype=torch.float32, device=x.device)
+    zp = torch.zeros(M, dtype=torch.int32, device=x.device)
     if block_b is None:
-        block_b = min(triton.next_power_of_2(max(k // 2, 1)), _ONE_PASS_MAX_K // 2)
+        block_b = int4_packed_block(k, symmetric)
     if M and k:
         _quantize_per_token_int4_packed_kernel[(M,)](
-            x2, p, scale, k, clip, x2.stride(0), x2.stride(1), p.stride(0), p.stride(1),
-            EPS=SCALE_EPS, BLOCK_B=block_b, ONE_PASS=block_b >= k // 2,
+            x2, p, scale, zp, k, clip, x2.stride(0), x2.stride(1), p.stride(0), p.stride(1),
+            EPS=SCALE_EPS, BLOCK_B=block_b, ONE_PASS=block_b >= k // 2, SYMMETRIC=symmetric,
             num_warps=min(16, max(1, block_b // 256)),
         )  # fmt: skip
-    return p.reshape(*x.shape[:-1], k // 2), scale.reshape(x.shape[:-1])
+    out = (p.reshape(*x.shape[:-1], k // 2), scale.reshape(x.shape[:-1]))
+    return out if symmetric else (*out, zp.reshape(x.shape[:-1]))
 
 
 def hadamard_quantize_per_token_triton(x, *, bits=8):
@@ -473,9 +552,22 @@ def quantize_per_token_ref(x, *, bits=8, clip=1.0):
     return specs.quantize(x, scale, zp, spec), scale
 
 
-def quantize_per_token_int4_packed_ref(x, *, clip=1.0):
+def quantize_per_token_asym_ref(x, *, bits=8, clip=1.0):
+    """quantize_per_token_ref with an asymmetric spec: each row's range [min, max] (times
+    clip, stretched to include 0) onto [qmin, qmax], a zero point per row: (int8 [..., K],
+    float32 [...], int32 [...])."""
+    spec = specs.QuantSpec(bits=bits, granularity="per_token", symmetric=False)
+    scale, zp = specs.dynamic_per_token_qparams(x, spec, clip=clip)
+    return specs.quantize(x, scale, zp, spec), scale, zp
+
+
+def quantize_per_token_int4_packed_ref(x, *, clip=1.0, symmetric=True):
     """specs.pack_int4 of quantize_per_token_ref(x, bits=4, clip=clip): (uint8 [..., K // 2],
-    float32 [...])."""
+    float32 [...]); symmetric=False: of quantize_per_token_asym_ref's, its zero points
+    third."""
+    if not symmetric:
+        q, scale, zp = quantize_per_token_asym_ref(x, bits=4, clip=clip)
+        return specs.pack_int4(q), scale, zp
     q, scale = quantize_per_token_ref(x, bits=4, clip=clip)
     return specs.pack_int4(q), scale
 

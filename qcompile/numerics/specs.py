@@ -276,11 +276,13 @@ def dynamic_per_token_qparams(
     """Per-row (scale, zero_point) of an activation x [..., K], both shaped x.shape[:-1].
 
     The symmetric case is absmax / qmax per row, which the dynamic-activation kernels
-    compute the same way in float32. clip in (0, 1] (symmetric specs only) shrinks the
-    range to clip * absmax, so the values beyond it saturate at qmin / qmax (QuaRot's 0.9
-    for int4 activations): scale = max((absmax * clip) / qmax, SCALE_EPS), clip rounded
-    to float32 first, one float32 rounding for the product and one for the quotient.
-    clip = 1.0 multiplies exactly: the unclipped scale, bit for bit.
+    compute the same way in float32. clip in (0, 1] shrinks the range to clip times
+    itself, so the values beyond it saturate at qmin / qmax (QuaRot's 0.9 for int4
+    activations): symmetric, scale = max((absmax * clip) / qmax, SCALE_EPS); asymmetric,
+    the row's min and max each times clip, then compute_qparams (scale = max((hi - lo) /
+    (qmax - qmin), SCALE_EPS), zero_point = clamp(qmin - round(lo / scale))). clip is
+    rounded to float32 first, one float32 rounding for each product and one for the
+    quotient; clip = 1.0 multiplies exactly: the unclipped qparams, bit for bit.
     """
     fn = "dynamic_per_token_qparams"
     spec = _checks.quant_spec(fn, spec or QuantSpec(granularity="per_token"))
@@ -290,8 +292,6 @@ def dynamic_per_token_qparams(
     if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not 0.0 < clip <= 1.0:
         raise ValueError(f"{fn}: clip must be a number in (0, 1] (1.0: no clipping), got "
                          f"{clip!r}")
-    if clip != 1.0 and not spec.symmetric:
-        raise ValueError(f"{fn}: clip applies to symmetric specs (scale from absmax), got {spec}")
     # A positive factor commutes with the float32 rounding of max(-lo, hi) and with the
     # clamps to 0, so scaling the float32 range by clip gives compute_qparams'
     # (absmax * clip) / qmax exactly.

@@ -1,6 +1,7 @@
 """The int4-activation ops (lowering/a4_ops.py): quantize_per_token_int4 and
 linear_a4w4_dynamic, and the kernels under them (kernels/quantize.py's packing per-token
-kernel, kernels/gemm_w4a4.py). The reference against its definition written out here;
+kernel, kernels/gemm_w4a4.py), with symmetric and with asymmetric (a zero point per token)
+activations. The reference against its definition written out here;
 every implementation that runs on this machine (CPU routes, the Triton interpreter)
 against the reference bit for bit, on odd shapes (M, N, K of 1, 7, 34, 66), rows of equal
 values, zeros, ties, huge outliers, int4 weights at -8 and 7, unclipped and clipped (the
@@ -16,6 +17,8 @@ from qcompile.lowering import a4_ops, cpu_routes, ops, registry
 from qcompile.lowering.epilogue import Epilogue
 from qcompile.lowering.kernels import gemm_w4a4
 from qcompile.lowering.kernels.quantize import (
+    quantize_per_token_asym_ref,
+    quantize_per_token_asym_triton,
     quantize_per_token_int4_packed_ref,
     quantize_per_token_int4_packed_triton,
     quantize_per_token_ref,
@@ -45,10 +48,29 @@ def _quantize_def(x: torch.Tensor, clip: float = 1.0) -> tuple[torch.Tensor, tor
     return q, scale
 
 
-def _linear_def(x, w, w_scale, bias, clip=1.0) -> torch.Tensor:
-    """Per-token int4 x, the exact int64 accumulator, then ((float32(acc) * x_scale[m]) *
-    w_scale[n]) + bias[n] in float32, one cast to x.dtype."""
-    q, s = _quantize_def(x.reshape(-1, x.shape[-1]), clip)
+def _quantize_asym_def(x: torch.Tensor, clip: float = 1.0):
+    """lo = min(min(x[m]) * clip, 0), hi = max(max(x[m]) * clip, 0), scale = max((hi - lo) /
+    15, eps), zp = clamp(-8 - round_half_even(lo / scale), -8, 7), q = clamp(
+    round_half_even(x / scale) + zp, -8, 7), all in float32."""
+    xf = x.float()
+    clip32 = torch.tensor(clip, dtype=torch.float32)
+    lo = torch.minimum(xf.amin(dim=-1) * clip32, torch.zeros(()))
+    hi = torch.maximum(xf.amax(dim=-1) * clip32, torch.zeros(()))
+    scale = ((hi - lo) / 15).clamp(min=SCALE_EPS)
+    zp = (-8 - torch.round(lo / scale)).clamp(-8, 7)
+    q = (torch.round(xf / scale[..., None]) + zp[..., None]).clamp(-8, 7).to(torch.int8)
+    return q, scale, zp.to(torch.int32)
+
+
+def _linear_def(x, w, w_scale, bias, clip=1.0, symmetric=True) -> torch.Tensor:
+    """Per-token int4 x, the exact int64 accumulator of (q - zp) and w, then ((float32(acc)
+    * x_scale[m]) * w_scale[n]) + bias[n] in float32, one cast to x.dtype."""
+    rows = x.reshape(-1, x.shape[-1])
+    if symmetric:
+        q, s = _quantize_def(rows, clip)
+    else:
+        q, s, zp = _quantize_asym_def(rows, clip)
+        q = q.long() - zp[:, None]
     acc = q.long() @ unpack_int4(w).long().T  # [M, N], exact
     y = (acc.float() * s[:, None]) * w_scale.float()[None, :]
     if bias is not None:
@@ -109,31 +131,55 @@ CLIPS = [1.0, 0.9, 0.3, 1e-3]
 @pytest.mark.parametrize("clip", CLIPS)
 @pytest.mark.parametrize("name, x", QCASES, ids=QIDS)
 def test_quantize_reference_is_the_definition(name, x, clip):
-    q, scale = QUANTIZE(x, False, clip, impl="reference")
+    q, scale, zp = QUANTIZE(x, False, clip, impl="reference")
     want_q, want_s = _quantize_def(x, clip)
-    assert q.dtype == torch.int8 and scale.dtype == torch.float32
-    assert torch.equal(q, want_q) and torch.equal(scale, want_s)
-    assert q.shape == x.shape and scale.shape == x.shape[:-1]
+    assert q.dtype == torch.int8 and scale.dtype == torch.float32 and zp.dtype == torch.int32
+    assert torch.equal(q, want_q) and torch.equal(scale, want_s) and not zp.any()
+    assert q.shape == x.shape and scale.shape == x.shape[:-1] == zp.shape
+
+
+@pytest.mark.parametrize("clip", CLIPS)
+@pytest.mark.parametrize("name, x", QCASES, ids=QIDS)
+def test_asymmetric_reference_is_the_definition(name, x, clip):
+    got = QUANTIZE(x, False, clip, False, impl="reference")
+    want = _quantize_asym_def(x, clip)
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == w.dtype and torch.equal(g, w)
+    q, scale, zp = got
+    assert q.shape == x.shape and scale.shape == x.shape[:-1] == zp.shape
+
+
+def test_asymmetric_rows_use_all_16_levels():
+    """A row in [0, 1.5]: zero point -8 and 15 steps of 0.1 (the symmetric grid would use 8
+    of its 16 levels); all negative: zero point 7; all zeros: the scale guard, and the
+    dequantized zeros are exact."""
+    x = torch.stack([torch.arange(16) * 0.1, -torch.arange(16) * 0.1, torch.zeros(16)])
+    q, s, zp = QUANTIZE(x, False, 1.0, False, impl="reference")
+    assert zp.tolist() == [-8, 7, -8] and s[2] == SCALE_EPS
+    assert q[0].tolist() == list(range(-8, 8)) and q[1].tolist() == list(range(7, -9, -1))
+    assert ((q[2].float() - zp[2]) * s[2] == 0).all()
 
 
 def test_quantize_cases_reach_the_ends():
     _, _, _, _, (_, ties), (_, ends), *_ = QCASES
-    q, _ = QUANTIZE(ties, False, 1.0, impl="reference")
+    q, _, _ = QUANTIZE(ties, False, 1.0, impl="reference")
     assert q[0, :14].tolist() == [-6, -6, -4, -4, -2, -2, 0, 0, 2, 2, 4, 4, 6, 6]  # to even
-    q, s = QUANTIZE(ends, False, 1.0, impl="reference")
+    q, s, _ = QUANTIZE(ends, False, 1.0, impl="reference")
     assert (q[0] == 7).all() and (q[1] == -7).all() and (q[3] == 0).all()
     assert q[2, 5] == 7 and q[2].abs().sum() == 7 and s[3] == SCALE_EPS
 
 
+@pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("clip", CLIPS)
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("impl", _impls(QUANTIZE))
-def test_quantize_implementations_equal_the_reference(impl, packed, clip):
+def test_quantize_implementations_equal_the_reference(impl, packed, clip, symmetric):
     for name, x in QCASES:
-        want_q, want_s = QUANTIZE(x, packed, clip, impl="reference")
-        q, s = QUANTIZE(x, packed, clip, impl=impl)
+        want_q, want_s, want_zp = QUANTIZE(x, packed, clip, symmetric, impl="reference")
+        q, s, zp = QUANTIZE(x, packed, clip, symmetric, impl=impl)
         assert q.dtype == want_q.dtype and torch.equal(q, want_q), name
         assert torch.equal(s, want_s), name
+        assert zp.dtype == torch.int32 and torch.equal(zp, want_zp), name
 
 
 @pytest.mark.parametrize("impl", sorted(QUANTIZE.impls))
@@ -144,13 +190,13 @@ def test_clip_saturates_the_values_beyond_it(impl):
     if not QUANTIZE.impls[impl].runs_on("cpu"):
         pytest.skip(f"{impl} does not run here")
     x = torch.tensor([[14.0, -14.0, 8.0, -9.0, 7.6, -8.4, 7.4, 3.0, -3.5, 0.0]])
-    q, s = QUANTIZE(x, False, 0.5, impl=impl)
+    q, s, _ = QUANTIZE(x, False, 0.5, impl=impl)
     assert s.tolist() == [1.0]
     assert q.tolist() == [[7, -8, 7, -8, 7, -8, 7, 3, -4, 0]]
-    q, s = QUANTIZE(x, False, 1.0, impl=impl)
+    q, s, _ = QUANTIZE(x, False, 1.0, impl=impl)
     assert s.tolist() == [2.0]
     assert q.tolist() == [[7, -7, 4, -4, 4, -4, 4, 2, -2, 0]]
-    p, _ = QUANTIZE(x, True, 0.5, impl=impl)
+    p, _, _ = QUANTIZE(x, True, 0.5, impl=impl)
     assert torch.equal(unpack_int4(p), torch.tensor([[7, -8, 7, -8, 7, -8, 7, 3, -4, 0]]))
 
 
@@ -163,9 +209,9 @@ def test_clip_saturates_the_tail_of_a_gaussian_row():
     a = x.abs().max()
     top, bottom = x >= a * 0.9, x <= -a * 0.9 * 7.5 / 7
     assert int(top.sum()) == 7 and int(bottom.sum()) == 1  # more than the absmax itself
-    q, _ = QUANTIZE(x, False, 0.9, impl="reference")
+    q, _, _ = QUANTIZE(x, False, 0.9, impl="reference")
     assert (q[top] == 7).all() and (q[bottom] == -8).all()
-    q1, _ = QUANTIZE(x, False, 1.0, impl="reference")
+    q1, _, _ = QUANTIZE(x, False, 1.0, impl="reference")
     ends = lambda t: int(((t == 7) | (t == -8)).sum())  # noqa: E731
     assert ends(q) > ends(q1) and not (q1 == -8).any()  # unclipped, the grid ends at -7
 
@@ -176,10 +222,11 @@ def test_packing_round_trips(impl):
     if not QUANTIZE.impls[impl].runs_on("cpu"):
         pytest.skip(f"{impl} does not run here")
     for name, x in QCASES:
-        q, _ = QUANTIZE(x, False, 0.9, impl=impl)
-        p, _ = QUANTIZE(x, True, 0.9, impl=impl)
-        assert p.dtype == torch.uint8 and p.shape == (*x.shape[:-1], x.shape[-1] // 2), name
-        assert torch.equal(p, pack_int4(q)) and torch.equal(unpack_int4(p), q), name
+        for symmetric in (True, False):
+            q, _, _ = QUANTIZE(x, False, 0.9, symmetric, impl=impl)
+            p, _, _ = QUANTIZE(x, True, 0.9, symmetric, impl=impl)
+            assert p.dtype == torch.uint8 and p.shape == (*x.shape[:-1], x.shape[-1] // 2)
+            assert torch.equal(p, pack_int4(q)) and torch.equal(unpack_int4(p), q), name
 
 
 def test_pack_int4_values_is_specs_layout_for_every_pair():
@@ -203,6 +250,17 @@ def test_long_rows_take_the_two_pass_kernel(clip):
     got = quantize_per_token_triton(x, bits=4, clip=clip, block_k=16)
     for a, b in zip(got, want, strict=True):
         assert torch.equal(a, b)
+    x[2] = x[2].abs() + 1.0  # a row without negatives: its zero point at -8
+    x[0, 128] = -50.0  # the row's min in the last step
+    want = quantize_per_token_int4_packed_ref(x, clip=clip, symmetric=False)
+    got = quantize_per_token_int4_packed_triton(x, clip=clip, block_b=16, symmetric=False)
+    assert len(got) == 3 and want[2][2] == -8
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
+    want = quantize_per_token_asym_ref(x, bits=4, clip=clip)
+    got = quantize_per_token_asym_triton(x, bits=4, clip=clip, block_k=16)
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
 
 
 def test_large_inputs_take_the_fused_cpu_path_with_the_same_integers():
@@ -211,9 +269,11 @@ def test_large_inputs_take_the_fused_cpu_path_with_the_same_integers():
     x = torch.randn(64, 4096, generator=torch.Generator().manual_seed(5)) * 3
     x[:, 11] = torch.rand(64, generator=torch.Generator().manual_seed(6)) * 40  # absmaxes
     assert x.numel() >= ops._FUSE_MIN_ELEMENTS
-    want_q, want_s = QUANTIZE(x, False, 0.9, impl="reference")
-    q, s = QUANTIZE(x, False, 0.9, impl="cpu")
-    assert torch.equal(q, want_q) and torch.equal(s, want_s)
+    for symmetric in (True, False):
+        want = QUANTIZE(x, False, 0.9, symmetric, impl="reference")
+        got = QUANTIZE(x, False, 0.9, symmetric, impl="cpu")
+        for a, b in zip(got, want, strict=True):
+            assert torch.equal(a, b)
 
 
 # ---------------------------------------------------------------- linear_a4w4_dynamic
@@ -252,11 +312,35 @@ def test_linear_reference_is_the_definition(case, clip):
     got = LINEAR(*args, clip, impl="reference")
     assert got.dtype == args[0].dtype
     assert torch.equal(got, _linear_def(*args, clip))
+    w_sum = a4_ops.weight_row_sums(args[1])
+    got = LINEAR(*args, clip, w_sum, impl="reference")
+    assert torch.equal(got, _linear_def(*args, clip, symmetric=False))
+
+
+def test_asymmetric_linear_is_closer_to_float_on_a_one_sided_input():
+    """Post-GELU-like rows (mostly positive): the zero point doubles the levels in use."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.nn.functional.gelu(torch.randn(64, 128, generator=g) + 1.0)
+    w = torch.randint(-8, 8, (32, 128), generator=g, dtype=torch.int8)
+    w_scale = torch.full((32,), 0.01)
+    exact = torch.nn.functional.linear(x, w.float() * w_scale[:, None])
+    sym = LINEAR(x, pack_int4(w), w_scale, None, 1.0, impl="reference")
+    asym = LINEAR(x, pack_int4(w), w_scale, None, 1.0, a4_ops.weight_row_sums(w),
+                  impl="reference")
+    assert (asym - exact).pow(2).mean() < 0.5 * (sym - exact).pow(2).mean()
+
+
+def test_a_wrong_w_sum_is_refused_by_the_reference():
+    x, w, w_scale, bias = _linear_case("random")
+    w_sum = a4_ops.weight_row_sums(w)
+    w_sum[3] += 1
+    with pytest.raises(ValueError, match="w_sum is not the weight rows' sums"):
+        LINEAR(x, w, w_scale, bias, 0.9, w_sum, impl="reference")
 
 
 def test_extremes_reach_the_accumulator_ends():
     x, w, *_ = _linear_case("extremes")
-    q, _ = QUANTIZE(x, False, 1.0, impl="reference")
+    q, _, _ = QUANTIZE(x, False, 1.0, impl="reference")
     acc = q.long() @ unpack_int4(w).long().T
     k = x.shape[-1]
     assert acc[0, 0] == 56 * k and acc[0, 1] == -49 * k  # -7 x -8 and -7 x 7 throughout
@@ -265,16 +349,18 @@ def test_extremes_reach_the_accumulator_ends():
 
 @pytest.mark.parametrize("clip", [1.0, 0.9, 0.3])
 @pytest.mark.parametrize("impl", _impls(LINEAR))
-def test_linear_implementations_equal_the_reference(impl, clip):
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_linear_implementations_equal_the_reference(impl, clip, symmetric):
     prepare = LINEAR.impls[impl].prepare
     for case in LINEAR_CASES:
         x, w, w_scale, bias = _linear_case(case)
-        want = LINEAR(x, w, w_scale, bias, clip, impl="reference")
-        assert torch.equal(LINEAR(x, w, w_scale, bias, clip, impl=impl), want), case
+        w_sum = None if symmetric else a4_ops.weight_row_sums(w)
+        want = LINEAR(x, w, w_scale, bias, clip, w_sum, impl="reference")
+        assert torch.equal(LINEAR(x, w, w_scale, bias, clip, w_sum, impl=impl), want), case
         if prepare is not None:  # the CPU implementations unpack w at lowering: same outputs
             pw = prepare({"w": w})["w"]
             assert pw.dtype == torch.int8
-            assert torch.equal(LINEAR(x, pw, w_scale, bias, clip, impl=impl), want), case
+            assert torch.equal(LINEAR(x, pw, w_scale, bias, clip, w_sum, impl=impl), want)
 
 
 def test_triton_takes_an_unpacked_weight_too():
@@ -282,6 +368,10 @@ def test_triton_takes_an_unpacked_weight_too():
     x, w, w_scale, bias = _linear_case("one row")
     want = LINEAR(x, w, w_scale, bias, 0.9, impl="reference")
     assert torch.equal(LINEAR(x, unpack_int4(w), w_scale, bias, 0.9, impl="triton"), want)
+    w_sum = a4_ops.weight_row_sums(w)
+    want = LINEAR(x, w, w_scale, bias, 0.9, w_sum, impl="reference")
+    assert torch.equal(LINEAR(x, unpack_int4(w), w_scale, bias, 0.9, w_sum, impl="triton"),
+                       want)
 
 
 def test_w4a4_gemm_accumulator_is_exact_at_the_ends():
@@ -314,6 +404,13 @@ def test_generated_kernel_has_the_int8_gemms_dequantize_lines():
         assert line in src and line in gemm_src
     torch.testing.FileCheck().check("def gemm_w4a4_kernel").check("unpack_int4(a)").check(
         "tl.dot(a_even, w_even").check("tl.dot(a_odd, w_odd").run(src)
+    # asymmetric activations: the row zero points' term before the conversion, in int32
+    # (bounded for int4: no int64 tile)
+    src = gemm_w4a4.generated_source(dynamic_epilogue(True, True), origin="test")
+    torch.testing.FileCheck().check("x = acc  #").check(
+        "x = x - row_zp[:, None] * col_sum[None, :]").check(
+        "y = x.to(tl.float32) * row_scale[:, None]").run(src)
+    assert "tl.int64" not in src
 
 
 # ---------------------------------------------------------------- registry, fakes, errors
@@ -325,7 +422,9 @@ def test_registered_with_every_family():
     assert set(QUANTIZE.impls) == {"reference", "cpu", "triton"}
     assert LINEAR.exact and QUANTIZE.exact
     assert registry.choose(LINEAR, "auto", "cpu").name == "cpu"
-    assert LINEAR.epilogue({"bias": None}).signature() == "dequant.float32"
+    assert LINEAR.epilogue({"bias": None, "w_sum": None}).signature() == "dequant.float32"
+    w_sum = torch.zeros(3, dtype=torch.int32)
+    assert LINEAR.epilogue({"bias": None, "w_sum": w_sum}).signature() == "rzp+dequant.float32"
     assert all(op in registry.all_ops() for op in (QUANTIZE, LINEAR))
 
 
@@ -334,13 +433,17 @@ def test_fakes_give_shapes_and_dtypes():
 
     x, w, w_scale, bias = _linear_case("batched")
     odd = x[..., :-1]
+    w_sum = a4_ops.weight_row_sums(w)
     with FakeTensorMode() as mode:
         f = mode.from_tensor
         y = LINEAR(f(x), f(w), f(w_scale), None, 0.9)
         assert y.shape == (2, 3, w.shape[0]) and y.dtype == x.dtype
-        q, s = QUANTIZE(f(x), True, 0.9)
+        y = LINEAR(f(x), f(w), f(w_scale), None, 0.9, f(w_sum))
+        assert y.shape == (2, 3, w.shape[0]) and y.dtype == x.dtype
+        q, s, zp = QUANTIZE(f(x), True, 0.9)
         assert q.shape == (2, 3, 17) and q.dtype == torch.uint8 and s.shape == (2, 3)
-        q, s = QUANTIZE(f(x), False, 1.0)
+        assert zp.shape == (2, 3) and zp.dtype == torch.int32
+        q, s, _ = QUANTIZE(f(x), False, 1.0, False)
         assert q.shape == x.shape and q.dtype == torch.int8 and s.dtype == torch.float32
         with pytest.raises(ValueError, match="even K"):
             QUANTIZE(f(odd), True, 1.0)
@@ -360,6 +463,10 @@ def test_bad_arguments_are_loud(impl):
         ((x, w, w_scale, bias[:3], 0.9), ValueError, "bias must have N"),
         ((x, w, w_scale, bias, 1.5), ValueError, r"clip must be a number in \(0, 1\]"),
         ((x, w, w_scale, bias, -0.9), ValueError, r"clip must be a number in \(0, 1\]"),
+        ((x, w, w_scale, bias, 0.9, a4_ops.weight_row_sums(w).long()), TypeError,
+         "w_sum .* must be the weight rows' sums, int32"),
+        ((x, w, w_scale, bias, 0.9, a4_ops.weight_row_sums(w)[:-1]), TypeError,
+         "w_sum .* int32 \\[N = 33\\]"),
     ]:
         with pytest.raises(error, match=message):
             LINEAR(*args, impl=impl)

@@ -138,13 +138,33 @@ def test_w4a4_graph_carries_the_activation_clip(clip):
     run = _Outputs(variant.gm, ops.LINEAR_A4W4_DYNAMIC)
     with torch.no_grad():
         run.run(x)
-    w, w_scale, bias = (get_constant(variant.gm, a) if a is not None else None
-                        for a in first.args[1:4])
-    ref = ops.linear_a4w4_dynamic(x, w, w_scale, bias, want, impl="reference")
+    w, w_scale, bias, w_sum = (get_constant(variant.gm, registry.arg(first, a))
+                               if registry.arg(first, a) is not None else None
+                               for a in ("w", "w_scale", "bias", "w_sum"))
+    assert w_sum is not None  # the recipe's activations are asymmetric
+    ref = ops.linear_a4w4_dynamic(x, w, w_scale, bias, want, w_sum, impl="reference")
     assert torch.equal(run.outs[first.name], ref)
     if want != 1.0:
-        assert not torch.equal(ref, ops.linear_a4w4_dynamic(x, w, w_scale, bias, 1.0,
+        assert not torch.equal(ref, ops.linear_a4w4_dynamic(x, w, w_scale, bias, 1.0, w_sum,
                                                             impl="reference"))
+
+
+def test_w4a4_symmetric_activations_carry_no_weight_sums():
+    """activation_symmetric=True: QuaRot's symmetric per-token int4, no zero points, so no
+    w_sum argument; the outputs are the reference op's without one."""
+    variant = _w4a4_lowered("cpu", activation_symmetric=True)
+    nodes = [n for n in variant.gm.graph.nodes if n.target is ops.LINEAR_A4W4_DYNAMIC]
+    assert len(nodes) == 3 and all(registry.arg(n, "w_sum") is None for n in nodes)
+    first = nodes[0]
+    x = torch.linspace(-3, 3, 360).reshape(3, 5, 24)
+    run = _Outputs(variant.gm, ops.LINEAR_A4W4_DYNAMIC)
+    with torch.no_grad():
+        run.run(x)
+    w, w_scale, bias = (get_constant(variant.gm, a) if a is not None else None
+                        for a in first.args[1:4])
+    ref = ops.linear_a4w4_dynamic(x, w, w_scale, bias, DEFAULT_ACTIVATION_CLIP,
+                                  impl="reference")
+    assert torch.equal(run.outs[first.name], ref)
 
 
 def test_implementation_is_recorded_in_the_report():

@@ -61,10 +61,12 @@ def test_activation_quantizers_are_the_ops():
     spec = QuantSpec(bits=8, symmetric=False)
     expected = fake_quantize(x, *compute_qparams(lo.min(), hi.max(), spec), spec)
     assert torch.equal(static_quantizer(spec)(x, lo, hi), expected)
-    for bits, clip in ((8, 1.0), (4, 0.8)):
-        token = QuantSpec(bits=bits, granularity="per_token")
+    for bits, clip, symmetric in ((8, 1.0, True), (4, 0.8, True), (4, 0.8, False),
+                                  (4, 1.0, False)):
+        token = QuantSpec(bits=bits, granularity="per_token", symmetric=symmetric)
         expected = fake_quantize(x, *dynamic_per_token_qparams(x, token, clip), token)
-        assert torch.equal(token_quantizer(bits, clip)(x, lo, hi), expected)
+        got = token_quantizer(bits, clip, symmetric)(x, lo, hi)
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
 def test_outlier_channel_is_shifted_and_scaled():

@@ -95,7 +95,7 @@ def test_w4a4_linear_becomes_one_int4_op_with_a_packed_weight():
     expect(after, """
         # CHECK-NOT: quantize
         # CHECK: = torch.ops.qcompile.linear_a4w4_dynamic.default(l_x_, fc1_wq4, fc1_wscale,
-        # CHECK-SAME: fc1_bias, 0.8)
+        # CHECK-SAME: fc1_bias, 0.8, fc1_wsum)
         # CHECK: = torch.ops.qcompile.linear_a4w4_dynamic.default(relu, fc2_wq4, fc2_wscale,
         # CHECK: = torch.ops.qcompile.linear_a4w4_dynamic.default(reshape, fc3_wq4,
         # CHECK-NOT: quantize
@@ -106,6 +106,8 @@ def test_w4a4_linear_becomes_one_int4_op_with_a_packed_weight():
                     ann.Layer)
     assert torch.equal(cap.gm.fc1_wq4, pack_int4(layer.qweight.qweight))  # [16, 8] uint8
     assert cap.gm.fc1_wq4.dtype == torch.uint8 and cap.gm.fc1_wq4.shape == (16, 8)
+    # asymmetric activations (the recipe's): the weight rows' sums for the zero points' term
+    assert torch.equal(cap.gm.fc1_wsum, layer.qweight.qweight.sum(1, dtype=torch.int32))
     assert {r.kernel for r in cap.ctx.layers.values()} == {"linear_a4w4_dynamic:cpu-fp32-exact"}
 
 
