@@ -66,8 +66,9 @@ FAST_KERNELS = {
     "quantize_per_token[bfloat16] K=4096", "hadamard_quantize_per_token[bfloat16] n=3072",
     "hadamard[bfloat16] n=3072", "w4a16[float16] M=128", "w4a8[requant.pc+bias] M=128",
     "attention[bfloat16+causal] D=128", "gelu_int8", "layernorm_int8 C=768",
-    "isoftmax_attention[float16+mask] D=128", "quantize_per_token_int4_packed[bfloat16] K=4096",
-    "gemm_w4a4[dequant.float32+fbias] 128x128x128 g8 w8 s4 M=4096",
+    "isoftmax_attention[float16+mask] D=128",
+    "quantize_per_token_int4_packed[bfloat16, asymmetric] K=4096",
+    "gemm_w4a4[rzp+dequant.float32+fbias] 128x128x128 g8 w8 s4 M=4096",
 }  # fmt: skip
 # Spills at the configs the kernel wrappers choose (launch-name pattern, why); strict: a
 # fix makes these tests fail until the entry goes.
