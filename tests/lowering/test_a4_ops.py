@@ -236,31 +236,27 @@ def test_pack_int4_values_is_specs_layout_for_every_pair():
     assert torch.equal(unpack_int4(a4_ops.pack_int4_values(pairs)), pairs)
 
 
+@pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("clip", [1.0, 0.9])
-def test_long_rows_take_the_two_pass_kernel(clip):
+def test_long_rows_take_the_two_pass_kernel(clip, symmetric):
     """Rows longer than a step (block_b, block_k below K): the kernels read x twice, same
-    bytes."""
+    bytes (and the same zero points)."""
     x = torch.randn(3, 130, generator=torch.Generator().manual_seed(1))
     x[1, 129] = 40.0  # the row's max in the last step
-    want = quantize_per_token_int4_packed_ref(x, clip=clip)
-    got = quantize_per_token_int4_packed_triton(x, clip=clip, block_b=16)
-    for a, b in zip(got, want, strict=True):
-        assert torch.equal(a, b)
-    want = quantize_per_token_ref(x, bits=4, clip=clip)
-    got = quantize_per_token_triton(x, bits=4, clip=clip, block_k=16)
-    for a, b in zip(got, want, strict=True):
-        assert torch.equal(a, b)
-    x[2] = x[2].abs() + 1.0  # a row without negatives: its zero point at -8
     x[0, 128] = -50.0  # the row's min in the last step
-    want = quantize_per_token_int4_packed_ref(x, clip=clip, symmetric=False)
-    got = quantize_per_token_int4_packed_triton(x, clip=clip, block_b=16, symmetric=False)
-    assert len(got) == 3 and want[2][2] == -8
-    for a, b in zip(got, want, strict=True):
-        assert torch.equal(a, b)
-    want = quantize_per_token_asym_ref(x, bits=4, clip=clip)
-    got = quantize_per_token_asym_triton(x, bits=4, clip=clip, block_k=16)
-    for a, b in zip(got, want, strict=True):
-        assert torch.equal(a, b)
+    x[2] = x[2].abs() + 1.0  # a row without negatives: its zero point at -8
+    if symmetric:
+        unpacked = (quantize_per_token_ref, quantize_per_token_triton)
+    else:
+        unpacked = (quantize_per_token_asym_ref, quantize_per_token_asym_triton)
+    for want, got in [
+        (quantize_per_token_int4_packed_ref(x, clip=clip, symmetric=symmetric),
+         quantize_per_token_int4_packed_triton(x, clip=clip, block_b=16, symmetric=symmetric)),
+        (unpacked[0](x, bits=4, clip=clip), unpacked[1](x, bits=4, clip=clip, block_k=16)),
+    ]:
+        assert len(got) == (2 if symmetric else 3) and (symmetric or want[2][2] == -8)
+        for a, b in zip(got, want, strict=True):
+            assert torch.equal(a, b)
 
 
 def test_large_inputs_take_the_fused_cpu_path_with_the_same_integers():
