@@ -46,6 +46,10 @@ CONFIGS = {
     "w8a8, smooth": {"recipe": "w8a8", "smooth": True},
     "w8a8-static": {"recipe": "w8a8-static"},
     "w8a8-static, no smooth": {"recipe": "w8a8-static", "smooth": False},
+    # static ranges at the MSE best without the online Hadamards (which cost CPU time)
+    "w8a8-static, mse": {"recipe": "w8a8-static", "observer": "mse"},
+    "w8a8-static, mse, no smooth": {"recipe": "w8a8-static", "observer": "mse",
+                                    "smooth": False},
     # Gemma's down / v projection inputs carry a few tokens and channels 10x their median:
     # per-tensor int8 loses them unless rotated first (the online Hadamard: post-norm, so no
     # residual rotation) and clipped at the MSE-best range
