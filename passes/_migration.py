@@ -126,8 +126,17 @@ def candidates(lo: torch.Tensor, hi: torch.Tensor,
 def output_error(m: Migration, rows: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
                  weights: list[torch.Tensor], refs: list[torch.Tensor],
                  quantize_act: ActQuantizer, quantize_weight: WeightQuantizer) -> float:
-    """Summed mean squared output error of the linears under migration m; refs[i] is
-    rows @ W_i^T in float32."""
+    """The linears' output error under migration m, each row's squared error relative to
+    that row's float output energy, averaged over rows and summed over the linears; refs[i]
+    is rows @ W_i^T in float32.
+
+    Relative per row and per linear, not absolute: a few tokens with outputs 10-100x the
+    others' (an attention sink, Gemma's massive activations) would otherwise decide the
+    migration for every token, and of q / k / v the output with the largest values would
+    decide it for all three, although norms (q / k norms, post-norms, the next LayerNorm)
+    take each row's scale away downstream. On Gemma 3 270M w8a8-static with rotations the
+    absolute error's choices took perplexity from 1.043x float (no migration) to 1.068x;
+    the relative error's to 1.009x."""
     s = m.scale.float()
     z = m.shift.float() if m.shift is not None else None
     z64 = z.double() if z is not None else torch.zeros_like(m.scale)
@@ -138,7 +147,10 @@ def output_error(m: Migration, rows: torch.Tensor, lo: torch.Tensor, hi: torch.T
         y = xq @ quantize_weight(w * s).T
         if z is not None:
             y = y + w @ z
-        total += float((y - ref).pow(2).sum()) / rows.shape[0]
+        energy = ref.pow(2).sum(-1)  # [n]
+        # floor: a row whose float output is 0 (padding) weighs like a typical row's 1e-6
+        energy = energy + 1e-6 * energy.mean() + torch.finfo(torch.float32).tiny
+        total += float(((y - ref).pow(2).sum(-1) / energy).mean())
     return total
 
 

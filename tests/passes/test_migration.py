@@ -92,3 +92,31 @@ def test_no_change_where_nothing_beats_it():
                     lambda t: t)
     assert choice.best.identity and choice.best.label == "none"
     assert choice.tried > 2
+
+
+def test_output_error_is_relative_per_row_and_per_linear():
+    """Each row's error counts relative to that row's output: a token 100x the others (an
+    attention sink) or a reader with 100x larger weights (v against q and k) weighs the
+    same as the rest, so neither decides the migration alone. Scaling one row, or one
+    reader's weights, by a power of two leaves the per-token / per-channel quantization's
+    relative error, and so the score, unchanged."""
+    from qcompile.passes._migration import output_error
+
+    rows = _outlier_rows()
+    gen = torch.Generator().manual_seed(2)
+    weights = [torch.randn(n, 32, generator=gen) for n in (16, 8)]
+    lo, hi = rows.amin(0).double(), rows.amax(0).double()
+    quant_a, quant_w = token_quantizer(8), weight_quantizer(
+        QuantSpec(bits=4, granularity="per_channel", axis=0))
+
+    def score(r, ws):
+        m = candidates(lo, hi, ws)[2]  # a shift and scale, not the identity
+        return output_error(m, r, lo, hi, ws, [r @ w.T for w in ws], quant_a, quant_w)
+
+    base = score(rows, weights)
+    loud = rows.clone()
+    loud[5] *= 128.0  # one token far above the rest
+    heavy = [weights[0], weights[1] * 128.0]
+    torch.testing.assert_close(score(loud, weights), base, rtol=1e-3, atol=0)  # the floor
+    torch.testing.assert_close(score(rows, heavy), base, rtol=1e-5, atol=0)
+    assert base > 0
