@@ -7,7 +7,8 @@ chosen one of two ways:
   options.smooth_alpha None (the default): per group, by measurement (passes/_migration.py):
       no change, a shift only, Outlier Suppression+'s clipped scales with or without the
       shift, or SmoothQuant's scales, whichever gives the group's outputs the least error on
-      the calibration rows under the recipe's own activation and weight quantizers; a
+      the calibration rows (each row's relative to its float output, per linear:
+      _migration.output_error) under the recipe's own activation and weight quantizers; a
       group where no change wins is left as it is (the report says so, with the errors);
   a number alpha in [0, 1]: SmoothQuant everywhere, no shift, with the calibrated
       per-channel maxima a_j = max|X_j| and w_j = max over the linears' column j of |W|:
@@ -390,7 +391,7 @@ def smooth(gm: GraphModule, ctx: PassContext) -> PassResult:
         before, after = (sum(e[i] for e in errors) for i in (0, 1))
         ctx.note(f"smooth: {counters['groups']} group(s) of linears shifted or scaled, "
                  f"{counters['unchanged']} unchanged" + (
-                     f"; {len(errors)} measured here, summed output error on the "
+                     f"; {len(errors)} measured here, summed relative output error on the "
                      f"calibration rows {before:.4g} -> {after:.4g}" if errors else ""))
     if ed.untied:
         ctx.note(f"smooth: gave {sorted(set(ed.untied))} a separate copy per reader")
