@@ -326,6 +326,22 @@ def test_asymmetric_linear_is_closer_to_float_on_a_one_sided_input():
     assert (asym - exact).pow(2).mean() < 0.5 * (sym - exact).pow(2).mean()
 
 
+@pytest.mark.slow
+def test_large_asymmetric_calls_take_the_compiled_cpu_epilogue_with_the_same_outputs():
+    """2**18 outputs and more: the CPU epilogue runs Inductor-compiled, the zero points' term
+    included (float32 where exact, else the integer path), on every route."""
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(512, 512, generator=g) * 2 + 0.3
+    w = torch.randint(-8, 8, (512, 512), generator=g, dtype=torch.int8)
+    w_scale, bias = torch.rand(512, generator=g) * 0.01, torch.randn(512, generator=g)
+    w_sum = a4_ops.weight_row_sums(w)
+    want = LINEAR(x, pack_int4(w), w_scale, bias, 0.8, w_sum, impl="reference")
+    for impl in _impls(LINEAR):
+        prepare = LINEAR.impls[impl].prepare
+        wi = prepare({"w": pack_int4(w)})["w"] if prepare else pack_int4(w)
+        assert torch.equal(LINEAR(x, wi, w_scale, bias, 0.8, w_sum, impl=impl), want), impl
+
+
 def test_a_wrong_w_sum_is_refused_by_the_reference():
     x, w, w_scale, bias = _linear_case("random")
     w_sum = a4_ops.weight_row_sums(w)
