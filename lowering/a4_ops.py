@@ -128,6 +128,11 @@ def pack_int4_values(q: Tensor) -> Tensor:
         torch.uint8)
 
 
+def _zero_points(scale: Tensor) -> Tensor:
+    """The zero points of symmetric rows: int32 zeros shaped and placed as their scales."""
+    return torch.zeros(scale.shape, dtype=torch.int32, device=scale.device)
+
+
 @quantized_op
 def quantize_per_token_int4(x: Tensor, packed: bool, clip: float,
                             symmetric: bool = True) -> tuple[Tensor, Tensor, Tensor]:
@@ -160,7 +165,7 @@ def _(x, packed, clip, symmetric=True):
     _check_quantize(x, packed, clip, symmetric)
     if symmetric:
         q, scale = quantize_per_token_ref(x, bits=4, clip=clip)
-        zp = torch.zeros(scale.shape, dtype=torch.int32, device=x.device)
+        zp = _zero_points(scale)
     else:
         q, scale, zp = quantize_per_token_asym_ref(x, bits=4, clip=clip)
     return (specs.pack_int4(q) if packed else q), scale, zp
@@ -175,7 +180,7 @@ def _(x, packed, clip, symmetric=True):
     if symmetric:
         q, scale = _elementwise(_per_token_body, big, rows, float(INT4_MAX), specs.SCALE_EPS,
                                 float(clip))
-        zp = torch.zeros(scale.shape, dtype=torch.int32)
+        zp = _zero_points(scale)
     else:
         q, scale, zp = _elementwise(_per_token_asym_body, big, rows, -8.0, float(INT4_MAX),
                                     specs.SCALE_EPS, float(clip))
@@ -194,11 +199,11 @@ def _(x, packed, clip, symmetric=True):
     if packed:
         out = kernels.quantize_per_token_int4_packed_triton(x, clip=clip, symmetric=symmetric)
         if symmetric:
-            out = (*out, torch.zeros(out[1].shape, dtype=torch.int32, device=x.device))
+            out = (*out, _zero_points(out[1]))
         return out
     if symmetric:
         q, scale = kernels.quantize_per_token_triton(x, bits=4, clip=clip)
-        return q, scale, torch.zeros(scale.shape, dtype=torch.int32, device=x.device)
+        return q, scale, _zero_points(scale)
     return kernels.quantize_per_token_asym_triton(x, bits=4, clip=clip)
 
 
