@@ -191,9 +191,17 @@ def _merge(into: ModelState, other: ModelState) -> None:
             artifact.stale = True
         into.artifacts.add(artifact)
         artifact.state = artifact.ctx.state = into
-    for name in ("observers", "qparams", "stats", "loaded"):
+    # everything keyed by site or parameter (smooth's migrations and what learn-transforms
+    # learned included: a graph compiled later reuses them instead of measuring again)
+    for name in ("observers", "qparams", "stats", "loaded", "migrations", "learned"):
         items = getattr(other, name).items()
         getattr(into, name).update((k, v) for k, v in items if not _names_any(k, clash))
+    for fingerprint, decided in other.precision.items():
+        into.precision.setdefault(fingerprint, decided)  # the first decision stands
+    # replayed batches: each graph takes the ones matching its own inputs
+    into.calib_batches.extend(b for b in other.calib_batches
+                              if all(b is not mine for mine in into.calib_batches))
+    into.batches = max(into.batches, other.batches)  # both counted the model's calls
     into.calibrated |= other.calibrated
     for key, (ref, st) in list(_BY_TENSOR.items()):
         if st is other:

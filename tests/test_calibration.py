@@ -225,3 +225,30 @@ def test_a_graph_with_nothing_to_calibrate_runs_at_once():
     _, caught = _nothing_to_calibrate(cm, [x])
     assert len(caught) == 1
     assert "has no activation that needs calibration data" in str(caught[0].message)
+
+
+def test_states_merged_at_a_graph_break_keep_what_finalizing_measured():
+    """Two graphs of one model start with their own states (a graph break gives each only
+    its parameters); the lookup that sees both merges them, and nothing measured in the
+    one merged away is lost: smooth's migrations, what learn-transforms learned, the
+    replayed calibration batches and the precision decided would otherwise be measured or
+    chosen again, differently, for a graph compiled later."""
+    from qcompile.state import state_for_tensors
+
+    a, b = torch.zeros(3), torch.zeros(4)
+    first, second = state_for_tensors([a]), state_for_tensors([b])
+    assert first is not second
+    batch = {"x": torch.ones(2)}
+    second.migrations["fp|in:b"] = ("migration", "why")
+    second.learned["fp|clip|b"] = torch.ones(4)
+    second.calib_batches.append(batch)
+    second.precision["fp"] = {"bits": {"in:b": 8}}
+    second.batches = 2
+    first.precision["fp"] = {"bits": {"in:a": 4}}
+    merged = state_for_tensors([a, b])
+    assert merged is first and state_for_tensors([b]) is first
+    assert merged.migrations == {"fp|in:b": ("migration", "why")}
+    assert merged.learned["fp|clip|b"] is second.learned["fp|clip|b"]
+    assert merged.calib_batches == [batch]
+    assert merged.precision["fp"] == {"bits": {"in:a": 4}}  # the first decision stands
+    assert merged.batches == 2
