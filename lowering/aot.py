@@ -220,7 +220,7 @@ def w4_launches(arch: int) -> list[Launch]:
     for dt in _FLOATS:
         for m in (1, 128):
             for extras in (False, True):  # group zero points and bias, or neither
-                cfg = dict(w4a16_config(m, _N, _K))
+                cfg = dict(w4a16_config(m, _N, _K, dt))
                 warps = cfg.pop("num_warps")
                 y = torch.float32 if cfg["SPLIT_K"] > 1 else dt  # split K accumulates in f32
                 args = dict(x_ptr=dt, w_ptr=torch.uint8, s_ptr=dt,

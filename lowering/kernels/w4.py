@@ -272,14 +272,23 @@ def _check_groups(k, scales, zeros, group_size):
         raise ValueError("zeros must be an integer tensor shaped like scales")
 
 
-def w4a16_config(m: int, n: int, k: int) -> dict:
-    """Launch config for (M, N, K): decode shapes split K to fill the GPU with programs.
+BLOCK_K_FMA = 16
+
+
+def w4a16_config(m: int, n: int, k: int, dtype: torch.dtype = torch.float16) -> dict:
+    """Launch config for (M, N, K) and the activations' dtype: decode shapes split K to fill
+    the GPU with programs.
 
     A heuristic, not tuned on hardware yet; bench/bench_w4.py sweeps alternatives.
+    float32 activations take the exact FMA dot (IEEE, no tensor cores), which holds each
+    thread's rows of x and columns of w for the whole K step in registers: BLOCK_K = 128
+    spilled 16-20 KB a thread at M = 128 (sm_80 and sm_90), BLOCK_K_FMA does not.
     """
     block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
     block_n = 32 if m <= 16 else 64
     block_k = 128 if k % 128 == 0 else 32
+    if dtype == torch.float32:
+        block_k = min(block_k, BLOCK_K_FMA)
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
     split_k = 1
     while tiles * split_k < 256 and k // (block_k * split_k * 2) >= 4 and split_k < 16:
@@ -294,7 +303,7 @@ def w4a16_gemm_triton(x, w_packed, scales, zeros=None, group_size=128, bias=None
         raise TypeError(f"w4a16 takes float16/bfloat16/float32 activations, got {x.dtype}")
     (m, k), n = x.shape, w_packed.shape[0]
     _check_groups(k, scales, zeros, group_size)
-    cfg = dict(config or w4a16_config(m, n, k))
+    cfg = dict(config or w4a16_config(m, n, k, x.dtype))
     split_k = cfg["SPLIT_K"]
     y = (torch.zeros if split_k > 1 else torch.empty)(
         (m, n), dtype=torch.float32 if split_k > 1 else x.dtype, device=x.device

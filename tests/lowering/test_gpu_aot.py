@@ -73,9 +73,6 @@ FAST_KERNELS = {
 # Spills at the configs the kernel wrappers choose (launch-name pattern, why); strict: a
 # fix makes these tests fail until the entry goes.
 KNOWN_SPILLS = [
-    # 0.2-0.5 KB at M = 1, 16-20 KB at M = 128 (sm_80 and sm_90): float32 activations take
-    # the exact FMA dot (IEEE, no tensor cores), too large at w4a16_config's tiles.
-    (r"^w4a16\[float32", "w4a16_config's tiles spill with float32 activations (FMA dot)"),
     # 28-40 bytes: 512 x 32 floats on 16 warps (512 threads, so at most 128 registers each)
     # through nine butterfly stages; hadamard_launch_meta chooses the warps.
     (r"^hadamard(_quantize_per_token)?\[\w+\] n=14336$", "a 14336-wide row spills at 16 warps"),
