@@ -254,7 +254,8 @@ def main() -> None:
                              "where": [f"{f.filename}:{f.lineno} {f.name}" for f in tb[-6:]]}
         # the file keeps earlier runs' results: each names the machine it ran on (integers
         # depend on it: 7-bit int8 weights without VNNI)
-        results[name]["machine"] = _machine.cpu_info()["capabilities"]
+        results[name].update(machine=_machine.cpu_info()["capabilities"],
+                             date=time.strftime("%Y-%m-%d"))
         report_line(name, results[name])
         # written after every configuration: a run stopped midway keeps what it measured
         with open(args.out, "w") as f:
