@@ -7,7 +7,8 @@ input rotated by its Hadamard (the o projections' per head, as rotate-heads does
 other input by the whole-width online Hadamard, Gemma 3 being a post-norm graph here),
 quantized per token to int4 with a zero point and the recipe's clip ratio (qcompile's own
 fake quantizer, the one smooth and learn-transforms use), against the rotated weight
-rounded to int4 per output channel (round to nearest, no GPTQ, no clip search). Then
+rounded to int4 per output channel as the recipe rounds it (round to nearest, no GPTQ,
+no clip search). Then
 perplexity on bench/gemma_perplexity.py's text windows (and its first 512 tokens) with
   - activations only (weights float), weights only, both;
   - activations only, one linear type at a time (which inputs cost the most);
@@ -27,11 +28,12 @@ import warnings
 import _gemma
 import _machine
 import torch
-from gemma_perplexity import TEXT, perplexity, text_windows, token_windows
+from gemma_perplexity import TEXT, text_perplexities, text_windows
 
 from qcompile.config import DEFAULT_ACTIVATION_CLIP
 from qcompile.hadamard import hadamard_matrix
-from qcompile.passes._fake_quant import fake_token
+from qcompile.numerics.specs import QuantSpec
+from qcompile.passes._fake_quant import fake_token, fake_weight
 
 TYPES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -41,9 +43,10 @@ def rotation(n: int) -> torch.Tensor:
 
 
 def int4_rows(w: torch.Tensor) -> torch.Tensor:
-    """Symmetric int4 per output channel, round to nearest, dequantized."""
-    scale = w.abs().amax(-1, keepdim=True).clamp_min(1e-12) / 7
-    return (w / scale).round().clamp(-8, 7) * scale
+    """w4a4's weights, int4 per output channel, round to nearest, dequantized: qcompile's
+    own fake quantizer under the recipe's spec, no clip."""
+    spec = QuantSpec(bits=4, granularity="per_channel", axis=0)
+    return fake_weight(w, torch.ones(w.shape[0]), spec)
 
 
 class Simulation:
@@ -85,10 +88,9 @@ def main() -> None:
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     model, tok = _gemma.load()
-    evals, _ = token_windows(tok)
     text = text_windows(tok)
     sim = Simulation(model, model.config.head_dim)
-    float_ppl, float_text_ppl = perplexity(model, evals), perplexity(model, text)
+    float_ppl, float_text_ppl = text_perplexities(model, text)
     runs = {
         "activations and weights": {},
         "activations only": {"weights": False},
@@ -105,7 +107,7 @@ def main() -> None:
     print(f"{'float':58s} first 512 {float_ppl:8.3f}, text {float_text_ppl:8.3f}")
     for name, kw in runs.items():
         sim.set(**kw)
-        ppl, text_ppl = perplexity(model, evals), perplexity(model, text)
+        ppl, text_ppl = text_perplexities(model, text)
         results[name] = {"perplexity": ppl, "ratio_to_float": ppl / float_ppl,
                          "text_perplexity": text_ppl,
                          "text_ratio_to_float": text_ppl / float_text_ppl}
