@@ -51,6 +51,8 @@ CONFIGS = {
     "w8a8": {"recipe": "w8a8"},
     # the searched shift and scale (smooth) on the calibration-free default: needs calibration
     "w8a8, smooth": {"recipe": "w8a8", "smooth": True},
+    # the online Hadamards (data-free) in front of the per-token int8 activations
+    "w8a8, rotations": {"recipe": "w8a8", "rotate": True, "online_hadamard": True},
     "w8a8-static": {"recipe": "w8a8-static"},
     "w8a8-static, no smooth": {"recipe": "w8a8-static", "smooth": False},
     # static ranges at the MSE best without the online Hadamards (which cost CPU time)
@@ -88,12 +90,21 @@ CONFIGS = {
     # groups of 16 (half a k-quant block: the rotations' Hadamards mix the blocks anyway)
     "w4a8, group 16, gptq, mse": {"recipe": "w4a8", "group_size": 16, "gptq": True,
                                   "observer": "mse"},
+    # what w4a8's int4 weights alone cost (its rotations, groups of 16 and GPTQ, float
+    # activations): the rest of w4a8's loss is its int8 static activations
+    # (kernels='cpu': w4a16 is slower than float on CPU, so 'auto' leaves every layer float)
+    "w4a16, group 16, gptq, rotations": {"recipe": "w4a16", "group_size": 16, "gptq": True,
+                                         "rotate": True, "online_hadamard": True,
+                                         "kernels": "cpu"},
+    "w4a8, group 16, gptq, mse, no weight clip": {"recipe": "w4a8", "group_size": 16,
+                                                  "gptq": True, "observer": "mse",
+                                                  "weight_clip": False},
     "w4a4": {"recipe": "w4a4"},
     "w4a4, group 32": {"recipe": "w4a4", "group_size": 32},
     # smooth's searched migration (on in w4a4) against none, per channel and in groups
     "w4a4, no smooth": {"recipe": "w4a4", "smooth": False},
     "w4a4, group 32, no smooth": {"recipe": "w4a4", "group_size": 32, "smooth": False},
-    "w4a16": {"recipe": "w4a16"},
+    "w4a16": {"recipe": "w4a16", "kernels": "cpu"},
     # a CPU without VNNI runs int8 with 7-bit weights ([-64, 63]); this shows what that costs
     "w8a8, 8-bit weights": {"recipe": "w8a8", "narrow_weights": False},
     # integer-only with at most 10% of the quantized activation sites at 16 bits (smooth on)
