@@ -273,6 +273,7 @@ def gptq_quantize(
     act_order: bool = False,
     block_size: int = 128,
     clip: torch.Tensor | None = None,
+    group_search: bool = False,
 ) -> QuantizedWeight:
     """GPTQ-quantize a linear weight w [N, K] given the Hessian H [K, K] of its input.
 
@@ -284,6 +285,11 @@ def gptq_quantize(
       belong to the original column groups: a group's scale and zero point are chosen
       when the first of its columns is reached, from the current (error-updated) values
       of all its columns. Without act_order this is standard GPTQ's group behaviour.
+    group_search: a group's range is its current min-max times the ratio of CLIP_RATIOS
+      (and, on the row's grid, the integer multiplier) with the least error
+      sum_j H[j, j] (w_j - Q(w_j))^2 over the group's columns j, row by row, instead of
+      its min-max (times the row's clip): the range search of GPTQ's reference quantizer
+      (its `mse` option), weighted by how much each column's input carries.
     Dead inputs (H[i, i] == 0: the column never sees a nonzero input) get weight 0.
     Per-channel / per-tensor parameters come from the (dead-zeroed) weight before any
     update. Deterministic: float64 throughout, no randomness.
@@ -344,12 +350,16 @@ def gptq_quantize(
                     cur = _current_columns(
                         weight, block, err, u, inv_perm[gi * g : (gi + 1) * g], b0, b1, j
                     )
-                    c = 1.0 if clip is None else clip.to(cur.device)
-                    sg, zero_point[:, gi] = weight_qparams(
-                        cur.amin(dim=1).float() * c, cur.amax(dim=1).float() * c, spec
-                    )
-                    scale[:, gi] = sg if row is None else \
-                        leveled_scales(sg[:, None], row, spec.group_levels)[:, 0]
+                    if group_search:
+                        hd = h.diagonal()[gi * g : (gi + 1) * g]
+                        scale[:, gi], zero_point[:, gi] = _searched_group(cur, hd, spec, row)
+                    else:
+                        c = 1.0 if clip is None else clip.to(cur.device)
+                        sg, zero_point[:, gi] = weight_qparams(
+                            cur.amin(dim=1).float() * c, cur.amax(dim=1).float() * c, spec
+                        )
+                        scale[:, gi] = sg if row is None else \
+                            leveled_scales(sg[:, None], row, spec.group_levels)[:, 0]
                     group_ready[gi] = True
                 s, z = scale[:, gi], zero_point[:, gi]
             else:
@@ -366,6 +376,32 @@ def gptq_quantize(
             err[:, j] = e
         weight[:, b1:] -= err @ u[b0:b1, b1:]
     return QuantizedWeight(qweight[:, inv_perm], scale, zero_point, spec, row)
+
+
+def _searched_group(cur: torch.Tensor, hd: torch.Tensor, spec: QuantSpec,
+                    row: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale [N], zero point [N]) of one group whose current values are cur [N, g] and
+    whose columns' Hessian diagonal is hd [g]: per row, the candidate range with the least
+    sum_j hd[j] (cur_j - Q(cur_j))^2 (gptq_quantize's group_search); min-max wins ties."""
+    col_spec = _row_spec(spec)
+    lo, hi = cur.amin(dim=1).float(), cur.amax(dim=1).float()
+    best = torch.full((cur.shape[0],), float("inf"), dtype=torch.float64, device=cur.device)
+    scale = zero_point = None
+    for r in CLIP_RATIOS:
+        s, z = weight_qparams(lo * r, hi * r, spec)
+        if row is not None:
+            s = leveled_scales(s[:, None], row, spec.group_levels)[:, 0]
+        se = _expand("gptq_quantize", "scale", s, cur.shape, col_spec)
+        ze = _expand("gptq_quantize", "zero_point", z, cur.shape, col_spec)
+        deq = _dequantize(_quantize(cur, se, ze, col_spec), se, ze, torch.float64)
+        err = ((cur - deq).pow(2) * hd[None, :]).sum(1)
+        if scale is None:
+            best, scale, zero_point = err, s, z
+            continue
+        better = err < best * (1 - 1e-9)
+        best = torch.where(better, err, best)
+        scale, zero_point = torch.where(better, s, scale), torch.where(better, z, zero_point)
+    return scale, zero_point
 
 
 def _row_spec(spec: QuantSpec) -> QuantSpec:

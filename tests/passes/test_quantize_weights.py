@@ -86,3 +86,27 @@ def test_preview_weight_is_what_quantize_weights_makes():
         la = ann.selected(n)
         assert torch.equal(la.qweight.qweight, previews[la.name].qweight), la.name
         assert torch.equal(la.qweight.scale, previews[la.name].scale), la.name
+
+
+def test_grouped_gptq_searches_each_groups_range_where_weight_clip_is_on():
+    """GPTQ on group-wise int4 weights chooses each group's range by its Hessian-weighted
+    error as it reaches the group (gptq_quantize's group_search), and the layer says so;
+    with weight_clip off, groups keep their min-max ranges."""
+    from qcompile.passes.quantize_weights import GROUP_SEARCH_DETAIL
+
+    on, _ = walked("chain", "w4a8", group_size=16, gptq=True, sequential=False)
+    off, _ = walked("chain", "w4a8", group_size=16, gptq=True, sequential=False,
+                    weight_clip=False)
+    layers = {}
+    for cap in (on, off):
+        layers[cap is on] = {la.name: la for la in (ann.get(n, ann.Layer)
+                                                    for n in cap.gm.graph.nodes)
+                             if la is not None and la.qweight is not None}
+    assert layers[True] and sorted(layers[True]) == sorted(layers[False])
+    differ = 0
+    for name, la in layers[True].items():
+        assert la.qweight.spec.group_size == 16
+        assert on.ctx.layers[name].detail["weight_clip"] == GROUP_SEARCH_DETAIL
+        assert "weight_clip" not in off.ctx.layers[name].detail
+        differ += not torch.equal(la.qweight.scale, layers[False][name].qweight.scale)
+    assert differ > 0  # some group found a better range than its min-max
