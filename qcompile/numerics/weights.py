@@ -381,27 +381,19 @@ def gptq_quantize(
 def _searched_group(cur: torch.Tensor, hd: torch.Tensor, spec: QuantSpec,
                     row: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale [N], zero point [N]) of one group whose current values are cur [N, g] and
-    whose columns' Hessian diagonal is hd [g]: per row, the candidate range with the least
-    sum_j hd[j] (cur_j - Q(cur_j))^2 (gptq_quantize's group_search); min-max wins ties."""
-    col_spec = _row_spec(spec)
+    whose columns' Hessian diagonal is hd [g]: per row, the candidate range (CLIP_RATIOS of
+    its min-max, all at once) with the least sum_j hd[j] (cur_j - Q(cur_j))^2, rounded as
+    _quantize rounds (gptq_quantize's group_search); min-max, the first, wins ties."""
+    ratios = torch.tensor(CLIP_RATIOS, dtype=torch.float32, device=cur.device)[:, None]
     lo, hi = cur.amin(dim=1).float(), cur.amax(dim=1).float()
-    best = torch.full((cur.shape[0],), float("inf"), dtype=torch.float64, device=cur.device)
-    scale = zero_point = None
-    for r in CLIP_RATIOS:
-        s, z = weight_qparams(lo * r, hi * r, spec)
-        if row is not None:
-            s = leveled_scales(s[:, None], row, spec.group_levels)[:, 0]
-        se = _expand("gptq_quantize", "scale", s, cur.shape, col_spec)
-        ze = _expand("gptq_quantize", "zero_point", z, cur.shape, col_spec)
-        deq = _dequantize(_quantize(cur, se, ze, col_spec), se, ze, torch.float64)
-        err = ((cur - deq).pow(2) * hd[None, :]).sum(1)
-        if scale is None:
-            best, scale, zero_point = err, s, z
-            continue
-        better = err < best * (1 - 1e-9)
-        best = torch.where(better, err, best)
-        scale, zero_point = torch.where(better, s, scale), torch.where(better, z, zero_point)
-    return scale, zero_point
+    scale, zero_point = weight_qparams(lo * ratios, hi * ratios, spec)  # [R, N]
+    if row is not None:
+        scale = leveled_scales(scale.T, row, spec.group_levels).T
+    s, z = scale[:, :, None], zero_point.float()[:, :, None]  # [R, N, 1]
+    q = (torch.round(cur.float()[None] / s) + z).clamp(spec.qmin, spec.qmax)
+    err = ((cur[None] - ((q - z) * s).double()).pow(2) * hd[None, None, :]).sum(2)  # [R, N]
+    best = err.argmin(dim=0, keepdim=True)  # the first of equal errors
+    return scale.gather(0, best)[0], zero_point.gather(0, best)[0]
 
 
 def _row_spec(spec: QuantSpec) -> QuantSpec:
