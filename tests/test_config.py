@@ -106,7 +106,7 @@ def test_group_size_option_groups_int4_weights_and_enters_the_fingerprint():
     w4a4-static take one (integer group multipliers); the fingerprint names it only when
     given, so every other configuration keeps its fingerprint."""
     assert Options.from_user(None, {"recipe": "w4a16"}).weight_group_size == 128
-    assert Options.from_user(None, {"recipe": "w4a8"}).weight_group_size == 16
+    assert Options.from_user(None, {"recipe": "w4a8"}).weight_group_size == 32
     assert Options.from_user(None, {"recipe": "w4a4"}).weight_group_size is None
     w4a8 = Options.from_user(None, {"recipe": "w4a8", "group_size": 32})
     assert w4a8.weight_group_size == 32
