@@ -77,6 +77,7 @@ CONFIGS = {
     # whole k-quant blocks of 32 or sits inside one: none avoids the alignment
     "w4a8, group 128": {"recipe": "w4a8", "group_size": 128},
     "w4a8, group 32": {"recipe": "w4a8", "group_size": 32},
+    "w4a8, group 16": {"recipe": "w4a8", "group_size": 16},
     # what makes groups of 32 lose end to end (their weights are closer to float)
     "w4a8, group 32, no smooth": {"recipe": "w4a8", "group_size": 32, "smooth": False},
     "w4a8, group 32, no weight clip": {"recipe": "w4a8", "group_size": 32,
