@@ -305,6 +305,11 @@ def gptq_quantize(
     damp = _checks.real_arg(fn, "damp", damp, lo=0.0)
     block_size = _checks.int_arg(fn, "block_size", block_size, lo=1)
     _checks.bool_arg(fn, "act_order", act_order)
+    _checks.bool_arg(fn, "group_search", group_search)
+    if group_search and (clip is not None or spec.granularity != "per_group"):
+        raise ValueError(f"{fn}: group_search chooses each group's range itself: it takes a "
+                         f"per_group spec and no clip (got {spec.granularity}, clip "
+                         f"{'given' if clip is not None else 'None'})")
     clip = _row_clip(fn, clip, w, spec)
     weight = w.detach().to(torch.float64).clone()  # [N, K]
     h = H.detach().to(device=weight.device, dtype=torch.float64).clone()  # [K, K]
@@ -382,16 +387,16 @@ def _searched_group(cur: torch.Tensor, hd: torch.Tensor, spec: QuantSpec,
                     row: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale [N], zero point [N]) of one group whose current values are cur [N, g] and
     whose columns' Hessian diagonal is hd [g]: per row, the candidate range (CLIP_RATIOS of
-    its min-max, all at once) with the least sum_j hd[j] (cur_j - Q(cur_j))^2, rounded as
-    _quantize rounds (gptq_quantize's group_search); min-max, the first, wins ties."""
+    its min-max, all at once) with the least sum_j hd[j] (cur_j - Q(cur_j))^2
+    (gptq_quantize's group_search); min-max, the first, wins ties."""
     ratios = torch.tensor(CLIP_RATIOS, dtype=torch.float32, device=cur.device)[:, None]
     lo, hi = cur.amin(dim=1).float(), cur.amax(dim=1).float()
     scale, zero_point = weight_qparams(lo * ratios, hi * ratios, spec)  # [R, N]
     if row is not None:
         scale = leveled_scales(scale.T, row, spec.group_levels).T
-    s, z = scale[:, :, None], zero_point.float()[:, :, None]  # [R, N, 1]
-    q = (torch.round(cur.float()[None] / s) + z).clamp(spec.qmin, spec.qmax)
-    err = ((cur[None] - ((q - z) * s).double()).pow(2) * hd[None, None, :]).sum(2)  # [R, N]
+    s, z = scale[:, :, None], zero_point[:, :, None]  # [R, N, 1]
+    deq = _dequantize(_quantize(cur[None], s, z, spec), s, z, torch.float64)  # [R, N, g]
+    err = ((cur[None] - deq).pow(2) * hd[None, None, :]).sum(2)  # [R, N]
     best = err.argmin(dim=0, keepdim=True)  # the first of equal errors
     return scale.gather(0, best)[0], zero_point.gather(0, best)[0]
 

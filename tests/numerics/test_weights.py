@@ -235,6 +235,12 @@ def test_gptq_errors():
     indefinite = torch.tensor([[1.0, 2.0], [2.0, 1.0]], dtype=torch.float64)
     with pytest.raises(ValueError, match="positive definite"):
         gptq_quantize(w, indefinite, damp=0.0)
+    w16 = torch.randn(4, 16)
+    with pytest.raises(ValueError, match="group_search chooses"):  # a clip it would ignore
+        gptq_quantize(w16, torch.eye(16), weight_spec(4, group_size=16), clip=torch.ones(4),
+                      group_search=True)
+    with pytest.raises(ValueError, match="group_search chooses"):  # no groups to search
+        gptq_quantize(w16, torch.eye(16), weight_spec(8), group_search=True)
 
 
 def test_gptq_speed_1536x384():

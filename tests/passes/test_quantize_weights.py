@@ -97,16 +97,17 @@ def test_grouped_gptq_searches_each_groups_range_where_weight_clip_is_on():
     on, _ = walked("chain", "w4a8", group_size=16, gptq=True, sequential=False)
     off, _ = walked("chain", "w4a8", group_size=16, gptq=True, sequential=False,
                     weight_clip=False)
-    layers = {}
-    for cap in (on, off):
-        layers[cap is on] = {la.name: la for la in (ann.get(n, ann.Layer)
-                                                    for n in cap.gm.graph.nodes)
-                             if la is not None and la.qweight is not None}
-    assert layers[True] and sorted(layers[True]) == sorted(layers[False])
+
+    def quantized(cap):
+        layers = (ann.get(n, ann.Layer) for n in cap.gm.graph.nodes)
+        return {la.name: la for la in layers if la is not None and la.qweight is not None}
+
+    searched, plain = quantized(on), quantized(off)
+    assert searched and sorted(searched) == sorted(plain)
     differ = 0
-    for name, la in layers[True].items():
+    for name, la in searched.items():
         assert la.qweight.spec.group_size == 16
         assert on.ctx.layers[name].detail["weight_clip"] == GROUP_SEARCH_DETAIL
         assert "weight_clip" not in off.ctx.layers[name].detail
-        differ += not torch.equal(la.qweight.scale, layers[False][name].qweight.scale)
+        differ += not torch.equal(la.qweight.scale, plain[name].qweight.scale)
     assert differ > 0  # some group found a better range than its min-max
