@@ -332,26 +332,27 @@ def _(x, w, w_scale, bias, clip, w_sum=None, origin=""):
 
 
 @quantized_op
-def linear_a4w4_grouped_dynamic(x: Tensor, w: Tensor, mult: Tensor, w_scale: Tensor,
-                                bias: Tensor | None, clip: float,
+def linear_a4w4_grouped_dynamic(x: Tensor, w: Tensor, mult: Tensor, wzp: Tensor | None,
+                                w_scale: Tensor, bias: Tensor | None, clip: float,
                                 w_sum: Tensor | None = None) -> Tensor:
     """linear_a4w4_dynamic with group-wise int4 weights whose group scales are the row's
     times small integers (options group_size): w packed uint8 [N, K // 2], mult int8
-    [N, K // g] in 1..16, w_scale the row scales [N]; the integer weight q * mult is an int8
-    value (ops.grouped_int4_values), and the call is linear_a4w4_dynamic's on it, the same
+    [N, K // g], wzp the groups' zero points (int8 [N, K // g]) or None, w_scale the row
+    scales [N]; the integer weight (q - wzp) * mult is an int8 value
+    (ops.grouped_int4_values), and the call is linear_a4w4_dynamic's on it, the same
     implementation by name (w_sum, for asymmetric activations, the sums of those int8
     values' rows). Implementations may hold w as those int8 values after `prepare`."""
 
 
 @linear_a4w4_grouped_dynamic.fake
-def _(x, w, mult, w_scale, bias, clip, w_sum=None):
+def _(x, w, mult, wzp, w_scale, bias, clip, w_sum=None):
     _check_linear(x, w, w_scale, bias, clip, w_sum)
     return x.new_empty((*x.shape[:-1], w.shape[0]))
 
 
-def _linear_a4w4_grouped(name, x, w, mult, w_scale, bias, clip, w_sum=None, origin=""):
+def _linear_a4w4_grouped(name, x, w, mult, wzp, w_scale, bias, clip, w_sum=None, origin=""):
     return linear_a4w4_dynamic.run(
-        name, (x, grouped_weight(w, mult), w_scale, bias, clip, w_sum), origin)
+        name, (x, grouped_weight(w, mult, wzp), w_scale, bias, clip, w_sum), origin)
 
 
 for _name, _impl in linear_a4w4_dynamic.impls.items():

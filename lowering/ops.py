@@ -556,65 +556,80 @@ def _(x, w, bias, zp_term, q, shift, out_zp, qmin, qmax, origin=""):
     return y.reshape(*x.shape[:-1], w.shape[0])
 
 
-GROUP_MULT_MAX = 16  # -8 * 16 = -128: the products of int4 values stay int8
-
-
-def grouped_int4_values(w: Tensor, mult: Tensor) -> Tensor:
+def grouped_int4_values(w: Tensor, mult: Tensor, wzp: Tensor | None = None) -> Tensor:
     """int8 [N, K]: linear_w4a8_grouped's integer weight, each int4 value of w (packed,
-    uint8 [N, K // 2]) times its group's multiplier in mult (int8 [N, K // g], 1..16)."""
+    uint8 [N, K // 2]) less its group's zero point in wzp (int8 [N, K // g] in [-8, 7], or
+    None: 0) times its group's multiplier in mult (int8 [N, K // g], >= 1). The products
+    must be int8 values (q * mult for q in [-8, 7] with mult <= 16; (q - wzp) * mult with
+    mult <= 8): a ValueError, never a wrapped integer, where they are not."""
     from qcompile.numerics import _checks
 
     q = specs.unpack_int4(w)
     n, k = q.shape
-    if mult.dtype != torch.int8 or mult.dim() != 2 or mult.shape[0] != n or \
-            not mult.shape[1] or k % mult.shape[1]:
-        raise ValueError(f"linear_w4a8_grouped: mult must be int8 [N, K // group_size] with "
-                         f"a group size dividing K = {k}, N = {n}; got {mult.dtype} "
-                         f"{tuple(mult.shape)}")
-    if _checks.reads_data(mult) and mult.numel() and \
-            (int(mult.min()) < 1 or int(mult.max()) > GROUP_MULT_MAX):
-        raise ValueError(f"linear_w4a8_grouped: group multipliers must lie in "
-                         f"[1, {GROUP_MULT_MAX}] (q * mult must be an int8 value), got "
-                         f"[{int(mult.min())}, {int(mult.max())}]")
-    m = mult.to(torch.int16).repeat_interleave(k // mult.shape[1], dim=1)
-    return (q.to(torch.int16) * m).to(torch.int8)
+    for name, t in (("mult", mult), ("wzp", wzp)):
+        if t is not None and (t.dtype != torch.int8 or t.dim() != 2 or t.shape[0] != n or
+                              not t.shape[1] or k % t.shape[1] or t.shape != mult.shape):
+            raise ValueError(f"linear_w4a8_grouped: {name} must be int8 [N, K // group_size] "
+                             f"with a group size dividing K = {k}, N = {n} (wzp shaped like "
+                             f"mult); got {t.dtype} {tuple(t.shape)}")
+    g = k // mult.shape[1]
+    v = q.to(torch.int16)
+    if wzp is not None:
+        if _checks.reads_data(wzp) and wzp.numel() and \
+                (int(wzp.min()) < -8 or int(wzp.max()) > 7):
+            raise ValueError(f"linear_w4a8_grouped: weight zero points must lie in [-8, 7], "
+                             f"got [{int(wzp.min())}, {int(wzp.max())}]")
+        v = v - wzp.to(torch.int16).repeat_interleave(g, dim=1)
+    v = v * mult.to(torch.int16).repeat_interleave(g, dim=1)
+    if _checks.reads_data(mult) and mult.numel():
+        lo, hi = int(v.min()), int(v.max())
+        if int(mult.min()) < 1 or lo < -128 or hi > 127:
+            raise ValueError(
+                f"linear_w4a8_grouped: group multipliers must be >= 1 and the integer weight "
+                f"(q{' - wzp' if wzp is not None else ''}) * mult an int8 value (mult <= 16 "
+                f"for symmetric int4, <= 8 with zero points); got multipliers "
+                f"[{int(mult.min())}, {int(mult.max())}], products [{lo}, {hi}]")
+    return v.to(torch.int8)
 
 
-def grouped_weight(w: Tensor, mult: Tensor) -> Tensor:
+def grouped_weight(w: Tensor, mult: Tensor, wzp: Tensor | None = None) -> Tensor:
     """The int8 values of a grouped int4 weight given packed (expanded here) or as
     `_grouped_weights` prepared it (int8 [N, K], as it is)."""
-    return grouped_int4_values(w, mult) if w.dtype == torch.uint8 else w
+    return grouped_int4_values(w, mult, wzp) if w.dtype == torch.uint8 else w
 
 
 def _grouped_weights(args: dict) -> dict:
-    """Once, at lowering: the grouped int4 weight as its int8 values q * mult, which every
-    int8 GEMM route multiplies as it is (the same integers as the reference's)."""
-    return {"w": grouped_weight(args["w"], args["mult"])}
+    """Once, at lowering: the grouped int4 weight as its int8 values (q - wzp) * mult,
+    which every int8 GEMM route multiplies as it is (the same integers as the
+    reference's)."""
+    return {"w": grouped_weight(args["w"], args["mult"], args.get("wzp"))}
 
 
-def _linear_grouped(backend, x, w, mult, bias, zp_term, q, shift, out_zp, qmin, qmax,
+def _linear_grouped(backend, x, w, mult, wzp, bias, zp_term, q, shift, out_zp, qmin, qmax,
                     origin=""):
-    return _linear_requant(backend, x, grouped_weight(w, mult), bias, zp_term, q, shift,
+    return _linear_requant(backend, x, grouped_weight(w, mult, wzp), bias, zp_term, q, shift,
                            out_zp, qmin, qmax, origin)
 
 
 @quantized_op
-def linear_w4a8_grouped(x: Tensor, w: Tensor, mult: Tensor, bias: Tensor | None,
-                        zp_term: Tensor | None, q: Tensor, shift: Tensor, out_zp: int,
-                        qmin: int, qmax: int) -> Tensor:
+def linear_w4a8_grouped(x: Tensor, w: Tensor, mult: Tensor, wzp: Tensor | None,
+                        bias: Tensor | None, zp_term: Tensor | None, q: Tensor, shift: Tensor,
+                        out_zp: int, qmin: int, qmax: int) -> Tensor:
     """linear_int8 with group-wise int4 weights, packed two per byte along K (uint8
     [N, K // 2]), whose group scales are the row's scale times small integers: mult int8
-    [N, K // g] in 1..16 (g = K // mult.shape[1]). The integer weight q[n, k] *
-    mult[n, k // g] is an int8 value, so the int32 accumulator, the zero-point term and the
-    per-row dyadic requantization are linear_int8's. Implementations may hold the weight
-    as those int8 values (int8 [N, K]) after `prepare`."""
+    [N, K // g] (g = K // mult.shape[1]), with a zero point per group in wzp (int8
+    [N, K // g] in [-8, 7]) or none (None). The integer weight (q[n, k] - wzp[n, k // g]) *
+    mult[n, k // g] is an int8 value (grouped_int4_values), so the int32 accumulator, the
+    zero-point term and the per-row dyadic requantization are linear_int8's.
+    Implementations may hold the weight as those int8 values (int8 [N, K]) after
+    `prepare`."""
 
 
 linear_w4a8_grouped.epilogue = _requant_epilogue_of
 
 
 @linear_w4a8_grouped.fake
-def _(x, w, mult, bias, zp_term, q, shift, out_zp, qmin, qmax):
+def _(x, w, mult, wzp, bias, zp_term, q, shift, out_zp, qmin, qmax):
     return x.new_empty((*x.shape[:-1], w.shape[0]), dtype=torch.int8)
 
 

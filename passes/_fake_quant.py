@@ -25,17 +25,17 @@ def fake_weight(w: torch.Tensor, clip: torch.Tensor, spec: QuantSpec) -> torch.T
     g = w.reshape(n, -1, spec.group_size) if spec.granularity == "per_group" else \
         w.reshape(n, 1, k)  # [N, G, g]
     c = clip.reshape(n, 1, 1)
-    if spec.symmetric:
-        lo = (g.amin(-1, keepdim=True) * c).clamp(max=0)  # weight_qparams' full range
-        hi = (g.amax(-1, keepdim=True) * c).clamp(min=0)
-        scale = torch.maximum(-lo / -spec.qmin, hi / spec.qmax).clamp(min=SCALE_EPS)
-        if spec.group_levels is not None:  # the row's grid (its integers carry no gradient)
-            scale = on_row_grid(scale[..., 0], spec.group_levels)[0][..., None]
-        q = ste_round(g / scale).clamp(spec.qmin, spec.qmax)
-        return (q * scale).reshape(n, k)
-    lo = (g.amin(-1, keepdim=True) * c).clamp(max=0)
+    lo = (g.amin(-1, keepdim=True) * c).clamp(max=0)  # weight_qparams' full range
     hi = (g.amax(-1, keepdim=True) * c).clamp(min=0)
-    scale = ((hi - lo) / (spec.qmax - spec.qmin)).clamp(min=SCALE_EPS)
+    if spec.symmetric:
+        scale = torch.maximum(-lo / -spec.qmin, hi / spec.qmax)
+    else:
+        scale = (hi - lo) / (spec.qmax - spec.qmin)
+    scale = scale.clamp(min=SCALE_EPS)
+    if spec.group_levels is not None:  # the row's grid (its integers carry no gradient)
+        scale = on_row_grid(scale[..., 0], spec.group_levels)[0][..., None]
+    if spec.symmetric:
+        return (ste_round(g / scale).clamp(spec.qmin, spec.qmax) * scale).reshape(n, k)
     zp = (spec.qmin - (lo / scale).round()).clamp(spec.qmin, spec.qmax).detach()
     q = (ste_round(g / scale) + zp).clamp(spec.qmin, spec.qmax)
     return ((q - zp) * scale).reshape(n, k)

@@ -23,13 +23,14 @@ The graph itself is unchanged; the rewrite passes use the quantized weights.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
 from qcompile import annotations as ann
 from qcompile.fx_utils import get_constant, is_call
-from qcompile.lowering.ops import GROUP_MULT_MAX
 from qcompile.numerics.observers import shrink_hessian
 from qcompile.numerics.specs import QuantSpec
 from qcompile.numerics.weights import (
@@ -43,21 +44,19 @@ from qcompile.passes._sequential import sequential_gptq
 from qcompile.passes.calibrate_qparams import loaded_quantization
 from qcompile.sites import is_conv
 
-# the integer group multipliers' bound of a group-wise int4 weight in an integer-only
-# recipe: linear_w4a8_grouped's (-8 * 16 = -128, so q * multiplier is an int8 value)
-GROUP_LEVELS = GROUP_MULT_MAX
-
 
 def weight_spec_for(ctx: PassContext, k: int, bits: int | None = None,
                     levels: int | None = None, conv: bool = False
                     ) -> tuple[QuantSpec, str | None]:
     """The weight spec of a layer: the recipe's, at `bits` where select-layers narrowed
     them for the CPU route; group-wise where options["group_size"] or the recipe says, with
-    integer group multipliers up to `levels` (select-layers' Layer.group_levels, else
-    GROUP_LEVELS) where the activations are integers too."""
+    integer group multipliers up to `levels` (select-layers' Layer.group_levels, else the
+    most that keeps the products int8: QuantSpec.max_group_levels) where the activations
+    are integers too; symmetric or with a zero point per group as options say."""
     recipe = ctx.options.recipe_obj
     bits = bits or recipe.weight.bits
     g = ctx.options.weight_group_size
+    sym = ctx.options.group_weights_symmetric
     channel = QuantSpec(bits=bits, granularity="per_channel", axis=0)
     if g is None or bits > 4:  # groups are for int4 (recipe mixed: its int4 layers)
         return channel, None
@@ -65,13 +64,13 @@ def weight_spec_for(ctx: PassContext, k: int, bits: int | None = None,
         return channel, "a convolution: per output channel (no group-wise convolution)"
     if recipe.act is None:  # weight-only: float group scales
         if k % g:
-            return (QuantSpec(bits=bits, granularity="per_group", group_size=k),
-                    f"K={k} is not a multiple of {g}: one group per row")
-        return QuantSpec(bits=bits, granularity="per_group", group_size=g), None
+            return (QuantSpec(bits=bits, symmetric=sym, granularity="per_group",
+                              group_size=k), f"K={k} is not a multiple of {g}: one group per row")
+        return QuantSpec(bits=bits, symmetric=sym, granularity="per_group", group_size=g), None
     if k % g:
         return channel, f"K={k} is not a multiple of group_size {g}: per output channel"
-    return QuantSpec(bits=bits, granularity="per_group", group_size=g,
-                     group_levels=levels or GROUP_LEVELS), None
+    spec = QuantSpec(bits=bits, symmetric=sym, granularity="per_group", group_size=g)
+    return dataclasses.replace(spec, group_levels=levels or spec.max_group_levels), None
 
 
 @graph_pass("quantize-weights", requires=("select-layers",))
@@ -185,8 +184,9 @@ def _quantize_layer(gm: GraphModule, ctx: PassContext, node: Node, counters: dic
     selected.qweight = qw
     if qw.spec.group_levels is not None:
         layer.detail["weight_groups"] = (
-            f"int4 in groups of {qw.spec.group_size}, each group's scale the row's times "
-            f"an integer in 1..{qw.spec.group_levels}")
+            f"int4 in groups of {qw.spec.group_size}"
+            f"{'' if qw.spec.symmetric else ' with a zero point each'}, each group's scale "
+            f"the row's times an integer in 1..{qw.spec.group_levels}")
     return qw
 
 

@@ -4,8 +4,9 @@
   w4a4 (dynamic)      y = linear_a4w4_dynamic(x, Wq4, w_scale, b, clip)  float in, float out
                       (per-token int4 x at options' activation clip ratio, the int4 weight
                       packed two a byte along K; with options group_size
-                      linear_a4w4_grouped_dynamic(x, Wq4, mult, row_scale, b, clip))
-  w4a16               y = linear_w4a16(x, Wq4, scales, None, g, b)       float in, float out
+                      linear_a4w4_grouped_dynamic(x, Wq4, mult, wzp, row_scale, b, clip))
+  w4a16               y = linear_w4a16(x, Wq4, scales, zeros, g, b)      float in, float out
+                      (zeros: the groups' zero points, None for symmetric weights)
   static recipes      xq = quantize(x, s_x, zp_x)        (one per activation, shared)
                       yq = linear_int8(xq, Wq, b_i32, zp_x*colsum(Wq), q, shift, zp_y)
                       y  = dequantize(yq, s_y, zp_y)
@@ -13,7 +14,8 @@
                       annotation until compute-dyadic fills q and shift; int4 weights
                       use linear_w4a8 with the weight packed two per byte, group-wise
                       int4 (options group_size) linear_w4a8_grouped with each group's
-                      integer multiplier of the row's scale (s_w is the row's).
+                      integer multiplier of the row's scale (s_w is the row's) and its
+                      zero point (None for symmetric weights).
   recipe "mixed"      where choose-precision widened the input to 16 bits:
                       xq = quantize_int16(x, s_x); yq = linear_a16w8(xq, Wq, b_i64, q, shift,
                       zp_y): two int8 GEMMs on the input's high and low bytes, combined in
@@ -89,7 +91,7 @@ def _rewrite_dynamic(gm, ctx, node, qw, layer):
         w = _const(gm, node, f"{name}_wq4", pack_int4(qw.qweight))
         op, kind = ops.LINEAR_A4W4_DYNAMIC, "linear_a4w4_dynamic"
         if qw.group_mult is not None:  # options group_size: the row's grid
-            head = (_const(gm, node, f"{name}_wmult", qw.group_mult),)
+            head = _group_args(gm, node, name, qw)
             op, kind = ops.LINEAR_A4W4_GROUPED_DYNAMIC, "linear_a4w4_grouped_dynamic"
         tail = (ctx.options.act_clip,)
         if not ctx.options.act_symmetric:  # a zero point per token: the weight rows' sums
@@ -105,14 +107,24 @@ def _rewrite_dynamic(gm, ctx, node, qw, layer):
     return _tag(new, layer), kind
 
 
+def _group_args(gm, node, name: str, qw) -> tuple:
+    """(mult, wzp) nodes of a group-wise int4 weight on its row's grid: the groups'
+    multipliers and, for an asymmetric weight, their zero points (else None)."""
+    wzp = None if qw.spec.symmetric else \
+        _const(gm, node, f"{name}_wzp", qw.zero_point.to(torch.int8))
+    return _const(gm, node, f"{name}_wmult", qw.group_mult), wzp
+
+
 def _rewrite_w4a16(gm, ctx, node, qw, layer):
     x, _, b = node.args
     name = layer.name.replace(".", "_")
     w = _const(gm, node, f"{name}_wq4", pack_int4(qw.qweight))
     scales = _const(gm, node, f"{name}_wscale", qw.scale.float())
+    zeros = None if qw.spec.symmetric else \
+        _const(gm, node, f"{name}_wzeros", qw.zero_point.to(torch.int32))
     g = qw.spec.group_size
     with gm.graph.inserting_before(node):
-        new = gm.graph.call_function(ops.LINEAR_W4A16, (x, w, scales, None, g,
+        new = gm.graph.call_function(ops.LINEAR_W4A16, (x, w, scales, zeros, g,
                                                          _bias_arg(gm, node, b, layer)))
     return _tag(new, layer), "linear_w4a16"
 
@@ -164,7 +176,7 @@ def _rewrite_static(gm, ctx, node, qw, layer, cache):
     head: tuple = ()
     if qw.group_mult is not None:
         w_node, op = _const(gm, node, f"{name}_wq4", qw.packed()), ops.LINEAR_W4A8_GROUPED
-        head = (_const(gm, node, f"{name}_wmult", qw.group_mult),)
+        head = _group_args(gm, node, name, qw)
     elif qw.spec.bits == 4:
         w_node, op = _const(gm, node, f"{name}_wq4", pack_int4(wq)), ops.LINEAR_W4A8
     else:

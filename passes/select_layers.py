@@ -35,7 +35,7 @@ from qcompile.lowering import cpu_routes
 from qcompile.lowering.reference import MAX_SAFE_K
 from qcompile.pass_manager import PassContext, PassResult, graph_pass
 from qcompile.passes.calibrate_qparams import loaded_quantization
-from qcompile.passes.quantize_weights import GROUP_LEVELS, weight_spec_for
+from qcompile.passes.quantize_weights import weight_spec_for
 from qcompile.sites import is_conv, is_linear, layer_kind, layer_name
 
 
@@ -102,8 +102,9 @@ def _cpu_plan(ctx: PassContext, node: Node, layer: ann.Layer, rec, saved) -> str
     n, k = node.args[1].meta["val"].shape
     top = 1 << ((layer.weight_bits or bits) - 1)
     span = (-top, top - 1)
-    if weight_spec_for(ctx, k, 4)[0].group_levels is not None:  # int4 layers in groups
-        grouped = _group_levels(ctx, layer, rec, narrow)
+    spec4 = weight_spec_for(ctx, k, 4)[0]
+    if spec4.group_levels is not None:  # int4 layers in groups
+        grouped = _group_levels(ctx, layer, rec, narrow, spec4)
         # recipe mixed: a layer may stay 8-bit, whose span covers the groups' one
         span = grouped if bits == 4 else span
     if opts.kernels not in ("auto", "cpu"):
@@ -117,23 +118,26 @@ def _cpu_plan(ctx: PassContext, node: Node, layer: ann.Layer, rec, saved) -> str
     return plan.reason if not plan.fast and opts.kernels == "auto" else None
 
 
-def _group_levels(ctx: PassContext, layer: ann.Layer, rec, narrow) -> tuple[int, int]:
-    """The integer group multipliers' bound (Layer.group_levels): 16, so q * multiplier
-    spans int8, or where this CPU's fast exact int8 kernel needs narrower weights (or the
-    option narrow_weights says so) the most that keeps q * multiplier inside them. The
-    integer weights' span, for the route plan."""
+def _group_levels(ctx: PassContext, layer: ann.Layer, rec, narrow, spec) -> tuple[int, int]:
+    """The integer group multipliers' bound (Layer.group_levels): the most that keeps the
+    int4 values (less their zero points, for an asymmetric `spec`) times the multiplier
+    int8 (16 symmetric, 8 asymmetric), or where this CPU's fast exact int8 kernel needs
+    narrower weights (or the option narrow_weights says so) the most that keeps them inside
+    those. The integer weights' span, for the route plan."""
     opts = ctx.options
     narrow = _narrow_range(ctx, narrow)
-    qmin, qmax = -8, 7
-    levels = GROUP_LEVELS
+    # the integers the multipliers scale: q in [qmin, qmax], or q - z in +-(qmax - qmin)
+    lo, hi = (spec.qmin, spec.qmax) if spec.symmetric else \
+        (spec.qmin - spec.qmax, spec.qmax - spec.qmin)
+    levels = spec.max_group_levels
     if narrow is not None:
-        levels = min(levels, narrow[0] // qmin, narrow[1] // qmax)
+        levels = min(levels, narrow[0] // lo, narrow[1] // hi)
         rec.detail["weights"] = (f"int4 groups of {opts.weight_group_size} at 1..{levels} "
                                  f"times the row's scale: the exact range {list(narrow)} of "
                                  f"this CPU's int8 kernel "
                                  f"({cpu_routes.cpu_capabilities().describe()})")
     layer.group_levels = levels
-    return qmin * levels, qmax * levels
+    return lo * levels, hi * levels
 
 
 def _conv_reason(ctx: PassContext) -> str | None:

@@ -129,6 +129,29 @@ def test_group_size_belongs_to_int4_recipes_with_group_scales(recipe, why):
         assert grouped in message
 
 
+def test_group_wise_int4_weights_are_asymmetric_unless_told():
+    """weight_symmetric: group-wise int4 weights take a zero point per group unless it is
+    True; the fingerprint names it only when given."""
+    assert not Options.from_user(None, {"recipe": "w4a8"}).group_weights_symmetric
+    assert not Options.from_user(None, {"recipe": "w4a16"}).group_weights_symmetric
+    sym = Options.from_user(None, {"recipe": "w4a8", "weight_symmetric": True})
+    assert sym.group_weights_symmetric and "weight_symmetric" in sym.fingerprint()
+    assert "weight_symmetric" not in Options.from_user(None, {"recipe": "w4a8"}).fingerprint()
+    assert Options.from_user(None, {"recipe": "w4a4", "group_size": 16,
+                                    "weight_symmetric": False}).weight_symmetric is False
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"recipe": "w8a8", "weight_symmetric": True}, "has none without option 'group_size'"),
+    ({"recipe": "w4a4", "weight_symmetric": False}, "has none without option 'group_size'"),
+    ({"recipe": "w4a8", "weight_symmetric": 1}, "weight_symmetric must be True"),
+    ({"recipe": "w4a8", "weight_symmetric": "no"}, "weight_symmetric must be True"),
+])
+def test_weight_symmetric_belongs_to_group_wise_int4_weights(options, match):
+    with pytest.raises(QCompileConfigError, match=match):
+        Options.from_user(None, options)
+
+
 @pytest.mark.parametrize("value", [0, 3, -32, 32.0, "32", True])
 def test_group_size_must_be_an_even_int(value):
     with pytest.raises(QCompileConfigError, match="group_size must be an even int"):

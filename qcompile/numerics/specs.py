@@ -92,11 +92,12 @@ class QuantSpec:
       per_token:   x.shape[:-1]               one pair per row (all dims but the last)
       per_group:   x.shape[:-1] + (K // g,)   groups of group_size along the last dim
     Storage: int8 tensors for every bits <= 8 (int4 values in [-8, 7] until pack_int4).
-    group_levels (per_group, symmetric weights only): every group's scale is its row's
-      scale times an integer in 1..group_levels, so that q times that integer is the
-      weight's integer value at one scale per row: a group-wise weight whose GEMM keeps one
-      int32 accumulator per output and one dyadic requantization per row (integer-only
-      recipes). qmin * group_levels must fit int8, so the products are int8 values.
+    group_levels (per_group weights only): every group's scale is its row's scale times
+      an integer in 1..group_levels, so that q (asymmetric: q - zero_point) times that
+      integer is the weight's integer value at one scale per row: a group-wise weight whose
+      GEMM keeps one int32 accumulator per output and one dyadic requantization per row
+      (integer-only recipes). The products must be int8 values: group_levels at most
+      max_group_levels (16 for symmetric int4, 8 for asymmetric int4).
     """
 
     bits: int = 8
@@ -129,14 +130,15 @@ class QuantSpec:
             )
         if self.group_levels is not None:
             _checks.int_arg(fn, "group_levels", self.group_levels, lo=1)
-            if self.granularity != "per_group" or not self.symmetric:
-                raise ValueError(f"{fn}: group_levels belongs to symmetric per_group specs, "
-                                 f"not {'asymmetric ' if not self.symmetric else ''}"
+            if self.granularity != "per_group":
+                raise ValueError(f"{fn}: group_levels belongs to per_group specs, not "
                                  f"{self.granularity}")
-            if self.qmin * self.group_levels < -128:
+            if self.group_levels > self.max_group_levels:
                 raise ValueError(
-                    f"{fn}: group_levels {self.group_levels} times qmin {self.qmin} leaves "
-                    f"int8; at most {128 // -self.qmin} for {self.bits}-bit values")
+                    f"{fn}: group_levels {self.group_levels} times the "
+                    f"{'values' if self.symmetric else 'values less their zero points'} "
+                    f"leaves int8; at most {self.max_group_levels} for "
+                    f"{'' if self.symmetric else 'asymmetric '}{self.bits}-bit values")
 
     @property
     def qmin(self) -> int:
@@ -145,6 +147,14 @@ class QuantSpec:
     @property
     def qmax(self) -> int:
         return (1 << (self.bits - 1)) - 1
+
+    @property
+    def max_group_levels(self) -> int:
+        """The largest group_levels whose products stay int8: q * m for symmetric values
+        (qmin * m >= -128), (q - zero_point) * m for asymmetric ones, |q - z| <= qmax - qmin."""
+        if self.symmetric:
+            return 128 // -self.qmin
+        return 127 // (self.qmax - self.qmin)
 
 
 def weight_spec(bits: int = 8, *, group_size: int | None = None, symmetric: bool = True):

@@ -80,12 +80,16 @@ class QuantizedWeight:
 
     def int_values(self) -> torch.Tensor:
         """int8 [N, K]: the integers the GEMM multiplies at one scale per row (int_scale):
-        qweight, times its group's multiplier where spec.group_levels is set."""
+        qweight, times its group's multiplier where spec.group_levels is set (less its
+        group's zero point first, for an asymmetric weight)."""
         mult = self.group_mult
         if mult is None:
             return self.qweight
         g = self.spec.group_size
-        return (self.qweight.to(torch.int16) * mult.repeat_interleave(g, dim=1)).to(torch.int8)
+        q = self.qweight.to(torch.int16)
+        if not self.spec.symmetric:
+            q = q - self.zero_point.to(torch.int16).repeat_interleave(g, dim=1)
+        return (q * mult.repeat_interleave(g, dim=1)).to(torch.int8)
 
     def int_scale(self) -> torch.Tensor:
         """float32 [N] per-row (or [] per-tensor) scale of int_values(); for a per-group
@@ -155,11 +159,25 @@ def _clipped_qparams(w: torch.Tensor, spec: QuantSpec, clip: torch.Tensor | None
     if clip is not None:
         c = clip.to(lo.device).reshape(-1, *([1] * (lo.dim() - 1)))
         lo, hi = lo * c, hi * c
-    scale, zero_point = weight_qparams(lo, hi, spec)
     if spec.group_levels is None:
-        return scale, zero_point, None
-    leveled, row = on_row_grid(scale, spec.group_levels)
-    return leveled, zero_point, row
+        return (*weight_qparams(lo, hi, spec), None)
+    row = on_row_grid(weight_qparams(lo, hi, spec)[0], spec.group_levels)[1]
+    return (*grid_qparams(lo, hi, spec, row), row)
+
+
+def grid_qparams(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec, row: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero_point) [N, G] of groups with ranges [lo, hi] [N, G] on their rows' grid
+    row [N] (spec.group_levels): weight_qparams' scales moved up onto the grid
+    (leveled_scales); an asymmetric group's zero point then comes from its leveled scale,
+    zero_point = clamp(qmin - round(lo / scale)), so that its range still fits."""
+    scale, zero_point = weight_qparams(lo, hi, spec)
+    scale = leveled_scales(scale, row, spec.group_levels)
+    if not spec.symmetric:
+        lo = lo.float().clamp(max=0.0)
+        zero_point = (spec.qmin - torch.round(lo / scale)).clamp(spec.qmin, spec.qmax)
+        zero_point = zero_point.to(torch.int32)
+    return scale, zero_point
 
 
 def weight_qparams(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec
@@ -360,11 +378,10 @@ def gptq_quantize(
                         scale[:, gi], zero_point[:, gi] = _searched_group(cur, hd, spec, row)
                     else:
                         c = 1.0 if clip is None else clip.to(cur.device)
-                        sg, zero_point[:, gi] = weight_qparams(
-                            cur.amin(dim=1).float() * c, cur.amax(dim=1).float() * c, spec
-                        )
-                        scale[:, gi] = sg if row is None else \
-                            leveled_scales(sg[:, None], row, spec.group_levels)[:, 0]
+                        lo, hi = cur.amin(dim=1).float() * c, cur.amax(dim=1).float() * c
+                        sg, zg = weight_qparams(lo, hi, spec) if row is None else \
+                            grid_qparams(lo[:, None], hi[:, None], spec, row)
+                        scale[:, gi], zero_point[:, gi] = sg.reshape(n), zg.reshape(n)
                     group_ready[gi] = True
                 s, z = scale[:, gi], zero_point[:, gi]
             else:
@@ -391,9 +408,9 @@ def _searched_group(cur: torch.Tensor, hd: torch.Tensor, spec: QuantSpec,
     (gptq_quantize's group_search); min-max, the first, wins ties."""
     ratios = torch.tensor(CLIP_RATIOS, dtype=torch.float32, device=cur.device)[:, None]
     lo, hi = cur.amin(dim=1).float(), cur.amax(dim=1).float()
-    scale, zero_point = weight_qparams(lo * ratios, hi * ratios, spec)  # [R, N]
-    if row is not None:
-        scale = leveled_scales(scale.T, row, spec.group_levels).T
+    lo, hi = lo * ratios, hi * ratios  # [R, N]
+    scale, zero_point = weight_qparams(lo, hi, spec) if row is None else \
+        (t.T for t in grid_qparams(lo.T, hi.T, spec, row))
     s, z = scale[:, :, None], zero_point[:, :, None]  # [R, N, 1]
     deq = _dequantize(_quantize(cur[None], s, z, spec), s, z, torch.float64)  # [R, N, g]
     err = ((cur[None] - deq).pow(2) * hd[None, None, :]).sum(2)  # [R, N]

@@ -60,20 +60,23 @@ def _linear_args(g, extreme, *, int4=False):
 
 
 def _grouped_args(g, extreme):
-    """linear_w4a8_grouped: groups of 2..16 columns, multipliers across 1..16 (at both ends
-    when extreme), the zero-point term of the integer weight q * mult."""
-    m, groups, gsel, n = _dims(g, (1, 33), (1, 6), (0, 3), (1, 40))
+    """linear_w4a8_grouped: groups of 2..16 columns; symmetric (multipliers across 1..16)
+    or with a zero point per group (across [-8, 7], multipliers 1..8), at both ends when
+    extreme; the zero-point term of the integer weight (q - wzp) * mult."""
+    m, groups, gsel, n, sym = _dims(g, (1, 33), (1, 6), (0, 3), (1, 40), (0, 1))
     gs = (2, 4, 8, 16)[gsel]
     k = groups * gs
     x = _int8(g, 2, m, k, extreme=extreme)
     w = _int8(g, n, k, lo=-8, hi=7, extreme=extreme)
-    mult = _int8(g, n, groups, lo=1, hi=16, extreme=extreme)
-    wi = w.long() * mult.long().repeat_interleave(gs, dim=1)
+    mult = _int8(g, n, groups, lo=1, hi=16 if sym else 8, extreme=extreme)
+    wzp = None if sym else _int8(g, n, groups, lo=-8, hi=7, extreme=extreme)
+    wi = w.long() - (0 if sym else wzp.long().repeat_interleave(gs, dim=1))
+    wi = wi * mult.long().repeat_interleave(gs, dim=1)
     bias = torch.randint(-2**16, 2**16, (n,), generator=g, dtype=torch.int32)
     zp = int(torch.randint(-20, 21, (1,), generator=g))
     zp_term = (zp * wi.sum(1)).to(torch.int32) if zp else None
     q, shift = _requant_qs(g, n, k, extreme)
-    return (x, pack_int4(w), mult, bias if m % 2 else None, zp_term, q, shift,
+    return (x, pack_int4(w), mult, wzp, bias if m % 2 else None, zp_term, q, shift,
             int(torch.randint(-10, 11, (1,), generator=g)), -128, 127)
 
 
@@ -244,20 +247,21 @@ def _samples(name, g, extreme):
         return (xf, w, torch.rand(n, generator=g) * 0.01,
                 torch.randn(n, generator=g) if n % 2 else None, 0.3 if extreme else 0.9)
     if name == "linear_a4w4_grouped_dynamic":
-        x, w, mult, *_ = _grouped_args(g, extreme)
+        x, w, mult, wzp, *_ = _grouped_args(g, extreme)
         n = w.shape[0]
         xf = torch.randn(*x.shape, generator=g) * 3
         xf[0, 0] = 0.0  # an all-zero row: the scale guard
         if extreme:  # a row of one value and a huge outlier
             xf[1, 0], xf[1, -1, 0] = -2.5, 1e6
-        return (xf, w, mult, torch.rand(n, generator=g) * 0.01,
+        return (xf, w, mult, wzp, torch.rand(n, generator=g) * 0.01,
                 torch.randn(n, generator=g) if n % 2 else None, 0.3 if extreme else 0.9)
     if name == "linear_w4a16":
         m, groups, n = _dims(g, (1, 9), (1, 3), (1, 24))
         k, gs = groups * 32, 32
         w = _int8(g, n, k, lo=-8, hi=7, extreme=extreme)
         scales = torch.rand(n, groups, generator=g) * 0.1 + 0.01
-        return (torch.randn(m, k, generator=g), pack_int4(w), scales, None, gs, None)
+        zeros = _int8(g, n, groups, lo=-8, hi=7, extreme=extreme).int() if m % 2 else None
+        return (torch.randn(m, k, generator=g), pack_int4(w), scales, zeros, gs, None)
     if name == "quantize_absmax":
         return (torch.randn(4, 21, generator=g) * 3, 127)
     if name in ("attention_int8", "attention_int8_isoftmax"):

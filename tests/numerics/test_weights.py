@@ -319,6 +319,8 @@ def test_clip_errors():
 # ---------------------------------------------------------------------------------------
 
 LEVELED = QuantSpec(bits=4, granularity="per_group", group_size=16, group_levels=16)
+ASYM_LEVELED = QuantSpec(bits=4, symmetric=False, granularity="per_group", group_size=16,
+                         group_levels=8)
 
 
 def _grouped_weight(seed=5, n=48, k=128):
@@ -329,27 +331,49 @@ def _grouped_weight(seed=5, n=48, k=128):
     return w * spread.repeat_interleave(16, dim=1)
 
 
-@pytest.mark.parametrize("levels", [16, 8, 1])
-@pytest.mark.parametrize("method", ["rtn", "gptq"])
-def test_leveled_groups_are_int8_values_at_one_scale_per_row(levels, method):
+@pytest.mark.parametrize("symmetric,levels", [(True, 16), (True, 8), (True, 1), (False, 8),
+                                               (False, 4), (False, 1)])
+@pytest.mark.parametrize("method", ["rtn", "gptq", "gptq-search"])
+def test_leveled_groups_are_int8_values_at_one_scale_per_row(symmetric, levels, method):
     """Each group's scale is row_scale times an integer in 1..levels, so int_values()
-    (q * that integer) times row_scale is the dequantized weight, in the int8 range the
-    levels allow; levels=1 is one scale per row."""
-    spec = QuantSpec(bits=4, granularity="per_group", group_size=16, group_levels=levels)
+    (q, less the group's zero point where asymmetric, times that integer) times row_scale
+    is the dequantized weight, in the int8 range the levels allow; levels=1 is one scale
+    per row."""
+    spec = QuantSpec(bits=4, symmetric=symmetric, granularity="per_group", group_size=16,
+                     group_levels=levels)
     w, x, h = _problem(seed=2)
-    qw = quantize_weight_rtn(w, spec) if method == "rtn" else gptq_quantize(w, h, spec)
+    qw = quantize_weight_rtn(w, spec) if method == "rtn" else \
+        gptq_quantize(w, h, spec, group_search=method == "gptq-search")
     mult = qw.group_mult
     assert mult.dtype == torch.int8 and mult.shape == (64, 8)
-    assert 1 <= int(mult.min()) and int(mult.max()) == levels
+    assert 1 <= int(mult.min()) and int(mult.max()) <= levels
+    if method == "rtn":  # the row's widest group sets its grid
+        assert int(mult.max()) == levels
     ints = qw.int_values()
     assert ints.dtype == torch.int8
-    assert -8 * levels <= int(ints.min()) and int(ints.max()) <= 7 * levels
+    lo, hi = (-8, 7) if symmetric else (-15, 15)
+    assert lo * levels <= int(ints.min()) and int(ints.max()) <= hi * levels
+    if not symmetric:
+        assert int(qw.zero_point.abs().max()) > 0  # the groups' zero points are used
     torch.testing.assert_close(ints.float() * qw.int_scale()[:, None], qw.dequantize(),
                                rtol=1e-6, atol=0)
-    if levels == 1:  # every group at the row's scale: the per-channel weight
+    if levels == 1 and symmetric:  # every group at the row's scale: the per-channel weight
         channel = quantize_weight_rtn(w, QuantSpec(bits=4, granularity="per_channel"))
         if method == "rtn":
             assert torch.equal(ints, channel.qweight)
+
+
+def test_asymmetric_groups_on_the_grid_beat_symmetric_ones_on_skewed_groups():
+    """Groups whose values sit mostly on one side of 0 (what a rotation leaves in many
+    layers): a zero point per group with 8 levels has less error than symmetric groups
+    with 16, since a symmetric group spends half its 16 codes where it has no values."""
+    w = _grouped_weight(seed=9)
+    g = torch.Generator().manual_seed(1)
+    w = w + w.abs().mean() * 3 * torch.randn(w.shape[0], w.shape[1] // 16, generator=g
+                                             ).repeat_interleave(16, dim=1)
+    err = {spec.symmetric: float((quantize_weight_rtn(w, spec).dequantize() - w).pow(2).sum())
+           for spec in (LEVELED, ASYM_LEVELED)}
+    assert err[False] < 0.7 * err[True]
 
 
 def test_leveled_groups_keep_most_of_what_float_group_scales_gain():
@@ -365,23 +389,24 @@ def test_leveled_groups_keep_most_of_what_float_group_scales_gain():
     assert err["16 levels"] < 1.2 * err["float groups"]
 
 
-def test_a_group_never_gets_a_narrower_range_than_its_own():
-    """Rounding a group's scale up to the row's grid: no value saturates that min-max
-    group scales would not (every w within -8.5 .. 7.5 steps of its group's scale)."""
+@pytest.mark.parametrize("spec", [LEVELED, ASYM_LEVELED], ids=["symmetric", "asymmetric"])
+def test_a_group_never_gets_a_narrower_range_than_its_own(spec):
+    """Rounding a group's scale up to the row's grid (and, asymmetric, its zero point
+    recomputed at that scale): no value saturates, every w within half a step of its
+    dequantized value."""
     w = _grouped_weight(seed=7)
-    qw = quantize_weight_rtn(w, LEVELED)
+    qw = quantize_weight_rtn(w, spec)
     scale = qw.scale.repeat_interleave(16, dim=1)
-    assert bool((w <= 7.5 * scale * (1 + 1e-6)).all())
-    assert bool((w >= -8.5 * scale * (1 + 1e-6)).all())
+    assert bool(((qw.dequantize() - w).abs() <= 0.5 * scale * (1 + 1e-5)).all())
     assert bool((qw.qweight >= -8).all() and (qw.qweight <= 7).all())
 
 
 def test_group_levels_errors():
-    with pytest.raises(ValueError, match="symmetric per_group"):
+    with pytest.raises(ValueError, match="belongs to per_group specs"):
         QuantSpec(bits=4, granularity="per_channel", group_levels=16)
-    with pytest.raises(ValueError, match="symmetric per_group"):
+    with pytest.raises(ValueError, match="at most 8 for asymmetric 4-bit"):
         QuantSpec(bits=4, symmetric=False, granularity="per_group", group_size=8,
-                  group_levels=16)
+                  group_levels=9)
     with pytest.raises(ValueError, match="at most 16 for 4-bit"):
         QuantSpec(bits=4, granularity="per_group", group_size=8, group_levels=17)
     with pytest.raises(ValueError, match="at most 1 for 8-bit"):
@@ -414,8 +439,9 @@ def test_symmetric_weights_use_both_ends_of_the_range(bits):
 
 
 @pytest.mark.parametrize("spec", [weight_spec(4, group_size=16), LEVELED,
-                                  weight_spec(4, group_size=16, symmetric=False)],
-                         ids=["float-scales", "leveled", "asymmetric"])
+                                  weight_spec(4, group_size=16, symmetric=False),
+                                  ASYM_LEVELED],
+                         ids=["float-scales", "leveled", "asymmetric", "asymmetric-leveled"])
 def test_group_search_never_loses_to_min_max_groups_and_wins_on_outliers(spec):
     """With a diagonal Hessian GPTQ has nothing to compensate, so each group's error is its
     own: the searched range (min-max is one candidate) gives every row of every group an
@@ -437,6 +463,8 @@ def test_group_search_never_loses_to_min_max_groups_and_wins_on_outliers(spec):
     assert float(group_err(searched).sum()) < 0.97 * float(group_err(plain).sum())
     if spec.group_levels is not None:
         ints = searched.int_values()
-        assert -8 * 16 <= int(ints.min()) and int(ints.max()) <= 7 * 16
+        assert -128 <= int(ints.min()) and int(ints.max()) <= 127
+        torch.testing.assert_close(ints.float() * searched.int_scale()[:, None],
+                                   searched.dequantize(), rtol=1e-6, atol=0)
         torch.testing.assert_close(ints.float() * searched.int_scale()[:, None],
                                    searched.dequantize(), rtol=1e-6, atol=0)

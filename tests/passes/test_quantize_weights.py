@@ -94,9 +94,12 @@ def test_grouped_gptq_searches_each_groups_range_where_weight_clip_is_on():
     with weight_clip off, groups keep their min-max ranges."""
     from qcompile.passes.quantize_weights import GROUP_SEARCH_DETAIL
 
-    on, _ = walked("chain", "w4a8", group_size=16, gptq=True, sequential=False)
+    # symmetric: the chain's rows are one group each, whose range sets the row's grid, and
+    # an asymmetric group's 8 levels leave no candidate between 1 and 7/8 of it
+    on, _ = walked("chain", "w4a8", group_size=16, gptq=True, sequential=False,
+                   weight_symmetric=True)
     off, _ = walked("chain", "w4a8", group_size=16, gptq=True, sequential=False,
-                    weight_clip=False)
+                    weight_clip=False, weight_symmetric=True)
 
     def quantized(cap):
         layers = (ann.get(n, ann.Layer) for n in cap.gm.graph.nodes)
@@ -109,5 +112,30 @@ def test_grouped_gptq_searches_each_groups_range_where_weight_clip_is_on():
         assert la.qweight.spec.group_size == 16
         assert on.ctx.layers[name].detail["weight_clip"] == GROUP_SEARCH_DETAIL
         assert "weight_clip" not in off.ctx.layers[name].detail
-        differ += not torch.equal(la.qweight.scale, plain[name].qweight.scale)
+        differ += not (torch.equal(la.qweight.scale, plain[name].qweight.scale) and
+                       torch.equal(la.qweight.zero_point, plain[name].qweight.zero_point))
     assert differ > 0  # some group found a better range than its min-max
+
+
+def test_group_wise_int4_weights_take_a_zero_point_per_group_unless_told_symmetric():
+    """w4a8 in groups: each group has a zero point (multipliers up to 8, so (q - z) *
+    multiplier stays int8), which rewrite-linear hands to linear_w4a8_grouped; with
+    weight_symmetric, none (multipliers up to 16). The layer's report says which."""
+    for sym in (False, True):
+        cap, graphs = walked("chain", "w4a8", group_size=8, weight_symmetric=sym)
+        layers = [la for la in (ann.get(n, ann.Layer) for n in cap.gm.graph.nodes)
+                  if la is not None and la.qweight is not None]
+        assert layers
+        for la in layers:
+            qw = la.qweight
+            assert qw.spec.symmetric is sym and qw.spec.group_levels == (16 if sym else 8)
+            assert bool((qw.zero_point == 0).all()) is sym
+            ints = qw.int_values()
+            torch.testing.assert_close(ints.float() * qw.int_scale()[:, None],
+                                       qw.dequantize(), rtol=1e-6, atol=0)
+            detail = cap.ctx.layers[la.name].detail["weight_groups"]
+            assert ("with a zero point each" in detail) is not sym, detail
+        wzp = "None" if sym else "fc1_wzp"
+        expect(graphs["rewrite-linear"][1], f"""
+            # CHECK: linear_w4a8_grouped.default(quantize_default, fc1_wq4, fc1_wmult, {wzp}
+        """)

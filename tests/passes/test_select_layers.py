@@ -160,10 +160,13 @@ def test_attention_stays_float_on_cpu_under_auto():
 
 
 @pytest.mark.skipif(not REAL.onednn, reason="needs oneDNN's int8 kernels")
-@pytest.mark.parametrize("caps, levels", [(AVX2, 8), (VNNI, 16)], ids=["avx2", "vnni"])
-def test_grouped_int4_multipliers_fit_the_route_range(caps, levels):
+@pytest.mark.parametrize("caps, sym, levels", [(AVX2, True, 8), (VNNI, True, 16),
+                                               (AVX2, False, 4), (VNNI, False, 8)],
+                         ids=["avx2", "vnni", "avx2-zero-points", "vnni-zero-points"])
+def test_grouped_int4_multipliers_fit_the_route_range(caps, sym, levels):
     """w4a8 with group_size: each group's integer multiplier goes up to 16 where the route
-    takes full-range int8 weights, to 8 where it needs 7-bit ones (q * 8 in [-64, 56]); the
+    takes full-range int8 weights, to 8 where it needs 7-bit ones (q * 8 in [-64, 56]);
+    with a zero point per group (the default) up to 8 and 4 ((q - z) * 4 in [-60, 60]); the
     report says which groups and levels each layer got."""
     torch.manual_seed(0)
     model, x = Wide(), torch.randn(64, 512)
@@ -171,17 +174,18 @@ def test_grouped_int4_multipliers_fit_the_route_range(caps, levels):
     with cpu_routes.override_capabilities(caps):
         cm = torch.compile(model.eval(), backend="qcompile", options={
             "recipe": "w4a8", "group_size": 64, "kernels": "cpu", "rotate": False,
-            "online_hadamard": False, "smooth": False})
+            "online_hadamard": False, "smooth": False, "weight_symmetric": sym})
         with torch.no_grad():
             with qcompile.calibrate(cm):
                 cm(x)
             out = cm(x)
     (art,) = [a for a in state_for_model(cm).artifacts if a.finalized]
+    qlo, qhi = (-8, 7) if sym else (-15, 15)
     for layer in _layers(art).values():
         assert layer.group_levels == levels
         lo, hi = cpu_routes.ROUTES[layer.route].weight_range(caps)
         ints = layer.qweight.int_values()
-        assert lo <= -8 * levels <= int(ints.min()) and int(ints.max()) <= 7 * levels <= hi
+        assert lo <= qlo * levels <= int(ints.min()) and int(ints.max()) <= qhi * levels <= hi
         assert int(layer.qweight.group_mult.max()) == levels
     for rec in qcompile.report(cm).layers:
         assert "groups of 64" in rec.detail["weight_groups"]
