@@ -102,6 +102,7 @@ CONFIGS = {
                                                   "weight_clip": False},
     "w4a4": {"recipe": "w4a4"},
     "w4a4, group 32": {"recipe": "w4a4", "group_size": 32},
+    "w4a4, group 16": {"recipe": "w4a4", "group_size": 16},
     # smooth's searched migration (on in w4a4) against none, per channel and in groups
     "w4a4, no smooth": {"recipe": "w4a4", "smooth": False},
     "w4a4, group 32, no smooth": {"recipe": "w4a4", "group_size": 32, "smooth": False},

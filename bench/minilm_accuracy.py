@@ -132,6 +132,18 @@ CONFIGS = {
     "w4a4 symmetric activations": {"recipe": "w4a4", "activation_symmetric": True},
     "w4a4 group 16, symmetric activations": {"recipe": "w4a4", "group_size": 16,
                                              "activation_symmetric": True},
+    # symmetric int4 groups (no zero points, multipliers up to 16), as before zero points
+    # per group became the default: the same configurations with weight_symmetric
+    **{f"{name}, symmetric groups": {**opts, "weight_symmetric": True} for name, opts in (
+        ("w4a8 (rotations) group 32 + GPTQ sequential",
+         {"recipe": "w4a8", "group_size": 32, "gptq": True, "sequential": True}),
+        ("w4a8 (rotations) group 16 + GPTQ sequential",
+         {"recipe": "w4a8", "group_size": 16, "gptq": True, "sequential": True}),
+        ("w4a4 group 16 + GPTQ sequential",
+         {"recipe": "w4a4", "group_size": 16, "sequential": True}),
+        ("w4a16 group 16 + GPTQ sequential + rotations",
+         {"recipe": "w4a16", "group_size": 16, "gptq": True, "sequential": True,
+          "rotate": True, "online_hadamard": True, "kernels": "cpu"}))},
     # the defaults (groups of 32, GPTQ sequential) with static int8 ranges at the MSE best
     "w4a8 defaults + mse": {"recipe": "w4a8", "observer": "mse"},
     # block-wise learned clip ratios and shifts / scales (passes/learn_transforms.py)

@@ -20,7 +20,8 @@ their fake and every implementation:
                            zero points' term x_zp[m] * w_sum[n] (epilogue.RowZeroPoint),
                            exactly, in the integers
   linear_a4w4_grouped_dynamic  the same with group-wise int4 w whose group scales are
-                           the row's times integers (mult): linear_a4w4_dynamic on q * mult
+                           the row's times integers (mult), zero points (wzp) or none:
+                           linear_a4w4_dynamic on (q - wzp) * mult
 
 The clip ratio (options["activation_clip"]; QuaRot's is 0.9, w4a4's default is measured in
 qcompile/config.py): int4 has 16 levels, and a row's few largest values, even after the

@@ -14,7 +14,7 @@ Integer-only ops (no float anywhere between int8 input and int8 output):
   linear_int8      int8 x int8 -> int32 -> bias, input zero point, dyadic requant -> int8
   linear_w4a8      int8 x packed int4 -> the same epilogue -> int8
   linear_w4a8_grouped  int8 x packed int4 in groups whose scales are the row's times small
-                   integers: the same GEMM on the int8 values q * mult, the same epilogue
+                   integers: the same GEMM on the int8 values (q - z) * mult, the same epilogue
   requant_int8     int8 -> int8 at another scale (replaces dequantize -> quantize)
   add_int8         two int8 tensors, each side rescaled dyadically, one rounding -> int8
 Boundary ops (float islands start and end here):

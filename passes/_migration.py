@@ -64,8 +64,9 @@ class Choice:
 
 
 def weight_quantizer(spec: QuantSpec) -> WeightQuantizer:
-    """Round to nearest with symmetric min-max scales per output row or per group (on the
-    row's grid where spec.group_levels is set), as quantize_weight_rtn computes them,
+    """Round to nearest with min-max scales (and zero points, for an asymmetric spec) per
+    output row or per group (on the row's grid where spec.group_levels is set), as
+    quantize_weight_rtn computes them,
     without its checks (called once per candidate)."""
     def quantize(w: torch.Tensor) -> torch.Tensor:
         return fake_weight(w, torch.ones(w.shape[0], dtype=w.dtype, device=w.device), spec)

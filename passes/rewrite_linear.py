@@ -224,7 +224,7 @@ def _rewrite_a16(gm, ctx, node, qw, layer, xq, out):
     _, _, b = node.args
     s_x = ann.get(xq, ann.QParams).scale
     s_w = qw.int_scale().double().reshape(-1)  # [N]
-    wq = qw.int_values()  # grouped int4: q * mult, int8 values at the row's scale
+    wq = qw.int_values()  # grouped int4: (q - z) * mult, int8 values at the row's scale
     bias_i64 = None
     bias_f = _float_bias(gm, b, layer)
     if bias_f is not None:

@@ -106,7 +106,7 @@ RECIPES: dict[str, Recipe] = {
         # groups of 32 (torchao's int8-activation int4-weight default): all-MiniLM-L6-v2
         # 0.9789 mean cosine against 0.9724 per channel; Gemma 3 270M 1.18x float
         # perplexity (no smooth) against 1.39x (per channel, smoothed); the same int8 GEMM
-        # on CPU (q * mult is int8)
+        # on CPU ((q - z) * mult is int8)
         # GPTQ (sequential) by default: it lifts random LLaMA / Mistral / Qwen2 / GPT-2 / OPT
         # with outlier channels from 0.9898 / 0.9898 / 0.9880 / 0.9910 / 0.9916 to 0.9949 /
         # 0.9949 / 0.9966 / 0.9953 / 0.9943 mean logit cosine and all-MiniLM-L6-v2 from
@@ -201,8 +201,8 @@ class Options:
     observer: str | None = None  # None: the recipe's (min-max; MSE search for w4a4-static)
     # int4 weights in groups of this many input columns, one scale per group (w4a16: float
     # scales; w4a8 / w4a4 / w4a4-static / mixed's int4 layers: each group's scale its row's
-    # times an integer in 1..16,
-    # 1..8 where the CPU's int8 route needs 7-bit weights, so the GEMM stays one int8 GEMM
+    # times an integer in 1..8 with a zero point per group, 1..4 where the CPU's int8 route
+    # needs 7-bit weights (16 and 8 with weight_symmetric), so the GEMM stays one int8 GEMM
     # with one scale per row); a K it does not divide: per channel, said in the report;
     # None: the recipe's (w4a16 128, w4a8 32, the others per channel)
     group_size: int | None = None

@@ -464,3 +464,21 @@ def test_unbound_call_runs_the_device_default_and_bad_names_are_loud():
         @registry.quantized_op
         def bad_op(x: torch.Tensor, *, flag: bool) -> torch.Tensor:
             """Keyword-only arguments are not part of a declaration."""
+
+
+def test_grouped_int4_weights_whose_products_leave_int8_are_refused():
+    """(q - wzp) * mult must be an int8 value: a multiplier of 9 on q - wzp = 15, or 16 on
+    q = -8 less a zero point, or a zero point outside int4, is a ValueError, never a
+    wrapped integer; the extremes that fit pass exactly."""
+    q = torch.tensor([[7, -8, 7, -8]], dtype=torch.int8)
+    w = pack_int4(q)
+    ok = ops.grouped_int4_values(w, torch.tensor([[8, 16]], dtype=torch.int8),
+                                 torch.tensor([[-8, 0]], dtype=torch.int8))
+    assert ok.tolist() == [[(7 + 8) * 8, (-8 + 8) * 8, 7 * 16, -8 * 16]]
+    for mult, wzp, match in (([[9, 1]], [[-8, 0]], "int8 value"),
+                             ([[1, 16]], [[0, 1]], "int8 value"),
+                             ([[1, 1]], [[-9, 0]], r"zero points must lie in \[-8, 7\]"),
+                             ([[0, 1]], None, "must be >= 1")):
+        with pytest.raises(ValueError, match=match):
+            ops.grouped_int4_values(w, torch.tensor(mult, dtype=torch.int8),
+                                    None if wzp is None else torch.tensor(wzp, dtype=torch.int8))
