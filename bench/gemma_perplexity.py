@@ -100,6 +100,12 @@ CONFIGS = {
     "w4a8, group 16, gptq, mse, no weight clip": {"recipe": "w4a8", "group_size": 16,
                                                   "gptq": True, "observer": "mse",
                                                   "weight_clip": False},
+    # symmetric int4 groups (no zero points, multipliers up to 16): w4a8's weights before
+    # zero points per group became the default
+    "w4a8, symmetric groups": {"recipe": "w4a8", "weight_symmetric": True},
+    "w4a8, group 16, gptq, mse, symmetric groups": {"recipe": "w4a8", "group_size": 16,
+                                                    "gptq": True, "observer": "mse",
+                                                    "weight_symmetric": True},
     "w4a4": {"recipe": "w4a4"},
     "w4a4, group 32": {"recipe": "w4a4", "group_size": 32},
     "w4a4, group 16": {"recipe": "w4a4", "group_size": 16},
