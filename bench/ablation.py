@@ -53,6 +53,9 @@ TECHNIQUES = {  # each alone on top of the recipe with all three off, then all t
     # w4a4 only: QuaRot's symmetric per-token int4 activations instead of the default's
     # zero point per token
     "recipe defaults + symmetric activations": {"activation_symmetric": True},
+    # recipes with int4 groups (w4a8, w4a16): symmetric groups instead of the default's
+    # zero point per group
+    "recipe defaults + symmetric groups": {"weight_symmetric": True},
     # block-wise learned clip ratios and shift / scale (passes/learn_transforms.py), alone
     # and on top of the three
     "learn": {**OFF, "learn": True},
