@@ -60,6 +60,7 @@ import torch.nn.functional as F
 from _machine import cpu_info, results_slug  # bench/_machine.py: scripts run from bench/
 
 import qcompile
+from qcompile.config import PER_CHANNEL
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -253,13 +254,16 @@ MIXED_BUDGET = {"a16": 0.1}
 def qc_options(config: str) -> dict:
     """qc-<recipe>[+<flag>...] -> qcompile options; e.g. qc-w8a8+inductor also hands the
     float remainder of each graph to Inductor (options["inductor"]), qc-w4a8+g32 groups the
-    int4 weights by 32 (options["group_size"]); qc-mixed runs under MIXED_BUDGET."""
+    int4 weights by 32 (options["group_size"]), qc-w4a4+channel gives them one scale per
+    output channel; qc-mixed runs under MIXED_BUDGET."""
     recipe, *flags = config.removeprefix("qc-").split("+")
     budget = {"budget": MIXED_BUDGET} if recipe == "mixed" else {}
     opts = {"recipe": recipe, **budget}
     for f in flags:
         if f[:1] == "g" and f[1:].isdigit():
             opts["group_size"] = int(f[1:])
+        elif f == PER_CHANNEL:
+            opts["group_size"] = f
         else:
             opts[f] = True
     return opts

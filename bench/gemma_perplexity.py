@@ -97,6 +97,14 @@ CONFIGS = {
     "w4a16, group 16, gptq, rotations": {"recipe": "w4a16", "group_size": 16, "gptq": True,
                                          "rotate": True, "online_hadamard": True,
                                          "kernels": "cpu"},
+    # the mean output shift each layer's quantization leaves, folded into its integer bias
+    "w4a8, group 16, gptq, mse, bias correction": {"recipe": "w4a8", "group_size": 16,
+                                                   "gptq": True, "observer": "mse",
+                                                   "bias_correction": True},
+    # block-wise learned clip ratios and shift / scale (OmniQuant's LWC and LET), capped
+    "w4a8, group 16, gptq, mse, learn": {"recipe": "w4a8", "group_size": 16, "gptq": True,
+                                         "observer": "mse", "learn": True,
+                                         "learn_time_s": 900},
     "w4a8, group 16, gptq, mse, no weight clip": {"recipe": "w4a8", "group_size": 16,
                                                   "gptq": True, "observer": "mse",
                                                   "weight_clip": False},
@@ -107,11 +115,11 @@ CONFIGS = {
                                                     "gptq": True, "observer": "mse",
                                                     "weight_symmetric": True},
     "w4a4": {"recipe": "w4a4"},
-    "w4a4, group 32": {"recipe": "w4a4", "group_size": 32},
+    # w4a4's weights before groups of 32 with a zero point each became its default
+    "w4a4, per channel": {"recipe": "w4a4", "group_size": "channel"},
     "w4a4, group 16": {"recipe": "w4a4", "group_size": 16},
-    # smooth's searched migration (on in w4a4) against none, per channel and in groups
+    # smooth's searched migration (on in w4a4) against none
     "w4a4, no smooth": {"recipe": "w4a4", "smooth": False},
-    "w4a4, group 32, no smooth": {"recipe": "w4a4", "group_size": 32, "smooth": False},
     "w4a16": {"recipe": "w4a16", "kernels": "cpu"},
     # a CPU without VNNI runs int8 with 7-bit weights ([-64, 63]); this shows what that costs
     "w8a8, 8-bit weights": {"recipe": "w8a8", "narrow_weights": False},
@@ -177,9 +185,8 @@ def text_perplexities(model, text: torch.Tensor) -> tuple[float, float]:
 
 def weight_grouping(options: dict) -> dict:
     """The recipe's weight bits and group size (None: one scale per output channel)."""
-    weight = RECIPES[options["recipe"]].weight
-    return {"weight_bits": weight.bits,
-            "weight_group_size": options.get("group_size", weight.group_size)}
+    return {"weight_bits": RECIPES[options["recipe"]].weight.bits,
+            "weight_group_size": qcompile.Options.from_user(None, options).weight_group_size}
 
 
 def evaluate(options: dict, model, calib, text, float_ppl: float,

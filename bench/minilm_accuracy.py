@@ -60,7 +60,11 @@ CONFIGS = {
                                      "online_hadamard": False, "gptq": False},
     "w4a4-static min-max ranges": {"recipe": "w4a4-static", "observer": "minmax"},
     "w4a4-static (rotations + GPTQ + MSE ranges)": {"recipe": "w4a4-static"},
-    "w4a4 (rotations + GPTQ, per-token dynamic A4)": {"recipe": "w4a4"},
+    # per channel: w4a4's weights before groups of 32 with a zero point each became its
+    # default (2026-12-02); the w4a4 rows dated before then are per channel too
+    "w4a4 per channel (rotations + GPTQ, per-token dynamic A4)": {"recipe": "w4a4",
+                                                                  "group_size": "channel"},
+    "w4a4 defaults": {"recipe": "w4a4"},
     # the per-token int4 activations' clip ratio (the recipe's default is one of these)
     **{f"w4a4 activation_clip={c}": {"recipe": "w4a4", "activation_clip": c}
        for c in (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)},

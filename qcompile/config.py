@@ -84,6 +84,8 @@ class Recipe:
 # The mean is flat within 0.002 from 0.85 down to 0.7; 0.8 sits in the middle of that
 # plateau rather than at its noisiest point.
 DEFAULT_ACTIVATION_CLIP = 0.8
+# options["group_size"] for one int4 weight scale per output channel instead of groups
+PER_CHANNEL = "channel"
 
 RECIPES: dict[str, Recipe] = {
     r.name: r
@@ -122,13 +124,18 @@ RECIPES: dict[str, Recipe] = {
         # asymmetric per-token activations (a zero point per token, removed in the GEMM's
         # epilogue as x_zp[m] * rowsum(W)[n]): all-MiniLM-L6-v2 0.9687 -> 0.9708 mean cosine
         # with groups of 16, 0.958 -> 0.9628 per channel (bench/results/minilm-accuracy.json)
-        Recipe("w4a4", WeightQuant(4), ActQuant(4, dynamic=True), "float", rotate=True,
-               online_hadamard=True, gptq=True, smooth=True, weight_clip=True,
+        # groups of 32 with a zero point each (the int8 GEMM of (q - z) * mult, as w4a8's):
+        # all-MiniLM-L6-v2 0.9636 per channel -> 0.9731, Gemma 3 270M (text) 1.403x float
+        # perplexity per channel -> see bench/results/gemma3-270m-perplexity.json
+        Recipe("w4a4", WeightQuant(4, group_size=32), ActQuant(4, dynamic=True), "float",
+               rotate=True, online_hadamard=True, gptq=True, smooth=True, weight_clip=True,
                activation_clip=DEFAULT_ACTIVATION_CLIP, activation_symmetric=False,
-               description="int4 per-channel weights (GPTQ), int4 per-token dynamic "
-                           "asymmetric activations after the online Hadamard, each row's "
-                           f"range clipped to {DEFAULT_ACTIVATION_CLIP} of itself, float "
-                           "epilogue; rotations on; calibration for GPTQ's Hessians"),
+               description="int4 weights in groups of 32 along K with a zero point each, "
+                           "each group's scale the row's times an integer (GPTQ), int4 "
+                           "per-token dynamic asymmetric activations after the online "
+                           f"Hadamard, each row's range clipped to {DEFAULT_ACTIVATION_CLIP} "
+                           "of itself, float epilogue; rotations on; calibration for GPTQ's "
+                           "Hessians"),
         Recipe("w4a4-static", WeightQuant(4), ActQuant(4, dynamic=False), "dyadic",
                rotate=True, online_hadamard=True, gptq=True, weight_clip=True, observer="mse",
                description="int4 weights (GPTQ), int4 per-tensor static activations (MSE "
@@ -204,8 +211,9 @@ class Options:
     # times an integer in 1..8 with a zero point per group, 1..4 where the CPU's int8 route
     # needs 7-bit weights (16 and 8 with weight_symmetric), so the GEMM stays one int8 GEMM
     # with one scale per row); a K it does not divide: per channel, said in the report;
-    # None: the recipe's (w4a16 128, w4a8 32, the others per channel)
-    group_size: int | None = None
+    # "channel": one scale per output channel (w4a16: one group per row); None: the
+    # recipe's (w4a16 128, w4a8 and w4a4 32, w4a4-static and mixed per channel)
+    group_size: int | str | None = None
     # group-wise int4 weights with a zero point per group (False: each group's [min, max]
     # onto [-8, 7]; with integer activations the multipliers then go up to 8, 4 for 7-bit
     # weights, so (q - zero point) * multiplier stays int8) or symmetric (True: no zero
@@ -301,6 +309,8 @@ class Options:
     def weight_group_size(self) -> int | None:
         """The group size of the recipe's int4 weights: the option, else the recipe's; None:
         per output channel."""
+        if self.group_size == PER_CHANNEL:
+            return None
         if self.group_size is not None:
             return self.group_size
         w = self.recipe_obj.weight
@@ -440,10 +450,13 @@ class Options:
             raise QCompileConfigError(
                 f"option 'group_size' groups int4 weights (recipes {grouped}); recipe "
                 f"{self.recipe!r} takes none: {why} ({example})")
+        if g == PER_CHANNEL:
+            return
         if isinstance(g, bool) or not isinstance(g, int) or g < 2 or g % 2:
             raise QCompileConfigError(
                 f"group_size must be an even int >= 2, the input columns sharing one weight "
-                f"scale ({example}), got {g!r}")
+                f"scale ({example}), or {PER_CHANNEL!r} (one scale per output channel), got "
+                f"{g!r}")
 
     def _validate_weight_symmetric(self) -> None:
         sym = self.weight_symmetric
@@ -454,11 +467,13 @@ class Options:
             raise QCompileConfigError(
                 f"weight_symmetric must be True (no zero point) or False (a zero point per "
                 f"group) for group-wise int4 weights ({example}), got {sym!r}")
-        if self.weight_group_size is None:
+        if self.weight_group_size is None and self.recipe_obj.act is not None:
+            given = f"with group_size {PER_CHANNEL!r}" if self.group_size == PER_CHANNEL \
+                else "without option 'group_size'"
             raise QCompileConfigError(
                 f"option 'weight_symmetric' chooses how group-wise int4 weights are "
-                f"quantized; recipe {self.recipe!r} has none without option 'group_size' "
-                f"(per-channel weights are symmetric): {example}")
+                f"quantized; recipe {self.recipe!r} has none {given} (per-channel weights "
+                f"are symmetric): {example}")
 
     def _validate_activation_clip(self) -> None:
         clip = self.activation_clip

@@ -102,12 +102,18 @@ def test_activation_clip_belongs_to_per_token_int4_recipes(recipe):
 
 
 def test_group_size_option_groups_int4_weights_and_enters_the_fingerprint():
-    """options group_size: the recipe's group size (w4a16's 128) unless given; w4a8 and
-    w4a4-static take one (integer group multipliers); the fingerprint names it only when
-    given, so every other configuration keeps its fingerprint."""
+    """options group_size: the recipe's group size (w4a16's 128, w4a8's and w4a4's 32)
+    unless given; w4a4-static takes one (integer group multipliers); "channel" asks for one
+    scale per output channel; the fingerprint names it only when given, so every other
+    configuration keeps its fingerprint."""
     assert Options.from_user(None, {"recipe": "w4a16"}).weight_group_size == 128
     assert Options.from_user(None, {"recipe": "w4a8"}).weight_group_size == 32
-    assert Options.from_user(None, {"recipe": "w4a4"}).weight_group_size is None
+    assert Options.from_user(None, {"recipe": "w4a4"}).weight_group_size == 32
+    assert Options.from_user(None, {"recipe": "w4a4-static"}).weight_group_size is None
+    for recipe in ("w4a4", "w4a8", "w4a16"):
+        channel = Options.from_user(None, {"recipe": recipe, "group_size": "channel"})
+        assert channel.weight_group_size is None
+        assert channel.fingerprint() != Options.from_user(None, {"recipe": recipe}).fingerprint()
     w4a8 = Options.from_user(None, {"recipe": "w4a8", "group_size": 32})
     assert w4a8.weight_group_size == 32
     assert "group_size" in w4a8.fingerprint()
@@ -143,7 +149,10 @@ def test_group_wise_int4_weights_are_asymmetric_unless_told():
 
 @pytest.mark.parametrize("options, match", [
     ({"recipe": "w8a8", "weight_symmetric": True}, "has none without option 'group_size'"),
-    ({"recipe": "w4a4", "weight_symmetric": False}, "has none without option 'group_size'"),
+    ({"recipe": "w4a4-static", "weight_symmetric": False},
+     "has none without option 'group_size'"),
+    ({"recipe": "w4a4", "group_size": "channel", "weight_symmetric": True},
+     "has none with group_size 'channel'"),
     ({"recipe": "w4a8", "weight_symmetric": 1}, "weight_symmetric must be True"),
     ({"recipe": "w4a8", "weight_symmetric": "no"}, "weight_symmetric must be True"),
 ])
@@ -152,7 +161,7 @@ def test_weight_symmetric_belongs_to_group_wise_int4_weights(options, match):
         Options.from_user(None, options)
 
 
-@pytest.mark.parametrize("value", [0, 3, -32, 32.0, "32", True])
+@pytest.mark.parametrize("value", [0, 3, -32, 32.0, "32", True, "per_channel", -1])
 def test_group_size_must_be_an_even_int(value):
     with pytest.raises(QCompileConfigError, match="group_size must be an even int"):
         Options.from_user(None, {"recipe": "w4a8", "group_size": value})

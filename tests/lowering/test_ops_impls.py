@@ -75,12 +75,12 @@ def test_implementations_agree_bit_for_bit(other):
 
 def _w4a4_lowered(kernels, **options):
     """IntegerChain under w4a4 (no rotations, RTN: nothing to calibrate), lowered to one
-    family: every linear a linear_a4w4_dynamic."""
+    family: every linear a linear_a4w4_dynamic (per channel unless options group it)."""
     torch.manual_seed(0)
     torch._dynamo.reset()
     cm = torch.compile(IntegerChain().eval(), backend="qcompile", options={
         "recipe": "w4a4", "kernels": kernels, "rotate": False, "online_hadamard": False,
-        "gptq": False, "smooth": False, **options})  # no calibration
+        "gptq": False, "smooth": False, "group_size": "channel", **options})  # no calibration
     with torch.no_grad():
         cm(torch.randn(3, 5, 24))
     (variant,) = [v for v in state_for_model(cm).artifacts if v.finalized]

@@ -139,3 +139,25 @@ def test_group_wise_int4_weights_take_a_zero_point_per_group_unless_told_symmetr
         expect(graphs["rewrite-linear"][1], f"""
             # CHECK: linear_w4a8_grouped.default(quantize_default, fc1_wq4, fc1_wmult, {wzp}
         """)
+
+
+def test_group_size_channel_gives_one_scale_per_output_channel():
+    """group_size "channel": w4a4 (groups of 32 by default) rounds each row on one symmetric
+    scale and rewrite-linear picks the per-channel kernel; w4a16's weight-only kernel takes
+    one group per row (float scale and zero point)."""
+    cap, graphs = walked("chain", "w4a4", group_size="channel")
+    layers = [la for la in (ann.get(n, ann.Layer) for n in cap.gm.graph.nodes)
+              if la is not None and la.qweight is not None]
+    assert layers
+    for la in layers:
+        qw = la.qweight
+        assert qw.spec.granularity == "per_channel" and qw.scale.numel() == qw.qweight.shape[0]
+        assert (qw.zero_point == 0).all() and -8 <= int(qw.qweight.min()) <= int(qw.qweight.max()) <= 7
+    assert "linear_a4w4_dynamic.default" in graphs["rewrite-linear"][1]
+    assert "grouped" not in graphs["rewrite-linear"][1]
+    cap, _ = walked("chain", "w4a16", group_size="channel")
+    for la in (ann.get(n, ann.Layer) for n in cap.gm.graph.nodes):
+        if la is not None and la.qweight is not None:
+            spec, k = la.qweight.spec, la.qweight.qweight.shape[1]
+            assert spec.granularity == "per_group" and spec.group_size == k
+            assert not spec.symmetric

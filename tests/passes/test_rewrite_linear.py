@@ -90,7 +90,7 @@ def test_dynamic_linear_becomes_one_op():
 def test_w4a4_linear_becomes_one_int4_op_with_a_packed_weight():
     """w4a4: per-token dynamic int4 activations inside the op (no quantize / dequantize
     around it), the int4 weight packed two a byte along K (uint8 [N, K // 2])."""
-    cap, graphs = walked("chain", "w4a4")
+    cap, graphs = walked("chain", "w4a4", group_size="channel")
     _, after = graphs["rewrite-linear"]
     expect(after, """
         # CHECK-NOT: quantize
