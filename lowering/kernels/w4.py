@@ -22,8 +22,8 @@ so acc += x_even @ lo^T + x_odd @ hi^T: two tl.dot calls and no interleave shuff
 Limits: group_size even and dividing K; this W4A8 kernel has per-channel weight scales only
 (float group scales would need one integer accumulator per group; the group-wise W4A8 that
 qcompile runs, lowering/ops.py's `linear_w4a8_grouped`, puts integer multipliers of the row
-scale into the weight instead and runs the int8 GEMM on (q - zero point) * mult). int8 x int4 products
-are at most 2**10, so the int32 accumulator is exact for K < 2**21.
+scale into the weight instead and runs the int8 GEMM on (q - zero point) * mult). int8 x
+int4 products are at most 2**10, so the int32 accumulator is exact for K < 2**21.
 
 Each op has `<op>_ref` (pure torch, exact int64 accumulation for the integer ops) and
 `<op>_triton`; W4A16 also has `w4a16_gemm_cpu` (dequantize, float32 matmul). Which one a

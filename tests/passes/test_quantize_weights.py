@@ -152,7 +152,8 @@ def test_group_size_channel_gives_one_scale_per_output_channel():
     for la in layers:
         qw = la.qweight
         assert qw.spec.granularity == "per_channel" and qw.scale.numel() == qw.qweight.shape[0]
-        assert (qw.zero_point == 0).all() and -8 <= int(qw.qweight.min()) <= int(qw.qweight.max()) <= 7
+        assert (qw.zero_point == 0).all()
+        assert -8 <= int(qw.qweight.min()) <= int(qw.qweight.max()) <= 7
     assert "linear_a4w4_dynamic.default" in graphs["rewrite-linear"][1]
     assert "grouped" not in graphs["rewrite-linear"][1]
     cap, _ = walked("chain", "w4a16", group_size="channel")
