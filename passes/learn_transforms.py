@@ -384,8 +384,10 @@ def _learn(gm: GraphModule, ctx: PassContext, block: _Block, inputs: list[dict],
     after = (error(train), error([held]))
     took = time.perf_counter() - t0
     cut = f" (time cap: {done} of {steps} steps)" if done < steps else ""
-    line = (f"output error {before[0]:.4g} -> {after[0]:.4g} (held-out batch {before[1]:.4g} "
-            f"-> {after[1]:.4g}) in {done} steps, {took:.1f} s{cut}")
+    checked = (f"held-out batch {before[1]:.4g} -> {after[1]:.4g}" if train != [held] else
+               "one calibration batch: no held-out check")
+    line = (f"output error {before[0]:.4g} -> {after[0]:.4g} ({checked}) in {done} steps, "
+            f"{took:.1f} s{cut}")
     if all(a < b * (1 - MIN_GAIN) for a, b in zip(after, before, strict=True)):
         counters["learned"] += 1
         return True, line

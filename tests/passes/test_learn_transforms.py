@@ -126,12 +126,12 @@ def _outlier_llama():
     return model, make, key
 
 
-def _calibrated(options, dynamic=None):
+def _calibrated(options, dynamic=None, batches=4):
     model, make, key = _outlier_llama()
     cm = torch.compile(model, backend="qcompile", options=options, dynamic=dynamic)
     torch.manual_seed(1)
     with torch.no_grad(), qcompile.calibrate(cm):
-        for _ in range(4):
+        for _ in range(batches):
             cm(*make(4, 16))
     return model, cm, make, key
 
@@ -153,12 +153,14 @@ def _counters(model):
     return total
 
 
-def test_learns_clip_ratios_that_cut_block_error_and_output_error():
+def test_learns_clip_ratios_that_cut_block_error_and_output_error(capsys):
     # round to nearest: what the clip ratios are learned through (GPTQ rounds otherwise)
     base = {"recipe": "w4a8", "weight_clip": False, "group_size": 32, "gptq": False}
     model, cm, make, key = _calibrated(base)
     without = _cosine(model, cm, make, key)
+    capsys.readouterr()
     model, cm, make, key = _calibrated({**base, "learn": True})
+    assert "held-out batch" in capsys.readouterr().err
     counters = _counters(model)
     assert counters["learn-transforms.blocks"] == 3
     assert counters["learn-transforms.learned"] >= 1  # kept: lower error, held-out too
@@ -195,11 +197,15 @@ def test_reused_by_a_recompiled_graph_and_saved(tmp_path):
 
 @pytest.mark.slow  # the fast tier learns once already
 def test_time_cap_stops_early_and_says_so(capsys):
+    """... and with one calibration batch, which is both trained on and checked, the line
+    does not call it held out."""
     model, cm, make, key = _calibrated({"recipe": "w4a8", "learn": True,
-                                        "learn_time_s": 1e-6})
+                                        "learn_time_s": 1e-6}, batches=1)
     _cosine(model, cm, make, key)
     assert _counters(model)["learn-transforms.out_of_time"] == 3
-    assert "time cap: 0 of 40 steps" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "time cap: 0 of 40 steps" in err
+    assert "one calibration batch: no held-out check" in err and "held-out batch" not in err
 
 
 @pytest.mark.parametrize("options, message", [
