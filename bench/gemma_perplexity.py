@@ -190,14 +190,18 @@ def weight_grouping(options: dict) -> dict:
 
 
 def evaluate(options: dict, model, calib, text, float_ppl: float,
-             float_text_ppl: float) -> dict:
+             float_text_ppl: float, per_window: bool = False) -> dict:
+    """per_window: calibrate on each window as a batch of its own (so that `learn` keeps a
+    block's fit only if it also cuts the error on a window it was not fitted on) instead of
+    on both as one batch."""
     torch._dynamo.reset()
     cm = torch.compile(model, backend="qcompile", options=options, dynamic=True)
     t0 = time.perf_counter()
     calibrate_s = 0.0
     if qcompile.Options.from_user(None, options).needs_calibration:
         with torch.no_grad(), qcompile.calibrate(cm):
-            cm(input_ids=calib, use_cache=False)
+            for batch in (calib.split(1) if per_window else [calib]):
+                cm(input_ids=batch, use_cache=False)
         calibrate_s = time.perf_counter() - t0
     ppl, text_ppl = text_perplexities(cm, text)
     seconds = time.perf_counter() - t0
@@ -243,7 +247,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench/results/gemma3-270m-perplexity.json")
     ap.add_argument("--only", action="append", help="configuration name(s) to run")
+    ap.add_argument("--per-window", action="store_true",
+                    help="calibrate on each calibration window as its own batch (results "
+                         "stored under '<name>, calibrated per window')")
     args = ap.parse_args()
+    suffix = ", calibrated per window" if args.per_window else ""
     warnings.filterwarnings("ignore")
     model, tok = _gemma.load()
     _, calib = token_windows(tok)
@@ -270,18 +278,20 @@ def main() -> None:
     for name, options in CONFIGS.items():
         if args.only and name not in args.only:
             continue
+        key = name + suffix
         try:
-            results[name] = evaluate(options, model, calib, text, float_ppl, float_text_ppl)
+            results[key] = evaluate(options, model, calib, text, float_ppl, float_text_ppl,
+                                    args.per_window)
         except Exception as exc:  # recorded, never hidden
             tb = traceback.extract_tb(exc.__traceback__)
-            results[name] = {"options": options, **weight_grouping(options),
-                             "error": f"{type(exc).__name__}: {exc}"[:2000],
-                             "where": [f"{f.filename}:{f.lineno} {f.name}" for f in tb[-6:]]}
+            results[key] = {"options": options, **weight_grouping(options),
+                            "error": f"{type(exc).__name__}: {exc}"[:2000],
+                            "where": [f"{f.filename}:{f.lineno} {f.name}" for f in tb[-6:]]}
         # the file keeps earlier runs' results: each names the machine it ran on (integers
         # depend on it: 7-bit int8 weights without VNNI)
-        results[name].update(machine=_machine.cpu_info()["capabilities"],
-                             date=time.strftime("%Y-%m-%d"))
-        report_line(name, results[name])
+        results[key].update(machine=_machine.cpu_info()["capabilities"],
+                            date=time.strftime("%Y-%m-%d"))
+        report_line(key, results[key])
         # written after every configuration: a run stopped midway keeps what it measured
         with open(args.out, "w") as f:
             json.dump({"meta": meta, "results": results}, f, indent=2)
