@@ -125,8 +125,8 @@ RECIPES: dict[str, Recipe] = {
         # epilogue as x_zp[m] * rowsum(W)[n]): all-MiniLM-L6-v2 0.9687 -> 0.9708 mean cosine
         # with groups of 16, 0.958 -> 0.9628 per channel (bench/results/minilm-accuracy.json)
         # groups of 32 with a zero point each (the int8 GEMM of (q - z) * mult, as w4a8's):
-        # all-MiniLM-L6-v2 0.9636 per channel -> 0.9731, Gemma 3 270M (text) 1.403x float
-        # perplexity per channel -> see bench/results/gemma3-270m-perplexity.json
+        # all-MiniLM-L6-v2 0.9636 per channel -> 0.9713 (0.9731 on another machine), Gemma 3
+        # 270M 1.403x -> 1.286x float perplexity on the text (bench/results)
         Recipe("w4a4", WeightQuant(4, group_size=32), ActQuant(4, dynamic=True), "float",
                rotate=True, online_hadamard=True, gptq=True, smooth=True, weight_clip=True,
                activation_clip=DEFAULT_ACTIVATION_CLIP, activation_symmetric=False,
@@ -317,6 +317,14 @@ class Options:
         return w.group_size if w is not None else None
 
     @property
+    def group_wise_weights(self) -> bool:
+        """Whether the recipe's int4 weights come in groups: where a group size applies, and
+        always for weight-only int4 (w4a16: with group_size "channel", one group per row)."""
+        w = self.recipe_obj.weight
+        return self.weight_group_size is not None or (
+            w is not None and w.bits == 4 and self.recipe_obj.act is None)
+
+    @property
     def budget_key(self) -> tuple | None:
         return tuple(sorted(self.budget.items())) if self.budget else None
 
@@ -467,7 +475,7 @@ class Options:
             raise QCompileConfigError(
                 f"weight_symmetric must be True (no zero point) or False (a zero point per "
                 f"group) for group-wise int4 weights ({example}), got {sym!r}")
-        if self.weight_group_size is None and self.recipe_obj.act is not None:
+        if not self.group_wise_weights:
             given = f"with group_size {PER_CHANNEL!r}" if self.group_size == PER_CHANNEL \
                 else "without option 'group_size'"
             raise QCompileConfigError(

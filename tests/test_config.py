@@ -145,10 +145,14 @@ def test_group_wise_int4_weights_are_asymmetric_unless_told():
     assert "weight_symmetric" not in Options.from_user(None, {"recipe": "w4a8"}).fingerprint()
     assert Options.from_user(None, {"recipe": "w4a4", "group_size": 16,
                                     "weight_symmetric": False}).weight_symmetric is False
+    # w4a16 per channel is one group per row: symmetric or not, as told
+    assert Options.from_user(None, {"recipe": "w4a16", "group_size": "channel",
+                                    "weight_symmetric": True}).group_weights_symmetric
 
 
 @pytest.mark.parametrize("options, match", [
     ({"recipe": "w8a8", "weight_symmetric": True}, "has none without option 'group_size'"),
+    ({"recipe": "float", "weight_symmetric": True}, "has none without option 'group_size'"),
     ({"recipe": "w4a4-static", "weight_symmetric": False},
      "has none without option 'group_size'"),
     ({"recipe": "w4a4", "group_size": "channel", "weight_symmetric": True},
