@@ -58,19 +58,16 @@ def weight_spec_for(ctx: PassContext, k: int, bits: int | None = None,
     g = ctx.options.weight_group_size
     sym = ctx.options.group_weights_symmetric
     channel = QuantSpec(bits=bits, granularity="per_channel", axis=0)
-    weight_only = recipe.act is None  # float group scales: per channel is a group per row
-    if bits > 4 or (g is None and not weight_only):  # groups are for int4 (mixed: its int4)
+    # groups are for int4 (recipe mixed: its int4 layers)
+    if bits > 4 or not ctx.options.group_wise_weights:
         return channel, None
     if conv:
         return channel, "a convolution: per output channel (no group-wise convolution)"
-    if weight_only:
-        if g is None:
-            return QuantSpec(bits=bits, symmetric=sym, granularity="per_group",
-                             group_size=k), None
-        if k % g:
-            return (QuantSpec(bits=bits, symmetric=sym, granularity="per_group",
-                              group_size=k), f"K={k} is not a multiple of {g}: one group per row")
-        return QuantSpec(bits=bits, symmetric=sym, granularity="per_group", group_size=g), None
+    if recipe.act is None:  # weight-only: float group scales; per channel, a group per row
+        uneven = g is not None and k % g
+        return (QuantSpec(bits=bits, symmetric=sym, granularity="per_group",
+                          group_size=g if g is not None and not uneven else k),
+                f"K={k} is not a multiple of {g}: one group per row" if uneven else None)
     if k % g:
         return channel, f"K={k} is not a multiple of group_size {g}: per output channel"
     spec = QuantSpec(bits=bits, symmetric=sym, granularity="per_group", group_size=g)
