@@ -1,12 +1,16 @@
 """Measured latency of a quantized linear at each width, cached per machine: the cost the
-mixed-precision budget {"latency": ...} spends (passes/choose_precision.py).
+mixed-precision budget {"latency": ...} spends (passes/choose_precision.py), and what
+select-layers weighs an online Hadamard's readers by (quantized with the rotation in front,
+or float without it).
 
 What: `linear_ms(device, m, k, n, w_bits, a_bits)` times the op a layer of that shape runs
 at those widths, with the implementation family `lower` binds there (the CPU path on a
 CPU, the Triton kernels on CUDA): int8 / int4-valued weights with 8-bit inputs through
 linear_int8_dq (int4 values run the int8 GEMM on CPU; on CUDA linear_w4a8's kernel), 16-bit
-inputs through linear_a16w8_dq, each with its input's quantize op; `float_ms` times
-F.linear, the cost of a layer left in float. Medians of a few calls after a warm-up, on
+inputs through linear_a16w8_dq, each with its input's quantize op; per-token dynamic inputs
+through linear_dynamic (8-bit) or linear_a4w4_dynamic (4-bit); a_bits None times
+F.linear, the cost of a layer left in float. `hadamard_ms` times the online Hadamard
+transform. The fastest of a few calls after two warm-ups, on
 random integers (the speed of these kernels does not depend on the values).
 
 Results persist in latency.json beside the autotune cache (~/.cache/qcompile), keyed by the
@@ -17,9 +21,13 @@ so a second compile of the model times nothing.
 
 from __future__ import annotations
 
-import statistics
+import argparse
+import json
+import subprocess
+import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -28,7 +36,7 @@ import torch.nn.functional as F
 from qcompile.lowering.autotune import default_cache_dir, m_bucket
 from qcompile.lowering.cache_dir import JsonEntries
 
-VERSION = 1
+VERSION = 2  # 2: the fastest of 7 calls after two warm-ups (1: the median of 5 after one)
 _WHAT = "latency cache"
 _ELSEWHERE = "choose another cache directory (the cache_dir argument)"
 _LOCK = threading.Lock()
@@ -44,7 +52,11 @@ def machine_key(device: str) -> str:
     return f"cpu:{cpu_capabilities().describe()}:threads={torch.get_num_threads()}"
 
 
-def _time_ms(fn, device: str, reps: int = 5) -> float:
+def _time_ms(fn, device: str, reps: int = 7) -> float:
+    """The fastest of `reps` calls after two warm-ups: timings run inside a compile, where
+    Inductor's compile workers and the first calls' allocations only ever add time (a
+    median of 5 after one warm-up read a 1.5 ms call as 6.3 ms there)."""
+    fn()
     fn()
     times = []
     for _ in range(reps):
@@ -55,11 +67,12 @@ def _time_ms(fn, device: str, reps: int = 5) -> float:
         if device == "cuda":
             torch.cuda.synchronize()
         times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return min(times)
 
 
-def _runner(device: str, m: int, k: int, n: int, w_bits: int, a_bits: int | None):
-    from qcompile.lowering import a16_ops, ops
+def _runner(device: str, m: int, k: int, n: int, w_bits: int, a_bits: int | None,
+            dynamic: bool = False):
+    from qcompile.lowering import a4_ops, a16_ops, ops
     from qcompile.numerics.specs import pack_int4
 
     g = torch.Generator().manual_seed(0)
@@ -75,8 +88,15 @@ def _runner(device: str, m: int, k: int, n: int, w_bits: int, a_bits: int | None
         return lambda: a16_ops.linear_a16w8_dq(
             a16_ops.quantize_int16(x, 1e-3, -32768, 32767, impl=impl), wq, b, 1e-3, ws,
             torch.float32, impl=impl)
+    if a_bits == 4:  # per-token dynamic asymmetric int4 (w4a4): on CUDA packed int4
+        # weights, on CPU the int8 values of the grouped weights ((q - z) * mult, w_bits)
+        w4 = pack_int4(wq.clamp(-8, 7)) if device == "cuda" else wq
+        w_sum = a4_ops.weight_row_sums(w4)
+        return lambda: a4_ops.linear_a4w4_dynamic(x, w4, ws, b, 1.0, w_sum, impl=impl)
     if w_bits == 4 and device == "cuda":
         wq = pack_int4(wq)
+    if dynamic:  # per-token dynamic int8
+        return lambda: ops.linear_dynamic(x, wq, ws, b, impl=impl)
 
     def run():
         xq = ops.quantize(x, 0.05, 0, -128, 127, impl=impl)
@@ -85,24 +105,114 @@ def _runner(device: str, m: int, k: int, n: int, w_bits: int, a_bits: int | None
     return run
 
 
+Spec = tuple  # ("linear", m, k, n, w_bits, a_bits, dynamic) or ("hadamard", m, n)
+
+
+def linear_spec(m: int, k: int, n: int, w_bits: int, a_bits: int | None,
+                dynamic: bool = False) -> Spec:
+    return ("linear", m_bucket(m), k, n, w_bits, a_bits, bool(dynamic and a_bits == 8))
+
+
+def hadamard_spec(m: int, n: int) -> Spec:
+    return ("hadamard", m_bucket(m), n)
+
+
 def linear_ms(device: str, m: int, k: int, n: int, w_bits: int, a_bits: int | None,
-              cache_dir: str | None = None) -> float:
+              cache_dir: str | None = None, dynamic: bool = False) -> float:
     """Milliseconds per call of one linear [M, K] x [N, K]^T at these widths (a_bits None:
-    float32 F.linear), from the cache or measured now."""
+    float32 F.linear), from the cache or measured now. dynamic: per-token activation
+    scales computed at run time (linear_dynamic; 4-bit inputs are always per token,
+    linear_a4w4_dynamic), else static ones (quantize, then linear_int8_dq). Integer
+    weights span w_bits (7: the [-64, 63] of a CPU route without VNNI)."""
+    return spec_ms(device, linear_spec(m, k, n, w_bits, a_bits, dynamic), cache_dir)
+
+
+def hadamard_ms(device: str, m: int, n: int, cache_dir: str | None = None) -> float:
+    """Milliseconds per call of the online Hadamard transform (ops.hadamard_transform, the
+    implementation `lower` binds on this device) of [M, n] float32 rows."""
+    return spec_ms(device, hadamard_spec(m, n), cache_dir)
+
+
+def _key(device: str, spec: Spec) -> str:
+    if spec[0] == "hadamard":
+        _, m, n = spec
+        return f"{machine_key(device)}|hadamard|m{m}|n{n}"
+    _, m, k, n, w_bits, a_bits, dynamic = spec
+    op = "float" if a_bits is None else f"w{w_bits}a{a_bits}" + ("d" if dynamic else "")
+    return f"{machine_key(device)}|{op}|m{m}|k{k}|n{n}"
+
+
+def _spec_runner(device: str, spec: Spec):
+    if spec[0] == "linear":
+        return _runner(device, *spec[1:])
+    from qcompile.lowering import ops
+
+    _, m, n = spec
+    impl = "triton" if device == "cuda" else "cpu"
+    x = torch.randn(m, n, generator=torch.Generator().manual_seed(0)).to(device)
+    return lambda: ops.hadamard_transform(x, impl=impl)
+
+
+def spec_ms(device: str, spec: Spec, cache_dir: str | None = None) -> float:
+    """The cached milliseconds of `spec`, or timed now in this process and stored."""
     global TIMED
-    key = (f"{machine_key(device)}|{'float' if a_bits is None else f'w{w_bits}a{a_bits}'}|"
-           f"m{m_bucket(m)}|k{k}|n{n}")
+    key = _key(device, spec)
     with _LOCK:
         if key in _MEMO:
             return _MEMO[key]
         cache = _cache(cache_dir)
         found = cache.get(key, refresh=True)
         if found is None:
-            found = _time_ms(_runner(device, m_bucket(m), k, n, w_bits, a_bits), device)
+            found = _time_ms(_spec_runner(device, spec), device)
             TIMED += 1
             cache.put(key, found)
         _MEMO[key] = found
         return found
+
+
+def prefetch(device: str, specs: list[Spec], cache_dir: str | None = None) -> None:
+    """Times every spec the cache lacks in a fresh Python process (then spec_ms reads the
+    cache). Why: inside a torch.compile backend, where select-layers runs, nested
+    torch.compile is off, so the CPU kernels' compiled helpers (quantize, epilogues) run as
+    eager ops: timed there, a W4A4 call that takes 1.5 ms read 4.8 ms (all-MiniLM-L6-v2's
+    384 x 384 at 4096 rows, AVX512-VNNI EPYC) and kept layers float that beat it. If the
+    process fails, the specs are timed here after a warning that says so."""
+    with _LOCK:
+        cache = _cache(cache_dir)
+        missing = [s for s in dict.fromkeys(specs)
+                   if _key(device, s) not in _MEMO and cache.get(_key(device, s)) is None]
+    if not missing:
+        return
+    directory = str(Path(cache_dir or default_cache_dir()).expanduser())
+    cmd = [sys.executable, "-m", "qcompile.lowering.latency", "--device", device,
+           "--threads", str(torch.get_num_threads()), "--cache", directory,
+           "--specs", json.dumps(missing)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        problem = proc.stderr.strip().splitlines()[-1:] if proc.returncode else None
+    except (OSError, subprocess.SubprocessError) as e:
+        problem = [str(e)]
+    if problem:
+        warnings.warn(f"qcompile: timing {len(missing)} kernel shape(s) in a fresh process "
+                      f"failed ({problem[0] if problem else 'no output'}); timing them in this "
+                      "one, where compiled helpers run eagerly: quantized layers may read "
+                      "slower than they run", RuntimeWarning, stacklevel=2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m qcompile.lowering.latency --specs JSON [--device cpu] [--threads N]
+    [--cache DIR]: time each spec (prefetch's fresh process) and store it in the cache."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--specs", required=True)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--cache", default=None)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    for spec in json.loads(args.specs):
+        print(spec, f"{spec_ms(args.device, tuple(spec), args.cache):.3f} ms")
+    return 0
 
 
 def _problem(entry) -> str | None:
@@ -113,3 +223,7 @@ def _problem(entry) -> str | None:
 def _cache(cache_dir: str | None) -> JsonEntries:
     return JsonEntries(Path(cache_dir or default_cache_dir()).expanduser() / "latency.json",
                        version=VERSION, what=_WHAT, elsewhere=_ELSEWHERE, problem=_problem)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -30,11 +30,19 @@ from qcompile.pass_manager import PassContext, PassResult, graph_pass
 from qcompile.sites import attention_site
 
 
-def _float_on_cpu(ctx: PassContext, q) -> bool:
-    """kernels="auto" on CPU keeps attention float (never slower than float), unless the
-    integer-only softmax was asked for."""
-    return (ctx.options.kernels == "auto" and tensor_val(q).device.type == "cpu"
-            and not ctx.options.transform_on("integer_nonlinear"))
+def float_attention_reason(ctx: PassContext, q) -> str | None:
+    """Why every attention whose query is `q` stays float under these options, whatever its
+    shape, or None: a weight-only recipe; kernels="auto" on CPU (never slower than float),
+    unless the integer-only softmax was asked for. online-hadamard asks too: rotating q and
+    k of a float attention would only cost time."""
+    recipe = ctx.options.recipe_obj
+    if recipe.act is None:
+        return f"recipe {recipe.name!r} keeps activations in float"
+    if (ctx.options.kernels == "auto" and tensor_val(q).device.type == "cpu"
+            and not ctx.options.transform_on("integer_nonlinear")):
+        return ("the CPU runs int8 attention as float SDPA on the dequantized inputs: "
+                "no faster than float (kernels='cpu' quantizes it anyway)")
+    return None
 
 
 def _symmetric_scale(site, qmax: int) -> float | None:
@@ -62,15 +70,10 @@ def rewrite_attention(gm: GraphModule, ctx: PassContext) -> PassResult:
                 rec.transforms.append(t)
         q, k, v = node.args
         kw = node.kwargs
-        reason = None
-        if recipe.act is None:
-            reason = f"recipe {recipe.name!r} keeps activations in float"
-        elif _float_on_cpu(ctx, q):
-            reason = ("the CPU runs int8 attention as float SDPA on the dequantized inputs: "
-                      "no faster than float (kernels='cpu' quantizes it anyway)")
-        elif kw["dropout_p"]:
+        reason = float_attention_reason(ctx, q)
+        if reason is None and kw["dropout_p"]:
             reason = "attention dropout > 0"
-        elif tensor_val(q).shape[-1] != tensor_val(k).shape[-1]:
+        elif reason is None and tensor_val(q).shape[-1] != tensor_val(k).shape[-1]:
             reason = "query and key head sizes differ"
         if reason:
             rec.reason = reason

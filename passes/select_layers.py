@@ -9,6 +9,11 @@ On CPU graphs it also plans how the layer runs (lowering/cpu_routes.py): the wei
 option narrow_weights), the route is the fastest exact one for the layer's shape, and
 with kernels="auto" a layer no exact int8 route runs faster than float32 stays float
 (DESIGN: never slower than float), with the reason; kernels="cpu" quantizes it anyway.
+An online Hadamard (online-hadamard) in front of quantized linears counts as part of their
+cost: under "auto" they stay quantized only where the rotation and their quantized calls,
+timed at their shapes (lowering/latency.py, cached per machine), take less than their float
+calls. A Hadamard whose linears all stay float, for any reason, is taken out with its
+inverse (the only graph change this pass makes).
 The row count M is the example input's (tokens per call). Weight-only int4 stays float on
 CPU under "auto": its CPU path dequantizes the whole weight at every call. A model given a
 saved quantization (qcompile.load) quantizes exactly the layers saved quantized, on the
@@ -19,7 +24,8 @@ Convolutions (canonicalize-conv) are layers too, planned on CPU by lowering/cpu_
 oneDNN's int8 convolution where it is exact and faster than float32 for the layer's shape
 (dense convolutions with enough channels; not depthwise / grouped ones without VNNI, not a
 3-channel stem), else float under kernels="auto"; weight-only recipes leave them float.
-Pre: canonicalize-linear. Post: every F.linear and canonical conv has a Layer annotation.
+Pre: canonicalize-linear. Post: every F.linear and canonical conv has a Layer annotation;
+every online Hadamard left feeds a quantized linear.
 """
 
 from __future__ import annotations
@@ -34,7 +40,9 @@ from qcompile import annotations as ann
 from qcompile.lowering import cpu_routes
 from qcompile.lowering.reference import MAX_SAFE_K
 from qcompile.pass_manager import PassContext, PassResult, graph_pass
+from qcompile.passes._structure import WeightEditor, linear_params, set_linear
 from qcompile.passes.calibrate_qparams import loaded_quantization
+from qcompile.passes.online_hadamard import is_hadamard, normalized_hadamard
 from qcompile.passes.quantize_weights import weight_spec_for
 from qcompile.sites import is_conv, is_linear, layer_kind, layer_name
 
@@ -181,6 +189,80 @@ def _device(node: Node) -> str:
     return node.args[1].meta["val"].device.type
 
 
+def _online_hadamards(gm: GraphModule) -> list[tuple[Node, list[Node]]]:
+    """Each online Hadamard online-hadamard put in front of linears, with those linears."""
+    out = []
+    for node in gm.graph.nodes:
+        if is_hadamard(node) and node.meta.get("qc_online_hadamard") in ("down", "input"):
+            readers = list(node.users)
+            if readers and all(is_linear(u) and ann.get(u, ann.Layer) for u in readers):
+                out.append((node, readers))
+    return out
+
+
+def _price_hadamards(ctx: PassContext, groups: list[tuple[Node, list[Node]]]) -> None:
+    """On a CPU graph under kernels="auto", an online Hadamard is part of what its
+    quantized readers cost: they stay quantized only where the rotation plus their
+    quantized calls take less time than their float calls (timed at the layers' shapes in a
+    fresh process, cached per machine: lowering/latency.py), else float with the times as
+    the reason. _cpu_plan's GEMM rule cannot see this: the 1536-wide rotation in front of
+    all-MiniLM-L6-v2's down projections takes about three times their int8 GEMM on an
+    AVX512-VNNI EPYC, and on a CPU whose int8 GEMM gains less over float it decides."""
+    from qcompile.lowering import latency
+
+    recipe = ctx.options.recipe_obj
+    caps = cpu_routes.cpu_capabilities()
+    w_bits = 7 if _narrow_range(ctx, cpu_routes.narrow_weight_range(caps)) else 8
+    plans = []
+    for had, readers in groups:
+        quantized = [u for u in readers if ann.get(u, ann.Layer).quantize]
+        if not quantized:
+            continue
+        m, k = input_rows(quantized[0]), last_dim(had)
+        ns = [int(lin.args[1].meta["val"].shape[0]) for lin in quantized]
+        specs = [latency.hadamard_spec(m, k)]
+        for n in ns:
+            specs += [latency.linear_spec(m, k, n, w_bits, recipe.act.bits, recipe.act.dynamic),
+                      latency.linear_spec(m, k, n, 8, None)]
+        plans.append((quantized, m, k, specs))
+    latency.prefetch("cpu", [s for *_, specs in plans for s in specs])
+    for quantized, m, k, specs in plans:
+        had_ms, *calls = (latency.spec_ms("cpu", s) for s in specs)
+        q_ms, f_ms = sum(calls[0::2]), sum(calls[1::2])
+        times = (f"the online Hadamard ({had_ms:.2f} ms at M={m}, n={k}) and the quantized "
+                 f"call{'s' if len(quantized) > 1 else ''} ({q_ms:.2f} ms) against float32 "
+                 f"({f_ms:.2f} ms), measured on {caps.describe()}")
+        for lin in quantized:
+            rec = ctx.layer(layer_name(lin), "linear")
+            if had_ms + q_ms < f_ms:
+                rec.detail["online-hadamard cost"] = f"pays: {times}"
+            else:
+                ann.get(lin, ann.Layer).quantize = False
+                rec.reason = f"slower than float with its online Hadamard: {times}"
+
+
+def _take_out_hadamard(gm: GraphModule, ctx: PassContext, ed: WeightEditor, had: Node,
+                       readers: list[Node]) -> None:
+    """A Hadamard whose readers all stay float only costs time: its inverse leaves their
+    weights (W' H = W H^T H = W, in float64) and its input feeds them again."""
+    tag = f"online-hadamard({had.meta['qc_online_hadamard']})"
+    h = normalized_hadamard(last_dim(had))
+    for lin in readers:
+        w, _ = linear_params(ed, lin)
+        set_linear(ed, lin, weight=w @ h)
+        lin.meta.pop("qc_online_hadamard", None)
+        rec = ctx.layer(layer_name(lin), "linear")
+        if tag in rec.transforms:
+            rec.transforms.remove(tag)
+        rec.detail["online-hadamard"] = "taken out: every linear it fed stays float"
+    had.replace_all_uses_with(had.args[0])
+    gm.graph.erase_node(had)
+
+
+def last_dim(node: Node) -> int:
+    return int(node.meta["val"].shape[-1])
+
+
 @graph_pass("select-layers", requires=("canonicalize-linear",))
 def select_layers(gm: GraphModule, ctx: PassContext) -> PassResult:
     counters = {"quantize": 0, "float": 0}
@@ -208,15 +290,28 @@ def select_layers(gm: GraphModule, ctx: PassContext) -> PassResult:
                 reason = _cpu_plan(ctx, node, layer, rec, saved)
             layer.quantize = reason is None
             planned = True
-        if reason is None:
-            counters["quantize"] += 1
-        else:
+        if reason is not None:
             rec.reason = reason
-            counters["float"] += 1
+    groups = _online_hadamards(gm)
+    if ctx.options.kernels == "auto" and loaded is None:
+        _price_hadamards(ctx, [(h, r) for h, r in groups if h.meta["val"].device.type == "cpu"])
+    ed, taken = WeightEditor(gm), 0
+    for had, readers in groups:
+        if not any(ann.get(u, ann.Layer).quantize for u in readers):
+            _take_out_hadamard(gm, ctx, ed, had, readers)
+            taken += 1
+    for node in gm.graph.nodes:
+        layer = ann.get(node, ann.Layer) if is_linear(node) or is_conv(node) else None
+        if layer is not None:
+            counters["quantize" if layer.quantize else "float"] += 1
+    if taken:
+        counters["hadamards_taken_out"] = taken
+        ctx.note(f"select-layers: took out {taken} online Hadamard(s) whose linears all stay "
+                 "float")
     if planned:
         caps = cpu_routes.cpu_capabilities()
         narrow = cpu_routes.narrow_weight_range(caps)
         ctx.note(f"select-layers: CPU {caps.describe()}, kernels={ctx.options.kernels!r}; "
                  + (f"its fast exact int8 kernel needs weights in {list(narrow)}"
                     if narrow else "full-range int8 weights are exact on its int8 kernel"))
-    return PassResult(gm, modified=False, counters=counters)
+    return PassResult(gm, modified=taken > 0, counters=counters)

@@ -192,3 +192,114 @@ def test_grouped_int4_multipliers_fit_the_route_range(caps, sym, levels):
         assert f"1..{levels}" in rec.detail["weight_groups"]
     with torch.no_grad():
         assert torch.nn.functional.cosine_similarity(out, model(x)).min() > 0.99
+
+
+# ---------------------------------------------------------------- online Hadamards
+
+
+class _Timings:
+    """lowering/latency.py mocked: no process is started and nothing is timed; every
+    Hadamard takes `had_ms`, every quantized call `q_ms` and every float call `f_ms`."""
+
+    def __init__(self, monkeypatch, had_ms, q_ms=1.0, f_ms=2.0):
+        from qcompile.lowering import latency
+
+        self.prefetched = []
+        monkeypatch.setattr(latency, "prefetch", lambda device, specs: self.prefetched.extend(
+            specs))
+        monkeypatch.setattr(latency, "spec_ms", lambda device, spec: (
+            had_ms if spec[0] == "hadamard" else f_ms if spec[5] is None else q_ms))
+
+
+def _mlp_hadamards(caps, **options):
+    """PreNorm's two MLP blocks under w4a8 (online Hadamards in front of the down
+    projections), run through select-layers."""
+    from qcompile.lowering.ops import HADAMARD
+    from tests.passes.test_fold_norm_affine import PreNorm
+
+    with cpu_routes.override_capabilities(caps):
+        cap = stage(PreNorm("rms").eval(), torch.randint(0, 24, (2, 5)),
+                    before="select-layers", options={"recipe": "w4a8", **options})
+        before = cap()
+        assert len([n for n in cap.gm.graph.nodes if n.target is HADAMARD]) == 2
+        cap.run_pass("select-layers")
+    return cap, before
+
+
+def _downs(cap):
+    return {la.name: la for n in cap.gm.graph.nodes
+            if (la := ann.get(n, ann.Layer)) is not None and la.name.startswith("down")}
+
+
+def test_a_hadamard_that_pays_keeps_its_layers_quantized(monkeypatch):
+    timings = _Timings(monkeypatch, had_ms=0.5)  # 0.5 + 1.0 < 2.0
+    cap, _ = _mlp_hadamards(VNNI, kernels="auto")
+    # one batch of timings for the whole graph: a Hadamard, a quantized and a float call
+    # per down projection, at its shape (M = 10 rows, K = 32, N = 16)
+    assert ("hadamard", 16, 32) in timings.prefetched
+    assert ("linear", 16, 32, 16, 8, 8, False) in timings.prefetched
+    assert ("linear", 16, 32, 16, 8, None, False) in timings.prefetched
+    assert all(la.quantize for la in _downs(cap).values())
+    rec = cap.ctx.layers["down.0"]
+    assert rec.detail["online-hadamard cost"].startswith("pays: the online Hadamard (0.50 ms")
+    assert "online-hadamard(down)" in rec.transforms
+
+
+def test_a_hadamard_that_costs_more_than_float_keeps_its_layers_float_and_leaves(monkeypatch):
+    from qcompile.lowering.ops import HADAMARD
+
+    _Timings(monkeypatch, had_ms=1.5)  # 1.5 + 1.0 > 2.0
+    cap, before = _mlp_hadamards(VNNI, kernels="auto")
+    downs = _downs(cap)
+    assert downs and not any(la.quantize for la in downs.values())
+    rec = cap.ctx.layers["down.1"]
+    assert rec.reason.startswith("slower than float with its online Hadamard: the online "
+                                 "Hadamard (1.50 ms at M=10, n=32) and the quantized call "
+                                 "(1.00 ms) against float32 (2.00 ms), measured on")
+    # the rotation leaves with its inverse: nothing is left to cost time, and the graph
+    # computes what it did
+    assert not any(n.target is HADAMARD for n in cap.gm.graph.nodes)
+    assert "online-hadamard(down)" not in rec.transforms
+    assert rec.detail["online-hadamard"] == "taken out: every linear it fed stays float"
+    assert cap.ctx.history[-1].modified
+    assert cap.ctx.history[-1].counters["hadamards_taken_out"] == 2
+    torch.testing.assert_close(cap(), before, rtol=1e-5, atol=1e-5)
+    # the up projections (no Hadamard in front) stay quantized
+    assert ann.get(next(n for n in cap.gm.graph.nodes if (la := ann.get(n, ann.Layer))
+                        and la.name == "up.0"), ann.Layer).quantize
+
+
+def test_kernels_cpu_times_nothing_and_keeps_the_hadamards(monkeypatch):
+    timings = _Timings(monkeypatch, had_ms=100.0)
+    cap, _ = _mlp_hadamards(VNNI, kernels="cpu")
+    assert not timings.prefetched and all(la.quantize for la in _downs(cap).values())
+
+
+def test_a_hadamard_whose_layers_are_skipped_leaves(monkeypatch):
+    from qcompile.lowering.ops import HADAMARD
+
+    timings = _Timings(monkeypatch, had_ms=0.1)
+    cap, before = _mlp_hadamards(VNNI, kernels="auto", skip=["down.0"])
+    hads = [n for n in cap.gm.graph.nodes if n.target is HADAMARD]
+    # down.1's Hadamard pays and stays; down.0's would feed a float layer only
+    assert [h.next.target for h in hads] == [torch._C._nn.linear] and len(hads) == 1
+    assert ("hadamard", 16, 32) in timings.prefetched
+    assert cap.ctx.layers["down.0"].reason == "skipped by option skip='down.0'"
+    assert "online-hadamard(down)" not in cap.ctx.layers["down.0"].transforms
+    assert "online-hadamard(down)" in cap.ctx.layers["down.1"].transforms
+    torch.testing.assert_close(cap(), before, rtol=1e-5, atol=1e-5)
+
+
+def test_q_and_k_of_an_attention_that_stays_float_are_not_rotated():
+    from qcompile.lowering.ops import HADAMARD
+
+    for kernels, rotated in (("auto", False), ("cpu", True)):
+        torch._dynamo.reset()
+        cap = stage(SelfAttention().eval(), torch.randn(2, 5, 16), before="online-hadamard",
+                    options={"recipe": "w4a8", "kernels": kernels})
+        cap.run_pass("online-hadamard")
+        had = [n for n in cap.gm.graph.nodes if n.target is HADAMARD]
+        assert bool(had) == rotated
+        if not rotated:
+            assert any("q/k of" in n and "the attention stays float (the CPU runs int8 "
+                       "attention as float SDPA" in n for n in cap.ctx.notes), cap.ctx.notes
