@@ -915,6 +915,12 @@ KRON_MIN_ORDER = 384
 # b = 48 / 40 / 48 / 32 / 48 / 32 / 44, the rule's choice each time (4096: b = 32, 64 and 128
 # within 1%).
 KRON_INNER_MIN = 32
+# From this order on, and 2 * KRON_BLOCK_ROWS rows, KRON_BLOCK_ROWS rows at a time: both
+# GEMMs of a block run on an intermediate that stays in cache instead of a whole [M, n]
+# one in memory. Measured (4096 rows, 2-core AMD EPYC, AVX512, fastest of 15): n = 1536
+# 9.8 -> 7.6 ms, 2048 30.8 -> 22.2, 3072 48.2 -> 32.9; 384 no gain (1.40 -> 1.46).
+KRON_BLOCK_MIN_ORDER = 1024
+KRON_BLOCK_ROWS = 256
 
 
 def kron_split(n: int) -> tuple[int, int]:
@@ -955,7 +961,14 @@ def _(x):
         return y.reshape(x.shape).to(x.dtype)
     ha, bt = _kron(n, str(x.device))
     a, b, t = ha.shape[0], bt.shape[0], rows.shape[0]
-    y = torch.matmul(ha, (rows.reshape(t * a, b) @ bt).reshape(t, a, b))
+    if t < 2 * KRON_BLOCK_ROWS or n < KRON_BLOCK_MIN_ORDER:
+        y = torch.matmul(ha, (rows.reshape(t * a, b) @ bt).reshape(t, a, b))
+        return y.reshape(x.shape).to(x.dtype)
+    y = torch.empty(t, a, b, dtype=torch.float32, device=x.device)
+    for i in range(0, t, KRON_BLOCK_ROWS):  # the intermediate stays in cache
+        block = rows[i:i + KRON_BLOCK_ROWS]
+        r = block.shape[0]
+        torch.matmul(ha, (block.reshape(r * a, b) @ bt).reshape(r, a, b), out=y[i:i + r])
     return y.reshape(x.shape).to(x.dtype)
 
 

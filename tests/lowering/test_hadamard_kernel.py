@@ -107,6 +107,21 @@ def test_cpu_op_two_factor_path_matches_the_reference(n):
                                hadamard_transform_ref(xb), atol=1e-5, rtol=2 * 2.0**-8)
 
 
+@pytest.mark.parametrize("n", [ops.KRON_BLOCK_MIN_ORDER, 1536])
+def test_cpu_op_in_row_blocks_matches_the_whole(n):
+    """From KRON_BLOCK_MIN_ORDER and 2 * KRON_BLOCK_ROWS rows, the CPU implementation runs
+    KRON_BLOCK_ROWS rows at a time: the unblocked GEMMs' values (BLAS may sum in another
+    order for another M: float32 rounding), a ragged last block included."""
+    rows = 2 * ops.KRON_BLOCK_ROWS + 37
+    x = torch.randn(rows, n, generator=torch.Generator().manual_seed(n))
+    y = ops.hadamard_transform(x, impl="cpu")
+    ha, bt = ops._kron(n, "cpu")
+    a, b = ha.shape[0], bt.shape[0]
+    whole = torch.matmul(ha, (x.reshape(rows * a, b) @ bt).reshape(rows, a, b)).reshape(x.shape)
+    assert torch.allclose(y, whole, rtol=0, atol=1e-6)
+    assert (y.double() - hadamard_transform_ref(x, torch.float64)).abs().max() <= _tol(n, x)
+
+
 @pytest.mark.parametrize("n, split", [(384, (8, 48)), (1536, (32, 48)), (1024, (32, 32)),
                                       (640, (16, 40)), (5632, (128, 44)), (172 * 8, (8, 172))])
 def test_cpu_two_factor_split(n, split):
