@@ -9,9 +9,10 @@ zero points); the dynamic recipe computes per-tensor scales at run time
 (quantize_absmax). Where v (or q, k) comes straight from a quantized linear through
 layout ops, integer-dataflow then removes the float round trip.
 Skipped (stays in float, with the reason in the report): dropout > 0, a query/key head
-size mismatch, w4a16 (weight-only recipes keep activations in float), and on CPU under
-kernels="auto" (its int8 attention is float SDPA on dequantized inputs, never faster than
-float) unless integer_nonlinear asks for the integer softmax.
+size mismatch, w4a16 (weight-only recipes keep activations in float), option
+quantize_attention=False, and (quantize_attention None) on CPU under kernels="auto" (its
+int8 attention is float SDPA on dequantized inputs, never faster than float) unless
+integer_nonlinear asks for the integer softmax.
 Pre: canonicalize-attention (and calibrate-qparams for static recipes).
 """
 
@@ -32,14 +33,18 @@ from qcompile.sites import attention_site
 
 def float_attention_reason(ctx: PassContext, q) -> str | None:
     """Why every attention whose query is `q` stays float under these options, whatever its
-    shape, or None: a weight-only recipe; kernels="auto" on CPU (never slower than float),
-    unless the integer-only softmax was asked for. online-hadamard asks too: rotating q and
+    shape, or None: a weight-only recipe; option quantize_attention; with it None,
+    kernels="auto" on CPU (never slower than float), unless the integer-only softmax was
+    asked for. online-hadamard asks too: rotating q and
     k of a float attention would only cost time."""
-    recipe = ctx.options.recipe_obj
+    opts = ctx.options
+    recipe = opts.recipe_obj
     if recipe.act is None:
         return f"recipe {recipe.name!r} keeps activations in float"
-    if (ctx.options.kernels == "auto" and tensor_val(q).device.type == "cpu"
-            and not ctx.options.transform_on("integer_nonlinear")):
+    if opts.quantize_attention is not None:
+        return None if opts.quantize_attention else "option quantize_attention=False"
+    if (opts.kernels == "auto" and tensor_val(q).device.type == "cpu"
+            and not opts.transform_on("integer_nonlinear")):
         return ("the CPU runs int8 attention as float SDPA on the dequantized inputs: "
                 "no faster than float (kernels='cpu' quantizes it anyway)")
     return None

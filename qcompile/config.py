@@ -246,6 +246,11 @@ class Options:
     # CPU graphs: 7-bit int8 weights where this CPU's fast exact int8 kernel needs them
     # (oneDNN's u8 x s8 without VNNI); None: when it does, False: never, True: always
     narrow_weights: bool | None = None
+    # int8 attention (rewrite-attention): None: wherever activations are quantized, except on
+    # CPU under kernels="auto" (its int8 attention is float SDPA on dequantized inputs, no
+    # faster) unless integer_nonlinear asks for the integer softmax; True: there too;
+    # False: attention stays float everywhere
+    quantize_attention: bool | None = None
     seed: int = 0  # random Hadamard signs and orthogonal fallbacks
 
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -346,6 +351,8 @@ class Options:
             keys += ("learn", "learn_steps", "learn_time_s")
         if self.sequential is not None:
             keys += ("sequential",)
+        if self.quantize_attention is not None:
+            keys += ("quantize_attention",)
         return ";".join(f"{k}={getattr(self, k)!r}" for k in keys)
 
     @classmethod
@@ -412,10 +419,14 @@ class Options:
                 f"error) or SmoothQuant's alpha, a number in [0, 1]; got {alpha!r}")
         for name in ("smooth", "rotate", "online_hadamard", "gptq", "integer_nonlinear",
                      "bias_correction", "weight_clip", "narrow_weights", "inductor", "learn",
-                     "sequential"):
+                     "sequential", "quantize_attention"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, bool):
                 raise QCompileConfigError(f"option {name!r} takes True/False, got {value!r}")
+        if self.quantize_attention and self.recipe_obj.act is None:
+            raise QCompileConfigError(
+                f"quantize_attention=True needs quantized activations; recipe "
+                f"{self.recipe!r} keeps them float (use w8a8, w8a8-static, w4a8 or w4a4)")
         self._validate_budget()
         self._validate_activation_clip()
         self._validate_activation_symmetric()

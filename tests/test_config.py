@@ -169,3 +169,16 @@ def test_weight_symmetric_belongs_to_group_wise_int4_weights(options, match):
 def test_group_size_must_be_an_even_int(value):
     with pytest.raises(QCompileConfigError, match="group_size must be an even int"):
         Options.from_user(None, {"recipe": "w4a8", "group_size": value})
+
+
+def test_quantize_attention_option():
+    base = Options.from_user(None, {"recipe": "w8a8"})
+    assert base.quantize_attention is None and "quantize_attention" not in base.fingerprint()
+    for value in (True, False):
+        opts = Options.from_user(None, {"recipe": "w8a8", "quantize_attention": value})
+        assert f"quantize_attention={value!r}" in opts.fingerprint()
+    with pytest.raises(QCompileConfigError, match="True/False"):
+        Options.from_user(None, {"recipe": "w8a8", "quantize_attention": "yes"})
+    with pytest.raises(QCompileConfigError, match="needs quantized activations.*'w4a16'"):
+        Options.from_user(None, {"recipe": "w4a16", "quantize_attention": True})
+    assert Options.from_user(None, {"recipe": "w4a16", "quantize_attention": False})

@@ -157,6 +157,14 @@ def test_attention_stays_float_on_cpu_under_auto():
     _, art, _ = _compile(SelfAttention(), torch.randn(2, 5, 16), AVX2, kernels="cpu")
     (rec,) = [r for r in art.ctx.layers.values() if r.kind == "attention"]
     assert rec.quantized and rec.kernel == "attention_int8:cpu"
+    # option quantize_attention overrides either way
+    _, art, _ = _compile(SelfAttention(), torch.randn(2, 5, 16), AVX2, quantize_attention=True)
+    (rec,) = [r for r in art.ctx.layers.values() if r.kind == "attention"]
+    assert rec.quantized and rec.kernel == "attention_int8:cpu"
+    _, art, _ = _compile(SelfAttention(), torch.randn(2, 5, 16), AVX2, kernels="cpu",
+                         quantize_attention=False)
+    (rec,) = [r for r in art.ctx.layers.values() if r.kind == "attention"]
+    assert not rec.quantized and rec.reason == "option quantize_attention=False"
 
 
 @pytest.mark.skipif(not REAL.onednn, reason="needs oneDNN's int8 kernels")
