@@ -3,7 +3,8 @@
 What: F.scaled_dot_product_attention(q, k, v, attn_mask, 0.0, is_causal, scale, gqa)
 becomes attention_int8(quantize(q), quantize(k), quantize(v), scales, ...): int32 Q K^T
 with the dequantization and softmax scale folded into one multiplier, float softmax,
-P V (lowering/kernels/attention.py). Static recipes quantize with the calibrated
+P V (lowering/kernels/attention.py). q, k and v are int8 in every recipe (4-bit ones
+too: their 4 bits are the linears' inputs). Static recipes quantize with the calibrated
 per-tensor scales of the sites "attn:<layer>:q|k|v" (symmetric, so the kernel needs no
 zero points); the dynamic recipe computes per-tensor scales at run time
 (quantize_absmax). Where v (or q, k) comes straight from a quantized linear through
@@ -27,7 +28,9 @@ from torch.fx import GraphModule
 from qcompile import annotations as ann
 from qcompile.fx_utils import add_constant, is_call, tensor_val
 from qcompile.lowering import ops
+from qcompile.numerics.specs import QuantSpec
 from qcompile.pass_manager import PassContext, PassResult, graph_pass
+from qcompile.passes.calibrate_qparams import activation_spec
 from qcompile.sites import attention_site
 
 
@@ -50,13 +53,21 @@ def float_attention_reason(ctx: PassContext, q) -> str | None:
     return None
 
 
-def _symmetric_scale(site, qmax: int) -> float | None:
-    """A symmetric scale covering the calibrated range [lo, hi] (from the asymmetric
-    parameters: lo = (qmin - zp) * s, hi = (qmax - zp) * s)."""
+# q, k and v are int8 in every recipe: the kernel is attention_int8, and a recipe's 4-bit
+# activations are its linears' inputs (QuaRot's W4A4 computes attention in 16 bits; its
+# 4-bit KV cache is grouped per head). Per-tensor int4 q / k / v took all-MiniLM-L6-v2's
+# w4a4 (attention quantized) to 0.9489 mean cosine.
+ATTENTION_QMAX = 127
+
+
+def _symmetric_scale(site, grid: QuantSpec, qmax: int) -> float | None:
+    """A symmetric scale for [-qmax, qmax] covering the calibrated range [lo, hi] (from
+    the asymmetric parameters on the activations' grid: lo = (grid.qmin - zp) * s,
+    hi = (grid.qmax - zp) * s)."""
     if site is None or site.scale is None:
         return None
-    lo = (-qmax - 1 - site.zero_point) * site.scale
-    hi = (qmax - site.zero_point) * site.scale
+    lo = (grid.qmin - site.zero_point) * site.scale
+    hi = (grid.qmax - site.zero_point) * site.scale
     return max(abs(lo), abs(hi), 1e-12) / qmax
 
 
@@ -84,7 +95,7 @@ def rewrite_attention(gm: GraphModule, ctx: PassContext) -> PassResult:
             rec.reason = reason
             counters["float"] += 1
             continue
-        qmax = (1 << (recipe.act.bits - 1)) - 1
+        qmax = ATTENTION_QMAX
         out_dtype = tensor_val(node).dtype
         if recipe.act.dynamic:
             parts = []
@@ -95,7 +106,8 @@ def rewrite_attention(gm: GraphModule, ctx: PassContext) -> PassResult:
                                   gm.graph.call_function(operator.getitem, (pair, 1))))
             counters["dynamic"] += 1
         else:
-            scales = [_symmetric_scale(calib.get(f"{site}:{p}"), qmax) for p in "qkv"]
+            grid = activation_spec(ctx)  # what calibrate-qparams computed the sites on
+            scales = [_symmetric_scale(calib.get(f"{site}:{p}"), grid, qmax) for p in "qkv"]
             if any(s is None for s in scales):
                 rec.reason = "no calibration data reached this attention's inputs"
                 counters["float"] += 1

@@ -59,3 +59,32 @@ def test_dynamic_sdpa_quantizes_at_run_time():
     """)
     assert next(r for r in cap.ctx.history if r.name == "rewrite-attention").counters == {
         "dynamic": 1}
+
+
+def test_4_bit_recipes_run_int8_attention():
+    """A 4-bit recipe's 4 bits are its linears' inputs: q, k and v are int8 (per-tensor
+    int4 took all-MiniLM-L6-v2's w4a4 with quantized attention to 0.949 mean cosine)."""
+    from qcompile.lowering import ops
+    from qcompile.passes.calibrate_qparams import activation_spec
+
+    cap, graphs = walked("attention", "w4a4")
+    expect(graphs["rewrite-attention"][1], """
+        # CHECK: = torch.ops.qcompile.quantize_absmax.default(hadamard_transform_default, 127)
+        # CHECK: = torch.ops.qcompile.quantize_absmax.default(hadamard_transform_default_1, 127)
+        # CHECK: = torch.ops.qcompile.quantize_absmax.default(v, 127)
+    """)
+    cap, graphs = walked("attention", "w4a4-static")
+    expect(graphs["rewrite-attention"][1], """
+        # CHECK: = torch.ops.qcompile.quantize.default(hadamard_transform_default,
+        # CHECK-SAME: , 0, -128, 127)
+        # CHECK: attention_int8_default = torch.ops.qcompile.attention_int8.default(
+    """)
+    # the scale covers the range calibrated on the 4-bit grid, in 127 steps
+    grid = activation_spec(cap.ctx)
+    assert (grid.qmin, grid.qmax) == (-8, 7)
+    site = cap.ctx.analysis["calib"]["attn:v:q"]
+    lo = (grid.qmin - site.zero_point) * site.scale
+    hi = (grid.qmax - site.zero_point) * site.scale
+    (q,) = [n for n in cap.gm.graph.nodes if n.target is ops.ATTENTION_INT8]
+    scale = float(getattr(cap.gm, q.args[3].target))
+    assert abs(scale - max(abs(lo), abs(hi)) / 127) < 1e-6 * scale  # a float32 constant
