@@ -85,6 +85,7 @@ from qcompile.lowering.ops import (
     _elementwise,
     _grouped_weights,
     _int8_weight,
+    _operand,
     _per_token_asym_body,
     _per_token_body,
     _rows,
@@ -92,7 +93,7 @@ from qcompile.lowering.ops import (
     gemm_op,
     grouped_weight,
 )
-from qcompile.lowering.registry import on_cpu, quantized_op
+from qcompile.lowering.registry import Inline, on_cpu, quantized_op
 from qcompile.numerics import specs
 
 INT4_MAX = 7  # symmetric: scale = max|x| / 7, values in [-7, 7], clamped to [-8, 7]
@@ -363,6 +364,73 @@ for _name, _impl in linear_a4w4_dynamic.impls.items():
         _name, runs_on=_impl.runs_on,
         prepare=None if _name == "reference" else _grouped_weights)(
         functools.partial(_linear_a4w4_grouped, _name))
+
+
+# ---------------------------------------------------------------- written out for Inductor
+
+# |x_zp| <= 8 (zero points in [-8, 7]): x_zp[m] * w_sum[n] is an exact float32 integer
+# while 8 * max |w_sum| <= 2**24
+_ZP_MAX = 8
+
+
+def _inline_plan(a: dict, impl: str):
+    """W4A4 written out for Inductor (lowering/inline.py): the per-token int4 quantizer and
+    the dequantizing epilogue as plain torch, so Inductor fuses the quantizer into the op
+    that produces x and the epilogue into the one that reads y; the GEMM stays cpu_acc on
+    the layer's route. None (the op runs as it is) where the weight is not the int8 values
+    a CPU implementation prepared, the route is chosen per call, or the zero points' term
+    could leave float32's exact integers."""
+    from qcompile.lowering import cpu_routes
+    from qcompile.lowering.cpu import F32_EXACT, inline_route
+
+    route = inline_route(impl, a["w"])
+    if route is None:
+        return None
+    w_sum = a["w_sum"]
+    if w_sum is not None and cpu_routes.ROUTES[route].native_f32 and w_sum.numel() and \
+            _ZP_MAX * int(w_sum.abs().max()) > F32_EXACT:
+        return None
+    # the quantizer's scalars as float32 0-d tensors, as its CPU implementation passes them
+    consts = {name: torch.tensor(v) for name, v in (
+        ("qmin", -8.0), ("qmax", float(INT4_MAX)), ("eps", specs.SCALE_EPS),
+        ("clip_f32", float(a["clip"])))}
+    return Inline(_a4w4_inline, consts, {"route": route})
+
+
+def _a4w4_inline(x, w, w_scale, bias, clip, w_sum, *, qmin, qmax, eps, clip_f32, route):
+    from qcompile.lowering.cpu import cpu_acc, dequant_body
+
+    rows = _rows(x)
+    if w_sum is None:
+        xq, x_scale = _per_token_body(rows, qmax, eps, clip_f32)
+        x_zp = None
+    else:
+        xq, x_scale, x_zp = _per_token_asym_body(rows, qmin, qmax, eps, clip_f32)
+    acc = cpu_acc(_operand(xq, route), w, route)  # [M, N]
+    bias = bias.float() if bias is not None else None
+    if acc.dtype == torch.float32:  # exact integers; x_zp * w_sum too (_inline_plan)
+        row_zp = (x_zp.float(), w_sum.float()) if x_zp is not None else (None, None)
+        y = dequant_body(acc, None, x_scale, w_scale.float(), bias, *row_zp)
+    else:  # int32: acc - x_zp * w_sum exactly, in int64, then one rounding
+        if x_zp is not None:
+            acc = acc.to(torch.int64) - x_zp.to(torch.int64)[:, None] * w_sum.to(
+                torch.int64)[None, :]
+        y = dequant_body(acc.to(torch.float32), None, x_scale, w_scale.float(), bias)
+    return y.to(x.dtype).reshape(*x.shape[:-1], w.shape[0])
+
+
+def _a4w4_grouped_inline(x, w, mult, wzp, w_scale, bias, clip, w_sum, **kw):
+    # w: the int8 values (q - wzp) * mult, as the CPU implementations' prepare left them
+    return _a4w4_inline(x, w, w_scale, bias, clip, w_sum, **kw)
+
+
+linear_a4w4_dynamic.inliner("cpu")(_inline_plan)
+
+
+@linear_a4w4_grouped_dynamic.inliner("cpu")
+def _(a, impl):
+    plan = _inline_plan(a, impl)
+    return None if plan is None else Inline(_a4w4_grouped_inline, plan.constants, plan.options)
 
 
 # Graph targets: the OpOverloads.

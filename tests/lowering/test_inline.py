@@ -147,3 +147,65 @@ def test_a_compiled_model_runs_its_quantized_layers_inlined():
         notes = [n for g in qcompile.report(cm).graphs for n in g.notes]
         assert any("Inductor fuses" in n and "linear_int8_dq" in n for n in notes) == inductor
     assert torch.equal(outs[True], outs[False])
+
+
+class _W4A4(torch.nn.Module):
+    """linear_a4w4_dynamic -> (h * h) -> linear_a4w4_grouped_dynamic, bound to `impl`, with
+    the int8 weight values a CPU implementation's prepare leaves (int4 values; grouped:
+    (q - z) * mult); asymmetric activations (w_sum) unless symmetric."""
+
+    def __init__(self, impl: str, symmetric: bool, bias: bool, k: int = 64, n: int = 48):
+        super().__init__()
+        from qcompile.lowering import a4_ops
+
+        g = torch.Generator().manual_seed(1)
+        self.impl, self.symmetric = impl, symmetric
+        w1 = torch.randint(-8, 8, (n, k), dtype=torch.int8, generator=g)
+        mult = torch.randint(1, 9, (24, n // 16), dtype=torch.int8, generator=g)
+        wzp = torch.randint(-8, 8, (24, n // 16), dtype=torch.int8, generator=g)
+        q2 = torch.randint(-8, 8, (24, n), dtype=torch.int8, generator=g)
+        from qcompile.numerics.specs import pack_int4
+
+        w2 = ops.grouped_int4_values(pack_int4(q2), mult, wzp)
+        for name, t in (("w1", w1), ("w2", w2), ("mult", mult), ("wzp", wzp)):
+            self.register_buffer(name, t)
+        self.register_buffer("ws1", torch.rand(n, generator=g) * 0.01 + 1e-3)
+        self.register_buffer("ws2", torch.rand(24, generator=g) * 0.01 + 1e-3)
+        self.register_buffer("b1", torch.randn(n, generator=g) if bias else None)
+        self.register_buffer("s1", a4_ops.weight_row_sums(w1))
+        self.register_buffer("s2", a4_ops.weight_row_sums(w2))
+
+    def forward(self, x):
+        s1, s2 = (None, None) if self.symmetric else (self.s1, self.s2)
+        h = torch.ops.qcompile.linear_a4w4_dynamic.default(x, self.w1, self.ws1, self.b1, 0.9,
+                                                           s1, impl=self.impl)
+        h = h * h
+        return torch.ops.qcompile.linear_a4w4_grouped_dynamic.default(
+            h, self.w2, self.mult, self.wzp, self.ws2, None, 1.0, s2, impl=self.impl)
+
+
+@pytest.mark.parametrize("symmetric, bias", [(False, True), (True, False)],
+                         ids=["asymmetric-bias", "symmetric"])
+@pytest.mark.parametrize("route", ROUTES)
+def test_inlined_w4a4_compiles_to_the_same_values(route, symmetric, bias):
+    x = _inputs(64)
+    gm, counts, compiled = _inlined(_W4A4(f"cpu-{route}", symmetric, bias), x)
+    assert counts == {"linear_a4w4_dynamic": 1, "linear_a4w4_grouped_dynamic": 1}
+    got = compiled(x)
+    got = got[0] if isinstance(got, (tuple, list)) else got
+    assert torch.equal(got, gm(x))  # the ops, run one by one
+    reference = _W4A4("reference", symmetric, bias)
+    assert torch.equal(got, torch.fx.symbolic_trace(reference)(x))
+
+
+def test_w4a4_zero_point_terms_beyond_float32_stay_ops():
+    from qcompile.lowering import a4_ops
+
+    w = torch.randint(-8, 8, (2, 64), dtype=torch.int8)
+    a = {"w": w, "w_sum": torch.tensor([2**21 + 1, 0], dtype=torch.int32), "clip": 1.0}
+    # 8 * (2**21 + 1) > 2**24: a float32 accumulator could not hold x_zp * w_sum exactly
+    assert a4_ops._inline_plan(a, "cpu-fp32-exact") is None
+    # an int32 accumulator subtracts in int64: exact at any size
+    assert a4_ops._inline_plan(a, "cpu-int-mm").options == {"route": "int-mm"}
+    assert a4_ops._inline_plan({**a, "w_sum": None}, "cpu-fp32-exact") is not None
+    assert a4_ops._inline_plan(a, "cpu") is None  # a route chosen per call
