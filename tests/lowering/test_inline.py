@@ -115,7 +115,9 @@ def test_calls_whose_bounds_do_not_hold_stay_ops():
     assert counts == {"quantize": 1, "linear_dynamic": 1}
 
 
-def test_a_compiled_model_runs_its_quantized_layers_inlined():
+@pytest.mark.parametrize("recipe, op", [("w8a8-static", "linear_int8_dq"),
+                                        ("w4a4", "linear_a4w4_grouped_dynamic")])
+def test_a_compiled_model_runs_its_quantized_layers_inlined(recipe, op):
     """Under options["inductor"], the graph Inductor compiles has the ops written out; the
     report says so, and the results equal the uncompiled graph's (its float ops are exact
     here)."""
@@ -138,14 +140,14 @@ def test_a_compiled_model_runs_its_quantized_layers_inlined():
         torch._dynamo.reset()
         m = copy.deepcopy(model)  # its own calibration
         cm = torch.compile(m, backend="qcompile", options={
-            "recipe": "w8a8-static", "kernels": "cpu", "inductor": inductor})
+            "recipe": recipe, "kernels": "cpu", "inductor": inductor})
         with torch.no_grad(), qcompile.calibrate(cm):
             for x in xs:
                 cm(x)
         with torch.no_grad():
             outs[inductor] = cm(xs[0])
         notes = [n for g in qcompile.report(cm).graphs for n in g.notes]
-        assert any("Inductor fuses" in n and "linear_int8_dq" in n for n in notes) == inductor
+        assert any("Inductor fuses" in n and op in n for n in notes) == inductor
     assert torch.equal(outs[True], outs[False])
 
 
