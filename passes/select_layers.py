@@ -218,7 +218,7 @@ def _price_hadamards(ctx: PassContext, groups: list[tuple[Node, list[Node]]]) ->
         quantized = [u for u in readers if ann.get(u, ann.Layer).quantize]
         if not quantized:
             continue
-        m, k = input_rows(quantized[0]), last_dim(had)
+        m, k = input_rows(quantized[0]), _last_dim(had)
         ns = [int(lin.args[1].meta["val"].shape[0]) for lin in quantized]
         specs = [latency.hadamard_spec(m, k)]
         for n in ns:
@@ -246,7 +246,7 @@ def _take_out_hadamard(gm: GraphModule, ctx: PassContext, ed: WeightEditor, had:
     """A Hadamard whose readers all stay float only costs time: its inverse leaves their
     weights (W' H = W H^T H = W, in float64) and its input feeds them again."""
     tag = f"online-hadamard({had.meta['qc_online_hadamard']})"
-    h = normalized_hadamard(last_dim(had))
+    h = normalized_hadamard(_last_dim(had))
     for lin in readers:
         w, _ = linear_params(ed, lin)
         set_linear(ed, lin, weight=w @ h)
@@ -259,7 +259,7 @@ def _take_out_hadamard(gm: GraphModule, ctx: PassContext, ed: WeightEditor, had:
     gm.graph.erase_node(had)
 
 
-def last_dim(node: Node) -> int:
+def _last_dim(node: Node) -> int:
     return int(node.meta["val"].shape[-1])
 
 
