@@ -399,6 +399,7 @@ def _inline_plan(a: dict, impl: str):
 
 def _a4w4_inline(x, w, w_scale, bias, clip, w_sum, *, qmin, qmax, eps, clip_f32, route):
     from qcompile.lowering.cpu import cpu_acc, dequant_body
+    from qcompile.lowering.reference import apply_bound_epilogue
 
     rows = _rows(x)
     if w_sum is None:
@@ -407,15 +408,13 @@ def _a4w4_inline(x, w, w_scale, bias, clip, w_sum, *, qmin, qmax, eps, clip_f32,
     else:
         xq, x_scale, x_zp = _per_token_asym_body(rows, qmin, qmax, eps, clip_f32)
     acc = cpu_acc(_operand(xq, route), w, route)  # [M, N]
-    bias = bias.float() if bias is not None else None
     if acc.dtype == torch.float32:  # exact integers; x_zp * w_sum too (_inline_plan)
         row_zp = (x_zp.float(), w_sum.float()) if x_zp is not None else (None, None)
+        bias = bias.float() if bias is not None else None
         y = dequant_body(acc, None, x_scale, w_scale.float(), bias, *row_zp)
-    else:  # int32: acc - x_zp * w_sum exactly, in int64, then one rounding
-        if x_zp is not None:
-            acc = acc.to(torch.int64) - x_zp.to(torch.int64)[:, None] * w_sum.to(
-                torch.int64)[None, :]
-        y = dequant_body(acc.to(torch.float32), None, x_scale, w_scale.float(), bias)
+    else:  # int32: the epilogue's own integer arithmetic (x_zp * w_sum in int64)
+        y = apply_bound_epilogue(acc, dynamic_epilogue(bias is not None, w_sum is not None),
+                                 _epilogue_values(x_scale, w_scale, bias, x_zp, w_sum))
     return y.to(x.dtype).reshape(*x.shape[:-1], w.shape[0])
 
 

@@ -57,9 +57,8 @@ def machine_key(device: str) -> str:
 
 
 def _time_ms(fn, device: str, reps: int = 7) -> float:
-    """The fastest of `reps` calls after two warm-ups: timings run inside a compile, where
-    Inductor's compile workers and the first calls' allocations only ever add time (a
-    median of 5 after one warm-up read a 1.5 ms call as 6.3 ms there)."""
+    """The fastest of `reps` calls after two warm-ups: first calls' allocations and other
+    work on a shared machine only ever add time, so the minimum is the steadiest figure."""
     fn()
     fn()
     times = []

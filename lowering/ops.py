@@ -961,12 +961,11 @@ def _(x):
         return y.reshape(x.shape).to(x.dtype)
     ha, bt = _kron(n, str(x.device))
     a, b, t = ha.shape[0], bt.shape[0], rows.shape[0]
-    if t < 2 * KRON_BLOCK_ROWS or n < KRON_BLOCK_MIN_ORDER:
-        y = torch.matmul(ha, (rows.reshape(t * a, b) @ bt).reshape(t, a, b))
-        return y.reshape(x.shape).to(x.dtype)
+    blocked = t >= 2 * KRON_BLOCK_ROWS and n >= KRON_BLOCK_MIN_ORDER
+    step = KRON_BLOCK_ROWS if blocked else max(t, 1)  # blocked: the intermediate stays in cache
     y = torch.empty(t, a, b, dtype=torch.float32, device=x.device)
-    for i in range(0, t, KRON_BLOCK_ROWS):  # the intermediate stays in cache
-        block = rows[i:i + KRON_BLOCK_ROWS]
+    for i in range(0, t, step):
+        block = rows[i:i + step]
         r = block.shape[0]
         torch.matmul(ha, (block.reshape(r * a, b) @ bt).reshape(r, a, b), out=y[i:i + r])
     return y.reshape(x.shape).to(x.dtype)
