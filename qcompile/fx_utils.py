@@ -121,13 +121,20 @@ class _FakeProp(Interpreter):
 
 
 def propagate_meta(gm: GraphModule, ctx) -> None:
-    """Re-derive `meta["val"]` on every node by a fake-tensor run in ctx.fake_mode."""
+    """Re-derive `meta["val"]` on every node by a fake-tensor run in ctx.fake_mode.
+
+    Under the Python dispatcher, as Dynamo traced the graph: without it a meta function
+    that calls a CompositeExplicitAutograd op with symbolic sizes (baddbmm's expand, on
+    BLOOM's ALiBi scores under dynamic shapes) fails, "SymIntArrayRef expected to contain
+    only concrete integers"."""
+    from torch._dispatch.python import enable_python_dispatcher
+
     mode = ctx.fake_mode
     if mode is None:
         from torch._subclasses.fake_tensor import FakeTensorMode
 
         mode = ctx.fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
-    with mode:
+    with mode, enable_python_dispatcher():
         _FakeProp(gm, mode).run(*[None] * _num_placeholders(gm))
 
 

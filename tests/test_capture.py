@@ -51,6 +51,29 @@ def test_dynamic_batch_and_sequence():
             assert torch.equal(cm(x), m(x))
 
 
+def test_symbolic_shapes_through_composite_meta_functions():
+    """BLOOM's ALiBi: bias.baddbmm(q, k) over symbolic batch and sequence. Its meta function
+    expands with symbolic sizes, which the passes' fake-tensor runs can only do under the
+    Python dispatcher, as Dynamo traced it."""
+
+    class Scores(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            b, s, _ = x.shape
+            bias = torch.arange(s, dtype=x.dtype)[None, None, :].repeat(b, 1, 1)
+            return bias.baddbmm(self.q(x), self.k(x).transpose(1, 2), beta=1.0, alpha=0.5)
+
+    m = Scores().eval()
+    cm = torch.compile(m, backend="qcompile", options=FLOAT, dynamic=True)
+    with torch.no_grad():
+        for shape in [(2, 3, 8), (4, 6, 8)]:
+            x = torch.randn(shape)
+            assert torch.equal(cm(x), m(x))
+
+
 def test_graph_breaks_compile_each_subgraph():
     class Breaks(torch.nn.Module):
         def __init__(self):
