@@ -66,6 +66,45 @@ def vit():
     return _hf("ViTModel")(cfg)
 
 
+def mixtral():
+    """Mixture of experts: a router picks 2 of 4 expert MLPs per token (top-k, gather)."""
+    cfg = _hf("MixtralConfig")(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                               num_hidden_layers=2, num_attention_heads=4,
+                               num_key_value_heads=2, num_local_experts=4,
+                               num_experts_per_tok=2)
+    return _hf("MixtralForCausalLM")(cfg)
+
+
+def gpt_neox():
+    """Parallel attention and MLP off one residual, fused qkv, RoPE on a quarter of each
+    head."""
+    cfg = _hf("GPTNeoXConfig")(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                               num_hidden_layers=2, num_attention_heads=4)
+    return _hf("GPTNeoXForCausalLM")(cfg)
+
+
+def bloom():
+    """ALiBi position biases in the attention scores, fused qkv, embedding LayerNorm."""
+    cfg = _hf("BloomConfig")(vocab_size=VOCAB, hidden_size=64, n_layer=2, n_head=4)
+    return _hf("BloomForCausalLM")(cfg)
+
+
+def t5_encoder():
+    """Relative position buckets added to the scores, scale-only RMSNorm, ReLU MLP."""
+    cfg = _hf("T5Config")(vocab_size=VOCAB, d_model=64, d_kv=16, d_ff=128, num_layers=2,
+                          num_heads=4)
+    return _hf("T5EncoderModel")(cfg)
+
+
+def gemma2():
+    """Norms before and after attention and MLP (1 + gamma), GeGLU, logit soft-capping,
+    the embedding scaled by sqrt(hidden)."""
+    cfg = _hf("Gemma2Config")(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                              num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, head_dim=16)
+    return _hf("Gemma2ForCausalLM")(cfg)
+
+
 class SmallCNN(torch.nn.Module):
     """Convolutions (left in float, and reported) feeding a quantized classifier head."""
 
@@ -94,6 +133,11 @@ MODELS = {
     "opt": (opt, _ids, "logits"),
     "bert": (bert, _ids, "last_hidden_state"),
     "vit": (vit, _pixels, "last_hidden_state"),
+    "mixtral": (mixtral, _ids, "logits"),
+    "gpt_neox": (gpt_neox, _ids, "logits"),
+    "bloom": (bloom, _ids, "logits"),
+    "t5_encoder": (t5_encoder, _ids, "last_hidden_state"),
+    "gemma2": (gemma2, _ids, "logits"),
     "cnn": (SmallCNN, _pixels, None),
 }
 
