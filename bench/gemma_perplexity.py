@@ -45,6 +45,13 @@ from qcompile.config import RECIPES
 TEXT = "bench/data/gpl-3.txt"
 EVAL_TOKENS = 512
 CALIBRATION_STARTS = (1024, 2048)  # token offsets of the calibration windows
+# --more-calibration: every window of two other licence texts as well (11,600 tokens; the
+# evaluation text stays the GPL-3's): 1,024 calibration tokens is fewer rows than a down
+# projection's K (2,048), so its GPTQ Hessian is rank-deficient and shrunk toward round-to-
+# nearest; GPTQ's own setting is 128 x 2,048 tokens. Verbatim copies (each licence allows it):
+# the Apache License 2.0, and CPython's licence (history, PSF licence and the older ones)
+MORE_CALIBRATION_TEXTS = ("bench/data/apache-2.0.txt", "bench/data/python-license.txt")
+CALIBRATION_BATCH = 2  # windows a calibration call
 FLOAT_PPL_EXPECTED = 12.94  # measured before on the same 512 tokens (float32, this model)
 
 CONFIGS = {
@@ -142,8 +149,8 @@ CONFIGS = {
 TARGETS = {"w8a8": 1.02, "w8a8-static": 1.02, "w4a8": 1.05, "w4a4": 1.15, "mixed": 1.01}
 
 
-def _text_ids(tokenizer) -> torch.Tensor:
-    with open(TEXT, encoding="utf-8") as f:
+def _text_ids(tokenizer, path: str = TEXT) -> torch.Tensor:
+    with open(path, encoding="utf-8") as f:
         return tokenizer(f.read(), return_tensors="pt", add_special_tokens=False).input_ids[0]
 
 
@@ -157,6 +164,18 @@ def token_windows(tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
     ids = _text_ids(tokenizer)
     calib = torch.stack([_window(tokenizer, ids, s) for s in CALIBRATION_STARTS])
     return _window(tokenizer, ids, 0)[None], calib
+
+
+def _windows_of(tokenizer, ids: torch.Tensor) -> list[torch.Tensor]:
+    """Every whole window of ids at a multiple of EVAL_TOKENS - 1 tokens."""
+    step = EVAL_TOKENS - 1
+    return [_window(tokenizer, ids, s) for s in range(0, len(ids) - step + 1, step)]
+
+
+def more_calibration_windows(tokenizer) -> torch.Tensor:
+    """Every window [n, 512] of MORE_CALIBRATION_TEXTS (BOS first)."""
+    return torch.stack([w for path in MORE_CALIBRATION_TEXTS
+                        for w in _windows_of(tokenizer, _text_ids(tokenizer, path))])
 
 
 def text_windows(tokenizer) -> torch.Tensor:
@@ -196,7 +215,7 @@ def evaluate(options: dict, model, calib, text, float_ppl: float,
              float_text_ppl: float, per_window: bool = False) -> dict:
     """per_window: calibrate on each window as a batch of its own (so that `learn` keeps a
     block's fit only if it also cuts the error on a window it was not fitted on) instead of
-    on both as one batch."""
+    in batches of CALIBRATION_BATCH windows."""
     torch._dynamo.reset()
     # the accuracy of every selected linear quantized: under "auto" a CPU keeps float the
     # layers it runs no faster quantized (at this bench's row counts, most of w4a4's);
@@ -208,7 +227,7 @@ def evaluate(options: dict, model, calib, text, float_ppl: float,
     calibrate_s = 0.0
     if qcompile.Options.from_user(None, options).needs_calibration:
         with torch.no_grad(), qcompile.calibrate(cm):
-            for batch in (calib.split(1) if per_window else [calib]):
+            for batch in calib.split(1 if per_window else CALIBRATION_BATCH):
                 cm(input_ids=batch, use_cache=False)
         calibrate_s = time.perf_counter() - t0
     ppl, text_ppl = text_perplexities(cm, text)
@@ -258,11 +277,20 @@ def main() -> None:
     ap.add_argument("--per-window", action="store_true",
                     help="calibrate on each calibration window as its own batch (results "
                          "stored under '<name>, calibrated per window')")
+    ap.add_argument("--more-calibration", action="store_true",
+                    help="calibrate on every window of MORE_CALIBRATION_TEXTS too (results "
+                         "stored under '<name>, calibrated on <n> windows')")
     args = ap.parse_args()
-    suffix = ", calibrated per window" if args.per_window else ""
     warnings.filterwarnings("ignore")
     model, tok = _gemma.load()
     _, calib = token_windows(tok)
+    calibration = (f"{TEXT}, {len(CALIBRATION_STARTS)} windows of {EVAL_TOKENS} tokens from "
+                   f"token offsets {list(CALIBRATION_STARTS)}")
+    suffix = ", calibrated per window" if args.per_window else ""
+    if args.more_calibration:
+        more = more_calibration_windows(tok)
+        calib = torch.cat([calib, more])
+        suffix += f", calibrated on {len(calib)} windows"
     text = text_windows(tok)
     t0 = time.perf_counter()
     float_ppl, float_text_ppl = text_perplexities(model, text)
@@ -274,8 +302,9 @@ def main() -> None:
                             f"first) disjoint from the calibration windows, "
                             f"{len(text) * (EVAL_TOKENS - 1)} predicted tokens",
             "float_text_perplexity": float_text_ppl,
-            "calibration": f"{TEXT}, {len(CALIBRATION_STARTS)} windows of {EVAL_TOKENS} "
-                           f"tokens from token offsets {list(CALIBRATION_STARTS)}",
+            "calibration": calibration + (
+                f"; results named 'calibrated on <n> windows' (--more-calibration): every "
+                f"window of {', '.join(MORE_CALIBRATION_TEXTS)} too"),
             "float_perplexity": float_ppl, "float_eval_s": round(float_s, 1),
             "weights_note": "GGUF Q4_K_M: linear weights are dequantized 4-bit k-quants "
                             "(blocks of 32, super-blocks of 256); see weight_group_size",
@@ -297,7 +326,8 @@ def main() -> None:
                             "where": [f"{f.filename}:{f.lineno} {f.name}" for f in tb[-6:]]}
         # the file keeps earlier runs' results: each names the machine it ran on (integers
         # depend on it: 7-bit int8 weights without VNNI)
-        results[key].update(machine=_machine.cpu_info()["capabilities"],
+        results[key].update(calibration_windows=len(calib),
+                            machine=_machine.cpu_info()["capabilities"],
                             date=time.strftime("%Y-%m-%d"))
         report_line(key, results[key])
         # written after every configuration: a run stopped midway keeps what it measured
