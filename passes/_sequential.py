@@ -35,6 +35,7 @@ from qcompile.numerics.observers import hessian_shrinkage, row_norm4, shrink_hes
 from qcompile.pass_manager import PassContext
 from qcompile.passes._fake_quant import fake_fixed, fake_token
 from qcompile.passes._segments import block_ends, release, run_segment, segments
+from qcompile.passes._structure import layer_name
 from qcompile.passes.analyze_structure import analyze
 from qcompile.passes.calibrate_qparams import activation_spec
 
@@ -78,6 +79,7 @@ def sequential_gptq(gm: GraphModule, ctx: PassContext, batches: list, eligible: 
         return rounders[lin]
 
     floats: dict[Node, tuple[torch.Tensor, torch.Tensor | None]] = {}
+    few: list[tuple[Node, int, int, float]] = []  # (first linear, rows, K, shrinkage)
 
     def params(lin: Node) -> tuple[torch.Tensor, torch.Tensor | None]:
         """lin's float weight and bias, read once (every stage replays every batch)."""
@@ -132,6 +134,8 @@ def sequential_gptq(gm: GraphModule, ctx: PassContext, batches: list, eligible: 
                 n = sum(r.shape[0] for r in xq_rows)
                 h = 2.0 / n * a
                 rho = hessian_shrinkage(h, n, sum(row_norm4(r) for r in xq_rows))
+                if n < h.shape[0]:
+                    few.append((stage[0], n, h.shape[0], rho))
                 for lin in stage:
                     target = target_weight(params(lin)[0].double(), a, b, rho)
                     done[lin] = quantize(lin, h.float(), rho, target.float())
@@ -139,7 +143,21 @@ def sequential_gptq(gm: GraphModule, ctx: PassContext, batches: list, eligible: 
             if i + 1 < len(segs):
                 run(seg, quant_envs, quantized(), True, segs[i + 1:])
                 run(seg, float_envs, floating([], None), True, segs[i + 1:])
+    if few:
+        ctx.note(few_rows_note(few))
     return count
+
+
+def few_rows_note(few: list[tuple[Node, int, int, float]]) -> str:
+    """What the report says when GPTQ saw fewer calibration rows than some inputs' width."""
+    lin, n, k, rho = max(few, key=lambda f: f[2] - f[1])
+    return (f"gptq: {len(few)} input(s) saw fewer calibration rows (tokens) than their width "
+            f"K, e.g. {layer_name(lin)}: {n:,} rows, K = {k:,}: their Hessians are rank-"
+            f"deficient, so they were shrunk toward their mean diagonal ({rho:.2f} of the "
+            "way there), which leaves GPTQ close to round-to-nearest. Calibrate on more "
+            "tokens for GPTQ to gain (its reference setting is 128 x 2,048; Gemma 3 270M "
+            "w4a8 went from 1.063x to 1.044x float perplexity with 6,100 calibration "
+            "tokens instead of 1,000)")
 
 
 # lambda / mean(diag X_q^T X_q). The shipped all-MiniLM-L6-v2 calibration (64 sentences,

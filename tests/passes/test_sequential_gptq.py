@@ -107,6 +107,9 @@ def test_end_to_end_in_order_and_reused_by_a_new_shape():
     assert all(torch.equal(weights[0][k].qweight, weights[1][k].qweight) for k in weights[0])
     details = [r.detail.get("gptq", "") for r in qcompile.report(cm).layers]
     assert any(d.startswith("sequential") for d in details)
+    # 48 calibration rows against inputs 64 and 128 wide: the report names the shortfall
+    assert any(n.startswith("gptq:") and "48 rows, K = 128" in n
+               for g in qcompile.report(cm).graphs for n in g.notes)
 
 
 def test_replay_takes_the_batches_a_graph_can_run():
@@ -152,4 +155,8 @@ def test_few_calibration_tokens_do_not_overfit():
             details = [r.detail.get("gptq", "") for r in qcompile.report(cm).layers]
             shrunk = [float(d.split("shrunk ")[1].split()[0]) for d in details if d]
             assert shrunk and sorted(shrunk)[len(shrunk) // 2] > 0.3  # 8 rows: much shrunk
+            # and the report says why, and what to do: LLaMA's MLP down input is 128 wide
+            [note] = [n for g in qcompile.report(cm).graphs for n in g.notes
+                      if n.startswith("gptq:")]
+            assert "mlp.down_proj: 8 rows, K = 128" in note and "more tokens" in note
     assert cos[True] > cos[False] - 0.006
