@@ -38,6 +38,7 @@ class CalibSite:
     hessian: torch.Tensor | None = None
     # how far GPTQ shrinks `hessian` toward its mean diagonal (observers.hessian_shrinkage)
     hessian_shrinkage: float = 0.0
+    hessian_rows: int = 0  # the rows (tokens) `hessian` was gathered from
     seen: bool = False
     absmax: float | None = None  # max |x| seen: the symmetric 16-bit scale's range
     bits: int = 8  # the activation's width: 16 where choose-precision widened it
@@ -119,6 +120,7 @@ def calibrate_qparams(gm: GraphModule, ctx: PassContext) -> PassResult:
                 site.channel_range = obs.range(QuantSpec(granularity="per_channel", axis=-1))
             elif kind == "hessian":
                 site.hessian, site.hessian_shrinkage = obs.hessian, obs.shrinkage
+                site.hessian_rows = obs.count
             elif kind == "mean":
                 site.mean = obs.mean
             elif kind == "sample":

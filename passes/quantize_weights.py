@@ -40,7 +40,7 @@ from qcompile.numerics.weights import (
     quantize_weight_rtn,
 )
 from qcompile.pass_manager import PassContext, PassResult, graph_pass
-from qcompile.passes._sequential import sequential_gptq
+from qcompile.passes._sequential import few_rows_note, sequential_gptq
 from qcompile.passes.calibrate_qparams import loaded_quantization
 from qcompile.sites import is_conv
 
@@ -106,9 +106,12 @@ def quantize_weights(gm: GraphModule, ctx: PassContext) -> PassResult:
         else:
             ctx.note("quantize-weights: no calibration batch reached this graph, so GPTQ "
                      "used the float model's Hessians, not the partly quantized model's")
+    few: list = []  # GPTQ on calibration's Hessians from fewer rows than K
     for node in todo:
         if node not in done:
-            _quantize_layer(gm, ctx, node, counters)
+            _quantize_layer(gm, ctx, node, counters, few=few)
+    if few:
+        ctx.note(few_rows_note(few))
     for key in ("sequential", "sequential_reused"):  # named only where sequential ran
         if not counters[key]:
             del counters[key]
@@ -124,10 +127,13 @@ def _sequential_key(ctx: PassContext, node: Node) -> str:
 def _quantize_layer(gm: GraphModule, ctx: PassContext, node: Node, counters: dict,
                     gathered: tuple[torch.Tensor, float] | None = None,
                     preset: QuantizedWeight | None = None,
-                    weight: torch.Tensor | None = None) -> QuantizedWeight:
+                    weight: torch.Tensor | None = None,
+                    few: list | None = None) -> QuantizedWeight:
     """node's weight quantized (loaded, GPTQ or RTN) onto its Layer; `gathered`: the input's
     Hessian and its shrinkage that sequential GPTQ gathered, in place of calibration's;
-    `preset`: what sequential GPTQ gave this layer in an earlier graph of the model."""
+    `preset`: what sequential GPTQ gave this layer in an earlier graph of the model; `few`
+    collects (node, rows, K, shrinkage) where GPTQ runs on calibration's Hessian from fewer
+    rows than K (sequential GPTQ reports its own)."""
     conv = is_conv(node)
     selected = ann.selected(node)
     w = get_constant(gm, node.args[1]).detach().float() if weight is None else weight
@@ -144,6 +150,7 @@ def _quantize_layer(gm: GraphModule, ctx: PassContext, node: Node, counters: dic
         site = (ctx.analysis.get("calib") or {}).get(ann.site(node.args[0], "input"))
         hessian = site.hessian if site is not None else None  # q/k/v share one site
         shrinkage = site.hessian_shrinkage if site is not None else 0.0
+        rows = site.hessian_rows if site is not None else 0
     use_gptq = ctx.options.transform_on("gptq")
     use_clip = ctx.options.transform_on("weight_clip")
     loaded = loaded_quantization(ctx)
@@ -168,6 +175,8 @@ def _quantize_layer(gm: GraphModule, ctx: PassContext, node: Node, counters: dic
         clip = None if group_search else _clip(layer, w, spec, hessian, counters, selected,
                                                use_clip)
         qw = _gptq(w, hessian, shrinkage, spec, clip, group_search)
+        if not sequential and few is not None and rows < w.shape[1]:
+            few.append((node, rows, w.shape[1], shrinkage))
         counters["gptq"] += 1
         layer.transforms.append("gptq")
         layer.detail["gptq"] = (

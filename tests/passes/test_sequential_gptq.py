@@ -160,3 +160,17 @@ def test_few_calibration_tokens_do_not_overfit():
                       if n.startswith("gptq:")]
             assert "mlp.down_proj: 8 rows, K = 128" in note and "more tokens" in note
     assert cos[True] > cos[False] - 0.006
+
+
+def test_few_rows_are_reported_for_calibration_hessians_too():
+    """GPTQ on the float model's Hessians (sequential off) names the shortfall as well."""
+    build, make, _ = MODELS["llama"]
+    torch.manual_seed(0)
+    cm = torch.compile(build().eval(), backend="qcompile",
+                       options={"recipe": "w4a8", "sequential": False}, dynamic=False)
+    with torch.no_grad(), qcompile.calibrate(cm):
+        cm(*make(1, 8))
+    with torch.no_grad():
+        cm(*make(1, 8))
+    notes = [n for g in qcompile.report(cm).graphs for n in g.notes if n.startswith("gptq:")]
+    assert len(notes) == 1 and "mlp.down_proj: 8 rows, K = 128" in notes[0], notes
