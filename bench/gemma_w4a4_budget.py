@@ -12,7 +12,12 @@ no clip search). Then
 perplexity on bench/gemma_perplexity.py's text windows (and its first 512 tokens) with
   - activations only (weights float), weights only, both;
   - activations only, one linear type at a time (which inputs cost the most);
-  - activations only at other clip ratios; the o projections' inputs rotated whole-width.
+  - activations only at other clip ratios; the o projections' inputs rotated whole-width;
+  - activations only, each linear's clip ratio the one of CLIPS with the least output error
+    ||(Q(x) - x) W^T||^2 on rows of its inputs over the calibration windows (12, with
+    gemma_perplexity's --more-calibration texts): a per-layer clip search;
+  - activations only, quantized per token in groups of G along K with float group scales
+    (Atom's group-wise activations): what a finer activation grid would buy.
 It answers how much of the 1.15x budget int4 activations alone take before any weight is
 rounded; the compiled recipe's own numbers are in gemma3-270m-perplexity.json.
 """
@@ -24,17 +29,25 @@ import json
 import math
 import time
 import warnings
+from collections import Counter
 
 import _gemma
 import _machine
 import torch
-from gemma_perplexity import TEXT, text_perplexities, text_windows
+from gemma_perplexity import (
+    TEXT,
+    more_calibration_windows,
+    text_perplexities,
+    text_windows,
+    token_windows,
+)
 
 from qcompile.config import DEFAULT_ACTIVATION_CLIP
 from qcompile.hadamard import hadamard_matrix
 from qcompile.numerics.specs import QuantSpec
 from qcompile.passes._fake_quant import fake_token, fake_weight
 
+CLIPS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)
 TYPES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -63,7 +76,9 @@ class Simulation:
         return rotation(k)
 
     def set(self, which=lambda name: True, weights=True, activations=True,
-            clip=DEFAULT_ACTIVATION_CLIP, whole_width_o=False) -> None:
+            clip=DEFAULT_ACTIVATION_CLIP, whole_width_o=False, group=None) -> None:
+        """clip: one ratio, or a dict linear name -> ratio; group: activations quantized in
+        groups of that many along K (None: the whole row)."""
         for h in self.hooks:
             h.remove()
         self.hooks = []
@@ -75,22 +90,62 @@ class Simulation:
             w = self.weights[name] @ r
             m.weight.data = int4_rows(w) if weights else w
 
-            def rotate_and_quantize(_mod, args, r=r):
+            ratio = clip[name] if isinstance(clip, dict) else clip
+
+            def rotate_and_quantize(_mod, args, r=r, c=ratio):
                 x = args[0] @ r
-                return (fake_token(x, 4, clip, symmetric=False) if activations else x,)
+                if not activations:
+                    return (x,)
+                if group is None:
+                    return (fake_token(x, 4, c, symmetric=False),)
+                shape = x.shape
+                grouped = x.reshape(*shape[:-1], shape[-1] // group, group)
+                return (fake_token(grouped, 4, c, symmetric=False).reshape(shape),)
 
             self.hooks.append(m.register_forward_pre_hook(rotate_and_quantize))
+
+
+    def searched_clips(self, model, calib: torch.Tensor, rows: int = 512) -> dict:
+        """Each linear's clip of CLIPS with the least ||(Q(x) - x) W^T||^2 (weights float)
+        on `rows` random rows of its rotated inputs per calibration batch of two windows."""
+        gen = torch.Generator().manual_seed(0)
+        seen: dict[str, list] = {}
+        hooks = []
+        for name, m in self.linears.items():
+            r = self.rotation_for(name, m.in_features, False)
+
+            def keep(_mod, args, name=name, r=r):
+                x = args[0].reshape(-1, args[0].shape[-1])
+                pick = torch.randperm(x.shape[0], generator=gen)[:rows]
+                seen.setdefault(name, []).append(x[pick] @ r)
+
+            hooks.append(m.register_forward_pre_hook(keep))
+        with torch.no_grad():
+            for batch in calib.split(2):
+                model(input_ids=batch, use_cache=False)
+        for h in hooks:
+            h.remove()
+        best = {}
+        for name, m in self.linears.items():
+            x = torch.cat(seen[name])
+            w = (self.weights[name] @ self.rotation_for(name, m.in_features, False)).T
+            errors = [(fake_token(x, 4, c, symmetric=False) - x).matmul(w).pow(2).sum().item()
+                      for c in CLIPS]
+            best[name] = CLIPS[min(range(len(CLIPS)), key=errors.__getitem__)]
+        return best
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench/results/gemma3-270m-w4a4-budget.json")
+    ap.add_argument("--only", action="append", help="run(s) to do (the file keeps the rest)")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     model, tok = _gemma.load()
     text = text_windows(tok)
     sim = Simulation(model, model.config.head_dim)
     float_ppl, float_text_ppl = text_perplexities(model, text)
+    per_layer = "activations only, per-layer clip (least output error)"
     runs = {
         "activations and weights": {},
         "activations only": {"weights": False},
@@ -102,15 +157,30 @@ def main() -> None:
            for c in (0.7, 0.9, 1.0)},
         "activations only, o_proj inputs only, rotated whole-width": {
             "weights": False, "which": lambda n: n.endswith("o_proj"), "whole_width_o": True},
+        per_layer: {"weights": False},  # clip: searched below, only when asked for
+        **{f"activations only, groups of {g}, clip 0.9": {"weights": False, "group": g,
+                                                           "clip": 0.9}
+           for g in (128, 64, 32)},
     }
-    results = {}
+    results = _machine.earlier_results(args.out) if args.only else {}
     print(f"{'float':58s} first 512 {float_ppl:8.3f}, text {float_text_ppl:8.3f}")
     for name, kw in runs.items():
+        if args.only and name not in args.only:
+            continue
+        if name == per_layer:
+            calib = torch.cat([token_windows(tok)[1], more_calibration_windows(tok)])
+            kw = {**kw, "clip": sim.searched_clips(model, calib)}
         sim.set(**kw)
         ppl, text_ppl = text_perplexities(model, text)
-        results[name] = {"perplexity": ppl, "ratio_to_float": ppl / float_ppl,
+        results[name] = {**({"clips": dict(sorted(Counter(kw["clip"].values()).items()))}
+                            if isinstance(kw.get("clip"), dict) else {}),
+                         "perplexity": ppl, "ratio_to_float": ppl / float_ppl,
                          "text_perplexity": text_ppl,
-                         "text_ratio_to_float": text_ppl / float_text_ppl}
+                         "text_ratio_to_float": text_ppl / float_text_ppl,
+                         # the file keeps earlier runs' results (--only): each names its
+                         # machine (a rounding flip moves these by percents, see README)
+                         "machine": _machine.cpu_info()["capabilities"],
+                         "date": time.strftime("%Y-%m-%d")}
         print(f"{name:58s} first 512 ratio {ppl / float_ppl:.4f}, text ratio "
               f"{text_ppl / float_text_ppl:.4f}", flush=True)
     meta = {"model": _gemma.NAME, "text": TEXT,
