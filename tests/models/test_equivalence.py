@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import qcompile
+from tests.models import zoo
 
 transformers = pytest.importorskip("transformers")
 
@@ -51,6 +52,31 @@ MODELS = {
         hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
         image_size=16, patch_size=4)), lambda: (torch.randn(2, 3, 16, 16),),
         {**PRE, "rotate-residual.unrotations": 1}),
+    # breadth (tests/models/zoo.py): parallel attention and MLP with partial RoPE; ALiBi
+    # scores and an embedding LayerNorm; relative position buckets; Gemma 2's sandwich norms
+    # and soft-capping; fused qkv / gate-up (Phi-3), q / k norms (Qwen3), norms after
+    # attention and MLP (OLMo 2), GPT-J's parallel block with interleaved RoPE
+    "gpt_neox": (zoo.gpt_neox, _ids, {"rotate-residual.streams": 1,
+                                      "online-hadamard.down_proj": 2,
+                                      "layernorm-to-rmsnorm.converted": 5}),
+    "bloom": (zoo.bloom, _ids, {"rotate-residual.skipped": 1, "online-hadamard.down_proj": 2,
+                                "online-hadamard.post_norm_inputs": 5}),
+    "t5_encoder": (zoo.t5_encoder, _ids, {"rotate-heads.v_proj": 2}),
+    "gemma2": (zoo.gemma2, _ids, {"rotate-residual.skipped": 1, "online-hadamard.down_proj": 2,
+                                  "online-hadamard.post_norm_inputs": 5}),
+    "phi3": (lambda: transformers.Phi3ForCausalLM(transformers.Phi3Config(
+        vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)), _ids, PRE),
+    "qwen3": (lambda: transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
+        vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8)), _ids, PRE),
+    "olmo2": (lambda: transformers.Olmo2ForCausalLM(transformers.Olmo2Config(
+        vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4)), _ids,
+        {"rotate-residual.skipped": 1, "rotate-heads.v_proj": 2, "online-hadamard.down_proj": 2}),
+    "gptj": (lambda: transformers.GPTJForCausalLM(transformers.GPTJConfig(
+        vocab_size=V, n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=32)), _ids,
+        {**PRE, "layernorm-to-rmsnorm.converted": 3}),
 }
 
 
