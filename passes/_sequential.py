@@ -149,9 +149,11 @@ def sequential_gptq(gm: GraphModule, ctx: PassContext, batches: list, eligible: 
 
 
 def few_rows_note(few: list[tuple[Node, int, int, float]]) -> str:
-    """What the report says when GPTQ saw fewer calibration rows than some inputs' width."""
+    """What the report says when GPTQ saw fewer calibration rows than some inputs' width;
+    few: (a linear, its rows, K, shrinkage), linears that share an input counted once."""
     lin, n, k, rho = max(few, key=lambda f: f[2] - f[1])
-    return (f"gptq: {len(few)} input(s) saw fewer calibration rows (tokens) than their width "
+    inputs = len({f[0].args[0] for f in few})
+    return (f"gptq: {inputs} input(s) saw fewer calibration rows (tokens) than their width "
             f"K, e.g. {layer_name(lin)}: {n:,} rows, K = {k:,}: their Hessians are rank-"
             f"deficient, so they were shrunk toward their mean diagonal ({rho:.2f} of the "
             "way there), which leaves GPTQ close to round-to-nearest. Calibrate on more "
