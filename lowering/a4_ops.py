@@ -394,7 +394,7 @@ def _inline_plan(a: dict, impl: str):
     consts = {name: torch.tensor(v) for name, v in (
         ("qmin", -8.0), ("qmax", float(INT4_MAX)), ("eps", specs.SCALE_EPS),
         ("clip_f32", float(a["clip"])))}
-    return Inline(_a4w4_inline, consts, {"route": route})
+    return Inline(_a4w4_inline, consts, {"route": route}, rereads_input=True)
 
 
 def _a4w4_inline(x, w, w_scale, bias, clip, w_sum, *, qmin, qmax, eps, clip_f32, route):
@@ -429,7 +429,8 @@ linear_a4w4_dynamic.inliner("cpu")(_inline_plan)
 @linear_a4w4_grouped_dynamic.inliner("cpu")
 def _(a, impl):
     plan = _inline_plan(a, impl)
-    return None if plan is None else Inline(_a4w4_grouped_inline, plan.constants, plan.options)
+    return None if plan is None else Inline(_a4w4_grouped_inline, plan.constants, plan.options,
+                                            rereads_input=True)
 
 
 # Graph targets: the OpOverloads.

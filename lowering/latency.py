@@ -152,8 +152,8 @@ def _cpu_graph_runner(x, wq, ws, b, a_bits: int, dynamic: bool):
                                     (lo, hi)).route.name
     gm = copy_graph_module(torch.fx.symbolic_trace(
         _QuantizedLayer(wq, ws, b, a_bits, dynamic, f"cpu-{route}")))
-    inline_for_inductor(gm)
-    compiled = compile_fx(gm, [x])
+    inlined = inline_for_inductor(gm)
+    compiled = compile_fx(gm, [x], config_patches=inlined.config_patches)
     return lambda: compiled(x)
 
 

@@ -737,7 +737,7 @@ def _(a, impl):
     if route is None:
         return None
     consts = {"qmax": torch.tensor(127.0), "eps": torch.tensor(specs.SCALE_EPS)}
-    return Inline(_linear_dynamic_inline, consts, {"route": route})
+    return Inline(_linear_dynamic_inline, consts, {"route": route}, rereads_input=True)
 
 
 def _linear_dynamic_inline(x, w, w_scale, bias, *, qmax, eps, route):

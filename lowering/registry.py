@@ -84,11 +84,14 @@ class Inline:
     what the op returns. `constants` are new tensors the call needs (divisors reach
     Inductor as tensors: it turns division by a constant into a multiplication by its
     reciprocal, which rounds differently, on GPUs, and on CPUs in earlier releases,
-    pytorch#157959); `options` plain values (a route's name)."""
+    pytorch#157959); `options` plain values (a route's name). rereads_input: fn reads its
+    input in two loops (a row's range, then the division), so the op that produces the
+    input is better stored than computed twice (lowering/inline.py)."""
 
     fn: Callable
     constants: dict[str, torch.Tensor] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)
+    rereads_input: bool = False
 
 
 @dataclass

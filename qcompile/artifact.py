@@ -189,13 +189,7 @@ class GraphVariant:
         graph_module = copy_graph_module(self.gm)
         graph_module.meta = {}
         inlined = inline_for_inductor(graph_module)
-        # Store, not recompute: a per-token quantization reads its input in two loops (the
-        # row's range, then the division), and Inductor recomputes a pointwise producer
-        # in both unless it is stored; on CPU it stores only bodies of over 50 ops. A
-        # GELU's erf computed twice made MiniLM's w8a8 slower than with the quantization
-        # opaque (465 vs 440 ms per 32 x 128 batch on 2 AVX2 cores); storing bodies of
-        # over 8 ops gave 414 ms, and 413 (was 417) for w8a8-static.
-        patches = {"realize_opcount_threshold": 8} if inlined else {}
+        patches = inlined.config_patches  # how Inductor should compile what was written out
         for attempt in range(2):
             try:
                 # (a graph without tensor inputs has no fake mode: Inductor makes its own)
@@ -208,8 +202,8 @@ class GraphVariant:
                 if attempt:
                     raise
         self.ctx.note("the float remainder of the graph runs compiled by Inductor")
-        if inlined:
-            calls = ", ".join(f"{n} {name}" for name, n in sorted(inlined.items()))
+        if inlined.calls:
+            calls = ", ".join(f"{n} {name}" for name, n in sorted(inlined.calls.items()))
             self.ctx.note(f"Inductor fuses {calls} call(s) with the ops around them (each "
                           "GEMM stays one call of its CPU route)")
 

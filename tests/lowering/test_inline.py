@@ -62,8 +62,8 @@ def _inputs(k: int = 48) -> torch.Tensor:
 def _inlined(module: torch.nn.Module, x: torch.Tensor):
     gm = torch.fx.symbolic_trace(module)
     copy = copy_graph_module(gm)
-    counts = inline_for_inductor(copy)
-    return gm, counts, compile_fx(copy, [x])
+    inlined = inline_for_inductor(copy)
+    return gm, inlined.calls, compile_fx(copy, [x], config_patches=inlined.config_patches)
 
 
 @pytest.mark.parametrize("route", ROUTES)
@@ -92,6 +92,37 @@ def test_quantize_keeps_true_division():
     out = compiled(x)
     out = out[0] if isinstance(out, (tuple, list)) else out
     assert torch.equal(out, gm(x))
+
+
+class _Static(torch.nn.Module):
+    """quantize -> linear_int8_dq -> GELU -> quantize: each quantizer reads its input once."""
+
+    def __init__(self):
+        super().__init__()
+        self.g = _Graph("cpu-int-mm")
+
+    def forward(self, x):
+        q = torch.ops.qcompile.quantize.default(x, SCALE, 3, -128, 127, impl="cpu")
+        h = torch.ops.qcompile.linear_int8_dq.default(
+            q, self.g.w1, self.g.b1, self.g.zp_term, SCALE, self.g.ws1, torch.float32,
+            impl="cpu-int-mm")
+        h = torch.nn.functional.gelu(h)
+        return torch.ops.qcompile.quantize.default(h, SCALE, -7, -128, 127, impl="cpu")
+
+
+def test_inductor_stores_only_what_a_written_out_body_rereads():
+    """A per-token quantizer reads its input twice, so Inductor is told to store long
+    producers; a graph of static quantizers keeps Inductor's default, under which a
+    dequantize -> GELU -> quantize chain is one loop rather than two passes over memory."""
+    x = _inputs()
+    gm, counts, compiled = _inlined(_Static(), x)
+    assert counts == {"quantize": 2, "linear_int8_dq": 1}
+    out = compiled(x)
+    assert torch.equal(out[0] if isinstance(out, (tuple, list)) else out, gm(x))
+    assert inline_for_inductor(copy_graph_module(torch.fx.symbolic_trace(_Static()))) \
+        .config_patches == {}
+    rereads = inline_for_inductor(copy_graph_module(torch.fx.symbolic_trace(_Graph("cpu-int-mm"))))
+    assert rereads.config_patches == {"realize_opcount_threshold": 8}
 
 
 def test_calls_whose_bounds_do_not_hold_stay_ops():
