@@ -830,7 +830,7 @@ def _(q, k, v, q_scale, k_scale, v_scale, attn_mask, is_causal, scale, out_dtype
                                    attn_mask=attn_mask, sm_scale=scale, out_dtype=out_dtype)
 
 
-@attention_int8.impl("cpu", runs_on=on_cpu)
+@attention_int8.impl("cpu-sdpa", runs_on=on_cpu)
 def _(q, k, v, q_scale, k_scale, v_scale, attn_mask, is_causal, scale, out_dtype):
     """The int8 values dequantized exactly (int8 * scale, float32) into PyTorch's fused CPU
     attention, which computes the same function, softmax(scale * Q K^T + mask) V, on those
@@ -851,6 +851,23 @@ def _(q, k, v, q_scale, k_scale, v_scale, attn_mask, is_causal, scale, out_dtype
     # the CPU flash kernel returns a [B, S, H, D] memory layout; the op promises (and
     # Inductor checks) the contiguous [B, H, S, D] its fake implementation describes
     return out.to(out_dtype).contiguous()
+
+
+def vnni_attention_runs_on(device: str) -> bool:
+    """A CPU with AVX512-VNNI, for which Inductor builds its kernels with VNNI."""
+    from qcompile.lowering.kernels.attention_cpu import vnni_attention_available
+
+    return device == "cpu" and vnni_attention_available()
+
+
+@attention_int8.impl("cpu-vnni", runs_on=vnni_attention_runs_on, priority=1)
+def _(q, k, v, q_scale, k_scale, v_scale, attn_mask, is_causal, scale, out_dtype):
+    """Q K^T in int8 VNNI dot products, softmax and P V in float32, one C++ kernel
+    (lowering/kernels/attention_cpu.py): faster than float SDPA on the same shapes."""
+    from qcompile.lowering.kernels.attention_cpu import quantized_attention_vnni
+
+    return quantized_attention_vnni(q, k, v, q_scale, k_scale, v_scale, causal=is_causal,
+                                    attn_mask=attn_mask, sm_scale=scale, out_dtype=out_dtype)
 
 
 @attention_int8.impl("triton", runs_on=triton_runs_on)

@@ -1,13 +1,14 @@
 """Fused int8 attention: kernel (interpreter on CPU) vs the float64 reference of the same
 quantization (tight: only P's float16 rounding and float32 sums differ), the registry's CPU
-implementation of attention_int8 vs the same reference, and both vs float SDPA on the
-unquantized tensors (loose: int8 quantization error of q, k, v)."""
+implementations of attention_int8 (float SDPA on dequantized inputs; the VNNI kernel where
+the CPU has it) vs the same reference, and both vs float SDPA on the unquantized tensors
+(loose: int8 quantization error of q, k, v)."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from qcompile.lowering import ops
+from qcompile.lowering import ops, registry
 from qcompile.lowering.kernels.attention import (
     quantized_attention_ref,
     quantized_attention_triton,
@@ -31,14 +32,19 @@ def _inputs(b, hq, hkv, sq, sk, d, seed):
     return (qf, kf, vf), (*_quant_per_head(qf), *_quant_per_head(kf), *_quant_per_head(vf))
 
 
-def _cpu_op(q, k, v, qs, ks, vs, causal=False, attn_mask=None, key_padding_mask=None):
+# every CPU implementation that runs on this machine (cpu-vnni needs AVX512-VNNI)
+CPU_IMPLS = [i.name for i in registry.candidates(ops.attention_int8, "cpu", "cpu")]
+
+
+def _cpu_op(q, k, v, qs, ks, vs, causal=False, attn_mask=None, key_padding_mask=None,
+            impl="cpu"):
     """attention_int8's CPU implementation (the op has no key padding mask: it enters as a
     keep mask, as the attention passes give it)."""
     if key_padding_mask is not None:
         keep = ~key_padding_mask[:, None, None, :]  # [B, 1, 1, Sk]
         attn_mask = keep if attn_mask is None else keep & attn_mask
     return ops.attention_int8(
-        q, k, v, qs, ks, vs, attn_mask, causal, None, torch.float32, impl="cpu"
+        q, k, v, qs, ks, vs, attn_mask, causal, None, torch.float32, impl=impl
     )
 
 
@@ -46,12 +52,13 @@ def _run_all(quant, **kw):
     q, qs, k, ks, v, vs = quant
     out = quantized_attention_triton(q, k, v, qs, ks, vs, out_dtype=torch.float32, **kw)
     ref = quantized_attention_ref(q, k, v, qs, ks, vs, out_dtype=torch.float64, **kw)
-    cpu = _cpu_op(q, k, v, qs, ks, vs, **kw)
     # P in float16 carries 2**-11 relative error per probability: the output error is at
     # most ~2**-11 * max|v| * (1 + float32 noise).
     tol = 2.0**-10 * float(vs.max()) * 127
     assert (out.double() - ref).abs().max() <= tol
-    assert (cpu.double() - ref).abs().max() <= 1e-5 * float(vs.max()) * 127
+    for impl in CPU_IMPLS:  # float32 softmax and P V: float32 noise only
+        cpu = _cpu_op(q, k, v, qs, ks, vs, impl=impl, **kw)
+        assert (cpu.double() - ref).abs().max() <= 1e-5 * float(vs.max()) * 127, impl
     return out
 
 
@@ -142,6 +149,53 @@ def test_non_contiguous_per_tensor_scales_and_dtypes():
     scales = [torch.tensor(a) for a in args[3:]]
     op_args = (q, k, v, *scales, None, False, None, torch.float16)
     assert torch.equal(ops.attention_int8(*op_args), ops.attention_int8(*op_args, impl="cpu"))
+
+
+@pytest.mark.skipif("cpu-vnni" not in CPU_IMPLS, reason="needs AVX512-VNNI")
+@pytest.mark.parametrize("b, hq, hkv, sq, sk, d, case", [
+    (2, 4, 4, 7, 19, 20, "plain"),  # D not a multiple of 16, Sk not of 16
+    (1, 6, 2, 33, 21, 64, "causal"),  # grouped heads, Sq > Sk
+    (2, 2, 1, 5, 40, 3, "bool"),  # D not a multiple of 4
+    (2, 3, 3, 17, 17, 32, "float"),  # a mask per head
+    (1, 2, 2, 4, 0, 16, "plain"),  # no keys at all: 0
+    (1, 2, 2, 9, 130, 128, "empty-row"),  # a query that sees no key: 0
+    (1, 2, 2, 9, 12, 256, "strided"),  # [B, S, H, D] storage, per-head scales
+])
+def test_vnni_kernel_odd_shapes(b, hq, hkv, sq, sk, d, case):
+    """Extremes of the int8 codes (-128 and 127) included: S is exact in int32."""
+    from qcompile.lowering.kernels.attention_cpu import quantized_attention_vnni
+
+    g = torch.Generator().manual_seed(sq * 31 + d)
+
+    def codes(*shape):
+        t = torch.randint(-128, 128, shape, generator=g, dtype=torch.int8)
+        t.view(-1)[:2] = torch.tensor([-128, 127], dtype=torch.int8)[: t.numel()]
+        return t
+
+    if case == "strided":
+        q, k, v = (codes(b, s, h, d).transpose(1, 2) for s, h in ((sq, hq), (sk, hkv), (sk, hkv)))
+        scales = (torch.rand(hq, generator=g) * 0.02, torch.rand(hkv, generator=g) * 0.02,
+                  torch.rand(hkv, generator=g) * 0.02)
+    else:
+        q, k, v = codes(b, hq, sq, d), codes(b, hkv, sk, d), codes(b, hkv, sk, d)
+        scales = (0.011, 0.013, 0.02)
+    mask = None
+    if case == "bool":
+        mask = torch.rand(b, 1, sq, sk, generator=g) > 0.3
+    elif case == "float":
+        mask = torch.randn(b, hq, sq, sk, generator=g)
+    elif case == "empty-row":
+        mask = torch.ones(b, 1, sq, sk, dtype=torch.bool)
+        mask[..., 100:] = False
+        mask[:, :, 3] = False
+    kw = dict(causal=case == "causal", attn_mask=mask)
+    got = quantized_attention_vnni(q, k, v, *scales, out_dtype=torch.float32, **kw)
+    want = quantized_attention_ref(q, k, v, *scales, out_dtype=torch.float64, **kw)
+    assert got.shape == want.shape and got.dtype == torch.float32
+    v_top = float(torch.as_tensor(scales[2]).max()) * 127
+    assert (got.double() - want).abs().max() <= 1e-5 * max(v_top, 1e-3)
+    if case == "empty-row":
+        assert not got[:, :, 3].any()
 
 
 def test_errors():

@@ -2,6 +2,7 @@
 kernels="auto" keeping float what no exact int8 route runs faster (DESIGN: never slower
 than float). Capabilities are mocked, so every CPU kind is exercised on any machine."""
 
+import copy
 from dataclasses import replace
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 
 import qcompile
 from qcompile import annotations as ann
-from qcompile.lowering import cpu_routes
+from qcompile.lowering import cpu_routes, ops
 from qcompile.state import state_for_model
 from tests.helpers import TinyMLP, expect, stage
 from tests.passes.quantized_graphs import PLAIN_CPU, Chain
@@ -71,6 +72,22 @@ def _compile(model, x, caps, **options):
 def _layers(art):
     return {n.target: ann.get(n, ann.Layer) for n in art.gm.graph.nodes
             if ann.get(n, ann.Layer) is not None}
+
+
+@pytest.mark.skipif(not ops.vnni_attention_runs_on("cpu"), reason="needs AVX512-VNNI")
+def test_attention_on_a_vnni_cpu_runs_the_int8_kernel_where_asked():
+    torch.manual_seed(0)
+    model, x = SelfAttention(), torch.randn(2, 5, 16)
+    with torch.no_grad():
+        want = model(x)
+    _, art, _ = _compile(copy.deepcopy(model), x, REAL)
+    (rec,) = [r for r in art.ctx.layers.values() if r.kind == "attention"]
+    assert not rec.quantized and "requantization of q, k and v" in rec.reason
+    cm, art, _ = _compile(copy.deepcopy(model), x, REAL, kernels="cpu")
+    (rec,) = [r for r in art.ctx.layers.values() if r.kind == "attention"]
+    assert rec.quantized and rec.kernel == "attention_int8:cpu-vnni"
+    with torch.no_grad():
+        torch.testing.assert_close(cm(x), want, atol=0.03, rtol=0.03)
 
 
 @pytest.mark.skipif(not REAL.onednn, reason="needs oneDNN's int8 kernels")
@@ -149,18 +166,18 @@ class SelfAttention(torch.nn.Module):
         return torch.nn.functional.scaled_dot_product_attention(q, k, v)  # [B, 2, S, 8]
 
 
-def test_attention_stays_float_on_cpu_under_auto():
+def test_attention_stays_float_on_cpu_without_vnni_under_auto():
     torch.manual_seed(0)
     _, art, _ = _compile(SelfAttention(), torch.randn(2, 5, 16), AVX2)
     (rec,) = [r for r in art.ctx.layers.values() if r.kind == "attention"]
     assert not rec.quantized and "float SDPA" in rec.reason
     _, art, _ = _compile(SelfAttention(), torch.randn(2, 5, 16), AVX2, kernels="cpu")
     (rec,) = [r for r in art.ctx.layers.values() if r.kind == "attention"]
-    assert rec.quantized and rec.kernel == "attention_int8:cpu"
+    assert rec.quantized and rec.kernel == "attention_int8:cpu-sdpa"
     # option quantize_attention overrides either way
     _, art, _ = _compile(SelfAttention(), torch.randn(2, 5, 16), AVX2, quantize_attention=True)
     (rec,) = [r for r in art.ctx.layers.values() if r.kind == "attention"]
-    assert rec.quantized and rec.kernel == "attention_int8:cpu"
+    assert rec.quantized and rec.kernel == "attention_int8:cpu-sdpa"
     _, art, _ = _compile(SelfAttention(), torch.randn(2, 5, 16), AVX2, kernels="cpu",
                          quantize_attention=False)
     (rec,) = [r for r in art.ctx.layers.values() if r.kind == "attention"]
@@ -303,11 +320,13 @@ def test_q_and_k_of_an_attention_that_stays_float_are_not_rotated():
 
     for kernels, rotated in (("auto", False), ("cpu", True)):
         torch._dynamo.reset()
-        cap = stage(SelfAttention().eval(), torch.randn(2, 5, 16), before="online-hadamard",
-                    options={"recipe": "w4a8", "kernels": kernels})
-        cap.run_pass("online-hadamard")
+        with cpu_routes.override_capabilities(AVX2):  # no int8 attention kernel
+            cap = stage(SelfAttention().eval(), torch.randn(2, 5, 16), before="online-hadamard",
+                        options={"recipe": "w4a8", "kernels": kernels})
+            cap.run_pass("online-hadamard")
         had = [n for n in cap.gm.graph.nodes if n.target is HADAMARD]
         assert bool(had) == rotated
         if not rotated:
-            assert any("q/k of" in n and "the attention stays float (the CPU runs int8 "
-                       "attention as float SDPA" in n for n in cap.ctx.notes), cap.ctx.notes
+            assert any("q/k of" in n and "the attention stays float (this CPU has no "
+                       "AVX512-VNNI: its int8 attention is float SDPA" in n
+                       for n in cap.ctx.notes), cap.ctx.notes
