@@ -7,7 +7,9 @@ What, for integer-only recipes after rewrite-linear:
    each side rescaled dyadically to the sum's scale, one rounding.
 2. round trips: quantize(dequantize(yq) [layout ops]) becomes the layout ops applied to
    yq itself (same scale and zero point: the identity on integers), followed by
-   requant_int8 (another scale: a dyadic rescale, integer-only) otherwise.
+   requant_int8 (another scale: a dyadic rescale, integer-only) otherwise. A rescale of
+   a linear's or convolution's output that nothing else reads folds into that op's own
+   requantization (one rounding).
 3. float outputs: a linear whose int8 output now only feeds dequantize (a float island:
    residual add, GELU, norm) becomes linear_int8_dq: its int32 accumulator is dequantized
    directly, so no requantization error is paid for an integer consumer that does not
@@ -35,7 +37,7 @@ from torch.fx import GraphModule, Node
 from qcompile import annotations as ann
 from qcompile.fx_utils import add_constant, erase_unused, is_call
 from qcompile.lowering import conv_ops, ops
-from qcompile.lowering.registry import arg
+from qcompile.lowering.registry import arg, set_arg
 from qcompile.numerics.specs import QuantSpec, compute_qparams
 from qcompile.pass_manager import PassContext, PassResult, graph_pass
 from qcompile.passes._activations import Clamp, fused_activation
@@ -432,6 +434,37 @@ def _round_trips(gm: GraphModule, ctx: PassContext) -> int:
     return done
 
 
+def _fold_rescales(gm: GraphModule) -> int:
+    """requant_int8 of a requantizing op's output (through layout ops), where nothing else
+    reads that output: the op requantizes to the rescale's parameters itself, one rounding
+    instead of two (q, k and v of an int8 attention: the linear's calibrated grid, then
+    the attention's symmetric one). Ops with a fused activation clamp (a range narrower
+    than the rescale's) keep their rescale."""
+    done = 0
+    for node in list(gm.graph.nodes):
+        if node.target is not ops.REQUANT_INT8:
+            continue
+        src = node.args[0]
+        while isinstance(src, Node) and is_layout(src) and len(src.users) == 1:
+            src = src.args[0]
+        pending = ann.get(src, ann.PendingRequant)
+        if (not isinstance(src, Node) or src.target not in ops.REQUANT_OPS
+                or len(src.users) != 1 or pending is None
+                or arg(src, "out_zp") != arg(node, "in_zp")
+                or (arg(src, "qmin"), arg(src, "qmax")) != (arg(node, "qmin"),
+                                                            arg(node, "qmax"))):
+            continue
+        (ratio,) = ann.get(node, ann.PendingRequant).multipliers
+        for name in ("out_zp", "qmin", "qmax"):
+            set_arg(src, name, arg(node, name))
+        ann.put(src, ann.PendingRequant((pending.multipliers[0] * ratio,)))
+        ann.put(src, ann.get(node, ann.QParams))
+        node.replace_all_uses_with(node.args[0])
+        gm.graph.erase_node(node)
+        done += 1
+    return done
+
+
 def _island_ops(node: Node, depth: int = 8) -> list[str] | None:
     """The float ops between the dequantized int8 values above `node` and `node` (a few
     levels up), or None where no int8 value is above it (the model's float input)."""
@@ -506,6 +539,8 @@ def integer_dataflow(gm: GraphModule, ctx: PassContext) -> PassResult:
         return PassResult(gm, False, {})
     counters = {"residual_adds": _residual_adds(gm, ctx), "round_trips_removed": 0}
     counters["round_trips_removed"] = _round_trips(gm, ctx)
+    erase_unused(gm)  # the float reads of what round trips replaced
+    counters["rescales_folded"] = _fold_rescales(gm)
     counters["float_outputs"] = _float_outputs(gm)
     erase_unused(gm)
     return PassResult(gm, modified=any(counters.values()), counters=counters)

@@ -47,6 +47,21 @@ class Attention(torch.nn.Module):
         return self.o(a.transpose(1, 2).reshape(b, s, 16))
 
 
+class SharedQKV(torch.nn.Module):
+    """Attention over one projection read three times (q = k = v): the projection's int8
+    output reaches the attention three times, so it keeps its own grid and each read is
+    rescaled (requant_int8) to the attention's."""
+
+    def __init__(self):
+        super().__init__()
+        self.p = torch.nn.Linear(16, 16)
+
+    def forward(self, x):  # x [B, S, 16]
+        b, s, _ = x.shape
+        h = self.p(x).view(b, s, 2, 8).transpose(1, 2)
+        return F.scaled_dot_product_attention(h, h, h)  # [B, 2, S, 8]
+
+
 class ConvBlock(torch.nn.Module):
     """conv1 + BN + ReLU, conv2 + BN, the residual sum with ReLU, global average pooling,
     a classifier: a ResNet block's pieces."""
@@ -65,7 +80,7 @@ class ConvBlock(torch.nn.Module):
 
 
 MODELS = {"chain": (Chain, (2, 3, 16)), "attention": (Attention, (2, 5, 16)),
-          "conv": (ConvBlock, (2, 8, 6, 6))}
+          "conv": (ConvBlock, (2, 8, 6, 6)), "shared-qkv": (SharedQKV, (2, 5, 16))}
 
 
 @functools.cache

@@ -44,18 +44,20 @@ def test_add_int8_and_linear_int8_get_their_multipliers():
 
 
 def test_requant_int8_gets_its_multiplier():
-    cap, graphs = walked("attention", "w8a8-static")
+    # the projection's int8 output is read three times (q = k = v), so each read keeps its
+    # rescale to the attention's symmetric grid (a projection read once requantizes to it
+    # itself: test_integer_dataflow)
+    cap, graphs = walked("shared-qkv", "w8a8-static")
     before, after = graphs["compute-dyadic"]
-    zp = cap.ctx.analysis["calib"]["out:q"].zero_point
+    zp = cap.ctx.analysis["calib"]["out:p"].zero_point
     expect(before, f"# CHECK: requant_int8.default(transpose, {zp}, 0, 1, 0, -128, 127)")
-    # Expected: M = s_in / s_out, from q's linear output to the scale rewrite-attention
-    # quantized the attention's q with
-    s_out = re.search(r"quantize\.default\(q, ([0-9.e-]+), 0,", graphs["rewrite-attention"][1])
-    q, shift = quantize_multiplier(cap.ctx.analysis["calib"]["out:q"].scale / float(s_out[1]))
+    # Expected: M = s_in / s_out, from the projection's output to the scale rewrite-attention
+    # quantized the attention's inputs with
+    s_out = re.search(r"quantize\.default\(h, ([0-9.e-]+), 0,", graphs["rewrite-attention"][1])
+    q, shift = quantize_multiplier(cap.ctx.analysis["calib"]["out:p"].scale / float(s_out[1]))
     expect(after, f"""
-        # CHECK: requant_int8.default(transpose, {zp}, {q}, {shift}, 0, -128, 127)
-        # CHECK: requant_int8.default(transpose_4,
+        # CHECK-COUNT-3: requant_int8.default(transpose, {zp}, {q}, {shift}, 0, -128, 127)
         # CHECK-NOT: , 0, 1, 0, -128, 127)
     """)
     assert next(r for r in cap.ctx.history if r.name == "compute-dyadic").counters == {
-        "linear": 3, "requant": 3}
+        "linear": 1, "requant": 3}

@@ -2,8 +2,10 @@
 (tests/passes/quantized_graphs.py) under w8a8-static: int8 values go from integer op to
 integer op, through layout ops, without dequantize / quantize between."""
 
+import torch
+
 from tests.helpers import expect
-from tests.passes.quantized_graphs import walked
+from tests.passes.quantized_graphs import Attention, walked
 
 
 def test_residual_add_in_int8_and_a_float_output():
@@ -47,7 +49,8 @@ def test_residual_add_in_int8_and_a_float_output():
         # CHECK-NOT: qcompile.dequantize.default
     """)
     rec = next(r for r in cap.ctx.history if r.name == "integer-dataflow")
-    assert rec.counters == {"residual_adds": 1, "round_trips_removed": 1, "float_outputs": 1}
+    assert rec.counters == {"residual_adds": 1, "round_trips_removed": 1, "rescales_folded": 0,
+                            "float_outputs": 1}
 
 
 def test_requantize_into_the_next_int8_op_through_layout_ops():
@@ -62,26 +65,41 @@ def test_requantize_into_the_next_int8_op_through_layout_ops():
         # CHECK: quantize_default_2 = torch.ops.qcompile.quantize.default(q,
         # CHECK: attention_int8.default(quantize_default_2, quantize_default_3, quantize_default_4,
     """)
-    # Expected: the layout ops replayed on the int8 output; q's asymmetric int8 becomes the
-    # attention's symmetric int8 by an integer rescale (requant_int8: (q, shift) = (0, 1)
-    # until compute-dyadic); no float between the linear and the attention
-    zp = {p: cap.ctx.analysis["calib"][f"out:{p}"].zero_point for p in "qkv"}
-    expect(after, f"""
+    # Expected: the layout ops replayed on the int8 output, and no float between the
+    # linear and the attention. q's int8 must become the attention's symmetric int8: since
+    # nothing else reads the linear's output, the linear requantizes to the attention's
+    # parameters itself (zero point 0, its multiplier s_x s_w / s_attention), one rounding,
+    # rather than to its own calibrated grid and then by a rescale (requant_int8)
+    expect(after, """
         # CHECK-NOT: dequantize
         # CHECK: linear_int8_default = torch.ops.qcompile.linear_int8.default(quantize_default,
-        # CHECK-SAME: q_wq,
+        # CHECK-SAME: q_wq, q_bias_i32, q_zp_term, q_q, q_shift, 0, -128, 127)
         # CHECK: view_3 = linear_int8_default.view(2, 5, 2, 8)
         # CHECK-NEXT: transpose = view_3.transpose(1, 2)
-        # CHECK: requant_int8_default = torch.ops.qcompile.requant_int8.default(transpose,
-        # CHECK-SAME: {zp["q"]}, 0, 1, 0, -128, 127)
-        # CHECK: requant_int8.default(transpose_4, {zp["k"]}, 0, 1, 0, -128, 127)
-        # CHECK: requant_int8.default(transpose_5, {zp["v"]}, 0, 1, 0, -128, 127)
-        # CHECK: attention_int8.default(requant_int8_default, requant_int8_default_1,
-        # CHECK-SAME: requant_int8_default_2,
+        # CHECK-NOT: requant_int8
+        # CHECK: attention_int8.default(transpose, transpose_4, transpose_5,
         # CHECK-NOT: dequantize
     """)
+    # the folded multiplier is right: q's int8 output, at the attention's scale, is the
+    # float projection within a quantization step or two
+    from qcompile.lowering import ops, registry
+
+    gm = cap.gm
+    lin = next(n for n in gm.graph.nodes if registry.is_op(n, ops.linear_int8)
+               and n.args[1].target == "q_wq")
+    attn = next(n for n in gm.graph.nodes if registry.is_op(n, ops.attention_int8))
+    quant = lin.args[0]
+    torch.manual_seed(0)
+    model, x = Attention().eval(), torch.randn(2, 5, 16)
+    a = registry.args_of(gm, lin)
+    codes = ops.linear_int8(ops.quantize(x, *quant.args[1:], impl="reference"),
+                            *(a[k] for k in ops.linear_int8.params[1:]), impl="reference")
+    scale = float(registry.args_of(gm, attn)["q_scale"])
+    with torch.no_grad():
+        err = (codes.float() * scale - model.q(x)).abs().max()
+    assert err < 2 * scale, (err, scale)
     assert next(r for r in cap.ctx.history if r.name == "integer-dataflow").counters == {
-        "residual_adds": 0, "round_trips_removed": 3, "float_outputs": 1}
+        "residual_adds": 0, "round_trips_removed": 3, "rescales_folded": 3, "float_outputs": 1}
 
 
 def test_dynamic_recipe_has_no_integer_dataflow():
