@@ -15,8 +15,9 @@ produces its input and the epilogue into the add or GELU that consumes its outpu
 
 Exact: each inliner runs the arithmetic of the implementation it replaces (the same
 bodies: ops._quantize_body, ops._per_token_body, ops._per_token_asym_body (w4a4),
-cpu.dequant_body, which Inductor already
-compiled when they ran inside the op), in the reference's op order. Divisors reach
+cpu.dequant_body, and for the requantizing linears on int32 accumulators the int64 dyadic
+requantization, dyadic.rounding_shift_unchecked, which Inductor already compiled when they
+ran inside the op), in the reference's op order. Divisors reach
 Inductor as tensors (Inline.constants), never as constants it could turn into a
 multiplication by the reciprocal. Tests compare the inlined, compiled graph with the
 graph as lowered and with the reference, bit for bit.

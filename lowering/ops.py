@@ -508,6 +508,42 @@ def _(x, w, bias, zp_term, q, shift, out_zp, qmin, qmax):
     return x.new_empty((*x.shape[:-1], w.shape[0]), dtype=torch.int8)
 
 
+def _requant_inline_plan(a, impl, fn):
+    """The written-out requantizing GEMM for a call whose weight is int8 values (after
+    `prepare`) on a fixed route with an int32 accumulator (int-mm: CPUs with AVX512-VNNI
+    or AMX, whose AVX512-DQ multiplies int64 natively); else None, and the op runs as it
+    is (a float32 accumulator's requantize_f32 is faster than int64 arithmetic on CPUs
+    that emulate it)."""
+    from qcompile.lowering import cpu_routes
+    from qcompile.lowering.cpu import inline_route
+
+    route = inline_route(impl, a["w"])
+    if route is None or cpu_routes.ROUTES[route].native_f32:
+        return None
+    return Inline(fn, {}, {"route": route})
+
+
+def _linear_int8_inline(x, w, bias, zp_term, q, shift, out_zp, qmin, qmax, *, route):
+    from qcompile.lowering.cpu import cpu_acc
+
+    acc = cpu_acc(_operand(_rows(x), route), w, route).to(torch.int64)
+    if zp_term is not None:
+        acc = acc - zp_term.to(torch.int64)
+    if bias is not None:
+        acc = acc + bias.to(torch.int64)
+    y = rounding_shift_unchecked(acc * q.to(torch.int64), shift.to(torch.int64)) + out_zp
+    return y.clamp(qmin, qmax).to(torch.int8).reshape(*x.shape[:-1], w.shape[0])
+
+
+def _linear_grouped_inline(x, w, mult, wzp, bias, zp_term, q, shift, out_zp, qmin, qmax,
+                           **plan):
+    # w holds the int8 values (q - wzp) * mult since `prepare`: mult and wzp are spent
+    return _linear_int8_inline(x, w, bias, zp_term, q, shift, out_zp, qmin, qmax, **plan)
+
+
+linear_int8.inliner("cpu")(functools.partial(_requant_inline_plan, fn=_linear_int8_inline))
+
+
 @quantized_op
 def linear_w4a8(x: Tensor, w: Tensor, bias: Tensor | None, zp_term: Tensor | None,
                 q: Tensor, shift: Tensor, out_zp: int, qmin: int, qmax: int) -> Tensor:
@@ -640,6 +676,11 @@ for _name, _backend in BACKENDS.items():
         _name, prepare=None if _name == "reference" else _grouped_weights,
         **({"runs_on": _RUNS_ON[_name]} if _RUNS_ON[_name] is not None else {}))(
         functools.partial(_linear_grouped, _backend))
+
+# the CPU implementations hold int8 weight values after `prepare`: linear_int8's GEMM
+linear_w4a8.inliner("cpu")(functools.partial(_requant_inline_plan, fn=_linear_int8_inline))
+linear_w4a8_grouped.inliner("cpu")(functools.partial(_requant_inline_plan,
+                                                     fn=_linear_grouped_inline))
 
 
 def _linear_dequant(backend, x, w, bias, zp_term, x_scale, w_scale, out_dtype, origin=""):

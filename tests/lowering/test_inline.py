@@ -242,3 +242,60 @@ def test_w4a4_zero_point_terms_beyond_float32_stay_ops():
     assert a4_ops._inline_plan(a, "cpu-int-mm").options == {"route": "int-mm"}
     assert a4_ops._inline_plan({**a, "w_sum": None}, "cpu-fp32-exact") is not None
     assert a4_ops._inline_plan(a, "cpu") is None  # a route chosen per call
+
+
+class _Requantizing(torch.nn.Module):
+    """quantize -> linear_int8 (per-channel multipliers, bias, zero-point term) ->
+    linear_w4a8_grouped (per-tensor, its int8 weight values as `prepare` leaves them),
+    bound to `impl`: int8 out of both, with shifts from 1 to 62, q at 0 and 2**31 - 1,
+    and accumulators near the int32 contract's edge."""
+
+    def __init__(self, impl: str, k: int = 96, n: int = 40):
+        super().__init__()
+        g = torch.Generator().manual_seed(2)
+        self.impl = impl
+        w1 = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
+        w1[0] = 127  # a row whose accumulator reaches 127 * 128 * k
+        w1[1] = -128
+        q1 = torch.randint(2**30, 2**31, (n,), generator=g)
+        q1[:2] = torch.tensor([0, 2**31 - 1])
+        shift1 = torch.randint(18, 40, (n,), generator=g)
+        shift1[2:4] = torch.tensor([1, 62])
+        self.register_buffer("w1", w1)
+        self.register_buffer("b1", torch.randint(-2**20, 2**20, (n,), dtype=torch.int32,
+                                                 generator=g))
+        self.register_buffer("zp1", 3 * w1.to(torch.int32).sum(1))
+        self.register_buffer("q1", q1)
+        self.register_buffer("s1", shift1)
+        self.register_buffer("w2", torch.randint(-60, 61, (24, n), dtype=torch.int8,
+                                                 generator=g))
+        self.register_buffer("mult", torch.ones(24, n // 8, dtype=torch.int8))
+        self.register_buffer("q2", torch.tensor([1518500250]))
+        self.register_buffer("s2", torch.tensor([39]))
+
+    def forward(self, x):
+        q = torch.ops.qcompile.quantize.default(x, SCALE, 3, -128, 127, impl="cpu")
+        h = torch.ops.qcompile.linear_int8.default(q, self.w1, self.b1, self.zp1, self.q1,
+                                                   self.s1, -5, -128, 127, impl=self.impl)
+        return torch.ops.qcompile.linear_w4a8_grouped.default(
+            h, self.w2, self.mult, None, None, None, self.q2, self.s2, 7, -100, 120,
+            impl=self.impl)
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_inlined_requantizing_linears_compile_to_the_same_integers(route):
+    """On an int32-accumulator route (int-mm) the dyadic requantization is written out in
+    int64 (what the op runs, fused by Inductor); a float32-accumulator route keeps the op,
+    whose requantize_f32 is faster than int64 arithmetic where CPUs emulate it."""
+    x = _inputs(96)
+    x.view(-1)[:96] = 1e6  # a row of 127s after quantization
+    x.view(-1)[96:192] = -1e6  # and one of -128s
+    gm, counts, compiled = _inlined(_Requantizing(f"cpu-{route}"), x)
+    requantizing = {"linear_int8": 1, "linear_w4a8_grouped": 1} if route == "int-mm" else {}
+    assert counts == {"quantize": 1, **requantizing}
+    got = compiled(x)
+    got = got[0] if isinstance(got, (tuple, list)) else got
+    assert got.dtype == torch.int8
+    assert torch.equal(got, gm(x))  # the ops, run one by one
+    assert torch.equal(got, torch.fx.symbolic_trace(_Requantizing("reference"))(x))
+    assert got.unique().numel() > 20  # not saturated throughout
