@@ -249,9 +249,10 @@ class Options:
     # (oneDNN's u8 x s8 without VNNI); None: when it does, False: never, True: always
     narrow_weights: bool | None = None
     # int8 attention (rewrite-attention): None: wherever activations are quantized, except on
-    # CPU under kernels="auto" (its int8 attention is float SDPA on dequantized inputs, no
-    # faster) unless integer_nonlinear asks for the integer softmax; True: there too;
-    # False: attention stays float everywhere
+    # CPU under kernels="auto" where it is no faster (without AVX512-VNNI its int8 attention
+    # is float SDPA on dequantized inputs; with it, under dynamic recipes and online
+    # Hadamards: rewrite_attention.float_attention_reason) unless integer_nonlinear asks
+    # for the integer softmax; True: there too; False: attention stays float everywhere
     quantize_attention: bool | None = None
     seed: int = 0  # random Hadamard signs and orthogonal fallbacks
 

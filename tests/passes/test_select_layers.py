@@ -74,15 +74,38 @@ def _layers(art):
             if ann.get(n, ann.Layer) is not None}
 
 
+def _calibrated(model, x, **options):
+    torch._dynamo.reset()
+    cm = torch.compile(model.eval(), backend="qcompile", options={"kernels": "auto",
+                                                                  **options})
+    with torch.no_grad():
+        with qcompile.calibrate(cm):
+            cm(x)
+    (art,) = [a for a in state_for_model(cm).artifacts if a.finalized]
+    return cm, art
+
+
 @pytest.mark.skipif(not ops.vnni_attention_runs_on("cpu"), reason="needs AVX512-VNNI")
-def test_attention_on_a_vnni_cpu_runs_the_int8_kernel_where_asked():
+def test_attention_on_a_vnni_cpu_runs_the_int8_kernel_under_static_recipes():
+    """Under kernels="auto" a static recipe runs the int8 kernel (q, k and v arrive as int8
+    from their linears' requantization); a dynamic recipe, or one that would rotate q and k
+    online for it, keeps float attention with the reason; kernels="cpu" quantizes it
+    anyway."""
     torch.manual_seed(0)
     model, x = SelfAttention(), torch.randn(2, 5, 16)
     with torch.no_grad():
         want = model(x)
+    cm, art = _calibrated(copy.deepcopy(model), x, recipe="w8a8-static", smooth=False)
+    (rec,) = [r for r in art.ctx.layers.values() if r.kind == "attention"]
+    assert rec.quantized and rec.kernel == "attention_int8:cpu-vnni"
+    with torch.no_grad():
+        torch.testing.assert_close(cm(x), want, atol=0.05, rtol=0.05)
+    _, art = _calibrated(copy.deepcopy(model), x, recipe="w4a8", group_size=16)
+    (rec,) = [r for r in art.ctx.layers.values() if r.kind == "attention"]
+    assert not rec.quantized and "rotates q and k at run time" in rec.reason
     _, art, _ = _compile(copy.deepcopy(model), x, REAL)
     (rec,) = [r for r in art.ctx.layers.values() if r.kind == "attention"]
-    assert not rec.quantized and "requantization of q, k and v" in rec.reason
+    assert not rec.quantized and rec.reason.startswith("a dynamic recipe")
     cm, art, _ = _compile(copy.deepcopy(model), x, REAL, kernels="cpu")
     (rec,) = [r for r in art.ctx.layers.values() if r.kind == "attention"]
     assert rec.quantized and rec.kernel == "attention_int8:cpu-vnni"
