@@ -41,12 +41,18 @@ from qcompile.sites import is_conv, linear_name
 
 
 class _Record(Interpreter):
-    def __init__(self, gm, key):
+    """Each layer's output (by `key`); with inputs=True also its linears' input
+    statistics (_input_stats), as _Inputs takes them."""
+
+    def __init__(self, gm, key, inputs: bool = False):
         super().__init__(gm)
         self.key, self.seen = key, {}
+        self.stats = {} if inputs else None
 
     def run_node(self, n):
         out = super().run_node(n)
+        if self.stats is not None:
+            _input_stats(self, n)
         layer = self.key(n)
         if layer is None or not isinstance(out, torch.Tensor):
             return out
@@ -68,15 +74,19 @@ def _layer_of(n) -> str | None:
 
 
 def sqnr_db(ref: torch.Tensor, test: torch.Tensor) -> float:
-    ref, test = ref.double(), test.double()
-    noise = (ref - test).pow(2).sum().item()
-    signal = ref.pow(2).sum().item()
+    # squares in the outputs' float32, sums in float64: each square rounds by 2**-24 at
+    # most, far below what a dB figure shows, and a float64 copy of every layer's output
+    # was a tenth of MiniLM's compile
+    ref, test = ref.float(), test.float()
+    noise = (ref - test).pow(2).sum(dtype=torch.float64).item()
+    signal = ref.pow(2).sum(dtype=torch.float64).item()
     if noise == 0:
         return math.inf
     return 10 * math.log10(max(signal, 1e-300) / noise)
 
 
 PROBE_ROWS = 512  # about this many leading-dim items' worth of tokens (rows of a linear)
+KURTOSIS_ROWS = 1024  # the kurtosis of a linear's input is taken on this many rows at most
 
 
 def probe_inputs(gm: GraphModule, inputs: list) -> list:
@@ -150,7 +160,7 @@ def _measure(gm: GraphModule, ctx: PassContext, float_gm, inputs) -> PassResult:
     with torch.no_grad():
         act = ctx.options.recipe_obj.act
         fused = act is not None and not act.dynamic
-        ref = _Record(float_gm, lambda n: _float_layer_of(n, fused))
+        ref = _Record(float_gm, lambda n: _float_layer_of(n, fused), inputs=True)
         ref_out = float_outputs(ref.run(*inputs))
         test = _Record(gm, _layer_of)
         test_out = test.run(*inputs)
@@ -169,7 +179,7 @@ def _measure(gm: GraphModule, ctx: PassContext, float_gm, inputs) -> PassResult:
     if not measured and ref.seen:
         ctx.note("the sample inputs reach every layer with 0 rows: per-layer SQNR not "
                  "measured")
-    _activation_ranges(ctx, float_gm, inputs)
+    _activation_ranges(ctx, ref.stats, inputs)
     return PassResult(gm, modified=False, counters={"layers": measured})
 
 
@@ -200,8 +210,20 @@ def _alarm(ctx: PassContext, ref: list, test: list) -> None:
     warnings.warn(msg, QuantizationAccuracyWarning, stacklevel=2)
 
 
+def _input_stats(interp: Interpreter, n: Node) -> None:
+    """max|x| (every row) and kurtosis (KURTOSIS_ROWS evenly spaced rows, in float64) of
+    n's input where n is a linear, into interp.stats by layer name."""
+    if is_call(n, F.linear) and interp.env[n.args[0]].numel():  # 0 rows: no statistics
+        x = interp.env[n.args[0]].detach()
+        x = x.reshape(-1, x.shape[-1])  # real sizes: metadata may hold symbolic ones
+        c = x[::-(-x.shape[0] // KURTOSIS_ROWS)].double()
+        c = c - c.mean()
+        kurt = (c.pow(4).mean() / c.pow(2).mean().clamp(min=1e-30).pow(2)).item()
+        interp.stats[linear_name(n)] = {"absmax": x.abs().max().item(), "kurtosis": kurt}
+
+
 class _Inputs(Interpreter):
-    """max|x| and kurtosis of every linear's input, keyed by layer name."""
+    """The input statistics of every linear of a graph (_input_stats)."""
 
     def __init__(self, gm):
         super().__init__(gm)
@@ -209,24 +231,21 @@ class _Inputs(Interpreter):
 
     def run_node(self, n):
         out = super().run_node(n)
-        if is_call(n, F.linear) and self.env[n.args[0]].numel():  # 0 rows: no statistics
-            x = self.env[n.args[0]].detach().double()
-            x = x.reshape(-1, x.shape[-1])  # real sizes: metadata may hold symbolic ones
-            c = x - x.mean()
-            kurt = (c.pow(4).mean() / c.pow(2).mean().clamp(min=1e-30).pow(2)).item()
-            self.stats[linear_name(n)] = {"absmax": x.abs().max().item(), "kurtosis": kurt}
+        _input_stats(self, n)
         return out
 
 
-def _activation_ranges(ctx: PassContext, float_gm, inputs) -> None:
-    """Per-layer input range before the transforms (canonical graph) and after them
-    (the graph that was quantized), for the report and its picture."""
-    with torch.no_grad():
-        for key, graph in (("before", ctx.analysis.get("canonical_gm")), ("after", float_gm)):
-            if graph is None:
-                continue
-            probe = _Inputs(graph)
+def _activation_ranges(ctx: PassContext, after: dict, inputs) -> None:
+    """Per-layer input range before the transforms (the canonical graph, run here) and
+    after them (`after`: taken while the float graph ran for the SQNR), for the report and
+    its picture."""
+    before = {}
+    if ctx.analysis.get("canonical_gm") is not None:
+        probe = _Inputs(ctx.analysis["canonical_gm"])
+        with torch.no_grad():
             probe.run(*inputs)
-            for layer, stats in probe.stats.items():
-                if layer in ctx.layers:
-                    ctx.layers[layer].detail[f"input_{key}"] = stats
+        before = probe.stats
+    for key, stats_of in (("before", before), ("after", after)):
+        for layer, stats in stats_of.items():
+            if layer in ctx.layers:
+                ctx.layers[layer].detail[f"input_{key}"] = stats
