@@ -1007,11 +1007,22 @@ def _kron(n: int, device: str) -> tuple[Tensor, Tensor]:
 
 @hadamard_transform.impl("cpu", runs_on=on_cpu)
 def _(x):
-    """BLAS matmuls with cached float32 factors: on CPU they beat the FWHT's ~2 log2(n) + m
-    small torch ops by far (those were 84% of a w4a8 LLaMA forward). Below KRON_MIN_ORDER
-    (or with no power-of-two factor) one GEMM with H / sqrt(n); from it the two factors."""
+    """The C++ butterfly kernel (kernels/hadamard_cpu.py) for the sizes it runs faster
+    (fwht_suits), else hadamard_blas."""
+    from qcompile.lowering.kernels import hadamard_cpu
+
     if x.dtype not in _LOW_PRECISION:
         return hadamard_transform.run("reference", (x,))
+    if hadamard_cpu.fwht_suits(x.shape[-1]) and hadamard_cpu.fwht_cpu_available():
+        return hadamard_cpu.hadamard_transform_fwht(x)
+    return hadamard_blas(x)
+
+
+def hadamard_blas(x: Tensor) -> Tensor:
+    """hadamard_transform as BLAS matmuls with cached float32 factors (they beat an FWHT of
+    ~2 log2(n) + m small torch ops by far: those were 84% of a w4a8 LLaMA forward): below
+    KRON_MIN_ORDER (or with no power-of-two factor) one GEMM with H / sqrt(n); from it the
+    two factors."""
     n = x.shape[-1]
     rows = x.reshape(-1, n).to(torch.float32)
     if n < KRON_MIN_ORDER or kron_split(n)[0] == 1:

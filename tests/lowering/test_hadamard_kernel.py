@@ -95,26 +95,26 @@ def test_cuda_large(n, dtype):
 
 
 @pytest.mark.parametrize("n", [ops.KRON_MIN_ORDER, 1536, 2048, 1280, 172 * 8])
-def test_cpu_op_two_factor_path_matches_the_reference(n):
-    """From KRON_MIN_ORDER the CPU implementation applies H_n = H_a (x) H_b as two GEMMs:
-    the same transform (float64 reference within float32 rounding), batched and in bf16."""
+def test_cpu_blas_two_factor_path_matches_the_reference(n):
+    """From KRON_MIN_ORDER the BLAS route applies H_n = H_a (x) H_b as two GEMMs: the same
+    transform (float64 reference within float32 rounding), batched and in bf16."""
     x = torch.randn(3, 7, n, generator=torch.Generator().manual_seed(n))
-    y = ops.hadamard_transform(x, impl="cpu")
+    y = ops.hadamard_blas(x)
     assert y.shape == x.shape and y.dtype == x.dtype
     assert (y.double() - hadamard_transform_ref(x, torch.float64)).abs().max() <= _tol(n, x)
     xb = x.to(torch.bfloat16)
-    torch.testing.assert_close(ops.hadamard_transform(xb, impl="cpu"),
-                               hadamard_transform_ref(xb), atol=1e-5, rtol=2 * 2.0**-8)
+    torch.testing.assert_close(ops.hadamard_blas(xb), hadamard_transform_ref(xb), atol=1e-5,
+                               rtol=2 * 2.0**-8)
 
 
 @pytest.mark.parametrize("n", [ops.KRON_BLOCK_MIN_ORDER, 1536])
 def test_cpu_op_in_row_blocks_matches_the_whole(n):
-    """From KRON_BLOCK_MIN_ORDER and 2 * KRON_BLOCK_ROWS rows, the CPU implementation runs
+    """From KRON_BLOCK_MIN_ORDER and 2 * KRON_BLOCK_ROWS rows, the BLAS route runs
     KRON_BLOCK_ROWS rows at a time: the unblocked GEMMs' values (BLAS may sum in another
     order for another M: float32 rounding), a ragged last block included."""
     rows = 2 * ops.KRON_BLOCK_ROWS + 37
     x = torch.randn(rows, n, generator=torch.Generator().manual_seed(n))
-    y = ops.hadamard_transform(x, impl="cpu")
+    y = ops.hadamard_blas(x)
     ha, bt = ops._kron(n, "cpu")
     a, b = ha.shape[0], bt.shape[0]
     whole = torch.matmul(ha, (x.reshape(rows * a, b) @ bt).reshape(rows, a, b)).reshape(x.shape)
@@ -133,3 +133,32 @@ def test_cpu_two_factor_split(n, split):
     a, b = split
     if n <= 1536:
         assert torch.equal(torch.kron(hadamard_matrix(a), hadamard_matrix(b)), hadamard_matrix(n))
+
+
+@pytest.mark.parametrize("n", [1, 2, 12, 20, 32, 48, 384, 1536, 2048, 5632, 172 * 8])
+def test_cpu_butterfly_kernel_matches_the_reference(n):
+    """The C++ kernel (H_b on blocks of b floats, then Sylvester butterflies over a; the
+    op's CPU route where fwht_suits): the float64 reference within float32 rounding, for
+    batched, strided, bf16 and empty inputs, any block split (172 * 8 has b = 172, which
+    the op leaves to BLAS; the kernel is right for it all the same)."""
+    from qcompile.lowering.kernels import hadamard_cpu
+
+    if not hadamard_cpu.fwht_cpu_available():
+        pytest.skip("Inductor's C++ toolchain does not build here")
+    a, b = hadamard_cpu.block_split(n)
+    assert a * b == n and a & (a - 1) == 0
+    assert torch.equal(torch.kron(hadamard_matrix(a), hadamard_matrix(b)), hadamard_matrix(n))
+    x = torch.randn(5, 2 * n + 3, generator=torch.Generator().manual_seed(n))[:, 3:].unfold(
+        1, n, n).transpose(0, 1)  # [2, 5, n], not contiguous
+    y = hadamard_cpu.hadamard_transform_fwht(x)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    assert (y.double() - hadamard_transform_ref(x, torch.float64)).abs().max() <= _tol(n, x)
+    xb = x.to(torch.bfloat16)
+    torch.testing.assert_close(hadamard_cpu.hadamard_transform_fwht(xb),
+                               hadamard_transform_ref(xb), atol=1e-5, rtol=2 * 2.0**-8)
+    assert hadamard_cpu.hadamard_transform_fwht(x[:, :0]).shape == (2, 0, n)
+    # the op takes the kernel exactly where the block is small
+    if hadamard_cpu.fwht_suits(n):
+        assert torch.equal(ops.hadamard_transform(x, impl="cpu"),
+                           hadamard_cpu.hadamard_transform_fwht(x))
+    assert hadamard_cpu.fwht_suits(n) == (b <= hadamard_cpu.FWHT_MAX_BLOCK)
