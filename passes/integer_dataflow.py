@@ -434,12 +434,28 @@ def _round_trips(gm: GraphModule, ctx: PassContext) -> int:
     return done
 
 
+def _merge_identical_rescales(gm: GraphModule) -> None:
+    """requant_int8 calls with the same input and parameters (a value read several times
+    at one scale: q = k = v of one projection) become one."""
+    seen: dict = {}
+    for node in list(gm.graph.nodes):
+        if node.target is not ops.REQUANT_INT8:
+            continue
+        key = (node.args, tuple(node.kwargs.items()),
+               ann.get(node, ann.PendingRequant).multipliers, ann.get(node, ann.QParams))
+        first = seen.setdefault(key, node)
+        if first is not node:
+            node.replace_all_uses_with(first)
+            gm.graph.erase_node(node)
+
+
 def _fold_rescales(gm: GraphModule) -> int:
     """requant_int8 of a requantizing op's output (through layout ops), where nothing else
     reads that output: the op requantizes to the rescale's parameters itself, one rounding
     instead of two (q, k and v of an int8 attention: the linear's calibrated grid, then
     the attention's symmetric one). Ops with a fused activation clamp (a range narrower
     than the rescale's) keep their rescale."""
+    _merge_identical_rescales(gm)
     done = 0
     for node in list(gm.graph.nodes):
         if node.target is not ops.REQUANT_INT8:

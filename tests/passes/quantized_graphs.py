@@ -48,9 +48,10 @@ class Attention(torch.nn.Module):
 
 
 class SharedQKV(torch.nn.Module):
-    """Attention over one projection read three times (q = k = v): the projection's int8
-    output reaches the attention three times, so it keeps its own grid and each read is
-    rescaled (requant_int8) to the attention's."""
+    """Attention over one projection read as q, k and v, plus the projection itself (a
+    residual): the projection's int8 output is also read in float, so it keeps its own
+    grid and the attention's read is rescaled (one requant_int8 for the three identical
+    reads)."""
 
     def __init__(self):
         super().__init__()
@@ -59,7 +60,7 @@ class SharedQKV(torch.nn.Module):
     def forward(self, x):  # x [B, S, 16]
         b, s, _ = x.shape
         h = self.p(x).view(b, s, 2, 8).transpose(1, 2)
-        return F.scaled_dot_product_attention(h, h, h)  # [B, 2, S, 8]
+        return F.scaled_dot_product_attention(h, h, h) + h  # [B, 2, S, 8]
 
 
 class ConvBlock(torch.nn.Module):

@@ -107,3 +107,35 @@ def test_dynamic_recipe_has_no_integer_dataflow():
     before, after = graphs["integer-dataflow"]
     assert after == before
     assert not next(r for r in cap.ctx.history if r.name == "integer-dataflow").modified
+
+
+def test_identical_rescales_merge_and_fold():
+    """One projection read as q, k and v (and by nothing else): the three identical
+    rescales become one, which then folds into the projection."""
+    import torch.nn.functional as F
+
+    from qcompile.lowering import cpu_routes
+    from tests.helpers import walk
+    from tests.passes.quantized_graphs import PLAIN_CPU
+
+    class OneProjection(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.p = torch.nn.Linear(16, 16)
+
+        def forward(self, x):
+            h = self.p(x).view(2, 5, 2, 8).transpose(1, 2)
+            return F.scaled_dot_product_attention(h, h, h)
+
+    torch.manual_seed(0)
+    with cpu_routes.override_capabilities(PLAIN_CPU):
+        cap, graphs = walk(OneProjection().eval(), torch.randn(2, 5, 16), options={
+            "recipe": "w8a8-static", "kernels": "cpu", "smooth": False})
+    expect(graphs["integer-dataflow"][1], """
+        # CHECK: linear_int8.default(quantize_default, p_wq, p_bias_i32, p_zp_term, p_q,
+        # CHECK-SAME: p_shift, 0, -128, 127)
+        # CHECK-NOT: requant_int8
+        # CHECK: attention_int8.default(transpose, transpose, transpose,
+    """)
+    assert next(r for r in cap.ctx.history if r.name == "integer-dataflow").counters[
+        "rescales_folded"] == 1
