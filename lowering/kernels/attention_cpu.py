@@ -94,6 +94,29 @@ static void pv_bf16(const float* rows, uint16_t* pw, const uint16_t* vpk, const 
     }
 }
 
+// V's codes as bf16 pairs [Sk / 2][Dp][2] (the bf16 of a small integer is the top half of
+// its float32: exact); d >= D and a missing last key hold 0
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+static void pack_v_bf16(const int8_t* vb, const int64_t vs_, const int64_t Sk, const int64_t D,
+                        const int64_t Dp, uint16_t* vpk) {
+    const __m512i top = _mm512_set1_epi32((int)0xFFFF0000u);
+    for (int64_t j = 0; j < Sk; j += 2) {
+        const int8_t* r0 = vb + j * vs_;
+        const int8_t* r1 = vb + (j + 1) * vs_;
+        for (int64_t d0 = 0; d0 < Dp; d0 += 16) {
+            const __mmask16 m = first(D - d0);
+            const __m512 a = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, r0 + d0)));
+            __m512i w = _mm512_srli_epi32(_mm512_castps_si512(a), 16);
+            if (j + 1 < Sk) {
+                const __m512 b = _mm512_cvtepi32_ps(
+                    _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, r1 + d0)));
+                w = _mm512_or_si512(w, _mm512_and_si512(_mm512_castps_si512(b), top));
+            }
+            _mm512_storeu_si512(vpk + ((j / 2) * Dp + d0) * 2, w);
+        }
+    }
+}
+
 extern "C" void kernel(const int8_t* q, const int8_t* k, const int8_t* v, const float* mask,
                        float* out, const float* cs, const float* vss,
                        const int64_t B, const int64_t Hq, const int64_t Hkv,
@@ -124,12 +147,8 @@ extern "C" void kernel(const int8_t* q, const int8_t* k, const int8_t* v, const 
             const float c = cs[h], vs = vss[h];
             uint8_t* kp8 = (uint8_t*)kp.data();
             std::fill(kp.begin(), kp.end(), 0);
-            std::fill(ksum.begin(), ksum.end(), 0);
             for (int64_t j = 0; j < Sk; j++) {
                 const int8_t* kr = kb + j * kss;
-                int32_t s = 0;
-                for (int64_t d = 0; d < D; d++) s += kr[d];
-                ksum[j] = 128 * s;
                 if (D % 4 == 0) {
                     for (int64_t d4 = 0; d4 < D4; d4++) {
                         int32_t word;
@@ -141,17 +160,16 @@ extern "C" void kernel(const int8_t* q, const int8_t* k, const int8_t* v, const 
                         kp8[((d / 4) * Skp + j) * 4 + d % 4] = (uint8_t)kr[d];
                 }
             }
-            if (bf16) {  // bf16 of a code: the top half of its float32 (exact below 2**8)
-                std::fill(vpk.begin(), vpk.end(), 0);
-                for (int64_t j = 0; j < Sk; j++) {
-                    const int8_t* vr = vb + j * vss_;
-                    for (int64_t d = 0; d < D; d++) {
-                        const float f = (float)vr[d];
-                        uint32_t bits;
-                        std::memcpy(&bits, &f, 4);
-                        vpk[((j / 2) * Dp + d) * 2 + j % 2] = (uint16_t)(bits >> 16);
-                    }
-                }
+            // 128 * rowsum(K) per key: dot products of the packed words with bytes of 1
+            for (int64_t jb = 0; jb < Skp; jb += 16) {
+                __m512i sum = _mm512_setzero_si512();
+                for (int64_t d4 = 0; d4 < D4; d4++)
+                    sum = _mm512_dpbusd_epi32(sum, _mm512_set1_epi32(0x01010101),
+                                              _mm512_loadu_si512(kp.data() + d4 * Skp + jb));
+                _mm512_storeu_si512(ksum.data() + jb, _mm512_slli_epi32(sum, 7));
+            }
+            if (bf16) {
+                pack_v_bf16(vb, vss_, Sk, D, Dp, vpk.data());
             } else {
                 for (int64_t j = 0; j < Sk; j++) {
                     const int8_t* vr = vb + j * vss_;
