@@ -105,7 +105,8 @@ static void pack_v_bf16(const int8_t* vb, const int64_t vs_, const int64_t Sk, c
         const int8_t* r1 = vb + (j + 1) * vs_;
         for (int64_t d0 = 0; d0 < Dp; d0 += 16) {
             const __mmask16 m = first(D - d0);
-            const __m512 a = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, r0 + d0)));
+            const __m512 a = _mm512_cvtepi32_ps(
+                _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, r0 + d0)));
             __m512i w = _mm512_srli_epi32(_mm512_castps_si512(a), 16);
             if (j + 1 < Sk) {
                 const __m512 b = _mm512_cvtepi32_ps(
@@ -118,6 +119,7 @@ static void pack_v_bf16(const int8_t* vb, const int64_t vs_, const int64_t Sk, c
 }
 
 extern "C" void kernel(const int8_t* q, const int8_t* k, const int8_t* v, const float* mask,
+                       const uint8_t* bmask,
                        float* out, const float* cs, const float* vss,
                        const int64_t B, const int64_t Hq, const int64_t Hkv,
                        const int64_t Sq, const int64_t Sk, const int64_t D,
@@ -208,9 +210,13 @@ extern "C" void kernel(const int8_t* q, const int8_t* k, const int8_t* v, const 
                         __mmask16 live = first(visible - jb);
                         __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r], ks)),
                                                  _mm512_set1_ps(c));
-                        if (has_mask)
-                            t = _mm512_add_ps(t, _mm512_maskz_loadu_ps(
-                                live, mask + b * msb + h * msh + i * msq + jb));
+                        const int64_t mo = b * msb + h * msh + i * msq + jb;
+                        if (has_mask == 1)
+                            t = _mm512_add_ps(t, _mm512_maskz_loadu_ps(live, mask + mo));
+                        else if (has_mask == 2) {  // a bool keep mask: its bytes
+                            const __m128i keep = _mm_maskz_loadu_epi8(live, bmask + mo);
+                            live &= _mm_test_epi8_mask(keep, keep);
+                        }
                         t = _mm512_mask_blend_ps(live, _mm512_set1_ps(-INFINITY), t);
                         _mm512_storeu_ps(rows.data() + r * Skp + jb, t);
                     }
@@ -276,8 +282,8 @@ extern "C" void kernel(const int8_t* q, const int8_t* k, const int8_t* v, const 
 }
 """
 
-_ARGTYPES = ["const int8_t*"] * 3 + ["const float*", "float*", "const float*", "const float*"] \
-    + ["const int64_t"] * 22
+_ARGTYPES = ["const int8_t*"] * 3 + ["const float*", "const uint8_t*", "float*", "const float*",
+                                     "const float*"] + ["const int64_t"] * 22
 
 
 def vnni_attention_available() -> bool:
@@ -304,6 +310,9 @@ def _last_dim_dense(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+_NO_BYTES = torch.zeros(1, dtype=torch.uint8)  # the byte-mask argument when there is none
+
+
 @functools.cache
 def bf16_pv_available() -> bool:
     """This CPU has AVX512-BF16 (vdpbf16ps): P V runs on bf16 pairs."""
@@ -325,12 +334,18 @@ def quantized_attention_vnni(q, k, v, q_scale, k_scale, v_scale, *, causal=False
     out = torch.empty((B, Hq, Sq, D), dtype=torch.float32)
     if not out.numel():
         return out.to(out_dtype)
-    mask = _additive_mask(attn_mask, (B, Hq, Sq, Sk), q.device)
-    if mask is not None:
-        mask = _last_dim_dense(mask)
+    # a bool mask is read as it is (its bytes); a float one as float32, both broadcast
+    bool_mask = attn_mask is not None and attn_mask.dtype == torch.bool
+    if bool_mask:
+        mask = _last_dim_dense(attn_mask.expand(B, Hq, Sq, Sk)).view(torch.uint8)
+    else:
+        mask = _additive_mask(attn_mask, (B, Hq, Sq, Sk), q.device)
+        mask = _last_dim_dense(mask) if mask is not None else None
     ms = mask.stride()[:3] if mask is not None else (0, 0, 0)
-    _kernel()(q, k, v, mask if mask is not None else c, out, c, vs, B, Hq, Hkv, Sq, Sk, D,
-              *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *ms, int(mask is not None),
+    kind = 0 if mask is None else 2 if bool_mask else 1
+    _kernel()(q, k, v, mask if kind == 1 else c, mask if kind == 2 else _NO_BYTES, out, c, vs,
+              B, Hq, Hkv, Sq, Sk, D, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *ms,
+              kind,
               int(causal), int(bf16_pv_available() if bf16 is None else bf16),
               torch.get_num_threads())
     return out.to(out_dtype)
