@@ -439,10 +439,11 @@ def _merge_identical_rescales(gm: GraphModule) -> None:
     at one scale: q = k = v of one projection) become one."""
     seen: dict = {}
     for node in list(gm.graph.nodes):
-        if node.target is not ops.REQUANT_INT8:
+        pending = ann.get(node, ann.PendingRequant)
+        if node.target is not ops.REQUANT_INT8 or pending is None:
             continue
-        key = (node.args, tuple(node.kwargs.items()),
-               ann.get(node, ann.PendingRequant).multipliers, ann.get(node, ann.QParams))
+        key = (node.args, tuple(node.kwargs.items()), pending.multipliers,
+               ann.get(node, ann.QParams))
         first = seen.setdefault(key, node)
         if first is not node:
             node.replace_all_uses_with(first)
@@ -464,13 +465,14 @@ def _fold_rescales(gm: GraphModule) -> int:
         while isinstance(src, Node) and is_layout(src) and len(src.users) == 1:
             src = src.args[0]
         pending = ann.get(src, ann.PendingRequant)
+        rescale = ann.get(node, ann.PendingRequant)
         if (not isinstance(src, Node) or src.target not in ops.REQUANT_OPS
-                or len(src.users) != 1 or pending is None
+                or len(src.users) != 1 or pending is None or rescale is None
                 or arg(src, "out_zp") != arg(node, "in_zp")
                 or (arg(src, "qmin"), arg(src, "qmax")) != (arg(node, "qmin"),
                                                             arg(node, "qmax"))):
             continue
-        (ratio,) = ann.get(node, ann.PendingRequant).multipliers
+        (ratio,) = rescale.multipliers
         for name in ("out_zp", "qmin", "qmax"):
             set_arg(src, name, arg(node, name))
         ann.put(src, ann.PendingRequant((pending.multipliers[0] * ratio,)))
