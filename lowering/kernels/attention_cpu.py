@@ -53,6 +53,47 @@ static inline __mmask16 first(int64_t n) {
     return n <= 0 ? (__mmask16)0 : n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1);
 }
 
+static inline void zero_block(__m512* a0, __m512* a1) {
+    for (int64_t r = 0; r < R; r++) {
+        a0[r] = _mm512_setzero_ps();
+        a1[r] = _mm512_setzero_ps();
+    }
+}
+
+// out rows o0 + r * D, d0 .. d0 + 31 (two vectors where Dp allows), scaled; scale < 0: a
+// row past the block's end, not stored
+static inline void store_block(const __m512* a0, const __m512* a1, float* o0, const int64_t D,
+                               const int64_t d0, const bool two, const float* scale) {
+    for (int64_t r = 0; r < R; r++) {
+        if (scale[r] < 0.f) continue;
+        float* o = o0 + r * D;
+        const __m512 s = _mm512_set1_ps(scale[r]);
+        _mm512_mask_storeu_ps(o + d0, first(D - d0), _mm512_mul_ps(a0[r], s));
+        if (two)
+            _mm512_mask_storeu_ps(o + d0 + 16, first(D - d0 - 16), _mm512_mul_ps(a1[r], s));
+    }
+}
+
+// P V in float32 FMAs: vf holds V's codes as float32 [Skp][Dp]
+static void pv_f32(const float* rows, const float* vf, const int64_t Skp, const int64_t Dp,
+                   const int64_t D, const int64_t kend, float* o0, const float* scale) {
+    for (int64_t d0 = 0; d0 < Dp; d0 += 32) {
+        const bool two = d0 + 16 < Dp;
+        __m512 a0[R], a1[R];
+        zero_block(a0, a1);
+        for (int64_t j = 0; j < kend; j++) {
+            const __m512 v0 = _mm512_loadu_ps(vf + j * Dp + d0);
+            const __m512 v1 = two ? _mm512_loadu_ps(vf + j * Dp + d0 + 16) : v0;
+            for (int64_t r = 0; r < R; r++) {
+                const __m512 p = _mm512_set1_ps(rows[r * Skp + j]);
+                a0[r] = _mm512_fmadd_ps(p, v0, a0[r]);
+                a1[r] = _mm512_fmadd_ps(p, v1, a1[r]);
+            }
+        }
+        store_block(a0, a1, o0, D, d0, two, scale);
+    }
+}
+
 // P V with bf16 pairs (AVX512-BF16's vdpbf16ps): out[r][d] = sum_j P[r][j] V[j][d] for
 // the nr rows of a block, keys in pairs: pw holds each row's P rounded to bf16 ([R][Skp]),
 // vpk V's codes as bf16 (exact: integers below 2**8) in pairs [Skp / 2][Dp][2].
@@ -69,10 +110,7 @@ static void pv_bf16(const float* rows, uint16_t* pw, const uint16_t* vpk, const 
     for (int64_t d0 = 0; d0 < Dp; d0 += 32) {
         const bool two = d0 + 16 < Dp;
         __m512 a0[R], a1[R];
-        for (int64_t r = 0; r < R; r++) {
-            a0[r] = _mm512_setzero_ps();
-            a1[r] = _mm512_setzero_ps();
-        }
+        zero_block(a0, a1);
         for (int64_t w = 0; w < pairs; w++) {
             const __m512bh v0 = (__m512bh)_mm512_loadu_si512(vpk + (w * Dp + d0) * 2);
             const __m512bh v1 = two ? (__m512bh)_mm512_loadu_si512(vpk + (w * Dp + d0 + 16) * 2)
@@ -83,14 +121,7 @@ static void pv_bf16(const float* rows, uint16_t* pw, const uint16_t* vpk, const 
                 a1[r] = _mm512_dpbf16_ps(a1[r], p, v1);
             }
         }
-        for (int64_t r = 0; r < R; r++) {
-            float* o = o0 + r * D;
-            if (scale[r] < 0.f) continue;  // a row past the block's end
-            const __m512 s = _mm512_set1_ps(scale[r]);
-            _mm512_mask_storeu_ps(o + d0, first(D - d0), _mm512_mul_ps(a0[r], s));
-            if (two)
-                _mm512_mask_storeu_ps(o + d0 + 16, first(D - d0 - 16), _mm512_mul_ps(a1[r], s));
-        }
+        store_block(a0, a1, o0, D, d0, two, scale);
     }
 }
 
@@ -249,32 +280,9 @@ extern "C" void kernel(const int8_t* q, const int8_t* k, const int8_t* v, const 
                         std::fill(rows.data() + r * Skp, rows.data() + (r + 1) * Skp, 0.f);
                     pv_bf16(rows.data(), pw.data(), vpk.data(), Skp, Dp, D, kend,
                             out + (bh * Sq + i0) * D, scale);
-                    continue;
-                }
-                for (int64_t d0 = 0; d0 < Dp; d0 += 32) {
-                    const bool two = d0 + 16 < Dp;
-                    __m512 a0[R], a1[R];
-                    for (int64_t r = 0; r < R; r++) {
-                        a0[r] = _mm512_setzero_ps();
-                        a1[r] = _mm512_setzero_ps();
-                    }
-                    for (int64_t j = 0; j < kend; j++) {
-                        const __m512 v0 = _mm512_loadu_ps(vf.data() + j * Dp + d0);
-                        const __m512 v1 = two ? _mm512_loadu_ps(vf.data() + j * Dp + d0 + 16) : v0;
-                        for (int64_t r = 0; r < R; r++) {
-                            const __m512 p = _mm512_set1_ps(rows[r * Skp + j]);
-                            a0[r] = _mm512_fmadd_ps(p, v0, a0[r]);
-                            a1[r] = _mm512_fmadd_ps(p, v1, a1[r]);
-                        }
-                    }
-                    for (int64_t r = 0; r < nr; r++) {
-                        float* o = out + (bh * Sq + i0 + r) * D;
-                        const __m512 s = _mm512_set1_ps(scale[r]);
-                        _mm512_mask_storeu_ps(o + d0, first(D - d0), _mm512_mul_ps(a0[r], s));
-                        if (two)
-                            _mm512_mask_storeu_ps(o + d0 + 16, first(D - d0 - 16),
-                                                  _mm512_mul_ps(a1[r], s));
-                    }
+                } else {
+                    pv_f32(rows.data(), vf.data(), Skp, Dp, D, kend, out + (bh * Sq + i0) * D,
+                           scale);
                 }
             }
         }
