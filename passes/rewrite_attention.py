@@ -59,11 +59,7 @@ def float_attention_reason(ctx: PassContext, q) -> str | None:
                     "dequantized inputs, no faster than float (kernels='cpu' quantizes it "
                     "anyway)")
         # measured on MiniLM (32 x 128, 2 AVX512-VNNI cores, ms per batch, int8 kernel
-        # against float SDPA): w8a8-static 122 vs 143; w8a8 170 vs 165; w4a8 248 vs 221
-        if recipe.requant != "dyadic":
-            return ("a dynamic recipe: q, k and v come out of the linears in float and their "
-                    "run-time quantization costs about what the int8 attention kernel saves "
-                    "(kernels='cpu' quantizes it anyway)")
+        # against float SDPA): w8a8-static 122 vs 143; w8a8 143 vs 164; w4a8 252 vs 239
         if opts.transform_on("online_hadamard"):
             return ("with online-hadamard an int8 attention rotates q and k at run time, "
                     "which costs more than the int8 attention kernel saves (kernels='cpu' "

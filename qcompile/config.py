@@ -250,8 +250,8 @@ class Options:
     narrow_weights: bool | None = None
     # int8 attention (rewrite-attention): None: wherever activations are quantized, except on
     # CPU under kernels="auto" where it is no faster (without AVX512-VNNI its int8 attention
-    # is float SDPA on dequantized inputs; with it, under dynamic recipes and online
-    # Hadamards: rewrite_attention.float_attention_reason) unless integer_nonlinear asks
+    # is float SDPA on dequantized inputs; with it, under online Hadamards, which would
+    # rotate q and k: rewrite_attention.float_attention_reason) unless integer_nonlinear asks
     # for the integer softmax; True: there too; False: attention stays float everywhere
     quantize_attention: bool | None = None
     seed: int = 0  # random Hadamard signs and orthogonal fallbacks

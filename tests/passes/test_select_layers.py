@@ -86,11 +86,10 @@ def _calibrated(model, x, **options):
 
 
 @pytest.mark.skipif(not ops.vnni_attention_runs_on("cpu"), reason="needs AVX512-VNNI")
-def test_attention_on_a_vnni_cpu_runs_the_int8_kernel_under_static_recipes():
-    """Under kernels="auto" a static recipe runs the int8 kernel (q, k and v arrive as int8
-    from their linears' requantization); a dynamic recipe, or one that would rotate q and k
-    online for it, keeps float attention with the reason; kernels="cpu" quantizes it
-    anyway."""
+def test_attention_on_a_vnni_cpu_runs_the_int8_kernel_unless_q_k_would_rotate():
+    """Under kernels="auto" static and dynamic recipes run the int8 kernel; a recipe that
+    would rotate q and k online for it keeps float attention with the reason; kernels="cpu"
+    quantizes it anyway."""
     torch.manual_seed(0)
     model, x = SelfAttention(), torch.randn(2, 5, 16)
     with torch.no_grad():
@@ -103,9 +102,11 @@ def test_attention_on_a_vnni_cpu_runs_the_int8_kernel_under_static_recipes():
     _, art = _calibrated(copy.deepcopy(model), x, recipe="w4a8", group_size=16)
     (rec,) = [r for r in art.ctx.layers.values() if r.kind == "attention"]
     assert not rec.quantized and "rotates q and k at run time" in rec.reason
-    _, art, _ = _compile(copy.deepcopy(model), x, REAL)
+    cm, art, _ = _compile(copy.deepcopy(model), x, REAL)  # w8a8: dynamic
     (rec,) = [r for r in art.ctx.layers.values() if r.kind == "attention"]
-    assert not rec.quantized and rec.reason.startswith("a dynamic recipe")
+    assert rec.quantized and rec.kernel == "attention_int8:cpu-vnni"
+    with torch.no_grad():
+        torch.testing.assert_close(cm(x), want, atol=0.03, rtol=0.03)
     cm, art, _ = _compile(copy.deepcopy(model), x, REAL, kernels="cpu")
     (rec,) = [r for r in art.ctx.layers.values() if r.kind == "attention"]
     assert rec.quantized and rec.kernel == "attention_int8:cpu-vnni"
