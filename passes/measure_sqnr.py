@@ -41,8 +41,8 @@ from qcompile.sites import is_conv, linear_name
 
 
 class _Record(Interpreter):
-    """Each layer's output (by `key`); with inputs=True also its linears' input
-    statistics (_input_stats), as _Inputs takes them."""
+    """Each layer's output (by `key`); with inputs=True also the input statistics of every
+    linear it runs (_input_stats)."""
 
     def __init__(self, gm, key, inputs: bool = False):
         super().__init__(gm)
@@ -222,26 +222,13 @@ def _input_stats(interp: Interpreter, n: Node) -> None:
         interp.stats[linear_name(n)] = {"absmax": x.abs().max().item(), "kurtosis": kurt}
 
 
-class _Inputs(Interpreter):
-    """The input statistics of every linear of a graph (_input_stats)."""
-
-    def __init__(self, gm):
-        super().__init__(gm)
-        self.stats = {}
-
-    def run_node(self, n):
-        out = super().run_node(n)
-        _input_stats(self, n)
-        return out
-
-
 def _activation_ranges(ctx: PassContext, after: dict, inputs) -> None:
     """Per-layer input range before the transforms (the canonical graph, run here) and
     after them (`after`: taken while the float graph ran for the SQNR), for the report and
     its picture."""
     before = {}
     if ctx.analysis.get("canonical_gm") is not None:
-        probe = _Inputs(ctx.analysis["canonical_gm"])
+        probe = _Record(ctx.analysis["canonical_gm"], lambda n: None, inputs=True)
         with torch.no_grad():
             probe.run(*inputs)
         before = probe.stats
