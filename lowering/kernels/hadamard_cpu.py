@@ -1,9 +1,8 @@
 """The online Hadamard transform on CPU: one C++ kernel, butterflies over vectors.
 
 What: y = x @ H_n^T / sqrt(n) over the last dim of float32 rows [M, n], the contract of
-hadamard_transform. H_n = H_a (x) H_b (`kron_split`: a a power of two, b = m 2^j the
-smallest such block of at least SIMD_BLOCK floats, H_b = hadamard_matrix(b)), so with each
-row viewed as [a, b]:
+hadamard_transform. H_n = H_a (x) H_b (`block_split`: a a power of two, b = m 2^j filling
+whole vectors, H_b = hadamard_matrix(b)), so with each row viewed as [a, b]:
 - every row of b floats is multiplied by H_b (b broadcast-multiply-adds of b lanes: the
   entries are +-1, so every product is exact and only the sums round);
 - then the Sylvester butterflies over a: log2(a) stages of (u + w, u - w) on pairs of
@@ -36,8 +35,7 @@ _SOURCE = r"""
 
 using Vec = at::vec::Vectorized<float>;
 
-// o[0:b] = u[0:b] + w[0:b] and q[0:b] = (u - w) * scale, and the like, in vectors of
-// Vec::size() floats with a partial one at the end
+// f(i, count) over [0, b) in vectors of Vec::size() floats, a partial one at the end
 template <typename F>
 static inline void each(int64_t b, F f) {
     const int64_t V = Vec::size();
