@@ -520,7 +520,7 @@ def _requant_inline_plan(a, impl, fn):
     route = inline_route(impl, a["w"])
     if route is None or cpu_routes.ROUTES[route].native_f32:
         return None
-    return Inline(fn, {}, {"route": route})
+    return Inline(fn, {}, {"route": route}, opaque_input=True)
 
 
 def _linear_int8_inline(x, w, bias, zp_term, q, shift, out_zp, qmin, qmax, *, route):
@@ -723,7 +723,7 @@ def _(a, impl):
         if zp.numel() and int(zp.abs().max()) > F32_EXACT:
             return None  # not exact in float32: the op runs as it is
         consts["zp_f32"] = zp.to(torch.float32)
-    return Inline(_linear_dq_inline, consts, {"route": route})
+    return Inline(_linear_dq_inline, consts, {"route": route}, opaque_input=True)
 
 
 def _operand(a, route):

@@ -86,12 +86,14 @@ class Inline:
     reciprocal, which rounds differently, on GPUs, and on CPUs in earlier releases,
     pytorch#157959); `options` plain values (a route's name). rereads_input: fn reads its
     input in two loops (a row's range, then the division), so the op that produces the
-    input is better stored than computed twice (lowering/inline.py)."""
+    input is better stored than computed twice (lowering/inline.py). opaque_input: fn hands
+    its input as it is to an opaque call (a GEMM route), which reads it stored."""
 
     fn: Callable
     constants: dict[str, torch.Tensor] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)
     rereads_input: bool = False
+    opaque_input: bool = False
 
 
 @dataclass

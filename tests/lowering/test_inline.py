@@ -299,3 +299,55 @@ def test_inlined_requantizing_linears_compile_to_the_same_integers(route):
     assert torch.equal(got, gm(x))  # the ops, run one by one
     assert torch.equal(got, torch.fx.symbolic_trace(_Requantizing("reference"))(x))
     assert got.unique().numel() > 20  # not saturated throughout
+
+
+class _SharedInputs(torch.nn.Module):
+    """A quantized input read by two linears and a computed bool mask read by two
+    attentions: what Inductor would recompute into a copy for each reader."""
+
+    def __init__(self, route: str, k: int = 32):
+        super().__init__()
+        g = torch.Generator().manual_seed(2)
+        self.route = route
+        self.register_buffer("w", torch.randint(-64, 64, (k, k), dtype=torch.int8, generator=g))
+        self.register_buffer("ws", torch.rand(k, generator=g) * 0.01 + 1e-3)
+        self.register_buffer("s", torch.tensor(0.05))
+
+    def forward(self, x, keep):
+        q = torch.ops.qcompile.quantize.default(x, SCALE, 3, -128, 127, impl="cpu")
+        a, b = (torch.ops.qcompile.linear_int8_dq.default(
+            q, self.w, None, None, SCALE, self.ws, torch.float32, impl=self.route)
+            for _ in range(2))
+        mask = ((keep > 0)[:, None, None, :] & (keep.new_ones(keep.shape[1]) > 0)[:, None])
+        qa, qb = (torch.ops.qcompile.quantize.default(t.view(2, 1, 8, 32), 0.05, 0, -128, 127,
+                                                      impl="cpu") for t in (a, b))
+        return [torch.ops.qcompile.attention_int8.default(
+            t, t, t, self.s, self.s, self.s, mask, False, None, torch.float32,
+            impl="reference") for t in (qa, qb)]
+
+
+def test_what_several_opaque_calls_read_is_stored_once():
+    """The quantized input of two GEMMs and a mask two attentions read go through one
+    stored node each (Inductor's stride prim), the generated code allocates the mask once
+    (not once per attention), and the results equal the uncompiled graph's."""
+    from torch._inductor.utils import run_and_get_code
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    route = next(r for r in ROUTES if r != "fp32-exact") if len(ROUTES) > 1 else ROUTES[0]
+    module = _SharedInputs(f"cpu-{route}").eval()
+    x, keep = torch.randn(16, 32) * 4, torch.tensor([[1] * 6 + [0] * 2, [1] * 8])
+    gm = torch.fx.symbolic_trace(module)
+    # the values the pass reads, as Dynamo records them
+    FakeTensorProp(gm, FakeTensorMode(allow_non_fake_inputs=True)).propagate(x, keep)
+    graph = copy_graph_module(gm)
+    inlined = inline_for_inductor(graph)
+    stores = [n for n in graph.graph.nodes
+              if n.target is torch.ops.prims.inductor_force_stride_order.default]
+    assert len(stores) == 2 and all(len(n.users) == 2 for n in stores)
+    assert {n.args[0].meta["val"].dtype for n in stores} == {torch.int8, torch.bool}
+    compiled, (code,) = run_and_get_code(
+        lambda: compile_fx(graph, [x, keep], config_patches=inlined.config_patches))
+    for got, want in zip(compiled(x, keep), gm(x, keep)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert code.count("torch.bool)") == 1, code
