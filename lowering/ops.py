@@ -24,6 +24,7 @@ Boundary ops (float islands start and end here):
   dequantize       int8 -> float
 Float-output ops:
   attention_int8   int8 q, k, v -> fused attention with a float softmax -> float
+  attention_int8_q the same, its output quantized (static) -> int8, token-major layout
   linear_dynamic   per-token dynamic int8 activations, int8 weights, float epilogue
   linear_w4a16     int4 group-wise weights dequantized in the kernel, float activations
   quantize_absmax  float -> (int8, scale): dynamic per-tensor, for attention inputs
@@ -919,6 +920,68 @@ def _(q, k, v, q_scale, k_scale, v_scale, attn_mask, is_causal, scale, out_dtype
                                       attn_mask=attn_mask, sm_scale=scale, out_dtype=out_dtype)
 
 
+def _quantized_rows(out, out_scale, out_zp, qmin, qmax):
+    """An attention's float32 output quantized as quantize does, in the token-major layout
+    attention_int8_q promises."""
+    from qcompile.lowering.kernels.attention import token_major
+
+    q = _quantize_body(out.float(), torch.tensor(out_scale, dtype=torch.float32), out_zp,
+                       qmin, qmax)
+    return token_major(q.shape, torch.int8, q.device).copy_(q)
+
+
+# int8 codes of attention_int8's output: implementations differ by its float rounding, so
+# a code may differ by one where the float value sits at a rounding boundary
+@quantized_op(exact=False, tolerance={"atol": 1, "rtol": 0})
+def attention_int8_q(q: Tensor, k: Tensor, v: Tensor, q_scale: Tensor, k_scale: Tensor,
+                     v_scale: Tensor, attn_mask: Tensor | None, is_causal: bool,
+                     scale: float | None, out_scale: float, out_zp: int, qmin: int,
+                     qmax: int) -> Tensor:
+    """attention_int8 (float32 output) quantized as quantize quantizes it: int8 [B, Hq, Sq,
+    Dv] = clamp(round_half_even(out / out_scale) + out_zp, qmin, qmax), in the [B, Sq, Hq,
+    Dv] memory layout, so that the output projection's transpose(1, 2).reshape(B, Sq, -1)
+    is a view. integer-dataflow writes it where a static quantize is the only reader of an
+    attention's output; the fused CPU kernel quantizes its rows as it stores them instead
+    of writing float32 that a second kernel reads back."""
+
+
+@attention_int8_q.fake
+def _(q, k, v, q_scale, k_scale, v_scale, attn_mask, is_causal, scale, out_scale, out_zp,
+      qmin, qmax):
+    from qcompile.lowering.kernels.attention import token_major
+
+    return token_major((*q.shape[:-1], v.shape[-1]), torch.int8, q.device)
+
+
+def _attention_then_quantize(impl: str):
+    def run(q, k, v, q_scale, k_scale, v_scale, attn_mask, is_causal, scale, out_scale,
+            out_zp, qmin, qmax):
+        out = attention_int8.impls[impl].fn(q, k, v, q_scale, k_scale, v_scale, attn_mask,
+                                            is_causal, scale, torch.float32)
+        return _quantized_rows(out, out_scale, out_zp, qmin, qmax)
+
+    run.__doc__ = f"attention_int8's {impl!r} implementation, then quantize's arithmetic."
+    return run
+
+
+attention_int8_q.impl("reference")(_attention_then_quantize("reference"))
+attention_int8_q.impl("cpu-sdpa", runs_on=on_cpu)(_attention_then_quantize("cpu-sdpa"))
+attention_int8_q.impl("triton", runs_on=triton_runs_on)(_attention_then_quantize("triton"))
+
+
+@attention_int8_q.impl("cpu-vnni", runs_on=vnni_attention_runs_on, priority=1)
+def _(q, k, v, q_scale, k_scale, v_scale, attn_mask, is_causal, scale, out_scale, out_zp,
+      qmin, qmax):
+    """The VNNI kernel quantizing each row as it stores it (the same float32 values its
+    float output holds, the same division and rounding: equal to quantize of its float
+    output, bit for bit)."""
+    from qcompile.lowering.kernels.attention_cpu import quantized_attention_vnni
+
+    return quantized_attention_vnni(q, k, v, q_scale, k_scale, v_scale, causal=is_causal,
+                                    attn_mask=attn_mask, sm_scale=scale,
+                                    out_q=(out_scale, out_zp, qmin, qmax))
+
+
 # ---------------------------------------------------------------- online Hadamard
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16, torch.float32)
@@ -1063,6 +1126,7 @@ ADD_INT8 = add_int8.overload
 REQUANT_INT8 = requant_int8.overload
 QUANTIZE_ABSMAX = quantize_absmax.overload
 ATTENTION_INT8 = attention_int8.overload
+ATTENTION_INT8_Q = attention_int8_q.overload
 HADAMARD = hadamard_transform.overload
 # every op that requantizes an accumulator per channel (compute-dyadic fills its q, shift);
 # lowering/a16_ops.py adds linear_a16w8 when it is declared

@@ -15,6 +15,9 @@ What, for integer-only recipes after rewrite-linear:
    directly, so no requantization error is paid for an integer consumer that does not
    exist. (Outlier channels of BERT-style residual writers made this worth 0.05-0.1 of
    embedding cosine on all-MiniLM-L6-v2.)
+4. attention outputs: an attention whose float32 output only a static quantize reads
+   (through the heads' transpose and reshape) becomes attention_int8_q, which stores the
+   int8 codes itself, token-major, so the reshape is a view.
 Residual adds are made integer only when their sum flows on into integer ops; a sum that
 enters a float norm is added in float.
 Layout ops (view, reshape, transpose, permute, split items, ...) move values without
@@ -503,6 +506,37 @@ def _island_ops(node: Node, depth: int = 8) -> list[str] | None:
     return ops_seen[::-1] if found else None
 
 
+def _quantized_attention_outputs(gm: GraphModule) -> int:
+    """A static quantize that is the only reader of an attention's float32 output (through
+    layout ops: the heads' transpose and reshape for the output projection) moves into the
+    attention: attention_int8_q stores int8 codes where attention_int8 stored float32 that
+    the quantize read back (the same values, the same rounding), and the layout ops run on
+    the codes."""
+    done = 0
+    for node in list(gm.graph.nodes):
+        if node.target is not ops.QUANTIZE:
+            continue
+        src = node.args[0]
+        while isinstance(src, Node) and is_layout(src) and len(src.users) == 1:
+            src = src.args[0]
+        if (not isinstance(src, Node) or src.target is not ops.ATTENTION_INT8
+                or len(src.users) != 1 or arg(src, "out_dtype") != torch.float32):
+            continue
+        with gm.graph.inserting_before(src):
+            new = gm.graph.call_function(ops.ATTENTION_INT8_Q, (
+                *src.args[:9], arg(node, "scale"), arg(node, "zero_point"), arg(node, "qmin"),
+                arg(node, "qmax")))
+        new.meta.update(src.meta)
+        ann.copy(src, new, ann.Layer, ann.LayerOutput, ann.Sites)
+        src.replace_all_uses_with(new)
+        gm.graph.erase_node(src)
+        ann.copy(node, node.args[0], ann.QParams)
+        node.replace_all_uses_with(node.args[0])
+        gm.graph.erase_node(node)
+        done += 1
+    return done
+
+
 def _float_outputs(gm: GraphModule) -> int:
     """Linears whose int8 output only feeds float islands: dequantize the accumulator."""
     done = 0
@@ -560,5 +594,6 @@ def integer_dataflow(gm: GraphModule, ctx: PassContext) -> PassResult:
     erase_unused(gm)  # the float reads of what round trips replaced
     counters["rescales_folded"] = _fold_rescales(gm)
     counters["float_outputs"] = _float_outputs(gm)
+    counters["attention_outputs_quantized"] = _quantized_attention_outputs(gm)
     erase_unused(gm)
     return PassResult(gm, modified=any(counters.values()), counters=counters)

@@ -161,6 +161,14 @@ def _per_head(scale, heads: int, name: str) -> torch.Tensor:
     return t
 
 
+def token_major(shape, dtype, device=None) -> torch.Tensor:
+    """An empty [B, H, S, D] tensor in the [B, S, H, D] memory layout: what a quantized
+    attention's int8 output is written in, so that the output projection's
+    transpose(1, 2).reshape(B, S, H * D) is a view."""
+    b, h, s, d = shape
+    return torch.empty((b, s, h, d), dtype=dtype, device=device).transpose(1, 2)
+
+
 def _check(q, k, v):
     if q.dtype != torch.int8 or k.dtype != torch.int8 or v.dtype != torch.int8:
         raise TypeError(

@@ -37,7 +37,7 @@ import functools
 
 import torch
 
-from qcompile.lowering.kernels.attention import _additive_mask, _check, _scales
+from qcompile.lowering.kernels.attention import _additive_mask, _check, _scales, token_major
 
 _SOURCE = r"""
 #include <torch/csrc/inductor/cpp_prefix.h>
@@ -60,23 +60,47 @@ static inline void zero_block(__m512* a0, __m512* a1) {
     }
 }
 
-// out rows o0 + r * D, d0 .. d0 + 31 (two vectors where Dp allows), scaled; scale < 0: a
-// row past the block's end, not stored
-static inline void store_block(const __m512* a0, const __m512* a1, float* o0, const int64_t D,
-                               const int64_t d0, const bool two, const float* scale) {
+// where a block's rows go: float32 rows, or int8 codes quantized as qcompile::quantize
+// quantizes (float32 true division, round half to even, + zero point, clamp); rows
+// o.rs elements apart
+struct Out {
+    float* f;
+    int8_t* q;
+    int64_t rs;
+    float qs, zp, lo, hi;
+};
+
+static inline void put(const Out& o, const int64_t at, const __mmask16 m, const __m512 y) {
+    if (o.q == nullptr) {
+        _mm512_mask_storeu_ps(o.f + at, m, y);
+        return;
+    }
+    __m512 t = _mm512_roundscale_ps(_mm512_div_ps(y, _mm512_set1_ps(o.qs)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    t = _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(t, _mm512_set1_ps(o.zp)),
+                                    _mm512_set1_ps(o.lo)), _mm512_set1_ps(o.hi));
+    _mm_mask_storeu_epi8(o.q + at, m, _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(t)));
+}
+
+// out rows at0 + r * o.rs, d0 .. d0 + 31 (two vectors where Dp allows), scaled; scale < 0:
+// a row past the block's end, not stored
+static inline void store_block(const __m512* a0, const __m512* a1, const Out& o,
+                               const int64_t at0, const int64_t D, const int64_t d0,
+                               const bool two, const float* scale) {
     for (int64_t r = 0; r < R; r++) {
         if (scale[r] < 0.f) continue;
-        float* o = o0 + r * D;
+        const int64_t at = at0 + r * o.rs;
         const __m512 s = _mm512_set1_ps(scale[r]);
-        _mm512_mask_storeu_ps(o + d0, first(D - d0), _mm512_mul_ps(a0[r], s));
+        put(o, at + d0, first(D - d0), _mm512_mul_ps(a0[r], s));
         if (two)
-            _mm512_mask_storeu_ps(o + d0 + 16, first(D - d0 - 16), _mm512_mul_ps(a1[r], s));
+            put(o, at + d0 + 16, first(D - d0 - 16), _mm512_mul_ps(a1[r], s));
     }
 }
 
 // P V in float32 FMAs: vf holds V's codes as float32 [Skp][Dp]
 static void pv_f32(const float* rows, const float* vf, const int64_t Skp, const int64_t Dp,
-                   const int64_t D, const int64_t kend, float* o0, const float* scale) {
+                   const int64_t D, const int64_t kend, const Out& o, const int64_t at0,
+                   const float* scale) {
     for (int64_t d0 = 0; d0 < Dp; d0 += 32) {
         const bool two = d0 + 16 < Dp;
         __m512 a0[R], a1[R];
@@ -90,7 +114,7 @@ static void pv_f32(const float* rows, const float* vf, const int64_t Skp, const 
                 a1[r] = _mm512_fmadd_ps(p, v1, a1[r]);
             }
         }
-        store_block(a0, a1, o0, D, d0, two, scale);
+        store_block(a0, a1, o, at0, D, d0, two, scale);
     }
 }
 
@@ -99,8 +123,8 @@ static void pv_f32(const float* rows, const float* vf, const int64_t Skp, const 
 // vpk V's codes as bf16 (exact: integers below 2**8) in pairs [Skp / 2][Dp][2].
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 static void pv_bf16(const float* rows, uint16_t* pw, const uint16_t* vpk, const int64_t Skp,
-                    const int64_t Dp, const int64_t D, const int64_t kend, float* o0,
-                    const float* scale) {
+                    const int64_t Dp, const int64_t D, const int64_t kend, const Out& o,
+                    const int64_t at0, const float* scale) {
     for (int64_t r = 0; r < R; r++)
         for (int64_t jb = 0; jb < Skp; jb += 16)
             _mm256_storeu_si256((__m256i*)(pw + r * Skp + jb),
@@ -121,7 +145,7 @@ static void pv_bf16(const float* rows, uint16_t* pw, const uint16_t* vpk, const 
                 a1[r] = _mm512_dpbf16_ps(a1[r], p, v1);
             }
         }
-        store_block(a0, a1, o0, D, d0, two, scale);
+        store_block(a0, a1, o, at0, D, d0, two, scale);
     }
 }
 
@@ -151,18 +175,22 @@ static void pack_v_bf16(const int8_t* vb, const int64_t vs_, const int64_t Sk, c
 
 extern "C" void kernel(const int8_t* q, const int8_t* k, const int8_t* v, const float* mask,
                        const uint8_t* bmask,
-                       float* out, const float* cs, const float* vss,
+                       float* out, int8_t* qout, const float* qp, const float* cs,
+                       const float* vss,
                        const int64_t B, const int64_t Hq, const int64_t Hkv,
                        const int64_t Sq, const int64_t Sk, const int64_t D,
                        const int64_t qsb, const int64_t qsh, const int64_t qss,
                        const int64_t ksb, const int64_t ksh, const int64_t kss,
                        const int64_t vsb, const int64_t vsh, const int64_t vss_,
                        const int64_t msb, const int64_t msh, const int64_t msq,
+                       const int64_t osb, const int64_t osh, const int64_t oss,
                        const int64_t has_mask, const int64_t causal, const int64_t bf16,
                        const int64_t threads)
 {
     const int64_t Skp = (Sk + 15) / 16 * 16, D4 = (D + 3) / 4, Dp = (D + 15) / 16 * 16;
     const int64_t group = Hq / Hkv;
+    // qp: the int8 output's scale (0: float rows into out), zero point, qmin, qmax
+    const Out o{out, qp[0] > 0.f ? qout : nullptr, oss, qp[0], qp[1], qp[2], qp[3]};
     #pragma omp parallel num_threads(threads)
     {
         std::vector<int32_t> kp(D4 * Skp);  // [D4][Skp] words of 4 bytes
@@ -279,10 +307,10 @@ extern "C" void kernel(const int8_t* q, const int8_t* k, const int8_t* v, const 
                     for (int64_t r = nr; r < R; r++)  // rows past the end: P = 0
                         std::fill(rows.data() + r * Skp, rows.data() + (r + 1) * Skp, 0.f);
                     pv_bf16(rows.data(), pw.data(), vpk.data(), Skp, Dp, D, kend,
-                            out + (bh * Sq + i0) * D, scale);
+                            o, b * osb + h * osh + i0 * oss, scale);
                 } else {
-                    pv_f32(rows.data(), vf.data(), Skp, Dp, D, kend, out + (bh * Sq + i0) * D,
-                           scale);
+                    pv_f32(rows.data(), vf.data(), Skp, Dp, D, kend, o,
+                           b * osb + h * osh + i0 * oss, scale);
                 }
             }
         }
@@ -290,8 +318,9 @@ extern "C" void kernel(const int8_t* q, const int8_t* k, const int8_t* v, const 
 }
 """
 
-_ARGTYPES = ["const int8_t*"] * 3 + ["const float*", "const uint8_t*", "float*", "const float*",
-                                     "const float*"] + ["const int64_t"] * 22
+_ARGTYPES = ["const int8_t*"] * 3 + ["const float*", "const uint8_t*", "float*", "int8_t*",
+                                     "const float*", "const float*", "const float*"] + [
+    "const int64_t"] * 25
 
 
 def vnni_attention_available() -> bool:
@@ -318,7 +347,14 @@ def _last_dim_dense(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-_NO_BYTES = torch.zeros(1, dtype=torch.uint8)  # the byte-mask argument when there is none
+@functools.cache
+def _unused() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Placeholders for the pointer arguments a call does not use: the byte mask, the int8
+    output, the float output (and the int8 output's parameters, a scale of 0). Made on
+    first use, not at import: a module first imported under a fake mode (an op's fake
+    implementation) would make them fake."""
+    return (torch.zeros(1, dtype=torch.uint8), torch.zeros(1, dtype=torch.int8),
+            torch.zeros(4, dtype=torch.float32))
 
 
 @functools.cache
@@ -331,17 +367,25 @@ def bf16_pv_available() -> bool:
 
 def quantized_attention_vnni(q, k, v, q_scale, k_scale, v_scale, *, causal=False,
                              attn_mask=None, sm_scale=None, out_dtype=torch.float32,
-                             bf16=None):
-    """attention_int8's contract on CPU tensors (see the module docstring)."""
+                             bf16=None, out_q=None):
+    """attention_int8's contract on CPU tensors (see the module docstring); with out_q =
+    (scale, zero point, qmin, qmax), attention_int8_q's: the float32 rows quantized as they
+    are stored, into int8 in the token-major layout."""
     _check(q, k, v)
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     c, vs, _ = _scales(q, k, q_scale, k_scale, v_scale, sm_scale)
     c, vs = c.to(torch.float32), vs.to(torch.float32)
     q, k, v = _last_dim_dense(q), _last_dim_dense(k), _last_dim_dense(v)
-    out = torch.empty((B, Hq, Sq, D), dtype=torch.float32)
-    if not out.numel():
-        return out.to(out_dtype)
+    no_bytes, no_codes, no_floats = _unused()
+    if out_q is None:
+        out = torch.empty((B, Hq, Sq, D), dtype=torch.float32)
+        written, qout, qp = out, None, no_floats
+    else:
+        qout = token_major((B, Hq, Sq, D), torch.int8)
+        written, out, qp = qout, no_floats, torch.tensor(out_q, dtype=torch.float32)
+    if not written.numel():
+        return written if out_q is not None else out.to(out_dtype)
     # a bool mask is read as it is (its bytes); a float one as float32, both broadcast
     bool_mask = attn_mask is not None and attn_mask.dtype == torch.bool
     if bool_mask:
@@ -351,9 +395,10 @@ def quantized_attention_vnni(q, k, v, q_scale, k_scale, v_scale, *, causal=False
         mask = _last_dim_dense(mask) if mask is not None else None
     ms = mask.stride()[:3] if mask is not None else (0, 0, 0)
     kind = 0 if mask is None else 2 if bool_mask else 1
-    _kernel()(q, k, v, mask if kind == 1 else c, mask if kind == 2 else _NO_BYTES, out, c, vs,
+    _kernel()(q, k, v, mask if kind == 1 else c, mask if kind == 2 else no_bytes, out,
+              qout if qout is not None else no_codes, qp, c, vs,
               B, Hq, Hkv, Sq, Sk, D, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *ms,
-              kind,
+              *written.stride()[:3], kind,
               int(causal), int(bf16_pv_available() if bf16 is None else bf16),
               torch.get_num_threads())
-    return out.to(out_dtype)
+    return qout if out_q is not None else out.to(out_dtype)

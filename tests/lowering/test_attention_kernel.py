@@ -213,6 +213,15 @@ def test_vnni_kernel_odd_shapes(b, hq, hkv, sq, sk, d, case, bf16):
     assert (got.double() - want).abs().max() <= (_BF16_P if bf16 else 1e-5) * max(v_top, 1e-3)
     if case == "empty-row":
         assert not got[:, :, 3].any()
+    # attention_int8_q: the rows quantized as they are stored equal quantize of the float
+    # rows bit for bit, written token-major (clamped codes and both zero-point signs too)
+    for step, zp, qmin, qmax in ((max(v_top, 1e-3) / 100, -3, -128, 127),
+                                 (max(v_top, 1e-3) / 300, 5, -20, 20)):
+        codes_out = quantized_attention_vnni(q, k, v, *scales, bf16=bf16,
+                                             out_q=(step, zp, qmin, qmax), **kw)
+        expect = (torch.round(got / torch.tensor(step, dtype=torch.float32)) + zp)
+        assert torch.equal(codes_out, expect.clamp(qmin, qmax).to(torch.int8))
+        assert codes_out.transpose(1, 2).is_contiguous()
 
 
 def test_errors():

@@ -88,7 +88,8 @@ def test_model_recipe(name, recipe):
 def test_static_recipe_is_integer_only_between_boundaries():
     """w8a8-static on BERT: q, k, v flow as int8 from their linears into int8 attention
     (each linear requantizes to the attention's grid itself, no float round trip and no
-    second rescale); linears whose outputs enter a float
+    second rescale), and the attention's int8 output into the output projection (the
+    attention quantizes it as it stores it); linears whose outputs enter a float
     island (residual add before LayerNorm, GELU) dequantize their int32 accumulators;
     every integer requantization carries int64 dyadic constants; no float linear is left."""
     model, cm, make, key = compiled("bert", "w8a8-static")
@@ -100,21 +101,27 @@ def test_static_recipe_is_integer_only_between_boundaries():
     nodes = list(art.gm.graph.nodes)
     assert not any(n.target is F.linear for n in nodes)
     by_target = {t: [n for n in nodes if n.target is t] for t in (
-        ops.LINEAR_INT8, ops.LINEAR_INT8_DQ, ops.REQUANT_INT8, ops.ATTENTION_INT8, ops.ADD_INT8)}
+        ops.LINEAR_INT8, ops.LINEAR_INT8_DQ, ops.REQUANT_INT8, ops.ATTENTION_INT8,
+        ops.ATTENTION_INT8_Q, ops.ADD_INT8)}
     assert len(by_target[ops.LINEAR_INT8]) == 6  # q, k, v of 2 layers: int8 out
     assert len(by_target[ops.LINEAR_INT8_DQ]) == 7  # o, up, down x 2 + pooler: float out
     assert not by_target[ops.REQUANT_INT8]  # folded into the q, k, v linears
-    assert len(by_target[ops.ATTENTION_INT8]) == 2
+    assert not by_target[ops.ATTENTION_INT8]  # each quantizes its output itself
+    assert len(by_target[ops.ATTENTION_INT8_Q]) == 2
     assert not by_target[ops.ADD_INT8]  # the sums enter float LayerNorms
     for n in by_target[ops.LINEAR_INT8] + by_target[ops.LINEAR_INT8_DQ]:
         assert n.args[0].meta["val"].dtype == torch.int8
     for n in by_target[ops.LINEAR_INT8]:
         assert art.gm.get_buffer(n.args[4].target).dtype == torch.int64  # dyadic q
-    for n in by_target[ops.ATTENTION_INT8]:
+    for n in by_target[ops.ATTENTION_INT8_Q]:
         for a in n.args[:3]:  # layout ops only, back to an int8 linear: no float round trip
             while a.target is not ops.LINEAR_INT8:
                 assert is_layout(a), a.format_node()
                 a = a.args[0]
+        (user,) = n.users  # layout ops only, on to the output projection
+        while user.target is not ops.LINEAR_INT8_DQ:
+            assert is_layout(user), user.format_node()
+            (user,) = user.users
     counters = art.ctx.counters
     assert counters["integer-dataflow.float_outputs"] == 7
     assert counters["rewrite-attention.static"] == 2

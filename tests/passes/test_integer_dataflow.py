@@ -50,7 +50,7 @@ def test_residual_add_in_int8_and_a_float_output():
     """)
     rec = next(r for r in cap.ctx.history if r.name == "integer-dataflow")
     assert rec.counters == {"residual_adds": 1, "round_trips_removed": 1, "rescales_folded": 0,
-                            "float_outputs": 1}
+                            "float_outputs": 1, "attention_outputs_quantized": 0}
 
 
 def test_requantize_into_the_next_int8_op_through_layout_ops():
@@ -69,7 +69,9 @@ def test_requantize_into_the_next_int8_op_through_layout_ops():
     # linear and the attention. q's int8 must become the attention's symmetric int8: since
     # nothing else reads the linear's output, the linear requantizes to the attention's
     # parameters itself (zero point 0, its multiplier s_x s_w / s_attention), one rounding,
-    # rather than to its own calibrated grid and then by a rescale (requant_int8)
+    # rather than to its own calibrated grid and then by a rescale (requant_int8). The
+    # output projection reads the attention's own int8 codes (attention_int8_q), with no
+    # quantize between them
     expect(after, """
         # CHECK-NOT: dequantize
         # CHECK: linear_int8_default = torch.ops.qcompile.linear_int8.default(quantize_default,
@@ -77,8 +79,10 @@ def test_requantize_into_the_next_int8_op_through_layout_ops():
         # CHECK: view_3 = linear_int8_default.view(2, 5, 2, 8)
         # CHECK-NEXT: transpose = view_3.transpose(1, 2)
         # CHECK-NOT: requant_int8
-        # CHECK: attention_int8.default(transpose, transpose_4, transpose_5,
+        # CHECK: attention_int8_q.default(transpose, transpose_4, transpose_5,
         # CHECK-NOT: dequantize
+        # CHECK-NOT: quantize.default
+        # CHECK: linear_int8_dq.default
     """)
     # the folded multiplier is right: q's int8 output, at the attention's scale, is the
     # float projection within a quantization step or two
@@ -87,7 +91,7 @@ def test_requantize_into_the_next_int8_op_through_layout_ops():
     gm = cap.gm
     lin = next(n for n in gm.graph.nodes if registry.is_op(n, ops.linear_int8)
                and n.args[1].target == "q_wq")
-    attn = next(n for n in gm.graph.nodes if registry.is_op(n, ops.attention_int8))
+    attn = next(n for n in gm.graph.nodes if registry.is_op(n, ops.attention_int8_q))
     quant = lin.args[0]
     torch.manual_seed(0)
     model, x = Attention().eval(), torch.randn(2, 5, 16)
@@ -99,7 +103,8 @@ def test_requantize_into_the_next_int8_op_through_layout_ops():
         err = (codes.float() * scale - model.q(x)).abs().max()
     assert err < 2 * scale, (err, scale)
     assert next(r for r in cap.ctx.history if r.name == "integer-dataflow").counters == {
-        "residual_adds": 0, "round_trips_removed": 3, "rescales_folded": 3, "float_outputs": 1}
+        "residual_adds": 0, "round_trips_removed": 3, "rescales_folded": 3, "float_outputs": 1,
+        "attention_outputs_quantized": 1}
 
 
 def test_dynamic_recipe_has_no_integer_dataflow():

@@ -85,6 +85,7 @@ def test_4_bit_recipes_run_int8_attention():
     site = cap.ctx.analysis["calib"]["attn:v:q"]
     lo = (grid.qmin - site.zero_point) * site.scale
     hi = (grid.qmax - site.zero_point) * site.scale
-    (q,) = [n for n in cap.gm.graph.nodes if n.target is ops.ATTENTION_INT8]
+    (q,) = [n for n in cap.gm.graph.nodes if n.target in (ops.ATTENTION_INT8,
+                                                         ops.ATTENTION_INT8_Q)]
     scale = float(getattr(cap.gm, q.args[3].target))
     assert abs(scale - max(abs(lo), abs(hi)) / 127) < 1e-6 * scale  # a float32 constant
