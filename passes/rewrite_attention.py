@@ -11,15 +11,14 @@ zero points); the dynamic recipe computes per-tensor scales at run time
 layout ops, integer-dataflow then removes the float round trip.
 Skipped (stays in float, with the reason in the report): dropout > 0, a query/key head
 size mismatch, w4a16 (weight-only recipes keep activations in float), option
-quantize_attention=False, and (quantize_attention None) on CPU under kernels="auto" unless
-integer_nonlinear asks for the integer softmax: without AVX512-VNNI its int8 attention is
-float SDPA on dequantized inputs, never faster than float; with it the int8 kernel
-(lowering/kernels/attention_cpu.py) beats float SDPA (4.6 vs 7.0 ms for one
-all-MiniLM-L6-v2 layer, 32 x 128 tokens, 2 Zen 4 cores), but the q, k and v it reads are
-requantized from the linears' int32 accumulators by integer-dataflow's dyadic
-linear_int8, which runs as an op of its own (int64 arithmetic, not written out for
-Inductor): MiniLM w8a8-static took 147 ms per batch with int8 attention against 125 ms
-with float attention.
+quantize_attention=False, and (quantize_attention None) on CPU under kernels="auto",
+unless integer_nonlinear asks for the integer softmax (float_attention_reason): without
+AVX512-VNNI, whose int8 attention is float SDPA on dequantized inputs, never faster than
+float; with it, where online-hadamard would rotate q and k at run time. Elsewhere on a
+VNNI CPU the int8 kernel (lowering/kernels/attention_cpu.py) runs: 2.5 vs 7.0 ms for one
+all-MiniLM-L6-v2 layer, 32 x 128 tokens, 2 Zen 4 cores. integer-dataflow then lets the q,
+k and v linears requantize straight to the attention's grid, and moves a static quantize
+of the output into the attention itself.
 Pre: canonicalize-attention (and calibrate-qparams for static recipes).
 """
 
@@ -33,7 +32,7 @@ from torch.fx import GraphModule
 
 from qcompile import annotations as ann
 from qcompile.fx_utils import add_constant, is_call, tensor_val
-from qcompile.lowering import ops, registry
+from qcompile.lowering import cpu_routes, ops, registry
 from qcompile.numerics.specs import QuantSpec
 from qcompile.pass_manager import PassContext, PassResult, graph_pass
 from qcompile.passes.calibrate_qparams import activation_spec
@@ -55,9 +54,11 @@ def float_attention_reason(ctx: PassContext, q) -> str | None:
     if (opts.kernels == "auto" and tensor_val(q).device.type == "cpu"
             and not opts.transform_on("integer_nonlinear")):
         if registry.choose(ops.attention_int8, "cpu", "cpu").name == "cpu-sdpa":
-            return ("this CPU has no AVX512-VNNI: its int8 attention is float SDPA on the "
-                    "dequantized inputs, no faster than float (kernels='cpu' quantizes it "
-                    "anyway)")
+            why = ("the VNNI attention kernel is not built here (its build failed, or Inductor "
+                   "does not build for AVX512-VNNI)" if cpu_routes.cpu_capabilities().avx512_vnni
+                   else "this CPU has no AVX512-VNNI")
+            return (f"{why}: its int8 attention is float SDPA on the dequantized inputs, no "
+                    "faster than float (kernels='cpu' quantizes it anyway)")
         # measured on MiniLM (32 x 128, 2 AVX512-VNNI cores, ms per batch, int8 kernel
         # against float SDPA): w8a8-static 122 vs 143; w8a8 143 vs 164; w4a8 252 vs 239
         if opts.transform_on("online_hadamard"):

@@ -34,6 +34,7 @@ needs; machines without AVX512-VNNI use the `cpu` implementation.
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 
@@ -324,7 +325,8 @@ _ARGTYPES = ["const int8_t*"] * 3 + ["const float*", "const uint8_t*", "float*",
 
 
 def vnni_attention_available() -> bool:
-    """This CPU has AVX512-VNNI and Inductor builds its CPU kernels for it."""
+    """This CPU has AVX512-VNNI, Inductor builds its CPU kernels for it, and this kernel
+    builds (its P V for AVX512-BF16 needs a compiler that targets it)."""
     from torch._inductor import cpu_vec_isa
 
     from qcompile.lowering.cpu_routes import cpu_capabilities
@@ -332,8 +334,21 @@ def vnni_attention_available() -> bool:
     if not cpu_capabilities().avx512_vnni:
         return False
     isa = cpu_vec_isa.pick_vec_isa()
-    return "-mavx512vnni" in isa.build_arch_flags() and "CPU_CAPABILITY_AVX512" in \
-        isa.build_macro()
+    return ("-mavx512vnni" in isa.build_arch_flags()
+            and "CPU_CAPABILITY_AVX512" in isa.build_macro() and kernel_builds())
+
+
+@functools.cache
+def kernel_builds() -> bool:
+    """Inductor's C++ toolchain builds the kernel here (once per process; cached on disk)."""
+    try:
+        _kernel()
+    except Exception as e:  # noqa: BLE001 - no compiler, or one without AVX512-BF16 targets
+        warnings.warn(f"qcompile: the VNNI attention kernel did not build ({type(e).__name__}: "
+                      f"{e}); int8 attention runs as float SDPA on the dequantized inputs",
+                      stacklevel=2)
+        return False
+    return True
 
 
 @functools.cache

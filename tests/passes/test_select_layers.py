@@ -114,6 +114,32 @@ def test_attention_on_a_vnni_cpu_runs_the_int8_kernel_unless_q_k_would_rotate():
         torch.testing.assert_close(cm(x), want, atol=0.03, rtol=0.03)
 
 
+def test_a_vnni_attention_kernel_that_does_not_build_is_loud_and_attention_stays_float(
+        monkeypatch):
+    """A VNNI CPU whose compiler cannot build the kernel (its P V targets AVX512-BF16): the
+    build failure warns, attention_int8 is not bound to the kernel, and under auto the
+    attention stays float with the reason (not "no AVX512-VNNI")."""
+    from qcompile.lowering.kernels import attention_cpu
+
+    def broken():
+        raise RuntimeError("error: target specific option mismatch (avx512bf16)")
+
+    monkeypatch.setattr(attention_cpu, "_kernel", broken)
+    attention_cpu.kernel_builds.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="VNNI attention kernel did not build"):
+            assert not attention_cpu.kernel_builds()
+        with cpu_routes.override_capabilities(VNNI):
+            assert not ops.vnni_attention_runs_on("cpu")
+            torch.manual_seed(0)
+            _, art = _calibrated(SelfAttention(), torch.randn(2, 5, 16), recipe="w8a8-static",
+                                 smooth=False)
+        (rec,) = [r for r in art.ctx.layers.values() if r.kind == "attention"]
+        assert not rec.quantized and "kernel is not built here" in rec.reason
+    finally:
+        attention_cpu.kernel_builds.cache_clear()
+
+
 @pytest.mark.skipif(not REAL.onednn, reason="needs oneDNN's int8 kernels")
 def test_avx2_runs_big_layers_on_onednn_with_7_bit_weights():
     torch.manual_seed(0)
