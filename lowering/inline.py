@@ -103,16 +103,20 @@ def _store_shared_inputs(gm: GraphModule, opaque: set) -> None:
     tokens on 2 Zen 4 cores, where eager takes 0.2 ms): about 6 of MiniLM's 130 ms per
     batch. Inductor's own prim for fixing a tensor's strides stores it (in eager it is
     the tensor itself, so the graph means what it meant)."""
-    from torch._inductor import inductor_prims  # noqa: F401  (registers the prim)
+    try:
+        from torch._inductor import inductor_prims  # noqa: F401  (registers the prim)
 
-    store = torch.ops.prims.inductor_force_stride_order.default
+        store = torch.ops.prims.inductor_force_stride_order.default
+    except (ImportError, AttributeError):  # an Inductor without it: copies, same values
+        return
     stored_any = False
     for node in list(gm.graph.nodes):
         readers = [user for user in node.users if registry.is_op(user) or user in opaque]
         val = node.meta.get("val")
-        if len(readers) < 2 or node.op not in ("call_function", "call_method") or not isinstance(
-                val, torch.Tensor):
-            continue
+        if (len(readers) < 2 or node.op not in ("call_function", "call_method")
+                or not isinstance(val, torch.Tensor)
+                or any(isinstance(s, int) and s == 0 for s in val.stride())):
+            continue  # (a broadcast view is left as it is: storing it would write it out)
         with gm.graph.inserting_before(node.next):
             strides = [gm.graph.call_function(torch.ops.aten.sym_stride.int, (node, d))
                        if isinstance(s, torch.SymInt) else s
