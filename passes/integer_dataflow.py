@@ -453,6 +453,17 @@ def _merge_identical_rescales(gm: GraphModule) -> None:
             gm.graph.erase_node(node)
 
 
+def _sole_source(node: Node, targets: tuple) -> Node | None:
+    """The op (one of `targets`) whose output only `node` reads, through layout ops that
+    only pass it on; else None."""
+    src = node.args[0]
+    while isinstance(src, Node) and is_layout(src) and len(src.users) == 1:
+        src = src.args[0]
+    if isinstance(src, Node) and src.target in targets and len(src.users) == 1:
+        return src
+    return None
+
+
 def _fold_rescales(gm: GraphModule) -> int:
     """requant_int8 of a requantizing op's output (through layout ops), where nothing else
     reads that output: the op requantizes to the rescale's parameters itself, one rounding
@@ -462,15 +473,12 @@ def _fold_rescales(gm: GraphModule) -> int:
     _merge_identical_rescales(gm)
     done = 0
     for node in list(gm.graph.nodes):
-        if node.target is not ops.REQUANT_INT8:
+        src = _sole_source(node, ops.REQUANT_OPS) if node.target is ops.REQUANT_INT8 else None
+        if src is None:
             continue
-        src = node.args[0]
-        while isinstance(src, Node) and is_layout(src) and len(src.users) == 1:
-            src = src.args[0]
         pending = ann.get(src, ann.PendingRequant)
         rescale = ann.get(node, ann.PendingRequant)
-        if (not isinstance(src, Node) or src.target not in ops.REQUANT_OPS
-                or len(src.users) != 1 or pending is None or rescale is None
+        if (pending is None or rescale is None
                 or arg(src, "out_zp") != arg(node, "in_zp")
                 or (arg(src, "qmin"), arg(src, "qmax")) != (arg(node, "qmin"),
                                                             arg(node, "qmax"))):
@@ -514,13 +522,8 @@ def _quantized_attention_outputs(gm: GraphModule) -> int:
     the codes."""
     done = 0
     for node in list(gm.graph.nodes):
-        if node.target is not ops.QUANTIZE:
-            continue
-        src = node.args[0]
-        while isinstance(src, Node) and is_layout(src) and len(src.users) == 1:
-            src = src.args[0]
-        if (not isinstance(src, Node) or src.target is not ops.ATTENTION_INT8
-                or len(src.users) != 1 or arg(src, "out_dtype") != torch.float32):
+        src = _sole_source(node, (ops.ATTENTION_INT8,)) if node.target is ops.QUANTIZE else None
+        if src is None or arg(src, "out_dtype") != torch.float32:
             continue
         with gm.graph.inserting_before(src):
             new = gm.graph.call_function(ops.ATTENTION_INT8_Q, (
