@@ -397,6 +397,8 @@ def quantized_attention_vnni(q, k, v, q_scale, k_scale, v_scale, *, causal=False
         out = torch.empty((B, Hq, Sq, D), dtype=torch.float32)
         written, qout, qp = out, None, no_floats
     else:
+        if not out_q[0] > 0:  # the kernel reads a scale of 0 as "store float rows"
+            raise ValueError(f"attention_int8_q: output scale {out_q[0]} is not positive")
         qout = token_major((B, Hq, Sq, D), torch.int8)
         written, out, qp = qout, no_floats, torch.tensor(out_q, dtype=torch.float32)
     if not written.numel():
