@@ -87,14 +87,13 @@ def inline_for_inductor(gm: GraphModule) -> Inlined:
         done.calls[op.name] += 1
         if plan.rereads_input:
             done.config_patches.update(_STORE_REREAD_INPUTS)
-    if done.calls:
+    if _store_shared_inputs(gm, opaque) or done.calls:
         gm.graph.lint()
         gm.recompile()
-    _store_shared_inputs(gm, opaque)
     return done
 
 
-def _store_shared_inputs(gm: GraphModule, opaque: set) -> None:
+def _store_shared_inputs(gm: GraphModule, opaque: set) -> bool:
     """Store once what several opaque calls read (qcompile ops left as they are, and the
     `opaque` written-out calls, which hand their input to a GEMM route). Inductor recomputes
     an unstored pointwise input into a copy for each call that reads it: the quantized
@@ -102,13 +101,13 @@ def _store_shared_inputs(gm: GraphModule, opaque: set) -> None:
     once per attention, each through Inductor's vectorized bool code (1.6 ms for 32 x 128
     tokens on 2 Zen 4 cores, where eager takes 0.2 ms): about 6 of MiniLM's 130 ms per
     batch. Inductor's own prim for fixing a tensor's strides stores it (in eager it is
-    the tensor itself, so the graph means what it meant)."""
+    the tensor itself, so the graph means what it meant). Whether it stored anything."""
     try:
         from torch._inductor import inductor_prims  # noqa: F401  (registers the prim)
 
         store = torch.ops.prims.inductor_force_stride_order.default
     except (ImportError, AttributeError):  # an Inductor without it: copies, same values
-        return
+        return False
     stored_any = False
     for node in list(gm.graph.nodes):
         readers = [user for user in node.users if registry.is_op(user) or user in opaque]
@@ -126,6 +125,4 @@ def _store_shared_inputs(gm: GraphModule, opaque: set) -> None:
         for user in readers:
             user.replace_input_with(node, stored)
         stored_any = True
-    if stored_any:
-        gm.graph.lint()
-        gm.recompile()
+    return stored_any

@@ -956,8 +956,8 @@ def _(q, k, v, q_scale, k_scale, v_scale, attn_mask, is_causal, scale, out_scale
 def _attention_then_quantize(impl: str):
     def run(q, k, v, q_scale, k_scale, v_scale, attn_mask, is_causal, scale, out_scale,
             out_zp, qmin, qmax):
-        out = attention_int8.impls[impl].fn(q, k, v, q_scale, k_scale, v_scale, attn_mask,
-                                            is_causal, scale, torch.float32)
+        out = attention_int8.run(impl, (q, k, v, q_scale, k_scale, v_scale, attn_mask,
+                                        is_causal, scale, torch.float32))
         return _quantized_rows(out, out_scale, out_zp, qmin, qmax)
 
     run.__doc__ = f"attention_int8's {impl!r} implementation, then quantize's arithmetic."

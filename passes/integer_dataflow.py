@@ -527,8 +527,8 @@ def _quantized_attention_outputs(gm: GraphModule) -> int:
             continue
         with gm.graph.inserting_before(src):
             new = gm.graph.call_function(ops.ATTENTION_INT8_Q, (
-                *src.args[:9], arg(node, "scale"), arg(node, "zero_point"), arg(node, "qmin"),
-                arg(node, "qmax")))
+                *(arg(src, p) for p in ops.attention_int8.params if p != "out_dtype"),
+                *(arg(node, p) for p in ("scale", "zero_point", "qmin", "qmax"))))
         new.meta.update(src.meta)
         ann.copy(src, new, ann.Layer, ann.LayerOutput, ann.Sites)
         src.replace_all_uses_with(new)
