@@ -11,7 +11,10 @@ with no visible key gives 0. Output float32, cast to out_dtype.
 How, per (batch, q head), on one thread (OpenMP over the B * Hq pairs):
 - K is packed once into VNNI order (4 consecutive d of 16 keys per 64-byte line, with
   128 * rowsum(K) beside it) and V converted to float32 (exact);
-- per block of 4 queries: S = Q K^T exactly in int32 with `vpdpbusd`, which multiplies
+- per block of 4 queries, over the keys from the first (rounded down to 16) to the last
+  that the mask keeps for any of its queries (padding on either side, a sliding window or
+  causality drop the rest at no cost: their probabilities are exactly 0, so skipping them
+  changes no bit): S = Q K^T exactly in int32 with `vpdpbusd`, which multiplies
   unsigned by signed bytes, so Q is fed as q + 128 and 128 * rowsum(K) subtracted (exact:
   |(q + 128) k| summed over D stays far below 2**31 for D <= 2**16);
 - logits t = float32(S) * c[h] + mask, then softmax in float32 (ATen's vectorized exp,
@@ -20,9 +23,15 @@ How, per (batch, q head), on one thread (OpenMP over the B * Hq pairs):
   `vdpbf16ps`: P rounded to bf16 (as the GPU kernel rounds it to float16, with 3 bits
   less), V's codes exact in bf16, sums in float32; half the P V instructions (MiniLM
   w8a8-static 110.5 against 117.9 ms per batch, embedding cosine 0.99796 against 0.99799).
+- the next (batch, head)'s Q, K and V rows are prefetched while this one runs: rows of D
+  bytes a whole token apart otherwise stall their packing on memory; byte rows are read
+  and stored with whole vector loads and stores where they can (on this Zen 4, masked byte
+  loads of Q's rows took a fifth of the kernel's time, and masked stores stall the word
+  loads that read them back).
 Why: float SDPA on the dequantized inputs (the `cpu` implementation) runs all-MiniLM-L6-v2's
 attention (32 x 12 heads x 128 x 32) in about 7 ms per layer on 2 Zen 4 cores, plus a pass
-that dequantizes q, k and v; this kernel takes about 2.5 ms from the int8 codes. For
+that dequantizes q, k and v; this kernel takes about 2.2 ms from the int8 codes with the
+bench's padding (79.6 real tokens of 128), 2.7 ms without. For
 attention_int8_q it quantizes each output row as it stores it (quantize's arithmetic on
 the same float32 values), token-major.
 
@@ -56,11 +65,48 @@ static inline __mmask16 first(int64_t n) {
     return n <= 0 ? (__mmask16)0 : n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1);
 }
 
+// the first n of 16 bytes at p, zeros after them (a whole load where it can: masked byte
+// loads are several times slower on some CPUs, Zen 4 among them)
+static inline __m128i bytes16(const void* p, const int64_t n) {
+    return n >= 16 ? _mm_loadu_si128((const __m128i*)p) : _mm_maskz_loadu_epi8(first(n), p);
+}
+
 static inline void zero_block(__m512* a0, __m512* a1) {
     for (int64_t r = 0; r < R; r++) {
         a0[r] = _mm512_setzero_ps();
         a1[r] = _mm512_setzero_ps();
     }
+}
+
+// [lo, hi): the keys a mask row keeps, lo rounded down to a block of 16, hi exact (lo >= hi:
+// none). kind 1: an additive float mask (-inf drops a key), kind 2: bool bytes (0 drops)
+static inline void kept_keys(const int64_t kind, const float* mrow, const uint8_t* brow,
+                             const int64_t Sk, int64_t& lo, int64_t& hi) {
+    auto kept = [&](const int64_t jb) -> uint32_t {
+        const __mmask16 m = first(Sk - jb);
+        if (kind == 1)
+            return _mm512_mask_cmp_ps_mask(m, _mm512_maskz_loadu_ps(m, mrow + jb),
+                                           _mm512_set1_ps(-INFINITY), _CMP_NEQ_UQ);
+        const __m128i keep = bytes16(brow + jb, Sk - jb);
+        return _mm_mask_test_epi8_mask(m, keep, keep);
+    };
+    lo = Sk;
+    hi = 0;
+    for (int64_t jb = 0; jb < Sk; jb += 16)
+        if (kept(jb)) {
+            lo = jb;
+            break;
+        }
+    for (int64_t jb = (Sk - 1) / 16 * 16; jb >= lo; jb -= 16)
+        if (const uint32_t m = kept(jb)) {
+            hi = jb + 32 - __builtin_clz(m);
+            break;
+        }
+}
+
+static inline void prefetch_row(const int8_t* p, const int64_t n) {
+    for (int64_t d = 0; d < n; d += 64) _mm_prefetch((const char*)(p + d), _MM_HINT_T0);
+    _mm_prefetch((const char*)(p + n - 1), _MM_HINT_T0);  // a row that ends in another line
 }
 
 // where a block's rows go: float32 rows, or int8 codes quantized as qcompile::quantize
@@ -102,13 +148,13 @@ static inline void store_block(const __m512* a0, const __m512* a1, const Out& o,
 
 // P V in float32 FMAs: vf holds V's codes as float32 [Skp][Dp]
 static void pv_f32(const float* rows, const float* vf, const int64_t Skp, const int64_t Dp,
-                   const int64_t D, const int64_t kend, const Out& o, const int64_t at0,
-                   const float* scale) {
+                   const int64_t D, const int64_t kbeg, const int64_t kend, const Out& o,
+                   const int64_t at0, const float* scale) {
     for (int64_t d0 = 0; d0 < Dp; d0 += 32) {
         const bool two = d0 + 16 < Dp;
         __m512 a0[R], a1[R];
         zero_block(a0, a1);
-        for (int64_t j = 0; j < kend; j++) {
+        for (int64_t j = kbeg; j < kend; j++) {
             const __m512 v0 = _mm512_loadu_ps(vf + j * Dp + d0);
             const __m512 v1 = two ? _mm512_loadu_ps(vf + j * Dp + d0 + 16) : v0;
             for (int64_t r = 0; r < R; r++) {
@@ -126,10 +172,10 @@ static void pv_f32(const float* rows, const float* vf, const int64_t Skp, const 
 // vpk V's codes as bf16 (exact: integers below 2**8) in pairs [Skp / 2][Dp][2].
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 static void pv_bf16(const float* rows, uint16_t* pw, const uint16_t* vpk, const int64_t Skp,
-                    const int64_t Dp, const int64_t D, const int64_t kend, const Out& o,
-                    const int64_t at0, const float* scale) {
+                    const int64_t Dp, const int64_t D, const int64_t kbeg, const int64_t kend,
+                    const Out& o, const int64_t at0, const float* scale) {
     for (int64_t r = 0; r < R; r++)
-        for (int64_t jb = 0; jb < Skp; jb += 16)
+        for (int64_t jb = kbeg; jb < kend; jb += 16)
             _mm256_storeu_si256((__m256i*)(pw + r * Skp + jb),
                                 (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(rows + r * Skp + jb)));
     const uint32_t* pw32 = (const uint32_t*)pw;
@@ -138,7 +184,7 @@ static void pv_bf16(const float* rows, uint16_t* pw, const uint16_t* vpk, const 
         const bool two = d0 + 16 < Dp;
         __m512 a0[R], a1[R];
         zero_block(a0, a1);
-        for (int64_t w = 0; w < pairs; w++) {
+        for (int64_t w = kbeg / 2; w < pairs; w++) {
             const __m512bh v0 = (__m512bh)_mm512_loadu_si512(vpk + (w * Dp + d0) * 2);
             const __m512bh v1 = two ? (__m512bh)_mm512_loadu_si512(vpk + (w * Dp + d0 + 16) * 2)
                                     : v0;
@@ -162,13 +208,12 @@ static void pack_v_bf16(const int8_t* vb, const int64_t vs_, const int64_t Sk, c
         const int8_t* r0 = vb + j * vs_;
         const int8_t* r1 = vb + (j + 1) * vs_;
         for (int64_t d0 = 0; d0 < Dp; d0 += 16) {
-            const __mmask16 m = first(D - d0);
             const __m512 a = _mm512_cvtepi32_ps(
-                _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, r0 + d0)));
+                _mm512_cvtepi8_epi32(bytes16(r0 + d0, D - d0)));
             __m512i w = _mm512_srli_epi32(_mm512_castps_si512(a), 16);
             if (j + 1 < Sk) {
                 const __m512 b = _mm512_cvtepi32_ps(
-                    _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, r1 + d0)));
+                    _mm512_cvtepi8_epi32(bytes16(r1 + d0, D - d0)));
                 w = _mm512_or_si512(w, _mm512_and_si512(_mm512_castps_si512(b), top));
             }
             _mm512_storeu_si512(vpk + ((j / 2) * Dp + d0) * 2, w);
@@ -201,7 +246,11 @@ extern "C" void kernel(const int8_t* q, const int8_t* k, const int8_t* v, const 
         std::vector<float> vf(bf16 ? 0 : Skp * Dp);
         std::vector<uint16_t> vpk(bf16 ? Skp * Dp : 0), pw(bf16 ? R * Skp : 0);
         std::vector<float> rows(R * Skp);
-        std::vector<int32_t> qw(R * D4);
+        // a row's bytes are stored 32 at a time, the tail past D as 0x80 (the padding's
+        // q + 128 for q = 0) into the next row's words, which that row then overwrites:
+        // words of slack at the end (whole stores forward to the word loads that follow;
+        // masked ones do not, and stall them)
+        std::vector<int32_t> qw(R * D4 + 8);
         #pragma omp for schedule(static)
         for (int64_t bh = 0; bh < B * Hq; bh++) {
             const int64_t b = bh / Hq, h = bh % Hq, hk = h / group;
@@ -241,17 +290,56 @@ extern "C" void kernel(const int8_t* q, const int8_t* k, const int8_t* v, const 
                     for (int64_t d = D; d < Dp; d++) vf[j * Dp + d] = 0.f;
                 }
             }
+            // the next (batch, head)'s rows, a block of Q and a share of K and V per query
+            // block, so that they do not wait on memory (rows are D bytes, strided apart)
+            const int64_t nbh = bh + 1 < B * Hq ? bh + 1 : bh;
+            const int8_t* qn = q + (nbh / Hq) * qsb + (nbh % Hq) * qsh;
+            const int8_t* kn = k + (nbh / Hq) * ksb + (nbh % Hq / group) * ksh;
+            const int8_t* vn = v + (nbh / Hq) * vsb + (nbh % Hq / group) * vsh;
+            const int64_t share = (Sk + (Sq + R - 1) / R - 1) / ((Sq + R - 1) / R);
             for (int64_t i0 = 0; i0 < Sq; i0 += R) {
                 const int64_t nr = std::min<int64_t>(R, Sq - i0);
+                for (int64_t r = i0; r < std::min<int64_t>(Sq, i0 + R); r++)
+                    prefetch_row(qn + r * qss, D);
+                for (int64_t j = i0 / R * share; j < std::min<int64_t>(Sk, (i0 / R + 1) * share);
+                     j++) {
+                    prefetch_row(kn + j * kss, D);
+                    prefetch_row(vn + j * vss_, D);
+                }
                 uint8_t* qu = (uint8_t*)qw.data();
-                std::fill(qw.begin(), qw.end(), 0x80808080);  // padding d: (0 + 128) * 0
+                // q + 128 as unsigned (q's sign bit flipped); rows past nr are not read back
                 for (int64_t r = 0; r < nr; r++) {
                     const int8_t* qr = qb + (i0 + r) * qss;
-                    for (int64_t d = 0; d < D; d++) qu[r * D4 * 4 + d] = (uint8_t)(qr[d] + 128);
+                    uint8_t* qo = qu + r * D4 * 4;
+                    int64_t d = 0;
+                    for (; d + 32 <= D; d += 32)
+                        _mm256_storeu_si256((__m256i*)(qo + d), _mm256_xor_si256(
+                            _mm256_loadu_si256((const __m256i*)(qr + d)),
+                            _mm256_set1_epi8((char)0x80)));
+                    if (d < D)  // whole stores (see qw)
+                        _mm256_storeu_si256((__m256i*)(qo + d), _mm256_xor_si256(
+                            _mm256_maskz_loadu_epi8(((__mmask32)1 << (D - d)) - 1, qr + d),
+                            _mm256_set1_epi8((char)0x80)));
                 }
-                // causal: no key beyond the block's last query is visible to any of its rows
-                const int64_t kend = causal ? std::min<int64_t>(Sk, i0 + nr) : Sk;
-                for (int64_t jb = 0; jb < Skp; jb += 16) {
+                // causal: no key beyond the block's last query is visible to any of its rows;
+                // a mask that drops leading or trailing keys for all of them (padding, a
+                // sliding window) narrows [kbeg, kend) too: the keys outside give P = 0
+                // exactly, so skipping them changes no bit
+                int64_t kbeg = 0, kend = causal ? std::min<int64_t>(Sk, i0 + nr) : Sk;
+                if (has_mask) {
+                    int64_t lo = Sk, hi = 0;
+                    for (int64_t r = 0; r < nr; r++) {
+                        const int64_t mo = b * msb + h * msh + (i0 + r) * msq;
+                        int64_t l, e;
+                        kept_keys(has_mask, mask + mo, bmask + mo, Sk, l, e);
+                        lo = std::min(lo, l);
+                        hi = std::max(hi, e);
+                    }
+                    kbeg = std::min(lo, kend) / 16 * 16;
+                    kend = std::max(kbeg, std::min(kend, hi));
+                }
+                const int64_t kend16 = (kend + 15) / 16 * 16;
+                for (int64_t jb = kbeg; jb < kend16; jb += 16) {
                     if (jb >= kend) {
                         for (int64_t r = 0; r < nr; r++)
                             _mm512_storeu_ps(rows.data() + r * Skp + jb, _mm512_set1_ps(-INFINITY));
@@ -276,7 +364,7 @@ extern "C" void kernel(const int8_t* q, const int8_t* k, const int8_t* v, const 
                         if (has_mask == 1)
                             t = _mm512_add_ps(t, _mm512_maskz_loadu_ps(live, mask + mo));
                         else if (has_mask == 2) {  // a bool keep mask: its bytes
-                            const __m128i keep = _mm_maskz_loadu_epi8(live, bmask + mo);
+                            const __m128i keep = bytes16(bmask + mo, visible - jb);
                             live &= _mm_test_epi8_mask(keep, keep);
                         }
                         t = _mm512_mask_blend_ps(live, _mm512_set1_ps(-INFINITY), t);
@@ -287,7 +375,7 @@ extern "C" void kernel(const int8_t* q, const int8_t* k, const int8_t* v, const 
                 for (int64_t r = 0; r < nr; r++) {
                     float* row = rows.data() + r * Skp;
                     __m512 vm = _mm512_set1_ps(-INFINITY);
-                    for (int64_t jb = 0; jb < Skp; jb += 16)
+                    for (int64_t jb = kbeg; jb < kend16; jb += 16)
                         vm = _mm512_max_ps(vm, _mm512_loadu_ps(row + jb));
                     const float mx = _mm512_reduce_max_ps(vm);
                     if (mx == -INFINITY) {  // no visible key: the row gives 0
@@ -296,7 +384,7 @@ extern "C" void kernel(const int8_t* q, const int8_t* k, const int8_t* v, const 
                         continue;
                     }
                     at::vec::Vectorized<float> vmx(mx), vsum(0.f);
-                    for (int64_t jb = 0; jb < Skp; jb += 16) {
+                    for (int64_t jb = kbeg; jb < kend16; jb += 16) {
                         auto e = (at::vec::Vectorized<float>::loadu(row + jb) - vmx).exp_u20();
                         e.store(row + jb);
                         vsum = vsum + e;
@@ -309,10 +397,10 @@ extern "C" void kernel(const int8_t* q, const int8_t* k, const int8_t* v, const 
                 if (bf16) {
                     for (int64_t r = nr; r < R; r++)  // rows past the end: P = 0
                         std::fill(rows.data() + r * Skp, rows.data() + (r + 1) * Skp, 0.f);
-                    pv_bf16(rows.data(), pw.data(), vpk.data(), Skp, Dp, D, kend,
+                    pv_bf16(rows.data(), pw.data(), vpk.data(), Skp, Dp, D, kbeg, kend,
                             o, b * osb + h * osh + i0 * oss, scale);
                 } else {
-                    pv_f32(rows.data(), vf.data(), Skp, Dp, D, kend, o,
+                    pv_f32(rows.data(), vf.data(), Skp, Dp, D, kbeg, kend, o,
                            b * osb + h * osh + i0 * oss, scale);
                 }
             }

@@ -172,6 +172,7 @@ def test_non_contiguous_per_tensor_scales_and_dtypes():
     (1, 2, 2, 4, 0, 16, "plain"),  # no keys at all: 0
     (1, 2, 2, 9, 130, 128, "empty-row"),  # a query that sees no key: 0
     (1, 2, 2, 9, 12, 256, "strided"),  # [B, S, H, D] storage, per-head scales
+    (2, 2, 1, 37, 90, 100, "window"),  # a sliding window: each query block's own key range
 ])
 @pytest.mark.parametrize("bf16", [False, True], ids=["f32-pv", "bf16-pv"])
 def test_vnni_kernel_odd_shapes(b, hq, hkv, sq, sk, d, case, bf16):
@@ -201,6 +202,10 @@ def test_vnni_kernel_odd_shapes(b, hq, hkv, sq, sk, d, case, bf16):
         mask = torch.rand(b, 1, sq, sk, generator=g) > 0.3
     elif case == "float":
         mask = torch.randn(b, hq, sq, sk, generator=g)
+    elif case == "window":  # keys i + 20 .. i + 40 as a bool mask, one batch padded too
+        i, j = torch.arange(sq)[:, None], torch.arange(sk)[None, :]
+        mask = ((j <= i + 40) & (j >= i + 20)).expand(b, 1, sq, sk).clone()
+        mask[1, ..., 50:] = False
     elif case == "empty-row":
         mask = torch.ones(b, 1, sq, sk, dtype=torch.bool)
         mask[..., 100:] = False
@@ -222,6 +227,34 @@ def test_vnni_kernel_odd_shapes(b, hq, hkv, sq, sk, d, case, bf16):
         expect = (torch.round(got / torch.tensor(step, dtype=torch.float32)) + zp)
         assert torch.equal(codes_out, expect.clamp(qmin, qmax).to(torch.int8))
         assert codes_out.transpose(1, 2).is_contiguous()
+
+
+@pytest.mark.skipif("cpu-vnni" not in CPU_IMPLS, reason="needs AVX512-VNNI")
+@pytest.mark.parametrize("kind", ["bool", "float"])
+@pytest.mark.parametrize("bf16", [False, True], ids=["f32-pv", "bf16-pv"])
+def test_vnni_kernel_skips_dropped_keys_without_changing_a_bit(kind, bf16):
+    """The kernel skips the keys a mask drops before the first (in blocks of 16) and after
+    the last key any query of a block keeps (padding on either side). Their probabilities
+    are exactly 0, so each batch equals, bit for bit, attention over its kept keys alone."""
+    from qcompile.lowering.kernels.attention_cpu import quantized_attention_vnni
+
+    if bf16 and not _bf16_pv():
+        pytest.skip("needs AVX512-BF16")
+    g = torch.Generator().manual_seed(12)
+    b, h, sq, sk, d = 4, 2, 21, 70, 100
+    q, k, v = (torch.randint(-128, 128, (b, h, s, d), generator=g, dtype=torch.int8)
+               for s in (sq, sk, sk))
+    kept = [(0, 70), (16, 53), (0, 5), (32, 33)]  # [lo, hi) per batch; lo a multiple of 16
+    keep = torch.zeros(b, 1, 1, sk, dtype=torch.bool)
+    for i, (lo, hi) in enumerate(kept):
+        keep[i, ..., lo:hi] = True
+    mask = keep if kind == "bool" else torch.zeros(keep.shape).masked_fill(~keep, -torch.inf)
+    scales = (0.011, 0.013, 0.02)
+    got = quantized_attention_vnni(q, k, v, *scales, attn_mask=mask, bf16=bf16)
+    for i, (lo, hi) in enumerate(kept):
+        alone = quantized_attention_vnni(q[i:i + 1], k[i:i + 1, :, lo:hi], v[i:i + 1, :, lo:hi],
+                                         *scales, bf16=bf16)
+        assert torch.equal(got[i:i + 1], alone), (i, lo, hi)
 
 
 def test_errors():
