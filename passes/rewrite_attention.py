@@ -15,7 +15,7 @@ quantize_attention=False, and (quantize_attention None) on CPU under kernels="au
 unless integer_nonlinear asks for the integer softmax (float_attention_reason): without
 AVX512-VNNI, whose int8 attention is float SDPA on dequantized inputs, never faster than
 float; with it, where online-hadamard would rotate q and k at run time. Elsewhere on a
-VNNI CPU the int8 kernel (lowering/kernels/attention_cpu.py) runs: 2.5 vs 7.0 ms for one
+VNNI CPU the int8 kernel (lowering/kernels/attention_cpu.py) runs: 2.1-2.7 vs 7.0 ms for one
 all-MiniLM-L6-v2 layer, 32 x 128 tokens, 2 Zen 4 cores. integer-dataflow then lets the q,
 k and v linears requantize straight to the attention's grid, and moves a static quantize
 of the output into the attention itself.
