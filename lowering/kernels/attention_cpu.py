@@ -251,7 +251,9 @@ extern "C" void kernel(const int8_t* q, const int8_t* k, const int8_t* v, const 
         // words of slack at the end (whole stores forward to the word loads that follow;
         // masked ones do not, and stall them)
         std::vector<int32_t> qw(R * D4 + 8);
-        #pragma omp for schedule(static)
+        // a batch's heads at a time to whichever thread is free: batches cost differently
+        // (padding), so contiguous halves would leave a thread idle
+        #pragma omp for schedule(dynamic, Hq)
         for (int64_t bh = 0; bh < B * Hq; bh++) {
             const int64_t b = bh / Hq, h = bh % Hq, hk = h / group;
             const int8_t* qb = q + b * qsb + h * qsh;
@@ -292,7 +294,7 @@ extern "C" void kernel(const int8_t* q, const int8_t* k, const int8_t* v, const 
             }
             // the next (batch, head)'s rows, a block of Q and a share of K and V per query
             // block, so that they do not wait on memory (rows are D bytes, strided apart)
-            const int64_t nbh = bh + 1 < B * Hq ? bh + 1 : bh;
+            const int64_t nbh = h + 1 < Hq ? bh + 1 : bh;  // the batch's next head, or none
             const int8_t* qn = q + (nbh / Hq) * qsb + (nbh % Hq) * qsh;
             const int8_t* kn = k + (nbh / Hq) * ksb + (nbh % Hq / group) * ksh;
             const int8_t* vn = v + (nbh / Hq) * vsb + (nbh % Hq / group) * vsh;
