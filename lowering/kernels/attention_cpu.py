@@ -8,7 +8,7 @@ attention: q head h reads kv head h // (Hq // Hkv)); masks causal (top-left alig
 and additive float or boolean (True = keep) broadcastable to [B, Hq, Sq, Sk]; a query
 with no visible key gives 0. Output float32, cast to out_dtype.
 
-How, per (batch, q head), on one thread (OpenMP over the B * Hq pairs):
+How, per (batch, q head), on one thread (OpenMP hands out a batch's heads at a time):
 - K is packed once into VNNI order (4 consecutive d of 16 keys per 64-byte line, with
   128 * rowsum(K) beside it) and V converted to float32 (exact);
 - per block of 4 queries, over the keys from the first (rounded down to 16) to the last
@@ -23,7 +23,7 @@ How, per (batch, q head), on one thread (OpenMP over the B * Hq pairs):
   `vdpbf16ps`: P rounded to bf16 (as the GPU kernel rounds it to float16, with 3 bits
   less), V's codes exact in bf16, sums in float32; half the P V instructions (MiniLM
   w8a8-static 110.5 against 117.9 ms per batch, embedding cosine 0.99796 against 0.99799).
-- the next (batch, head)'s Q, K and V rows are prefetched while this one runs: rows of D
+- the batch's next head's Q, K and V rows are prefetched while this one runs: rows of D
   bytes a whole token apart otherwise stall their packing on memory; byte rows are read
   and stored with whole vector loads and stores where they can (on this Zen 4, masked byte
   loads of Q's rows took a fifth of the kernel's time, and masked stores stall the word
@@ -66,7 +66,7 @@ static inline __mmask16 first(int64_t n) {
 }
 
 // the first n of 16 bytes at p, zeros after them (a whole load where it can: masked byte
-// loads are several times slower on some CPUs, Zen 4 among them)
+// loads stalled this kernel on Zen 4, see the module docstring)
 static inline __m128i bytes16(const void* p, const int64_t n) {
     return n >= 16 ? _mm_loadu_si128((const __m128i*)p) : _mm_maskz_loadu_epi8(first(n), p);
 }
@@ -87,8 +87,8 @@ static inline void kept_keys(const int64_t kind, const float* mrow, const uint8_
         if (kind == 1)
             return _mm512_mask_cmp_ps_mask(m, _mm512_maskz_loadu_ps(m, mrow + jb),
                                            _mm512_set1_ps(-INFINITY), _CMP_NEQ_UQ);
-        const __m128i keep = bytes16(brow + jb, Sk - jb);
-        return _mm_mask_test_epi8_mask(m, keep, keep);
+        const __m128i keep = bytes16(brow + jb, Sk - jb);  // zeros past Sk
+        return _mm_test_epi8_mask(keep, keep);
     };
     lo = Sk;
     hi = 0;
@@ -292,21 +292,23 @@ extern "C" void kernel(const int8_t* q, const int8_t* k, const int8_t* v, const 
                     for (int64_t d = D; d < Dp; d++) vf[j * Dp + d] = 0.f;
                 }
             }
-            // the next (batch, head)'s rows, a block of Q and a share of K and V per query
-            // block, so that they do not wait on memory (rows are D bytes, strided apart)
-            const int64_t nbh = h + 1 < Hq ? bh + 1 : bh;  // the batch's next head, or none
-            const int8_t* qn = q + (nbh / Hq) * qsb + (nbh % Hq) * qsh;
-            const int8_t* kn = k + (nbh / Hq) * ksb + (nbh % Hq / group) * ksh;
-            const int8_t* vn = v + (nbh / Hq) * vsb + (nbh % Hq / group) * vsh;
-            const int64_t share = (Sk + (Sq + R - 1) / R - 1) / ((Sq + R - 1) / R);
+            // the batch's next head's rows (this thread runs it next), a block of Q and a
+            // share of K and V per query block, so that they do not wait on memory (rows are
+            // D bytes, strided apart); the batch's last head has none to fetch
+            const bool ahead = h + 1 < Hq;
+            const int8_t* qn = qb + qsh;
+            const int8_t* kn = k + b * ksb + (h + 1) / group * ksh;
+            const int8_t* vn = v + b * vsb + (h + 1) / group * vsh;
+            const int64_t blocks = (Sq + R - 1) / R, share = (Sk + blocks - 1) / blocks;
             for (int64_t i0 = 0; i0 < Sq; i0 += R) {
                 const int64_t nr = std::min<int64_t>(R, Sq - i0);
-                for (int64_t r = i0; r < std::min<int64_t>(Sq, i0 + R); r++)
-                    prefetch_row(qn + r * qss, D);
-                for (int64_t j = i0 / R * share; j < std::min<int64_t>(Sk, (i0 / R + 1) * share);
-                     j++) {
-                    prefetch_row(kn + j * kss, D);
-                    prefetch_row(vn + j * vss_, D);
+                if (ahead) {
+                    for (int64_t r = i0; r < i0 + nr; r++) prefetch_row(qn + r * qss, D);
+                    for (int64_t j = i0 / R * share;
+                         j < std::min<int64_t>(Sk, (i0 / R + 1) * share); j++) {
+                        prefetch_row(kn + j * kss, D);
+                        prefetch_row(vn + j * vss_, D);
+                    }
                 }
                 uint8_t* qu = (uint8_t*)qw.data();
                 // q + 128 as unsigned (q's sign bit flipped); rows past nr are not read back
