@@ -275,9 +275,19 @@ def _requant_candidate(block: int):
     return body
 
 
-@functools.cache
-def _compiled_candidate(block: int):
-    return torch.compile(_requant_candidate(block), dynamic=True, fullgraph=True)
+def _requant_kernel(mode: str):
+    """The C++ requantization (lowering/kernels/requant_cpu.py) unless mode is "eager";
+    None where it does not build ("auto": the eager path runs, the build failure warned
+    once), raising the build error in "compiled"."""
+    if mode == "eager":
+        return None
+    from qcompile.lowering.kernels import requant_cpu
+
+    if requant_cpu.kernel_builds():
+        return requant_cpu.requantize_f32_cpu
+    if mode == "compiled":
+        requant_cpu._kernel()  # raises what the build raised
+    return None
 
 
 def requantize_f32(acc: torch.Tensor, offset: torch.Tensor, v: dict[str, Any],
@@ -290,8 +300,10 @@ def requantize_f32(acc: torch.Tensor, offset: torch.Tensor, v: dict[str, Any],
     so |t - exact| < |t| 2**-22.3. Where t is farther than |t| 2**-21 from a
     half-integer, t and the exact value round alike and the exact value is no tie, so
     torch.round (half to even) gives round_half_away; where |t| >= 512 the output
-    saturates either way. The remaining elements (about one 64-element block in a hundred
-    on real data) are recomputed with the exact int64 arithmetic.
+    saturates either way. The remaining elements (about one in a thousand on real data)
+    are recomputed with the exact int64 arithmetic: by the C++ kernel as it meets them
+    (lowering/kernels/requant_cpu.py), or in "eager" mode (and where no compiler builds
+    the kernel) in blocks of 64 after a candidate pass over the whole accumulator.
     """
     m, n = acc.shape
     q, shift = v["q"], v["shift"]
@@ -299,13 +311,18 @@ def requantize_f32(acc: torch.Tensor, offset: torch.Tensor, v: dict[str, Any],
         mult = (q.to(torch.float64) * torch.pow(2.0, -shift.to(torch.float64))).float()
     else:
         mult = torch.tensor(math.ldexp(q, -shift), dtype=torch.float32)
+    kernel = _requant_kernel(mode)
+    if kernel is not None:
+        def per_column(t, dtype):
+            return torch.as_tensor(t, dtype=dtype).expand(n).contiguous()
+
+        return kernel(acc, offset.contiguous(), per_column(mult, torch.float32),
+                      per_column(q, torch.int64), per_column(shift, torch.int64),
+                      v["out_zero_point"], v["qmin"], v["qmax"])
     block = math.gcd(n, FIX_BLOCK) or 1
     scalars = [torch.tensor(v[k], dtype=torch.float32) for k in ("out_zero_point", "qmin",
                                                                  "qmax")]
-    args = (acc, offset, mult, *scalars)
-    y, blocks = _compiled_or_eager(
-        f"f32 requant/{block}", mode, acc.numel(),
-        lambda: _compiled_candidate(block)(*args), lambda: _requant_candidate(block)(*args))
+    y, blocks = _requant_candidate(block)(acc, offset, mult, *scalars)
     bad = blocks.reshape(-1).nonzero().squeeze(1)
     if bad.numel():
         idx = (bad[:, None] * block + torch.arange(block)).reshape(-1)  # flat [M * N]

@@ -838,13 +838,30 @@ def _(x, qmax):
     return torch.empty_like(x, dtype=torch.int8), x.new_empty((), dtype=torch.float32)
 
 
-@quantize_absmax.impl("reference")
-def _(x, qmax):
-    # an empty tensor has no range: max|x| over nothing is taken as 0 (scale SCALE_EPS)
-    absmax = x.detach().abs().amax().float() if x.numel() else x.new_zeros((), dtype=torch.float32)
+def _absmax_body(x, qmax):
+    # an empty tensor has no range: max|x| over nothing is taken as 0 (scale SCALE_EPS);
+    # the zero appended to |x| changes no other maximum (qmax a tensor written out: a
+    # division by a constant would become a multiplication by its reciprocal)
+    absmax = F.pad(x.detach().abs().reshape(-1), (0, 1)).amax().float()
     scale = (absmax / qmax).clamp(min=specs.SCALE_EPS)
     q = torch.round(x.float() / scale).clamp(-qmax - 1, qmax).to(torch.int8)
     return q, scale
+
+
+quantize_absmax.impl("reference")(_absmax_body)
+quantize_absmax.impl("cpu", runs_on=on_cpu)(_absmax_body)
+
+
+@quantize_absmax.inliner("cpu")
+def _(a, impl):
+    """Written out, its reduction fuses with the epilogue of the linear that produces x
+    (eagerly, six passes over q, k or v: 2.1 ms each for MiniLM's 32 x 128 tokens)."""
+    return Inline(_absmax_inline, {"qmax_t": torch.tensor(a["qmax"], dtype=torch.float32)},
+                  rereads_input=True)
+
+
+def _absmax_inline(x, qmax, *, qmax_t):
+    return _absmax_body(x, qmax_t)
 
 
 # float softmax: implementations differ by float rounding (P in float16 on GPUs)
@@ -902,7 +919,24 @@ def vnni_attention_runs_on(device: str) -> bool:
     return device == "cpu" and vnni_attention_available()
 
 
-@attention_int8.impl("cpu-vnni", runs_on=vnni_attention_runs_on, priority=1)
+def avx2_attention_runs_on(device: str) -> bool:
+    """An x86 CPU with AVX2 and FMA (the kernel also runs where AVX512-VNNI's is faster)."""
+    from qcompile.lowering.kernels.attention_avx2 import avx2_attention_available
+
+    return device == "cpu" and avx2_attention_available()
+
+
+@attention_int8.impl("cpu-avx2", runs_on=avx2_attention_runs_on, priority=1)
+def _(q, k, v, q_scale, k_scale, v_scale, attn_mask, is_causal, scale, out_dtype):
+    """Q K^T in int16 pairs (`vpmaddwd`), softmax and P V in float32, one C++ kernel
+    (lowering/kernels/attention_avx2.py): faster than float SDPA on the same shapes."""
+    from qcompile.lowering.kernels.attention_avx2 import quantized_attention_avx2
+
+    return quantized_attention_avx2(q, k, v, q_scale, k_scale, v_scale, causal=is_causal,
+                                    attn_mask=attn_mask, sm_scale=scale, out_dtype=out_dtype)
+
+
+@attention_int8.impl("cpu-vnni", runs_on=vnni_attention_runs_on, priority=2)
 def _(q, k, v, q_scale, k_scale, v_scale, attn_mask, is_causal, scale, out_dtype):
     """Q K^T in int8 VNNI dot products, softmax and P V in float32, one C++ kernel
     (lowering/kernels/attention_cpu.py): faster than float SDPA on the same shapes."""
@@ -969,7 +1003,18 @@ attention_int8_q.impl("cpu-sdpa", runs_on=on_cpu)(_attention_then_quantize("cpu-
 attention_int8_q.impl("triton", runs_on=triton_runs_on)(_attention_then_quantize("triton"))
 
 
-@attention_int8_q.impl("cpu-vnni", runs_on=vnni_attention_runs_on, priority=1)
+@attention_int8_q.impl("cpu-avx2", runs_on=avx2_attention_runs_on, priority=1)
+def _(q, k, v, q_scale, k_scale, v_scale, attn_mask, is_causal, scale, out_scale, out_zp,
+      qmin, qmax):
+    """The AVX2 kernel quantizing each row as it stores it (as the VNNI kernel does)."""
+    from qcompile.lowering.kernels.attention_avx2 import quantized_attention_avx2
+
+    return quantized_attention_avx2(q, k, v, q_scale, k_scale, v_scale, causal=is_causal,
+                                    attn_mask=attn_mask, sm_scale=scale,
+                                    out_q=(out_scale, out_zp, qmin, qmax))
+
+
+@attention_int8_q.impl("cpu-vnni", runs_on=vnni_attention_runs_on, priority=2)
 def _(q, k, v, q_scale, k_scale, v_scale, attn_mask, is_causal, scale, out_scale, out_zp,
       qmin, qmax):
     """The VNNI kernel quantizing each row as it stores it (the same float32 values its

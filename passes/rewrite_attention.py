@@ -12,11 +12,13 @@ layout ops, integer-dataflow then removes the float round trip.
 Skipped (stays in float, with the reason in the report): dropout > 0, a query/key head
 size mismatch, w4a16 (weight-only recipes keep activations in float), option
 quantize_attention=False, and (quantize_attention None) on CPU under kernels="auto",
-unless integer_nonlinear asks for the integer softmax (float_attention_reason): without
-AVX512-VNNI, whose int8 attention is float SDPA on dequantized inputs, never faster than
-float; with it, where online-hadamard would rotate q and k at run time. Elsewhere on a
-VNNI CPU the int8 kernel (lowering/kernels/attention_cpu.py) runs: 2.1-2.7 vs 7.0 ms for one
-all-MiniLM-L6-v2 layer, 32 x 128 tokens, 2 Zen 4 cores. integer-dataflow then lets the q,
+unless integer_nonlinear asks for the integer softmax (float_attention_reason): on a CPU
+with neither AVX2 nor AVX512-VNNI, whose int8 attention is float SDPA on dequantized
+inputs, never faster than float; with a kernel, where online-hadamard would rotate q and k
+at run time. Elsewhere on CPU an int8 kernel runs: with AVX512-VNNI
+(lowering/kernels/attention_cpu.py) 2.1-2.7 vs 7.0 ms for one all-MiniLM-L6-v2 layer, 32 x
+128 tokens, 2 Zen 4 cores; with AVX2 (lowering/kernels/attention_avx2.py) 6.1 vs 13.2 ms
+on 2 Zen 3 cores. integer-dataflow then lets the q,
 k and v linears requantize straight to the attention's grid, and moves a static quantize
 of the output into the attention itself.
 Pre: canonicalize-attention (and calibrate-qparams for static recipes).
@@ -54,13 +56,15 @@ def float_attention_reason(ctx: PassContext, q) -> str | None:
     if (opts.kernels == "auto" and tensor_val(q).device.type == "cpu"
             and not opts.transform_on("integer_nonlinear")):
         if registry.choose(ops.attention_int8, "cpu", "cpu").name == "cpu-sdpa":
-            why = ("the VNNI attention kernel is not built here (its build failed, or Inductor "
-                   "does not build for AVX512-VNNI)" if cpu_routes.cpu_capabilities().avx512_vnni
-                   else "this CPU has no AVX512-VNNI")
+            caps = cpu_routes.cpu_capabilities()
+            why = ("no int8 attention kernel is built here (its build failed, or Inductor does "
+                   "not build for AVX2 or AVX512-VNNI)" if caps.avx2 or caps.avx512_vnni
+                   else "this CPU has neither AVX2 nor AVX512-VNNI")
             return (f"{why}: its int8 attention is float SDPA on the dequantized inputs, no "
                     "faster than float (kernels='cpu' quantizes it anyway)")
-        # measured on MiniLM (32 x 128, 2 AVX512-VNNI cores, ms per batch, int8 kernel
-        # against float SDPA): w8a8-static 122 vs 143; w8a8 143 vs 164; w4a8 252 vs 239
+        # measured on MiniLM (32 x 128, ms per batch, int8 kernel against float SDPA): 2
+        # AVX512-VNNI cores w8a8-static 122 vs 143, w8a8 143 vs 164, w4a8 252 vs 239; 2
+        # AVX2 cores w8a8-static 400 vs 433, w8a8 415 vs 435
         if opts.transform_on("online_hadamard"):
             return ("with online-hadamard an int8 attention rotates q and k at run time, "
                     "which costs more than the int8 attention kernel saves (kernels='cpu' "

@@ -39,7 +39,9 @@ Not exact: like every implementation of attention_int8, only S is integer; the s
 and P V are float (close to the float64 reference within the op's tolerance).
 Built on first use by Inductor's C++ toolchain (the compiler and flags it uses for its
 own CPU kernels, cached on disk the same way), so it needs what torch.compile on CPU
-needs; machines without AVX512-VNNI (or where it does not build) use `cpu-sdpa`.
+needs; machines without AVX512-VNNI (or where it does not build) use the AVX2 kernel
+(attention_avx2.py, which shares this module's calling code, `run_attention_kernel`) or,
+without AVX2, `cpu-sdpa`.
 """
 
 from __future__ import annotations
@@ -480,6 +482,18 @@ def quantized_attention_vnni(q, k, v, q_scale, k_scale, v_scale, *, causal=False
     """attention_int8's contract on CPU tensors (see the module docstring); with out_q =
     (scale, zero point, qmin, qmax), attention_int8_q's: the float32 rows quantized as they
     are stored, into int8 in the token-major layout."""
+    pv_bf16 = int(bf16_pv_available() if bf16 is None else bf16)
+    return run_attention_kernel(_kernel(), q, k, v, q_scale, k_scale, v_scale, causal=causal,
+                                attn_mask=attn_mask, sm_scale=sm_scale, out_dtype=out_dtype,
+                                out_q=out_q, flags=(pv_bf16,))
+
+
+def run_attention_kernel(kernel, q, k, v, q_scale, k_scale, v_scale, *, causal, attn_mask,
+                         sm_scale, out_dtype, out_q, flags=()):
+    """Calls a CPU attention kernel of this module's signature (the VNNI one, the AVX2 one
+    in attention_avx2.py): strides, masks (bool as bytes, float as float32, both broadcast),
+    the float or int8 output; `flags` are the kernel's own arguments before the thread
+    count."""
     _check(q, k, v)
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
@@ -506,10 +520,8 @@ def quantized_attention_vnni(q, k, v, q_scale, k_scale, v_scale, *, causal=False
         mask = _last_dim_dense(mask) if mask is not None else None
     ms = mask.stride()[:3] if mask is not None else (0, 0, 0)
     kind = 0 if mask is None else 2 if bool_mask else 1
-    _kernel()(q, k, v, mask if kind == 1 else c, mask if kind == 2 else no_bytes, out,
-              qout if qout is not None else no_codes, qp, c, vs,
-              B, Hq, Hkv, Sq, Sk, D, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *ms,
-              *written.stride()[:3], kind,
-              int(causal), int(bf16_pv_available() if bf16 is None else bf16),
-              torch.get_num_threads())
+    kernel(q, k, v, mask if kind == 1 else c, mask if kind == 2 else no_bytes, out,
+           qout if qout is not None else no_codes, qp, c, vs,
+           B, Hq, Hkv, Sq, Sk, D, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *ms,
+           *written.stride()[:3], kind, int(causal), *flags, torch.get_num_threads())
     return qout if out_q is not None else out.to(out_dtype)

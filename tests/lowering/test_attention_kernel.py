@@ -4,6 +4,8 @@ implementations of attention_int8 (float SDPA on dequantized inputs; the VNNI ke
 the CPU has it) vs the same reference, and both vs float SDPA on the unquantized tensors
 (loose: int8 quantization error of q, k, v)."""
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -163,7 +165,27 @@ def test_non_contiguous_per_tensor_scales_and_dtypes():
     assert torch.equal(ops.attention_int8(*op_args), ops.attention_int8(*op_args, impl="cpu"))
 
 
-@pytest.mark.skipif("cpu-vnni" not in CPU_IMPLS, reason="needs AVX512-VNNI")
+# the C++ kernels: (implementation, P V in bf16 pairs)
+KERNELS = [("cpu-vnni", False), ("cpu-vnni", True), ("cpu-avx2", False)]
+KERNEL_IDS = ["vnni-f32-pv", "vnni-bf16-pv", "avx2"]
+
+
+def _kernel(impl: str, bf16: bool):
+    """The kernel function of `impl` (attention_int8's contract, out_q for
+    attention_int8_q's), or a skip where this CPU cannot run it."""
+    if impl not in CPU_IMPLS:
+        pytest.skip(f"{impl} does not run on this CPU")
+    if impl == "cpu-avx2":
+        from qcompile.lowering.kernels.attention_avx2 import quantized_attention_avx2
+
+        return quantized_attention_avx2
+    from qcompile.lowering.kernels.attention_cpu import quantized_attention_vnni
+
+    if bf16 and not _bf16_pv():
+        pytest.skip("needs AVX512-BF16")
+    return functools.partial(quantized_attention_vnni, bf16=bf16)
+
+
 @pytest.mark.parametrize("b, hq, hkv, sq, sk, d, case", [
     (2, 4, 4, 7, 19, 20, "plain"),  # D not a multiple of 16, Sk not of 16
     (1, 6, 2, 33, 21, 64, "causal"),  # grouped heads, Sq > Sk
@@ -174,15 +196,11 @@ def test_non_contiguous_per_tensor_scales_and_dtypes():
     (1, 2, 2, 9, 12, 256, "strided"),  # [B, S, H, D] storage, per-head scales
     (2, 2, 1, 37, 90, 100, "window"),  # a sliding window: each query block's own key range
 ])
-@pytest.mark.parametrize("bf16", [False, True], ids=["f32-pv", "bf16-pv"])
-def test_vnni_kernel_odd_shapes(b, hq, hkv, sq, sk, d, case, bf16):
+@pytest.mark.parametrize("impl, bf16", KERNELS, ids=KERNEL_IDS)
+def test_cpu_kernel_odd_shapes(b, hq, hkv, sq, sk, d, case, impl, bf16):
     """Extremes of the int8 codes (-128 and 127) included: S is exact in int32. P V in
     float32 FMAs, and (on CPUs with AVX512-BF16) in bf16 pairs."""
-    from qcompile.lowering.kernels.attention_cpu import quantized_attention_vnni
-
-    if bf16 and not _bf16_pv():
-        pytest.skip("needs AVX512-BF16")
-
+    attention = _kernel(impl, bf16)
     g = torch.Generator().manual_seed(sq * 31 + d)
 
     def codes(*shape):
@@ -211,7 +229,7 @@ def test_vnni_kernel_odd_shapes(b, hq, hkv, sq, sk, d, case, bf16):
         mask[..., 100:] = False
         mask[:, :, 3] = False
     kw = dict(causal=case == "causal", attn_mask=mask)
-    got = quantized_attention_vnni(q, k, v, *scales, out_dtype=torch.float32, bf16=bf16, **kw)
+    got = attention(q, k, v, *scales, out_dtype=torch.float32, **kw)
     want = quantized_attention_ref(q, k, v, *scales, out_dtype=torch.float64, **kw)
     assert got.shape == want.shape and got.dtype == torch.float32
     v_top = float(torch.as_tensor(scales[2]).max()) * 127
@@ -222,24 +240,19 @@ def test_vnni_kernel_odd_shapes(b, hq, hkv, sq, sk, d, case, bf16):
     # rows bit for bit, written token-major (clamped codes and both zero-point signs too)
     for step, zp, qmin, qmax in ((max(v_top, 1e-3) / 100, -3, -128, 127),
                                  (max(v_top, 1e-3) / 300, 5, -20, 20)):
-        codes_out = quantized_attention_vnni(q, k, v, *scales, bf16=bf16,
-                                             out_q=(step, zp, qmin, qmax), **kw)
+        codes_out = attention(q, k, v, *scales, out_q=(step, zp, qmin, qmax), **kw)
         expect = (torch.round(got / torch.tensor(step, dtype=torch.float32)) + zp)
         assert torch.equal(codes_out, expect.clamp(qmin, qmax).to(torch.int8))
         assert codes_out.transpose(1, 2).is_contiguous()
 
 
-@pytest.mark.skipif("cpu-vnni" not in CPU_IMPLS, reason="needs AVX512-VNNI")
 @pytest.mark.parametrize("kind", ["bool", "float"])
-@pytest.mark.parametrize("bf16", [False, True], ids=["f32-pv", "bf16-pv"])
-def test_vnni_kernel_skips_dropped_keys_without_changing_a_bit(kind, bf16):
+@pytest.mark.parametrize("impl, bf16", KERNELS, ids=KERNEL_IDS)
+def test_cpu_kernel_skips_dropped_keys_without_changing_a_bit(kind, impl, bf16):
     """The kernel skips the keys a mask drops before the first (in blocks of 16) and after
     the last key any query of a block keeps (padding on either side). Their probabilities
     are exactly 0, so each batch equals, bit for bit, attention over its kept keys alone."""
-    from qcompile.lowering.kernels.attention_cpu import quantized_attention_vnni
-
-    if bf16 and not _bf16_pv():
-        pytest.skip("needs AVX512-BF16")
+    attention = _kernel(impl, bf16)
     g = torch.Generator().manual_seed(12)
     b, h, sq, sk, d = 4, 2, 21, 70, 100
     q, k, v = (torch.randint(-128, 128, (b, h, s, d), generator=g, dtype=torch.int8)
@@ -250,10 +263,9 @@ def test_vnni_kernel_skips_dropped_keys_without_changing_a_bit(kind, bf16):
         keep[i, ..., lo:hi] = True
     mask = keep if kind == "bool" else torch.zeros(keep.shape).masked_fill(~keep, -torch.inf)
     scales = (0.011, 0.013, 0.02)
-    got = quantized_attention_vnni(q, k, v, *scales, attn_mask=mask, bf16=bf16)
+    got = attention(q, k, v, *scales, attn_mask=mask)
     for i, (lo, hi) in enumerate(kept):
-        alone = quantized_attention_vnni(q[i:i + 1], k[i:i + 1, :, lo:hi], v[i:i + 1, :, lo:hi],
-                                         *scales, bf16=bf16)
+        alone = attention(q[i:i + 1], k[i:i + 1, :, lo:hi], v[i:i + 1, :, lo:hi], *scales)
         assert torch.equal(got[i:i + 1], alone), (i, lo, hi)
 
 

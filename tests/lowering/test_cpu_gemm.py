@@ -16,6 +16,7 @@ from qcompile.lowering import cpu, cpu_routes
 from qcompile.lowering.cpu import cpu_gemm_int8, requantize_f32
 from qcompile.lowering.cpu_routes import int_mm
 from qcompile.lowering.epilogue import Bias, Dequantize, Epilogue, InputZeroPoint, Requantize
+from qcompile.lowering.kernels import requant_cpu
 from qcompile.lowering.reference import gemm_int8_ref, random_operands
 from qcompile.numerics.dyadic import requantize
 
@@ -126,8 +127,25 @@ def test_float32_requantization_matches_dyadic(seed, shift, q, spread):
     acc = torch.randint(-spread, spread + 1, (5, 64), generator=g).float()
     offset = torch.randint(-spread, spread + 1, (64,), generator=g).float()
     v = dict(q=q, shift=shift, out_zero_point=1, qmin=-128, qmax=127)
-    assert torch.equal(requantize_f32(acc, offset, v, mode="eager"),
-                       _exact(acc, offset, q, shift, 1))
+    for mode in ("eager", "compiled"):
+        assert torch.equal(requantize_f32(acc, offset, v, mode=mode),
+                           _exact(acc, offset, q, shift, 1)), mode
+
+
+def test_requantization_kernel_on_row_tails_and_strided_rows():
+    """The C++ kernel's columns past the last whole vector run its scalar path: ties there
+    too, rows a stride apart, a zero point at either end."""
+    g = torch.Generator().manual_seed(3)
+    for n in (1, 7, 67):
+        big = torch.randint(-301, 302, (9, n + 5), generator=g).float()
+        acc = big[:, :n]  # rows n + 5 apart
+        offset = torch.randint(-2**24, 2**24 + 1, (n,), generator=g).float()
+        qs = torch.tensor([2**30, 2**31 - 1, 2**30 + 1] * n)[:n]
+        ss = torch.tensor([31, 40, 33] * n)[:n]
+        for zp, qmin, qmax in [(0, -128, 127), (127, 127, 127), (-128, -128, 0)]:
+            v = dict(q=qs, shift=ss, out_zero_point=zp, qmin=qmin, qmax=qmax)
+            got = requantize_f32(acc, offset, v, mode="compiled")
+            assert torch.equal(got, _exact(acc, offset, qs, ss, zp, qmin, qmax)), (n, zp)
 
 
 def test_offsets_beyond_float32_take_the_integer_path():
@@ -178,14 +196,18 @@ def test_auto_mode_falls_back_loudly(monkeypatch, route):
         raise RuntimeError("no C++ compiler")
 
     monkeypatch.setattr(cpu, "_compiled_epilogue", broken)
-    monkeypatch.setattr(cpu, "_compiled_candidate", broken)
+    monkeypatch.setattr(requant_cpu, "_kernel", broken)
+    requant_cpu.kernel_builds.cache_clear()
     monkeypatch.setattr(cpu, "_FAILED", set())
     monkeypatch.setattr(cpu, "_COMPILE_MIN_ELEMENTS", 0)  # this small problem would run eagerly
-    with pytest.warns(UserWarning, match="running it eagerly"):
-        got = cpu_gemm_int8(a, w, ep, route=route, mode="auto", **vals)
-    assert torch.equal(got, gemm_int8_ref(a, w, ep, **vals))
-    with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):
-        cpu_gemm_int8(a, w, ep, route=route, mode="compiled", **vals)
+    try:
+        with pytest.warns(UserWarning, match="running it eagerly|runs eagerly"):
+            got = cpu_gemm_int8(a, w, ep, route=route, mode="auto", **vals)
+        assert torch.equal(got, gemm_int8_ref(a, w, ep, **vals))
+        with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):
+            cpu_gemm_int8(a, w, ep, route=route, mode="compiled", **vals)
+    finally:
+        requant_cpu.kernel_builds.cache_clear()
 
 
 def test_input_checks():
@@ -217,6 +239,5 @@ def test_auto_mode_runs_small_problems_eagerly(monkeypatch):
         raise AssertionError("a small problem was compiled")
 
     monkeypatch.setattr(cpu, "_compiled_epilogue", must_not_compile)
-    monkeypatch.setattr(cpu, "_compiled_candidate", must_not_compile)
     got = cpu_gemm_int8(a, w, ep, mode="auto", **vals)
     assert torch.equal(got, gemm_int8_ref(a, w, ep, **vals))

@@ -48,7 +48,7 @@ def test_attention_and_run_time_quantization_are_bound():
     _, graphs = walked("attention", "w8a8")
     after = graphs["lower"][1]
     expect(after, """
-        # CHECK: quantize_absmax.default(q, 127, impl = 'reference',
+        # CHECK: quantize_absmax.default(q, 127, impl = 'cpu',
         # CHECK: attention_int8.default(getitem, getitem_2, getitem_4, getitem_1, getitem_3,
         # CHECK-SAME: impl = 'cpu-sdpa', origin = 'captured_000:attention_int8_default (attn:v)')
         # CHECK: linear_dynamic.default(reshape, o_wq, o_wscale, o_bias,

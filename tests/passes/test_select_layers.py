@@ -114,30 +114,36 @@ def test_attention_on_a_vnni_cpu_runs_the_int8_kernel_unless_q_k_would_rotate():
         torch.testing.assert_close(cm(x), want, atol=0.03, rtol=0.03)
 
 
-def test_a_vnni_attention_kernel_that_does_not_build_is_loud_and_attention_stays_float(
+def test_attention_kernels_that_do_not_build_are_loud_and_attention_stays_float(
         monkeypatch):
-    """A VNNI CPU whose compiler cannot build the kernel (its P V targets AVX512-BF16): the
-    build failure warns, attention_int8 is not bound to the kernel, and under auto the
-    attention stays float with the reason (not "no AVX512-VNNI")."""
-    from qcompile.lowering.kernels import attention_cpu
+    """A VNNI CPU whose compiler cannot build either int8 attention kernel (the VNNI one's
+    P V targets AVX512-BF16): each build failure warns, attention_int8 is bound to neither,
+    and under auto the attention stays float with the reason (not "no AVX512-VNNI")."""
+    from qcompile.lowering.kernels import attention_avx2, attention_cpu
 
     def broken():
         raise RuntimeError("error: target specific option mismatch (avx512bf16)")
 
-    monkeypatch.setattr(attention_cpu, "_kernel", broken)
-    attention_cpu.kernel_builds.cache_clear()
+    modules = (attention_cpu, attention_avx2)
+    for module in modules:
+        monkeypatch.setattr(module, "_kernel", broken)
+        module.kernel_builds.cache_clear()
     try:
         with pytest.warns(UserWarning, match="VNNI attention kernel did not build"):
             assert not attention_cpu.kernel_builds()
+        with pytest.warns(UserWarning, match="AVX2 attention kernel did not build"):
+            assert not attention_avx2.kernel_builds()
         with cpu_routes.override_capabilities(VNNI):
             assert not ops.vnni_attention_runs_on("cpu")
+            assert not ops.avx2_attention_runs_on("cpu")
             torch.manual_seed(0)
             _, art = _calibrated(SelfAttention(), torch.randn(2, 5, 16), recipe="w8a8-static",
                                  smooth=False)
         (rec,) = [r for r in art.ctx.layers.values() if r.kind == "attention"]
-        assert not rec.quantized and "kernel is not built here" in rec.reason
+        assert not rec.quantized and "kernel is built here" in rec.reason
     finally:
-        attention_cpu.kernel_builds.cache_clear()
+        for module in modules:
+            module.kernel_builds.cache_clear()
 
 
 @pytest.mark.skipif(not REAL.onednn, reason="needs oneDNN's int8 kernels")
@@ -216,19 +222,41 @@ class SelfAttention(torch.nn.Module):
         return torch.nn.functional.scaled_dot_product_attention(q, k, v)  # [B, 2, S, 8]
 
 
-def test_attention_stays_float_on_cpu_without_vnni_under_auto():
+NO_AVX2 = replace(AVX2, isa="DEFAULT", avx2=False)
+
+
+@pytest.mark.skipif(not ops.avx2_attention_runs_on("cpu"), reason="needs AVX2 and FMA")
+def test_attention_without_vnni_runs_the_avx2_kernel_under_auto():
+    """With AVX2 and no AVX512-VNNI, static and dynamic recipes run the AVX2 kernel."""
     torch.manual_seed(0)
-    _, art, _ = _compile(SelfAttention(), torch.randn(2, 5, 16), AVX2)
+    model, x = SelfAttention(), torch.randn(2, 5, 16)
+    with torch.no_grad():
+        want = model(x)
+    dynamic = _compile(copy.deepcopy(model), x, AVX2)[:2]  # w8a8
+    with cpu_routes.override_capabilities(AVX2):
+        static = _calibrated(copy.deepcopy(model), x, recipe="w8a8-static", smooth=False)
+    for cm, art in (dynamic, static):
+        (rec,) = [r for r in art.ctx.layers.values() if r.kind == "attention"]
+        assert rec.quantized and rec.kernel == "attention_int8:cpu-avx2"
+        with torch.no_grad():
+            torch.testing.assert_close(cm(x), want, atol=0.05, rtol=0.05)
+
+
+def test_attention_stays_float_on_cpu_without_an_int8_attention_kernel_under_auto():
+    torch.manual_seed(0)
+    _, art, _ = _compile(SelfAttention(), torch.randn(2, 5, 16), NO_AVX2)
     (rec,) = [r for r in art.ctx.layers.values() if r.kind == "attention"]
-    assert not rec.quantized and "float SDPA" in rec.reason
-    _, art, _ = _compile(SelfAttention(), torch.randn(2, 5, 16), AVX2, kernels="cpu")
+    assert not rec.quantized and "neither AVX2 nor AVX512-VNNI" in rec.reason
+    assert "float SDPA" in rec.reason
+    _, art, _ = _compile(SelfAttention(), torch.randn(2, 5, 16), NO_AVX2, kernels="cpu")
     (rec,) = [r for r in art.ctx.layers.values() if r.kind == "attention"]
     assert rec.quantized and rec.kernel == "attention_int8:cpu-sdpa"
     # option quantize_attention overrides either way
-    _, art, _ = _compile(SelfAttention(), torch.randn(2, 5, 16), AVX2, quantize_attention=True)
+    _, art, _ = _compile(SelfAttention(), torch.randn(2, 5, 16), NO_AVX2,
+                         quantize_attention=True)
     (rec,) = [r for r in art.ctx.layers.values() if r.kind == "attention"]
     assert rec.quantized and rec.kernel == "attention_int8:cpu-sdpa"
-    _, art, _ = _compile(SelfAttention(), torch.randn(2, 5, 16), AVX2, kernels="cpu",
+    _, art, _ = _compile(SelfAttention(), torch.randn(2, 5, 16), NO_AVX2, kernels="cpu",
                          quantize_attention=False)
     (rec,) = [r for r in art.ctx.layers.values() if r.kind == "attention"]
     assert not rec.quantized and rec.reason == "option quantize_attention=False"
@@ -370,13 +398,13 @@ def test_q_and_k_of_an_attention_that_stays_float_are_not_rotated():
 
     for kernels, rotated in (("auto", False), ("cpu", True)):
         torch._dynamo.reset()
-        with cpu_routes.override_capabilities(AVX2):  # no int8 attention kernel
+        with cpu_routes.override_capabilities(NO_AVX2):  # no int8 attention kernel
             cap = stage(SelfAttention().eval(), torch.randn(2, 5, 16), before="online-hadamard",
                         options={"recipe": "w4a8", "kernels": kernels})
             cap.run_pass("online-hadamard")
         had = [n for n in cap.gm.graph.nodes if n.target is HADAMARD]
         assert bool(had) == rotated
         if not rotated:
-            assert any("q/k of" in n and "the attention stays float (this CPU has no "
-                       "AVX512-VNNI: its int8 attention is float SDPA" in n
+            assert any("q/k of" in n and "the attention stays float (this CPU has neither "
+                       "AVX2 nor AVX512-VNNI: its int8 attention is float SDPA" in n
                        for n in cap.ctx.notes), cap.ctx.notes
