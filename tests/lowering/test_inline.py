@@ -182,19 +182,29 @@ def test_a_compiled_model_runs_its_quantized_layers_inlined(recipe, op):
     assert torch.equal(outs[True], outs[False])
 
 
+def _weight_range(impl: str) -> tuple[int, int]:
+    """The int8 weights `impl`'s route is exact for on this CPU (7-bit for oneDNN's u8 x s8
+    kernel without VNNI; a route refuses the others); the reference takes any."""
+    route = cpu_routes.ROUTES.get(impl.removeprefix("cpu-"))
+    return route.weight_range(cpu_routes.cpu_capabilities()) if route else (-128, 127)
+
+
 class _W4A4(torch.nn.Module):
     """linear_a4w4_dynamic -> (h * h) -> linear_a4w4_grouped_dynamic, bound to `impl`, with
     the int8 weight values a CPU implementation's prepare leaves (int4 values; grouped:
     (q - z) * mult); asymmetric activations (w_sum) unless symmetric."""
 
-    def __init__(self, impl: str, symmetric: bool, bias: bool, k: int = 64, n: int = 48):
+    def __init__(self, impl: str, symmetric: bool, bias: bool, k: int = 64, n: int = 48,
+                 weights_for: str | None = None):
         super().__init__()
         from qcompile.lowering import a4_ops
 
         g = torch.Generator().manual_seed(1)
         self.impl, self.symmetric = impl, symmetric
         w1 = torch.randint(-8, 8, (n, k), dtype=torch.int8, generator=g)
-        mult = torch.randint(1, 9, (24, n // 16), dtype=torch.int8, generator=g)
+        lo, hi = _weight_range(weights_for or impl)  # (q - z) * mult, q - z in [-15, 15]
+        top = min(8, lo // -15, hi // 15)
+        mult = torch.randint(1, top + 1, (24, n // 16), dtype=torch.int8, generator=g)
         wzp = torch.randint(-8, 8, (24, n // 16), dtype=torch.int8, generator=g)
         q2 = torch.randint(-8, 8, (24, n), dtype=torch.int8, generator=g)
         from qcompile.numerics.specs import pack_int4
@@ -227,7 +237,7 @@ def test_inlined_w4a4_compiles_to_the_same_values(route, symmetric, bias):
     got = compiled(x)
     got = got[0] if isinstance(got, (tuple, list)) else got
     assert torch.equal(got, gm(x))  # the ops, run one by one
-    reference = _W4A4("reference", symmetric, bias)
+    reference = _W4A4("reference", symmetric, bias, weights_for=f"cpu-{route}")
     assert torch.equal(got, torch.fx.symbolic_trace(reference)(x))
 
 
@@ -250,13 +260,14 @@ class _Requantizing(torch.nn.Module):
     bound to `impl`: int8 out of both, with shifts from 1 to 62, q at 0 and 2**31 - 1,
     and accumulators near the int32 contract's edge."""
 
-    def __init__(self, impl: str, k: int = 96, n: int = 40):
+    def __init__(self, impl: str, k: int = 96, n: int = 40, weights_for: str | None = None):
         super().__init__()
         g = torch.Generator().manual_seed(2)
         self.impl = impl
-        w1 = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
-        w1[0] = 127  # a row whose accumulator reaches 127 * 128 * k
-        w1[1] = -128
+        lo, hi = _weight_range(weights_for or impl)
+        w1 = torch.randint(lo, hi + 1, (n, k), dtype=torch.int8, generator=g)
+        w1[0] = hi  # a row whose accumulator reaches hi * 128 * k
+        w1[1] = lo
         q1 = torch.randint(2**30, 2**31, (n,), generator=g)
         q1[:2] = torch.tensor([0, 2**31 - 1])
         shift1 = torch.randint(18, 40, (n,), generator=g)
@@ -297,7 +308,8 @@ def test_inlined_requantizing_linears_compile_to_the_same_integers(route):
     got = got[0] if isinstance(got, (tuple, list)) else got
     assert got.dtype == torch.int8
     assert torch.equal(got, gm(x))  # the ops, run one by one
-    assert torch.equal(got, torch.fx.symbolic_trace(_Requantizing("reference"))(x))
+    reference = _Requantizing("reference", weights_for=f"cpu-{route}")
+    assert torch.equal(got, torch.fx.symbolic_trace(reference)(x))
     assert got.unique().numel() > 20  # not saturated throughout
 
 

@@ -333,9 +333,11 @@ def _within_route_range(op, impl, args):
     lo, hi = route.weight_range(cpu_routes.cpu_capabilities())
     i = op.params.index("w")
     w = args[i]
-    if "mult" in op.params:  # grouped int4: the integer weight is q * mult: bound mult
+    if "mult" in op.params:  # grouped int4: the integer weight is (q - wzp) * mult: bound mult
         j = op.params.index("mult")
-        top = max(1, min(lo // -8, hi // 7))
+        wzp = args[op.params.index("wzp")] if "wzp" in op.params else None
+        q_lo, q_hi = (-8, 7) if wzp is None else (-15, 15)  # q - wzp for q, wzp in [-8, 7]
+        top = max(1, min(lo // q_lo, hi // q_hi))
         return (*args[:j], args[j].clamp(max=top), *args[j + 1:])
     if w.dtype != torch.int8:  # packed int4 values are inside every route's range
         return args
