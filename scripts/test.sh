@@ -6,4 +6,6 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$root/scripts/env.sh" test
 cd "$root"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-exec python -m pytest -n 2 -q "$@"
+# worksteal: a worker that runs out takes queued tests from the other (with plain load
+# scheduling one worker sat idle for minutes behind the other's last long model tests)
+exec python -m pytest -n 2 --dist worksteal -q "$@"

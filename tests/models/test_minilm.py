@@ -50,7 +50,9 @@ def test_minilm_recipe(setup, recipe, tmp_path):
     linears = {x.name for x in rep.layers if x.kind == "linear"}
     assert len(linears) == 37  # 6 layers x 6 linears + the pooler
     assert all(x.quantized for x in rep.layers if x.kind == "linear"), str(rep)
-    _check_round_trip(cm, recipe, tok, evals, emb, tmp_path)
+    if recipe == "w8a8-static":  # the demo's recipe; every recipe's round trip on small
+        # models is tests/test_serialize.py's (here a reload cost 15 s of w4a4's 60)
+        _check_round_trip(cm, recipe, tok, evals, emb, tmp_path)
 
 
 def _check_round_trip(cm, recipe, tok, evals, emb, tmp_path):
