@@ -206,6 +206,9 @@ class GraphVariant:
             calls = ", ".join(f"{n} {name}" for name, n in sorted(inlined.calls.items()))
             self.ctx.note(f"Inductor fuses {calls} call(s) with the ops around them (each "
                           "GEMM stays one call of its CPU route)")
+        if inlined.rational_gelus:
+            self.ctx.note(f"{inlined.rational_gelus} exact GELU(s) compute erf with a rational "
+                          "approximation (max abs error 4.3e-7; lowering/inline.py)")
 
     def _describe_float_layers(self) -> None:
         recipe = self.options.recipe_obj

@@ -363,3 +363,34 @@ def test_what_several_opaque_calls_read_is_stored_once():
     for got, want in zip(compiled(x, keep), gm(x, keep)):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
     assert code.count("torch.bool)") == 1, code
+
+
+def test_rational_erf_is_within_5e_7_of_erf():
+    from qcompile.lowering.inline import erf_rational
+
+    x = torch.linspace(-6, 6, 1_000_001)
+    err = (erf_rational(x).double() - torch.erf(x.double())).abs()
+    assert err.max() <= 5e-7, float(err.max())
+    assert torch.equal(erf_rational(-x), -erf_rational(x))  # odd, as erf
+
+
+class _Gelus(torch.nn.Module):
+    def forward(self, x):
+        return torch.nn.functional.gelu(x) + torch.nn.functional.gelu(x, approximate="tanh")
+
+
+def test_exact_gelus_on_cpu_get_the_rational_erf_and_tanh_ones_stay():
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    x = torch.randn(64, 96) * 4
+    gm = torch.fx.symbolic_trace(_Gelus())
+    ShapeProp(gm).propagate(x)
+    for node in gm.graph.nodes:  # ShapeProp's tensor_meta as the fake values lowering keeps
+        if "tensor_meta" in node.meta:
+            node.meta["val"] = torch.empty(node.meta["tensor_meta"].shape)
+    inlined = inline_for_inductor(gm)
+    assert inlined.rational_gelus == 1 and not inlined.calls
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert torch.nn.functional.gelu in targets  # the tanh one
+    got, want = gm(x), _Gelus()(x)
+    assert (got - want).abs().max() <= 2.2e-7 * float(x.abs().max()) + 1e-6
