@@ -102,6 +102,7 @@ def test_inductor_remainder_on_a_transformer():
     assert torch.nn.functional.cosine_similarity(out.flatten(1), ref.flatten(1)).min() > 0.999
 
 
+@pytest.mark.slow  # 21 s; the fast tier's dynamic shapes: test_equivalence's GPT-2
 def test_inductor_remainder_serves_every_shape_of_a_dynamic_graph():
     """The float remainder of a graph Dynamo traced with symbolic sizes is compiled for
     symbolic sizes: later batches and sequence lengths run the same compiled graph, with

@@ -41,6 +41,7 @@ def _plans(cm):
     return [g.precision for g in qcompile.report(cm).graphs if g.precision is not None]
 
 
+@pytest.mark.slow  # 19 s; the fast tier's a16 candidates: the smoothed-inputs test
 def test_a16_budget_widens_the_costliest_activations_and_runs_them_as_integers():
     model, cm, make, key = _calibrated({"recipe": "mixed", "budget": {"a16": 0.25}})
     torch.manual_seed(2)
