@@ -31,9 +31,10 @@ kernels with (AVX2 or AVX-512), cached on disk; CPUs without AVX2 use `cpu-sdpa`
 from __future__ import annotations
 
 import functools
-import warnings
 
 import torch
+
+from qcompile.lowering.kernels.cpp_build import builds, load_kernel
 
 _SOURCE = r"""
 #include <torch/csrc/inductor/cpp_prefix.h>
@@ -387,21 +388,13 @@ def avx2_attention_available() -> bool:
 @functools.cache
 def kernel_builds() -> bool:
     """Inductor's C++ toolchain builds the kernel here (once per process; cached on disk)."""
-    try:
-        _kernel()
-    except Exception as e:  # noqa: BLE001 - no compiler, or one without AVX2 targets
-        warnings.warn(f"qcompile: the AVX2 attention kernel did not build ({type(e).__name__}: "
-                      f"{e}); int8 attention runs as float SDPA on the dequantized inputs",
-                      stacklevel=2)
-        return False
-    return True
+    return builds(lambda: _kernel(), "AVX2 attention kernel",
+                  "int8 attention runs as float SDPA on the dequantized inputs")
 
 
 @functools.cache
 def _kernel():
-    from torch._inductor.codecache import CppPythonBindingsCodeCache
-
-    return CppPythonBindingsCodeCache.load_pybinding(_ARGTYPES, _SOURCE)
+    return load_kernel(_ARGTYPES, _SOURCE)
 
 
 def quantized_attention_avx2(q, k, v, q_scale, k_scale, v_scale, *, causal=False,

@@ -47,11 +47,11 @@ without AVX2, `cpu-sdpa`.
 from __future__ import annotations
 
 import functools
-import warnings
 
 import torch
 
 from qcompile.lowering.kernels.attention import _additive_mask, _check, _scales, token_major
+from qcompile.lowering.kernels.cpp_build import builds, load_kernel
 
 _SOURCE = r"""
 #include <torch/csrc/inductor/cpp_prefix.h>
@@ -437,21 +437,14 @@ def vnni_attention_available() -> bool:
 @functools.cache
 def kernel_builds() -> bool:
     """Inductor's C++ toolchain builds the kernel here (once per process; cached on disk)."""
-    try:
-        _kernel()
-    except Exception as e:  # noqa: BLE001 - no compiler, or one without AVX512-BF16 targets
-        warnings.warn(f"qcompile: the VNNI attention kernel did not build ({type(e).__name__}: "
-                      f"{e}); int8 attention runs as float SDPA on the dequantized inputs",
-                      stacklevel=2)
-        return False
-    return True
+    # (its P V needs a compiler that targets AVX512-BF16)
+    return builds(lambda: _kernel(), "VNNI attention kernel",
+                  "int8 attention runs as float SDPA on the dequantized inputs")
 
 
 @functools.cache
 def _kernel():
-    from torch._inductor.codecache import CppPythonBindingsCodeCache
-
-    return CppPythonBindingsCodeCache.load_pybinding(_ARGTYPES, _SOURCE)
+    return load_kernel(_ARGTYPES, _SOURCE)
 
 
 def _last_dim_dense(t: torch.Tensor) -> torch.Tensor:

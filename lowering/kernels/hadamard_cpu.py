@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import functools
 import math
-import warnings
 
 import torch
+
+from qcompile.lowering.kernels.cpp_build import builds, load_kernel
 
 SIMD_BLOCK = 16  # floats: one AVX-512 vector, two AVX2 / four NEON ones
 
@@ -136,22 +137,14 @@ def _block_t(b: int) -> torch.Tensor:
 
 @functools.cache
 def _kernel():
-    from torch._inductor.codecache import CppPythonBindingsCodeCache
-
-    return CppPythonBindingsCodeCache.load_pybinding(_ARGTYPES, _SOURCE)
+    return load_kernel(_ARGTYPES, _SOURCE)
 
 
 @functools.cache
 def fwht_cpu_available() -> bool:
     """Inductor's C++ toolchain builds the kernel here (once per process; cached on disk)."""
-    try:
-        _kernel()
-    except Exception as e:  # noqa: BLE001 - no compiler, or one Inductor cannot drive
-        warnings.warn(f"qcompile: the CPU Hadamard kernel did not build ({type(e).__name__}: "
-                      f"{e}); online Hadamards run as two BLAS GEMMs (same values, slower for "
-                      "large sizes)", stacklevel=2)
-        return False
-    return True
+    return builds(lambda: _kernel(), "CPU Hadamard kernel",
+                  "online Hadamards run as two BLAS GEMMs (same values, slower for large sizes)")
 
 
 def hadamard_transform_fwht(x: torch.Tensor) -> torch.Tensor:

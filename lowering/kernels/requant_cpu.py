@@ -23,9 +23,10 @@ keep the eager path (`kernel_builds`).
 from __future__ import annotations
 
 import functools
-import warnings
 
 import torch
+
+from qcompile.lowering.kernels.cpp_build import builds, load_kernel
 
 _SOURCE = r"""
 #include <torch/csrc/inductor/cpp_prefix.h>
@@ -95,20 +96,12 @@ _ARGTYPES = ["const float*", "const float*", "const float*", "const int64_t*",
 @functools.cache
 def kernel_builds() -> bool:
     """Inductor's C++ toolchain builds the kernel here (once per process; cached on disk)."""
-    try:
-        _kernel()
-    except Exception as e:  # noqa: BLE001 - no compiler: the caller's eager path runs
-        warnings.warn(f"qcompile: the CPU requantization kernel did not build "
-                      f"({type(e).__name__}: {e}); requantization runs eagerly", stacklevel=2)
-        return False
-    return True
+    return builds(lambda: _kernel(), "CPU requantization kernel", "requantization runs eagerly")
 
 
 @functools.cache
 def _kernel():
-    from torch._inductor.codecache import CppPythonBindingsCodeCache
-
-    return CppPythonBindingsCodeCache.load_pybinding(_ARGTYPES, _SOURCE)
+    return load_kernel(_ARGTYPES, _SOURCE)
 
 
 def requantize_f32_cpu(acc: torch.Tensor, offset: torch.Tensor, mult: torch.Tensor,
