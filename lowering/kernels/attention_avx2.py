@@ -34,6 +34,13 @@ import functools
 
 import torch
 
+from qcompile.lowering.kernels.attention_cpu import (
+    BLOCK_KEYS,
+    KERNEL_HEAD,
+    KERNEL_HEAD_ARGTYPES,
+    NEXT_HEAD_PREFETCH,
+    PREFETCH_ROW_AND_OUT,
+)
 from qcompile.lowering.kernels.cpp_build import builds, load_kernel
 
 _SOURCE = r"""
@@ -99,11 +106,6 @@ static inline void kept_keys(const int64_t kind, const float* mrow, const uint8_
         }
 }
 
-static inline void prefetch_row(const int8_t* p, const int64_t n) {
-    for (int64_t d = 0; d < n; d += 64) _mm_prefetch((const char*)(p + d), _MM_HINT_T0);
-    _mm_prefetch((const char*)(p + n - 1), _MM_HINT_T0);  // a row that ends in another line
-}
-
 // 16 bytes at p (the first n), sign-extended to 8 words of two int16
 static inline __m256i words8(const int8_t* p, const int64_t n) {
     return _mm256_cvtepi8_epi16(bytes16(p, n));
@@ -115,16 +117,7 @@ static inline float hmax(const __m256 x) {
     return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
 }
 
-// where a block's rows go: float32 rows, or int8 codes quantized as qcompile::quantize
-// quantizes (float32 true division, round half to even, + zero point, clamp); rows
-// o.rs elements apart
-struct Out {
-    float* f;
-    int8_t* q;
-    int64_t rs;
-    float qs, zp, lo, hi;
-};
-
+""" + PREFETCH_ROW_AND_OUT + r"""
 // the first n (<= 8) lanes of y at o's element `at`
 static inline void put(const Out& o, const int64_t at, const int64_t n, const __m256 y) {
     if (n <= 0) return;
@@ -149,18 +142,7 @@ static inline void put(const Out& o, const int64_t at, const int64_t n, const __
     }
 }
 
-extern "C" void kernel(const int8_t* q, const int8_t* k, const int8_t* v, const float* mask,
-                       const uint8_t* bmask,
-                       float* out, int8_t* qout, const float* qp, const float* cs,
-                       const float* vss,
-                       const int64_t B, const int64_t Hq, const int64_t Hkv,
-                       const int64_t Sq, const int64_t Sk, const int64_t D,
-                       const int64_t qsb, const int64_t qsh, const int64_t qss,
-                       const int64_t ksb, const int64_t ksh, const int64_t kss,
-                       const int64_t vsb, const int64_t vsh, const int64_t vss_,
-                       const int64_t msb, const int64_t msh, const int64_t msq,
-                       const int64_t osb, const int64_t osh, const int64_t oss,
-                       const int64_t has_mask, const int64_t causal, const int64_t threads)
+""" + KERNEL_HEAD + r"""const int64_t threads)
 {
     // D2 words of two int16 per row; Dp: V's row and P V's columns, in blocks of 16
     const int64_t Skp = (Sk + 15) / 16 * 16, D2 = (D + 1) / 2, Dp = (D + 15) / 16 * 16;
@@ -230,24 +212,7 @@ extern "C" void kernel(const int8_t* q, const int8_t* k, const int8_t* v, const 
                     _mm256_storeu_ps(vf.data() + j * Dp + d0 + 8, _mm256_cvtepi32_ps(
                         _mm256_cvtepi8_epi32(_mm_unpackhi_epi64(x, x))));
                 }
-            // the batch's next head's rows (this thread runs it next), a block of Q and a
-            // share of K and V per query block, so that they do not wait on memory (rows are
-            // D bytes, strided apart); the batch's last head has none to fetch
-            const bool ahead = h + 1 < Hq;
-            const int8_t* qn = qb + qsh;
-            const int8_t* kn = k + b * ksb + (h + 1) / group * ksh;
-            const int8_t* vn = v + b * vsb + (h + 1) / group * vsh;
-            const int64_t blocks = (Sq + R - 1) / R, share = (Sk + blocks - 1) / blocks;
-            for (int64_t i0 = 0; i0 < Sq; i0 += R) {
-                const int64_t nr = std::min<int64_t>(R, Sq - i0);
-                if (ahead) {
-                    for (int64_t r = i0; r < i0 + nr; r++) prefetch_row(qn + r * qss, D);
-                    for (int64_t j = i0 / R * share;
-                         j < std::min<int64_t>(Sk, (i0 / R + 1) * share); j++) {
-                        prefetch_row(kn + j * kss, D);
-                        prefetch_row(vn + j * vss_, D);
-                    }
-                }
+""" + NEXT_HEAD_PREFETCH + r"""
                 // Q's rows as int16 pairs; rows past nr are not read back
                 for (int64_t r = 0; r < nr; r++) {
                     const int8_t* qr = qb + (i0 + r) * qss;
@@ -257,20 +222,7 @@ extern "C" void kernel(const int8_t* q, const int8_t* k, const int8_t* v, const 
                 }
                 // the keys any query of the block sees (see the VNNI kernel): the others
                 // give P = 0 exactly, so skipping them changes no bit
-                int64_t kbeg = 0, kend = causal ? std::min<int64_t>(Sk, i0 + nr) : Sk;
-                if (has_mask) {
-                    int64_t lo = Sk, hi = 0;
-                    for (int64_t r = 0; r < nr; r++) {
-                        const int64_t mo = b * msb + h * msh + (i0 + r) * msq;
-                        int64_t l, e;
-                        kept_keys(has_mask, mask + mo, bmask + mo, Sk, l, e);
-                        lo = std::min(lo, l);
-                        hi = std::max(hi, e);
-                    }
-                    kbeg = std::min(lo, kend) / 16 * 16;
-                    kend = std::max(kbeg, std::min(kend, hi));
-                }
-                const int64_t kend16 = (kend + 15) / 16 * 16;
+""" + BLOCK_KEYS + r"""
                 const __m256 ninf = _mm256_set1_ps(-INFINITY), vc = _mm256_set1_ps(c);
                 for (int64_t jb = kbeg; jb < kend16; jb += 16) {
                     __m256i a0[R], a1[R];
@@ -366,9 +318,7 @@ extern "C" void kernel(const int8_t* q, const int8_t* k, const int8_t* v, const 
 }
 """
 
-_ARGTYPES = ["const int8_t*"] * 3 + ["const float*", "const uint8_t*", "float*", "int8_t*",
-                                     "const float*", "const float*", "const float*"] + [
-    "const int64_t"] * 24
+_ARGTYPES = KERNEL_HEAD_ARGTYPES + ["const int64_t"]  # threads
 
 
 def avx2_attention_available() -> bool:

@@ -53,6 +53,79 @@ import torch
 from qcompile.lowering.kernels.attention import _additive_mask, _check, _scales, token_major
 from qcompile.lowering.kernels.cpp_build import builds, load_kernel
 
+# C++ both CPU attention kernels use as it is (attention_avx2.py builds its source from
+# these too): the kernels' common arguments (run_attention_kernel passes them, then each
+# kernel's own), prefetching a row, where a block's rows go, the prefetch of the batch's
+# next head and [kbeg, kend), the keys any query of a block sees
+KERNEL_HEAD = r"""
+extern "C" void kernel(const int8_t* q, const int8_t* k, const int8_t* v, const float* mask,
+                       const uint8_t* bmask,
+                       float* out, int8_t* qout, const float* qp, const float* cs,
+                       const float* vss,
+                       const int64_t B, const int64_t Hq, const int64_t Hkv,
+                       const int64_t Sq, const int64_t Sk, const int64_t D,
+                       const int64_t qsb, const int64_t qsh, const int64_t qss,
+                       const int64_t ksb, const int64_t ksh, const int64_t kss,
+                       const int64_t vsb, const int64_t vsh, const int64_t vss_,
+                       const int64_t msb, const int64_t msh, const int64_t msq,
+                       const int64_t osb, const int64_t osh, const int64_t oss,
+                       const int64_t has_mask, const int64_t causal, """[1:]
+KERNEL_HEAD_ARGTYPES = ["const int8_t*"] * 3 + [
+    "const float*", "const uint8_t*", "float*", "int8_t*", "const float*", "const float*",
+    "const float*"] + ["const int64_t"] * 23
+PREFETCH_ROW_AND_OUT = r"""
+static inline void prefetch_row(const int8_t* p, const int64_t n) {
+    for (int64_t d = 0; d < n; d += 64) _mm_prefetch((const char*)(p + d), _MM_HINT_T0);
+    _mm_prefetch((const char*)(p + n - 1), _MM_HINT_T0);  // a row that ends in another line
+}
+
+// where a block's rows go: float32 rows, or int8 codes quantized as qcompile::quantize
+// quantizes (float32 true division, round half to even, + zero point, clamp); rows
+// o.rs elements apart
+struct Out {
+    float* f;
+    int8_t* q;
+    int64_t rs;
+    float qs, zp, lo, hi;
+};
+"""[1:]
+NEXT_HEAD_PREFETCH = r"""
+            // the batch's next head's rows (this thread runs it next), a block of Q and a
+            // share of K and V per query block, so that they do not wait on memory (rows are
+            // D bytes, strided apart); the batch's last head has none to fetch
+            const bool ahead = h + 1 < Hq;
+            const int8_t* qn = qb + qsh;
+            const int8_t* kn = k + b * ksb + (h + 1) / group * ksh;
+            const int8_t* vn = v + b * vsb + (h + 1) / group * vsh;
+            const int64_t blocks = (Sq + R - 1) / R, share = (Sk + blocks - 1) / blocks;
+            for (int64_t i0 = 0; i0 < Sq; i0 += R) {
+                const int64_t nr = std::min<int64_t>(R, Sq - i0);
+                if (ahead) {
+                    for (int64_t r = i0; r < i0 + nr; r++) prefetch_row(qn + r * qss, D);
+                    for (int64_t j = i0 / R * share;
+                         j < std::min<int64_t>(Sk, (i0 / R + 1) * share); j++) {
+                        prefetch_row(kn + j * kss, D);
+                        prefetch_row(vn + j * vss_, D);
+                    }
+                }
+"""[1:-1]
+BLOCK_KEYS = r"""
+                int64_t kbeg = 0, kend = causal ? std::min<int64_t>(Sk, i0 + nr) : Sk;
+                if (has_mask) {
+                    int64_t lo = Sk, hi = 0;
+                    for (int64_t r = 0; r < nr; r++) {
+                        const int64_t mo = b * msb + h * msh + (i0 + r) * msq;
+                        int64_t l, e;
+                        kept_keys(has_mask, mask + mo, bmask + mo, Sk, l, e);
+                        lo = std::min(lo, l);
+                        hi = std::max(hi, e);
+                    }
+                    kbeg = std::min(lo, kend) / 16 * 16;
+                    kend = std::max(kbeg, std::min(kend, hi));
+                }
+                const int64_t kend16 = (kend + 15) / 16 * 16;
+"""[1:-1]
+
 _SOURCE = r"""
 #include <torch/csrc/inductor/cpp_prefix.h>
 #include <immintrin.h>
@@ -106,21 +179,7 @@ static inline void kept_keys(const int64_t kind, const float* mrow, const uint8_
         }
 }
 
-static inline void prefetch_row(const int8_t* p, const int64_t n) {
-    for (int64_t d = 0; d < n; d += 64) _mm_prefetch((const char*)(p + d), _MM_HINT_T0);
-    _mm_prefetch((const char*)(p + n - 1), _MM_HINT_T0);  // a row that ends in another line
-}
-
-// where a block's rows go: float32 rows, or int8 codes quantized as qcompile::quantize
-// quantizes (float32 true division, round half to even, + zero point, clamp); rows
-// o.rs elements apart
-struct Out {
-    float* f;
-    int8_t* q;
-    int64_t rs;
-    float qs, zp, lo, hi;
-};
-
+""" + PREFETCH_ROW_AND_OUT + r"""
 static inline void put(const Out& o, const int64_t at, const __mmask16 m, const __m512 y) {
     if (o.q == nullptr) {
         _mm512_mask_storeu_ps(o.f + at, m, y);
@@ -223,18 +282,7 @@ static void pack_v_bf16(const int8_t* vb, const int64_t vs_, const int64_t Sk, c
     }
 }
 
-extern "C" void kernel(const int8_t* q, const int8_t* k, const int8_t* v, const float* mask,
-                       const uint8_t* bmask,
-                       float* out, int8_t* qout, const float* qp, const float* cs,
-                       const float* vss,
-                       const int64_t B, const int64_t Hq, const int64_t Hkv,
-                       const int64_t Sq, const int64_t Sk, const int64_t D,
-                       const int64_t qsb, const int64_t qsh, const int64_t qss,
-                       const int64_t ksb, const int64_t ksh, const int64_t kss,
-                       const int64_t vsb, const int64_t vsh, const int64_t vss_,
-                       const int64_t msb, const int64_t msh, const int64_t msq,
-                       const int64_t osb, const int64_t osh, const int64_t oss,
-                       const int64_t has_mask, const int64_t causal, const int64_t bf16,
+""" + KERNEL_HEAD + r"""const int64_t bf16,
                        const int64_t threads)
 {
     const int64_t Skp = (Sk + 15) / 16 * 16, D4 = (D + 3) / 4, Dp = (D + 15) / 16 * 16;
@@ -294,24 +342,7 @@ extern "C" void kernel(const int8_t* q, const int8_t* k, const int8_t* v, const 
                     for (int64_t d = D; d < Dp; d++) vf[j * Dp + d] = 0.f;
                 }
             }
-            // the batch's next head's rows (this thread runs it next), a block of Q and a
-            // share of K and V per query block, so that they do not wait on memory (rows are
-            // D bytes, strided apart); the batch's last head has none to fetch
-            const bool ahead = h + 1 < Hq;
-            const int8_t* qn = qb + qsh;
-            const int8_t* kn = k + b * ksb + (h + 1) / group * ksh;
-            const int8_t* vn = v + b * vsb + (h + 1) / group * vsh;
-            const int64_t blocks = (Sq + R - 1) / R, share = (Sk + blocks - 1) / blocks;
-            for (int64_t i0 = 0; i0 < Sq; i0 += R) {
-                const int64_t nr = std::min<int64_t>(R, Sq - i0);
-                if (ahead) {
-                    for (int64_t r = i0; r < i0 + nr; r++) prefetch_row(qn + r * qss, D);
-                    for (int64_t j = i0 / R * share;
-                         j < std::min<int64_t>(Sk, (i0 / R + 1) * share); j++) {
-                        prefetch_row(kn + j * kss, D);
-                        prefetch_row(vn + j * vss_, D);
-                    }
-                }
+""" + NEXT_HEAD_PREFETCH + r"""
                 uint8_t* qu = (uint8_t*)qw.data();
                 // q + 128 as unsigned (q's sign bit flipped); rows past nr are not read back
                 for (int64_t r = 0; r < nr; r++) {
@@ -331,20 +362,7 @@ extern "C" void kernel(const int8_t* q, const int8_t* k, const int8_t* v, const 
                 // a mask that drops leading or trailing keys for all of them (padding, a
                 // sliding window) narrows [kbeg, kend) too: the keys outside give P = 0
                 // exactly, so skipping them changes no bit
-                int64_t kbeg = 0, kend = causal ? std::min<int64_t>(Sk, i0 + nr) : Sk;
-                if (has_mask) {
-                    int64_t lo = Sk, hi = 0;
-                    for (int64_t r = 0; r < nr; r++) {
-                        const int64_t mo = b * msb + h * msh + (i0 + r) * msq;
-                        int64_t l, e;
-                        kept_keys(has_mask, mask + mo, bmask + mo, Sk, l, e);
-                        lo = std::min(lo, l);
-                        hi = std::max(hi, e);
-                    }
-                    kbeg = std::min(lo, kend) / 16 * 16;
-                    kend = std::max(kbeg, std::min(kend, hi));
-                }
-                const int64_t kend16 = (kend + 15) / 16 * 16;
+""" + BLOCK_KEYS + r"""
                 for (int64_t jb = kbeg; jb < kend16; jb += 16) {
                     if (jb >= kend) {
                         for (int64_t r = 0; r < nr; r++)
@@ -415,9 +433,7 @@ extern "C" void kernel(const int8_t* q, const int8_t* k, const int8_t* v, const 
 }
 """
 
-_ARGTYPES = ["const int8_t*"] * 3 + ["const float*", "const uint8_t*", "float*", "int8_t*",
-                                     "const float*", "const float*", "const float*"] + [
-    "const int64_t"] * 25
+_ARGTYPES = KERNEL_HEAD_ARGTYPES + ["const int64_t"] * 2  # bf16, threads
 
 
 def vnni_attention_available() -> bool:
