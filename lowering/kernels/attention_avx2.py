@@ -36,6 +36,7 @@ import torch
 
 from qcompile.lowering.kernels.attention_cpu import (
     BLOCK_KEYS,
+    HEAD_LOOP,
     KERNEL_HEAD,
     KERNEL_HEAD_ARGTYPES,
     NEXT_HEAD_PREFETCH,
@@ -157,15 +158,7 @@ static inline void put(const Out& o, const int64_t at, const int64_t n, const __
         // a row's words are stored 8 at a time, the tail past D as zeros into the next
         // row's words (which that row then overwrites) or 8 words of slack at the end
         std::vector<int32_t> qw(R * D2 + 8);
-        // a batch's heads at a time to whichever thread is free: batches cost differently
-        // (padding), so contiguous halves would leave a thread idle
-        #pragma omp for schedule(dynamic, Hq)
-        for (int64_t bh = 0; bh < B * Hq; bh++) {
-            const int64_t b = bh / Hq, h = bh % Hq, hk = h / group;
-            const int8_t* qb = q + b * qsb + h * qsh;
-            const int8_t* kb = k + b * ksb + hk * ksh;
-            const int8_t* vb = v + b * vsb + hk * vsh;
-            const float c = cs[h], vs = vss[h];
+""" + HEAD_LOOP + r"""
             // K as int16 pairs [d / 2][key]: 8 keys' rows of 16 bytes -> 8 x 8 words,
             // transposed
             for (int64_t j0 = 0; j0 < Skp; j0 += 8)

@@ -126,6 +126,18 @@ BLOCK_KEYS = r"""
                 const int64_t kend16 = (kend + 15) / 16 * 16;
 """[1:-1]
 
+HEAD_LOOP = r"""
+        // a batch's heads at a time to whichever thread is free: batches cost differently
+        // (padding), so contiguous halves would leave a thread idle
+        #pragma omp for schedule(dynamic, Hq)
+        for (int64_t bh = 0; bh < B * Hq; bh++) {
+            const int64_t b = bh / Hq, h = bh % Hq, hk = h / group;
+            const int8_t* qb = q + b * qsb + h * qsh;
+            const int8_t* kb = k + b * ksb + hk * ksh;
+            const int8_t* vb = v + b * vsb + hk * vsh;
+            const float c = cs[h], vs = vss[h];
+"""[1:-1]  # over (batch, q head): its Q, K, V rows and scales
+
 _SOURCE = r"""
 #include <torch/csrc/inductor/cpp_prefix.h>
 #include <immintrin.h>
@@ -301,15 +313,7 @@ static void pack_v_bf16(const int8_t* vb, const int64_t vs_, const int64_t Sk, c
         // words of slack at the end (whole stores forward to the word loads that follow;
         // masked ones do not, and stall them)
         std::vector<int32_t> qw(R * D4 + 8);
-        // a batch's heads at a time to whichever thread is free: batches cost differently
-        // (padding), so contiguous halves would leave a thread idle
-        #pragma omp for schedule(dynamic, Hq)
-        for (int64_t bh = 0; bh < B * Hq; bh++) {
-            const int64_t b = bh / Hq, h = bh % Hq, hk = h / group;
-            const int8_t* qb = q + b * qsb + h * qsh;
-            const int8_t* kb = k + b * ksb + hk * ksh;
-            const int8_t* vb = v + b * vsb + hk * vsh;
-            const float c = cs[h], vs = vss[h];
+""" + HEAD_LOOP + r"""
             uint8_t* kp8 = (uint8_t*)kp.data();
             std::fill(kp.begin(), kp.end(), 0);
             for (int64_t j = 0; j < Sk; j++) {
