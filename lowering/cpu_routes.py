@@ -43,6 +43,12 @@ The routes (measured on an AVX2-only AMD EPYC, torch 2.13, oneDNN 3.12: bench/RE
                Works everywhere at float speed: never a reason to quantize, only the
                universal exact fallback. If the process allows reduced-precision float32
                matmul (bf16 / tf32 through oneDNN), it computes in float64 instead.
+  neon-i8mm, neon-sdot, neon
+               AArch64 only: qcompile's NEON kernels (lowering/kernels/gemm_neon.py),
+               int32 accumulation with SMMLA (i8mm), SDOT (dot product) or SMULL + SADALP
+               (any Armv8 NEON): exact for any int8 weights, no chunking. Verified under
+               qemu (scripts/arm-check.sh), never timed on ARM hardware here, so their
+               speed is measured per layer on the machine at hand (Choice.measure).
 
 Chunking (`plan_k_chunks`): |any partial sum| <= 128 * sum_k |w[n, k]| over the chunk, so
 chunks are the longest runs of 64-column blocks with 128 * max_n sum |w| <= 2**24. That
@@ -165,9 +171,36 @@ def _probe_onednn_full_range() -> bool:
     return True
 
 
+# Linux AArch64 hwcaps (arch/arm64/include/uapi/asm/hwcap.h)
+_AT_HWCAP, _AT_HWCAP2 = 16, 26
+_HWCAP_ASIMDDP, _HWCAP2_I8MM = 1 << 20, 1 << 13
+
+
+def _arm_hwcaps() -> set[str] | None:
+    """{"asimddp", "i8mm"} as far as the kernel's hwcaps say so (getauxval: right inside
+    containers and emulators, whose /proc/cpuinfo may describe another CPU); None off
+    AArch64 Linux or where getauxval is missing."""
+    if platform.machine() not in ("aarch64", "arm64") or platform.system() != "Linux":
+        return None
+    import ctypes
+
+    try:
+        getauxval = ctypes.CDLL(None).getauxval
+    except (OSError, AttributeError):
+        return None
+    getauxval.restype = ctypes.c_ulong
+    getauxval.argtypes = [ctypes.c_ulong]
+    hw, hw2 = getauxval(_AT_HWCAP), getauxval(_AT_HWCAP2)
+    return ({"asimddp"} if hw & _HWCAP_ASIMDDP else set()) | (
+        {"i8mm"} if hw2 & _HWCAP2_I8MM else set())
+
+
 @functools.cache
 def _detected() -> CpuCapabilities:
     model, flags = _cpuinfo()
+    hwcaps = _arm_hwcaps()
+    if hwcaps is not None:
+        flags = (flags - {"asimddp", "i8mm"}) | hwcaps
     caps = CpuCapabilities(
         arch=platform.machine(),
         isa=torch.backends.cpu.get_cpu_capability(),
@@ -321,6 +354,7 @@ class Route:
 
     name = ""
     native_f32 = True  # computes in float32: matmul_f32 saves the int32 conversion
+    measured = False  # its speed against float is timed per layer, never taken from a table
     reads_u8 = False  # reads A as uint8 a + 128 (an int8 A costs it a conversion pass)
 
     def available(self, caps: CpuCapabilities) -> bool:
@@ -487,7 +521,51 @@ class Fp32Exact(Route):
         return self._chunk_f32(a, p.chunks[0][2], p.n)
 
 
-ROUTES: dict[str, Route] = {r.name: r for r in (IntMM(), OneDnnU8S8(), OneDnnSplit(), Fp32Exact())}
+class Neon(Route):
+    """The AArch64 NEON kernels of lowering/kernels/gemm_neon.py: any int8 weights, int32
+    out. Never assumed faster than float: choose_route asks for a measurement."""
+
+    name = "neon"
+    native_f32 = False
+    measured = True
+    feature = ""  # the CapabilityFlag the micro-kernel's instructions need ("" for base NEON)
+
+    def available(self, caps):
+        from qcompile.lowering.kernels import gemm_neon
+
+        return (caps.arch in ("aarch64", "arm64") and (not self.feature or
+                getattr(caps, self.feature)) and gemm_neon.kernel_builds())
+
+    def _prepare(self, w):
+        from qcompile.lowering.kernels import gemm_neon
+
+        return ((0, w.shape[1], gemm_neon.pack_weights(w)),)
+
+    def _int32(self, a, p):
+        from qcompile.lowering.kernels import gemm_neon
+
+        return gemm_neon.gemm(a, p.chunks[0][2], p.n, self.name)
+
+    def _f32(self, a, p):
+        return self._int32(a, p).to(torch.float32)
+
+
+class NeonSdot(Neon):
+    name = "neon-sdot"
+    feature = "dotprod"
+
+
+class NeonI8mm(Neon):
+    name = "neon-i8mm"
+    feature = "i8mm"
+
+
+ROUTES: dict[str, Route] = {r.name: r for r in (
+    IntMM(), OneDnnU8S8(), OneDnnSplit(), Fp32Exact(), NeonI8mm(), NeonSdot(), Neon())}
+ARM_ROUTES = ("neon-i8mm", "neon-sdot", "neon")  # the best first
+ARM_KERNELS = {"neon-i8mm": "NEON int8 matrix multiply (SMMLA)",
+               "neon-sdot": "NEON int8 dot product (SDOT)",
+               "neon": "NEON SMULL + SADALP"}
 
 
 # ---------------------------------------------------------------- selection
@@ -505,11 +583,13 @@ SPLIT_MIN_KN = 1 << 22
 
 @dataclass(frozen=True)
 class Choice:
-    """The route for a layer, whether it is expected to beat float, and why."""
+    """The route for a layer, whether it is expected to beat float, and why. measure: no
+    verified table says (fast is False): time the layer against float on this machine."""
 
     route: Route
     fast: bool
     reason: str
+    measure: bool = False
 
 
 def _within(inner: tuple[int, int], outer: tuple[int, int]) -> bool:
@@ -523,6 +603,9 @@ def choose_route(
 
     Rule (measured on AVX2 with bench/bench_cpu_routes.py, and on an AVX512-VNNI EPYC with
     bench/bench_cpu_linear.py; other CPUs by their instruction sets, unmeasured):
+      0. AArch64: the best NEON kernel the CPU has (i8mm, then dot product, then base NEON),
+         with measure=True: no ARM machine measured a table, so select-layers times each
+         layer against float32 on the machine at hand (lowering/latency.py).
       1. AVX512-VNNI or AMX: int-mm (oneDNN's VNNI kernel, exact for any int8, int32 out);
          measured faster than float32 at every bench shape on an AVX512-VNNI EPYC, 2
          threads (bench/results/cpu-linear-vm-avx512-vnni.json): 1.6x at one decode token
@@ -536,6 +619,12 @@ def choose_route(
     M is the representative row count of the layer (tokens per call).
     """
     r = ROUTES
+    if caps.arch in ("aarch64", "arm64"):
+        for name in ARM_ROUTES:
+            if r[name].available(caps):
+                return Choice(r[name], False, f"{ARM_KERNELS[name]}, any int8 weights",
+                              measure=True)
+        return Choice(r["fp32-exact"], False, f"no ARM int8 kernel builds on {caps.describe()}")
     if caps.avx512_vnni or caps.amx:
         return Choice(r["int-mm"], True, "int8 dot products into int32 (AVX512-VNNI/AMX)")
     big = m >= ONEDNN_MIN_M and m * k * n >= ONEDNN_MIN_MACS
@@ -574,11 +663,13 @@ def narrow_weight_range(caps: CpuCapabilities) -> tuple[int, int] | None:
 
 @dataclass(frozen=True)
 class LayerPlan:
-    """How one quantized linear runs on this CPU: its route, and whether it stays float."""
+    """How one quantized linear runs on this CPU: its route, and whether it stays float
+    (measure: decided by timing it against float on this machine, Choice.measure)."""
 
     route: str
     fast: bool
     reason: str  # why this route; or, when not fast, why no int8 route beats float here
+    measure: bool = False
 
 
 def plan_a16(caps: CpuCapabilities, m: int, k: int, n: int,
@@ -590,6 +681,11 @@ def plan_a16(caps: CpuCapabilities, m: int, k: int, n: int,
     with VNNI / AMX int8 dot products run 3-5x float, and two of them still win."""
     if caps.avx512_vnni or caps.amx:
         return LayerPlan("int-mm", True, "two int8 GEMMs with VNNI/AMX dot products")
+    if caps.arch in ("aarch64", "arm64"):
+        return LayerPlan("fp32-exact", False,
+                         f"a 16-bit input runs two int8 GEMMs (M={m}, K={k}, N={n}); on ARM "
+                         f"({caps.describe()}) only 8- and 4-bit inputs are timed against "
+                         "float32, so it stays float")
     onednn = ROUTES["onednn-u8s8"]
     route = f"no exact int8 GEMM faster than float32 on {caps.describe()} for M={m}, K={k}, N={n}"
     if not onednn.available(caps) or not _within(weight_range, onednn.weight_range(caps)):
@@ -605,8 +701,8 @@ def plan_a16(caps: CpuCapabilities, m: int, k: int, n: int,
 def plan_layer(caps: CpuCapabilities, m: int, k: int, n: int,
                weight_range: tuple[int, int]) -> LayerPlan:
     choice = choose_route(caps, m, k, n, weight_range)
-    if choice.fast:
-        return LayerPlan(choice.route.name, True, choice.reason)
+    if choice.fast or choice.measure:
+        return LayerPlan(choice.route.name, choice.fast, choice.reason, choice.measure)
     return LayerPlan(choice.route.name, False,
                      f"no exact int8 GEMM faster than float32 on {caps.describe()} for "
                      f"M={m}, K={k}, N={n}: {choice.reason}")

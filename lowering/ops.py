@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from qcompile.lowering import cpu_routes
 from qcompile.lowering.device import inside_compiler, triton_runs_on
 from qcompile.lowering.epilogue import (
     Bias,
@@ -419,8 +420,6 @@ def _per_token_triton(rows):
 
 def _route_runs_on(route: str):
     def runs_on(device: str) -> bool:
-        from qcompile.lowering import cpu_routes
-
         caps = cpu_routes.cpu_capabilities()
         return device == "cpu" and cpu_routes.ROUTES[route].available(caps)
 
@@ -429,7 +428,7 @@ def _route_runs_on(route: str):
 
 # "cpu": the fastest exact route for each call's M and weights on this CPU; "cpu-<route>":
 # one route of lowering/cpu_routes.py (the lower pass binds the route select-layers chose)
-_CPU_ROUTES = ("int-mm", "onednn-u8s8", "onednn-u8s8-split", "fp32-exact")
+_CPU_ROUTES = tuple(cpu_routes.ROUTES)
 BACKENDS = {
     "reference": Backend("reference", _gemm_reference, _per_token_reference),
     "cpu": Backend("cpu", _gemm_cpu(None), _per_token_cpu),
@@ -515,7 +514,6 @@ def _requant_inline_plan(a, impl, fn):
     or AMX, whose AVX512-DQ multiplies int64 natively); else None, and the op runs as it
     is (a float32 accumulator's requantize_f32 is faster than int64 arithmetic on CPUs
     that emulate it)."""
-    from qcompile.lowering import cpu_routes
     from qcompile.lowering.cpu import inline_route
 
     route = inline_route(impl, a["w"])
@@ -712,7 +710,6 @@ def _(x, w, bias, zp_term, x_scale, w_scale, out_dtype):
 
 @linear_int8_dq.inliner("cpu")
 def _(a, impl):
-    from qcompile.lowering import cpu_routes
     from qcompile.lowering.cpu import F32_EXACT, inline_route
 
     route = inline_route(impl, a["w"])
@@ -731,8 +728,6 @@ def _operand(a, route):
     """The A operand of an inlined GEMM in the layout its route reads: a route that takes
     a + 128 as uint8 (oneDNN's u8 x s8) gets it from the loop that quantizes a, which
     Inductor fuses it into (the route would otherwise add 128 in a pass of its own)."""
-    from qcompile.lowering import cpu_routes
-
     if cpu_routes.ROUTES[route].reads_u8:
         return (a.to(torch.float32) + 128).to(torch.uint8)  # exact: integers below 2**8
     return a

@@ -123,7 +123,43 @@ def _cpu_plan(ctx: PassContext, node: Node, layer: ann.Layer, rec, saved) -> str
     plan = cpu_routes.plan_layer(caps, input_rows(node), k, n, span)
     layer.route = plan.route
     rec.detail["route"] = f"{plan.route}: {plan.reason}"
+    if plan.measure:  # under auto, _price_routes times it against float after the loop
+        return None
     return plan.reason if not plan.fast and opts.kernels == "auto" else None
+
+
+def _price_routes(ctx: PassContext, gm: GraphModule) -> None:
+    """On a CPU whose int8 route has no verified speed table (ARM's NEON kernels: a
+    Choice with measure), under kernels="auto", each such quantized linear stays quantized
+    only where its quantized call (input quantizer, GEMM, epilogue, compiled as the graph
+    runs them) beats its float32 call at its shape, timed on this machine in a fresh process
+    and cached per machine (lowering/latency.py); else float, with both times as the reason."""
+    from qcompile.lowering import latency
+
+    recipe = ctx.options.recipe_obj
+    caps = cpu_routes.cpu_capabilities()
+    todo = []
+    for node in gm.graph.nodes:
+        layer = ann.get(node, ann.Layer) if is_linear(node) else None
+        if (layer is None or not layer.quantize or layer.route is None
+                or not cpu_routes.ROUTES[layer.route].measured):
+            continue
+        n, k = node.args[1].meta["val"].shape
+        m = input_rows(node)
+        specs = (latency.linear_spec(m, k, n, layer.weight_bits or recipe.weight.bits,
+                                     recipe.act.bits, recipe.act.dynamic),
+                 latency.linear_spec(m, k, n, 8, None))
+        todo.append((node, layer, m, k, n, specs))
+    latency.prefetch("cpu", [s for *_, specs in todo for s in specs])
+    for node, layer, m, k, n, specs in todo:
+        q_ms, f_ms = (latency.spec_ms("cpu", s) for s in specs)
+        times = (f"{q_ms:.3f} ms quantized ({layer.route}) against {f_ms:.3f} ms float32 at "
+                 f"M={m}, K={k}, N={n}, measured on {caps.describe()}")
+        rec = ctx.layer(layer_name(node), "linear")
+        rec.detail["route"] += f"; {times}"
+        if q_ms >= f_ms:
+            layer.quantize = False
+            rec.reason = f"no exact int8 GEMM faster than float32 here: {times}"
 
 
 def _group_levels(ctx: PassContext, layer: ann.Layer, rec, narrow, spec) -> tuple[int, int]:
@@ -292,6 +328,8 @@ def select_layers(gm: GraphModule, ctx: PassContext) -> PassResult:
             planned = True
         if reason is not None:
             rec.reason = reason
+    if planned and ctx.options.kernels == "auto" and loaded is None:
+        _price_routes(ctx, gm)
     groups = _online_hadamards(gm)
     if ctx.options.kernels == "auto" and loaded is None:
         _price_hadamards(ctx, [(h, r) for h, r in groups if h.meta["val"].device.type == "cpu"])

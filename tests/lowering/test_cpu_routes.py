@@ -121,7 +121,7 @@ def test_extremes_at_and_beyond_the_chunk_bound(route):
         check(route, a, w)
         p = route.prepare(w)
         assert p.f32_exact == (k <= bound)
-        if k > bound and route.name != "int-mm":
+        if k > bound and route.native_f32:
             assert len(p.chunks) >= 2  # |acc| > 2**24 here: exact only through the chunks
 
 
@@ -285,12 +285,39 @@ def test_selection_with_avx_vnni():
     assert (c.route.name, c.fast) == ("onednn-u8s8", True)
 
 
-def test_selection_on_arm():
-    assert not ROUTES["onednn-u8s8"].available(ARM)
-    for m, k, n in MINILM + [(1, 4096, 4096)]:
-        c = choose_route(ARM, m, k, n, SEVEN_BIT)
-        assert (c.route.name, c.fast) == ("fp32-exact", False)
-        assert "no fast exact int8 route" in c.reason or "too small" in c.reason
+@pytest.mark.parametrize("caps, route", [
+    (ARM, "neon-i8mm"),
+    (replace(ARM, i8mm=False), "neon-sdot"),
+    (replace(ARM, i8mm=False, dotprod=False), "neon"),
+])
+def test_selection_on_arm_takes_the_best_neon_kernel_and_asks_for_a_measurement(
+        monkeypatch, caps, route):
+    from qcompile.lowering.kernels import gemm_neon
+
+    monkeypatch.setattr(gemm_neon, "kernel_builds", lambda: True)
+    assert not ROUTES["onednn-u8s8"].available(caps)
+    for m, k, n in MINILM + [(1, 4096, 4096), (1, 8, 8)]:
+        c = choose_route(caps, m, k, n, FULL_RANGE)
+        # Expected: never assumed faster (no ARM table was measured): timed per layer
+        assert (c.route.name, c.fast, c.measure) == (route, False, True)
+        assert c.route.weight_range(caps) == FULL_RANGE and not c.route.native_f32
+        plan = cpu_routes.plan_layer(caps, m, k, n, FULL_RANGE)
+        assert (plan.route, plan.fast, plan.measure) == (route, False, True)
+    # a kernel the CPU lacks is never chosen: its instructions would fault
+    assert not ROUTES["neon-i8mm"].available(replace(ARM, i8mm=False))
+    assert not ROUTES["neon-sdot"].available(replace(ARM, dotprod=False))
+    assert not any(ROUTES[r].available(AVX2) for r in cpu_routes.ARM_ROUTES)
+
+
+def test_selection_on_arm_without_a_built_kernel_is_fp32_exact_and_says_why(monkeypatch):
+    from qcompile.lowering.kernels import gemm_neon
+
+    monkeypatch.setattr(gemm_neon, "kernel_builds", lambda: False)
+    c = choose_route(ARM, 4096, 384, 1536, FULL_RANGE)
+    assert (c.route.name, c.fast, c.measure) == ("fp32-exact", False, False)
+    assert c.reason.startswith("no ARM int8 kernel builds on aarch64")
+    plan = cpu_routes.plan_layer(ARM, 4096, 384, 1536, FULL_RANGE)
+    assert not plan.fast and "no exact int8 GEMM faster than float32" in plan.reason
 
 
 def test_fast_flags():

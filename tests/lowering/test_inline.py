@@ -12,7 +12,7 @@ from qcompile.fx_utils import copy_graph_module
 from qcompile.lowering import cpu_routes, ops  # noqa: F401  (declares the ops)
 from qcompile.lowering.inline import inline_for_inductor
 
-ROUTES = [r for r in ("int-mm", "onednn-u8s8", "onednn-u8s8-split", "fp32-exact")
+ROUTES = [r for r in cpu_routes.ROUTES
           if cpu_routes.ROUTES[r].available(cpu_routes.cpu_capabilities())]
 SCALE = 0.1  # float32(0.1): x / s and x * (1 / s) round apart for many x
 

@@ -408,3 +408,62 @@ def test_q_and_k_of_an_attention_that_stays_float_are_not_rotated():
             assert any("q/k of" in n and "the attention stays float (this CPU has neither "
                        "AVX2 nor AVX512-VNNI: its int8 attention is float SDPA" in n
                        for n in cap.ctx.notes), cap.ctx.notes
+
+
+# ---------------------------------------------------------------- ARM: timed per layer
+
+
+ARM = cpu_routes.CpuCapabilities(arch="aarch64", isa="DEFAULT", dotprod=True)
+
+
+class WideThenNarrow(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.wide = torch.nn.Linear(512, 512)
+        self.narrow = torch.nn.Linear(512, 8)
+
+    def forward(self, x):
+        return self.narrow(torch.relu(self.wide(x)))
+
+
+def _arm_select(monkeypatch, **options):
+    """WideThenNarrow through select-layers on a mocked ARM CPU with dot products (the
+    NEON kernels mocked as built), timings mocked: quantized 1 ms for the wide layer and
+    3 ms for the narrow one, float32 2 ms for both."""
+    from qcompile.lowering import latency
+    from qcompile.lowering.kernels import gemm_neon
+
+    monkeypatch.setattr(gemm_neon, "kernel_builds", lambda: True)
+    prefetched = []
+    monkeypatch.setattr(latency, "prefetch", lambda device, specs: prefetched.extend(specs))
+    monkeypatch.setattr(latency, "spec_ms", lambda device, spec: (
+        2.0 if spec[5] is None else 1.0 if spec[3] == 512 else 3.0))
+    with cpu_routes.override_capabilities(ARM):
+        cap = stage(WideThenNarrow().eval(), torch.randn(64, 512), before="select-layers",
+                    options={"recipe": "w8a8", **options})
+        cap.run_pass("select-layers")
+    layers = {la.name: la for n in cap.gm.graph.nodes if (la := ann.get(n, ann.Layer))}
+    return cap, layers, prefetched
+
+
+def test_arm_layers_stay_quantized_only_where_measured_faster(monkeypatch):
+    cap, layers, prefetched = _arm_select(monkeypatch, kernels="auto")
+    # Expected: both layers timed in one batch, quantized (per-token int8) and float32,
+    # at their shapes; the one slower than float stays float and says so with both times
+    assert ("linear", 64, 512, 512, 8, 8, True) in prefetched
+    assert ("linear", 64, 512, 8, 8, None, False) in prefetched
+    assert layers["wide"].quantize and layers["wide"].route == "neon-sdot"
+    assert not layers["narrow"].quantize
+    reason = cap.ctx.layers["narrow"].reason
+    assert reason.startswith("no exact int8 GEMM faster than float32 here: 3.000 ms "
+                             "quantized (neon-sdot) against 2.000 ms float32 at M=64, K=512, "
+                             "N=8, measured on aarch64")
+    route = cap.ctx.layers["wide"].detail["route"]
+    assert route.startswith("neon-sdot: NEON int8 dot product (SDOT), any int8 weights; "
+                            "1.000 ms quantized")
+
+
+def test_arm_kernels_cpu_times_nothing(monkeypatch):
+    _, layers, prefetched = _arm_select(monkeypatch, kernels="cpu")
+    assert not prefetched
+    assert all(la.quantize and la.route == "neon-sdot" for la in layers.values())
