@@ -46,13 +46,13 @@ def test_graph_unchanged_and_the_rewrites_follow_the_selection():
 
 
 class Wide(torch.nn.Module):
-    """Two 512 x 512 linears: at 64 rows, 2**24 multiply-adds each, where an int8 GEMM
-    beats float32."""
+    """Two 512 x 512 linears (the second 512 x n_b): at 64 rows, 2**24 multiply-adds each,
+    where an int8 GEMM beats float32."""
 
-    def __init__(self):
+    def __init__(self, n_b: int = 512):
         super().__init__()
         self.a = torch.nn.Linear(512, 512)
-        self.b = torch.nn.Linear(512, 512)
+        self.b = torch.nn.Linear(512, n_b)
 
     def forward(self, x):
         return self.b(torch.relu(self.a(x)))
@@ -416,20 +416,10 @@ def test_q_and_k_of_an_attention_that_stays_float_are_not_rotated():
 ARM = cpu_routes.CpuCapabilities(arch="aarch64", isa="DEFAULT", dotprod=True)
 
 
-class WideThenNarrow(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.wide = torch.nn.Linear(512, 512)
-        self.narrow = torch.nn.Linear(512, 8)
-
-    def forward(self, x):
-        return self.narrow(torch.relu(self.wide(x)))
-
-
 def _arm_select(monkeypatch, **options):
-    """WideThenNarrow through select-layers on a mocked ARM CPU with dot products (the
-    NEON kernels mocked as built), timings mocked: quantized 1 ms for the wide layer and
-    3 ms for the narrow one, float32 2 ms for both."""
+    """Wide(n_b=8) through select-layers on a mocked ARM CPU with dot products (the NEON
+    kernels mocked as built), timings mocked: quantized 1 ms for the 512-wide layer and
+    3 ms for the 8-wide one, float32 2 ms for both."""
     from qcompile.lowering import latency
     from qcompile.lowering.kernels import gemm_neon
 
@@ -439,7 +429,7 @@ def _arm_select(monkeypatch, **options):
     monkeypatch.setattr(latency, "spec_ms", lambda device, spec: (
         2.0 if spec[5] is None else 1.0 if spec[3] == 512 else 3.0))
     with cpu_routes.override_capabilities(ARM):
-        cap = stage(WideThenNarrow().eval(), torch.randn(64, 512), before="select-layers",
+        cap = stage(Wide(n_b=8).eval(), torch.randn(64, 512), before="select-layers",
                     options={"recipe": "w8a8", **options})
         cap.run_pass("select-layers")
     layers = {la.name: la for n in cap.gm.graph.nodes if (la := ann.get(n, ann.Layer))}
@@ -452,13 +442,13 @@ def test_arm_layers_stay_quantized_only_where_measured_faster(monkeypatch):
     # at their shapes; the one slower than float stays float and says so with both times
     assert ("linear", 64, 512, 512, 8, 8, True) in prefetched
     assert ("linear", 64, 512, 8, 8, None, False) in prefetched
-    assert layers["wide"].quantize and layers["wide"].route == "neon-sdot"
-    assert not layers["narrow"].quantize
-    reason = cap.ctx.layers["narrow"].reason
+    assert layers["a"].quantize and layers["a"].route == "neon-sdot"
+    assert not layers["b"].quantize
+    reason = cap.ctx.layers["b"].reason
     assert reason.startswith("no exact int8 GEMM faster than float32 here: 3.000 ms "
                              "quantized (neon-sdot) against 2.000 ms float32 at M=64, K=512, "
                              "N=8, measured on aarch64")
-    route = cap.ctx.layers["wide"].detail["route"]
+    route = cap.ctx.layers["a"].detail["route"]
     assert route.startswith("neon-sdot: NEON int8 dot product (SDOT), any int8 weights; "
                             "1.000 ms quantized")
 
