@@ -511,7 +511,8 @@ def _(x, w, bias, zp_term, q, shift, out_zp, qmin, qmax):
 def _requant_inline_plan(a, impl, fn):
     """The written-out requantizing GEMM for a call whose weight is int8 values (after
     `prepare`) on a fixed route with an int32 accumulator (int-mm: CPUs with AVX512-VNNI
-    or AMX, whose AVX512-DQ multiplies int64 natively); else None, and the op runs as it
+    or AMX, whose AVX512-DQ multiplies int64 natively; the ARM NEON routes, whose layers
+    auto keeps quantized only where timed faster than float); else None, and the op runs as it
     is (a float32 accumulator's requantize_f32 is faster than int64 arithmetic on CPUs
     that emulate it)."""
     from qcompile.lowering.cpu import inline_route

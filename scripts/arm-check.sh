@@ -3,17 +3,19 @@
 # kernels (lowering/kernels/gemm_neon.py), the ARM route selection and the CPU ops on those
 # routes, run by torch's aarch64 wheel under qemu-user, once per emulated CPU:
 #   neoverse-n1  Armv8.2 with dot product (asimddp)  -> routes neon-sdot and neon
-#   max          + int8 matrix multiply (i8mm)        -> routes neon-i8mm, neon-sdot, neon
+#   max,sve=off  + int8 matrix multiply (i8mm)        -> routes neon-i8mm, neon-sdot, neon
+#                (SVE off: Debian 12's cross GCC crashes on torch's SVE vector headers)
 # (the base route, plain Armv8 NEON, is available on both and tested there; an Armv8.0
 # CPU such as cortex-a72 cannot be emulated: torch's aarch64 wheel itself faults there)
 # Exactness and selection only: emulated timings say nothing about ARM hardware (the
 # routes' speed is measured per layer on the machine that runs them, lowering/latency.py).
 #
-# Usage: sudo bash scripts/arm-check.sh [pytest args]    (about 20 minutes on 2 cores)
+# Usage: sudo bash scripts/arm-check.sh [pytest args]    (about 30 minutes on 2 cores)
+# ARM_CPUS: the emulated CPUs, as "qemu-cpu:gcc-march ..." (default: the two below)
 # Needs root (apt-get, binfmt_misc) and the package registries (Debian's and PyPI).
-# Output: bench/results/arm-check-qemu.json (versions, each CPU's pytest summary) and
-# bench/results/arm-check-qemu.log. The emulated environment stays in $QCOMPILE_ARM_ENV
-# (default ~/.cache/qcompile-arm) for the next run.
+# Output: bench/results/arm-check-qemu.json (versions, each CPU's pytest summary); each
+# CPU's pytest output in $QCOMPILE_ARM_ENV/pytest-<cpu>.log. The emulated environment
+# stays in $QCOMPILE_ARM_ENV (default ~/.cache/qcompile-arm) for the next run.
 #
 # How: an arm64 Python 3.11 from Debian's arm64 packages, unpacked into a sysroot; torch's
 # aarch64 wheel (its CUDA libraries, which an import needs but a CPU run never calls,
@@ -28,7 +30,6 @@ cd "$root"
 env_dir="${QCOMPILE_ARM_ENV:-$HOME/.cache/qcompile-arm}"
 sys="$env_dir/root"
 out="$root/bench/results"
-log="$out/arm-check-qemu.log"
 host_py="$root/.venv/bin/python"
 [ -x "$host_py" ] || host_py=python3
 torch_version=$("$host_py" -c "import torch; print(torch.__version__.split('+')[0])" 2>/dev/null \
@@ -81,9 +82,11 @@ if [ ! -d "$env_dir/site/torch" ]; then
     mkdir -p "$env_dir/site"
     (cd "$env_dir/site" && "$host_py" -m zipfile -e "$env_dir"/wheels/torch-*aarch64.whl .)
 fi
-if [ ! -d "$env_dir/deps/hypothesis" ]; then
+if [ ! -d "$env_dir/deps/triton" ]; then  # the Triton interpreter's implementations, too
+    triton=$(grep -h -m1 "^Requires-Dist: triton==" "$env_dir"/site/torch-*.dist-info/METADATA \
+             | sed 's/Requires-Dist: //; s/;.*//; s/ //g')
     "${pip_aarch64[@]}" --target "$env_dir/deps" numpy sympy typing_extensions filelock jinja2 \
-        networkx fsspec setuptools pytest hypothesis
+        networkx fsspec setuptools pytest hypothesis "${triton:-triton}"
 fi
 
 step "stubs for the CUDA libraries torch's aarch64 wheel links"
@@ -188,28 +191,45 @@ arm_py() {
 
 tests=(tests/lowering/test_gemm_neon.py tests/lowering/test_cpu_routes.py)
 full=(tests/lowering/test_cpu_gemm.py tests/lowering/test_inline.py tests/lowering/test_registry.py)
-: > "$log"
-results=()
 status=0
-for cpu in neoverse-n1:armv8.2-a+dotprod max:armv8.6-a+dotprod+i8mm; do
+for cpu in ${ARM_CPUS:-neoverse-n1:armv8.2-a+dotprod max,sve=off:armv8.6-a+dotprod+i8mm}; do
     export QEMU_CPU="${cpu%%:*}" ARM_MARCH="${cpu#*:}"
     sel=("${tests[@]}")
-    [ "$QEMU_CPU" = max ] && sel+=("${full[@]}")  # the ops on every route: once
+    [ "${QEMU_CPU%%,*}" = max ] && sel+=("${full[@]}")  # the ops on every route: once
     step "pytest on $QEMU_CPU: ${sel[*]}"
+    log="$env_dir/pytest-$QEMU_CPU.log"
     caps=$(arm_py -c "from qcompile.lowering import cpu_routes as c; print(c.cpu_capabilities().describe())" 2>/dev/null | tail -1)
     set +e
     arm_py -m pytest -q -p no:cacheprovider -m "not slow" "${sel[@]}" "$@" 2>&1 \
-        | grep -v "MIDR_EL1\|No CUDA runtime" | tee -a "$log" > "$env_dir/last.log"
+        | grep -v "MIDR_EL1\|No CUDA runtime" > "$log"
     rc=${PIPESTATUS[0]}
     set -e
     [ "$rc" = 0 ] || status=1
-    summary=$(tail -1 "$env_dir/last.log")
-    results+=("{\"qemu_cpu\": \"$QEMU_CPU\", \"capabilities\": \"$caps\", \"exit\": $rc, \"tests\": \"${sel[*]}\", \"summary\": \"${summary//\"/}\"}")
+    tail -1 "$log" >&2
+    # one entry per emulated CPU in the results file; a rerun replaces its CPU's entry
+    "$host_py" - "$out/arm-check-qemu.json" "$QEMU_CPU" "$caps" "$rc" "${sel[*]}" \
+        "$(tail -1 "$log")" "$torch_version" <<'PY'
+import json, platform, subprocess, sys, time
+path, cpu, caps, rc, tests, summary, torch_version = sys.argv[1:]
+try:
+    with open(path) as f:
+        data = json.load(f)
+except (OSError, ValueError):
+    data = {}
+data["what"] = ("scripts/arm-check.sh: the NEON GEMM routes and the CPU ops on them under "
+                "qemu-user: exactness and selection, not speed")
+data.setdefault("runs", {})[cpu] = {
+    "date": time.strftime("%Y-%m-%d"), "capabilities": caps, "exit": int(rc),
+    "tests": tests, "summary": summary, "torch": f"{torch_version} (aarch64 wheel)",
+    "qemu": subprocess.run(["qemu-aarch64-static", "--version"], capture_output=True,
+                           text=True).stdout.splitlines()[0],
+    "host": next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                  if line.startswith("model name")), platform.machine()),
+}
+with open(path, "w") as f:
+    json.dump(data, f, indent=1)
+    f.write("\n")
+PY
 done
-
-qemu=$(qemu-aarch64-static --version | head -1)
-(IFS=,; printf '{\n "what": "scripts/arm-check.sh: NEON GEMM routes under qemu-user (exactness and selection, not speed)",\n "date": "%s",\n "host": "%s",\n "qemu": "%s",\n "torch": "%s (aarch64 wheel)",\n "runs": [%s]\n}\n' \
-    "$(date -u +%Y-%m-%d)" "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)" \
-    "$qemu" "$torch_version" "${results[*]}") > "$out/arm-check-qemu.json"
 cat "$out/arm-check-qemu.json"
 exit $status

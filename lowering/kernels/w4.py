@@ -221,8 +221,8 @@ def _w4a8_kernel(
         x_base = x_ptr + offs_m[:, None] * stride_xm
         x_even = tl.load(x_base + (2 * kb[None, :]) * stride_xk, mask=mask_m & kmask, other=0)
         x_odd = tl.load(x_base + (2 * kb[None, :] + 1) * stride_xk, mask=mask_m & kmask, other=0)
-        acc = tl.dot(x_even, tl.trans(lo.to(tl.int8)), acc)  # int8 x int8 -> int32, exact
-        acc = tl.dot(x_odd, tl.trans(hi.to(tl.int8)), acc)
+        acc = tl.dot(x_even, tl.trans(lo.to(tl.int8)), acc, out_dtype=tl.int32)  # exact
+        acc = tl.dot(x_odd, tl.trans(hi.to(tl.int8)), acc, out_dtype=tl.int32)
     mask_c = offs_n < N
     if REQUANT:  # integer only from here on
         acc64 = acc.to(tl.int64)

@@ -295,14 +295,16 @@ class _Requantizing(torch.nn.Module):
 
 @pytest.mark.parametrize("route", ROUTES)
 def test_inlined_requantizing_linears_compile_to_the_same_integers(route):
-    """On an int32-accumulator route (int-mm) the dyadic requantization is written out in
-    int64 (what the op runs, fused by Inductor); a float32-accumulator route keeps the op,
-    whose requantize_f32 is faster than int64 arithmetic where CPUs emulate it."""
+    """On an int32-accumulator route (int-mm, the NEON routes) the dyadic requantization is
+    written out in int64 (what the op runs, fused by Inductor); a float32-accumulator route
+    keeps the op, whose requantize_f32 is faster than int64 arithmetic where CPUs emulate
+    it."""
     x = _inputs(96)
     x.view(-1)[:96] = 1e6  # a row of 127s after quantization
     x.view(-1)[96:192] = -1e6  # and one of -128s
     gm, counts, compiled = _inlined(_Requantizing(f"cpu-{route}"), x)
-    requantizing = {"linear_int8": 1, "linear_w4a8_grouped": 1} if route == "int-mm" else {}
+    requantizing = ({} if cpu_routes.ROUTES[route].native_f32 else
+                    {"linear_int8": 1, "linear_w4a8_grouped": 1})
     assert counts == {"quantize": 1, **requantizing}
     got = compiled(x)
     got = got[0] if isinstance(got, (tuple, list)) else got
