@@ -48,7 +48,7 @@ _SOURCE = r"""
 #include <arm_neon.h>
 #include <algorithm>
 #include <cstring>
-#include <vector>
+#include <memory>
 
 // One 4 x 8 tile over K8 steps: a [K8][4][8] (4 rows), w [K8][4][16] (8 columns, in
 // pairs); c [4][8] int32.
@@ -140,18 +140,34 @@ extern "C" void kernel(const int8_t* a, const int8_t* w, int32_t* out, const int
     const int64_t K8 = (K + 7) / 8, N8 = (N + 7) / 8, M4 = (M + 3) / 4;
     constexpr int64_t TB = 16, PB = 8;  // tiles (64 rows) x panels (64 columns) per block
     const int64_t MB = (M4 + TB - 1) / TB, NB = (N8 + PB - 1) / PB;
-    const uint8_t flip = u8 ? 0x80 : 0;  // (a + 128) ^ 0x80 is a's byte
-    std::vector<int8_t> ap(M4 * K8 * 32, 0);
+    const uint64_t flip = u8 ? 0x8080808080808080ull : 0;  // (a + 128) ^ 0x80 is a's byte
+    const int64_t K8full = K / 8, tail = K % 8;
+    std::unique_ptr<int8_t[]> ap(new int8_t[M4 * K8 * 32]);  // every byte written below
     auto tile = variant == 2 ? tile_i8mm : variant == 1 ? tile_sdot : tile_neon;
     #pragma omp parallel num_threads(threads)
     {
         #pragma omp for schedule(static)
         for (int64_t t = 0; t < M4; t++) {
-            int8_t* dst = ap.data() + t * K8 * 32;
-            for (int64_t r = 0; r < 4 && 4 * t + r < M; r++) {
+            int8_t* dst = ap.get() + t * K8 * 32;
+            for (int64_t r = 0; r < 4; r++) {
+                int8_t* d = dst + r * 8;
+                if (4 * t + r >= M) {  // rows past M: zeros
+                    for (int64_t s = 0; s < K8; s++) std::memset(d + s * 32, 0, 8);
+                    continue;
+                }
                 const uint8_t* src = (const uint8_t*)(a + (4 * t + r) * lda);
-                for (int64_t k = 0; k < K; k++)
-                    dst[(k / 8) * 32 + r * 8 + k % 8] = (int8_t)(src[k] ^ flip);
+                for (int64_t s = 0; s < K8full; s++) {  // 8 bytes of the row per step
+                    uint64_t v;
+                    std::memcpy(&v, src + 8 * s, 8);
+                    v ^= flip;
+                    std::memcpy(d + s * 32, &v, 8);
+                }
+                if (tail) {  // the last step: the row's last K % 8 bytes, then zeros
+                    uint8_t last[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+                    for (int64_t j = 0; j < tail; j++)
+                        last[j] = src[8 * K8full + j] ^ (uint8_t)flip;
+                    std::memcpy(d + K8full * 32, last, 8);
+                }
             }
         }
         #pragma omp for collapse(2) schedule(dynamic, 1)
@@ -160,7 +176,7 @@ extern "C" void kernel(const int8_t* a, const int8_t* w, int32_t* out, const int
                 int32_t c[32];
                 for (int64_t p = nb * PB; p < std::min(N8, (nb + 1) * PB); p++)
                     for (int64_t t = mb * TB; t < std::min(M4, (mb + 1) * TB); t++) {
-                        tile(ap.data() + t * K8 * 32, w + p * K8 * 64, K8, c);
+                        tile(ap.get() + t * K8 * 32, w + p * K8 * 64, K8, c);
                         const int64_t rows = std::min<int64_t>(4, M - 4 * t);
                         const int64_t cols = std::min<int64_t>(8, N - 8 * p);
                         for (int64_t r = 0; r < rows; r++)
