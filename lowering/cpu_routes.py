@@ -113,6 +113,11 @@ class CpuCapabilities:
     onednn_full_range: bool = False
 
     @property
+    def arm(self) -> bool:
+        """An AArch64 CPU (where qcompile's NEON routes run)."""
+        return self.arch in ("aarch64", "arm64")
+
+    @property
     def vnni(self) -> bool:
         """int8 dot products straight into int32 (no int16 intermediate) on x86."""
         return self.avx512_vnni or self.avx_vnni or self.amx
@@ -528,13 +533,14 @@ class Neon(Route):
     name = "neon"
     native_f32 = False
     measured = True
-    feature = ""  # the CapabilityFlag the micro-kernel's instructions need ("" for base NEON)
+    feature = ""  # the CpuCapabilities flag its instructions need ("" for base NEON)
+    kernel = "NEON SMULL + SADALP"
 
     def available(self, caps):
         from qcompile.lowering.kernels import gemm_neon
 
-        return (caps.arch in ("aarch64", "arm64") and (not self.feature or
-                getattr(caps, self.feature)) and gemm_neon.kernel_builds())
+        return (caps.arm and (not self.feature or getattr(caps, self.feature))
+                and gemm_neon.kernel_builds())
 
     def _prepare(self, w):
         from qcompile.lowering.kernels import gemm_neon
@@ -553,19 +559,18 @@ class Neon(Route):
 class NeonSdot(Neon):
     name = "neon-sdot"
     feature = "dotprod"
+    kernel = "NEON int8 dot product (SDOT)"
 
 
 class NeonI8mm(Neon):
     name = "neon-i8mm"
     feature = "i8mm"
+    kernel = "NEON int8 matrix multiply (SMMLA)"
 
 
 ROUTES: dict[str, Route] = {r.name: r for r in (
     IntMM(), OneDnnU8S8(), OneDnnSplit(), Fp32Exact(), NeonI8mm(), NeonSdot(), Neon())}
 ARM_ROUTES = ("neon-i8mm", "neon-sdot", "neon")  # the best first
-ARM_KERNELS = {"neon-i8mm": "NEON int8 matrix multiply (SMMLA)",
-               "neon-sdot": "NEON int8 dot product (SDOT)",
-               "neon": "NEON SMULL + SADALP"}
 
 
 # ---------------------------------------------------------------- selection
@@ -619,10 +624,10 @@ def choose_route(
     M is the representative row count of the layer (tokens per call).
     """
     r = ROUTES
-    if caps.arch in ("aarch64", "arm64"):
+    if caps.arm:
         for name in ARM_ROUTES:
             if r[name].available(caps):
-                return Choice(r[name], False, f"{ARM_KERNELS[name]}, any int8 weights",
+                return Choice(r[name], False, f"{r[name].kernel}, any int8 weights",
                               measure=True)
         return Choice(r["fp32-exact"], False, f"no ARM int8 kernel builds on {caps.describe()}")
     if caps.avx512_vnni or caps.amx:
@@ -681,7 +686,7 @@ def plan_a16(caps: CpuCapabilities, m: int, k: int, n: int,
     with VNNI / AMX int8 dot products run 3-5x float, and two of them still win."""
     if caps.avx512_vnni or caps.amx:
         return LayerPlan("int-mm", True, "two int8 GEMMs with VNNI/AMX dot products")
-    if caps.arch in ("aarch64", "arm64"):
+    if caps.arm:
         return LayerPlan("fp32-exact", False,
                          f"a 16-bit input runs two int8 GEMMs (M={m}, K={k}, N={n}); on ARM "
                          f"({caps.describe()}) only 8- and 4-bit inputs are timed against "
