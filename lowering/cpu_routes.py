@@ -81,6 +81,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from qcompile.lowering.kernels import gemm_neon
 from qcompile.lowering.reference import check_k
 
 F32_EXACT = 2**24  # every integer of magnitude <= 2**24 is a float32
@@ -537,19 +538,13 @@ class Neon(Route):
     kernel = "NEON SMULL + SADALP"
 
     def available(self, caps):
-        from qcompile.lowering.kernels import gemm_neon
-
         return (caps.arm and (not self.feature or getattr(caps, self.feature))
                 and gemm_neon.kernel_builds())
 
     def _prepare(self, w):
-        from qcompile.lowering.kernels import gemm_neon
-
         return ((0, w.shape[1], gemm_neon.pack_weights(w)),)
 
     def _int32(self, a, p):
-        from qcompile.lowering.kernels import gemm_neon
-
         return gemm_neon.gemm(a, p.chunks[0][2], p.n, self.name)
 
     def _f32(self, a, p):
