@@ -22,6 +22,10 @@ their fake and every implementation:
   linear_a4w4_grouped_dynamic  the same with group-wise int4 w whose group scales are
                            the row's times integers (mult), zero points (wzp) or none:
                            linear_a4w4_dynamic on (q - wzp) * mult
+  quantize_int4_groups     float x [..., K] -> (int8 values q * m [..., K], float32 scale
+                           [...]): int4 per token in groups along K, each group's scale the
+                           row's times an integer m in [1, 15] (options
+                           activation_group_size; the W4A4 linears' act_group)
 
 The clip ratio (options["activation_clip"]; QuaRot's is 0.9, w4a4's default is measured in
 qcompile/config.py): int4 has 16 levels, and a row's few largest values, even after the
@@ -209,13 +213,106 @@ def _(x, packed, clip, symmetric=True):
     return kernels.quantize_per_token_asym_triton(x, bits=4, clip=clip)
 
 
+# ------------------------------------------- float -> int4 per token, in scaled groups
+
+# A group's multiplier m is at most 15 so that its integer values q * m (|q| <= 8) fit int8
+GROUP_MULT_MAX = 15
+
+
+def _check_groups(x, group, clip) -> None:
+    fn = "quantize_int4_groups"
+    if not isinstance(x, Tensor) or not x.dtype.is_floating_point or x.dim() < 1:
+        raise TypeError(f"{fn}: x must be a floating-point tensor [..., K], got "
+                        f"{getattr(x, 'dtype', type(x).__name__)}")
+    _check_clip(fn, clip)
+    if isinstance(group, bool) or not isinstance(group, int) or group < 2:
+        raise ValueError(f"{fn}: group must be an int >= 2 (elements along K sharing a "
+                         f"multiplier), got {group!r}")
+    k = x.shape[-1]
+    if k == 0 or k % group:
+        raise ValueError(f"{fn}: K = {k} is not a positive multiple of the group size "
+                         f"{group}")
+
+
+def _int4_groups_body(x, qmax, mmax, eps, clip, *, group):
+    # quantize_int4_groups' arithmetic, in float32, one rounding an operation: the groups'
+    # clipped absmax a[g] = max|x[g]| * clip; the row's scale s = max(max_g a[g] /
+    # (qmax * mmax), eps); m[g] = clamp(ceil(a[g] / (s * qmax)), 1, mmax); q =
+    # clamp(round_half_even(x / (s * m[g])), -qmax - 1, qmax); the value q * m[g]
+    xf = x.float()
+    g = xf.reshape(*xf.shape[:-1], xf.shape[-1] // group, group)
+    a = g.abs().amax(dim=-1, keepdim=True) * clip  # [..., G, 1]
+    scale = (a.amax(dim=-2, keepdim=True) / (qmax * mmax)).clamp(min=eps)  # [..., 1, 1]
+    m = torch.minimum(torch.ceil(a / (scale * qmax)).clamp(min=1.0), mmax)
+    q = torch.round(g / (scale * m)).clamp(-qmax - 1, qmax)
+    return (q * m).to(torch.int8).reshape(xf.shape), scale.reshape(xf.shape[:-1])
+
+
+@functools.cache
+def _groups_body(group: int):
+    """_int4_groups_body at one group size (a new function per size: _elementwise compiles
+    each body once, and the size shapes the graph)."""
+    return functools.partial(_int4_groups_body, group=group)
+
+
+def _int4_groups(x, group, clip, big):
+    rows = _rows(x)
+    v, scale = _elementwise(_groups_body(group), big, rows, float(INT4_MAX),
+                            float(GROUP_MULT_MAX), specs.SCALE_EPS, float(clip))
+    return v.reshape(x.shape), scale.reshape(x.shape[:-1])
+
+
+@quantized_op
+def quantize_int4_groups(x: Tensor, group: int, clip: float) -> tuple[Tensor, Tensor]:
+    """Dynamic int4 per token in groups of `group` along K, each group's scale its row's
+    times an integer (NVFP4's two-level scaling, in integers): (v int8 [..., K], s float32
+    [...]) for float x [..., K], K a multiple of group. In float32, one rounding an
+    operation: a[g] = max|x[g]| * clip (clip in (0, 1] rounded to float32), s = max(max_g
+    a[g] / 105, SCALE_EPS), m[g] = clamp(ceil(a[g] / (s * 7)), 1, 15), q =
+    clamp(round_half_even(x / (s * m[g])), -8, 7); v = q * m[g], so x ~ s * v. Each value
+    is an int4 q and a group's multiplier (4 bits a group), and v, |v| <= 120, is the int8
+    an int8 GEMM reads: the groups cost the GEMM nothing."""
+
+
+@quantize_int4_groups.fake
+def _(x, group, clip):
+    _check_groups(x, group, clip)
+    return (x.new_empty(x.shape, dtype=torch.int8),
+            x.new_empty(x.shape[:-1], dtype=torch.float32))
+
+
+@quantize_int4_groups.impl("reference")
+def _(x, group, clip):
+    _check_groups(x, group, clip)
+    return _int4_groups(x, group, clip, big=False)
+
+
+@quantize_int4_groups.impl("cpu", runs_on=on_cpu)
+def _(x, group, clip):
+    _check_groups(x, group, clip)
+    return _int4_groups(x, group, clip, big=x.numel() >= _FUSE_MIN_ELEMENTS)
+
+
+@quantize_int4_groups.impl("triton", runs_on=triton_runs_on)
+def _(x, group, clip):
+    from qcompile.lowering.kernels.quantize import quantize_int4_groups_triton
+
+    _check_groups(x, group, clip)
+    if x.dtype not in _KERNEL_FLOATS:  # float64: the reference's x.float(), then the kernel
+        x = x.float()
+    return quantize_int4_groups_triton(x, group=group, clip=clip)
+
+
 # ---------------------------------------------------------------- int4 x int4 -> float
 
 
-def _check_linear(x, w, w_scale, bias, clip, w_sum=None) -> None:
+def _check_linear(x, w, w_scale, bias, clip, w_sum=None, act_group=0) -> None:
     """Shapes, dtypes and the clip (no data is read: the fake runs it too)."""
     fn = "linear_a4w4_dynamic"
     _check_clip(fn, clip)
+    if isinstance(act_group, bool) or not isinstance(act_group, int) or act_group < 0:
+        raise ValueError(f"{fn}: act_group must be 0 (a scale per token) or the activations' "
+                         f"group size, got {act_group!r}")
     if not isinstance(x, Tensor) or not x.dtype.is_floating_point or x.dim() < 1:
         raise TypeError(f"{fn}: x must be a floating-point tensor [..., K], got "
                         f"{getattr(x, 'dtype', type(x).__name__)}")
@@ -228,6 +325,9 @@ def _check_linear(x, w, w_scale, bias, clip, w_sum=None) -> None:
     if x.shape[-1] != k or k % 2:
         raise ValueError(f"{fn}: x has K = {x.shape[-1]} but w {tuple(w.shape)} ({w.dtype}) "
                          f"has K = {k} (K must be even)")
+    if act_group and k % act_group:
+        raise ValueError(f"{fn}: K = {k} is not a multiple of the activations' group size "
+                         f"{act_group}")
     n = w.shape[0]
     for name, t in (("w_scale", w_scale), ("bias", bias)):
         if t is None and name == "bias":
@@ -242,6 +342,9 @@ def _check_linear(x, w, w_scale, bias, clip, w_sum=None) -> None:
         raise TypeError(f"{fn}: w_sum (asymmetric activations) must be the weight rows' sums, "
                         f"int32 [N = {n}], got {getattr(w_sum, 'dtype', type(w_sum).__name__)} "
                         f"{tuple(getattr(w_sum, 'shape', ()))}")
+    if act_group and w_sum is not None:
+        raise ValueError(f"{fn}: activations in groups (act_group = {act_group}) are "
+                         f"symmetric: pass w_sum=None")
 
 
 def weight_row_sums(w: Tensor) -> Tensor:
@@ -264,19 +367,28 @@ def _epilogue_values(x_scale: Tensor, w_scale: Tensor, bias: Tensor | None,
     return values
 
 
-def _linear_a4w4(backend, x, w, w_scale, bias, clip, w_sum=None, origin=""):
-    """Reference and CPU: the family's per-token int4 quantizer (int8 storage), then the
-    backend's int8 GEMM on the int4 values with the Dequantize epilogue (after the row
-    zero points' term, for asymmetric activations)."""
-    _check_linear(x, w, w_scale, bias, clip, w_sum)
+def _quantize_rows(family: str, rows: Tensor, clip: float, w_sum, act_group: int):
+    """(int8 values [M, K], scale [M], zero points [M]) of the linear's input rows: per
+    token (asymmetric where w_sum is given), or in groups (quantize_int4_groups' values
+    q * m, zero points 0)."""
+    if act_group:
+        v, scale = quantize_int4_groups.run(family, (rows, act_group, clip))
+        return v, scale, _zero_points(scale)
+    return quantize_per_token_int4.run(family, (rows, False, clip, w_sum is None))
+
+
+def _linear_a4w4(backend, x, w, w_scale, bias, clip, w_sum=None, act_group=0, origin=""):
+    """Reference and CPU: the family's int4 quantizer (int8 storage), then the backend's
+    int8 GEMM on the int4 values (or the groups' q * m) with the Dequantize epilogue
+    (after the row zero points' term, for asymmetric activations)."""
+    _check_linear(x, w, w_scale, bias, clip, w_sum, act_group)
     family = backend.name.split("-", 1)[0]
     wq = _int8_weight(w)
     if family == "reference" and w_sum is not None and \
             not torch.equal(w_sum.to(wq.device), weight_row_sums(wq)):
         raise ValueError("linear_a4w4_dynamic: w_sum is not the weight rows' sums "
                          "(a4_ops.weight_row_sums)")
-    xq, x_scale, x_zp = quantize_per_token_int4.run(
-        family, (_rows(x), False, clip, w_sum is None))  # [M, K], [M], [M]
+    xq, x_scale, x_zp = _quantize_rows(family, _rows(x), clip, w_sum, act_group)
     epilogue = dynamic_epilogue(bias is not None, w_sum is not None)
     y = backend.gemm(xq, wq, epilogue, origin,
                      **_epilogue_values(x_scale, w_scale, bias, x_zp, w_sum))
@@ -293,7 +405,7 @@ def _source(args: dict, origin: str) -> str:
 @gemm_op(_linear_a4w4, epilogue=_epilogue, triton=False)
 @quantized_op
 def linear_a4w4_dynamic(x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | None,
-                        clip: float, w_sum: Tensor | None = None) -> Tensor:
+                        clip: float, w_sum: Tensor | None = None, act_group: int = 0) -> Tensor:
     """W4A4 dynamic: x [..., K] quantized per token to int4 at clip (quantize_per_token_int4;
     clip in (0, 1], 1.0: the row's range), int4 w [N, K] packed two a byte along K (uint8
     [N, K // 2]) with per-channel scales; the exact int32 accumulator dequantized,
@@ -301,12 +413,15 @@ def linear_a4w4_dynamic(x: Tensor, w: Tensor, w_scale: Tensor, bias: Tensor | No
     w_sum None: symmetric activations; else asymmetric ones (a zero point per token), and
     w_sum the weight rows' sums (int32 [N], weight_row_sums): acc - x_zp[m] * w_sum[n] is
     what is dequantized, computed exactly (int64) before the one rounding to float32.
+    act_group > 0: x quantized in groups of that many along K instead
+    (quantize_int4_groups at clip: int4 values times a multiplier per group, symmetric, so
+    w_sum None), the GEMM on their int8 values q * m, dequantized by the row's scale.
     Implementations may hold w unpacked (int8 [N, K]) after `prepare`."""
 
 
 @linear_a4w4_dynamic.fake
-def _(x, w, w_scale, bias, clip, w_sum=None):
-    _check_linear(x, w, w_scale, bias, clip, w_sum)
+def _(x, w, w_scale, bias, clip, w_sum=None, act_group=0):
+    _check_linear(x, w, w_scale, bias, clip, w_sum, act_group)
     return x.new_empty((*x.shape[:-1], w.shape[0]))
 
 
@@ -314,14 +429,20 @@ linear_a4w4_dynamic.kernel_source = _source
 
 
 @linear_a4w4_dynamic.impl("triton", runs_on=triton_runs_on)
-def _(x, w, w_scale, bias, clip, w_sum=None, origin=""):
+def _(x, w, w_scale, bias, clip, w_sum=None, act_group=0, origin=""):
     """x packed as it is quantized, then the packed W4A4 GEMM; a weight given as int8
-    values runs the int8 GEMM on the unpacked x instead (the same integers)."""
+    values runs the int8 GEMM on the unpacked x instead (the same integers), and so do
+    activations in groups (their values q * m are int8s, not int4s)."""
     from qcompile.lowering.kernels.gemm_w4a4 import gemm_w4a4_triton
 
-    _check_linear(x, w, w_scale, bias, clip, w_sum)
+    _check_linear(x, w, w_scale, bias, clip, w_sum, act_group)
     rows = _rows(x)  # [M, K]
     epilogue = dynamic_epilogue(bias is not None, w_sum is not None)
+    if act_group:
+        v, x_scale, x_zp = _quantize_rows("triton", rows, clip, None, act_group)
+        y = BACKENDS["triton"].gemm(v, _int8_weight(w), epilogue, origin,
+                                    **_epilogue_values(x_scale, w_scale, bias, x_zp, None))
+        return y.to(x.dtype).reshape(*x.shape[:-1], w.shape[0])
     packed = w.dtype == torch.uint8
     xq, x_scale, x_zp = quantize_per_token_int4.run("triton",
                                                     (rows, packed, clip, w_sum is None))
@@ -336,7 +457,7 @@ def _(x, w, w_scale, bias, clip, w_sum=None, origin=""):
 @quantized_op
 def linear_a4w4_grouped_dynamic(x: Tensor, w: Tensor, mult: Tensor, wzp: Tensor | None,
                                 w_scale: Tensor, bias: Tensor | None, clip: float,
-                                w_sum: Tensor | None = None) -> Tensor:
+                                w_sum: Tensor | None = None, act_group: int = 0) -> Tensor:
     """linear_a4w4_dynamic with group-wise int4 weights whose group scales are the row's
     times small integers (options group_size): w packed uint8 [N, K // 2], mult int8
     [N, K // g], wzp the groups' zero points (int8 [N, K // g]) or None, w_scale the row
@@ -347,14 +468,15 @@ def linear_a4w4_grouped_dynamic(x: Tensor, w: Tensor, mult: Tensor, wzp: Tensor 
 
 
 @linear_a4w4_grouped_dynamic.fake
-def _(x, w, mult, wzp, w_scale, bias, clip, w_sum=None):
-    _check_linear(x, w, w_scale, bias, clip, w_sum)
+def _(x, w, mult, wzp, w_scale, bias, clip, w_sum=None, act_group=0):
+    _check_linear(x, w, w_scale, bias, clip, w_sum, act_group)
     return x.new_empty((*x.shape[:-1], w.shape[0]))
 
 
-def _linear_a4w4_grouped(name, x, w, mult, wzp, w_scale, bias, clip, w_sum=None, origin=""):
+def _linear_a4w4_grouped(name, x, w, mult, wzp, w_scale, bias, clip, w_sum=None,
+                         act_group=0, origin=""):
     return linear_a4w4_dynamic.run(
-        name, (x, grouped_weight(w, mult, wzp), w_scale, bias, clip, w_sum), origin)
+        name, (x, grouped_weight(w, mult, wzp), w_scale, bias, clip, w_sum, act_group), origin)
 
 
 for _name, _impl in linear_a4w4_dynamic.impls.items():
@@ -392,19 +514,22 @@ def _inline_plan(a: dict, impl: str):
         return None
     # the quantizer's scalars as float32 0-d tensors, as its CPU implementation passes them
     consts = {name: torch.tensor(v) for name, v in (
-        ("qmin", -8.0), ("qmax", float(INT4_MAX)), ("eps", specs.SCALE_EPS),
-        ("clip_f32", float(a["clip"])))}
+        ("qmin", -8.0), ("qmax", float(INT4_MAX)), ("mmax", float(GROUP_MULT_MAX)),
+        ("eps", specs.SCALE_EPS), ("clip_f32", float(a["clip"])))}
     return Inline(_a4w4_inline, consts, {"route": route}, rereads_input=True)
 
 
-def _a4w4_inline(x, w, w_scale, bias, clip, w_sum, *, qmin, qmax, eps, clip_f32, route):
+def _a4w4_inline(x, w, w_scale, bias, clip, w_sum, act_group, *, qmin, qmax, mmax, eps,
+                 clip_f32, route):
     from qcompile.lowering.cpu import cpu_acc, dequant_body
     from qcompile.lowering.reference import apply_bound_epilogue
 
     rows = _rows(x)
-    if w_sum is None:
+    x_zp = None
+    if act_group:
+        xq, x_scale = _int4_groups_body(rows, qmax, mmax, eps, clip_f32, group=act_group)
+    elif w_sum is None:
         xq, x_scale = _per_token_body(rows, qmax, eps, clip_f32)
-        x_zp = None
     else:
         xq, x_scale, x_zp = _per_token_asym_body(rows, qmin, qmax, eps, clip_f32)
     acc = cpu_acc(_operand(xq, route), w, route)  # [M, N]
@@ -418,9 +543,9 @@ def _a4w4_inline(x, w, w_scale, bias, clip, w_sum, *, qmin, qmax, eps, clip_f32,
     return y.to(x.dtype).reshape(*x.shape[:-1], w.shape[0])
 
 
-def _a4w4_grouped_inline(x, w, mult, wzp, w_scale, bias, clip, w_sum, **kw):
+def _a4w4_grouped_inline(x, w, mult, wzp, w_scale, bias, clip, w_sum, act_group, **kw):
     # w: the int8 values (q - wzp) * mult, as the CPU implementations' prepare left them
-    return _a4w4_inline(x, w, w_scale, bias, clip, w_sum, **kw)
+    return _a4w4_inline(x, w, w_scale, bias, clip, w_sum, act_group, **kw)
 
 
 linear_a4w4_dynamic.inliner("cpu")(_inline_plan)
@@ -435,5 +560,6 @@ def _(a, impl):
 
 # Graph targets: the OpOverloads.
 QUANTIZE_PER_TOKEN_INT4 = quantize_per_token_int4.overload
+QUANTIZE_INT4_GROUPS = quantize_int4_groups.overload
 LINEAR_A4W4_DYNAMIC = linear_a4w4_dynamic.overload
 LINEAR_A4W4_GROUPED_DYNAMIC = linear_a4w4_grouped_dynamic.overload

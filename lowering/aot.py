@@ -275,7 +275,7 @@ def w4a4_launches(arch: int) -> list[Launch]:
     tunes, no untuned default is launched), each made valid by its fit_config (BLOCK_K //
     2 >= 32 on GPUs); and the per-token quantizer that packs x."""
     from qcompile.lowering.codegen import _emit
-    from qcompile.lowering.kernels.quantize import int4_packed_block
+    from qcompile.lowering.kernels.quantize import int4_groups_block, int4_packed_block
 
     def fit(cfg: GemmConfig) -> GemmConfig:  # gemm_w4a4.fit_config on a GPU target
         return GemmConfig(cfg.block_m, cfg.block_n, max(cfg.block_k, 64), cfg.group_m,
@@ -310,6 +310,16 @@ def w4a4_launches(arch: int) -> list[Launch]:
                                      f"K={k}",
                                "quantize:_quantize_per_token_int4_packed_kernel", args,
                                dict(num_warps=min(16, max(1, block_b // 256)))))
+        for k, group in ((4096, 16), (32768, 16)):  # groups: one pass, then two
+            block_g = int4_groups_block(k, group)
+            args = dict(x_ptr=dt, v_ptr=torch.int8, scale_ptr=torch.float32, K=k, clip=0.9,
+                        stride_xm=k, stride_xk=1, stride_vm=k, stride_vk=1, QMAX=7,
+                        MULT_MAX=15, EPS=1e-8, GROUP=group, GROUP_P=group, BLOCK_G=block_g,
+                        ONE_PASS=block_g >= k // group)
+            out.append(_launch(arch, f"quantize_int4_groups[{_short(dt)}, groups of {group}] "
+                                     f"K={k}",
+                               "quantize:_quantize_int4_groups_kernel", args,
+                               dict(num_warps=min(16, max(1, block_g * group // 512)))))
     return out
 
 

@@ -1185,9 +1185,10 @@ import qcompile.lowering.a16_ops  # noqa: E402, F401
 _MODULE_OF = {
     **dict.fromkeys(("quantize_int16", "linear_a16w8", "linear_a16w8_dq", "QUANTIZE_INT16",
                      "LINEAR_A16W8", "LINEAR_A16W8_DQ"), "a16_ops"),
-    **dict.fromkeys(("quantize_per_token_int4", "linear_a4w4_dynamic",
+    **dict.fromkeys(("quantize_per_token_int4", "quantize_int4_groups", "linear_a4w4_dynamic",
                      "linear_a4w4_grouped_dynamic", "QUANTIZE_PER_TOKEN_INT4",
-                     "LINEAR_A4W4_DYNAMIC", "LINEAR_A4W4_GROUPED_DYNAMIC"), "a4_ops"),
+                     "QUANTIZE_INT4_GROUPS", "LINEAR_A4W4_DYNAMIC",
+                     "LINEAR_A4W4_GROUPED_DYNAMIC"), "a4_ops"),
 }
 
 

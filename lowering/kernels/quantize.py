@@ -1,5 +1,5 @@
 """Activation quantization kernels: static per-tensor, dyadic requantization, dynamic
-per-token, and per-token after an online Hadamard transform.
+per-token, per-token after an online Hadamard transform, and int4 per token in scaled groups.
 
 What, for x [..., K]:
 - `quantize_per_tensor_*(x, scale, zp)`: q = clamp(round(x / scale) + zp), float scale
@@ -20,6 +20,12 @@ What, for x [..., K]:
   (specs.pack_int4's layout): what the packed W4A4 GEMM reads (lowering/kernels/gemm_w4a4.py).
 - `hadamard_quantize_per_token_*(x)`: quantize_per_token(H x / sqrt(K)) fused: the row is
   rotated in registers (lowering/kernels/hadamard.py) and never written in float.
+- `quantize_int4_groups_triton(x, group, clip)`: int4 per token in groups of `group` along
+  K, each group's step the row's scale times an integer multiplier m in [1, 15]: a[g] =
+  max|x[g]| * clip, s = max(max_g a[g] / 105, eps), m[g] = clamp(ceil(a[g] / (s * 7)), 1,
+  15), v = clamp(round(x / (s * m[g])), -8, 7) * m[g]; returns (int8 v [..., K], float32 s
+  [...]). Its definition (the reference the tests compare with) is the op's torch body,
+  lowering/a4_ops.py `_int4_groups_body`.
 
 Why: these sit in front of every integer GEMM; fusing absmax, scale and rounding (and the
 rotation) into one read of x keeps them memory-bound at one pass.
@@ -54,6 +60,9 @@ from qcompile.numerics.dyadic import check_multiplier, check_output_range, requa
 SCALE_EPS = specs.SCALE_EPS
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _ONE_PASS_MAX_K = 16384  # longest row quantize_per_token holds in registers
+# quantize_int4_groups: q in [-8, 7], a group's multiplier in [1, 15], so |q * m| <= 120
+_GROUP_QMAX = 7
+_GROUP_MULT_MAX = 15
 
 
 def _range(bits: int) -> tuple[int, int]:
@@ -330,6 +339,86 @@ def _quantize_per_token_int4_packed_kernel(
 
 
 @triton.jit
+def load_groups(x_row, g0, n_groups, stride_xk, GROUP: tl.constexpr, GROUP_P: tl.constexpr,
+                BLOCK_G: tl.constexpr):
+    """Groups g0 .. g0 + BLOCK_G - 1 of a row as float32 [BLOCK_G, GROUP_P], a group a row
+    (0.0 past the row's last group and in the lanes GROUP .. GROUP_P - 1), with the elements'
+    offsets along K and the mask of the real ones."""
+    offs_g = g0 + tl.arange(0, BLOCK_G)[:, None]
+    offs_j = tl.arange(0, GROUP_P)[None, :]
+    offs = offs_g * GROUP + offs_j  # [BLOCK_G, GROUP_P]
+    mask = (offs_g < n_groups) & (offs_j < GROUP)
+    x = tl.load(x_row + offs * stride_xk, mask=mask, other=0.0)
+    return x.to(tl.float32), offs, mask
+
+
+@triton.jit
+def group_absmax(x, clip):
+    """a[g] = max|x[g, :]| * clip, [BLOCK_G] float32: the max, then one rounded product (the
+    padding's 0.0 moves no max)."""
+    return tl.max(tl.abs(x), axis=1) * clip
+
+
+@triton.jit
+def group_values(x, a, scale, QMAX: tl.constexpr, MULT_MAX: tl.constexpr):
+    """int8 q * m for the groups x [BLOCK_G, GROUP_P] with clipped absmaxes a [BLOCK_G]:
+    m = clamp(ceil(a / (scale * QMAX)), 1, MULT_MAX), q = clamp(round(x / (scale * m)),
+    -QMAX - 1, QMAX), each product rounded to float32 before it divides."""
+    m = tl.ceil(tl.math.div_rn(a, scale * (QMAX * 1.0)))
+    m = tl.minimum(tl.maximum(m, 1.0), MULT_MAX * 1.0)  # a = 0 (padding too): m = 1
+    q = quantize_float(x, (scale * m)[:, None], 0.0, -QMAX - 1, QMAX)
+    return (q * m[:, None]).to(tl.int8)  # exact: |q * m| <= (QMAX + 1) * MULT_MAX
+
+
+@triton.jit
+def _quantize_int4_groups_kernel(
+    # pointers
+    x_ptr,
+    v_ptr,  # int8 [M, K]: q * m
+    scale_ptr,  # float32 [M]
+    # shapes and parameters
+    K,  # a multiple of GROUP
+    clip,  # float32 in (0, 1]: each group's range is clip times its absmax
+    # strides
+    stride_xm,
+    stride_xk,
+    stride_vm,
+    stride_vk,
+    # meta-parameters
+    QMAX: tl.constexpr,  # q in [-QMAX - 1, QMAX]
+    MULT_MAX: tl.constexpr,  # m in [1, MULT_MAX]
+    EPS: tl.constexpr,
+    GROUP: tl.constexpr,  # elements along K sharing a multiplier
+    GROUP_P: tl.constexpr,  # GROUP's next power of two: the lanes a group is loaded in
+    BLOCK_G: tl.constexpr,  # groups a step
+    ONE_PASS: tl.constexpr,  # BLOCK_G >= K // GROUP: the row is read once, kept in registers
+):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_xm
+    v_row = v_ptr + row * stride_vm
+    n_groups = K // GROUP
+    if ONE_PASS:
+        x, offs, mask = load_groups(x_row, 0, n_groups, stride_xk, GROUP, GROUP_P, BLOCK_G)
+        a = group_absmax(x, clip)  # [BLOCK_G]
+        a_max = tl.max(a, axis=0)
+    else:
+        a_max = tl.max(tl.zeros((BLOCK_G,), dtype=tl.float32), axis=0)  # a 0-d float32
+        for g0 in range(0, n_groups, BLOCK_G):
+            x, offs, mask = load_groups(x_row, g0, n_groups, stride_xk, GROUP, GROUP_P, BLOCK_G)
+            a_max = tl.maximum(a_max, tl.max(group_absmax(x, clip), axis=0))
+    scale = tl.maximum(tl.math.div_rn(a_max, QMAX * MULT_MAX * 1.0), EPS)
+    tl.store(scale_ptr + row, scale)
+    if ONE_PASS:
+        tl.store(v_row + offs * stride_vk, group_values(x, a, scale, QMAX, MULT_MAX), mask=mask)
+    else:
+        # each step's absmaxes again, from the same values: the same a[g] as pass 1's
+        for g0 in range(0, n_groups, BLOCK_G):
+            x, offs, mask = load_groups(x_row, g0, n_groups, stride_xk, GROUP, GROUP_P, BLOCK_G)
+            v = group_values(x, group_absmax(x, clip), scale, QMAX, MULT_MAX)
+            tl.store(v_row + offs * stride_vk, v, mask=mask)
+
+
+@triton.jit
 def _hadamard_quantize_kernel(
     # pointers
     x_ptr,
@@ -507,6 +596,51 @@ def quantize_per_token_int4_packed_triton(x, *, clip=1.0, block_b=None, symmetri
         )  # fmt: skip
     out = (p.reshape(*x.shape[:-1], k // 2), scale.reshape(x.shape[:-1]))
     return out if symmetric else (*out, zp.reshape(x.shape[:-1]))
+
+
+def int4_groups_block(k: int, group: int) -> int:
+    """Groups a step of quantize_int4_groups: every group of the row while the row's padded
+    groups fit _ONE_PASS_MAX_K lanes (one pass), else as many as fit (a power of two)."""
+    lanes = triton.next_power_of_2(group)
+    return min(triton.next_power_of_2(k // group), max(1, _ONE_PASS_MAX_K // lanes))
+
+
+def quantize_int4_groups_triton(x, *, group, clip=1.0, block_k=None):
+    """quantize_int4_groups (lowering/a4_ops.py) in one program a row: (int8 v [..., K],
+    float32 s [...]) for float x [..., K], K a positive multiple of group (an int in 2 ..
+    _ONE_PASS_MAX_K; a power of two loads no padding lanes). block_k (elements a step, a
+    power-of-two number of groups) below K forces the two-pass (long-row) variant; tests
+    use it."""
+    check_can_launch(x)
+    _check_float(x)
+    clip = _clip32(clip)
+    if isinstance(group, bool) or not isinstance(group, int) or \
+            not 2 <= group <= _ONE_PASS_MAX_K:
+        raise ValueError(f"group must be an int in 2..{_ONE_PASS_MAX_K} (elements along K "
+                         f"sharing a multiplier, held in registers), got {group!r}")
+    k = x.shape[-1] if x.dim() else 0
+    if k == 0 or k % group:
+        raise ValueError(f"K = {k} is not a positive multiple of the group size {group}")
+    if block_k is None:
+        block_g = int4_groups_block(k, group)
+    else:
+        block_g = block_k // group
+        if block_k % group or block_g < 1 or block_g & (block_g - 1):
+            raise ValueError(f"block_k must be a power-of-two number of groups of {group}, "
+                             f"got {block_k}")
+    x2 = _rows(x)  # [M, K]
+    M = x2.shape[0]
+    v = torch.empty(x2.shape, dtype=torch.int8, device=x.device)
+    scale = torch.empty(M, dtype=torch.float32, device=x.device)
+    lanes = triton.next_power_of_2(group)
+    if M:
+        _quantize_int4_groups_kernel[(M,)](
+            x2, v, scale, k, clip, x2.stride(0), x2.stride(1), v.stride(0), v.stride(1),
+            QMAX=_GROUP_QMAX, MULT_MAX=_GROUP_MULT_MAX, EPS=SCALE_EPS, GROUP=group,
+            GROUP_P=lanes, BLOCK_G=block_g, ONE_PASS=block_g >= k // group,
+            num_warps=min(16, max(1, block_g * lanes // 512)),
+        )  # fmt: skip
+    return v.reshape(x.shape), scale.reshape(x.shape[:-1])
 
 
 def hadamard_quantize_per_token_triton(x, *, bits=8):

@@ -192,15 +192,16 @@ def _weight_range(impl: str) -> tuple[int, int]:
 class _W4A4(torch.nn.Module):
     """linear_a4w4_dynamic -> (h * h) -> linear_a4w4_grouped_dynamic, bound to `impl`, with
     the int8 weight values a CPU implementation's prepare leaves (int4 values; grouped:
-    (q - z) * mult); asymmetric activations (w_sum) unless symmetric."""
+    (q - z) * mult); asymmetric activations (w_sum) unless symmetric; act_group: the
+    activations in groups (quantize_int4_groups), symmetric."""
 
     def __init__(self, impl: str, symmetric: bool, bias: bool, k: int = 64, n: int = 48,
-                 weights_for: str | None = None):
+                 weights_for: str | None = None, act_group: int = 0):
         super().__init__()
         from qcompile.lowering import a4_ops
 
         g = torch.Generator().manual_seed(1)
-        self.impl, self.symmetric = impl, symmetric
+        self.impl, self.symmetric, self.act_group = impl, symmetric or act_group, act_group
         w1 = torch.randint(-8, 8, (n, k), dtype=torch.int8, generator=g)
         lo, hi = _weight_range(weights_for or impl)  # (q - z) * mult, q - z in [-15, 15]
         top = min(8, lo // -15, hi // 15)
@@ -221,23 +222,27 @@ class _W4A4(torch.nn.Module):
     def forward(self, x):
         s1, s2 = (None, None) if self.symmetric else (self.s1, self.s2)
         h = torch.ops.qcompile.linear_a4w4_dynamic.default(x, self.w1, self.ws1, self.b1, 0.9,
-                                                           s1, impl=self.impl)
+                                                           s1, self.act_group, impl=self.impl)
         h = h * h
         return torch.ops.qcompile.linear_a4w4_grouped_dynamic.default(
-            h, self.w2, self.mult, self.wzp, self.ws2, None, 1.0, s2, impl=self.impl)
+            h, self.w2, self.mult, self.wzp, self.ws2, None, 1.0, s2, self.act_group,
+            impl=self.impl)
 
 
-@pytest.mark.parametrize("symmetric, bias", [(False, True), (True, False)],
-                         ids=["asymmetric-bias", "symmetric"])
+@pytest.mark.parametrize("symmetric, bias, act_group", [(False, True, 0), (True, False, 0),
+                                                        (True, True, 16)],
+                         ids=["asymmetric-bias", "symmetric", "groups-bias"])
 @pytest.mark.parametrize("route", ROUTES)
-def test_inlined_w4a4_compiles_to_the_same_values(route, symmetric, bias):
+def test_inlined_w4a4_compiles_to_the_same_values(route, symmetric, bias, act_group):
     x = _inputs(64)
-    gm, counts, compiled = _inlined(_W4A4(f"cpu-{route}", symmetric, bias), x)
+    gm, counts, compiled = _inlined(_W4A4(f"cpu-{route}", symmetric, bias,
+                                          act_group=act_group), x)
     assert counts == {"linear_a4w4_dynamic": 1, "linear_a4w4_grouped_dynamic": 1}
     got = compiled(x)
     got = got[0] if isinstance(got, (tuple, list)) else got
     assert torch.equal(got, gm(x))  # the ops, run one by one
-    reference = _W4A4("reference", symmetric, bias, weights_for=f"cpu-{route}")
+    reference = _W4A4("reference", symmetric, bias, weights_for=f"cpu-{route}",
+                      act_group=act_group)
     assert torch.equal(got, torch.fx.symbolic_trace(reference)(x))
 
 

@@ -237,24 +237,32 @@ def _samples(name, g, extreme):
         if extreme:  # an all-zero row, a row of one value, a huge outlier
             x[0, 0], x[1, 0], x[1, -1, 0] = 0.0, -2.5, 1e30
         return (x, bool(m % 2), 0.3 if extreme else 0.9)  # clip 0.3: most of a row saturates
-    if name == "linear_a4w4_dynamic":
-        x, w, *_ = _linear_args(g, extreme, int4=True)  # w: packed int4, at -8 / 7 if extreme
-        n = w.shape[0]
+    if name == "quantize_int4_groups":
+        m, groups, gsel = _dims(g, (1, 9), (1, 6), (0, 3))
+        gs = (2, 4, 8, 16)[gsel]
+        # groups of magnitudes six decades apart: multipliers across 1..15
+        mag = 10.0 ** (torch.rand(2, m, groups, 1, generator=g) * 6 - 4)
+        x = (torch.randn(2, m, groups, gs, generator=g) * mag).reshape(2, m, groups * gs)
+        if extreme:  # an all-zero row, a row of one value, a huge outlier
+            x[0, 0], x[1, 0], x[1, -1, 0] = 0.0, -2.5, 1e30
+        return (x, gs, 0.3 if extreme else 0.9)  # clip 0.3: most of a group saturates
+    if name in ("linear_a4w4_dynamic", "linear_a4w4_grouped_dynamic"):
+        if name == "linear_a4w4_dynamic":
+            x, w, *_ = _linear_args(g, extreme, int4=True)  # w: packed int4, -8 / 7 if extreme
+            head = (w,)
+        else:
+            x, w, mult, wzp, *_ = _grouped_args(g, extreme)
+            head = (w, mult, wzp)
+        n, k = w.shape[0], x.shape[-1]
         xf = torch.randn(*x.shape, generator=g) * 3
         xf[0, 0] = 0.0  # an all-zero row: the scale guard
         if extreme:  # a row of one value and a huge outlier
             xf[1, 0], xf[1, -1, 0] = -2.5, 1e6
-        return (xf, w, torch.rand(n, generator=g) * 0.01,
+        args = (xf, *head, torch.rand(n, generator=g) * 0.01,
                 torch.randn(n, generator=g) if n % 2 else None, 0.3 if extreme else 0.9)
-    if name == "linear_a4w4_grouped_dynamic":
-        x, w, mult, wzp, *_ = _grouped_args(g, extreme)
-        n = w.shape[0]
-        xf = torch.randn(*x.shape, generator=g) * 3
-        xf[0, 0] = 0.0  # an all-zero row: the scale guard
-        if extreme:  # a row of one value and a huge outlier
-            xf[1, 0], xf[1, -1, 0] = -2.5, 1e6
-        return (xf, w, mult, wzp, torch.rand(n, generator=g) * 0.01,
-                torch.randn(n, generator=g) if n % 2 else None, 0.3 if extreme else 0.9)
+        if _dims(g, (0, 1))[0]:  # activations in groups: the largest of 8, 4, 2 dividing K
+            args += (None, next(gs for gs in (8, 4, 2) if k % gs == 0))
+        return args
     if name == "linear_w4a16":
         m, groups, n = _dims(g, (1, 9), (1, 3), (1, 24))
         k, gs = groups * 32, 32
