@@ -50,10 +50,14 @@ def fake_static(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, spec: Quant
     return ((ste_round(x / scale) + zp).clamp(spec.qmin, spec.qmax) - zp) * scale
 
 
-def fake_token(x: torch.Tensor, bits: int, clip: float, symmetric: bool = True) -> torch.Tensor:
+def fake_token(x: torch.Tensor, bits: int, clip: float, symmetric: bool = True,
+               group: int = 0) -> torch.Tensor:
     """x quantized per row (token) at run time, as the dynamic activation ops quantize it:
     symmetric, max|x| * clip / qmax; else the row's [min, max] * clip (stretched to include
-    0) onto [qmin, qmax] with a zero point per row."""
+    0) onto [qmin, qmax] with a zero point per row. group (int4, a K it divides): in groups
+    along the row as quantize_int4_groups (fake_token_groups)."""
+    if group and x.shape[-1] % group == 0:
+        return fake_token_groups(x, group, clip)
     qmax = 2 ** (bits - 1) - 1
     if symmetric:
         scale = (x.abs().amax(-1, keepdim=True) * clip / qmax).clamp(min=SCALE_EPS)
@@ -63,6 +67,18 @@ def fake_token(x: torch.Tensor, bits: int, clip: float, symmetric: bool = True) 
     scale = ((hi - lo) / (2 * qmax + 1)).clamp(min=SCALE_EPS)
     zp = (-qmax - 1 - (lo / scale).round()).clamp(-qmax - 1, qmax).detach()
     return ((ste_round(x / scale) + zp).clamp(-qmax - 1, qmax) - zp) * scale
+
+
+def fake_token_groups(x: torch.Tensor, group: int, clip: float) -> torch.Tensor:
+    """x as lowering/a4_ops.py's quantize_int4_groups rounds it, dequantized: int4 in groups
+    of `group` along the row, each group's step the row's scale times an integer m in
+    1..15 (m held fixed for the gradient, the rounding straight through)."""
+    shape = x.shape
+    g = x.reshape(*shape[:-1], shape[-1] // group, group)
+    a = g.abs().amax(dim=-1, keepdim=True) * clip
+    scale = (a.amax(dim=-2, keepdim=True) / 105.0).clamp(min=SCALE_EPS)  # 105 = 7 * 15
+    step = scale * torch.ceil(a / (scale * 7.0)).clamp(1.0, 15.0).detach()
+    return (ste_round(g / step).clamp(-8, 7) * step).reshape(shape)
 
 
 def fake_fixed(x: torch.Tensor, scale: float, zero_point: int, spec: QuantSpec):

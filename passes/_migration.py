@@ -83,10 +83,12 @@ def static_quantizer(spec: QuantSpec) -> ActQuantizer:
     return quantize
 
 
-def token_quantizer(bits: int, clip: float = 1.0, symmetric: bool = True) -> ActQuantizer:
-    """Per-row scales (and zero points where not symmetric), the dynamic activation ops'."""
+def token_quantizer(bits: int, clip: float = 1.0, symmetric: bool = True,
+                    group: int = 0) -> ActQuantizer:
+    """Per-row scales (and zero points where not symmetric, or groups), the dynamic
+    activation ops'."""
     def quantize(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-        return fake_token(x, bits, clip, symmetric)
+        return fake_token(x, bits, clip, symmetric, group)
     return quantize
 
 

@@ -46,8 +46,9 @@ def act_quantizer(ctx: PassContext, x: Node) -> Callable[[torch.Tensor], torch.T
     if act is None:
         return lambda t: t
     if act.dynamic:
-        clip, symmetric = ctx.options.act_clip, ctx.options.act_symmetric
-        return lambda t: fake_token(t, act.bits, clip, symmetric)
+        clip, symmetric, group = (ctx.options.act_clip, ctx.options.act_symmetric,
+                                  ctx.options.act_group)
+        return lambda t: fake_token(t, act.bits, clip, symmetric, group)
     site = (ctx.analysis.get("calib") or {}).get(ann.site(x, "input") or "")
     spec = activation_spec(ctx)
     if site is None or site.scale is None or site.bits != spec.bits:

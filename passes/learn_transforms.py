@@ -119,6 +119,7 @@ class _Quantized:
         self.act_spec = activation_spec(ctx)
         self.act_clip = ctx.options.act_clip
         self.act_symmetric = ctx.options.act_symmetric
+        self.act_group = ctx.options.act_group
         calib = ctx.analysis.get("calib") or {}
         ed = WeightEditor(gm)
         self.weights = {lin: tuple(None if t is None else t.float() for t in
@@ -167,7 +168,8 @@ class _Quantized:
         if self.act is None:
             return x
         if self.act.dynamic:
-            return fake_token(x, self.act.bits, self.act_clip, self.act_symmetric)
+            return fake_token(x, self.act.bits, self.act_clip, self.act_symmetric,
+                              self.act_group)
         if rng is not None:
             return fake_static(x, rng[0], rng[1], self.act_spec)
         fixed = self.fixed[lin]

@@ -94,6 +94,14 @@ def _rewrite_dynamic(gm, ctx, node, qw, layer):
             head = _group_args(gm, node, name, qw)
             op, kind = ops.LINEAR_A4W4_GROUPED_DYNAMIC, "linear_a4w4_grouped_dynamic"
         tail = (ctx.options.act_clip,)
+        group = ctx.options.act_group
+        k = qw.qweight.shape[-1]
+        if group and k % group == 0:  # symmetric groups: no zero points, no w_sum
+            tail += (None, group)
+        elif group:
+            ctx.note(f"rewrite-linear: {layer.name}'s K = {k} is not a multiple of "
+                     f"activation_group_size {group}: its int4 activations have one scale "
+                     f"per token")
         if not ctx.options.act_symmetric:  # a zero point per token: the weight rows' sums
             w_sum = a4_ops.weight_row_sums(qw.int_values())
             tail += (_const(gm, node, f"{name}_wsum", w_sum),)

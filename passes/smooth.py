@@ -271,7 +271,7 @@ def _quantizers(ctx: PassContext, k: int, bits: int | None, levels: int | None =
             return x
     elif act.dynamic:
         quantize_act = token_quantizer(act.bits, ctx.options.act_clip,
-                                       ctx.options.act_symmetric)
+                                       ctx.options.act_symmetric, ctx.options.act_group)
     else:
         quantize_act = static_quantizer(activation_spec(ctx))
     return quantize_act, weight_quantizer(weight_spec_for(ctx, k, bits, levels)[0])

@@ -5,6 +5,7 @@ import torch
 
 from qcompile.config import (
     DEFAULT_ACTIVATION_CLIP,
+    GROUP_ACTIVATION_CLIP,
     RECIPES,
     Options,
     QCompileConfigError,
@@ -99,6 +100,36 @@ def test_activation_clip_belongs_to_per_token_int4_recipes(recipe):
         Options.from_user(None, options)
     message = str(info.value)
     assert f"recipe {recipe!r} has none" in message and "'recipe': 'w4a4'" in message
+
+
+def test_activation_group_size_groups_w4a4s_activations_symmetrically():
+    """activation_group_size: w4a4's int4 activations in groups (symmetric, clipped at the
+    groups' own default unless activation_clip says otherwise), in the fingerprint only
+    when given; per token (group 0) by default."""
+    w4a4 = Options.from_user(None, {"recipe": "w4a4"})
+    assert w4a4.act_group == 0 and not w4a4.act_symmetric
+    grouped = Options.from_user(None, {"recipe": "w4a4", "activation_group_size": 16})
+    assert grouped.act_group == 16 and grouped.act_symmetric
+    assert grouped.act_clip == GROUP_ACTIVATION_CLIP
+    assert "activation_group_size=16" in grouped.fingerprint()
+    assert "activation_group_size" not in w4a4.fingerprint()
+    clipped = Options.from_user(None, {"recipe": "w4a4", "activation_group_size": 24,
+                                       "activation_clip": 1.0})
+    assert clipped.act_clip == 1.0 and clipped.act_group == 24
+
+
+@pytest.mark.parametrize("options, says", [
+    ({"recipe": "w4a8", "activation_group_size": 16}, "recipe 'w4a8' has none"),
+    ({"recipe": "w4a4", "activation_group_size": 1}, "must be an int >= 2"),
+    ({"recipe": "w4a4", "activation_group_size": "16"}, "must be an int >= 2"),
+    ({"recipe": "w4a4", "activation_group_size": True}, "must be an int >= 2"),
+    ({"recipe": "w4a4", "activation_group_size": 16, "activation_symmetric": False},
+     "drop activation_symmetric=False"),
+])
+def test_bad_activation_group_sizes_say_what_to_give(options, says):
+    with pytest.raises(QCompileConfigError, match=says) as info:
+        Options.from_user(None, options)
+    assert "'activation_group_size': 16" in str(info.value) or "symmetric" in str(info.value)
 
 
 def test_group_size_option_groups_int4_weights_and_enters_the_fingerprint():

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 import qcompile
 from qcompile.lowering import ops
+from qcompile.lowering.registry import arg as registry_arg
 from qcompile.sites import is_layout
 from tests.models.zoo import MODELS, output
 
@@ -84,6 +85,30 @@ def test_model_recipe(name, recipe):
         assert all(not a.quantized and "float" in a.reason for a in attention)
     else:
         assert all(a.quantized for a in attention), str(rep)
+
+
+@pytest.mark.slow
+def test_w4a4_activations_in_groups_run_through_a_model_closer_to_float():
+    """activation_group_size on LLaMA (rotations, online Hadamards, dynamic shapes): every
+    linear's op carries the group size and the outputs are closer to float than with one
+    scale per token (random weights, no GPTQ or smooth: 0.972 -> 0.979 worst row)."""
+    cos = {}
+    for group in (None, 16):
+        torch._dynamo.reset()
+        model, cm, make, key = compiled("llama", "w4a4", activation_group_size=group,
+                                        gptq=False, smooth=False, kernels="cpu")
+        with torch.no_grad():
+            x = make(3, 11)
+            ref, out = output(model(*x), key), output(cm(*x), key)
+        cos[group] = F.cosine_similarity(ref.flatten(1).double(), out.flatten(1).double())
+        from qcompile.state import state_for_model
+
+        (art,) = [a for a in state_for_model(cm).artifacts if a.finalized]
+        linears = [n for n in art.gm.graph.nodes if n.target in (
+            ops.LINEAR_A4W4_DYNAMIC, ops.LINEAR_A4W4_GROUPED_DYNAMIC)]
+        assert linears and all(
+            registry_arg(n, "act_group") == (group or 0) for n in linears)
+    assert cos[16].min() > cos[None].min() and cos[16].mean() > cos[None].mean(), cos
 
 
 def test_static_recipe_is_integer_only_between_boundaries():

@@ -111,6 +111,31 @@ def test_w4a4_linear_becomes_one_int4_op_with_a_packed_weight():
     assert {r.kernel for r in cap.ctx.layers.values()} == {"linear_a4w4_dynamic:cpu-fp32-exact"}
 
 
+def test_w4a4_activations_in_groups_are_the_ops_act_group():
+    """activation_group_size: each linear's op takes the group size (symmetric: no weight
+    sums), the clip the groups' default; a K the group size does not divide keeps one
+    scale per token, symmetric, and the report says which layer and why."""
+    _, graphs = walked("chain", "w4a4", group_size="channel", activation_group_size=8)
+    _, after = graphs["rewrite-linear"]
+    expect(after, """
+        # CHECK: = torch.ops.qcompile.linear_a4w4_dynamic.default(l_x_, fc1_wq4, fc1_wscale,
+        # CHECK-SAME: fc1_bias, 0.9, None, 8)
+        # CHECK: = torch.ops.qcompile.linear_a4w4_dynamic.default(relu, fc2_wq4, fc2_wscale,
+        # CHECK-SAME: fc2_bias, 0.9, None, 8)
+        # CHECK-NOT: wsum
+    """)
+    cap, graphs = walked("chain", "w4a4", group_size="channel", activation_group_size=32)
+    _, after = graphs["rewrite-linear"]
+    expect(after, """
+        # CHECK: = torch.ops.qcompile.linear_a4w4_dynamic.default(l_x_, fc1_wq4, fc1_wscale,
+        # CHECK-SAME: fc1_bias, 0.9)
+        # CHECK-NOT: wsum
+    """)
+    notes = [n for n in cap.ctx.notes if "activation_group_size" in n]
+    assert len(notes) == 3 and "fc1's K = 16 is not a multiple of activation_group_size 32" \
+        in notes[0] and "one scale per token" in notes[0]
+
+
 class _Direct(torch.nn.Module):
     """fc2 reads fc1's output with nothing between them."""
 
