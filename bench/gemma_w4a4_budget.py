@@ -17,7 +17,10 @@ perplexity on bench/gemma_perplexity.py's text windows (and its first 512 tokens
     ||(Q(x) - x) W^T||^2 on rows of its inputs over the calibration windows (12, with
     gemma_perplexity's --more-calibration texts): a per-layer clip search;
   - activations only, quantized per token in groups of G along K with float group scales
-    (Atom's group-wise activations): what a finer activation grid would buy.
+    (Atom's group-wise activations): what a finer activation grid would buy;
+  - activations only, in groups as options activation_group_size runs them
+    (quantize_int4_groups: symmetric, each group's scale the token's times an integer in
+    1..15), at several clip ratios.
 It answers how much of the 1.15x budget int4 activations alone take before any weight is
 rounded; the compiled recipe's own numbers are in gemma3-270m-perplexity.json.
 """
@@ -45,7 +48,7 @@ from gemma_perplexity import (
 from qcompile.config import DEFAULT_ACTIVATION_CLIP
 from qcompile.hadamard import hadamard_matrix
 from qcompile.numerics.specs import QuantSpec
-from qcompile.passes._fake_quant import fake_token, fake_weight
+from qcompile.passes._fake_quant import fake_token, fake_token_groups, fake_weight
 
 CLIPS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)
 TYPES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -76,9 +79,11 @@ class Simulation:
         return rotation(k)
 
     def set(self, which=lambda name: True, weights=True, activations=True,
-            clip=DEFAULT_ACTIVATION_CLIP, whole_width_o=False, group=None) -> None:
+            clip=DEFAULT_ACTIVATION_CLIP, whole_width_o=False, group=None,
+            int_groups=None) -> None:
         """clip: one ratio, or a dict linear name -> ratio; group: activations quantized in
-        groups of that many along K (None: the whole row)."""
+        groups of that many along K with float scales and zero points (None: the whole
+        row); int_groups: in groups of that many as quantize_int4_groups rounds them."""
         for h in self.hooks:
             h.remove()
         self.hooks = []
@@ -96,6 +101,8 @@ class Simulation:
                 x = args[0] @ r
                 if not activations:
                     return (x,)
+                if int_groups is not None:
+                    return (fake_token_groups(x, int_groups, c),)
                 if group is None:
                     return (fake_token(x, 4, c, symmetric=False),)
                 shape = x.shape
@@ -161,6 +168,10 @@ def main() -> None:
         **{f"activations only, groups of {g}, clip 0.9": {"weights": False, "group": g,
                                                            "clip": 0.9}
            for g in (128, 64, 32)},
+        **{f"activations only, integer-scaled groups of 16, clip {c}": {
+            "weights": False, "int_groups": 16, "clip": c} for c in (1.0, 0.95, 0.9, 0.85, 0.8)},
+        "activations only, integer-scaled groups of 32, clip 0.9": {
+            "weights": False, "int_groups": 32, "clip": 0.9},
     }
     results = _machine.earlier_results(args.out) if args.only else {}
     print(f"{'float':58s} first 512 {float_ppl:8.3f}, text {float_text_ppl:8.3f}")

@@ -140,6 +140,12 @@ CONFIGS = {
     "w4a4 symmetric activations": {"recipe": "w4a4", "activation_symmetric": True},
     "w4a4 group 16, symmetric activations": {"recipe": "w4a4", "group_size": 16,
                                              "activation_symmetric": True},
+    # int4 activations in groups along K, each group's scale the token's times an integer
+    # (options activation_group_size, quantize_int4_groups)
+    "w4a4, activation groups of 16": {"recipe": "w4a4", "activation_group_size": 16},
+    "w4a4, activation groups of 32": {"recipe": "w4a4", "activation_group_size": 32},
+    "w4a4 group 16, activation groups of 16": {"recipe": "w4a4", "group_size": 16,
+                                               "activation_group_size": 16},
     # symmetric int4 groups (no zero points, multipliers up to 16), as before zero points
     # per group became the default: the same configurations with weight_symmetric
     **{f"{name}, symmetric groups": {**opts, "weight_symmetric": True} for name, opts in (

@@ -234,31 +234,36 @@ def _check_groups(x, group, clip) -> None:
                          f"{group}")
 
 
-def _int4_groups_body(x, qmax, mmax, eps, clip, *, group):
-    # quantize_int4_groups' arithmetic, in float32, one rounding an operation: the groups'
-    # clipped absmax a[g] = max|x[g]| * clip; the row's scale s = max(max_g a[g] /
-    # (qmax * mmax), eps); m[g] = clamp(ceil(a[g] / (s * qmax)), 1, mmax); q =
-    # clamp(round_half_even(x / (s * m[g])), -qmax - 1, qmax); the value q * m[g]
-    xf = x.float()
-    g = xf.reshape(*xf.shape[:-1], xf.shape[-1] // group, group)
-    a = g.abs().amax(dim=-1, keepdim=True) * clip  # [..., G, 1]
+def _int4_groups_core(g, qmax, mmax, eps, clip):
+    # quantize_int4_groups' arithmetic on rows in groups g [..., G, group], in float32, one
+    # rounding an operation: the groups' clipped absmax a[g] = max|x[g]| * clip; the row's
+    # scale s = max(max_g a[g] / (qmax * mmax), eps); m[g] = clamp(ceil(a[g] / (s * qmax)),
+    # 1, mmax); q = clamp(round_half_even(x / (s * m[g])), -qmax - 1, qmax); the value
+    # q * m[g]. The group size is g's last dim, never an int argument: compiled with
+    # dynamic shapes (ops._elementwise), an int argument became a symbol, and the size
+    # K // group an unbacked one that Dynamo failed on (Gemma 3, batches of 1,024 rows)
+    gf = g.float()
+    a = gf.abs().amax(dim=-1, keepdim=True) * clip  # [..., G, 1]
     scale = (a.amax(dim=-2, keepdim=True) / (qmax * mmax)).clamp(min=eps)  # [..., 1, 1]
     m = torch.minimum(torch.ceil(a / (scale * qmax)).clamp(min=1.0), mmax)
-    q = torch.round(g / (scale * m)).clamp(-qmax - 1, qmax)
-    return (q * m).to(torch.int8).reshape(xf.shape), scale.reshape(xf.shape[:-1])
+    q = torch.round(gf / (scale * m)).clamp(-qmax - 1, qmax)
+    return (q * m).to(torch.int8), scale.reshape(gf.shape[:-2])
 
 
-@functools.cache
-def _groups_body(group: int):
-    """_int4_groups_body at one group size (a new function per size: _elementwise compiles
-    each body once, and the size shapes the graph)."""
-    return functools.partial(_int4_groups_body, group=group)
+def _in_groups(x: Tensor, group: int) -> Tensor:
+    return x.reshape(*x.shape[:-1], x.shape[-1] // group, group)
+
+
+def _int4_groups_body(x, qmax, mmax, eps, clip, *, group):
+    """_int4_groups_core on x [..., K] in groups of `group`: (v [..., K], s [...])."""
+    v, scale = _int4_groups_core(_in_groups(x, group), qmax, mmax, eps, clip)
+    return v.reshape(x.shape), scale
 
 
 def _int4_groups(x, group, clip, big):
-    rows = _rows(x)
-    v, scale = _elementwise(_groups_body(group), big, rows, float(INT4_MAX),
-                            float(GROUP_MULT_MAX), specs.SCALE_EPS, float(clip))
+    v, scale = _elementwise(_int4_groups_core, big, _in_groups(_rows(x), group),
+                            float(INT4_MAX), float(GROUP_MULT_MAX), specs.SCALE_EPS,
+                            float(clip))
     return v.reshape(x.shape), scale.reshape(x.shape[:-1])
 
 

@@ -88,27 +88,24 @@ def test_model_recipe(name, recipe):
 
 
 @pytest.mark.slow
-def test_w4a4_activations_in_groups_run_through_a_model_closer_to_float():
+def test_w4a4_activations_in_groups_run_through_a_model():
     """activation_group_size on LLaMA (rotations, online Hadamards, dynamic shapes): every
-    linear's op carries the group size and the outputs are closer to float than with one
-    scale per token (random weights, no GPTQ or smooth: 0.972 -> 0.979 worst row)."""
-    cos = {}
-    for group in (None, 16):
-        torch._dynamo.reset()
-        model, cm, make, key = compiled("llama", "w4a4", activation_group_size=group,
-                                        gptq=False, smooth=False, kernels="cpu")
-        with torch.no_grad():
-            x = make(3, 11)
-            ref, out = output(model(*x), key), output(cm(*x), key)
-        cos[group] = F.cosine_similarity(ref.flatten(1).double(), out.flatten(1).double())
-        from qcompile.state import state_for_model
+    linear's op carries the group size, and the outputs stay close to float (random
+    weights, no GPTQ or smooth: worst row 0.979, against 0.972 with one scale per token;
+    tests/lowering/test_a4_groups.py compares the two on the op)."""
+    from qcompile.state import state_for_model
 
-        (art,) = [a for a in state_for_model(cm).artifacts if a.finalized]
-        linears = [n for n in art.gm.graph.nodes if n.target in (
-            ops.LINEAR_A4W4_DYNAMIC, ops.LINEAR_A4W4_GROUPED_DYNAMIC)]
-        assert linears and all(
-            registry_arg(n, "act_group") == (group or 0) for n in linears)
-    assert cos[16].min() > cos[None].min() and cos[16].mean() > cos[None].mean(), cos
+    model, cm, make, key = compiled("llama", "w4a4", activation_group_size=16, gptq=False,
+                                    smooth=False, kernels="cpu")
+    with torch.no_grad():
+        x = make(3, 11)
+        ref, out = output(model(*x), key), output(cm(*x), key)
+    cos = F.cosine_similarity(ref.flatten(1).double(), out.flatten(1).double())
+    assert cos.min() > 0.975, cos
+    (art,) = [a for a in state_for_model(cm).artifacts if a.finalized]
+    linears = [n for n in art.gm.graph.nodes if n.target in (
+        ops.LINEAR_A4W4_DYNAMIC, ops.LINEAR_A4W4_GROUPED_DYNAMIC)]
+    assert len(linears) == 15 and all(registry_arg(n, "act_group") == 16 for n in linears)
 
 
 def test_static_recipe_is_integer_only_between_boundaries():
