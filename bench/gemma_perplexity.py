@@ -125,6 +125,15 @@ CONFIGS = {
     # w4a4's weights before groups of 32 with a zero point each became its default
     "w4a4, per channel": {"recipe": "w4a4", "group_size": "channel"},
     "w4a4, group 16": {"recipe": "w4a4", "group_size": 16},
+    # int4 activations in groups of 16 along K, each group's scale the token's times an
+    # integer (quantize_int4_groups): a finer grid than one scale per token
+    "w4a4, activation groups of 16": {"recipe": "w4a4", "activation_group_size": 16},
+    "w4a4, activation groups of 32": {"recipe": "w4a4", "activation_group_size": 32},
+    "w4a4, activation groups of 16, group 16": {"recipe": "w4a4", "activation_group_size": 16,
+                                                "group_size": 16},
+    # groups of 8: 4.5 bits an activation value, NVFP4's (4-bit values, an 8-bit scale a 16)
+    "w4a4, activation groups of 8, group 16": {"recipe": "w4a4", "activation_group_size": 8,
+                                               "group_size": 16},
     # smooth's searched migration (on in w4a4) against none
     "w4a4, no smooth": {"recipe": "w4a4", "smooth": False},
     # the per-token int4 activations' clip ratio (the default, 0.8, was chosen on MiniLM)
