@@ -107,6 +107,12 @@ _KERNEL_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 # ---------------------------------------------------------------- float -> int4 per token
 
 
+def _check_float_rows(fn: str, x) -> None:
+    if not isinstance(x, Tensor) or not x.dtype.is_floating_point or x.dim() < 1:
+        raise TypeError(f"{fn}: x must be a floating-point tensor [..., K], got "
+                        f"{getattr(x, 'dtype', type(x).__name__)}")
+
+
 def _check_clip(fn: str, clip) -> None:
     if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not 0.0 < clip <= 1.0:
         raise ValueError(f"{fn}: clip must be a number in (0, 1] (1.0: no clipping), got "
@@ -115,9 +121,7 @@ def _check_clip(fn: str, clip) -> None:
 
 def _check_quantize(x, packed, clip, symmetric) -> None:
     fn = "quantize_per_token_int4"
-    if not isinstance(x, Tensor) or not x.dtype.is_floating_point or x.dim() < 1:
-        raise TypeError(f"{fn}: x must be a floating-point tensor [..., K], got "
-                        f"{getattr(x, 'dtype', type(x).__name__)}")
+    _check_float_rows(fn, x)
     _check_clip(fn, clip)
     if not isinstance(symmetric, bool):
         raise TypeError(f"{fn}: symmetric must be a bool, got {symmetric!r}")
@@ -221,9 +225,7 @@ GROUP_MULT_MAX = 15
 
 def _check_groups(x, group, clip) -> None:
     fn = "quantize_int4_groups"
-    if not isinstance(x, Tensor) or not x.dtype.is_floating_point or x.dim() < 1:
-        raise TypeError(f"{fn}: x must be a floating-point tensor [..., K], got "
-                        f"{getattr(x, 'dtype', type(x).__name__)}")
+    _check_float_rows(fn, x)
     _check_clip(fn, clip)
     if isinstance(group, bool) or not isinstance(group, int) or group < 2:
         raise ValueError(f"{fn}: group must be an int >= 2 (elements along K sharing a "
@@ -318,9 +320,7 @@ def _check_linear(x, w, w_scale, bias, clip, w_sum=None, act_group=0) -> None:
     if isinstance(act_group, bool) or not isinstance(act_group, int) or act_group < 0:
         raise ValueError(f"{fn}: act_group must be 0 (a scale per token) or the activations' "
                          f"group size, got {act_group!r}")
-    if not isinstance(x, Tensor) or not x.dtype.is_floating_point or x.dim() < 1:
-        raise TypeError(f"{fn}: x must be a floating-point tensor [..., K], got "
-                        f"{getattr(x, 'dtype', type(x).__name__)}")
+    _check_float_rows(fn, x)
     if not isinstance(w, Tensor) or w.dtype not in (torch.uint8, torch.int8) or w.dim() != 2:
         raise TypeError(f"{fn}: w must be packed int4, uint8 [N, K // 2] (or its int4 values "
                         f"as int8 [N, K] after a CPU implementation's prepare), got "
